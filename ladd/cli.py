@@ -1,0 +1,69 @@
+"""`ladd <stage>`: parse, load and validate params.yaml (all sections, before any work), run one stage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import torch
+
+from ladd.config import ConfigError, Params, load_params
+
+log = logging.getLogger("ladd")
+
+
+def run_prepare(p: Params, tracker) -> dict:
+    from ladd.data.prepare import prepare
+
+    return prepare(p.prepare)
+
+
+def run_classifier(p: Params, tracker) -> dict:
+    from ladd.classifier import classifier_stage
+
+    return classifier_stage(p.classifier, p.prepare.out_dir, tracker)
+
+
+def run_teacher(p: Params, tracker) -> dict:
+    from ladd.teacher import teacher_stage
+
+    return {"teacher": str(teacher_stage(p.teacher, p.prepare.out_dir, p.teacher.device, tracker))}
+
+
+STAGES = {"prepare": run_prepare, "classifier": run_classifier, "teacher": run_teacher}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ladd", description="Latent Adversarial Diffusion Distillation pipeline")
+    parser.add_argument("stage", choices=list(STAGES))
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        params = load_params(args.params)
+    except ConfigError as e:
+        print(f"ladd: configuration error: {e}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from ladd.tracking import stage_run
+
+    tracking = not args.no_tracking and os.environ.get("LADD_TRACKING", "1") != "0"
+    with stage_run(args.stage, enabled=tracking) as tracker:
+        section = getattr(params, args.stage, None)
+        if section is not None:
+            from dataclasses import asdict
+
+            tracker.log_params({f"{args.stage}.{k}": v for k, v in asdict(section).items()})
+        result = STAGES[args.stage](params, tracker)
+    log.info("%s done: %s", args.stage, json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

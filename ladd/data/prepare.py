@@ -1,0 +1,158 @@
+"""`ladd prepare`: the built-in UCI digits, a user's image folder + captions table, or a prompts table,
+written as train/test splits:
+
+    <out>/<split>/captions.parquet   id, prompt, label (-1 when unknown)
+    <out>/<split>/images.safetensors images uint8 [N, C, H, W], labels int64 [N]  (not for prompt-only data)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from ladd.config import PrepareConfig
+from ladd.io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGIT_TEMPLATES = (
+    "a handwritten digit {word}",
+    "the number {digit} written by hand",
+    "a drawing of the digit {word}",
+    "handwritten {word}",
+    "an image of the number {digit}",
+)
+SPLITS = ("train", "test")
+
+
+@dataclass
+class Split:
+    """One split in memory: prompts always, images only for image data sets."""
+
+    captions: pd.DataFrame  # id, prompt, label
+    images: torch.Tensor | None = None  # uint8 [N, C, H, W]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor(self.captions["label"].to_numpy(), dtype=torch.long)
+
+
+def digit_prompt(label: int, rng: np.random.Generator) -> str:
+    template = DIGIT_TEMPLATES[rng.integers(len(DIGIT_TEMPLATES))]
+    return template.format(word=DIGIT_WORDS[label], digit=label)
+
+
+def prompt_vocabulary() -> list[str]:
+    """Words of the built-in prompt templates (the tiny tokenizer gives each its own token)."""
+    words = {w for t in DIGIT_TEMPLATES for w in t.split() if "{" not in w}
+    return sorted(words | set(DIGIT_WORDS))
+
+
+def resize_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """float [N, C, h, w] in [0, 1] -> uint8 [N, C, r, r] (bilinear, antialiased when shrinking)."""
+    out = F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+    return (out.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def load_digits_split(resolution: int, seed: int) -> tuple[pd.DataFrame, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    images = resize_images(torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0, resolution)
+    labels = digits.target.astype(np.int64)
+    captions = pd.DataFrame(
+        {
+            "id": [f"digits-{i:04d}" for i in range(len(labels))],
+            "prompt": [digit_prompt(int(y), rng) for y in labels],
+            "label": labels,
+        }
+    )
+    return captions, images
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if path.suffix == ".csv":
+        return pd.read_csv(path, keep_default_na=False)
+    if path.suffix in (".parquet", ".pq"):
+        return pd.read_parquet(path)
+    raise ValueError(f"{path}: captions/prompts table must be .csv or .parquet")
+
+
+def _prompt_table(table: pd.DataFrame, path: str) -> pd.DataFrame:
+    """Normalise a user table to id, prompt, label; accepts `prompt` or `caption` columns."""
+    text = "prompt" if "prompt" in table else "caption" if "caption" in table else None
+    if text is None:
+        raise ValueError(f"{path}: needs a 'prompt' or 'caption' column, has {list(table.columns)}")
+    ids = table["id"].astype(str) if "id" in table else pd.Series([f"{Path(path).stem}-{i:06d}" for i in range(len(table))])
+    labels = table["label"].astype(np.int64) if "label" in table else np.full(len(table), -1, dtype=np.int64)
+    return pd.DataFrame({"id": ids.to_numpy(), "prompt": table[text].astype(str).to_numpy(), "label": np.asarray(labels)})
+
+
+def load_folder(images_dir: str, captions_path: str, resolution: int) -> tuple[pd.DataFrame, torch.Tensor]:
+    table = read_table(captions_path)
+    if "file" not in table:
+        raise ValueError(f"{captions_path}: needs a 'file' column naming images in {images_dir}")
+    captions = _prompt_table(table, captions_path)
+    images = []
+    for row, name in enumerate(table["file"].astype(str)):
+        path = Path(images_dir) / name
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{captions_path} row {row} (id {captions['id'][row]}): cannot read image {path}: {e}") from None
+        images.append(resize_images(torch.from_numpy(arr).permute(2, 0, 1)[None], resolution)[0])
+    return captions, torch.stack(images)
+
+
+def split_indices(n: int, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = max(1, int(round(n * test_fraction)))
+    return {"test": np.sort(perm[:n_test]), "train": np.sort(perm[n_test:])}
+
+
+def write_split(split_dir: Path, split: Split) -> None:
+    split_dir.mkdir(parents=True, exist_ok=True)
+    split.captions.to_parquet(split_dir / "captions.parquet", index=False)
+    if split.images is not None:
+        save_file({"images": split.images.contiguous(), "labels": split.labels}, split_dir / "images.safetensors")
+
+
+def load_split(split_dir: str | Path) -> Split:
+    split_dir = Path(split_dir)
+    captions_path = split_dir / "captions.parquet"
+    if not captions_path.is_file():
+        raise FileNotFoundError(f"{captions_path} is missing: run `ladd prepare` first")
+    images_path = split_dir / "images.safetensors"
+    images = load_file(images_path)["images"] if images_path.is_file() else None
+    return Split(pd.read_parquet(captions_path), images)
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Build the data set and replace `cfg.out_dir` atomically; returns a summary."""
+    images = None
+    if cfg.source == "digits":
+        captions, images = load_digits_split(cfg.resolution, cfg.seed)
+    elif cfg.source == "folder":
+        captions, images = load_folder(cfg.images_dir, cfg.captions, cfg.resolution)
+    else:
+        captions = _prompt_table(read_table(cfg.captions), cfg.captions)
+    log.info("prepare: %d records from %s", len(captions), cfg.source)
+    summary = {"source": cfg.source, "resolution": cfg.resolution}
+    with atomic_dir(cfg.out_dir) as tmp:
+        for name, idx in split_indices(len(captions), cfg.test_fraction, cfg.seed).items():
+            split = Split(captions.iloc[idx].reset_index(drop=True), None if images is None else images[idx])
+            write_split(tmp / name, split)
+            summary[name] = len(idx)
+    return summary

@@ -1,0 +1,43 @@
+"""Batched generation with any SD3-family transformer, deterministic per record: record i's noise comes
+from its own seed, so results do not depend on batch size, shard size or where a run resumed."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ladd.sampling import SAMPLERS, cfg_velocity
+
+
+def record_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """x_1 for each record from its own seed: [len(seeds), *shape]."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+@torch.no_grad()
+def generate_latents(
+    transformer, embeds, pooled, noise, sigmas, guidance: float = 1.0, null_embeds=None, null_pooled=None,
+    sampler: str = "euler", batch_size: int = 128, seed: int = 0, progress: bool = False,
+) -> torch.Tensor:
+    """Sample latents for every row of (embeds, pooled, noise); `null_*` is the empty prompt ([1, ...]).
+
+    `seed` drives the re-noising noise of the `renoise` sampler (per batch, in order)."""
+    param = next(transformer.parameters())
+    device, dtype = param.device, param.dtype
+    out = []
+    for i in tqdm(range(0, len(noise), batch_size), disable=not progress, desc="generate"):
+        n = len(noise[i : i + batch_size])
+        nulls = {}
+        if guidance > 1.0:
+            nulls = dict(null_embeds=null_embeds.expand(n, -1, -1).to(device, dtype),
+                         null_pooled=null_pooled.expand(n, -1).to(device, dtype))
+        model = cfg_velocity(transformer, embeds[i : i + n].to(device, dtype), pooled[i : i + n].to(device, dtype),
+                             guidance=guidance, **nulls)
+        x = noise[i : i + n].to(device, dtype)
+        if sampler == "renoise":
+            gen = torch.Generator(device).manual_seed(seed * 1_000_003 + i)
+            x = SAMPLERS[sampler](model, x, sigmas.to(device), generator=gen)
+        else:
+            x = SAMPLERS[sampler](model, x, sigmas.to(device))
+        out.append(x.float().cpu())
+    return torch.cat(out)

@@ -1,0 +1,33 @@
+"""Scoring generated images against the real test set with the project's classifier: FD on
+penultimate features, conditional accuracy, precision/recall, and the real-vs-real floor."""
+
+from __future__ import annotations
+
+import torch
+
+from ladd.classifier import DigitClassifier, classify
+from ladd.data.prepare import Split
+from ladd.metrics import conditional_accuracy, frechet_distance, precision_recall
+
+
+def score_images(classifier: DigitClassifier, images: torch.Tensor, labels: torch.Tensor, real_features: torch.Tensor) -> dict:
+    """images: float [N, C, H, W] in [0, 1]; labels: the prompted class (-1 unknown)."""
+    feats, logits = classify(classifier, images)
+    precision, recall = precision_recall(real_features, feats)
+    return {
+        "fd": frechet_distance(real_features.numpy(), feats.numpy()),
+        "accuracy": conditional_accuracy(logits, labels),
+        "precision": precision,
+        "recall": recall,
+    }
+
+
+def real_features(classifier: DigitClassifier, split: Split) -> torch.Tensor:
+    return classify(classifier, split.images.float() / 255)[0]
+
+
+def real_floor(classifier: DigitClassifier, train: Split, test: Split, n: int, seed: int = 0) -> dict:
+    """FD of n real train images vs the real test set: the best any generator can score with n samples."""
+    idx = torch.randperm(len(train.captions), generator=torch.Generator().manual_seed(seed))[:n]
+    images = train.images[idx].float() / 255
+    return score_images(classifier, images, train.labels[idx], real_features(classifier, test))

@@ -1,0 +1,105 @@
+"""Rectified-flow sampling as pure functions (k-diffusion style: `model(x, t) -> v`).
+
+Convention (SD3, Esser et al. 2024): x_t = (1 - t) x0 + t eps, the network predicts v = eps - x0,
+t in [0, 1] with t = 1 pure noise. The transformer itself takes `timestep = 1000 t`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import trange
+
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def time_shift(t, shift: float):
+    """SD3's resolution shift t' = s t / (1 + (s - 1) t) (Esser et al. 2024, eq. 23)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flow_sigmas(steps: int, shift: float = 1.0, terminal: float | None = None) -> torch.Tensor:
+    """The `steps + 1` times of diffusers' FlowMatchEulerDiscreteScheduler (static shift), ending at 0.
+
+    Evenly spaced from 1 to the scheduler's smallest time, shifted, then (with `terminal`) stretched so
+    the last one is `terminal`: that is how a saved few-step student schedule hits its training times.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    t_min = float(np.float32(time_shift(np.float32(1.0 / NUM_TRAIN_TIMESTEPS), shift)))
+    t = np.linspace(NUM_TRAIN_TIMESTEPS, t_min * NUM_TRAIN_TIMESTEPS, steps) / NUM_TRAIN_TIMESTEPS
+    t = time_shift(t, shift)
+    if terminal is not None and steps > 1:  # one step is just t = 1 (diffusers divides 0 by 0 there)
+        t = 1 - (1 - t) / ((1 - t[-1]) / (1 - terminal))
+    return torch.cat([torch.from_numpy(t).to(torch.float32), torch.zeros(1)])
+
+
+def cfg_velocity(
+    transformer,
+    prompt_embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    null_embeds: torch.Tensor | None = None,
+    null_pooled: torch.Tensor | None = None,
+    guidance: float = 1.0,
+) -> Velocity:
+    """v(x, t) of an SD3 transformer with classifier-free guidance (Ho & Salimans 2022).
+
+    Guidance applies when `guidance > 1`, as in diffusers: v = v_null + g (v_cond - v_null).
+    """
+    use_cfg = guidance > 1.0
+    if use_cfg:
+        embeds, pooled_all = torch.cat([null_embeds, prompt_embeds]), torch.cat([null_pooled, pooled])
+    else:
+        embeds, pooled_all = prompt_embeds, pooled
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x_in = torch.cat([x, x]) if use_cfg else x
+        timestep = (t * NUM_TRAIN_TIMESTEPS).expand(x_in.shape[0])
+        v = transformer(
+            hidden_states=x_in, encoder_hidden_states=embeds, pooled_projections=pooled_all, timestep=timestep,
+            return_dict=False,
+        )[0]
+        if not use_cfg:
+            return v
+        v_null, v_cond = v.chunk(2)
+        return v_null + guidance * (v_cond - v_null)
+
+    return velocity
+
+
+@torch.no_grad()
+def sample_euler(model: Velocity, x: torch.Tensor, sigmas: torch.Tensor, disable: bool = True) -> torch.Tensor:
+    """Euler integration of the flow ODE dx/dt = v from sigmas[0] to sigmas[-1]."""
+    for i in trange(len(sigmas) - 1, disable=disable, desc="euler"):
+        v = model(x, sigmas[i])
+        x = (x.to(torch.float32) + (sigmas[i + 1] - sigmas[i]) * v).to(x.dtype)
+    return x
+
+
+@torch.no_grad()
+def sample_renoise(
+    model: Velocity, x: torch.Tensor, sigmas: torch.Tensor, generator: torch.Generator | None = None,
+    disable: bool = True,
+) -> torch.Tensor:
+    """Few-step sampling of ADD/LADD students: x0 = x_t - t v, then re-noise to the next t with fresh noise.
+
+    This is the distribution the student trains on at t < 1 (clean latent + independent noise), and the
+    same update as diffusers' FlowMatchEulerDiscreteScheduler(stochastic_sampling=True).
+    """
+    for i in trange(len(sigmas) - 1, disable=disable, desc="renoise"):
+        t, t_next = sigmas[i], sigmas[i + 1]
+        x0 = x.to(torch.float32) - t * model(x, t)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = ((1 - t_next) * x0 + t_next * noise).to(x.dtype)
+    return x
+
+
+SAMPLERS = {"euler": sample_euler, "renoise": sample_renoise}
+
+
+def initial_noise(n: int, shape: tuple[int, ...], generator: torch.Generator, device="cpu", dtype=torch.float32):
+    """x_1 ~ N(0, I), drawn like diffusers' prepare_latents so a shared generator gives the same noise."""
+    return torch.randn((n, *shape), generator=generator, device=device, dtype=dtype)

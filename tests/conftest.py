@@ -1,0 +1,63 @@
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Smoke config: every stage real, just short. Shared by the e2e, DVC and Prefect tests.
+SMOKE_PARAMS = {
+    "prepare": {"source": "digits", "resolution": 32, "test_fraction": 0.2, "seed": 0, "out_dir": "data/prepared"},
+    "classifier": {"steps": 60, "batch_size": 64, "out_dir": "models/classifier"},
+    "teacher": {"out_dir": "models/teacher", "vae_steps": 15, "steps": 20, "batch_size": 32},
+}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_env(tmp_path_factory):
+    torch.set_num_threads(2)
+    os.environ.setdefault("LADD_TRACKING", "0")
+    home = tmp_path_factory.mktemp("prefect_home")
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def write_params(path: Path, params: dict) -> Path:
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def smoke_project(tmp_path):
+    """A copy of the project's pipeline files in a temp dir, with the smoke params."""
+    for name in ("dvc.yaml",):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "ladd", tmp_path / "ladd", ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(tmp_path / "params.yaml", SMOKE_PARAMS)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory) -> Path:
+    from ladd.config import PrepareConfig
+    from ladd.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    prepare(PrepareConfig(out_dir=str(out)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(prepared_data, tmp_path_factory) -> Path:
+    """A tiny teacher trained for a few steps: real components, real save_pretrained folder."""
+    from ladd.config import TeacherConfig
+    from ladd.teacher import teacher_stage
+    from ladd.tracking import NullTracker
+
+    out = tmp_path_factory.mktemp("models") / "teacher"
+    cfg = TeacherConfig(out_dir=str(out), vae_steps=10, steps=10, batch_size=16, device="cpu")
+    return teacher_stage(cfg, prepared_data, "cpu", NullTracker())

@@ -1,0 +1,75 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from ladd.config import PrepareConfig
+from ladd.data.prepare import DIGIT_WORDS, load_split, prepare
+
+
+def test_digits_splits(prepared_data):
+    train, test = load_split(prepared_data / "train"), load_split(prepared_data / "test")
+    assert len(train.captions) + len(test.captions) == 1797
+    assert abs(len(test.captions) / 1797 - 0.2) < 0.01
+    assert train.images.shape[1:] == (1, 32, 32) and train.images.dtype == torch.uint8
+    assert set(train.captions["id"]).isdisjoint(test.captions["id"])
+    assert sorted(train.labels.unique().tolist()) == list(range(10))
+    for prompt, label in zip(train.captions["prompt"], train.captions["label"]):
+        assert DIGIT_WORDS[label] in prompt or str(label) in prompt
+
+
+def test_prepare_is_deterministic(tmp_path, prepared_data):
+    prepare(PrepareConfig(out_dir=str(tmp_path / "again")))
+    a, b = load_split(prepared_data / "test"), load_split(tmp_path / "again" / "test")
+    pd.testing.assert_frame_equal(a.captions, b.captions)
+    assert torch.equal(a.images, b.images)
+
+
+def _image_folder(tmp_path, n=6):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rows = []
+    for i in range(n):
+        Image.fromarray(np.full((20, 24, 3), i * 40, dtype=np.uint8)).save(images / f"{i}.png")
+        rows.append({"file": f"{i}.png", "caption": f"a grey square number {i}", "label": i % 2})
+    return images, rows
+
+
+def test_folder_source_with_csv(tmp_path):
+    images, rows = _image_folder(tmp_path)
+    pd.DataFrame(rows).to_csv(tmp_path / "captions.csv", index=False)
+    cfg = PrepareConfig(source="folder", images_dir=str(images), captions=str(tmp_path / "captions.csv"),
+                        resolution=16, test_fraction=0.34, out_dir=str(tmp_path / "out"))
+    summary = prepare(cfg)
+    assert summary["train"] + summary["test"] == 6
+    train = load_split(tmp_path / "out" / "train")
+    assert train.images.shape[1:] == (3, 16, 16)
+    assert train.captions["prompt"].str.startswith("a grey square").all()
+
+
+def test_folder_bad_image_names_record_and_keeps_previous_output(tmp_path):
+    images, rows = _image_folder(tmp_path)
+    (images / "3.png").write_bytes(b"not a png")
+    pd.DataFrame(rows).to_parquet(tmp_path / "captions.parquet")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous.txt").write_text("keep me")
+    cfg = PrepareConfig(source="folder", images_dir=str(images), captions=str(tmp_path / "captions.parquet"), out_dir=str(out))
+    with pytest.raises(ValueError, match=r"captions.parquet row 3 .*3\.png"):
+        prepare(cfg)
+    assert [p.name for p in out.iterdir()] == ["previous.txt"]
+
+
+def test_prompts_only_table(tmp_path):
+    pd.DataFrame({"prompt": [f"prompt {i}" for i in range(10)]}).to_csv(tmp_path / "p.csv", index=False)
+    prepare(PrepareConfig(source="prompts", captions=str(tmp_path / "p.csv"), out_dir=str(tmp_path / "out")))
+    train = load_split(tmp_path / "out" / "train")
+    assert train.images is None and len(train.captions) == 8
+    assert (train.labels == -1).all()
+
+
+def test_table_without_text_column(tmp_path):
+    pd.DataFrame({"text": ["x"]}).to_csv(tmp_path / "p.csv", index=False)
+    with pytest.raises(ValueError, match=r"p.csv: needs a 'prompt' or 'caption' column"):
+        prepare(PrepareConfig(source="prompts", captions=str(tmp_path / "p.csv"), out_dir=str(tmp_path / "out")))
