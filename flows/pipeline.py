@@ -4,14 +4,17 @@ each stage runs as `dvc repro --single-item <stage>`, so dvc.lock and the cache 
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import networkx as nx
+import yaml
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 
 def stage_order(repo: Path) -> list[str]:
@@ -20,8 +23,7 @@ def stage_order(repo: Path) -> list[str]:
 
     with Repo(str(repo)) as dvc_repo:
         graph = dvc_repo.index.graph  # edges point from a stage to the stages it depends on
-        stages = [s for s in reversed(list(nx.topological_sort(graph))) if getattr(s, "name", None)]
-        return [s.name for s in stages]
+        return [s.name for s in reversed(list(nx.topological_sort(graph))) if getattr(s, "name", None)]
 
 
 def _dvc() -> str:
@@ -30,27 +32,65 @@ def _dvc() -> str:
 
 @task(retries=1, retry_delay_seconds=5, task_run_name="{stage}")
 def repro_stage(repo: Path, stage: str) -> bool:
-    """Run one stage through DVC; returns whether it ran (False: DVC found it up to date)."""
+    """Run one stage through DVC; returns whether it ran (False: DVC found it up to date). A retry covers
+    transient failures (a held DVC lock, a tracking server blip); a real failure fails the flow."""
     logger = get_run_logger()
-    proc = subprocess.run(
-        [_dvc(), "repro", "--single-item", stage], cwd=repo, text=True, capture_output=True, env=os.environ.copy()
-    )
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run([_dvc(), "repro", "--single-item", stage], cwd=repo, text=True, capture_output=True, env=env)
     for line in (proc.stdout + proc.stderr).splitlines():
-        logger.info("%s | %s", stage, line)
+        if line.strip():
+            logger.info("%s | %s", stage, line)
     if proc.returncode != 0:
         raise RuntimeError(f"stage {stage!r} failed (dvc exit {proc.returncode}); see the log above")
     return "didn't change, skipping" not in proc.stdout
 
 
+def _metrics_markdown(metrics: dict) -> str:
+    rows = [("teacher", metrics["teacher"])]
+    rows += [(f"teacher naive {k}", r) for k, r in metrics["teacher_naive"].items()]
+    rows += [(f"student {k}", r) for k, r in metrics["student"].items()]
+    lines = [f"Real-vs-real FD floor: {metrics['real_floor']['fd']:.2f}", "",
+             "| model | NFE | FD | accuracy | precision | recall | ms/image |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {r['nfe']} | {r['fd']:.2f} | {r['accuracy']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
+              f"{r['ms_per_image']:.2f} |" for name, r in rows]
+    return "\n".join(lines)
+
+
+def _publish(root: Path, params: dict) -> dict:
+    """Prefect artifacts and a summary of where the results are."""
+    reports = root / params.get("evaluate", {}).get("out_dir", "reports")
+    where = {
+        "student": root / params.get("distill", {}).get("out_dir", "models/student"),
+        "metrics": reports / "metrics.json",
+        "grids": reports / "grids",
+        "mlflow": os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}"),
+    }
+    if where["metrics"].is_file():
+        create_markdown_artifact(key="ladd-metrics", markdown=_metrics_markdown(json.loads(where["metrics"].read_text())),
+                                 description="Quality vs steps (ladd evaluate)")
+    grid = where["grids"] / "teacher_vs_student.png"
+    if grid.is_file():
+        create_link_artifact(key="ladd-grid", link=grid.resolve().as_uri(), link_text="teacher vs student grid")
+    return {k: str(v) for k, v in where.items()}
+
+
 @flow(name="ladd-pipeline", log_prints=True)
-def pipeline(repo: str = ".") -> dict[str, bool]:
-    """Run every stage of dvc.yaml in order; a failed stage stops the flow before the next one."""
+def pipeline(repo: str = ".", params_file: str = "params.yaml") -> dict[str, bool]:
+    """Run every stage of dvc.yaml in order; a failed stage stops the flow before the next one.
+
+    `params_file` other than the repo's params.yaml is copied over it first (DVC reads params.yaml),
+    as `dvc exp run` would apply changed parameters."""
     root = Path(repo).resolve()
+    if Path(params_file).resolve() != (root / "params.yaml").resolve():
+        print(f"using {params_file} as {root / 'params.yaml'}")
+        shutil.copyfile(params_file, root / "params.yaml")
     ran = {stage: repro_stage(root, stage) for stage in stage_order(root)}
     rows = "\n".join(f"| {s} | {'ran' if r else 'up to date'} |" for s, r in ran.items())
     create_markdown_artifact(key="ladd-stages", markdown=f"| stage | result |\n|---|---|\n{rows}\n")
+    where = _publish(root, yaml.safe_load((root / "params.yaml").read_text()) or {})
+    print("\n".join(["ladd pipeline finished:"] + [f"  {k:8s} {v}" for k, v in where.items()]))
     return ran
 
 
 if __name__ == "__main__":
-    pipeline(sys.argv[1] if len(sys.argv) > 1 else ".")
+    pipeline(*sys.argv[1:])

@@ -11,6 +11,7 @@ import sys
 import torch
 
 from ladd.config import ConfigError, Params, load_params
+from ladd.data.validation import ValidationFailed
 
 log = logging.getLogger("ladd")
 
@@ -19,6 +20,14 @@ def run_prepare(p: Params, tracker) -> dict:
     from ladd.data.prepare import prepare
 
     return prepare(p.prepare)
+
+
+def run_validate(p: Params, tracker) -> dict:
+    from ladd.data.validation import validate_data
+
+    v = p.validate
+    return validate_data(p.prepare.out_dir, p.prepare.resolution, v.classes, v.max_prompt_length,
+                         v.max_duplicate_share, f"{v.report_dir}/data")
 
 
 def run_classifier(p: Params, tracker) -> dict:
@@ -33,7 +42,39 @@ def run_teacher(p: Params, tracker) -> dict:
     return {"teacher": str(teacher_stage(p.teacher, p.prepare.out_dir, p.teacher.device, tracker))}
 
 
-STAGES = {"prepare": run_prepare, "classifier": run_classifier, "teacher": run_teacher}
+def run_synthesize(p: Params, tracker) -> dict:
+    from ladd.data.validation import validate_synthetic
+    from ladd.data.prepare import load_split
+    from ladd.synthesize import synthesize
+
+    summary = synthesize(p.synthesize, p.prepare.out_dir, p.teacher.out_dir, tracker)
+    expected = len(load_split(f"{p.prepare.out_dir}/train").captions) * p.synthesize.samples_per_prompt
+    summary |= validate_synthetic(p.synthesize.out_dir, p.teacher.out_dir, p.prepare.out_dir, expected,
+                                  p.validate.latent_tolerance, f"{p.validate.report_dir}/synthetic")
+    return summary
+
+
+def run_distill(p: Params, tracker) -> dict:
+    from ladd.distill import distill
+
+    return distill(p.distill, p.teacher.out_dir, p.synthesize.out_dir, tracker)
+
+
+def run_evaluate(p: Params, tracker) -> dict:
+    from ladd.evaluate import evaluate
+
+    return evaluate(p.evaluate, p.prepare.out_dir, p.classifier.out_dir, p.teacher.out_dir, p.distill.out_dir, tracker)
+
+
+STAGES = {
+    "prepare": run_prepare,
+    "validate": run_validate,
+    "classifier": run_classifier,
+    "teacher": run_teacher,
+    "synthesize": run_synthesize,
+    "distill": run_distill,
+    "evaluate": run_evaluate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
             from dataclasses import asdict
 
             tracker.log_params({f"{args.stage}.{k}": v for k, v in asdict(section).items()})
-        result = STAGES[args.stage](params, tracker)
+        try:
+            result = STAGES[args.stage](params, tracker)
+        except (ValidationFailed, FileNotFoundError) as e:
+            print(f"ladd {args.stage}: {e}", file=sys.stderr)
+            return 1
     log.info("%s done: %s", args.stage, json.dumps(result, default=str))
     return 0
 

@@ -45,6 +45,15 @@ class PrepareConfig:
 
 
 @dataclass(frozen=True)
+class ValidateConfig:
+    report_dir: str = "reports/validation"
+    classes: int = 10  # every one of 0..classes-1 must appear in train (0: no class check)
+    max_prompt_length: int = 300
+    max_duplicate_share: float = 0.99  # templated digit prompts repeat by design; lower it for real captions
+    latent_tolerance: float = 0.5  # synthetic per-channel mean within ±tol, std within ×(1±tol) of real latents
+
+
+@dataclass(frozen=True)
 class ClassifierConfig:
     steps: int = 800
     batch_size: int = 128
@@ -84,10 +93,92 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
+class SynthesizeConfig:
+    out_dir: str = "data/synthetic"
+    guidance: float = 2.0
+    steps: int = 28
+    samples_per_prompt: int = 4
+    shard_size: int = 1024
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        _positive("synthesize", steps=self.steps, samples_per_prompt=self.samples_per_prompt,
+                  shard_size=self.shard_size, batch_size=self.batch_size)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    out_dir: str = "models/student"
+    checkpoint: str = "models/checkpoints/distill.safetensors"
+    steps: int = 1200
+    batch_size: int = 64
+    student_times: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
+    time_shift: float = 1.0  # SD3 shift applied to student_times (1: none)
+    warmup_steps: int = 200
+    warmup_probs: tuple[float, ...] = (0.0, 0.0, 0.5, 0.5)
+    probs: tuple[float, ...] = (0.7, 0.1, 0.1, 0.1)
+    renoise_mean: float = 1.0  # t_hat ~ LogitNormal(m, s) before the discriminator (LADD: m = 1, s = 1)
+    renoise_std: float = 1.0
+    independent_renoise: bool = False  # draw t_hat separately for real and fake
+    feature_layers: tuple[int, ...] | None = None  # teacher blocks for heads; None: 4 spread over the depth
+    head_channels: int = 64
+    loss: str = "hinge"  # hinge | nonsaturating
+    d_steps_per_g: int = 1
+    lr_g: float = 1e-5
+    lr_d: float = 2e-4
+    betas: tuple[float, ...] = (0.0, 0.99)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.99
+    r1_weight: float = 0.0  # approximate R1 on the real branch
+    r1_sigma: float = 0.01
+    distill_weight: float = 0.0  # optional MSE(x0_hat, teacher latent); LADD uses 0
+    sampler: str = "renoise"  # few-step sampling of the student: renoise (ADD/LADD) | euler
+    checkpoint_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        _choice("distill.loss", self.loss, ("hinge", "nonsaturating"))
+        _choice("distill.sampler", self.sampler, ("renoise", "euler"))
+        _positive("distill", steps=self.steps, d_steps_per_g=self.d_steps_per_g, checkpoint_every=self.checkpoint_every)
+        if self.batch_size < 2:
+            raise ConfigError(f"distill.batch_size must be >= 2 (got {self.batch_size}): the hinge loss degenerates at 1")
+        n = len(self.student_times)
+        for key in ("warmup_probs", "probs"):
+            probs = getattr(self, key)
+            if len(probs) != n or abs(sum(probs) - 1) > 1e-6 or min(probs) < 0:
+                raise ConfigError(f"distill.{key} must be {n} non-negative numbers summing to 1, got {list(probs)}")
+        if not all(0 < t <= 1 for t in self.student_times) or self.student_times[0] != 1.0:
+            raise ConfigError(f"distill.student_times must start at 1.0 and lie in (0, 1], got {list(self.student_times)}")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    out_dir: str = "reports"
+    teacher_steps: int = 28
+    guidance: float = 2.0  # the teacher's CFG, default and naive few-step runs alike
+    few_steps: tuple[int, ...] = (1, 2, 4)
+    num_samples: int = 0  # held-out prompts to sample (0: the whole test split)
+    raw_student: bool = False  # evaluate the raw student weights instead of the EMA
+    batch_size: int = 128
+    grid_size: int = 50
+    seed: int = 1234
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
 class Params:
     prepare: PrepareConfig
+    validate: ValidateConfig
     classifier: ClassifierConfig
     teacher: TeacherConfig
+    synthesize: SynthesizeConfig
+    distill: DistillConfig
+    evaluate: EvaluateConfig
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Params)
@@ -96,6 +187,12 @@ SECTIONS: dict[str, type] = typing.get_type_hints(Params)
 def _choice(key: str, value, allowed: tuple):
     if value not in allowed:
         raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+
+
+def _positive(section: str, **values):
+    for key, value in values.items():
+        if value < 1:
+            raise ConfigError(f"{section}.{key} must be >= 1, got {value}")
 
 
 def _coerce(value, tp, key: str):

@@ -44,9 +44,14 @@ def atomic_dir(path: str | Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _builtin(value):
+    """numpy scalars/arrays (as GX and metrics return them) -> Python numbers/lists; anything else -> str."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
 def write_json(path: str | Path, obj) -> None:
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_builtin) + "\n")
 
 
 def fingerprint(*paths: str | Path) -> str:

@@ -9,11 +9,18 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Smoke config: every stage real, just short. Shared by the e2e, DVC and Prefect tests.
+# Smoke config: the project's params.yaml with every stage made short; each stage still runs for real.
+# Shared by the e2e, DVC and Prefect tests.
+SMOKE_OVERRIDES = {
+    "classifier": {"steps": 60, "batch_size": 64},
+    "teacher": {"vae_steps": 15, "steps": 20, "batch_size": 32},
+    "synthesize": {"steps": 2, "samples_per_prompt": 1, "batch_size": 512},
+    "distill": {"steps": 4, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 2, "log_every": 1},
+    "evaluate": {"teacher_steps": 4, "few_steps": [1, 2], "num_samples": 24, "grid_size": 10},
+}
 SMOKE_PARAMS = {
-    "prepare": {"source": "digits", "resolution": 32, "test_fraction": 0.2, "seed": 0, "out_dir": "data/prepared"},
-    "classifier": {"steps": 60, "batch_size": 64, "out_dir": "models/classifier"},
-    "teacher": {"out_dir": "models/teacher", "vae_steps": 15, "steps": 20, "batch_size": 32},
+    section: {**values, **SMOKE_OVERRIDES.get(section, {})}
+    for section, values in yaml.safe_load((ROOT / "params.yaml").read_text()).items()
 }
 
 

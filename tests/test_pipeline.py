@@ -1,5 +1,6 @@
 """The stage graph run for real: `dvc repro` in a temp git repo, and the Prefect flow over it."""
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from ladd.pipeline import load_pipeline, max_sequence_length
 from tests.conftest import SMOKE_PARAMS, write_params
 
 pytestmark = pytest.mark.slow
+ALL_STAGES = {"prepare", "validate", "classifier", "teacher", "synthesize", "distill", "evaluate"}
 
 
 def run(cmd, cwd):
@@ -41,7 +43,8 @@ def lock_without_timestamps(path):
 def test_dvc_repro_noop_and_param_change(smoke_project):
     init_repo(smoke_project)
     first = dvc(smoke_project, "repro")
-    assert ran_stages(first) == {"prepare", "classifier", "teacher"}
+    assert ran_stages(first) == ALL_STAGES
+    assert json.loads((smoke_project / "reports" / "metrics.json").read_text())["student"]["1"]["nfe"] == 1
     teacher = smoke_project / "models" / "teacher"
     pipe = load_pipeline(teacher)
     image = pipe("a handwritten digit five", num_inference_steps=2, guidance_scale=2.0,
@@ -50,7 +53,8 @@ def test_dvc_repro_noop_and_param_change(smoke_project):
     assert "Data and pipelines are up to date" in dvc(smoke_project, "repro")
     params = {**SMOKE_PARAMS, "teacher": {**SMOKE_PARAMS["teacher"], "steps": 12}}
     write_params(smoke_project / "params.yaml", params)
-    assert ran_stages(dvc(smoke_project, "repro")) == {"teacher"}
+    # teacher and everything downstream of it rerun; prepare and classifier do not
+    assert ran_stages(dvc(smoke_project, "repro")) == {"teacher", "synthesize", "distill", "evaluate"}
 
 
 def test_prefect_flow_equals_dvc_repro(smoke_project, tmp_path_factory):
@@ -65,10 +69,11 @@ def test_prefect_flow_equals_dvc_repro(smoke_project, tmp_path_factory):
     init_repo(smoke_project)
     init_repo(reference)
     order = stage_order(smoke_project)
-    assert order[0] == "prepare" and sorted(order) == ["classifier", "prepare", "teacher"]
+    assert order[0] == "prepare" and set(order) == ALL_STAGES
+    assert order.index("validate") < order.index("teacher") < order.index("synthesize") < order.index("distill") < order.index("evaluate")
     dvc(reference, "repro")
     with prefect_test_harness(server_startup_timeout=120):
         ran = pipeline(str(smoke_project))
-        assert ran == {"prepare": True, "classifier": True, "teacher": True}
+        assert ran == dict.fromkeys(order, True)
         assert lock_without_timestamps(smoke_project) == lock_without_timestamps(reference)
-        assert pipeline(str(smoke_project)) == {"prepare": False, "classifier": False, "teacher": False}
+        assert pipeline(str(smoke_project)) == dict.fromkeys(order, False)

@@ -1,0 +1,89 @@
+"""Benchmark: LADD on the embedded default — quality vs steps against the targets, and cost.
+
+    python benchmarks/ladd_quality.py [--metrics reports/metrics.json] [--steps 30]
+
+Quality comes from `ladd evaluate`'s reports/metrics.json (fixed seeds and sample counts). Cost: one
+LADD step and one teacher training step at the same batch size, timed side by side in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ladd.config import load_params
+from ladd.data.prepare import load_split
+from ladd.distill import distill
+from ladd.pipeline import encode_images, encode_prompts, load_pipeline, max_sequence_length
+from ladd.teacher import train_transformer
+from ladd.tracking import NullTracker
+
+
+def teacher_step_seconds(params, steps: int, batch: int) -> float:
+    pipe = load_pipeline(params.teacher.out_dir)
+    train = load_split(Path(params.prepare.out_dir) / "train")
+    msl = max_sequence_length(params.teacher.out_dir)
+    latents = encode_images(pipe.vae, train.images)
+    e, p = encode_prompts(pipe, list(train.captions["prompt"]), msl)
+    ne, np_ = encode_prompts(pipe, [""], msl)
+    cfg = replace(params.teacher, batch_size=batch)
+
+    def run(n):
+        start = time.perf_counter()
+        train_transformer(copy.deepcopy(pipe.transformer), latents, e, p, ne, np_, replace(cfg, steps=n), "cpu", NullTracker())
+        return time.perf_counter() - start
+
+    short, long = run(5), run(5 + steps)
+    return (long - short) / steps
+
+
+def ladd_step_seconds(params, steps: int) -> float:
+    tmp = Path(tempfile.mkdtemp())
+    cfg = replace(params.distill, steps=steps + 5, out_dir=str(tmp / "student"), checkpoint=str(tmp / "ck.safetensors"),
+                  checkpoint_every=10_000, device="cpu")
+    summary = distill(cfg, params.teacher.out_dir, params.synthesize.out_dir, NullTracker())
+    shutil.rmtree(tmp)
+    return summary["sec_per_step"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--metrics", default="reports/metrics.json")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps for the cost ratio")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    params = load_params(args.params)
+    m = json.loads(Path(args.metrics).read_text())
+    t, s, naive = m["teacher"], m["student"], m["teacher_naive"]
+    print(f"\nQuality ({m['num_samples']} held-out prompts; FD on classifier features vs real test set; floor {m['real_floor']['fd']:.1f})")
+    print(f"{'model':26s} {'NFE':>4s} {'FD':>8s} {'acc':>6s} {'prec':>6s} {'recall':>6s} {'ms/img':>7s}")
+    print(f"{'teacher 28 steps, CFG':26s} {t['nfe']:4d} {t['fd']:8.2f} {t['accuracy']:6.3f} {t['precision']:6.3f} {t['recall']:6.3f} {t['ms_per_image']:7.2f}")
+    for k in sorted(s, key=int):
+        for name, r in ((f"teacher naive {k} steps", naive[k]), (f"student {k} steps", s[k])):
+            print(f"{name:26s} {r['nfe']:4d} {r['fd']:8.2f} {r['accuracy']:6.3f} {r['precision']:6.3f} {r['recall']:6.3f} {r['ms_per_image']:7.2f}")
+    print("\nTargets")
+    ratio = s["4"]["fd"] / t["fd"]
+    print(f"student@4 FD / teacher@28 FD = {ratio:.2f} (target <= 1.25): {'met' if ratio <= 1.25 else 'MISSED'}")
+    gap = (t["accuracy"] - s["4"]["accuracy"]) * 100
+    print(f"student@4 accuracy {s['4']['accuracy']:.3f} vs teacher {t['accuracy']:.3f}: {gap:+.1f} points below (target <= 3): {'met' if gap <= 3 else 'MISSED'}")
+    for k in sorted(s, key=int):
+        r = s[k]["fd"] / naive[k]["fd"]
+        print(f"student@{k} FD / naive teacher@{k} FD = {r:.2f} (target <= 0.5): {'met' if r <= 0.5 else 'MISSED'}")
+    batch = params.distill.batch_size
+    ladd_s, teacher_s = ladd_step_seconds(params, args.steps), teacher_step_seconds(params, args.steps, batch)
+    print(f"\nCost at batch {batch}, {torch.get_num_threads()} threads: LADD step {ladd_s * 1000:.0f} ms, teacher training step "
+          f"{teacher_s * 1000:.0f} ms, ratio {ladd_s / teacher_s:.2f} (target <= 3)")
+    print(f"full distillation ({params.distill.steps} steps) estimated at {ladd_s * params.distill.steps / 60:.1f} min (target <= 10)")
+
+
+if __name__ == "__main__":
+    main()

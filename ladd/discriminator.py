@@ -1,0 +1,93 @@
+"""LADD's discriminator: the frozen teacher is the feature network; small trainable heads read the
+image tokens after chosen transformer blocks (Sauer et al. 2024, sec. 3.1).
+
+The teacher's weights never get gradients, but its forward pass is differentiable w.r.t. its input,
+so the student's adversarial gradient flows through the teacher into x0_hat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+from diffusers.models.embeddings import get_timestep_embedding
+
+
+def default_feature_layers(num_layers: int, count: int = 4) -> list[int]:
+    """`count` blocks spread evenly over the depth, always including the last."""
+    count = min(count, num_layers)
+    return sorted({round((i + 1) * num_layers / count) - 1 for i in range(count)})
+
+
+class DiscriminatorHead(nn.Module):
+    """2D conv head on one block's token map, conditioned on the noise level t_hat and the pooled text
+    embedding through a projection term (Miyato & Koyama 2018): logit = out(h) + <h, proj(c)>."""
+
+    def __init__(self, in_dim: int, cond_dim: int, channels: int = 64):
+        super().__init__()
+        groups = math.gcd(32, channels)
+        self.body = nn.Sequential(
+            nn.Conv2d(in_dim, channels, 1), nn.GroupNorm(groups, channels), nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels), nn.SiLU(),
+        )
+        self.cond = nn.Linear(cond_dim, channels)
+        self.out = nn.Conv2d(channels, 1, 1)
+        self.scale = channels**-0.5
+
+    def forward(self, features: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = self.body(features)
+        logits = self.out(h) + self.scale * (h * self.cond(cond)[:, :, None, None]).sum(1, keepdim=True)
+        return logits.flatten(1)
+
+
+class Discriminator(nn.Module):
+    """Heads on top of a frozen teacher transformer. Only the heads are parameters of this module (the
+    teacher is held outside the module tree so it is never optimised or saved with the heads)."""
+
+    def __init__(self, teacher, layers: list[int], channels: int = 64, t_embed_dim: int = 64):
+        super().__init__()
+        cfg = teacher.config
+        self._teacher = [teacher]
+        self.layers = list(layers)
+        if not self.layers or max(self.layers) >= cfg.num_layers or min(self.layers) < 0:
+            raise ValueError(f"feature layers {self.layers} must lie in [0, {cfg.num_layers - 1}]")
+        self.t_embed_dim = t_embed_dim
+        self.grid = cfg.sample_size // cfg.patch_size
+        inner = cfg.num_attention_heads * cfg.attention_head_dim
+        cond_dim = t_embed_dim + cfg.pooled_projection_dim
+        self.heads = nn.ModuleList(DiscriminatorHead(inner, cond_dim, channels) for _ in self.layers)
+
+    @property
+    def teacher(self):
+        return self._teacher[0]
+
+    @contextlib.contextmanager
+    def _hooks(self, store: list):
+        def grab(_module, _inputs, output):
+            tokens = output[1]  # JointTransformerBlock returns (text tokens, image tokens)
+            b, n, d = tokens.shape
+            store.append(tokens.transpose(1, 2).reshape(b, d, self.grid, n // self.grid))
+
+        handles = [self.teacher.transformer_blocks[i].register_forward_hook(grab) for i in self.layers]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def features(self, x: torch.Tensor, t_hat: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor) -> list[torch.Tensor]:
+        """Image-token maps [B, D, h, w] after each chosen block of the teacher at noise level t_hat."""
+        store: list[torch.Tensor] = []
+        with self._hooks(store):
+            self.teacher(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t_hat * 1000)
+        return store
+
+    def heads_logits(self, features: list[torch.Tensor], t_hat: torch.Tensor, pooled: torch.Tensor) -> list[torch.Tensor]:
+        t_emb = get_timestep_embedding(t_hat * 1000, self.t_embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        cond = torch.cat([t_emb.to(pooled.dtype), pooled], dim=1)
+        return [head(f.to(cond.dtype), cond) for head, f in zip(self.heads, features)]
+
+    def forward(self, x, t_hat, embeds, pooled) -> list[torch.Tensor]:
+        return self.heads_logits(self.features(x, t_hat, embeds, pooled), t_hat, pooled)

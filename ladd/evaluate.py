@@ -1,0 +1,129 @@
+"""`ladd evaluate`: the quality-vs-steps table. Teacher at its default (many steps, CFG), the teacher
+sampled naively at few steps, the student at few steps (no CFG), and the real-vs-real floor; same
+held-out prompts, same per-record noise, same batch size for the timings."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ladd.classifier import load_classifier
+from ladd.config import EvaluateConfig
+from ladd.data.prepare import load_split
+from ladd.generate import generate_latents, record_noise
+from ladd.io import atomic_file, write_json
+from ladd.pipeline import decode_latents, encode_prompts, latent_shape, load_pipeline, max_sequence_length, read_meta
+from ladd.quality import real_features, real_floor, score_images
+from ladd.sampling import flow_sigmas
+
+log = logging.getLogger(__name__)
+
+
+def save_grid(images: torch.Tensor, path: Path, ncol: int = 10) -> Path:
+    """float [N, C, H, W] in [0, 1] -> one PNG, `ncol` images a row."""
+    n, c, h, w = images.shape
+    rows = -(-n // ncol)
+    canvas = torch.ones(c, rows * (h + 2), ncol * (w + 2))
+    for i, img in enumerate(images):
+        r, k = divmod(i, ncol)
+        canvas[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, k * (w + 2) + 1 : k * (w + 2) + 1 + w] = img
+    arr = (canvas.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    with atomic_file(path) as tmp:
+        Image.fromarray(arr[..., 0] if c == 1 else arr).resize((arr.shape[1] * 3, arr.shape[0] * 3), Image.NEAREST).save(tmp, format="PNG")
+    return path
+
+
+def student_sigmas(steps: int, student_meta: dict) -> torch.Tensor:
+    """k-step schedule of a saved student: evenly spaced from 1 to its smallest training time, as its
+    saved diffusers scheduler (shift_terminal) gives it."""
+    times = student_meta.get("student_times", [1.0])
+    return flow_sigmas(steps, 1.0, min(times) if len(times) > 1 else None)
+
+
+class _Model:
+    """One sampler configuration to evaluate: a transformer, its schedule, guidance and sampler."""
+
+    def __init__(self, pipe, embeds, pooled, null_e, null_p):
+        self.pipe, self.embeds, self.pooled, self.null_e, self.null_p = pipe, embeds, pooled, null_e, null_p
+
+    def run(self, noise, sigmas, guidance, sampler, batch_size, seed):
+        start = time.perf_counter()
+        lat = generate_latents(self.pipe.transformer, self.embeds, self.pooled, noise, sigmas, guidance, self.null_e,
+                               self.null_p, sampler=sampler, batch_size=batch_size, seed=seed)
+        images = decode_latents(self.pipe.vae, lat, batch_size)
+        return images, (time.perf_counter() - start) * 1000 / len(noise)
+
+
+def _load(pipe_dir, prompts, device):
+    pipe = load_pipeline(pipe_dir, device)
+    msl = max_sequence_length(pipe_dir)
+    e, p = encode_prompts(pipe, prompts, msl)
+    ne, np_ = encode_prompts(pipe, [""], msl)
+    return _Model(pipe, e, p, ne, np_)
+
+
+def evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student_dir, tracker) -> dict:
+    out = Path(cfg.out_dir)
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    train, test = load_split(Path(data_dir) / "train"), load_split(Path(data_dir) / "test")
+    classifier = load_classifier(classifier_dir)
+    real = real_features(classifier, test)
+    n = min(cfg.num_samples, len(test.captions)) if cfg.num_samples > 0 else len(test.captions)
+    prompts, labels = list(test.captions["prompt"][:n]), test.labels[:n]
+    teacher = _load(teacher_dir, prompts, device)
+    student_path = Path(student_dir) / ("ladd_raw_transformer" if cfg.raw_student else "")
+    student = _load(student_dir, prompts, device)
+    if cfg.raw_student:
+        from diffusers import SD3Transformer2DModel
+
+        student.pipe.transformer = SD3Transformer2DModel.from_pretrained(student_path).to(device)
+    student_meta = read_meta(student_dir)
+    noise = record_noise([cfg.seed + i for i in range(n)], latent_shape(teacher.pipe))
+    shift = teacher.pipe.scheduler.config.shift
+    grid_n = min(cfg.grid_size, n)
+    metrics: dict = {"real_floor": {"fd": real_floor(classifier, train, test, n, cfg.seed)["fd"]}, "num_samples": n}
+
+    def measure(model, steps, sigmas, guidance, sampler, name):
+        images, ms = model.run(noise, sigmas, guidance, sampler, cfg.batch_size, cfg.seed)
+        row = {"steps": steps, "guidance": guidance, "nfe": steps * (2 if guidance > 1 else 1), "ms_per_image": ms,
+               **score_images(classifier, images, labels, real)}
+        save_grid(images[:grid_n], out / "grids" / f"{name}.png")
+        log.info("%s: %s", name, {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+        return row, images[:grid_n]
+
+    metrics["teacher"], teacher_imgs = measure(teacher, cfg.teacher_steps, flow_sigmas(cfg.teacher_steps, shift),
+                                               cfg.guidance, "euler", f"teacher_{cfg.teacher_steps}")
+    metrics["teacher_naive"], metrics["student"] = {}, {}
+    side_by_side = [teacher_imgs]
+    for k in cfg.few_steps:
+        metrics["teacher_naive"][str(k)], _ = measure(teacher, k, flow_sigmas(k, shift), cfg.guidance, "euler", f"teacher_naive_{k}")
+        metrics["student"][str(k)], imgs = measure(student, k, student_sigmas(k, student_meta), 0.0,
+                                                   student_meta.get("sampler", "euler"), f"student_{k}")
+        side_by_side.append(imgs)
+    # teacher (top row) vs the student at each step count, same prompts and seeds, one column per prompt
+    ncol = min(grid_n, 10)
+    save_grid(torch.cat([g[:ncol] for g in side_by_side]), out / "grids" / "teacher_vs_student.png", ncol=ncol)
+    write_json(out / "metrics.json", metrics)
+    rows = [{"model": "teacher", "nfe": metrics["teacher"]["nfe"], "fd": metrics["teacher"]["fd"], "accuracy": metrics["teacher"]["accuracy"]}]
+    for kind in ("teacher_naive", "student"):
+        rows += [{"model": kind, "nfe": r["nfe"], "fd": r["fd"], "accuracy": r["accuracy"]} for r in metrics[kind].values()]
+    write_json(out / "quality_vs_nfe.json", {"rows": rows})
+    tracker.log_metrics(flatten_metrics(metrics))
+    tracker.log_artifact(out / "metrics.json")
+    tracker.log_artifact(out / "grids", "grids")
+    return metrics
+
+
+def flatten_metrics(metrics: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            flat.update(flatten_metrics(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float, np.floating)):
+            flat[f"{prefix}{k}"] = float(v)
+    return flat
