@@ -78,12 +78,13 @@ def _publish(root: Path, params: dict) -> dict:
 def pipeline(repo: str = ".", params_file: str = "params.yaml") -> dict[str, bool]:
     """Run every stage of dvc.yaml in order; a failed stage stops the flow before the next one.
 
-    `params_file` other than the repo's params.yaml is copied over it first (DVC reads params.yaml),
-    as `dvc exp run` would apply changed parameters."""
+    `params_file` (relative to `repo`) other than the repo's params.yaml is copied over it first: DVC
+    reads params.yaml, and this is how a deployment applies another parameter set."""
     root = Path(repo).resolve()
-    if Path(params_file).resolve() != (root / "params.yaml").resolve():
-        print(f"using {params_file} as {root / 'params.yaml'}")
-        shutil.copyfile(params_file, root / "params.yaml")
+    source = (root / params_file).resolve()
+    if source != (root / "params.yaml").resolve():
+        print(f"using {source} as {root / 'params.yaml'}")
+        shutil.copyfile(source, root / "params.yaml")
     ran = {stage: repro_stage(root, stage) for stage in stage_order(root)}
     rows = "\n".join(f"| {s} | {'ran' if r else 'up to date'} |" for s, r in ran.items())
     create_markdown_artifact(key="ladd-stages", markdown=f"| stage | result |\n|---|---|\n{rows}\n")
