@@ -16,6 +16,9 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
+from ladd.io import fingerprint
+from ladd.tracking import PARENT_ENV, finish_pipeline_run, start_pipeline_run, tracking_uri
+
 
 def stage_order(repo: Path) -> list[str]:
     """Stage names of dvc.yaml in dependency order (DVC's own graph)."""
@@ -31,18 +34,23 @@ def _dvc() -> str:
 
 
 @task(retries=1, retry_delay_seconds=5, task_run_name="{stage}")
-def repro_stage(repo: Path, stage: str) -> bool:
+def repro_stage(repo: Path, stage: str, parent_run_id: str | None = None) -> bool:
     """Run one stage through DVC; returns whether it ran (False: DVC found it up to date). A retry covers
     transient failures (a held DVC lock, a tracking server blip); a real failure fails the flow."""
     logger = get_run_logger()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run([_dvc(), "repro", "--single-item", stage], cwd=repo, text=True, capture_output=True, env=env)
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if line.strip():
-            logger.info("%s | %s", stage, line)
+    if parent_run_id:  # the stage's MLflow run nests under this pipeline execution's run
+        env[PARENT_ENV] = parent_run_id
+    output = []
+    with subprocess.Popen([_dvc(), "repro", "--single-item", stage], cwd=repo, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        for line in proc.stdout:  # streamed, so long stages log as they go
+            output.append(line)
+            if line.strip():
+                logger.info("%s | %s", stage, line.rstrip())
     if proc.returncode != 0:
         raise RuntimeError(f"stage {stage!r} failed (dvc exit {proc.returncode}); see the log above")
-    return "didn't change, skipping" not in proc.stdout
+    return "didn't change, skipping" not in "".join(output)
 
 
 def _metrics_markdown(metrics: dict) -> str:
@@ -63,7 +71,6 @@ def _publish(root: Path, params: dict) -> dict:
         "student": root / params.get("distill", {}).get("out_dir", "models/student"),
         "metrics": reports / "metrics.json",
         "grids": reports / "grids",
-        "mlflow": os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}"),
     }
     if where["metrics"].is_file():
         create_markdown_artifact(key="ladd-metrics", markdown=_metrics_markdown(json.loads(where["metrics"].read_text())),
@@ -85,10 +92,29 @@ def pipeline(repo: str = ".", params_file: str = "params.yaml") -> dict[str, boo
     if source != (root / "params.yaml").resolve():
         print(f"using {source} as {root / 'params.yaml'}")
         shutil.copyfile(source, root / "params.yaml")
-    ran = {stage: repro_stage(root, stage) for stage in stage_order(root)}
+    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    # one store for the flow and every stage process: the repo's SQLite file unless a server is set
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    run_id = None
+    if os.environ.get("LADD_TRACKING", "1") != "0":  # fails fast when a tracking server is unreachable
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        run_id = start_pipeline_run(params, {"git_commit": commit or "unknown"})
+    status = "FAILED"
+    try:
+        ran = {stage: repro_stage(root, stage, run_id) for stage in stage_order(root)}
+        status = "FINISHED"
+    finally:
+        if run_id:
+            data = {f"data_fingerprint.{k}": fingerprint(root / params[k]["out_dir"])
+                    for k in ("prepare", "synthesize") if (root / params.get(k, {}).get("out_dir", "-")).exists()}
+            finish_pipeline_run(run_id, data, status)
     rows = "\n".join(f"| {s} | {'ran' if r else 'up to date'} |" for s, r in ran.items())
     create_markdown_artifact(key="ladd-stages", markdown=f"| stage | result |\n|---|---|\n{rows}\n")
-    where = _publish(root, yaml.safe_load((root / "params.yaml").read_text()) or {})
+    where = _publish(root, params)
+    if run_id:
+        where["mlflow"] = f"{tracking_uri()} run {run_id}"
+        create_markdown_artifact(key="ladd-mlflow-run", markdown=f"MLflow run `{run_id}` in `{tracking_uri()}` "
+                                 "(open with `mlflow ui --backend-store-uri sqlite:///mlflow.db` for the default store)")
     print("\n".join(["ladd pipeline finished:"] + [f"  {k:8s} {v}" for k, v in where.items()]))
     return ran
 

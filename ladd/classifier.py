@@ -67,13 +67,13 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 @torch.no_grad()
 def classify(model: DigitClassifier, images: torch.Tensor, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, logits) for float images in [0, 1], on CPU."""
-    device = next(model.parameters()).device
+    device = next(model.parameters(), torch.empty(0)).device
     feats, logits = [], []
     for i in range(0, len(images), batch_size):
         f, lg = model(images[i : i + batch_size].to(device))
         feats.append(f.cpu())
-        logits.append(lg.cpu())
-    return torch.cat(feats), torch.cat(logits)
+        logits.append(None if lg is None else lg.cpu())
+    return torch.cat(feats), (None if logits[0] is None else torch.cat(logits))
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, cfg: ClassifierConfig, device, tracker) -> DigitClassifier:

@@ -168,6 +168,13 @@ class EvaluateConfig:
     grid_size: int = 50
     seed: int = 1234
     device: str = "auto"
+    features: str = "classifier"  # feature extractor for FD/accuracy: a key of ladd.quality.FEATURE_EXTRACTORS
+    features_path: str | None = must_exist()  # its weights (default: the classifier stage's output)
+    register: bool = True  # log the student as an MLflow model and register it (with tracking on)
+    model_name: str = "ladd-student"
+    gate_steps: int = 4  # the champion gate compares the student at this step count
+    gate_max_fd_increase: float = 0.0
+    gate_max_accuracy_drop: float = 0.01  # 1 point
 
 
 @dataclass(frozen=True)

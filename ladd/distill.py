@@ -130,7 +130,7 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
         else:
             log.warning("distill: %s was written for other settings or data; starting from step 0", cfg.checkpoint)
     curve = _read_curve(_curve_path(cfg), start)
-    tracker.log_params({"distill.feature_layers": layers, "distill.student_times_shifted": times.tolist()})
+    tracker.log_params({"distill.resolved.feature_layers": layers, "distill.resolved.student_times": times.tolist()})
 
     def batch_of(n):
         idx = torch.randint(len(latents), (n,), generator=gen)

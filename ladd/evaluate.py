@@ -12,13 +12,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ladd.classifier import load_classifier
 from ladd.config import EvaluateConfig
 from ladd.data.prepare import load_split
 from ladd.generate import generate_latents, record_noise
 from ladd.io import atomic_file, write_json
 from ladd.pipeline import decode_latents, encode_prompts, latent_shape, load_pipeline, max_sequence_length, read_meta
-from ladd.quality import real_features, real_floor, score_images
+from ladd.quality import FEATURE_EXTRACTORS, real_features, real_floor, score_images
 from ladd.sampling import flow_sigmas
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,9 @@ def evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student
     out = Path(cfg.out_dir)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     train, test = load_split(Path(data_dir) / "train"), load_split(Path(data_dir) / "test")
-    classifier = load_classifier(classifier_dir)
+    if cfg.features not in FEATURE_EXTRACTORS:
+        raise ValueError(f"evaluate.features: unknown extractor {cfg.features!r} (known: {', '.join(FEATURE_EXTRACTORS)})")
+    classifier = FEATURE_EXTRACTORS[cfg.features](cfg.features_path or classifier_dir)
     real = real_features(classifier, test)
     n = min(cfg.num_samples, len(test.captions)) if cfg.num_samples > 0 else len(test.captions)
     prompts, labels = list(test.captions["prompt"][:n]), test.labels[:n]
@@ -115,7 +116,21 @@ def evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student
     write_json(out / "quality_vs_nfe.json", {"rows": rows})
     tracker.log_metrics(flatten_metrics(metrics))
     tracker.log_artifact(out / "metrics.json")
+    tracker.log_artifact(out / "quality_vs_nfe.json")
     tracker.log_artifact(out / "grids", "grids")
+    gate = metrics["student"].get(str(cfg.gate_steps))
+    if cfg.register and gate is None:
+        log.warning("not registering the student: evaluate.gate_steps=%d is not in few_steps %s", cfg.gate_steps, list(cfg.few_steps))
+    if cfg.register and gate is not None:
+        candidate = {"fd": gate["fd"], "accuracy": gate["accuracy"]}
+        registered = tracker.register_student(
+            student_dir, cfg.model_name, candidate,
+            lambda champion: gate_decision(candidate, champion, cfg.gate_max_fd_increase, cfg.gate_max_accuracy_drop))
+        if registered:
+            log.info("registered %s version %s: %s (%s)", cfg.model_name, registered["version"],
+                     "champion" if registered["promoted"] else "rejected", registered["reason"])
+            metrics["registered"] = registered
+            write_json(out / "metrics.json", metrics)
     return metrics
 
 
@@ -127,3 +142,16 @@ def flatten_metrics(metrics: dict, prefix: str = "") -> dict:
         elif isinstance(v, (int, float, np.floating)):
             flat[f"{prefix}{k}"] = float(v)
     return flat
+
+
+def gate_decision(candidate: dict, champion: dict | None, max_fd_increase: float, max_accuracy_drop: float) -> tuple[bool, str]:
+    """Champion gate on the student at 4 steps (or its largest evaluated step count): promote when FD is
+    no worse than the champion's (+ max_fd_increase) and accuracy at most max_accuracy_drop lower."""
+    if champion is None:
+        return True, "no champion yet"
+    fd, acc = candidate["fd"], candidate["accuracy"]
+    if fd > champion["fd"] + max_fd_increase:
+        return False, f"FD {fd:.2f} worse than champion's {champion['fd']:.2f} (+{max_fd_increase} allowed)"
+    if acc < champion["accuracy"] - max_accuracy_drop:
+        return False, f"accuracy {acc:.3f} more than {max_accuracy_drop} below champion's {champion['accuracy']:.3f}"
+    return True, f"FD {fd:.2f} <= {champion['fd']:.2f}, accuracy {acc:.3f} vs {champion['accuracy']:.3f}"

@@ -1,13 +1,23 @@
-"""Scoring generated images against the real test set with the project's classifier: FD on
-penultimate features, conditional accuracy, precision/recall, and the real-vs-real floor."""
+"""Scoring generated images against the real test set: FD on a feature extractor's embeddings,
+conditional accuracy (when it also classifies), precision/recall, and the real-vs-real floor.
+
+The extractor is pluggable: any module whose forward maps float images in [0, 1] to
+(features, logits or None), loaded from a local path by an entry of FEATURE_EXTRACTORS. The embedded
+default is the digit classifier; for your own teacher and data add e.g. an Inception or CLIP image
+encoder loaded from local weights (nothing downloads at run time)."""
 
 from __future__ import annotations
 
 import torch
 
-from ladd.classifier import DigitClassifier, classify
+import math
+from typing import Callable
+
+from ladd.classifier import DigitClassifier, classify, load_classifier
 from ladd.data.prepare import Split
 from ladd.metrics import conditional_accuracy, frechet_distance, precision_recall
+
+FEATURE_EXTRACTORS: dict[str, Callable[[str], torch.nn.Module]] = {"classifier": load_classifier}
 
 
 def score_images(classifier: DigitClassifier, images: torch.Tensor, labels: torch.Tensor, real_features: torch.Tensor) -> dict:
@@ -16,7 +26,7 @@ def score_images(classifier: DigitClassifier, images: torch.Tensor, labels: torc
     precision, recall = precision_recall(real_features, feats)
     return {
         "fd": frechet_distance(real_features.numpy(), feats.numpy()),
-        "accuracy": conditional_accuracy(logits, labels),
+        "accuracy": conditional_accuracy(logits, labels) if logits is not None and (labels >= 0).any() else math.nan,
         "precision": precision,
         "recall": recall,
     }

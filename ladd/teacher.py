@@ -182,5 +182,5 @@ def teacher_stage(cfg: TeacherConfig, data_dir: str | Path, device: str, tracker
     with atomic_dir(cfg.out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_meta(tmp, max_sequence_length=msl, source=cfg.pretrained or "tiny")
-    tracker.log_params({"teacher.source": cfg.pretrained or "tiny", "teacher.max_sequence_length": msl})
+    tracker.log_params({"teacher.resolved.source": cfg.pretrained or "tiny", "teacher.resolved.max_sequence_length": msl})
     return Path(cfg.out_dir)

@@ -1,17 +1,23 @@
 """The only module that imports mlflow. Stages log through a `Tracker`; `NullTracker` does nothing.
 
 Default store: SQLite in the working directory (`sqlite:///mlflow.db`); `MLFLOW_TRACKING_URI` points
-it at a server. A stage run nests under the pipeline's run when `LADD_PARENT_RUN_ID` is set.
+it at a server, which is checked before any work starts. A stage run nests under the pipeline's run
+when `LADD_PARENT_RUN_ID` is set (the Prefect flow sets it), so one pipeline execution is one run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
+
+import pandas as pd
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 EXPERIMENT = "ladd"
+PARENT_ENV = "LADD_PARENT_RUN_ID"
 
 
 class NullTracker:
@@ -19,6 +25,8 @@ class NullTracker:
     def log_metrics(self, metrics: dict, step: int | None = None) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
+    def register_student(self, student_dir, name: str, candidate: dict, decide) -> dict | None:
+        return None
 
 
 class MlflowTracker(NullTracker):
@@ -29,7 +37,7 @@ class MlflowTracker(NullTracker):
         self._mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        self._mlflow.log_metrics({k.replace("@", "_"): float(v) for k, v in metrics.items()}, step=step)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -39,9 +47,64 @@ class MlflowTracker(NullTracker):
     def set_tags(self, tags: dict) -> None:
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
+    def register_student(self, student_dir, name: str, candidate: dict, decide) -> dict:
+        """Log the student pipeline as a pyfunc model, register a version of `name` tagged with the
+        `candidate` gate metrics, and move the `champion` alias to it only if
+        `decide(champion_gate_metrics_or_None) -> (ok, reason)` says so; otherwise tag why not."""
+        from mlflow.models import infer_signature
+        from mlflow.tracking import MlflowClient
+
+        example = pd.DataFrame({"prompt": ["a handwritten digit seven"], "steps": [4], "seed": [0]})
+        signature = infer_signature(example, pd.DataFrame({"prompt": ["a handwritten digit seven"], "image_png": ["..."]}))
+        info = self._mlflow.pyfunc.log_model(
+            name="student", python_model=_student_model(), artifacts={"pipeline": str(student_dir)},
+            signature=signature, input_example=example, registered_model_name=name,
+            pip_requirements=["ladd", "torch", "diffusers", "transformers", "pandas", "pillow"],
+        )
+        client = MlflowClient()
+        version = str(info.registered_model_version)
+        try:
+            champion = client.get_model_version_by_alias(name, "champion")
+            champion_metrics = {k.split("/")[-1]: v for k, v in client.get_model_version(name, champion.version).tags.items()
+                                if k.startswith("gate/")}
+            champion_metrics = {k: float(v) for k, v in champion_metrics.items()}
+        except Exception:  # no alias yet (MlflowException RESOURCE_DOES_NOT_EXIST)
+            champion, champion_metrics = None, None
+        promote, reason = decide(champion_metrics)
+        for k, v in candidate.items():
+            client.set_model_version_tag(name, version, f"gate/{k}", str(v))
+        if promote:
+            client.set_registered_model_alias(name, "champion", version)
+            client.set_model_version_tag(name, version, "promoted", reason)
+        else:
+            client.set_model_version_tag(name, version, "rejected", reason)
+        return {"version": version, "promoted": promote, "reason": reason,
+                "previous_champion": str(champion.version) if champion else None}
+
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+
+
+def check_tracking_server(uri: str | None = None, timeout: float = 5.0) -> None:
+    """Fail fast, before any long computation, when an http(s) tracking server does not answer."""
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"status {resp.status}")
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        raise RuntimeError(f"MLflow tracking server {uri} is unreachable ({e}); start it or unset MLFLOW_TRACKING_URI") from None
+
+
+def _mlflow():
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+    return mlflow
 
 
 @contextlib.contextmanager
@@ -50,13 +113,66 @@ def stage_run(stage: str, enabled: bool = True):
     if not enabled:
         yield NullTracker()
         return
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
-    parent = os.environ.get("LADD_PARENT_RUN_ID")
+    check_tracking_server()
+    mlflow = _mlflow()
+    parent = os.environ.get(PARENT_ENV)
     with contextlib.ExitStack() as stack:
         if parent:
             stack.enter_context(mlflow.start_run(run_id=parent))
         run = stack.enter_context(mlflow.start_run(run_name=stage, nested=bool(parent), tags={"ladd.stage": stage}))
         yield MlflowTracker(mlflow, run)
+
+
+def start_pipeline_run(params: dict, tags: dict) -> str:
+    """Open the run of one pipeline execution (flattened params, git commit...) and return its id."""
+    check_tracking_server()
+    mlflow = _mlflow()
+    flat = pd.json_normalize(params, sep=".").iloc[0].to_dict() if params else {}
+    with mlflow.start_run(run_name="pipeline", tags={"ladd.stage": "pipeline", **{k: str(v) for k, v in tags.items()}}) as run:
+        mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
+        return run.info.run_id
+
+
+def finish_pipeline_run(run_id: str, tags: dict, status: str = "FINISHED") -> None:
+    mlflow = _mlflow()
+    client = mlflow.tracking.MlflowClient()
+    for k, v in tags.items():
+        client.set_tag(run_id, k, str(v))
+    client.set_terminated(run_id, status)
+
+
+def _student_model():
+    """The pyfunc wrapper: prompts in, PNG images (base64) out, with ladd's few-step sampler. Built on
+    first use so importing ladd does not import mlflow."""
+    from mlflow.pyfunc import PythonModel
+
+    class StudentModel(PythonModel):
+        def load_context(self, context):
+            from ladd.pipeline import load_pipeline, read_meta
+
+            self.pipe, self.meta = load_pipeline(context.artifacts["pipeline"]), read_meta(context.artifacts["pipeline"])
+
+        def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+            import base64
+            import io
+
+            from PIL import Image
+
+            from ladd.evaluate import student_sigmas
+            from ladd.generate import generate_latents, record_noise
+            from ladd.pipeline import decode_latents, encode_prompts, latent_shape
+
+            out = []
+            for row in model_input.to_dict("records"):
+                e, p = encode_prompts(self.pipe, [row["prompt"]], int(self.meta.get("max_sequence_length", 256)))
+                steps, seed = int(row.get("steps", 4)), int(row.get("seed", 0))
+                lat = generate_latents(self.pipe.transformer, e, p, record_noise([seed], latent_shape(self.pipe)),
+                                       student_sigmas(steps, self.meta), sampler=self.meta.get("sampler", "euler"), seed=seed)
+                img = (decode_latents(self.pipe.vae, lat)[0] * 255).round().byte()
+                arr = img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
+                buf = io.BytesIO()
+                Image.fromarray(arr).save(buf, format="PNG")
+                out.append({"prompt": row["prompt"], "image_png": base64.b64encode(buf.getvalue()).decode()})
+            return pd.DataFrame(out)
+
+    return StudentModel()

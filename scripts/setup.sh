@@ -11,7 +11,7 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   # torch 2.13.0: the CPU wheel here; a CUDA build installed beforehand satisfies this and is kept.
   .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install --quiet "torch==2.13.0"
-  .venv/bin/python -m pip install --quiet -e ".[dev]"
+  .venv/bin/python -m pip install --quiet -e ".[dev]" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
   rm -f .venv/.ladd-installed-*
   touch "$stamp"
   echo "setup: installed in $(( $(date +%s) - start )) s"

@@ -16,7 +16,7 @@ SMOKE_OVERRIDES = {
     "teacher": {"vae_steps": 15, "steps": 20, "batch_size": 32},
     "synthesize": {"steps": 2, "samples_per_prompt": 1, "batch_size": 512},
     "distill": {"steps": 4, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 2, "log_every": 1},
-    "evaluate": {"teacher_steps": 4, "few_steps": [1, 2], "num_samples": 24, "grid_size": 10},
+    "evaluate": {"teacher_steps": 4, "few_steps": [1, 4], "num_samples": 24, "grid_size": 10},
 }
 SMOKE_PARAMS = {
     section: {**values, **SMOKE_OVERRIDES.get(section, {})}
@@ -32,6 +32,7 @@ def _session_env(tmp_path_factory):
     os.environ["PREFECT_HOME"] = str(home)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ["PATH"] = f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"
 
 
@@ -70,3 +71,39 @@ def tiny_teacher_dir(prepared_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "teacher"
     cfg = TeacherConfig(out_dir=str(out), vae_steps=10, steps=10, batch_size=16, device="cpu")
     return teacher_stage(cfg, prepared_data, "cpu", NullTracker())
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tiny_teacher_dir, prepared_data, tmp_path_factory):
+    from ladd.config import SynthesizeConfig
+    from ladd.synthesize import synthesize
+    from ladd.tracking import NullTracker
+
+    cfg = SynthesizeConfig(out_dir=str(tmp_path_factory.mktemp("syn") / "synthetic"), steps=3, samples_per_prompt=1,
+                           shard_size=512, batch_size=512, device="cpu")
+    synthesize(cfg, prepared_data, tiny_teacher_dir, NullTracker())
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_student_dir(tiny_teacher_dir, tiny_synthetic, tmp_path_factory) -> Path:
+    from ladd.config import DistillConfig
+    from ladd.distill import distill
+    from ladd.tracking import NullTracker
+
+    out = tmp_path_factory.mktemp("student")
+    cfg = DistillConfig(out_dir=str(out / "student"), checkpoint=str(out / "ck.safetensors"), steps=4, batch_size=4,
+                        warmup_steps=2, device="cpu")
+    distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
+    return out / "student"
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(prepared_data, tmp_path_factory) -> Path:
+    from ladd.classifier import classifier_stage
+    from ladd.config import ClassifierConfig
+    from ladd.tracking import NullTracker
+
+    out = tmp_path_factory.mktemp("classifier") / "classifier"
+    classifier_stage(ClassifierConfig(steps=40, batch_size=64, out_dir=str(out), device="cpu"), prepared_data, NullTracker())
+    return out

@@ -74,14 +74,6 @@ def test_student_gradient_flows_through_frozen_teacher(tiny_teacher_dir):
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
 
 
-@pytest.fixture(scope="session")
-def tiny_synthetic(tiny_teacher_dir, prepared_data, tmp_path_factory):
-    cfg = SynthesizeConfig(out_dir=str(tmp_path_factory.mktemp("syn") / "synthetic"), steps=3, samples_per_prompt=1,
-                           shard_size=512, batch_size=512, device="cpu")
-    synthesize(cfg, prepared_data, tiny_teacher_dir, NullTracker())
-    return cfg
-
-
 def test_synthesize_deterministic_and_resumable(tiny_synthetic, tiny_teacher_dir, prepared_data, tmp_path):
     latents, records = load_synthetic(tiny_synthetic.out_dir)
     assert len(latents) == len(records) == 1438 and torch.isfinite(latents).all()

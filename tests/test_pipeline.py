@@ -36,7 +36,7 @@ def ran_stages(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
-def test_prefect_flow_then_dvc(smoke_project):
+def test_prefect_flow_then_dvc(smoke_project, monkeypatch):
     """One pipeline execution through the Prefect flow, then DVC itself: the flow leaves dvc.lock exactly as
     `dvc repro` would (repro and status find nothing to do), a second flow run skips every stage, and
     `dvc exp run -S` on one parameter reruns only that stage and what depends on it."""
@@ -45,6 +45,9 @@ def test_prefect_flow_then_dvc(smoke_project):
     from flows.pipeline import pipeline, stage_order
 
     init_repo(smoke_project)
+    store = f"sqlite:///{smoke_project / 'mlflow.db'}"
+    monkeypatch.setenv("LADD_TRACKING", "1")  # the real tracking path, every stage
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     order = stage_order(smoke_project)
     assert order[0] == "prepare" and set(order) == ALL_STAGES
     assert order.index("validate") < order.index("teacher") < order.index("synthesize") < order.index("distill") < order.index("evaluate")
@@ -56,6 +59,20 @@ def test_prefect_flow_then_dvc(smoke_project):
         assert pipeline(str(smoke_project)) == dict.fromkeys(order, False)
     metrics = json.loads((smoke_project / "reports" / "metrics.json").read_text())
     assert metrics["student"]["1"]["nfe"] == 1 and metrics["teacher"]["nfe"] == 8
+    # one MLflow run for the execution, each stage nested under it; the student registered as champion
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("ladd").experiment_id])
+    first, noop = sorted((r for r in runs if r.data.tags.get("ladd.stage") == "pipeline"), key=lambda r: r.info.start_time)
+    assert first.info.status == noop.info.status == "FINISHED" and first.data.tags["data_fingerprint.prepare"]
+    assert first.data.params["distill.steps"] == "4"
+
+    def stages_under(run):
+        return {r.data.tags["ladd.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id}
+
+    assert stages_under(first) == ALL_STAGES and stages_under(noop) == set()
+    assert str(client.get_model_version_by_alias("ladd-student", "champion").version) == "1"
     teacher = smoke_project / "models" / "teacher"
     image = load_pipeline(teacher)("a handwritten digit five", num_inference_steps=2, guidance_scale=2.0,
                                    max_sequence_length=max_sequence_length(teacher)).images[0]

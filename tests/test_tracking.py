@@ -1,0 +1,112 @@
+"""Evaluation tracked in a real MLflow server on 127.0.0.1: run, metrics, artifacts, registered model,
+champion alias; the gate both promoting and rejecting."""
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from ladd.config import EvaluateConfig
+from ladd.evaluate import evaluate, gate_decision
+from ladd.tracking import check_tracking_server, stage_run
+
+
+def test_gate_decision():
+    champion = {"fd": 100.0, "accuracy": 0.95}
+    assert gate_decision({"fd": 120.0, "accuracy": 0.99}, None, 0.0, 0.01) == (True, "no champion yet")
+    assert gate_decision({"fd": 99.0, "accuracy": 0.945}, champion, 0.0, 0.01)[0]
+    ok, reason = gate_decision({"fd": 101.0, "accuracy": 0.99}, champion, 0.0, 0.01)
+    assert not ok and "FD 101.00 worse" in reason
+    ok, reason = gate_decision({"fd": 90.0, "accuracy": 0.93}, champion, 0.0, 0.01)
+    assert not ok and "accuracy 0.930" in reason
+
+
+def test_unreachable_server_is_reported_before_work():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connection refused
+        with pytest.raises(RuntimeError, match=f"http://127.0.0.1:{port} is unreachable"):
+            check_tracking_server(f"http://127.0.0.1:{port}", timeout=2)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            assert proc.poll() is None, "mlflow server exited"
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start in 120 s")
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_evaluate_against_real_server(mlflow_server, monkeypatch, prepared_data, tiny_classifier_dir,
+                                      tiny_teacher_dir, tiny_student_dir, tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "ladd-test")
+    cfg = EvaluateConfig(out_dir=str(tmp_path / "reports"), teacher_steps=3, few_steps=(1, 4), num_samples=16,
+                         grid_size=8, device="cpu", model_name="ladd-student-test")
+    with stage_run("evaluate") as tracker:
+        metrics = evaluate(cfg, prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, tracker)
+        run_id = tracker.run.info.run_id
+    assert metrics["registered"] == {"version": "1", "promoted": True, "reason": "no champion yet", "previous_champion": None}
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(run_id)
+    assert run.data.tags["ladd.stage"] == "evaluate"
+    assert run.data.metrics["student/4/fd"] == pytest.approx(metrics["student"]["4"]["fd"])
+    assert run.data.metrics["teacher/nfe"] == 6 and run.data.metrics["student/1/nfe"] == 1
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"metrics.json", "quality_vs_nfe.json", "grids"} <= artifacts
+    assert "grids/teacher_vs_student.png" in {a.path for a in client.list_artifacts(run_id, "grids")}
+    version = client.get_model_version_by_alias("ladd-student-test", "champion")
+    assert str(version.version) == "1" and version.run_id == run_id
+    assert float(version.tags["gate/fd"]) == pytest.approx(metrics["student"]["4"]["fd"])
+
+    # the registered model generates images from prompts
+    model = mlflow.pyfunc.load_model("models:/ladd-student-test@champion")
+    out = model.predict(pd.DataFrame({"prompt": ["a handwritten digit two"], "steps": [2], "seed": [3]}))
+    image = Image.open(io.BytesIO(base64.b64decode(out["image_png"][0])))
+    assert image.size == (32, 32)
+
+    # the gate: a worse candidate is tagged with the reason and the alias stays; a better one takes it
+    champion_fd = metrics["student"]["4"]["fd"]
+    with stage_run("evaluate") as tracker:
+        def decide(champ, cand):
+            return gate_decision(cand, champ, 0.0, 0.01)
+
+        worse = {"fd": champion_fd + 50, "accuracy": 1.0}
+        rejected = tracker.register_student(tiny_student_dir, "ladd-student-test", worse, lambda c: decide(c, worse))
+        better = {"fd": champion_fd - 1, "accuracy": 1.0}
+        promoted = tracker.register_student(tiny_student_dir, "ladd-student-test", better, lambda c: decide(c, better))
+    assert rejected["version"] == "2" and not rejected["promoted"] and rejected["previous_champion"] == "1"
+    assert "worse than champion" in client.get_model_version("ladd-student-test", "2").tags["rejected"]
+    assert promoted["version"] == "3" and promoted["promoted"]
+    assert str(client.get_model_version_by_alias("ladd-student-test", "champion").version) == "3"
