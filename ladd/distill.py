@@ -132,28 +132,34 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
     curve = _read_curve(_curve_path(cfg), start)
     tracker.log_params({"distill.resolved.feature_layers": layers, "distill.resolved.student_times": times.tolist()})
 
-    def batch_of(n):
-        idx = torch.randint(len(latents), (n,), generator=gen)
-        return latents[idx].to(device), embeds[prompt_index[idx]], pooled[prompt_index[idx]]
+    def student_batch(probs):
+        """Phases 1-2: teacher latents x0 with their prompts (LADD's "real" data), student times t from
+        the (warm-up) probabilities, and the student input: pure noise at t = 1, x0 noised to t below
+        (never noise-as-data or real images)."""
+        idx = torch.randint(len(latents), (cfg.batch_size,), generator=gen)
+        x0, c, p = latents[idx].to(device), embeds[prompt_index[idx]], pooled[prompt_index[idx]]
+        t = times[torch.multinomial(probs, cfg.batch_size, replacement=True, generator=gen)].to(device)
+        return x0, c, p, t, noise_to(x0, t, torch.randn(x0.shape, generator=gen).to(device))
+
+    def student_x0(x_t, t, c, p):
+        """x0_hat = x_t - t v (rectified flow)."""
+        v = student(hidden_states=x_t, encoder_hidden_states=c, pooled_projections=p, timestep=t * 1000).sample
+        return x_t - t.view(-1, 1, 1, 1) * v.float()
 
     skipped, step_times = 0, []
     for step in (bar := tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="distill", mininterval=2)):
         tick = time.perf_counter()
-        # 1. A batch of teacher latents x0 with their prompts (the "real" data of LADD).
-        x0, c, p = batch_of(cfg.batch_size)
-        # 2. Student times from the warm-up schedule, then the biased one; the student's input is pure noise
-        #    at t = 1 and the teacher latent noised to t below (never noise-as-data or real images).
+        # 1-2. A batch of teacher latents and prompts; student times from the warm-up schedule, then the
+        #      biased one; the student's input at those times.
         probs = torch.tensor(cfg.warmup_probs if step < cfg.warmup_steps else cfg.probs)
-        t = times[torch.multinomial(probs, cfg.batch_size, replacement=True, generator=gen)].to(device)
-        x_t = noise_to(x0, t, torch.randn(x0.shape, generator=gen).to(device))
+        x0, c, p, t, x_t = student_batch(probs)
         # 3. Student update: x0_hat = x_t - t v, re-noised to t_hat and judged by the heads on the frozen
         #    teacher's features; the gradient flows through the teacher's forward pass into x0_hat.
         disc.requires_grad_(False)
         t_fake = logit_normal(cfg.batch_size, cfg.renoise_mean, cfg.renoise_std, gen).to(device)
         eps_fake = torch.randn(x0.shape, generator=gen).to(device)
         with autocast:
-            v = student(hidden_states=x_t, encoder_hidden_states=c, pooled_projections=p, timestep=t * 1000).sample
-            x0_hat = x_t - t.view(-1, 1, 1, 1) * v.float()
+            x0_hat = student_x0(x_t, t, c, p)
             loss_g = g_loss_fn(disc(noise_to(x0_hat, t_fake, eps_fake), t_fake, c, p))
             if cfg.distill_weight > 0:
                 loss_g = loss_g + cfg.distill_weight * F.mse_loss(x0_hat, x0)
@@ -171,12 +177,9 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
         fake = x0_hat.detach()
         for k in range(cfg.d_steps_per_g):
             if k > 0:  # extra D steps see a fresh batch and fresh student samples
-                x0, c, p = batch_of(cfg.batch_size)
-                t = times[torch.multinomial(probs, cfg.batch_size, replacement=True, generator=gen)].to(device)
-                x_t = noise_to(x0, t, torch.randn(x0.shape, generator=gen).to(device))
+                x0, c, p, t, x_t = student_batch(probs)
                 with torch.no_grad(), autocast:
-                    v = student(hidden_states=x_t, encoder_hidden_states=c, pooled_projections=p, timestep=t * 1000).sample
-                    fake = x_t - t.view(-1, 1, 1, 1) * v.float()
+                    fake = student_x0(x_t, t, c, p)
             t_real = logit_normal(cfg.batch_size, cfg.renoise_mean, cfg.renoise_std, gen).to(device)
             t_fk = logit_normal(cfg.batch_size, cfg.renoise_mean, cfg.renoise_std, gen).to(device) if cfg.independent_renoise else t_real
             x_real = noise_to(x0, t_real, torch.randn(x0.shape, generator=gen).to(device))
