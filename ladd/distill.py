@@ -77,7 +77,7 @@ def _write_curve(path: Path, rows: list[dict]) -> None:
         tmp.write_text(buf.getvalue())
 
 
-def save_student(pipe, student_ema, student_raw, cfg: DistillConfig, meta: dict) -> None:
+def save_student(pipe, student_ema, student_raw, cfg: DistillConfig, meta: dict, summary: dict) -> None:
     """A complete diffusers pipeline: the teacher's VAE, tokenizers and text encoders, the EMA student
     transformer, and a few-step scheduler whose k-step schedule ends at the smallest training time."""
     times = student_times(cfg).tolist()
@@ -92,6 +92,7 @@ def save_student(pipe, student_ema, student_raw, cfg: DistillConfig, meta: dict)
         pipe.save_pretrained(tmp, safe_serialization=True)
         student_raw.save_pretrained(tmp / "ladd_raw_transformer", safe_serialization=True)
         write_meta(tmp, **meta)
+        write_json(tmp / "ladd_train_summary.json", {**summary, "config": json.loads(json.dumps(asdict(cfg)))})
 
 
 def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Path, tracker) -> dict:
@@ -220,10 +221,9 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
     # 6. The student pipeline (EMA weights; raw weights beside them).
     meta = {"max_sequence_length": msl, "source": "ladd-student", "teacher": run["teacher"],
             "student_times": times.tolist(), "sampler": cfg.sampler, "default_steps": len(times)}
-    save_student(pipe, ema.to("cpu"), student.to("cpu"), cfg, meta)
     steady = step_times[min(5, len(step_times) - 1):] if step_times else []
     summary = {"steps": cfg.steps, "resumed_from": start, "skipped_updates": skipped,
                "sec_per_step": sum(steady) / len(steady) if steady else math.nan, "device": device.type}
+    save_student(pipe, ema.to("cpu"), student.to("cpu"), cfg, meta, summary)
     tracker.log_metrics({"distill/sec_per_step": summary["sec_per_step"]} if steady else {})
-    write_json(Path(cfg.out_dir) / "ladd_train_summary.json", {**summary, "config": json.loads(json.dumps(asdict(cfg)))})
     return summary

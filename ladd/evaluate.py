@@ -109,15 +109,11 @@ def evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student
     # teacher (top row) vs the student at each step count, same prompts and seeds, one column per prompt
     ncol = min(grid_n, 10)
     save_grid(torch.cat([g[:ncol] for g in side_by_side]), out / "grids" / "teacher_vs_student.png", ncol=ncol)
-    write_json(out / "metrics.json", metrics)
     rows = [{"model": "teacher", "nfe": metrics["teacher"]["nfe"], "fd": metrics["teacher"]["fd"], "accuracy": metrics["teacher"]["accuracy"]}]
     for kind in ("teacher_naive", "student"):
         rows += [{"model": kind, "nfe": r["nfe"], "fd": r["fd"], "accuracy": r["accuracy"]} for r in metrics[kind].values()]
     write_json(out / "quality_vs_nfe.json", {"rows": rows})
     tracker.log_metrics(flatten_metrics(metrics))
-    tracker.log_artifact(out / "metrics.json")
-    tracker.log_artifact(out / "quality_vs_nfe.json")
-    tracker.log_artifact(out / "grids", "grids")
     gate = metrics["student"].get(str(cfg.gate_steps))
     if cfg.register and gate is None:
         log.warning("not registering the student: evaluate.gate_steps=%d is not in few_steps %s", cfg.gate_steps, list(cfg.few_steps))
@@ -130,7 +126,10 @@ def evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student
             log.info("registered %s version %s: %s (%s)", cfg.model_name, registered["version"],
                      "champion" if registered["promoted"] else "rejected", registered["reason"])
             metrics["registered"] = registered
-            write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
+    tracker.log_artifact(out / "metrics.json")
+    tracker.log_artifact(out / "quality_vs_nfe.json")
+    tracker.log_artifact(out / "grids", "grids")
     return metrics
 
 
