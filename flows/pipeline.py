@@ -64,6 +64,14 @@ def _metrics_markdown(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _export_markdown(report: dict) -> str:
+    lines = [f"Max abs error ORT vs PyTorch: {report['max_abs_error']:.2e} on {report['provider']}", "",
+             "| batch | torch ms | ORT ms | ratio |", "|---|---|---|---|"]
+    lines += [f"| {b} | {r['torch_ms']:.2f} | {r['ort_ms']:.2f} | {r['ort_ms'] / r['torch_ms']:.2f} |"
+              for b, r in report["latency"].items()]
+    return "\n".join(lines)
+
+
 def _publish(root: Path, params: dict) -> dict:
     """Prefect artifacts and a summary of where the results are."""
     reports = root / params.get("evaluate", {}).get("out_dir", "reports")
@@ -75,6 +83,11 @@ def _publish(root: Path, params: dict) -> dict:
     if where["metrics"].is_file():
         create_markdown_artifact(key="ladd-metrics", markdown=_metrics_markdown(json.loads(where["metrics"].read_text())),
                                  description="Quality vs steps (ladd evaluate)")
+    export = root / params.get("export", {}).get("report", "reports/export.json")
+    if export.is_file():
+        where["onnx"] = root / params.get("export", {}).get("out_dir", "models/onnx")
+        create_markdown_artifact(key="ladd-onnx", markdown=_export_markdown(json.loads(export.read_text())),
+                                 description="ONNX export: parity and latency (ladd export)")
     grid = where["grids"] / "teacher_vs_student.png"
     if grid.is_file():
         create_link_artifact(key="ladd-grid", link=grid.resolve().as_uri(), link_text="teacher vs student grid")

@@ -1,4 +1,5 @@
-"""`ladd <stage>`: parse, load and validate params.yaml (all sections, before any work), run one stage."""
+"""`ladd <stage>`: parse, load and validate params.yaml (all sections, before any work), run one stage.
+`ladd generate`: images from the ONNX export, without PyTorch."""
 
 from __future__ import annotations
 
@@ -8,10 +9,7 @@ import logging
 import os
 import sys
 
-import torch
-
 from ladd.config import ConfigError, Params, load_params
-from ladd.data.validation import ValidationFailed
 
 log = logging.getLogger("ladd")
 
@@ -66,6 +64,12 @@ def run_evaluate(p: Params, tracker) -> dict:
     return evaluate(p.evaluate, p.prepare.out_dir, p.classifier.out_dir, p.teacher.out_dir, p.distill.out_dir, tracker)
 
 
+def run_export(p: Params, tracker) -> dict:
+    from ladd.export import export_stage
+
+    return export_stage(p.export, p.distill.out_dir, tracker)
+
+
 STAGES = {
     "prepare": run_prepare,
     "validate": run_validate,
@@ -74,17 +78,60 @@ STAGES = {
     "synthesize": run_synthesize,
     "distill": run_distill,
     "evaluate": run_evaluate,
+    "export": run_export,
 }
 
 
+def generate_main(argv: list[str]) -> int:
+    """`ladd generate --onnx DIR --prompt ...`: PNGs from the exported student, onnxruntime only."""
+    parser = argparse.ArgumentParser(prog="ladd generate", description="generate images with the ONNX student")
+    parser.add_argument("--onnx", default="models/onnx", help="export folder (default: models/onnx)")
+    parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the exported count)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image (the next ones count up)")
+    parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    parser.add_argument("--provider", choices=["auto", "cpu", "cuda", "tensorrt"], default="auto")
+    parser.add_argument("--out", default="samples", help="output folder for the PNGs (default: samples)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from pathlib import Path
+
+    from PIL import Image
+
+    from ladd.onnx_runtime import OnnxStudent
+
+    try:
+        student = OnnxStudent(args.onnx, args.precision, args.provider)
+        images = student(args.prompt, args.steps, [args.seed + i for i in range(len(args.prompt))])
+    except (FileNotFoundError, ValueError) as e:
+        print(f"ladd generate: {e}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (prompt, image) in enumerate(zip(args.prompt, images)):
+        path = out / f"{i:03d}_{'_'.join(prompt.split())[:60]}.png"
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+        print(path)
+    log.info("%d images on %s", len(images), student.provider)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["generate"]:
+        return generate_main(argv[1:])
     parser = argparse.ArgumentParser(prog="ladd", description="Latent Adversarial Diffusion Distillation pipeline")
-    parser.add_argument("stage", choices=list(STAGES))
+    parser.add_argument("stage", choices=list(STAGES), help="a pipeline stage (or: ladd generate --help)")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import torch  # here, not at the top: `ladd generate` runs without PyTorch
+
+    from ladd.data.validation import ValidationFailed
+    from ladd.export import ParityError
+
     try:
         params = load_params(args.params)
     except ConfigError as e:
@@ -103,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             tracker.log_params({f"{args.stage}.{k}": v for k, v in asdict(section).items()})
         try:
             result = STAGES[args.stage](params, tracker)
-        except (ValidationFailed, FileNotFoundError) as e:
+        except (ValidationFailed, FileNotFoundError, ParityError) as e:
             print(f"ladd {args.stage}: {e}", file=sys.stderr)
             return 1
     log.info("%s done: %s", args.stage, json.dumps(result, default=str))

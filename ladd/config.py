@@ -177,6 +177,41 @@ class EvaluateConfig:
     gate_max_accuracy_drop: float = 0.01  # 1 point
 
 
+DIGIT_PROMPTS = ("a handwritten digit zero", "the number 1 written by hand", "a drawing of the digit two",
+                 "handwritten three", "an image of the number 4", "a handwritten digit five", "handwritten six",
+                 "the number 7 written by hand", "a drawing of the digit eight", "an image of the number 9")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    out_dir: str = "models/onnx"
+    report: str = "reports/export.json"
+    steps: int = 4  # step count of the unrolled generator graph (the runtime loops the one-step graph for fewer)
+    opset: int = 18
+    fp16: bool = True  # also export fp16 graphs (for GPUs)
+    tolerance: float = 1e-3  # max abs error ORT vs PyTorch (fp32) on every graph; above it the stage fails
+    batch_sizes: tuple[int, ...] = (1, 16)  # parity and latency batch sizes
+    latency_repeats: int = 20
+    threads: int = 0  # intra-op threads for ORT and torch (0: torch's current setting)
+    provider: str = "auto"  # auto (TensorRT if installed -> CUDA -> CPU) | cpu | cuda | tensorrt
+    prompts: tuple[str, ...] = DIGIT_PROMPTS  # inputs of the parity and latency checks (cycled)
+    seed: int = 0
+    register: bool = True  # log the ONNX generator to MLflow (onnx flavour) and register it (with tracking on)
+    model_name: str = "ladd-student-onnx"
+
+    def __post_init__(self):
+        _choice("export.provider", self.provider, ("auto", "cpu", "cuda", "tensorrt"))
+        _positive("export", steps=self.steps, latency_repeats=self.latency_repeats)
+        if self.opset < 17:
+            raise ConfigError(f"export.opset must be >= 17 (LayerNormalization), got {self.opset}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ConfigError(f"export.batch_sizes must be positive integers, got {list(self.batch_sizes)}")
+        if not self.prompts:
+            raise ConfigError("export.prompts must hold at least one prompt")
+        if self.tolerance <= 0:
+            raise ConfigError(f"export.tolerance must be > 0, got {self.tolerance}")
+
+
 @dataclass(frozen=True)
 class Params:
     prepare: PrepareConfig
@@ -186,6 +221,7 @@ class Params:
     synthesize: SynthesizeConfig
     distill: DistillConfig
     evaluate: EvaluateConfig
+    export: ExportConfig
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Params)

@@ -27,6 +27,8 @@ class NullTracker:
     def set_tags(self, tags: dict) -> None: ...
     def register_student(self, student_dir, name: str, candidate: dict, decide) -> dict | None:
         return None
+    def log_onnx_student(self, onnx_dir, generator_file: str, name: str) -> dict | None:
+        return None
 
 
 class MlflowTracker(NullTracker):
@@ -80,6 +82,28 @@ class MlflowTracker(NullTracker):
             client.set_model_version_tag(name, version, "rejected", reason)
         return {"version": version, "promoted": promote, "reason": reason,
                 "previous_champion": str(champion.version) if champion else None}
+
+
+    def log_onnx_student(self, onnx_dir, generator_file: str, name: str) -> dict:
+        """Log the unrolled generator graph as an MLflow onnx-flavour model (the whole export folder beside it
+        under `onnx/`), registered as a version of `name`."""
+        import onnx
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        model = onnx.load(str(Path(onnx_dir) / generator_file))
+
+        def schema(values):
+            return Schema([TensorSpec(onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type),
+                                      tuple(d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim),
+                                      v.name) for v in values])
+
+        info = self._mlflow.onnx.log_model(
+            model, name="student_onnx", signature=ModelSignature(schema(model.graph.input), schema(model.graph.output)),
+            registered_model_name=name, onnx_execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+        )
+        self._mlflow.log_artifacts(str(onnx_dir), "onnx")
+        return {"model_uri": info.model_uri, "version": str(info.registered_model_version)}
 
 
 def tracking_uri() -> str:

@@ -12,7 +12,7 @@ from ladd.pipeline import load_pipeline, max_sequence_length
 from tests.conftest import SMOKE_PARAMS, write_params
 
 pytestmark = pytest.mark.slow
-ALL_STAGES = {"prepare", "validate", "classifier", "teacher", "synthesize", "distill", "evaluate"}
+ALL_STAGES = {"prepare", "validate", "classifier", "teacher", "synthesize", "distill", "evaluate", "export"}
 
 
 def run(cmd, cwd):
@@ -73,6 +73,8 @@ def test_prefect_flow_then_dvc(smoke_project, monkeypatch):
 
     assert stages_under(first) == ALL_STAGES and stages_under(noop) == set()
     assert str(client.get_model_version_by_alias("ladd-student", "champion").version) == "1"
+    assert [v.version for v in client.search_model_versions("name='ladd-student-onnx'")] == ["1"]
+    assert json.loads((smoke_project / "reports" / "export.json").read_text())["max_abs_error"] <= 1e-3
     teacher = smoke_project / "models" / "teacher"
     image = load_pipeline(teacher)("a handwritten digit five", num_inference_steps=2, guidance_scale=2.0,
                                    max_sequence_length=max_sequence_length(teacher)).images[0]
@@ -82,6 +84,6 @@ def test_prefect_flow_then_dvc(smoke_project, monkeypatch):
     run(["git", "-c", "user.email=ci@ladd", "-c", "user.name=ci", "commit", "-q", "-m", "smoke run"], smoke_project)
     out = dvc(smoke_project, "exp", "run", "-S", "teacher.steps=12")
     # teacher and everything downstream of it rerun; prepare, validate and classifier do not
-    assert ran_stages(out) == {"teacher", "synthesize", "distill", "evaluate"}
+    assert ran_stages(out) == {"teacher", "synthesize", "distill", "evaluate", "export"}
     locked = yaml.safe_load((smoke_project / "dvc.lock").read_text())["stages"]["teacher"]["params"]["params.yaml"]
     assert locked["teacher"]["steps"] == 12

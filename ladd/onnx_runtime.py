@@ -1,0 +1,167 @@
+"""Few-step generation from the exported ONNX student with onnxruntime: numpy, `tokenizers` and
+onnxruntime only (no PyTorch), so it deploys on its own.
+
+Providers are asked for in the order TensorRT (when its library is present) -> CUDA -> CPU. An
+onnxruntime-gpu session asked for CUDA on a machine without it silently runs on the CPU, so the
+provider actually used is read back from the session, logged, and a missing GPU gets a warning.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+NUM_TRAIN_TIMESTEPS = 1000  # the transformer takes timestep = 1000 t
+PROVIDER_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
+
+
+def requested_providers(provider: str = "auto") -> list[str]:
+    if provider not in PROVIDER_CHOICES:
+        raise ValueError(f"provider must be one of {PROVIDER_CHOICES}, got {provider!r}")
+    available = ort.get_available_providers()  # onnxruntime-gpu lists CUDA/TensorRT even without the libraries
+    wanted = {"cpu": [], "cuda": ["CUDAExecutionProvider"],
+              "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}.get(provider)
+    if wanted is None:  # auto: TensorRT only when libnvinfer is installed, else it fails loudly at every session
+        wanted = (["TensorrtExecutionProvider"] if ctypes.util.find_library("nvinfer") else []) + ["CUDAExecutionProvider"]
+    return [p for p in wanted if p in available and p not in _UNUSABLE] + ["CPUExecutionProvider"]
+
+
+_UNUSABLE: set[str] = set()  # providers a session of this process already fell back from: asked for once
+
+
+def open_session(path: str | Path, provider: str = "auto", threads: int = 0,
+                 optimization: str = "all") -> ort.InferenceSession:
+    """An InferenceSession on the best provider asked for; warns when it fell back to the CPU."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    if threads:
+        options.intra_op_num_threads = threads
+    providers = requested_providers(provider)
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    used = session.get_providers()[0]
+    if used != providers[0]:
+        _UNUSABLE.update(providers[: providers.index(used)])
+        log.warning("%s: %s is not usable here (onnxruntime-gpu %s needs CUDA 13 and cuDNN 9; see README); "
+                    "falling back to %s", Path(path).name, providers[0], ort.__version__, used)
+    log.info("onnxruntime session %s on %s", Path(path).name, used)
+    return session
+
+
+def _feed(session: ort.InferenceSession, **arrays) -> dict:
+    """Cast each input to the graph's dtype (the fp16 variant takes float16)."""
+    dtypes = {i.name: np.float16 if i.type == "tensor(float16)" else None for i in session.get_inputs()}
+    return {k: (v.astype(dtypes[k]) if dtypes[k] is not None else v) for k, v in arrays.items() if k in dtypes}
+
+
+class PromptTokenizer:
+    """A pipeline tokenizer from its tokenizer.json, padded and truncated as diffusers' SD3 pipeline does."""
+
+    def __init__(self, path: Path, max_length: int, pad_id: int, pad_token: str):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(path))
+        self.tokenizer.enable_truncation(max_length)
+        self.tokenizer.enable_padding(length=max_length, pad_id=pad_id, pad_token=pad_token)
+
+    def __call__(self, prompts: list[str]) -> np.ndarray:
+        return np.array([e.ids for e in self.tokenizer.encode_batch(prompts)], dtype=np.int64)
+
+
+class OnnxStudent:
+    """The exported student: prompts -> images. The unrolled graph runs the exported step count; other
+    step counts (those in the manifest's schedules) loop the one-step transformer graph."""
+
+    def __init__(self, onnx_dir: str | Path, precision: str = "fp32", provider: str = "auto", threads: int = 0,
+                 optimization: str = "all"):
+        self.dir = Path(onnx_dir)
+        manifest_path = self.dir / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{self.dir} is not a ladd ONNX export: {manifest_path} is missing (run `ladd export`)")
+        self.manifest = json.loads(manifest_path.read_text())
+        if precision not in self.manifest["models"]:
+            raise ValueError(f"{manifest_path}: no {precision!r} models (has {', '.join(self.manifest['models'])})")
+        self.files = self.manifest["models"][precision]
+        self.tokenizers = {name: PromptTokenizer(self.dir / t["file"], t["max_length"], t["pad_id"], t["pad_token"])
+                           for name, t in self.manifest["tokenizers"].items()}
+        self._open = lambda name: open_session(self.dir / self.files[name], provider, threads, optimization)
+        self._sessions: dict[str, ort.InferenceSession] = {}
+
+    def session(self, name: str) -> ort.InferenceSession:
+        if name not in self._sessions:
+            self._sessions[name] = self._open(name)
+        return self._sessions[name]
+
+    @property
+    def provider(self) -> str:
+        return self.session("generator").get_providers()[0]
+
+    @property
+    def steps(self) -> int:
+        return int(self.manifest["steps"])
+
+    def encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt_embeds, pooled_projections) as the pipeline's encode_prompt computes them."""
+        session = self.session("text_encoder")
+        ids = {self.manifest["tokenizers"][name]["input"]: tok(prompts) for name, tok in self.tokenizers.items()}
+        embeds, pooled = session.run(["prompt_embeds", "pooled_projections"], ids)
+        return embeds.astype(np.float32), pooled.astype(np.float32)
+
+    def step_noise(self, seeds: list[int], steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """x_1 and the re-noising draws for each record from its own seed (numpy's generator: the same seed
+        gives different noise than the PyTorch sampler)."""
+        shape = tuple(self.manifest["latent_shape"])
+        draws = [np.random.default_rng(s).standard_normal((steps, *shape), dtype=np.float32) for s in seeds]
+        draws = np.stack(draws, axis=1)  # [steps, N, C, H, W]
+        return draws[0], draws[1:]
+
+    def generate_latents(self, embeds, pooled, noise, step_noise, steps: int | None = None,
+                         unrolled: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(latents, images in [0, 1]) from x_1 `noise` [N, C, H, W] and `step_noise` [steps - 1, N, C, H, W].
+        `unrolled` (default: when `steps` is the exported count) picks the generator graph over the loop."""
+        steps = steps or self.steps
+        if unrolled is None:
+            unrolled = steps == self.steps
+        if unrolled:
+            if steps != self.steps:
+                raise ValueError(f"the unrolled generator runs {self.steps} steps, not {steps}")
+            session = self.session("generator")
+            feeds = _feed(session, noise=noise, prompt_embeds=embeds, pooled_projections=pooled, step_noise=step_noise)
+            latents, images = session.run(["latents", "images"], feeds)
+            return latents.astype(np.float32), images.astype(np.float32)
+        if str(steps) not in self.manifest["schedules"]:
+            raise ValueError(f"{self.dir / MANIFEST}: no schedule for {steps} steps (have {', '.join(self.manifest['schedules'])})")
+        sigmas = self.manifest["schedules"][str(steps)]
+        transformer, x = self.session("transformer"), noise
+        for i in range(steps):
+            t, t_next = sigmas[i], sigmas[i + 1]
+            feeds = _feed(transformer, hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
+                          timestep=np.full(len(x), t * NUM_TRAIN_TIMESTEPS, dtype=np.float32))
+            v = transformer.run(["velocity"], feeds)[0].astype(np.float32)
+            if self.manifest["sampler"] == "renoise":  # x0 = x_t - t v, then fresh noise to t_next (ADD/LADD)
+                x0 = x - t * v
+                x = (1 - t_next) * x0 + t_next * step_noise[i] if i < steps - 1 else x0
+            else:  # Euler on the flow ODE
+                x = x + (t_next - t) * v
+        decoder = self.session("vae_decoder")
+        images = decoder.run(["images"], _feed(decoder, latents=x))[0]
+        return x.astype(np.float32), images.astype(np.float32)
+
+    def __call__(self, prompts: list[str], steps: int | None = None, seeds: list[int] | None = None) -> np.ndarray:
+        """uint8 images [N, H, W, C] for `prompts`; record i uses seeds[i] (default i)."""
+        steps = steps or self.steps
+        seeds = list(range(len(prompts))) if seeds is None else seeds
+        embeds, pooled = self.encode(prompts)
+        noise, step_noise = self.step_noise(seeds, steps)
+        _, images = self.generate_latents(embeds, pooled, noise, step_noise, steps)
+        return (images.transpose(0, 2, 3, 1) * 255).round().clip(0, 255).astype(np.uint8)
