@@ -134,7 +134,7 @@ class DistillConfig:
     ema_decay: float = 0.99
     r1_weight: float = 0.0  # approximate R1 on the real branch
     r1_sigma: float = 0.01
-    distill_weight: float = 0.0  # optional MSE(x0_hat, teacher latent); LADD uses 0
+    distill_weight: float = 0.0  # optional MSE(x0_hat, teacher latent) on the t < 1 samples; LADD uses 0
     sampler: str = "renoise"  # few-step sampling of the student: renoise (ADD/LADD) | euler
     checkpoint_every: int = 100
     log_every: int = 10

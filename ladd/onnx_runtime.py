@@ -8,7 +8,10 @@ provider actually used is read back from the session, logged, and a missing GPU 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
+import functools
+import io
 import json
 import logging
 from pathlib import Path
@@ -31,7 +34,19 @@ def requested_providers(provider: str = "auto") -> list[str]:
               "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}.get(provider)
     if wanted is None:  # auto: TensorRT only when libnvinfer is installed, else it fails loudly at every session
         wanted = (["TensorrtExecutionProvider"] if ctypes.util.find_library("nvinfer") else []) + ["CUDAExecutionProvider"]
-    return [p for p in wanted if p in available and p not in _UNUSABLE] + ["CPUExecutionProvider"]
+    wanted = [p for p in wanted if p in available and p not in _UNUSABLE]
+    if wanted:
+        _preload_cuda_libraries()
+    return wanted + ["CPUExecutionProvider"]
+
+
+@functools.cache
+def _preload_cuda_libraries() -> None:
+    """Load CUDA/cuDNN from pip's nvidia-* packages (torch's CUDA wheel, or onnxruntime-gpu[cuda,cudnn]) so
+    that no LD_LIBRARY_PATH is needed; what is missing shows in the session's fallback warning."""
+    if hasattr(ort, "preload_dlls"):
+        with contextlib.redirect_stdout(io.StringIO()):
+            ort.preload_dlls()
 
 
 _UNUSABLE: set[str] = set()  # providers a session of this process already fell back from: asked for once

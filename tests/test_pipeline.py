@@ -73,7 +73,7 @@ def test_prefect_flow_then_dvc(smoke_project, monkeypatch):
 
     assert stages_under(first) == ALL_STAGES and stages_under(noop) == set()
     assert str(client.get_model_version_by_alias("ladd-student", "champion").version) == "1"
-    assert [v.version for v in client.search_model_versions("name='ladd-student-onnx'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions("name='ladd-student-onnx'")] == ["1"]
     assert json.loads((smoke_project / "reports" / "export.json").read_text())["max_abs_error"] <= 1e-3
     teacher = smoke_project / "models" / "teacher"
     image = load_pipeline(teacher)("a handwritten digit five", num_inference_steps=2, guidance_scale=2.0,
