@@ -15,6 +15,10 @@ import torch.nn as nn
 from diffusers.models.embeddings import get_timestep_embedding
 
 
+class _FeaturesDone(Exception):
+    """Raised by the last hook to end the teacher's forward pass early."""
+
+
 def default_feature_layers(num_layers: int, count: int = 4) -> list[int]:
     """`count` blocks spread evenly over the depth, always including the last."""
     count = min(count, num_layers)
@@ -50,7 +54,7 @@ class Discriminator(nn.Module):
         super().__init__()
         cfg = teacher.config
         self._teacher = [teacher]
-        self.layers = list(layers)
+        self.layers = sorted(set(layers))  # hooks fire in block order; heads follow the same order
         if not self.layers or max(self.layers) >= cfg.num_layers or min(self.layers) < 0:
             raise ValueError(f"feature layers {self.layers} must lie in [0, {cfg.num_layers - 1}]")
         self.t_embed_dim = t_embed_dim
@@ -69,6 +73,8 @@ class Discriminator(nn.Module):
             tokens = output[1]  # JointTransformerBlock returns (text tokens, image tokens)
             b, n, d = tokens.shape
             store.append(tokens.transpose(1, 2).reshape(b, d, self.grid, n // self.grid))
+            if len(store) == len(self.layers):  # nothing above the last hooked block is needed
+                raise _FeaturesDone
 
         handles = [self.teacher.transformer_blocks[i].register_forward_hook(grab) for i in self.layers]
         try:
@@ -80,7 +86,7 @@ class Discriminator(nn.Module):
     def features(self, x: torch.Tensor, t_hat: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor) -> list[torch.Tensor]:
         """Image-token maps [B, D, h, w] after each chosen block of the teacher at noise level t_hat."""
         store: list[torch.Tensor] = []
-        with self._hooks(store):
+        with self._hooks(store), contextlib.suppress(_FeaturesDone):
             self.teacher(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t_hat * 1000)
         return store
 

@@ -161,9 +161,12 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
         eps_fake = torch.randn(x0.shape, generator=gen).to(device)
         with autocast:
             x0_hat = student_x0(x_t, t, c, p)
-            loss_g = g_loss_fn(disc(noise_to(x0_hat, t_fake, eps_fake), t_fake, c, p))
-            if cfg.distill_weight > 0:
-                loss_g = loss_g + cfg.distill_weight * F.mse_loss(x0_hat, x0)
+            fake_features = disc.features(noise_to(x0_hat, t_fake, eps_fake), t_fake, c, p)
+            loss_g = g_loss_fn(disc.heads_logits(fake_features, t_fake, p))
+            if cfg.distill_weight > 0:  # only where x_t was made from x0: at t = 1 the pairing is arbitrary
+                noised = (t < 1).float().view(-1, 1, 1, 1)
+                mse = ((x0_hat - x0).pow(2) * noised).sum() / (noised.sum() * x0[0].numel()).clamp(min=1)
+                loss_g = loss_g + cfg.distill_weight * mse
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         grad_norm_g = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
@@ -173,25 +176,26 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
         else:
             skipped += 1
         # 4. Discriminator update(s): real = teacher latents, fake = x0_hat, both re-noised (same t_hat
-        #    unless independent_renoise); teacher features need no graph, only the heads train.
+        #    unless independent_renoise); teacher features need no graph, only the heads train. The first
+        #    D step reuses the G step's fake features, detached: the same x0_hat and t_hat it would draw,
+        #    one teacher forward fewer per step.
         disc.requires_grad_(True)
-        fake = x0_hat.detach()
         for k in range(cfg.d_steps_per_g):
-            if k > 0:  # extra D steps see a fresh batch and fresh student samples
+            if k == 0:
+                fake_features, t_fk = [f.detach() for f in fake_features], t_fake
+            else:  # extra D steps see a fresh batch and fresh student samples
                 x0, c, p, t, x_t = student_batch(probs)
+                t_fk = logit_normal(cfg.batch_size, cfg.renoise_mean, cfg.renoise_std, gen).to(device)
                 with torch.no_grad(), autocast:
-                    fake = student_x0(x_t, t, c, p)
-            t_real = logit_normal(cfg.batch_size, cfg.renoise_mean, cfg.renoise_std, gen).to(device)
-            t_fk = logit_normal(cfg.batch_size, cfg.renoise_mean, cfg.renoise_std, gen).to(device) if cfg.independent_renoise else t_real
+                    x_fake = noise_to(student_x0(x_t, t, c, p), t_fk, torch.randn(x0.shape, generator=gen).to(device))
+                    fake_features = disc.features(x_fake, t_fk, c, p)
+            t_real = logit_normal(cfg.batch_size, cfg.renoise_mean, cfg.renoise_std, gen).to(device) if cfg.independent_renoise else t_fk
             x_real = noise_to(x0, t_real, torch.randn(x0.shape, generator=gen).to(device))
-            x_fake = noise_to(fake, t_fk, torch.randn(x0.shape, generator=gen).to(device))
-            t_both, c2, p2 = torch.cat([t_real, t_fk]), torch.cat([c, c]), torch.cat([p, p])
             with autocast:
                 with torch.no_grad():
-                    feats = disc.features(torch.cat([x_real, x_fake]), t_both, c2, p2)
-                logits = disc.heads_logits(feats, t_both, p2)
-                real_logits = [lg[: cfg.batch_size] for lg in logits]
-                fake_logits = [lg[cfg.batch_size :] for lg in logits]
+                    real_features = disc.features(x_real, t_real, c, p)
+                real_logits = disc.heads_logits(real_features, t_real, p)
+                fake_logits = disc.heads_logits(fake_features, t_fk, p)
                 loss_d = d_loss_fn(real_logits, fake_logits)
                 if cfg.r1_weight > 0:
                     with torch.no_grad():

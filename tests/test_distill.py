@@ -44,6 +44,28 @@ def test_default_feature_layers_spread_over_depth():
     assert default_feature_layers(2) == [0, 1]
 
 
+def test_features_stop_after_the_last_hooked_block(tiny_teacher_dir):
+    """Heads follow block order whatever order the layers are given in, and the teacher's forward pass
+    ends after the last hooked block (the blocks above it never run)."""
+    pipe = load_pipeline(tiny_teacher_dir)
+    teacher = pipe.transformer.eval().requires_grad_(False)
+    ran = []
+    hooks = [b.register_forward_hook(lambda *_, i=i: ran.append(i)) for i, b in enumerate(teacher.transformer_blocks)]
+    e, p = encode_prompts(pipe, ["handwritten one", "handwritten two"], 16)
+    x, t = torch.randn(2, *latent_shape(pipe)), torch.tensor([0.3, 0.8])
+    disc = Discriminator(teacher, [2, 0])
+    assert disc.layers == [0, 2]
+    with torch.no_grad():
+        features = disc.features(x, t, e, p)
+    assert ran == [0, 1, 2] and len(features) == 2
+    ran.clear()
+    with torch.no_grad():
+        full = Discriminator(teacher, [0, 1, 2, 3]).features(x, t, e, p)
+    assert ran == [0, 1, 2, 3] and torch.equal(full[2], features[1])
+    for h in hooks:
+        h.remove()
+
+
 def test_batch_size_one_is_refused():
     with pytest.raises(ConfigError, match="batch_size must be >= 2"):
         DistillConfig(batch_size=1)
