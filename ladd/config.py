@@ -134,7 +134,8 @@ class DistillConfig:
     ema_decay: float = 0.99
     r1_weight: float = 0.0  # approximate R1 on the real branch
     r1_sigma: float = 0.01
-    distill_weight: float = 0.0  # optional MSE(x0_hat, teacher latent) on the t < 1 samples; LADD uses 0
+    distill_weight: float = 0.0  # optional MSE on the t < 1 samples; LADD uses 0
+    distill_target: str = "latent"  # MSE target: the teacher latent x_t was made from | the teacher's x0 prediction
     sampler: str = "renoise"  # few-step sampling of the student: renoise (ADD/LADD) | euler
     checkpoint_every: int = 100
     log_every: int = 10
@@ -144,6 +145,7 @@ class DistillConfig:
     def __post_init__(self):
         _choice("distill.loss", self.loss, ("hinge", "nonsaturating"))
         _choice("distill.sampler", self.sampler, ("renoise", "euler"))
+        _choice("distill.distill_target", self.distill_target, ("latent", "teacher"))
         _positive("distill", steps=self.steps, d_steps_per_g=self.d_steps_per_g, checkpoint_every=self.checkpoint_every)
         if self.batch_size < 2:
             raise ConfigError(f"distill.batch_size must be >= 2 (got {self.batch_size}): the hinge loss degenerates at 1")

@@ -163,10 +163,15 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
             x0_hat = student_x0(x_t, t, c, p)
             fake_features = disc.features(noise_to(x0_hat, t_fake, eps_fake), t_fake, c, p)
             loss_g = g_loss_fn(disc.heads_logits(fake_features, t_fake, p))
-            if cfg.distill_weight > 0:  # only where x_t was made from x0: at t = 1 the pairing is arbitrary
-                noised = (t < 1).float().view(-1, 1, 1, 1)
-                mse = ((x0_hat - x0).pow(2) * noised).sum() / (noised.sum() * x0[0].numel()).clamp(min=1)
-                loss_g = loss_g + cfg.distill_weight * mse
+            noised = t < 1  # only where x_t was made from x0: at t = 1 the pairing is arbitrary
+            if cfg.distill_weight > 0 and noised.any():
+                target = x0[noised]
+                if cfg.distill_target == "teacher":  # the frozen teacher's own x0 prediction at (x_t, t)
+                    with torch.no_grad():
+                        v = teacher(hidden_states=x_t[noised], encoder_hidden_states=c[noised], pooled_projections=p[noised],
+                                    timestep=t[noised] * 1000).sample
+                        target = x_t[noised] - t[noised].view(-1, 1, 1, 1) * v.float()
+                loss_g = loss_g + cfg.distill_weight * F.mse_loss(x0_hat[noised], target)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         grad_norm_g = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
