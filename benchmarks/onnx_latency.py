@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
 import onnxruntime as ort
 import torch
 
 from ladd.config import ExportConfig
 from ladd.evaluate import student_sigmas
-from ladd.export import FewStepGenerator, _median_ms
-from ladd.onnx_runtime import OnnxStudent, open_session
+from ladd.export import FewStepGenerator, median_ms
+from ladd.onnx_runtime import OnnxStudent, open_session, session_feeds
 from ladd.pipeline import encode_prompts, load_pipeline, read_meta
 
 
@@ -50,14 +49,13 @@ def main() -> None:
                 with torch.inference_mode():
                     generator(*inputs)
 
-            torch_ms = _median_ms(run_torch, args.repeats)
+            torch_ms = median_ms(run_torch, args.repeats)
             rows.append({"batch": batch, "threads": threads, "runtime": "torch eager", "ms": torch_ms, "ratio": 1.0})
             for precision, level, binding in [("fp32", "disable", False), ("fp32", "basic", False),
                                               ("fp32", "extended", False), ("fp32", "all", False),
                                               ("fp32", "all", True), ("fp16", "all", False)]:
                 session = open_session(f"{args.onnx}/{files[precision]['generator']}", "cpu", threads, level)
-                feed = {i.name: feeds[i.name].astype(np.float16 if "float16" in i.type else np.float32)
-                        for i in session.get_inputs()}
+                feed = session_feeds(session, **feeds)
                 if binding:
                     io = session.io_binding()
                     for name, value in feed.items():
@@ -67,7 +65,7 @@ def main() -> None:
                     run = lambda: session.run_with_iobinding(io)  # noqa: E731
                 else:
                     run = lambda: session.run(None, feed)  # noqa: E731
-                ms = _median_ms(run, args.repeats)
+                ms = median_ms(run, args.repeats)
                 name = f"ORT {precision}, opt={level}" + (", I/O binding" if binding else "")
                 rows.append({"batch": batch, "threads": threads, "runtime": name, "ms": ms, "ratio": ms / torch_ms})
     print(f"\nfew-step generator ({steps} steps + VAE decode), CPU, median of {args.repeats} runs\n")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ladd.config import ExportConfig
 from ladd.evaluate import student_sigmas
 from ladd.io import atomic_dir, fingerprint, write_json
-from ladd.onnx_runtime import MANIFEST, NUM_TRAIN_TIMESTEPS, OnnxStudent
+from ladd.onnx_runtime import MANIFEST, NUM_TRAIN_TIMESTEPS, OnnxStudent, PromptTokenizer, session_feeds
 from ladd.pipeline import encode_prompts, latent_shape, load_pipeline, max_sequence_length, read_meta, vae_scaling
 
 log = logging.getLogger(__name__)
@@ -130,8 +130,6 @@ def _text_ids(tokenizers: dict, prompts: list[str]) -> dict[str, torch.Tensor]:
 
 def export_student(pipe, meta: dict, out: Path, cfg: ExportConfig, source: dict) -> dict:
     """Write every graph, the tokenizers and the manifest into `out`; returns the manifest."""
-    from ladd.onnx_runtime import PromptTokenizer
-
     msl = int(meta.get("max_sequence_length", 256))
     tok_max = pipe.tokenizer.model_max_length
     names = ["tokenizer", "tokenizer_2"] + (["tokenizer_3"] if pipe.text_encoder_3 is not None else [])
@@ -144,8 +142,7 @@ def export_student(pipe, meta: dict, out: Path, cfg: ExportConfig, source: dict)
         # the pipeline pads both CLIPs to the first tokenizer's length and T5 to max_sequence_length
         tokenizers_meta[name] = {"file": f"{name}/tokenizer.json", "input": TEXT_INPUTS[name], "max_length": msl if name == "tokenizer_3" else tok_max,
                                  "pad_id": tok.pad_token_id, "pad_token": str(tok.pad_token)}
-    tokenizers = {n: PromptTokenizer(out / t["file"], t["max_length"], t["pad_id"], t["pad_token"])
-                  for n, t in tokenizers_meta.items()}
+    tokenizers = {n: PromptTokenizer.from_manifest(out, t) for n, t in tokenizers_meta.items()}
 
     shape = latent_shape(pipe)
     prompts = list(cfg.prompts[:2])
@@ -193,7 +190,7 @@ def _max_error(a, b) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).max())
 
 
-def _median_ms(fn, repeats: int) -> float:
+def median_ms(fn, repeats: int) -> float:
     for _ in range(3):  # warm-up: allocator, thread pools, ORT's first-run arena
         fn()
     times = []
@@ -232,9 +229,8 @@ def check_export(pipe, meta: dict, onnx_dir: Path, cfg: ExportConfig) -> dict:
             "latents": _max_error(ort_latents, latents), "images": _max_error(ort_images, images),
             "transformer_loop_latents": _max_error(loop_latents, latents), "vae_decoder_images": _max_error(loop_images, images),
         }
-        feeds = {"noise": noise, "prompt_embeds": embeds_np, "pooled_projections": pooled_np, "step_noise": step_noise}
         session = runtime.session("generator")
-        feeds = {i.name: feeds[i.name] for i in session.get_inputs()}
+        feeds = session_feeds(session, noise=noise, prompt_embeds=embeds_np, pooled_projections=pooled_np, step_noise=step_noise)
 
         def run_torch():
             with torch.inference_mode():
@@ -242,8 +238,8 @@ def check_export(pipe, meta: dict, onnx_dir: Path, cfg: ExportConfig) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
-        torch_ms = _median_ms(run_torch, cfg.latency_repeats)
-        ort_ms = _median_ms(lambda: session.run(None, feeds), cfg.latency_repeats)
+        torch_ms = median_ms(run_torch, cfg.latency_repeats)
+        ort_ms = median_ms(lambda: session.run(None, feeds), cfg.latency_repeats)
         report["latency"][str(batch)] = {"torch_ms": torch_ms, "ort_ms": ort_ms, "ratio": ort_ms / torch_ms}
         log.info("batch %d: parity %s; torch %.2f ms, ort %.2f ms (%.2fx)", batch, report["parity"][str(batch)],
                  torch_ms, ort_ms, ort_ms / torch_ms)

@@ -73,8 +73,8 @@ def open_session(path: str | Path, provider: str = "auto", threads: int = 0,
     return session
 
 
-def _feed(session: ort.InferenceSession, **arrays) -> dict:
-    """Cast each input to the graph's dtype (the fp16 variant takes float16)."""
+def session_feeds(session: ort.InferenceSession, **arrays) -> dict:
+    """The arrays the session's graph takes, each cast to its input dtype (the fp16 variant takes float16)."""
     dtypes = {i.name: np.float16 if i.type == "tensor(float16)" else None for i in session.get_inputs()}
     return {k: (v.astype(dtypes[k]) if dtypes[k] is not None else v) for k, v in arrays.items() if k in dtypes}
 
@@ -88,6 +88,10 @@ class PromptTokenizer:
         self.tokenizer = Tokenizer.from_file(str(path))
         self.tokenizer.enable_truncation(max_length)
         self.tokenizer.enable_padding(length=max_length, pad_id=pad_id, pad_token=pad_token)
+
+    @classmethod
+    def from_manifest(cls, root: Path, entry: dict) -> "PromptTokenizer":
+        return cls(root / entry["file"], entry["max_length"], entry["pad_id"], entry["pad_token"])
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
         return np.array([e.ids for e in self.tokenizer.encode_batch(prompts)], dtype=np.int64)
@@ -107,8 +111,7 @@ class OnnxStudent:
         if precision not in self.manifest["models"]:
             raise ValueError(f"{manifest_path}: no {precision!r} models (has {', '.join(self.manifest['models'])})")
         self.files = self.manifest["models"][precision]
-        self.tokenizers = {name: PromptTokenizer(self.dir / t["file"], t["max_length"], t["pad_id"], t["pad_token"])
-                           for name, t in self.manifest["tokenizers"].items()}
+        self.tokenizers = {name: PromptTokenizer.from_manifest(self.dir, t) for name, t in self.manifest["tokenizers"].items()}
         self._open = lambda name: open_session(self.dir / self.files[name], provider, threads, optimization)
         self._sessions: dict[str, ort.InferenceSession] = {}
 
@@ -151,7 +154,7 @@ class OnnxStudent:
             if steps != self.steps:
                 raise ValueError(f"the unrolled generator runs {self.steps} steps, not {steps}")
             session = self.session("generator")
-            feeds = _feed(session, noise=noise, prompt_embeds=embeds, pooled_projections=pooled, step_noise=step_noise)
+            feeds = session_feeds(session, noise=noise, prompt_embeds=embeds, pooled_projections=pooled, step_noise=step_noise)
             latents, images = session.run(["latents", "images"], feeds)
             return latents.astype(np.float32), images.astype(np.float32)
         if str(steps) not in self.manifest["schedules"]:
@@ -160,7 +163,7 @@ class OnnxStudent:
         transformer, x = self.session("transformer"), noise
         for i in range(steps):
             t, t_next = sigmas[i], sigmas[i + 1]
-            feeds = _feed(transformer, hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
+            feeds = session_feeds(transformer, hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
                           timestep=np.full(len(x), t * NUM_TRAIN_TIMESTEPS, dtype=np.float32))
             v = transformer.run(["velocity"], feeds)[0].astype(np.float32)
             if self.manifest["sampler"] == "renoise":  # x0 = x_t - t v, then fresh noise to t_next (ADD/LADD)
@@ -169,7 +172,7 @@ class OnnxStudent:
             else:  # Euler on the flow ODE
                 x = x + (t_next - t) * v
         decoder = self.session("vae_decoder")
-        images = decoder.run(["images"], _feed(decoder, latents=x))[0]
+        images = decoder.run(["images"], session_feeds(decoder, latents=x))[0]
         return x.astype(np.float32), images.astype(np.float32)
 
     def __call__(self, prompts: list[str], steps: int | None = None, seeds: list[int] | None = None) -> np.ndarray:

@@ -126,8 +126,13 @@ def check_tracking_server(uri: str | None = None, timeout: float = 5.0) -> None:
 def _mlflow():
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+    uri, name = tracking_uri(), os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
+        # artifacts beside the database (MLflow's default is ./mlruns of whichever process creates the experiment)
+        db = Path(uri.removeprefix("sqlite:///"))
+        mlflow.create_experiment(name, artifact_location=(db.resolve().parent / "mlruns").as_uri())
+    mlflow.set_experiment(name)
     return mlflow
 
 
