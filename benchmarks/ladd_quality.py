@@ -65,20 +65,35 @@ def main():
     params = load_params(args.params)
     m = json.loads(Path(args.metrics).read_text())
     t, s, naive = m["teacher"], m["student"], m["teacher_naive"]
-    print(f"\nQuality ({m['num_samples']} held-out prompts; FD on classifier features vs real test set; floor {m['real_floor']['fd']:.1f})")
-    print(f"{'model':26s} {'NFE':>4s} {'FD':>8s} {'acc':>6s} {'prec':>6s} {'recall':>6s} {'ms/img':>7s}")
-    print(f"{'teacher 28 steps, CFG':26s} {t['nfe']:4d} {t['fd']:8.2f} {t['accuracy']:6.3f} {t['precision']:6.3f} {t['recall']:6.3f} {t['ms_per_image']:7.2f}")
+
+    def pm(r, key="fd", digits=2):
+        return f"{r[key]:.{digits}f}±{r[key + '_std']:.{digits}f}"
+
+    print(f"\nQuality ({m['num_samples']} held-out prompts x seeds {m['seeds']}, mean ± std; FD on classifier features "
+          f"vs real test set; floor {pm(m['real_floor'])})")
+    print(f"{'model':26s} {'NFE':>4s} {'FD':>13s} {'acc':>6s} {'prec':>6s} {'recall':>6s} {'ms/img':>7s}")
+    print(f"{'teacher 28 steps, CFG':26s} {t['nfe']:4d} {pm(t):>13s} {t['accuracy']:6.3f} {t['precision']:6.3f} {t['recall']:6.3f} {t['ms_per_image']:7.2f}")
     for k in sorted(s, key=int):
         for name, r in ((f"teacher naive {k} steps", naive[k]), (f"student {k} steps", s[k])):
-            print(f"{name:26s} {r['nfe']:4d} {r['fd']:8.2f} {r['accuracy']:6.3f} {r['precision']:6.3f} {r['recall']:6.3f} {r['ms_per_image']:7.2f}")
-    print("\nTargets")
-    ratio = s["4"]["fd"] / t["fd"]
-    print(f"student@4 FD / teacher@28 FD = {ratio:.2f} (target <= 1.25): {'met' if ratio <= 1.25 else 'MISSED'}")
-    gap = (t["accuracy"] - s["4"]["accuracy"]) * 100
-    print(f"student@4 accuracy {s['4']['accuracy']:.3f} vs teacher {t['accuracy']:.3f}: {gap:+.1f} points below (target <= 3): {'met' if gap <= 3 else 'MISSED'}")
-    for k in sorted(s, key=int):
-        r = s[k]["fd"] / naive[k]["fd"]
-        print(f"student@{k} FD / naive teacher@{k} FD = {r:.2f} (target <= 0.5): {'met' if r <= 0.5 else 'MISSED'}")
+            print(f"{name:26s} {r['nfe']:4d} {pm(r):>13s} {r['accuracy']:6.3f} {r['precision']:6.3f} {r['recall']:6.3f} {r['ms_per_image']:7.2f}")
+    print("\nTargets (ratios of means)")
+    for k, bound in (("4", 1.00), ("2", 1.10), ("1", 1.15)):
+        if k in s:
+            ratio = s[k]["fd"] / t["fd"]
+            print(f"student@{k} FD / teacher FD = {ratio:.3f} (target <= {bound:.2f}): {'met' if ratio <= bound else 'MISSED'}")
+    ks = sorted(s, key=int)
+    for lo, hi in zip(ks, ks[1:]):  # more steps never worse, within the reported spread
+        worse = s[hi]["fd"] - s[lo]["fd"]
+        spread = max(s[hi]["fd_std"], s[lo]["fd_std"])
+        print(f"FD@{hi} - FD@{lo} = {worse:+.2f} (spread {spread:.2f}): {'met' if worse <= spread else 'MISSED'}")
+    for k in ks:
+        gap = (t["accuracy"] - s[k]["accuracy"]) * 100
+        print(f"student@{k} accuracy {s[k]['accuracy']:.3f} vs teacher {t['accuracy']:.3f}: {gap:+.1f} points below "
+              f"(target <= 1): {'met' if gap <= 1 else 'MISSED'}")
+    for k in ks:
+        if k in ("1", "2"):
+            r = s[k]["fd"] / naive[k]["fd"]
+            print(f"student@{k} FD / naive teacher@{k} FD = {r:.2f} (target <= 0.7): {'met' if r <= 0.7 else 'MISSED'}")
     batch = params.distill.batch_size
     # alternating rounds, so drift in the machine's speed hits both sides; the median round is reported
     rounds = []
@@ -90,7 +105,7 @@ def main():
     ratio, ladd_s, teacher_s = sorted(rounds)[len(rounds) // 2]
     print(f"\nCost at batch {batch}, {torch.get_num_threads()} threads (median of {args.rounds} rounds): LADD step "
           f"{ladd_s * 1000:.0f} ms, teacher training step {teacher_s * 1000:.0f} ms, ratio {ratio:.2f} (target <= 3)")
-    print(f"full distillation ({params.distill.steps} steps) estimated at {ladd_s * params.distill.steps / 60:.1f} min (target <= 10)")
+    print(f"full distillation ({params.distill.steps} steps) estimated at {ladd_s * params.distill.steps / 60:.1f} min (target <= 5)")
 
 
 if __name__ == "__main__":

@@ -57,11 +57,21 @@ def _metrics_markdown(metrics: dict) -> str:
     rows = [("teacher", metrics["teacher"])]
     rows += [(f"teacher naive {k}", r) for k, r in metrics["teacher_naive"].items()]
     rows += [(f"student {k}", r) for k, r in metrics["student"].items()]
-    lines = [f"Real-vs-real FD floor: {metrics['real_floor']['fd']:.2f}", "",
+    floor = metrics["real_floor"]
+    lines = [f"{metrics['num_samples']} held-out prompts; mean ± std over seeds {metrics['seeds']}. "
+             f"Real-vs-real FD floor: {floor['fd']:.2f} ± {floor['fd_std']:.2f}", "",
              "| model | NFE | FD | accuracy | precision | recall | ms/image |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {r['nfe']} | {r['fd']:.2f} | {r['accuracy']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-              f"{r['ms_per_image']:.2f} |" for name, r in rows]
+    lines += [f"| {name} | {r['nfe']} | {r['fd']:.2f} ± {r['fd_std']:.2f} | {r['accuracy']:.3f} ± {r['accuracy_std']:.3f} | "
+              f"{r['precision']:.3f} | {r['recall']:.3f} | {r['ms_per_image']:.2f} |" for name, r in rows]
     return "\n".join(lines)
+
+
+def _distill_markdown(summary: dict) -> str:
+    health = summary.get("gan_health", {})
+    flag = "" if health.get("status") == "ok" else "**Warning: the adversarial part did not work.** "
+    return (f"{flag}GAN health: {health.get('summary', 'not recorded')}\n\n"
+            f"{summary['steps']} steps, {summary['sec_per_step'] * 1000:.0f} ms/step on {summary['device']}, "
+            f"{summary['skipped_updates']} skipped updates.")
 
 
 def _export_markdown(report: dict) -> str:
@@ -83,6 +93,13 @@ def _publish(root: Path, params: dict) -> dict:
     if where["metrics"].is_file():
         create_markdown_artifact(key="ladd-metrics", markdown=_metrics_markdown(json.loads(where["metrics"].read_text())),
                                  description="Quality vs steps (ladd evaluate)")
+    train_summary = where["student"] / "ladd_train_summary.json"
+    if train_summary.is_file():
+        create_markdown_artifact(key="ladd-distill", markdown=_distill_markdown(json.loads(train_summary.read_text())),
+                                 description="Distillation: GAN health and cost (ladd distill)")
+    curves = root / Path(params.get("distill", {}).get("checkpoint", "models/checkpoints/distill.safetensors")).with_suffix(".curve.png")
+    if curves.is_file():
+        create_link_artifact(key="ladd-curves", link=curves.resolve().as_uri(), link_text="distillation curves (per-head logits)")
     export = root / params.get("export", {}).get("report", "reports/export.json")
     if export.is_file():
         where["onnx"] = root / params.get("export", {}).get("out_dir", "models/onnx")

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             tracker.log_params({f"{args.stage}.{k}": v for k, v in asdict(section).items()})
         try:
             result = STAGES[args.stage](params, tracker)
-        except (ValidationFailed, FileNotFoundError, ParityError) as e:
+        except (ValidationFailed, FileNotFoundError, ParityError, ConfigError) as e:
             print(f"ladd {args.stage}: {e}", file=sys.stderr)
             return 1
     log.info("%s done: %s", args.stage, json.dumps(result, default=str))

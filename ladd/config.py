@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from ladd.presets import DISTILL_PRESETS
+
 
 class ConfigError(ValueError):
     pass
@@ -100,10 +102,13 @@ class SynthesizeConfig:
     samples_per_prompt: int = 4
     shard_size: int = 1024
     batch_size: int = 256
+    trajectory_times: tuple[float, ...] = (0.75, 0.5, 0.25)  # teacher path states stored for trajectory distillation
     seed: int = 0
     device: str = "auto"
 
     def __post_init__(self):
+        if not all(0 < t < 1 for t in self.trajectory_times):
+            raise ConfigError(f"synthesize.trajectory_times must lie in (0, 1), got {list(self.trajectory_times)}")
         _positive("synthesize", steps=self.steps, samples_per_prompt=self.samples_per_prompt,
                   shard_size=self.shard_size, batch_size=self.batch_size)
 
@@ -112,6 +117,7 @@ class SynthesizeConfig:
 class DistillConfig:
     out_dir: str = "models/student"
     checkpoint: str = "models/checkpoints/distill.safetensors"
+    preset: str | None = None  # a key of DISTILL_PRESETS; its settings replace those it names
     steps: int = 1200
     batch_size: int = 64
     student_times: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
@@ -119,9 +125,15 @@ class DistillConfig:
     warmup_steps: int = 200
     warmup_probs: tuple[float, ...] = (0.0, 0.0, 0.5, 0.5)
     probs: tuple[float, ...] = (0.7, 0.1, 0.1, 0.1)
+    student_input: str = "noised"  # noised (teacher latent + fresh noise: LADD) | trajectory (teacher's path states)
+    backward_share: float = 0.0  # share of t < 1 inputs made by the student's own earlier steps (DMD2)
+    renoise_times: str = "logit_normal"  # discriminator times: logit_normal (LADD) | tied (t < 1: below the student's t)
     renoise_mean: float = 1.0  # t_hat ~ LogitNormal(m, s) before the discriminator (LADD: m = 1, s = 1)
     renoise_std: float = 1.0
     independent_renoise: bool = False  # draw t_hat separately for real and fake
+    regression_weight: float = 0.0  # MSE of x0_hat to regression_target on t < 1 inputs (LADD: 0)
+    regression_weight_one: float = 0.0  # the same at t = 1 (with trajectory inputs: noise -> its teacher latent)
+    regression_target: str = "endpoint"  # endpoint (the latent the input came from) | teacher (teacher's x0 prediction)
     feature_layers: tuple[int, ...] | None = None  # teacher blocks for heads; None: 4 spread over the depth
     head_channels: int = 64
     loss: str = "hinge"  # hinge | nonsaturating
@@ -134,8 +146,6 @@ class DistillConfig:
     ema_decay: float = 0.99
     r1_weight: float = 0.0  # approximate R1 on the real branch
     r1_sigma: float = 0.01
-    distill_weight: float = 0.0  # optional MSE on the t < 1 samples; LADD uses 0
-    distill_target: str = "latent"  # MSE target: the teacher latent x_t was made from | the teacher's x0 prediction
     sampler: str = "renoise"  # few-step sampling of the student: renoise (ADD/LADD) | euler
     checkpoint_every: int = 100
     log_every: int = 10
@@ -143,10 +153,23 @@ class DistillConfig:
     device: str = "auto"
 
     def __post_init__(self):
+        if self.preset is not None:
+            _choice("distill.preset", self.preset, tuple(DISTILL_PRESETS))
+            for key, value in DISTILL_PRESETS[self.preset].items():
+                object.__setattr__(self, key, value)
         _choice("distill.loss", self.loss, ("hinge", "nonsaturating"))
         _choice("distill.sampler", self.sampler, ("renoise", "euler"))
-        _choice("distill.distill_target", self.distill_target, ("latent", "teacher"))
+        _choice("distill.student_input", self.student_input, ("noised", "trajectory"))
+        _choice("distill.renoise_times", self.renoise_times, ("logit_normal", "tied"))
+        _choice("distill.regression_target", self.regression_target, ("endpoint", "teacher"))
         _positive("distill", steps=self.steps, d_steps_per_g=self.d_steps_per_g, checkpoint_every=self.checkpoint_every)
+        if not 0 <= self.backward_share <= 1:
+            raise ConfigError(f"distill.backward_share must be in [0, 1], got {self.backward_share}")
+        if min(self.regression_weight, self.regression_weight_one) < 0:
+            raise ConfigError("distill.regression_weight and regression_weight_one must be >= 0")
+        if self.regression_weight_one > 0 and self.student_input == "noised" and self.regression_target == "endpoint":
+            raise ConfigError("distill.regression_weight_one needs student_input: trajectory (or regression_target: "
+                              "teacher): at t = 1 a noised input is fresh noise, paired with no teacher latent")
         if self.batch_size < 2:
             raise ConfigError(f"distill.batch_size must be >= 2 (got {self.batch_size}): the hinge loss degenerates at 1")
         n = len(self.student_times)
@@ -168,7 +191,7 @@ class EvaluateConfig:
     raw_student: bool = False  # evaluate the raw student weights instead of the EMA
     batch_size: int = 128
     grid_size: int = 50
-    seed: int = 1234
+    seeds: tuple[int, ...] = (1234, 1235, 1236)  # every figure is the mean over these sampling seeds, with its spread
     device: str = "auto"
     features: str = "classifier"  # feature extractor for FD/accuracy: a key of ladd.quality.FEATURE_EXTRACTORS
     features_path: str | None = must_exist()  # its weights (default: the classifier stage's output)
@@ -177,6 +200,10 @@ class EvaluateConfig:
     gate_steps: int = 4  # the champion gate compares the student at this step count
     gate_max_fd_increase: float = 0.0
     gate_max_accuracy_drop: float = 0.01  # 1 point
+
+    def __post_init__(self):
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"evaluate.seeds must be distinct integers (>= 3 for a spread), got {list(self.seeds)}")
 
 
 DIGIT_PROMPTS = ("a handwritten digit zero", "the number 1 written by hand", "a drawing of the digit two",

@@ -1,8 +1,10 @@
 """`ladd distill`: Latent Adversarial Diffusion Distillation (Sauer et al. 2024, arXiv 2403.12015).
 
-Student = a copy of the teacher transformer, trained at a few discrete times with the adversarial loss
-alone; discriminator = heads on the frozen teacher's block features; real = teacher latents, fake =
-student x0_hat, both re-noised to t_hat ~ LogitNormal(m, s). Resumable from an atomic checkpoint.
+Student = a copy of the teacher transformer, trained at a few discrete times; discriminator = heads on
+the frozen teacher's block features; real = teacher latents, fake = student x0_hat, both re-noised to
+t_hat before the teacher sees them. Where recipes differ (the student's input, backward simulation,
+t_hat, a regression term) the loop calls the functions of `ladd.variants` that the config names.
+Resumable from an atomic checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
@@ -26,24 +27,24 @@ from ladd.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoi
 from ladd.config import DistillConfig
 from ladd.discriminator import Discriminator, default_feature_layers
 from ladd.io import atomic_dir, atomic_file, fingerprint, write_json
-from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, mean_logits
+from ladd.config import ConfigError
+from ladd.generate import record_noise
+from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, gan_health, mean_logits
 from ladd.pipeline import encode_prompts, load_pipeline, max_sequence_length, pick_device, write_meta
+from ladd.plots import plot_curves
 from ladd.sampling import time_shift
-from ladd.synthesize import load_synthetic
+from ladd.synthesize import Synthetic, load_synthetic
 from ladd.teacher import update_ema
+from ladd.variants import (REGRESSION_TARGETS, RENOISE_TIMES, SAMPLER_STEPS, STUDENT_INPUTS, backward_simulate,
+                           masked_mse, noise_to, randn)
 
 log = logging.getLogger(__name__)
-CURVE_FIELDS = ("step", "loss_d", "loss_g", "logits_real", "logits_fake", "grad_norm_g", "skipped")
+CURVE_FIELDS = ("step", "loss_d", "loss_g", "loss_adv", "loss_reg", "logits_real", "logits_fake", "grad_norm_g",
+                "skipped")
 
 
-def noise_to(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """x_t = (1 - t) x0 + t eps (rectified flow forward process)."""
-    t = t.view(-1, *([1] * (x0.ndim - 1)))
-    return (1 - t) * x0 + t * eps
-
-
-def logit_normal(n: int, mean: float, std: float, gen: torch.Generator) -> torch.Tensor:
-    return torch.sigmoid(mean + std * torch.randn(n, generator=gen))
+def curve_fields(heads: int) -> list[str]:
+    return [*CURVE_FIELDS, *(f"logits_{kind}_h{i}" for i in range(heads) for kind in ("real", "fake"))]
 
 
 def student_times(cfg: DistillConfig) -> torch.Tensor:
@@ -65,12 +66,25 @@ def _curve_path(cfg: DistillConfig) -> Path:
 def _read_curve(path: Path, before_step: int) -> list[dict]:
     if not path.is_file():
         return []
-    return [row for row in csv.DictReader(path.open()) if int(row["step"]) < before_step]
+    return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(path.open()) if int(row["step"]) < before_step]
 
 
-def _write_curve(path: Path, rows: list[dict]) -> None:
+def trajectory_states(data: Synthetic, times: torch.Tensor) -> torch.Tensor:
+    """The stored teacher path states at the student's times below 1, [N, len(times) - 1, C, h, w]."""
+    columns = []
+    for t in times[1:].tolist():
+        match = [i for i, s in enumerate(data.trajectory_times) if abs(s - t) < 1e-6]
+        if not match:
+            raise ConfigError(f"distill.student_input=trajectory needs the teacher's path at t={t:g}, but the synthetic "
+                              f"data holds {data.trajectory_times}: set synthesize.trajectory_times to the student's "
+                              "times below 1 and rerun synthesize")
+        columns.append(match[0])
+    return data.trajectory[:, columns]
+
+
+def _write_curve(path: Path, rows: list[dict], heads: int) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CURVE_FIELDS)
+    writer = csv.DictWriter(buf, fieldnames=curve_fields(heads))
     writer.writeheader()
     writer.writerows(rows)
     with atomic_file(path) as tmp:
@@ -104,12 +118,16 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
     gen = torch.Generator().manual_seed(cfg.seed)  # all sampling on CPU: same draws on any device
 
     # 0. Data and networks. Prompts are encoded once; records index into the distinct ones.
+    times = student_times(cfg)
+    data = load_synthetic(synthetic_dir)
+    latents, records = data.latents, data.records
+    trajectory = trajectory_states(data, times) if cfg.student_input == "trajectory" else None
     pipe = load_pipeline(teacher_dir, device)
     msl = max_sequence_length(teacher_dir)
-    latents, records = load_synthetic(synthetic_dir)
     prompts = list(dict.fromkeys(records["prompt"]))
     embeds, pooled = encode_prompts(pipe, prompts, msl)
     prompt_index = torch.tensor(records["prompt"].map({p: i for i, p in enumerate(prompts)}).to_numpy())
+    record_seeds = records["seed"].to_numpy()
     teacher = pipe.transformer.eval().requires_grad_(False)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     ema = copy.deepcopy(teacher)
@@ -118,7 +136,8 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
     opt_g = torch.optim.AdamW(student.parameters(), lr=cfg.lr_g, betas=cfg.betas, weight_decay=cfg.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.lr_d, betas=cfg.betas, weight_decay=cfg.weight_decay)
     d_loss_fn, g_loss_fn = ADVERSARIAL_LOSSES[cfg.loss]
-    times = student_times(cfg)
+    student_input, renoise_time = STUDENT_INPUTS[cfg.student_input], RENOISE_TIMES[cfg.renoise_times]
+    regression_target, sampler_step = REGRESSION_TARGETS[cfg.regression_target], SAMPLER_STEPS[cfg.sampler]
     run = _run_fingerprint(cfg, teacher_dir, synthetic_dir)
     state = dict(modules={"student": student, "ema": ema, "disc": disc}, optimizers={"opt_g": opt_g, "opt_d": opt_d},
                  generators={"data": gen})
@@ -132,20 +151,48 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
             log.warning("distill: %s was written for other settings or data; starting from step 0", cfg.checkpoint)
     curve = _read_curve(_curve_path(cfg), start)
     tracker.log_params({"distill.resolved.feature_layers": layers, "distill.resolved.student_times": times.tolist()})
-
-    def student_batch(probs):
-        """Phases 1-2: teacher latents x0 with their prompts (LADD's "real" data), student times t from
-        the (warm-up) probabilities, and the student input: pure noise at t = 1, x0 noised to t below
-        (never noise-as-data or real images)."""
-        idx = torch.randint(len(latents), (cfg.batch_size,), generator=gen)
-        x0, c, p = latents[idx].to(device), embeds[prompt_index[idx]], pooled[prompt_index[idx]]
-        t = times[torch.multinomial(probs, cfg.batch_size, replacement=True, generator=gen)].to(device)
-        return x0, c, p, t, noise_to(x0, t, torch.randn(x0.shape, generator=gen).to(device))
+    log.info("distill: %s inputs, backward share %.2f, %s re-noising, regression %s x%g (t = 1: x%g)%s",
+             cfg.student_input, cfg.backward_share, cfg.renoise_times, cfg.regression_target, cfg.regression_weight,
+             cfg.regression_weight_one, f", preset {cfg.preset}" if cfg.preset else "")
 
     def student_x0(x_t, t, c, p):
         """x0_hat = x_t - t v (rectified flow)."""
         v = student(hidden_states=x_t, encoder_hidden_states=c, pooled_projections=p, timestep=t * 1000).sample
         return x_t - t.view(-1, 1, 1, 1) * v.float()
+
+    @torch.no_grad()
+    def teacher_x0(x_t, t, c, p):
+        v = teacher(hidden_states=x_t, encoder_hidden_states=c, pooled_projections=p, timestep=t * 1000).sample
+        return x_t - t.view(-1, 1, 1, 1) * v.float()
+
+    def student_batch(probs):
+        """Phases 1-2: teacher latents x0 with their prompts (LADD's "real" data), student step indices k
+        from the (warm-up) probabilities, t = times[k], and the student's input x_t there (`student_input`);
+        a `backward_share` of the t < 1 rows instead get the current student's own earlier steps."""
+        idx = torch.randint(len(latents), (cfg.batch_size,), generator=gen)
+        x0, c, p = latents[idx].to(device), embeds[prompt_index[idx]], pooled[prompt_index[idx]]
+        k = torch.multinomial(probs, cfg.batch_size, replacement=True, generator=gen)
+        t = times[k].to(device)
+        start_noise = record_noise(record_seeds[idx.numpy()].tolist(), x0.shape[1:]).to(device) if trajectory is not None else None
+        x_t = student_input(x0, t, k.to(device), start_noise, trajectory[idx].to(device) if trajectory is not None else None, gen)
+        simulated = (k > 0) & (torch.rand(cfg.batch_size, generator=gen) < cfg.backward_share)
+        if simulated.any():
+            with autocast:
+                x_t[simulated] = backward_simulate(student_x0, k[simulated], times.to(device), c[simulated], p[simulated],
+                                                   x0[simulated], sampler_step, gen)
+        return x0, c, p, t, x_t, simulated.to(device)
+
+    def regression_loss(x0_hat, x0, x_t, t, c, p, simulated):
+        """Optional MSE of x0_hat to `regression_target`, weighted separately below t = 1 and at t = 1. An
+        endpoint exists only for inputs made from x0 (never for simulated ones; at t = 1 only on a trajectory)."""
+        has_target = ~simulated if cfg.regression_target == "endpoint" else torch.ones_like(simulated)
+        loss = x0_hat.sum() * 0
+        for weight, rows in ((cfg.regression_weight, t < 1), (cfg.regression_weight_one, t == 1)):
+            rows = rows & has_target
+            if weight > 0 and rows.any():
+                target = regression_target(x0[rows], x_t[rows], t[rows], lambda x, tt: teacher_x0(x, tt, c[rows], p[rows]))
+                loss = loss + weight * masked_mse(x0_hat, target, rows)
+        return loss
 
     skipped, step_times = 0, []
     for step in (bar := tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="distill", mininterval=2)):
@@ -153,25 +200,19 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
         # 1-2. A batch of teacher latents and prompts; student times from the warm-up schedule, then the
         #      biased one; the student's input at those times.
         probs = torch.tensor(cfg.warmup_probs if step < cfg.warmup_steps else cfg.probs)
-        x0, c, p, t, x_t = student_batch(probs)
+        x0, c, p, t, x_t, simulated = student_batch(probs)
         # 3. Student update: x0_hat = x_t - t v, re-noised to t_hat and judged by the heads on the frozen
-        #    teacher's features; the gradient flows through the teacher's forward pass into x0_hat.
+        #    teacher's features; the gradient flows through the teacher's forward pass into x0_hat. Plus the
+        #    optional regression term.
         disc.requires_grad_(False)
-        t_fake = logit_normal(cfg.batch_size, cfg.renoise_mean, cfg.renoise_std, gen).to(device)
-        eps_fake = torch.randn(x0.shape, generator=gen).to(device)
+        t_fake = renoise_time(t, cfg.renoise_mean, cfg.renoise_std, gen)
+        eps_fake = randn(x0.shape, gen, x0)
         with autocast:
             x0_hat = student_x0(x_t, t, c, p)
             fake_features = disc.features(noise_to(x0_hat, t_fake, eps_fake), t_fake, c, p)
-            loss_g = g_loss_fn(disc.heads_logits(fake_features, t_fake, p))
-            noised = t < 1  # only where x_t was made from x0: at t = 1 the pairing is arbitrary
-            if cfg.distill_weight > 0 and noised.any():
-                target = x0[noised]
-                if cfg.distill_target == "teacher":  # the frozen teacher's own x0 prediction at (x_t, t)
-                    with torch.no_grad():
-                        v = teacher(hidden_states=x_t[noised], encoder_hidden_states=c[noised], pooled_projections=p[noised],
-                                    timestep=t[noised] * 1000).sample
-                        target = x_t[noised] - t[noised].view(-1, 1, 1, 1) * v.float()
-                loss_g = loss_g + cfg.distill_weight * F.mse_loss(x0_hat[noised], target)
+            loss_adv = g_loss_fn(disc.heads_logits(fake_features, t_fake, p))
+            loss_reg = regression_loss(x0_hat, x0, x_t, t, c, p, simulated)
+            loss_g = loss_adv + loss_reg
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         grad_norm_g = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
@@ -189,13 +230,13 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
             if k == 0:
                 fake_features, t_fk = [f.detach() for f in fake_features], t_fake
             else:  # extra D steps see a fresh batch and fresh student samples
-                x0, c, p, t, x_t = student_batch(probs)
-                t_fk = logit_normal(cfg.batch_size, cfg.renoise_mean, cfg.renoise_std, gen).to(device)
+                x0, c, p, t, x_t, _ = student_batch(probs)
+                t_fk = renoise_time(t, cfg.renoise_mean, cfg.renoise_std, gen)
                 with torch.no_grad(), autocast:
-                    x_fake = noise_to(student_x0(x_t, t, c, p), t_fk, torch.randn(x0.shape, generator=gen).to(device))
+                    x_fake = noise_to(student_x0(x_t, t, c, p), t_fk, randn(x0.shape, gen, x0))
                     fake_features = disc.features(x_fake, t_fk, c, p)
-            t_real = logit_normal(cfg.batch_size, cfg.renoise_mean, cfg.renoise_std, gen).to(device) if cfg.independent_renoise else t_fk
-            x_real = noise_to(x0, t_real, torch.randn(x0.shape, generator=gen).to(device))
+            t_real = renoise_time(t, cfg.renoise_mean, cfg.renoise_std, gen) if cfg.independent_renoise else t_fk
+            x_real = noise_to(x0, t_real, randn(x0.shape, gen, x0))
             with autocast:
                 with torch.no_grad():
                     real_features = disc.features(x_real, t_real, c, p)
@@ -204,7 +245,7 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
                 loss_d = d_loss_fn(real_logits, fake_logits)
                 if cfg.r1_weight > 0:
                     with torch.no_grad():
-                        noisy = x_real + cfg.r1_sigma * torch.randn(x_real.shape, generator=gen).to(device)
+                        noisy = x_real + cfg.r1_sigma * randn(x_real.shape, gen, x_real)
                         feats_p = disc.features(noisy, t_real, c, p)
                     loss_d = loss_d + cfg.r1_weight * approx_r1(real_logits, disc.heads_logits(feats_p, t_real, p))
             opt_d.zero_grad(set_to_none=True)
@@ -214,25 +255,37 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
             else:
                 skipped += 1
         step_times.append(time.perf_counter() - tick)
-        # 5. Bookkeeping: curves through the tracker, atomic checkpoint (weights, optimisers, EMA, RNG, step).
+        # 5. Bookkeeping: curves (per head too) through the tracker, atomic checkpoint (weights, optimisers,
+        #    EMA, RNG, step).
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            row = {"step": step, "loss_d": loss_d.item(), "loss_g": loss_g.item(),
-                   "logits_real": mean_logits(real_logits).item(), "logits_fake": mean_logits(fake_logits).item(),
-                   "grad_norm_g": grad_norm_g.item(), "skipped": skipped}
+            row = {"step": step, "loss_d": loss_d.item(), "loss_g": loss_g.item(), "loss_adv": loss_adv.item(),
+                   "loss_reg": loss_reg.item(), "logits_real": mean_logits(real_logits).item(),
+                   "logits_fake": mean_logits(fake_logits).item(), "grad_norm_g": grad_norm_g.item(), "skipped": skipped}
+            for i, (r, f) in enumerate(zip(real_logits, fake_logits)):
+                row |= {f"logits_real_h{i}": r.mean().item(), f"logits_fake_h{i}": f.mean().item()}
             curve.append(row)
             tracker.log_metrics({f"distill/{k}": v for k, v in row.items() if k != "step"}, step=step)
-            bar.set_postfix(d=f"{row['loss_d']:.3f}", g=f"{row['loss_g']:.3f}", real=f"{row['logits_real']:.2f}",
+            bar.set_postfix(d=f"{row['loss_d']:.3f}", g=f"{row['loss_adv']:.3f}", real=f"{row['logits_real']:.2f}",
                             fake=f"{row['logits_fake']:.2f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
             save_checkpoint(cfg.checkpoint, step + 1, meta=run, **state)
-            _write_curve(_curve_path(cfg), curve)
+            _write_curve(_curve_path(cfg), curve, len(layers))
 
-    # 6. The student pipeline (EMA weights; raw weights beside them).
+    # 6. GAN health over the last quarter of training, the curves as an image, the student pipeline (EMA
+    #    weights; raw weights beside them).
+    health = gan_health(curve, cfg.loss, len(layers))
+    (log.info if health["status"] == "ok" else log.warning)("distill: GAN health %s", health["summary"])
+    curves_png = plot_curves(curve, len(layers), _curve_path(cfg).with_suffix(".png"), health["summary"])
     meta = {"max_sequence_length": msl, "source": "ladd-student", "teacher": run["teacher"],
             "student_times": times.tolist(), "sampler": cfg.sampler, "default_steps": len(times)}
     steady = step_times[min(5, len(step_times) - 1):] if step_times else []
     summary = {"steps": cfg.steps, "resumed_from": start, "skipped_updates": skipped,
-               "sec_per_step": sum(steady) / len(steady) if steady else math.nan, "device": device.type}
+               "sec_per_step": sum(steady) / len(steady) if steady else math.nan, "device": device.type,
+               "gan_health": health}
     save_student(pipe, ema.to("cpu"), student.to("cpu"), cfg, meta, summary)
-    tracker.log_metrics({"distill/sec_per_step": summary["sec_per_step"]} if steady else {})
+    tracker.log_metrics({f"distill/health/{k}": v for k, v in health.items() if isinstance(v, (int, float))})
+    tracker.set_tags({"distill.gan_health": health["status"]})
+    tracker.log_artifact(curves_png, "distill")
+    if steady:
+        tracker.log_metrics({"distill/sec_per_step": summary["sec_per_step"]})
     return summary

@@ -1,6 +1,7 @@
 """`ladd evaluate`: the quality-vs-steps table. Teacher at its default (many steps, CFG), the teacher
 sampled naively at few steps, the student at few steps (no CFG), and the real-vs-real floor; same
-held-out prompts, same per-record noise, same batch size for the timings."""
+held-out prompts, same per-record noise, same batch size for the timings. FD on a few hundred samples
+moves by points with the noise, so every figure is the mean over `seeds` with its spread (std)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from ladd.config import EvaluateConfig
 from ladd.data.prepare import load_split
@@ -23,8 +24,10 @@ from ladd.sampling import flow_sigmas
 log = logging.getLogger(__name__)
 
 
-def save_grid(images: torch.Tensor, path: Path, ncol: int = 10) -> Path:
-    """float [N, C, H, W] in [0, 1] -> one PNG, `ncol` images a row."""
+def save_grid(images: torch.Tensor, path: Path, ncol: int = 10, row_labels: list[str] | None = None,
+              scale: int = 3) -> Path:
+    """float [N, C, H, W] in [0, 1] -> one PNG, `ncol` images a row, upscaled `scale`x; with `row_labels`,
+    each row is named in a margin on its left."""
     n, c, h, w = images.shape
     rows = -(-n // ncol)
     canvas = torch.ones(c, rows * (h + 2), ncol * (w + 2))
@@ -32,9 +35,32 @@ def save_grid(images: torch.Tensor, path: Path, ncol: int = 10) -> Path:
         r, k = divmod(i, ncol)
         canvas[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, k * (w + 2) + 1 : k * (w + 2) + 1 + w] = img
     arr = (canvas.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    grid = Image.fromarray(arr[..., 0] if c == 1 else arr).convert("RGB")
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    if row_labels:
+        font = ImageFont.load_default(size=13)
+        margin = 8 + max(int(ImageDraw.Draw(grid).textlength(label, font=font)) for label in row_labels)
+        labelled = Image.new("RGB", (grid.width + margin, grid.height), "white")
+        labelled.paste(grid, (margin, 0))
+        draw = ImageDraw.Draw(labelled)
+        for r, label in enumerate(row_labels[:rows]):
+            draw.text((4, (r * (h + 2) + 1 + h // 2) * scale), label, fill="black", font=font, anchor="lm")
+        grid = labelled
     with atomic_file(path) as tmp:
-        Image.fromarray(arr[..., 0] if c == 1 else arr).resize((arr.shape[1] * 3, arr.shape[0] * 3), Image.NEAREST).save(tmp, format="PNG")
+        grid.save(tmp, format="PNG")
     return path
+
+
+def summarize_seeds(rows: list[dict]) -> dict:
+    """Per-seed figures -> their mean under the plain name, the spread (std over seeds, ddof 1) as
+    `<name>_std`, and the per-seed values under `per_seed`."""
+    out: dict = {}
+    for key in rows[0]:
+        values = np.array([r[key] for r in rows], dtype=float)
+        out[key] = float(values.mean())
+        out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    out["per_seed"] = rows
+    return out
 
 
 def student_sigmas(steps: int, student_meta: dict) -> torch.Tensor:
@@ -84,34 +110,43 @@ def evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student
 
         student.pipe.transformer = SD3Transformer2DModel.from_pretrained(student_path).to(device)
     student_meta = read_meta(student_dir)
-    noise = record_noise([cfg.seed + i for i in range(n)], latent_shape(teacher.pipe))
-    shift = teacher.pipe.scheduler.config.shift
+    shape, shift = latent_shape(teacher.pipe), teacher.pipe.scheduler.config.shift
+    # record i of seed s starts from seed s * 1_000_003 + i: the seeds' noises never overlap
+    noises = {seed: record_noise([seed * 1_000_003 + i for i in range(n)], shape) for seed in cfg.seeds}
     grid_n = min(cfg.grid_size, n)
-    metrics: dict = {"real_floor": {"fd": real_floor(classifier, train, test, n, cfg.seed)["fd"]}, "num_samples": n}
+    floors = [real_floor(classifier, train, test, n, seed) for seed in cfg.seeds]
+    metrics: dict = {"real_floor": summarize_seeds(floors), "num_samples": n, "seeds": list(cfg.seeds)}
 
     def measure(model, steps, sigmas, guidance, sampler, name):
-        images, ms = model.run(noise, sigmas, guidance, sampler, cfg.batch_size, cfg.seed)
-        row = {"steps": steps, "guidance": guidance, "nfe": steps * (2 if guidance > 1 else 1), "ms_per_image": ms,
-               **score_images(classifier, images, labels, real)}
-        save_grid(images[:grid_n], out / "grids" / f"{name}.png")
-        log.info("%s: %s", name, {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
-        return row, images[:grid_n]
+        per_seed, first = [], None
+        for seed, noise in noises.items():
+            images, ms = model.run(noise, sigmas, guidance, sampler, cfg.batch_size, seed)
+            per_seed.append({"ms_per_image": ms, **score_images(classifier, images, labels, real)})
+            first = images[:grid_n] if first is None else first
+        row = {"steps": steps, "guidance": guidance, "nfe": steps * (2 if guidance > 1 else 1), **summarize_seeds(per_seed)}
+        save_grid(first, out / "grids" / f"{name}.png")
+        log.info("%s: FD %.2f ± %.2f, accuracy %.3f ± %.3f, precision %.3f, recall %.3f (%d seeds)", name, row["fd"],
+                 row["fd_std"], row["accuracy"], row["accuracy_std"], row["precision"], row["recall"], len(per_seed))
+        return row, first
 
     metrics["teacher"], teacher_imgs = measure(teacher, cfg.teacher_steps, flow_sigmas(cfg.teacher_steps, shift),
                                                cfg.guidance, "euler", f"teacher_{cfg.teacher_steps}")
     metrics["teacher_naive"], metrics["student"] = {}, {}
     side_by_side = [teacher_imgs]
+    labels_by_row = [f"teacher, {cfg.teacher_steps} steps, CFG {cfg.guidance:g}: FD {metrics['teacher']['fd']:.1f}"]
     for k in cfg.few_steps:
         metrics["teacher_naive"][str(k)], _ = measure(teacher, k, flow_sigmas(k, shift), cfg.guidance, "euler", f"teacher_naive_{k}")
         metrics["student"][str(k)], imgs = measure(student, k, student_sigmas(k, student_meta), 0.0,
                                                    student_meta.get("sampler", "euler"), f"student_{k}")
         side_by_side.append(imgs)
+        labels_by_row.append(f"student, {k} step{'s' if k > 1 else ''}: FD {metrics['student'][str(k)]['fd']:.1f}")
     # teacher (top row) vs the student at each step count, same prompts and seeds, one column per prompt
     ncol = min(grid_n, 10)
-    save_grid(torch.cat([g[:ncol] for g in side_by_side]), out / "grids" / "teacher_vs_student.png", ncol=ncol)
-    rows = [{"model": "teacher", "nfe": metrics["teacher"]["nfe"], "fd": metrics["teacher"]["fd"], "accuracy": metrics["teacher"]["accuracy"]}]
+    save_grid(torch.cat([g[:ncol] for g in side_by_side]), out / "grids" / "teacher_vs_student.png", ncol=ncol,
+              row_labels=labels_by_row)
+    rows = [{"model": "real_floor", **_row({"nfe": 0, **metrics["real_floor"]})}, {"model": "teacher", **_row(metrics["teacher"])}]
     for kind in ("teacher_naive", "student"):
-        rows += [{"model": kind, "nfe": r["nfe"], "fd": r["fd"], "accuracy": r["accuracy"]} for r in metrics[kind].values()]
+        rows += [{"model": kind, **_row(r)} for r in metrics[kind].values()]
     write_json(out / "quality_vs_nfe.json", {"rows": rows})
     tracker.log_metrics(flatten_metrics(metrics))
     gate = metrics["student"].get(str(cfg.gate_steps))
@@ -131,6 +166,10 @@ def evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student
     tracker.log_artifact(out / "quality_vs_nfe.json")
     tracker.log_artifact(out / "grids", "grids")
     return metrics
+
+
+def _row(r: dict) -> dict:
+    return {k: r[k] for k in ("nfe", "fd", "fd_std", "accuracy", "accuracy_std")}
 
 
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict:

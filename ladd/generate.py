@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ladd.sampling import SAMPLERS, cfg_velocity
+from ladd.sampling import SAMPLERS, EulerPath, cfg_velocity
 
 
 def record_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -17,14 +17,15 @@ def record_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
 @torch.no_grad()
 def generate_latents(
     transformer, embeds, pooled, noise, sigmas, guidance: float = 1.0, null_embeds=None, null_pooled=None,
-    sampler: str = "euler", batch_size: int = 128, seed: int = 0, progress: bool = False,
-) -> torch.Tensor:
+    sampler: str = "euler", batch_size: int = 128, seed: int = 0, progress: bool = False, path_times=(),
+):
     """Sample latents for every row of (embeds, pooled, noise); `null_*` is the empty prompt ([1, ...]).
 
-    `seed` drives the re-noising noise of the `renoise` sampler (per batch, in order)."""
+    `seed` drives the re-noising noise of the `renoise` sampler (per batch, in order). With `path_times`
+    (euler only) returns (latents, the Euler path at those times [N, len(path_times), ...])."""
     param = next(transformer.parameters())
     device, dtype = param.device, param.dtype
-    out = []
+    out, paths = [], []
     for i in tqdm(range(0, len(noise), batch_size), disable=not progress, desc="generate"):
         n = len(noise[i : i + batch_size])
         nulls = {}
@@ -37,7 +38,11 @@ def generate_latents(
         if sampler == "renoise":
             gen = torch.Generator(device).manual_seed(seed * 1_000_003 + i)
             x = SAMPLERS[sampler](model, x, sigmas.to(device), generator=gen)
+        elif path_times:
+            path = EulerPath(path_times)
+            x = SAMPLERS[sampler](model, x, sigmas.to(device), callback=path)
+            paths.append(path.stacked().float().cpu())
         else:
             x = SAMPLERS[sampler](model, x, sigmas.to(device))
         out.append(x.float().cpu())
-    return torch.cat(out)
+    return (torch.cat(out), torch.cat(paths)) if path_times else torch.cat(out)

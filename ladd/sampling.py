@@ -71,12 +71,38 @@ def cfg_velocity(
 
 
 @torch.no_grad()
-def sample_euler(model: Velocity, x: torch.Tensor, sigmas: torch.Tensor, disable: bool = True) -> torch.Tensor:
-    """Euler integration of the flow ODE dx/dt = v from sigmas[0] to sigmas[-1]."""
+def sample_euler(model: Velocity, x: torch.Tensor, sigmas: torch.Tensor, disable: bool = True,
+                 callback: Callable | None = None) -> torch.Tensor:
+    """Euler integration of the flow ODE dx/dt = v from sigmas[0] to sigmas[-1].
+
+    `callback(x, v, t, t_next)` sees each step (k-diffusion style), e.g. to record the path."""
     for i in trange(len(sigmas) - 1, disable=disable, desc="euler"):
         v = model(x, sigmas[i])
+        if callback is not None:
+            callback(x, v, sigmas[i], sigmas[i + 1])
         x = (x.to(torch.float32) + (sigmas[i + 1] - sigmas[i]) * v).to(x.dtype)
     return x
+
+
+class EulerPath:
+    """Records an Euler solve at given times: the Euler path is piecewise linear in t, so the state at a
+    time tau in [t_next, t) is exactly x + (tau - t) v of the step that spans it. Pass as `callback`."""
+
+    def __init__(self, times):
+        self.times = [float(t) for t in times]
+        self.states: dict[int, torch.Tensor] = {}
+
+    def __call__(self, x, v, t, t_next):
+        for k, tau in enumerate(self.times):
+            if float(t_next) <= tau < float(t) or (tau == float(t) == 1.0):
+                self.states[k] = (x.to(torch.float32) + (tau - float(t)) * v.float()).to(x.dtype)
+
+    def stacked(self) -> torch.Tensor:
+        """[N, len(times), ...] in the order of `times`."""
+        missing = [self.times[k] for k in range(len(self.times)) if k not in self.states]
+        if missing:
+            raise ValueError(f"the schedule never reached times {missing}")
+        return torch.stack([self.states[k] for k in range(len(self.times))], dim=1)
 
 
 @torch.no_grad()

@@ -1,9 +1,13 @@
 """`ladd synthesize`: teacher latents with CFG for every training prompt (LADD sec. 3.2: the student
 trains on teacher samples only), written as sharded safetensors plus a manifest.
 
-    <out>/shard-00000.safetensors  latents [n, C, h, w], record [n]   (metadata: run fingerprint)
+    <out>/shard-00000.safetensors  latents [n, C, h, w], record [n], trajectory [n, K, C, h, w]
+                                   (metadata: run fingerprint)
     <out>/records.parquet          id, prompt, label, sample, seed, shard, row
-    <out>/manifest.json            guidance, steps, seed, teacher fingerprint, shard_files
+    <out>/manifest.json            guidance, steps, seed, trajectory_times, teacher fingerprint, shard_files
+
+`trajectory` holds the teacher's own states at `trajectory_times` on the same CFG Euler path that ends
+at `latents` (the student's times below 1): sharp (x_t, x0) pairs for trajectory distillation.
 
 Record i's noise comes from seed + i, so a rerun is bit-identical and resuming after a kill keeps every
 finished shard (each written atomically) and generates only the missing ones.
@@ -14,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -77,11 +81,15 @@ def synthesize(cfg: SynthesizeConfig, data_dir: str | Path, teacher_dir: str | P
             chunk = records.iloc[rows.start : rows.stop]
             embeds, pooled = encode_prompts(pipe, list(chunk["prompt"]), msl)
             noise = record_noise(list(chunk["seed"]), latent_shape(pipe))
-            latents = generate_latents(pipe.transformer, embeds, pooled, noise, sigmas, cfg.guidance, null_e, null_p,
-                                       batch_size=cfg.batch_size)
+            tensors = {"record": torch.arange(rows.start, rows.stop)}
+            generated = generate_latents(pipe.transformer, embeds, pooled, noise, sigmas, cfg.guidance, null_e, null_p,
+                                         batch_size=cfg.batch_size, path_times=cfg.trajectory_times)
+            if cfg.trajectory_times:
+                tensors["latents"], tensors["trajectory"] = generated
+            else:
+                tensors["latents"] = generated
             with atomic_file(out / f"shard-{k:05d}.safetensors") as tmp:
-                save_file({"latents": latents.contiguous(), "record": torch.arange(rows.start, rows.stop)}, tmp,
-                          metadata={"run": run_fp})
+                save_file({name: t.contiguous() for name, t in tensors.items()}, tmp, metadata={"run": run_fp})
             bar.update(len(rows))
     records["shard"] = [r // cfg.shard_size for r in range(len(records))]
     records["row"] = [r % cfg.shard_size for r in range(len(records))]
@@ -89,20 +97,35 @@ def synthesize(cfg: SynthesizeConfig, data_dir: str | Path, teacher_dir: str | P
         records.to_parquet(tmp, index=False)
     summary = {"records": len(records), "shards": len(shards), "generated_shards": len(todo)}
     write_json(manifest_path, {"run": run, "shard_files": [f"shard-{k:05d}.safetensors" for k, _ in shards],
+                               "trajectory_times": list(cfg.trajectory_times),
                                "latent_shape": list(latent_shape(pipe)), **summary})
     tracker.log_metrics({"synthesize/records": len(records), "synthesize/generated_shards": len(todo)})
     return summary
 
 
-def load_synthetic(out_dir: str | Path) -> tuple[torch.Tensor, pd.DataFrame]:
-    """(latents [N, C, h, w], records) in record order; fails clearly on an unfinished directory."""
+@dataclass
+class Synthetic:
+    """Teacher samples in record order: latents x0 [N, C, h, w], their records, and (when synthesized)
+    the teacher's path states at `trajectory_times` [N, K, C, h, w]."""
+
+    latents: torch.Tensor
+    records: pd.DataFrame
+    trajectory: torch.Tensor | None
+    trajectory_times: list[float]
+
+
+def load_synthetic(out_dir: str | Path) -> Synthetic:
+    """The synthetic data set; fails clearly on an unfinished directory."""
     out = Path(out_dir)
     manifest_path = out / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} is missing: run (or finish) `ladd synthesize` first")
     manifest = json.loads(manifest_path.read_text())
-    latents = torch.cat([load_file(out / name)["latents"] for name in manifest["shard_files"]])
+    shards = [load_file(out / name) for name in manifest["shard_files"]]
+    latents = torch.cat([s["latents"] for s in shards])
+    times = manifest.get("trajectory_times", [])
+    trajectory = torch.cat([s["trajectory"] for s in shards]) if times else None
     records = pd.read_parquet(out / "records.parquet")
     if len(latents) != len(records):
         raise ValueError(f"{out}: {len(latents)} latents but {len(records)} records")
-    return latents, records
+    return Synthetic(latents, records, trajectory, times)

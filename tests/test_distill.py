@@ -18,13 +18,14 @@ from safetensors.torch import load_file
 from ladd.checkpoint import read_checkpoint_meta
 from ladd.config import ConfigError, DistillConfig, SynthesizeConfig
 from ladd.discriminator import Discriminator, default_feature_layers
-from ladd.distill import distill, noise_to
+from ladd.distill import distill
 from ladd.evaluate import student_sigmas
 from ladd.losses import approx_r1, hinge_d, hinge_g, nonsaturating_d, nonsaturating_g
 from ladd.pipeline import encode_prompts, latent_shape, load_pipeline, max_sequence_length, read_meta
 from ladd.sampling import cfg_velocity, sample_renoise
 from ladd.synthesize import load_synthetic, synthesize
 from ladd.tracking import NullTracker
+from ladd.variants import noise_to
 from tests.conftest import write_params
 
 
@@ -97,7 +98,8 @@ def test_student_gradient_flows_through_frozen_teacher(tiny_teacher_dir):
 
 
 def test_synthesize_deterministic_and_resumable(tiny_synthetic, tiny_teacher_dir, prepared_data, tmp_path):
-    latents, records = load_synthetic(tiny_synthetic.out_dir)
+    data = load_synthetic(tiny_synthetic.out_dir)
+    latents, records = data.latents, data.records
     assert len(latents) == len(records) == 1438 and torch.isfinite(latents).all()
     manifest = json.loads((Path(tiny_synthetic.out_dir) / "manifest.json").read_text())
     assert manifest["run"]["guidance"] == tiny_synthetic.guidance and manifest["run"]["teacher"]
@@ -108,12 +110,12 @@ def test_synthesize_deterministic_and_resumable(tiny_synthetic, tiny_teacher_dir
     os.remove(tmp_path / "again" / "manifest.json")  # as if killed before the end
     summary = synthesize(cfg, prepared_data, tiny_teacher_dir, NullTracker())
     assert summary["generated_shards"] == 1 and summary["shards"] == 3
-    again, _ = load_synthetic(cfg.out_dir)
-    assert torch.equal(again, latents)
+    again = load_synthetic(cfg.out_dir)
+    assert torch.equal(again.latents, latents) and torch.equal(again.trajectory, data.trajectory)
     # other settings: start over, and the result differs
     other = synthesize(replace(cfg, guidance=4.0), prepared_data, tiny_teacher_dir, NullTracker())
     assert other["generated_shards"] == 3
-    assert not torch.equal(load_synthetic(cfg.out_dir)[0], latents)
+    assert not torch.equal(load_synthetic(cfg.out_dir).latents, latents)
 
 
 SMOKE_DISTILL = dict(steps=24, batch_size=4, warmup_steps=4, checkpoint_every=4, log_every=2, device="cpu")
@@ -150,7 +152,7 @@ def test_distilled_student_is_a_diffusers_pipeline(tiny_teacher_dir, tiny_synthe
 
 
 def test_mse_to_teacher_keeps_the_student_near_the_teacher_below_t1(tiny_teacher_dir, tiny_synthetic, tmp_path):
-    """distill_target=teacher anchors the student's x0 predictions at t < 1 to the frozen teacher's: with a
+    """regression_target=teacher anchors the student's x0 predictions at t < 1 to the frozen teacher's: with a
     large weight, the same adversarial run drifts less from the teacher there than without it."""
     pipe = load_pipeline(tiny_teacher_dir)
     e, p = encode_prompts(pipe, ["handwritten six", "handwritten two"], max_sequence_length(tiny_teacher_dir))
@@ -169,10 +171,10 @@ def test_mse_to_teacher_keeps_the_student_near_the_teacher_below_t1(tiny_teacher
                         for m in (student, pipe.transformer))
         return (v_s - v_t).abs().mean().item()
 
-    free, anchored = drift(), drift(distill_weight=100.0, distill_target="teacher")
+    free, anchored = drift(), drift(regression_weight=100.0, regression_target="teacher")
     assert 0 < anchored < 0.5 * free, (anchored, free)
-    with pytest.raises(ConfigError, match="distill.distill_target"):
-        DistillConfig(distill_target="data")
+    with pytest.raises(ConfigError, match="distill.regression_target"):
+        DistillConfig(regression_target="data")
 
 
 def _distill_cmd(params):

@@ -83,6 +83,8 @@ def test_evaluate_against_real_server(mlflow_server, monkeypatch, prepared_data,
     assert run.data.tags["ladd.stage"] == "evaluate"
     assert run.data.metrics["student/4/fd"] == pytest.approx(metrics["student"]["4"]["fd"])
     assert run.data.metrics["teacher/nfe"] == 6 and run.data.metrics["student/1/nfe"] == 1
+    assert metrics["student"]["4"]["fd_std"] > 0
+    assert run.data.metrics["student/4/fd_std"] == pytest.approx(metrics["student"]["4"]["fd_std"])
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"metrics.json", "quality_vs_nfe.json", "grids"} <= artifacts
     assert "grids/teacher_vs_student.png" in {a.path for a in client.list_artifacts(run_id, "grids")}

@@ -177,7 +177,8 @@ def validate_synthetic(synthetic_dir: str | Path, teacher_dir: str | Path, data_
                        expected_count: int, tolerance: float, report_dir: str | Path) -> dict:
     from ladd.synthesize import load_synthetic
 
-    latents, records = load_synthetic(synthetic_dir)
+    data = load_synthetic(synthetic_dir)
+    latents, records = data.latents, data.records
     mean, std = real_latent_stats(teacher_dir, data_dir)
     manifest = json.loads((Path(synthetic_dir) / "manifest.json").read_text())
     checks = latent_checks(tuple(manifest["latent_shape"]), expected_count, mean, std, tolerance)

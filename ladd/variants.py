@@ -1,0 +1,122 @@
+"""What LADD's loop is made of where public recipes differ, as small pure functions in dicts that
+`distill.*` settings pick from, and the named presets that combine them.
+
+- the student's input at a time t (`student_input`): LADD noises the teacher latent with fresh noise;
+  `trajectory` uses the teacher's own state at t on the CFG path that produced the latent (and the
+  record's own starting noise at t = 1), so the latent is that input's sharp ODE endpoint;
+- backward simulation (`backward_share` of the t < 1 inputs; DMD2, Yin et al. 2024): the input at
+  step k is made by running the current student k steps from fresh noise, as inference does;
+- the discriminator's re-noising times t_hat (`renoise_times`);
+- an optional regression term (`regression_weight`, `regression_target`).
+
+Rectified flow throughout: x_t = (1 - t) x0 + t eps, x0_hat = x_t - t v.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def noise_to(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t eps (rectified flow forward process); t per row."""
+    t = t.view(-1, *([1] * (x0.ndim - 1)))
+    return (1 - t) * x0 + t * eps
+
+
+def randn(shape, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """Noise drawn on the CPU generator (same draws on any device), moved to `like`'s device."""
+    return torch.randn(shape, generator=gen).to(like.device, like.dtype)
+
+
+# --- the student's input at its time t ------------------------------------------------------------
+
+def noised_input(x0, t, step_index, record_noise, trajectory, gen):
+    """LADD: the teacher latent noised to t with fresh noise (pure noise at t = 1)."""
+    return noise_to(x0, t, randn(x0.shape, gen, x0))
+
+
+def trajectory_input(x0, t, step_index, record_noise, trajectory, gen):
+    """The teacher's own path state at t (its starting noise at t = 1): x0 is its sharp endpoint."""
+    x_t = record_noise.clone()
+    lower = step_index > 0
+    rows = torch.nonzero(lower).flatten()
+    x_t[lower] = trajectory[rows, step_index[lower] - 1].to(x0.dtype)
+    return x_t
+
+
+STUDENT_INPUTS: dict[str, Callable] = {"noised": noised_input, "trajectory": trajectory_input}
+
+
+# --- backward simulation (DMD2) -------------------------------------------------------------------
+
+def renoise_step(x_t, x0_hat, t, t_next, gen):
+    """ADD/LADD sampler step: x0, then fresh noise to t_next."""
+    return noise_to(x0_hat, t_next, randn(x0_hat.shape, gen, x0_hat))
+
+
+def euler_step(x_t, x0_hat, t, t_next, gen):
+    """Deterministic (DDIM/Euler) step along the predicted line: x_t + (t_next - t) v."""
+    r = (t_next / t).view(-1, *([1] * (x_t.ndim - 1)))
+    return r * x_t + (1 - r) * x0_hat
+
+
+SAMPLER_STEPS: dict[str, Callable] = {"renoise": renoise_step, "euler": euler_step}
+
+
+@torch.no_grad()
+def backward_simulate(student_x0: Callable, step_index: torch.Tensor, times: torch.Tensor, c, p, like: torch.Tensor,
+                      sampler_step: Callable, gen: torch.Generator) -> torch.Tensor:
+    """Inputs at times[step_index] made as inference makes them: fresh noise, then the current student's
+    own steps (no gradient) with `sampler_step` between them (DMD2's backward simulation)."""
+    x = randn(like.shape, gen, like)
+    for k in range(int(step_index.max()) if len(step_index) else 0):
+        rows = step_index > k
+        t, t_next = times[k].expand(int(rows.sum())), times[k + 1].expand(int(rows.sum()))
+        x0_hat = student_x0(x[rows], t, c[rows], p[rows])
+        x[rows] = sampler_step(x[rows], x0_hat, t, t_next, gen).to(x.dtype)
+    return x
+
+
+# --- the discriminator's re-noising times t_hat -----------------------------------------------------
+
+def logit_normal(n: int, mean: float, std: float, gen: torch.Generator) -> torch.Tensor:
+    return torch.sigmoid(mean + std * torch.randn(n, generator=gen))
+
+
+def logit_normal_times(t, mean, std, gen):
+    """LADD: t_hat ~ LogitNormal(m, s), whatever the student's time."""
+    return logit_normal(len(t), mean, std, gen).to(t.device)
+
+
+def tied_times(t, mean, std, gen):
+    """t_hat = t * u, u ~ LogitNormal(m, s): a sample from a step at t is judged at noise below t, where
+    that step's changes are still visible (only ~2% of LogitNormal(1, 1) falls below 0.25)."""
+    return t * logit_normal(len(t), mean, std, gen).to(t.device)
+
+
+RENOISE_TIMES: dict[str, Callable] = {"logit_normal": logit_normal_times, "tied": tied_times}
+
+
+# --- the regression term's target -------------------------------------------------------------------
+
+def endpoint_target(x0, x_t, t, teacher_x0):
+    """The teacher latent the input came from: with trajectory inputs the sharp ODE endpoint of x_t; with
+    noised inputs an arbitrary pairing, whose best fit is the blurry posterior mean."""
+    return x0
+
+
+def teacher_target(x0, x_t, t, teacher_x0):
+    """The frozen teacher's own one-step x0 prediction at (x_t, t)."""
+    return teacher_x0(x_t, t)
+
+
+REGRESSION_TARGETS: dict[str, Callable] = {"endpoint": endpoint_target, "teacher": teacher_target}
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the selected rows (0 when none is selected)."""
+    if not rows.any():
+        return pred.sum() * 0
+    return (pred[rows].float() - target.float()).pow(2).mean()

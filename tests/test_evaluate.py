@@ -1,0 +1,52 @@
+"""`ladd evaluate`: every figure is a mean over sampling seeds with its spread; seeds change the samples,
+never the schema; the champion gate reads the mean; the side-by-side grid names its rows."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ladd.config import ConfigError, EvaluateConfig
+from ladd.evaluate import evaluate
+from ladd.tracking import NullTracker
+
+
+def _keys(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k for key, v in tree.items() for k in _keys(v, f"{prefix}{key}/")} | {prefix}
+    if isinstance(tree, list) and tree and isinstance(tree[0], dict):
+        return _keys(tree[0], f"{prefix}[]/")
+    return {prefix}
+
+
+def test_seeds_change_the_samples_not_the_schema(prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir,
+                                                tmp_path):
+    def run(seeds, name):
+        cfg = EvaluateConfig(out_dir=str(tmp_path / name), teacher_steps=3, few_steps=(1, 2), num_samples=16,
+                             grid_size=8, device="cpu", seeds=seeds, register=False)
+        return evaluate(cfg, prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, NullTracker())
+
+    a, b = run((1, 2, 3), "a"), run((4, 5, 6), "b")
+    assert _keys(a) == _keys(b) and a["seeds"] == [1, 2, 3]
+    for m in (a, b):
+        for row in (m["teacher"], m["student"]["1"], m["student"]["2"], m["real_floor"]):
+            fds = [r["fd"] for r in row["per_seed"]]
+            assert len(fds) == 3 and len(set(fds)) == 3  # each seed draws its own noise
+            assert row["fd"] == pytest.approx(np.mean(fds)) and row["fd_std"] == pytest.approx(np.std(fds, ddof=1))
+    assert a["student"]["2"]["fd"] != b["student"]["2"]["fd"]
+    # one seed set reproduces itself exactly
+    assert run((1, 2, 3), "again")["student"]["2"]["fd"] == a["student"]["2"]["fd"]
+    # the plots file carries the floor and the spread; the side-by-side grid has a label margin
+    rows = json.loads((tmp_path / "a" / "quality_vs_nfe.json").read_text())["rows"]
+    assert rows[0]["model"] == "real_floor" and all("fd_std" in r for r in rows)
+    plain = Image.open(tmp_path / "a" / "grids" / "student_1.png")
+    labelled = Image.open(tmp_path / "a" / "grids" / "teacher_vs_student.png")
+    assert labelled.width > plain.width + 100 and labelled.height == 3 * plain.height  # teacher + 2 student rows
+
+
+def test_seeds_must_be_distinct():
+    with pytest.raises(ConfigError, match="evaluate.seeds"):
+        EvaluateConfig(seeds=(1, 1, 2))
+    with pytest.raises(ConfigError, match="evaluate.seeds"):
+        EvaluateConfig(seeds=())
