@@ -125,14 +125,14 @@ class DistillConfig:
     warmup_steps: int = 200
     warmup_probs: tuple[float, ...] = (0.0, 0.0, 0.5, 0.5)
     probs: tuple[float, ...] = (0.7, 0.1, 0.1, 0.1)
-    student_input: str = "noised"  # noised (teacher latent + fresh noise: LADD) | trajectory (teacher's path states)
+    student_input: str = "trajectory"  # noised (teacher latent + fresh noise: LADD) | trajectory (teacher's path states)
     backward_share: float = 0.0  # share of t < 1 inputs made by the student's own earlier steps (DMD2)
     renoise_times: str = "logit_normal"  # discriminator times: logit_normal (LADD) | tied (t < 1: below the student's t)
-    renoise_mean: float = 1.0  # t_hat ~ LogitNormal(m, s) before the discriminator (LADD: m = 1, s = 1)
+    renoise_mean: float = 0.0  # t_hat ~ LogitNormal(m, s) before the discriminator (LADD: m = 1, s = 1)
     renoise_std: float = 1.0
     independent_renoise: bool = False  # draw t_hat separately for real and fake
-    regression_weight: float = 0.0  # MSE of x0_hat to regression_target on t < 1 inputs (LADD: 0)
-    regression_weight_one: float = 0.0  # the same at t = 1 (with trajectory inputs: noise -> its teacher latent)
+    regression_weight: float = 10.0  # MSE of x0_hat to regression_target on t < 1 inputs (LADD: 0)
+    regression_weight_one: float = 1.0  # the same at t = 1 (with trajectory inputs: noise -> its teacher latent)
     regression_target: str = "endpoint"  # endpoint (the latent the input came from) | teacher (teacher's x0 prediction)
     feature_layers: tuple[int, ...] | None = None  # teacher blocks for heads; None: 4 spread over the depth
     head_channels: int = 64
@@ -143,7 +143,7 @@ class DistillConfig:
     betas: tuple[float, ...] = (0.0, 0.99)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    ema_decay: float = 0.99
+    ema_decay: float = 0.998
     r1_weight: float = 0.0  # approximate R1 on the real branch
     r1_sigma: float = 0.01
     sampler: str = "renoise"  # few-step sampling of the student: renoise (ADD/LADD) | euler

@@ -275,7 +275,8 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
     #    weights; raw weights beside them).
     health = gan_health(curve, cfg.loss, len(layers))
     (log.info if health["status"] == "ok" else log.warning)("distill: GAN health %s", health["summary"])
-    curves_png = plot_curves(curve, len(layers), _curve_path(cfg).with_suffix(".png"), health["summary"])
+    curves_png = plot_curves(curve, len(layers), _curve_path(cfg).with_suffix(".png"), health["summary"],
+                             health.get("chance_loss"))
     meta = {"max_sequence_length": msl, "source": "ladd-student", "teacher": run["teacher"],
             "student_times": times.tolist(), "sampler": cfg.sampler, "default_steps": len(times)}
     steady = step_times[min(5, len(step_times) - 1):] if step_times else []

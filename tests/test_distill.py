@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from ladd.checkpoint import read_checkpoint_meta
-from ladd.config import ConfigError, DistillConfig, SynthesizeConfig
+from ladd.config import DISTILL_PRESETS, ConfigError, DistillConfig, SynthesizeConfig
 from ladd.discriminator import Discriminator, default_feature_layers
 from ladd.distill import distill
 from ladd.evaluate import student_sigmas
@@ -162,7 +162,7 @@ def test_mse_to_teacher_keeps_the_student_near_the_teacher_below_t1(tiny_teacher
     def drift(**overrides):
         out = tmp_path / str(len(list(tmp_path.iterdir())))
         cfg = DistillConfig(out_dir=str(out / "student"), checkpoint=str(out / "ck.safetensors"),
-                            **{**SMOKE_DISTILL, "steps": 6, "lr_g": 1e-3, "ema_decay": 0.0,
+                            **{**SMOKE_DISTILL, **DISTILL_PRESETS["ladd"], "steps": 6, "lr_g": 1e-3, "ema_decay": 0.0,
                                "warmup_probs": [0.0, 0.0, 0.5, 0.5], "probs": [0.0, 0.0, 0.5, 0.5], **overrides})
         distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
         student = load_pipeline(out / "student").transformer

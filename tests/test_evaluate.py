@@ -42,7 +42,8 @@ def test_seeds_change_the_samples_not_the_schema(prepared_data, tiny_classifier_
     assert rows[0]["model"] == "real_floor" and all("fd_std" in r for r in rows)
     plain = Image.open(tmp_path / "a" / "grids" / "student_1.png")
     labelled = Image.open(tmp_path / "a" / "grids" / "teacher_vs_student.png")
-    assert labelled.width > plain.width + 100 and labelled.height == 3 * plain.height  # teacher + 2 student rows
+    assert plain.size == (10 * 34 * 3, 34 * 3)  # 8 images in a row of 10, 32 px + 2 px border, scale 3
+    assert labelled.width >= 8 * 34 * 3 + 100 and labelled.height == 3 * 34 * 3  # label margin; teacher + 2 student rows
 
 
 def test_seeds_must_be_distinct():
