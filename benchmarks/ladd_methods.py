@@ -2,7 +2,7 @@
 
     python benchmarks/ladd_methods.py [--variants default,ladd,...] [--steps N] [--out reports/methods]
 
-Each variant is `params.yaml`'s distill section with one preset of `ladd.config.DISTILL_PRESETS` applied
+Each variant is `params.yaml`'s distill section with one preset of `ladd/presets.py` applied
 (`default` is the section as it is). Each is trained from the same teacher and synthetic data with the
 same seed and step budget, then scored by `ladd evaluate` (mean ± std over `evaluate.seeds`). Finished
 variants are kept in --out and not retrained when their settings are unchanged.
@@ -35,8 +35,9 @@ def train_and_score(params, name: str, steps: int, out: Path, overrides: dict | 
         cfg = replace(cfg, preset=None, **{**(DISTILL_PRESETS[preset] if preset else {}), **overrides})
     settings = json.loads(json.dumps(asdict(cfg)))
     result_path = out / "result.json"
-    if result_path.is_file() and json.loads(result_path.read_text())["settings"] == settings:
-        return json.loads(result_path.read_text())
+    cached = json.loads(result_path.read_text()) if result_path.is_file() else None
+    if cached and cached["settings"] == settings:
+        return cached
     shutil.rmtree(out, ignore_errors=True)
     summary = distill(cfg, params.teacher.out_dir, params.synthesize.out_dir, NullTracker())
     metrics = evaluate(replace(params.evaluate, out_dir=str(out / "reports"), register=False, device="cpu"),

@@ -66,7 +66,8 @@ def _curve_path(cfg: DistillConfig) -> Path:
 def _read_curve(path: Path, before_step: int) -> list[dict]:
     if not path.is_file():
         return []
-    return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(path.open()) if int(row["step"]) < before_step]
+    rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(path.open())]
+    return [{**row, "step": int(row["step"])} for row in rows if row["step"] < before_step]  # "step" stays an int
 
 
 def trajectory_states(data: Synthetic, times: torch.Tensor) -> torch.Tensor:
