@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ladd.data.validation import ValidationFailed
     from ladd.export import ParityError
+    from ladd.pipeline import TeacherError
 
     try:
         params = load_params(args.params)
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             tracker.log_params({f"{args.stage}.{k}": v for k, v in asdict(section).items()})
         try:
             result = STAGES[args.stage](params, tracker)
-        except (ValidationFailed, FileNotFoundError, ParityError, ConfigError) as e:
+        except (ValidationFailed, FileNotFoundError, ParityError, ConfigError, TeacherError) as e:
             print(f"ladd {args.stage}: {e}", file=sys.stderr)
             return 1
     log.info("%s done: %s", args.stage, json.dumps(result, default=str))

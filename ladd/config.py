@@ -102,11 +102,21 @@ class SynthesizeConfig:
     samples_per_prompt: int = 4
     shard_size: int = 1024
     batch_size: int = 256
-    trajectory_times: tuple[float, ...] = (0.75, 0.5, 0.25)  # teacher path states stored for trajectory distillation
+    trajectory_times: tuple[float, ...] = (0.6299605249, 0.3968502630, 0.25)  # teacher path states stored for trajectory distillation
+    resolutions: tuple[tuple[int, ...], ...] | None = None  # [height, width] pixel buckets; None: the teacher's native size
+    resolution_weights: tuple[float, ...] | None = None  # share of the records per bucket (None: equal)
     seed: int = 0
     device: str = "auto"
 
     def __post_init__(self):
+        for i, size in enumerate(self.resolutions or ()):
+            if len(size) != 2 or min(size) < 1:
+                raise ConfigError(f"synthesize.resolutions[{i}] must be [height, width] in pixels, got {list(size)}")
+        if self.resolution_weights is not None:
+            n = len(self.resolutions or ((0, 0),))
+            if len(self.resolution_weights) != n or min(self.resolution_weights) <= 0:
+                raise ConfigError(f"synthesize.resolution_weights must be {n} positive numbers (one per resolution), "
+                                  f"got {list(self.resolution_weights)}")
         if not all(0 < t < 1 for t in self.trajectory_times):
             raise ConfigError(f"synthesize.trajectory_times must lie in (0, 1), got {list(self.trajectory_times)}")
         _positive("synthesize", steps=self.steps, samples_per_prompt=self.samples_per_prompt,
@@ -120,8 +130,9 @@ class DistillConfig:
     preset: str | None = None  # a key of DISTILL_PRESETS; its settings replace those it names
     steps: int = 1200
     batch_size: int = 64
-    student_times: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
-    time_shift: float = 1.0  # SD3 shift applied to student_times (1: none)
+    # geometric, t_i = t_min^(i/(n-1)): the k-step schedule stock diffusers gives the saved student (exponential
+    # sigmas from 1 to t_min) then hits trained times at k = 1, 2 and n
+    student_times: tuple[float, ...] = (1.0, 0.6299605249, 0.3968502630, 0.25)
     warmup_steps: int = 200
     warmup_probs: tuple[float, ...] = (0.0, 0.0, 0.5, 0.5)
     probs: tuple[float, ...] = (0.7, 0.1, 0.1, 0.1)
@@ -149,6 +160,13 @@ class DistillConfig:
     sampler: str = "renoise"  # few-step sampling of the student: renoise (ADD/LADD) | euler
     checkpoint_every: int = 100
     log_every: int = 10
+    # memory habits of a 2-8B teacher ("auto": on for CUDA, off on the CPU)
+    gradient_checkpointing: str = "auto"  # auto | off | student | all (student and the frozen teacher's forward)
+    mixed_precision: str = "auto"  # auto | no | bf16: autocast of the forward passes; student weights stay fp32
+    teacher_dtype: str = "auto"  # auto | float32 | bfloat16: the frozen teacher's weights
+    ema_on_cpu: bool = False  # keep the EMA copy in CPU memory (updated from the device every step)
+    release_text_encoders: bool = True  # encode the prompts once, then free the text encoders and the VAE
+    truncate_teacher: bool = True  # skip the teacher's blocks above the deepest hooked one
     seed: int = 0
     device: str = "auto"
 
@@ -162,6 +180,9 @@ class DistillConfig:
         _choice("distill.student_input", self.student_input, ("noised", "trajectory"))
         _choice("distill.renoise_times", self.renoise_times, ("logit_normal", "tied"))
         _choice("distill.regression_target", self.regression_target, ("endpoint", "teacher"))
+        _choice("distill.gradient_checkpointing", self.gradient_checkpointing, ("auto", "off", "student", "all"))
+        _choice("distill.mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
+        _choice("distill.teacher_dtype", self.teacher_dtype, ("auto", "float32", "bfloat16"))
         _positive("distill", steps=self.steps, d_steps_per_g=self.d_steps_per_g, checkpoint_every=self.checkpoint_every)
         if not 0 <= self.backward_share <= 1:
             raise ConfigError(f"distill.backward_share must be in [0, 1], got {self.backward_share}")
@@ -179,6 +200,11 @@ class DistillConfig:
                 raise ConfigError(f"distill.{key} must be {n} non-negative numbers summing to 1, got {list(probs)}")
         if not all(0 < t <= 1 for t in self.student_times) or self.student_times[0] != 1.0:
             raise ConfigError(f"distill.student_times must start at 1.0 and lie in (0, 1], got {list(self.student_times)}")
+        ladder = geometric_times(n, self.student_times[-1])
+        if any(abs(a - b) > 1e-6 for a, b in zip(self.student_times, ladder)):
+            raise ConfigError(f"distill.student_times must be geometric from 1 to their last value, so that the saved "
+                              f"student's diffusers schedule hits them at every step count: use "
+                              f"[{', '.join(f'{t:.10g}' for t in ladder)}], got {list(self.student_times)}")
 
 
 @dataclass(frozen=True)
@@ -254,6 +280,16 @@ class Params:
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Params)
+
+
+def geometric_times(n: int, t_min: float) -> list[float]:
+    """t_i = t_min^(i/(n-1)), i < n: the sigmas of diffusers' FlowMatchEulerDiscreteScheduler with exponential
+    sigmas from 1 to t_min at n steps (computed the same way, in float32)."""
+    import numpy as np
+
+    if n == 1:
+        return [1.0]
+    return [float(t) for t in np.exp(np.linspace(0.0, np.log(t_min), n)).astype(np.float32)]
 
 
 def _choice(key: str, value, allowed: tuple):

@@ -15,8 +15,15 @@ import torch.nn as nn
 from diffusers.models.embeddings import get_timestep_embedding
 
 
-class _FeaturesDone(Exception):
-    """Raised by the last hook to end the teacher's forward pass early."""
+def check_latent_size(config, size) -> tuple[int, int]:
+    """The token grid (H/p, W/p) of latents of `size` (H, W); ValueError when the transformer cannot take them."""
+    p, limit = config.patch_size, config.pos_embed_max_size
+    h, w = (int(s) for s in size)
+    if h % p or w % p:
+        raise ValueError(f"latent size {h}x{w} is not divisible by the transformer's patch size {p}")
+    if limit is not None and max(h, w) // p > limit:
+        raise ValueError(f"latent size {h}x{w} is {h // p}x{w // p} patches; the transformer's pos_embed_max_size is {limit}")
+    return h // p, w // p
 
 
 def default_feature_layers(num_layers: int, count: int = 4) -> list[int]:
@@ -50,7 +57,7 @@ class Discriminator(nn.Module):
     """Heads on top of a frozen teacher transformer. Only the heads are parameters of this module (the
     teacher is held outside the module tree so it is never optimised or saved with the heads)."""
 
-    def __init__(self, teacher, layers: list[int], channels: int = 64, t_embed_dim: int = 64):
+    def __init__(self, teacher, layers: list[int], channels: int = 64, t_embed_dim: int = 64, truncate: bool = True):
         super().__init__()
         cfg = teacher.config
         self._teacher = [teacher]
@@ -58,7 +65,8 @@ class Discriminator(nn.Module):
         if not self.layers or max(self.layers) >= cfg.num_layers or min(self.layers) < 0:
             raise ValueError(f"feature layers {self.layers} must lie in [0, {cfg.num_layers - 1}]")
         self.t_embed_dim = t_embed_dim
-        self.grid = cfg.sample_size // cfg.patch_size
+        # blocks above the deepest hooked one cannot change the features: skip them (diffusers' skip_layers)
+        self.skip = list(range(max(self.layers) + 1, cfg.num_layers)) if truncate else None
         inner = cfg.num_attention_heads * cfg.attention_head_dim
         cond_dim = t_embed_dim + cfg.pooled_projection_dim
         self.heads = nn.ModuleList(DiscriminatorHead(inner, cond_dim, channels) for _ in self.layers)
@@ -68,15 +76,15 @@ class Discriminator(nn.Module):
         return self._teacher[0]
 
     @contextlib.contextmanager
-    def _hooks(self, store: list):
-        def grab(_module, _inputs, output):
-            tokens = output[1]  # JointTransformerBlock returns (text tokens, image tokens)
-            b, n, d = tokens.shape
-            store.append(tokens.transpose(1, 2).reshape(b, d, self.grid, n // self.grid))
-            if len(store) == len(self.layers):  # nothing above the last hooked block is needed
-                raise _FeaturesDone
+    def _hooks(self, store: dict, grid: tuple[int, int]):
+        def grab(index):
+            def hook(_module, _inputs, output):
+                tokens = output[1]  # JointTransformerBlock returns (text tokens, image tokens), row-major over grid
+                # keyed by block: gradient checkpointing recomputes blocks (and fires hooks) again in backward
+                store[index] = tokens.transpose(1, 2).unflatten(2, grid)
+            return hook
 
-        handles = [self.teacher.transformer_blocks[i].register_forward_hook(grab) for i in self.layers]
+        handles = [self.teacher.transformer_blocks[i].register_forward_hook(grab(i)) for i in self.layers]
         try:
             yield
         finally:
@@ -84,11 +92,15 @@ class Discriminator(nn.Module):
                 h.remove()
 
     def features(self, x: torch.Tensor, t_hat: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor) -> list[torch.Tensor]:
-        """Image-token maps [B, D, h, w] after each chosen block of the teacher at noise level t_hat."""
-        store: list[torch.Tensor] = []
-        with self._hooks(store), contextlib.suppress(_FeaturesDone):
-            self.teacher(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t_hat * 1000)
-        return store
+        """Image-token maps [B, D, H/p, W/p] after each chosen block of the teacher at noise level t_hat, for
+        latents x of any size the teacher accepts."""
+        grid = check_latent_size(self.teacher.config, x.shape[-2:])
+        store: dict[int, torch.Tensor] = {}
+        dtype = self.teacher.dtype  # a bf16 teacher takes bf16 inputs; the gradient flows back through the cast
+        with self._hooks(store, grid):
+            self.teacher(hidden_states=x.to(dtype), encoder_hidden_states=embeds.to(dtype),
+                         pooled_projections=pooled.to(dtype), timestep=t_hat * 1000, skip_layers=self.skip)
+        return [store[i] for i in self.layers]
 
     def heads_logits(self, features: list[torch.Tensor], t_hat: torch.Tensor, pooled: torch.Tensor) -> list[torch.Tensor]:
         t_emb = get_timestep_embedding(t_hat * 1000, self.t_embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)

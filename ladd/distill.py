@@ -23,17 +23,18 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
+from ladd.card import write_model_card
 from ladd.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
-from ladd.config import DistillConfig
+from ladd.config import DistillConfig, geometric_times
 from ladd.discriminator import Discriminator, default_feature_layers
 from ladd.io import atomic_dir, atomic_file, fingerprint, write_json
 from ladd.config import ConfigError
 from ladd.generate import record_noise
 from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, gan_health, mean_logits
-from ladd.pipeline import encode_prompts, load_pipeline, max_sequence_length, pick_device, write_meta
+from ladd.pipeline import (encode_prompts, load_pipeline, load_transformer, max_sequence_length, pick_device, read_meta,
+                           write_meta)
 from ladd.plots import plot_curves
-from ladd.sampling import time_shift
-from ladd.synthesize import Synthetic, load_synthetic
+from ladd.synthesize import Bucket, load_synthetic
 from ladd.teacher import update_ema
 from ladd.variants import (REGRESSION_TARGETS, RENOISE_TIMES, SAMPLER_STEPS, STUDENT_INPUTS, backward_simulate,
                            masked_mse, noise_to, randn)
@@ -48,12 +49,24 @@ def curve_fields(heads: int) -> list[str]:
 
 
 def student_times(cfg: DistillConfig) -> torch.Tensor:
-    return time_shift(torch.tensor(cfg.student_times, dtype=torch.float32), cfg.time_shift)
+    """The training times, exactly as the saved student's diffusers schedule computes them."""
+    return torch.tensor(geometric_times(len(cfg.student_times), cfg.student_times[-1]), dtype=torch.float32)
+
+
+def memory_plan(cfg: DistillConfig, device: torch.device) -> dict:
+    """The memory settings resolved for `device`: "auto" means on for CUDA, off on the CPU."""
+    cuda = device.type == "cuda"
+    return {"gradient_checkpointing": ("all" if cuda else "off") if cfg.gradient_checkpointing == "auto" else cfg.gradient_checkpointing,
+            "mixed_precision": ("bf16" if cuda else "no") if cfg.mixed_precision == "auto" else cfg.mixed_precision,
+            "teacher_dtype": ("bfloat16" if cuda else "float32") if cfg.teacher_dtype == "auto" else cfg.teacher_dtype,
+            "ema_on_cpu": cfg.ema_on_cpu, "release_text_encoders": cfg.release_text_encoders,
+            "truncate_teacher": cfg.truncate_teacher}
 
 
 def _run_fingerprint(cfg: DistillConfig, teacher_dir, synthetic_dir) -> dict:
     """What a checkpoint must match to be resumed (training length and bookkeeping may change)."""
-    skip = {"out_dir", "checkpoint", "steps", "checkpoint_every", "log_every", "device"}
+    skip = {"out_dir", "checkpoint", "steps", "checkpoint_every", "log_every", "device", "ema_on_cpu",
+            "release_text_encoders", "gradient_checkpointing", "truncate_teacher"}
     run = {k: v for k, v in asdict(cfg).items() if k not in skip}
     run = {**run, "teacher": fingerprint(teacher_dir), "synthetic": fingerprint(Path(synthetic_dir) / "manifest.json")}
     return json.loads(json.dumps(run))  # as stored in the checkpoint (tuples become lists)
@@ -70,17 +83,17 @@ def _read_curve(path: Path, before_step: int) -> list[dict]:
     return [{**row, "step": int(row["step"])} for row in rows if row["step"] < before_step]  # "step" stays an int
 
 
-def trajectory_states(data: Synthetic, times: torch.Tensor) -> torch.Tensor:
-    """The stored teacher path states at the student's times below 1, [N, len(times) - 1, C, h, w]."""
+def trajectory_states(bucket: Bucket, stored_times: list[float], times: torch.Tensor) -> torch.Tensor:
+    """A bucket's stored teacher path states at the student's times below 1, [n, len(times) - 1, C, h, w]."""
     columns = []
     for t in times[1:].tolist():
-        match = [i for i, s in enumerate(data.trajectory_times) if abs(s - t) < 1e-6]
+        match = [i for i, s in enumerate(stored_times) if abs(s - t) < 1e-6]
         if not match:
-            raise ConfigError(f"distill.student_input=trajectory needs the teacher's path at t={t:g}, but the synthetic "
-                              f"data holds {data.trajectory_times}: set synthesize.trajectory_times to the student's "
+            raise ConfigError(f"distill.student_input=trajectory needs the teacher's path at t={t:.10g}, but the "
+                              f"synthetic data holds {stored_times}: set synthesize.trajectory_times to the student's "
                               "times below 1 and rerun synthesize")
         columns.append(match[0])
-    return data.trajectory[:, columns]
+    return bucket.trajectory[:, columns]
 
 
 def _write_curve(path: Path, rows: list[dict], heads: int) -> None:
@@ -92,48 +105,64 @@ def _write_curve(path: Path, rows: list[dict], heads: int) -> None:
         tmp.write_text(buf.getvalue())
 
 
-def save_student(pipe, student_ema, student_raw, cfg: DistillConfig, meta: dict, summary: dict) -> None:
-    """A complete diffusers pipeline: the teacher's VAE, tokenizers and text encoders, the EMA student
-    transformer, and a few-step scheduler whose k-step schedule ends at the smallest training time."""
+def save_student(teacher_dir, student_ema, student_raw, cfg: DistillConfig, meta: dict, summary: dict) -> None:
+    """A complete diffusers pipeline: the teacher's VAE, tokenizers and text encoders (read again from its
+    folder), the EMA student transformer, and a few-step scheduler that stock diffusers runs at any step
+    count: exponential sigmas from 1 to the smallest training time (geometric times: k = 1, 2 and n steps
+    hit trained times), re-noising between steps like `ladd.sampling.sample_renoise`. A model card beside it."""
     times = student_times(cfg).tolist()
-    pipe.register_modules(
-        transformer=student_ema,
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            shift=1.0, shift_terminal=min(times) if len(times) > 1 else None,
-            stochastic_sampling=cfg.sampler == "renoise",
-        ),
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_exponential_sigmas=len(times) > 1,
+                                                stochastic_sampling=cfg.sampler == "renoise")
+    # read by diffusers' exponential conversion (not an __init__ argument: it warns that it ignores them, and
+    # uses them)
+    scheduler.register_to_config(sigma_min=min(times), sigma_max=1.0)
+    pipe = load_pipeline(teacher_dir, "cpu", transformer=student_ema, scheduler=scheduler)
     with atomic_dir(cfg.out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         student_raw.save_pretrained(tmp / "ladd_raw_transformer", safe_serialization=True)
         write_meta(tmp, **meta)
         write_json(tmp / "ladd_train_summary.json", {**summary, "config": json.loads(json.dumps(asdict(cfg)))})
+        write_model_card(tmp, meta, summary)
 
 
 def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Path, tracker) -> dict:
     device = pick_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    plan = memory_plan(cfg, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=plan["mixed_precision"] == "bf16")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)  # all sampling on CPU: same draws on any device
 
-    # 0. Data and networks. Prompts are encoded once; records index into the distinct ones.
+    # 0. Data and networks. Prompts are encoded once (records index into the distinct ones), then the text
+    #    encoders (T5-XXL alone is ~9.5 GB) and the VAE are released. The student keeps fp32 master weights;
+    #    the frozen teacher may be bf16.
     times = student_times(cfg)
     data = load_synthetic(synthetic_dir)
-    latents, records = data.latents, data.records
-    trajectory = trajectory_states(data, times) if cfg.student_input == "trajectory" else None
-    pipe = load_pipeline(teacher_dir, device)
+    records = data.records
+    trajectories = [trajectory_states(b, data.trajectory_times, times) if cfg.student_input == "trajectory" else None
+                    for b in data.buckets]
+    bucket_sizes = torch.tensor([len(b.records) for b in data.buckets], dtype=torch.float64)
+    teacher_dtype = getattr(torch, plan["teacher_dtype"])
+    teacher = load_transformer(teacher_dir, device, teacher_dtype).eval().requires_grad_(False)
+    pipe = load_pipeline(teacher_dir, device, transformer=teacher, vae=None)
     msl = max_sequence_length(teacher_dir)
     prompts = list(dict.fromkeys(records["prompt"]))
     embeds, pooled = encode_prompts(pipe, prompts, msl)
+    if plan["release_text_encoders"]:
+        del pipe
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     prompt_index = torch.tensor(records["prompt"].map({p: i for i, p in enumerate(prompts)}).to_numpy())
     record_seeds = records["seed"].to_numpy()
-    teacher = pipe.transformer.eval().requires_grad_(False)
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
-    ema = copy.deepcopy(teacher)
+    student = load_transformer(teacher_dir, device).train().requires_grad_(True)
+    ema = copy.deepcopy(student).requires_grad_(False).to("cpu" if plan["ema_on_cpu"] else device)
+    if plan["gradient_checkpointing"] in ("student", "all"):
+        student.enable_gradient_checkpointing()
+    if plan["gradient_checkpointing"] == "all":  # the student's gradient flows through the teacher's forward
+        teacher.enable_gradient_checkpointing()
     layers = list(cfg.feature_layers or default_feature_layers(teacher.config.num_layers))
-    disc = Discriminator(teacher, layers, cfg.head_channels).to(device)
+    disc = Discriminator(teacher, layers, cfg.head_channels, truncate=plan["truncate_teacher"]).to(device)
     opt_g = torch.optim.AdamW(student.parameters(), lr=cfg.lr_g, betas=cfg.betas, weight_decay=cfg.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.lr_d, betas=cfg.betas, weight_decay=cfg.weight_decay)
     d_loss_fn, g_loss_fn = ADVERSARIAL_LOSSES[cfg.loss]
@@ -151,7 +180,10 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
         else:
             log.warning("distill: %s was written for other settings or data; starting from step 0", cfg.checkpoint)
     curve = _read_curve(_curve_path(cfg), start)
-    tracker.log_params({"distill.resolved.feature_layers": layers, "distill.resolved.student_times": times.tolist()})
+    tracker.log_params({"distill.resolved.feature_layers": layers, "distill.resolved.student_times": times.tolist(),
+                        **{f"distill.resolved.{k}": v for k, v in plan.items()}})
+    log.info("distill: %d records in %d resolution buckets %s; memory: %s", len(records), len(data.buckets),
+             [list(b.resolution) for b in data.buckets], plan)
     log.info("distill: %s inputs, backward share %.2f, %s re-noising, regression %s x%g (t = 1: x%g)%s",
              cfg.student_input, cfg.backward_share, cfg.renoise_times, cfg.regression_target, cfg.regression_weight,
              cfg.regression_weight_one, f", preset {cfg.preset}" if cfg.preset else "")
@@ -163,18 +195,23 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
 
     @torch.no_grad()
     def teacher_x0(x_t, t, c, p):
-        v = teacher(hidden_states=x_t, encoder_hidden_states=c, pooled_projections=p, timestep=t * 1000).sample
+        v = teacher(hidden_states=x_t.to(teacher_dtype), encoder_hidden_states=c.to(teacher_dtype),
+                    pooled_projections=p.to(teacher_dtype), timestep=t * 1000).sample
         return x_t - t.view(-1, 1, 1, 1) * v.float()
 
     def student_batch(probs):
-        """Phases 1-2: teacher latents x0 with their prompts (LADD's "real" data), student step indices k
-        from the (warm-up) probabilities, t = times[k], and the student's input x_t there (`student_input`);
-        a `backward_share` of the t < 1 rows instead get the current student's own earlier steps."""
-        idx = torch.randint(len(latents), (cfg.batch_size,), generator=gen)
-        x0, c, p = latents[idx].to(device), embeds[prompt_index[idx]], pooled[prompt_index[idx]]
+        """Phases 1-2: teacher latents x0 of one resolution bucket (drawn by its share of the records) with
+        their prompts (LADD's "real" data), student step indices k from the (warm-up) probabilities,
+        t = times[k], and the student's input x_t there (`student_input`); a `backward_share` of the t < 1
+        rows instead get the current student's own earlier steps."""
+        b = int(torch.multinomial(bucket_sizes, 1, generator=gen)) if len(data.buckets) > 1 else 0
+        bucket, trajectory = data.buckets[b], trajectories[b]
+        idx = torch.randint(len(bucket.records), (cfg.batch_size,), generator=gen)
+        rec = bucket.records[idx]
+        x0, c, p = bucket.latents[idx].to(device), embeds[prompt_index[rec]], pooled[prompt_index[rec]]
         k = torch.multinomial(probs, cfg.batch_size, replacement=True, generator=gen)
         t = times[k].to(device)
-        start_noise = record_noise(record_seeds[idx.numpy()].tolist(), x0.shape[1:]).to(device) if trajectory is not None else None
+        start_noise = record_noise(record_seeds[rec.numpy()].tolist(), x0.shape[1:]).to(device) if trajectory is not None else None
         x_t = student_input(x0, t, k.to(device), start_noise, trajectory[idx].to(device) if trajectory is not None else None, gen)
         simulated = (k > 0) & (torch.rand(cfg.batch_size, generator=gen) < cfg.backward_share)
         if simulated.any():
@@ -279,12 +316,13 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
     curves_png = plot_curves(curve, len(layers), _curve_path(cfg).with_suffix(".png"), health["summary"],
                              health.get("chance_loss"))
     meta = {"max_sequence_length": msl, "source": "ladd-student", "teacher": run["teacher"],
+            "base_model": read_meta(teacher_dir).get("source", str(teacher_dir)),
             "student_times": times.tolist(), "sampler": cfg.sampler, "default_steps": len(times)}
     steady = step_times[min(5, len(step_times) - 1):] if step_times else []
     summary = {"steps": cfg.steps, "resumed_from": start, "skipped_updates": skipped,
                "sec_per_step": sum(steady) / len(steady) if steady else math.nan, "device": device.type,
                "gan_health": health}
-    save_student(pipe, ema.to("cpu"), student.to("cpu"), cfg, meta, summary)
+    save_student(teacher_dir, ema.to("cpu"), student.to("cpu"), cfg, meta, summary)
     tracker.log_metrics({f"distill/health/{k}": v for k, v in health.items() if isinstance(v, (int, float))})
     tracker.set_tags({"distill.gan_health": health["status"]})
     tracker.log_artifact(curves_png, "distill")

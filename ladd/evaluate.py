@@ -5,6 +5,7 @@ moves by points with the noise, so every figure is the mean over `seeds` with it
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ladd.config import EvaluateConfig
+from ladd.card import write_model_card
+from ladd.config import EvaluateConfig, geometric_times
 from ladd.data.prepare import load_split
 from ladd.generate import generate_latents, record_noise
 from ladd.io import atomic_file, write_json
@@ -64,10 +66,10 @@ def summarize_seeds(rows: list[dict]) -> dict:
 
 
 def student_sigmas(steps: int, student_meta: dict) -> torch.Tensor:
-    """k-step schedule of a saved student: evenly spaced from 1 to its smallest training time, as its
-    saved diffusers scheduler (shift_terminal) gives it."""
+    """k-step schedule of a saved student, as its diffusers scheduler gives it: geometric from 1 to its
+    smallest training time (exponential sigmas), then 0."""
     times = student_meta.get("student_times", [1.0])
-    return flow_sigmas(steps, 1.0, min(times) if len(times) > 1 else None)
+    return torch.tensor([*geometric_times(steps, min(times)), 0.0], dtype=torch.float32)
 
 
 class _Model:
@@ -110,6 +112,11 @@ def evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student
 
         student.pipe.transformer = SD3Transformer2DModel.from_pretrained(student_path).to(device)
     student_meta = read_meta(student_dir)
+    for k in cfg.few_steps:
+        untrained = [t for t in student_sigmas(k, student_meta)[:-1].tolist()
+                     if min(abs(t - s) for s in student_meta.get("student_times", [1.0])) > 1e-6]
+        if untrained:
+            log.warning("the student's %d-step schedule visits times it was not trained at: %s", k, untrained)
     shape, shift = latent_shape(teacher.pipe), teacher.pipe.scheduler.config.shift
     # record i of seed s starts from seed s * 1_000_003 + i: the seeds' noises never overlap
     noises = {seed: record_noise([seed * 1_000_003 + i for i in range(n)], shape) for seed in cfg.seeds}
@@ -148,6 +155,9 @@ def evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student
     for kind in ("teacher_naive", "student"):
         rows += [{"model": kind, **_row(r)} for r in metrics[kind].values()]
     write_json(out / "quality_vs_nfe.json", {"rows": rows})
+    summary_path = Path(student_dir) / "ladd_train_summary.json"
+    train_summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    write_model_card(student_dir, student_meta, train_summary, metrics)  # before registering: the model carries it
     tracker.log_metrics(flatten_metrics(metrics))
     gate = metrics["student"].get(str(cfg.gate_steps))
     if cfg.register and gate is None:

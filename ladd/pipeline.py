@@ -27,23 +27,53 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def load_pipeline(src: str | Path, device: torch.device | str = "cpu", dtype=torch.float32) -> StableDiffusion3Pipeline:
-    """`StableDiffusion3Pipeline.from_pretrained` for a local dir or hub id; components saved as null
-    (the tiny teacher has no T5) are passed as None, as diffusers requires."""
-    kwargs = {}
+SD3_COMPONENTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+
+class TeacherError(ValueError):
+    """A folder that is not an SD3-family diffusers pipeline."""
+
+
+def check_sd3_folder(src: str | Path) -> dict:
+    """model_index.json of an SD3-family pipeline folder (MMDiT + flow matching), checked before anything is
+    loaded; TeacherError naming the folder and what is missing or wrong."""
     index = Path(src) / "model_index.json"
+    if not index.is_file():
+        raise TeacherError(f"{src} is not a diffusers pipeline folder: model_index.json is missing")
+    spec = json.loads(index.read_text())
+    if spec.get("_class_name") != "StableDiffusion3Pipeline":
+        raise TeacherError(f"{src} holds a {spec.get('_class_name')}, not an SD3-family pipeline "
+                           "(model_index.json must name StableDiffusion3Pipeline)")
+    missing = [name for name in SD3_COMPONENTS if spec.get(name) in (None, [None, None]) or not (Path(src) / name).is_dir()]
+    if missing:
+        raise TeacherError(f"{src} is not a complete SD3-family pipeline: missing {', '.join(f'{m}/' for m in missing)}")
+    transformer = json.loads((Path(src) / "transformer" / "config.json").read_text()) \
+        if (Path(src) / "transformer" / "config.json").is_file() else {}
+    if transformer.get("_class_name") != "SD3Transformer2DModel":
+        raise TeacherError(f"{src}/transformer holds a {transformer.get('_class_name', 'model without config.json')}, "
+                           "not an SD3Transformer2DModel (MMDiT)")
+    return spec
+
+
+def load_pipeline(src: str | Path, device: torch.device | str = "cpu", dtype=torch.float32, **components) -> StableDiffusion3Pipeline:
+    """`StableDiffusion3Pipeline.from_pretrained` for a local dir or hub id; components saved as null
+    (a teacher without T5) are passed as None, as diffusers requires; `components` replace loaded ones."""
+    kwargs = {}
     if Path(src).is_dir():
-        if not index.is_file():
-            raise FileNotFoundError(f"{src} is not a diffusers pipeline folder: {index} is missing")
-        spec = json.loads(index.read_text())
-        if spec.get("_class_name") not in ("StableDiffusion3Pipeline", None):
-            log.warning("%s holds a %s; loading it as StableDiffusion3Pipeline", src, spec["_class_name"])
+        spec = check_sd3_folder(src)
         for name in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"):
             if spec.get(name) in (None, [None, None]):
                 kwargs[name] = None
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(src), dtype=dtype, **kwargs)
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(src), dtype=dtype, **{**kwargs, **components})
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def load_transformer(src: str | Path, device: torch.device | str = "cpu", dtype=torch.float32):
+    """Only the MMDiT of a pipeline folder, in `dtype` (a 2-8B teacher need not pass through fp32 in memory)."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel.from_pretrained(str(src), subfolder="transformer", torch_dtype=dtype).to(device)
 
 
 def read_meta(pipe_dir: str | Path) -> dict:
@@ -56,12 +86,56 @@ def write_meta(pipe_dir: str | Path, **meta) -> None:
 
 
 def max_sequence_length(pipe_dir: str | Path) -> int:
-    return int(read_meta(pipe_dir).get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))
+    """The T5 slot length of a pipeline folder: ladd.json's, else its T5 tokenizer's model_max_length, else its
+    CLIP tokenizer's (a teacher without T5 gets zeros in that slot), else diffusers' default."""
+    if "max_sequence_length" in read_meta(pipe_dir):
+        return int(read_meta(pipe_dir)["max_sequence_length"])
+    for name in ("tokenizer_3", "tokenizer"):
+        path = Path(pipe_dir) / name / "tokenizer_config.json"
+        if path.is_file() and json.loads(path.read_text()).get("model_max_length", 1e30) < 1e6:
+            return int(json.loads(path.read_text())["model_max_length"])
+    return DEFAULT_MAX_SEQUENCE_LENGTH
 
 
 def latent_shape(pipe: StableDiffusion3Pipeline) -> tuple[int, int, int]:
+    """The teacher's native latent shape (C, h, w): its transformer's sample_size."""
     size = pipe.transformer.config.sample_size
     return (pipe.transformer.config.in_channels, size, size)
+
+
+def _component_config(pipe_dir: str | Path, name: str) -> dict:
+    path = Path(pipe_dir) / name / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{pipe_dir} is not an SD3-family pipeline folder: {path} is missing")
+    return json.loads(path.read_text())
+
+
+def bucket_latent_shapes(pipe_dir: str | Path, resolutions, key: str) -> list[tuple[int, int, int]]:
+    """Latent shapes (C, h, w) of pixel resolutions (H, W) under the pipeline in `pipe_dir` (read from its
+    configs, nothing loaded); ConfigError naming `key[i]` for a size the VAE and transformer cannot take."""
+    from ladd.config import ConfigError
+
+    transformer, vae = _component_config(pipe_dir, "transformer"), _component_config(pipe_dir, "vae")
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)  # the pipeline's vae_scale_factor
+    patch, limit = transformer["patch_size"], transformer.get("pos_embed_max_size")
+    shapes = []
+    for i, (height, width) in enumerate(resolutions):
+        if height % (factor * patch) or width % (factor * patch):
+            raise ConfigError(f"{key}[{i}]: {height}x{width} is not divisible by {factor * patch} (the teacher's VAE "
+                              f"factor {factor} x patch size {patch})")
+        if limit is not None and max(height, width) // (factor * patch) > limit:
+            raise ConfigError(f"{key}[{i}]: {height}x{width} needs {height // (factor * patch)}x{width // (factor * patch)} "
+                              f"patches; the teacher's pos_embed_max_size is {limit} "
+                              f"(at most {limit * factor * patch} pixels a side)")
+        shapes.append((transformer["in_channels"], height // factor, width // factor))
+    return shapes
+
+
+def native_resolution(pipe_dir: str | Path) -> tuple[int, int]:
+    """Pixel (H, W) of the teacher's native latent size (its transformer's sample_size)."""
+    transformer, vae = _component_config(pipe_dir, "transformer"), _component_config(pipe_dir, "vae")
+    side = transformer["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    return side, side
 
 
 @torch.no_grad()

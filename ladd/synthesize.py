@@ -2,9 +2,12 @@
 trains on teacher samples only), written as sharded safetensors plus a manifest.
 
     <out>/shard-00000.safetensors  latents [n, C, h, w], record [n], trajectory [n, K, C, h, w]
-                                   (metadata: run fingerprint)
-    <out>/records.parquet          id, prompt, label, sample, seed, shard, row
-    <out>/manifest.json            guidance, steps, seed, trajectory_times, teacher fingerprint, shard_files
+                                   (metadata: run fingerprint); every shard holds one resolution bucket
+    <out>/records.parquet          id, prompt, label, sample, seed, bucket, shard, row
+    <out>/manifest.json            run settings and fingerprints, buckets, shard_files, shard_buckets
+
+Multi-aspect training (SD3-Turbo trains this way): each record is assigned to one of
+`resolutions` by a weighted draw from the seed, the same for a record whatever the data set's size.
 
 `trajectory` holds the teacher's own states at `trajectory_times` on the same CFG Euler path that ends
 at `latents` (the student's times below 1): sharp (x_t, x0) pairs for trajectory distillation.
@@ -21,6 +24,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from safetensors import safe_open
@@ -31,7 +35,7 @@ from ladd.config import SynthesizeConfig
 from ladd.data.prepare import load_split
 from ladd.generate import generate_latents, record_noise
 from ladd.io import atomic_file, fingerprint, write_json
-from ladd.pipeline import encode_prompts, latent_shape, load_pipeline, max_sequence_length, pick_device
+from ladd.pipeline import bucket_latent_shapes, encode_prompts, load_pipeline, max_sequence_length, native_resolution, pick_device
 from ladd.sampling import flow_sigmas
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,25 @@ def synthetic_records(captions: pd.DataFrame, samples_per_prompt: int, seed: int
     reps["sample"] = list(range(samples_per_prompt)) * len(captions)
     reps["seed"] = seed + reps.index
     return reps
+
+
+def assign_buckets(n: int, weights, seed: int) -> np.ndarray:
+    """Bucket index of each of n records: a weighted draw from one stream per seed, so record i keeps its
+    bucket when records are added after it."""
+    if len(weights) == 1:
+        return np.zeros(n, dtype=np.int64)
+    u = np.random.default_rng([seed, 1]).random(n)
+    cum = np.cumsum(weights) / np.sum(weights)
+    return np.minimum(np.searchsorted(cum, u, side="right"), len(weights) - 1)
+
+
+def plan_shards(buckets: np.ndarray, shard_size: int) -> list[tuple[int, int, np.ndarray]]:
+    """(shard index, bucket, record indices): each bucket's records in order, cut into shards."""
+    shards = []
+    for b in range(int(buckets.max()) + 1 if len(buckets) else 0):
+        rows = np.flatnonzero(buckets == b)
+        shards += [(len(shards) + j, b, rows[s : s + shard_size]) for j, s in enumerate(range(0, len(rows), shard_size))]
+    return shards
 
 
 def _shard_fingerprint(path: Path) -> str | None:
@@ -55,11 +78,16 @@ def _shard_fingerprint(path: Path) -> str | None:
 def synthesize(cfg: SynthesizeConfig, data_dir: str | Path, teacher_dir: str | Path, tracker) -> dict:
     out = Path(cfg.out_dir)
     device = pick_device(cfg.device)
+    resolutions = [tuple(r) for r in cfg.resolutions] if cfg.resolutions else [native_resolution(teacher_dir)]
+    shapes = bucket_latent_shapes(teacher_dir, resolutions, "synthesize.resolutions")  # before any work
+    weights = list(cfg.resolution_weights or [1.0] * len(resolutions))
     captions = load_split(Path(data_dir) / "train").captions
     records = synthetic_records(captions, cfg.samples_per_prompt, cfg.seed)
+    records["bucket"] = assign_buckets(len(records), weights, cfg.seed)
     teacher_fp = fingerprint(teacher_dir)
     run = {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "device", "batch_size")}
-    run.update(teacher=teacher_fp, prompts=fingerprint(Path(data_dir) / "train" / "captions.parquet"))
+    run.update(teacher=teacher_fp, prompts=fingerprint(Path(data_dir) / "train" / "captions.parquet"),
+               resolutions=resolutions)
     run = json.loads(json.dumps(run))  # as stored in the manifest
     run_fp = json.dumps(run, sort_keys=True)
     manifest_path = out / "manifest.json"
@@ -72,16 +100,16 @@ def synthesize(cfg: SynthesizeConfig, data_dir: str | Path, teacher_dir: str | P
     msl = max_sequence_length(teacher_dir)
     null_e, null_p = encode_prompts(pipe, [""], msl)
     sigmas = flow_sigmas(cfg.steps, pipe.scheduler.config.shift)
-    shards = [(k, range(s, min(s + cfg.shard_size, len(records)))) for k, s in enumerate(range(0, len(records), cfg.shard_size))]
-    todo = [(k, rows) for k, rows in shards if _shard_fingerprint(out / f"shard-{k:05d}.safetensors") != run_fp]
-    log.info("synthesize: %d records in %d shards, %d to generate (%d steps, CFG %.1f)",
-             len(records), len(shards), len(todo), cfg.steps, cfg.guidance)
-    with tqdm(total=sum(len(r) for _, r in todo), desc="synthesize", unit="latent") as bar:
-        for k, rows in todo:
-            chunk = records.iloc[rows.start : rows.stop]
+    shards = plan_shards(records["bucket"].to_numpy(), cfg.shard_size)
+    todo = [(k, b, rows) for k, b, rows in shards if _shard_fingerprint(out / f"shard-{k:05d}.safetensors") != run_fp]
+    log.info("synthesize: %d records in %d shards over %d resolution buckets %s, %d shards to generate (%d steps, CFG %.1f)",
+             len(records), len(shards), len(resolutions), resolutions, len(todo), cfg.steps, cfg.guidance)
+    with tqdm(total=sum(len(r) for *_, r in todo), desc="synthesize", unit="latent") as bar:
+        for k, b, rows in todo:
+            chunk = records.iloc[rows]
             embeds, pooled = encode_prompts(pipe, list(chunk["prompt"]), msl)
-            noise = record_noise(list(chunk["seed"]), latent_shape(pipe))
-            tensors = {"record": torch.arange(rows.start, rows.stop)}
+            noise = record_noise(list(chunk["seed"]), shapes[b])
+            tensors = {"record": torch.from_numpy(rows)}
             generated = generate_latents(pipe.transformer, embeds, pooled, noise, sigmas, cfg.guidance, null_e, null_p,
                                          batch_size=cfg.batch_size, path_times=cfg.trajectory_times)
             if cfg.trajectory_times:
@@ -91,27 +119,54 @@ def synthesize(cfg: SynthesizeConfig, data_dir: str | Path, teacher_dir: str | P
             with atomic_file(out / f"shard-{k:05d}.safetensors") as tmp:
                 save_file({name: t.contiguous() for name, t in tensors.items()}, tmp, metadata={"run": run_fp})
             bar.update(len(rows))
-    records["shard"] = [r // cfg.shard_size for r in range(len(records))]
-    records["row"] = [r % cfg.shard_size for r in range(len(records))]
+    for k, _, rows in shards:
+        records.loc[rows, "shard"], records.loc[rows, "row"] = k, np.arange(len(rows))
+    records = records.astype({"shard": "int64", "row": "int64"})
     with atomic_file(out / "records.parquet") as tmp:
         records.to_parquet(tmp, index=False)
-    summary = {"records": len(records), "shards": len(shards), "generated_shards": len(todo)}
-    write_json(manifest_path, {"run": run, "shard_files": [f"shard-{k:05d}.safetensors" for k, _ in shards],
-                               "trajectory_times": list(cfg.trajectory_times),
-                               "latent_shape": list(latent_shape(pipe)), **summary})
+    counts = np.bincount(records["bucket"], minlength=len(resolutions))
+    buckets = [{"resolution": list(r), "latent_shape": list(shape), "weight": w, "records": int(n)}
+               for r, shape, w, n in zip(resolutions, shapes, weights, counts)]
+    # content only (no counts of this run's work): rerunning with nothing to do rewrites the same file
+    write_json(manifest_path, {"run": run, "buckets": buckets, "trajectory_times": list(cfg.trajectory_times),
+                               "shard_files": [f"shard-{k:05d}.safetensors" for k, _, _ in shards],
+                               "shard_buckets": [b for _, b, _ in shards], "records": len(records)})
     tracker.log_metrics({"synthesize/records": len(records), "synthesize/generated_shards": len(todo)})
-    return summary
+    return {"records": len(records), "shards": len(shards), "generated_shards": len(todo), "buckets": len(resolutions)}
+
+
+@dataclass
+class Bucket:
+    """The records of one resolution: their indices into `Synthetic.records`, teacher latents x0
+    [n, C, h, w] and (when synthesized) the teacher's path states [n, K, C, h, w]."""
+
+    resolution: tuple[int, int]
+    records: torch.Tensor
+    latents: torch.Tensor
+    trajectory: torch.Tensor | None
 
 
 @dataclass
 class Synthetic:
-    """Teacher samples in record order: latents x0 [N, C, h, w], their records, and (when synthesized)
-    the teacher's path states at `trajectory_times` [N, K, C, h, w]."""
+    """Teacher samples by resolution bucket, their records, and the times of the stored path states."""
 
-    latents: torch.Tensor
     records: pd.DataFrame
-    trajectory: torch.Tensor | None
+    buckets: list[Bucket]
     trajectory_times: list[float]
+
+    def _only_bucket(self) -> Bucket:
+        if len(self.buckets) != 1:
+            raise ValueError(f"the synthetic data holds {len(self.buckets)} resolution buckets: read .buckets")
+        return self.buckets[0]
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """[N, C, h, w] in record order (single-resolution data)."""
+        return self._only_bucket().latents
+
+    @property
+    def trajectory(self) -> torch.Tensor | None:
+        return self._only_bucket().trajectory
 
 
 def load_synthetic(out_dir: str | Path) -> Synthetic:
@@ -121,11 +176,18 @@ def load_synthetic(out_dir: str | Path) -> Synthetic:
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} is missing: run (or finish) `ladd synthesize` first")
     manifest = json.loads(manifest_path.read_text())
-    shards = [load_file(out / name) for name in manifest["shard_files"]]
-    latents = torch.cat([s["latents"] for s in shards])
-    times = manifest.get("trajectory_times", [])
-    trajectory = torch.cat([s["trajectory"] for s in shards]) if times else None
     records = pd.read_parquet(out / "records.parquet")
-    if len(latents) != len(records):
-        raise ValueError(f"{out}: {len(latents)} latents but {len(records)} records")
-    return Synthetic(latents, records, trajectory, times)
+    times = manifest.get("trajectory_times", [])
+    shards = [(b, load_file(out / name)) for name, b in zip(manifest["shard_files"], manifest["shard_buckets"])]
+    buckets = []
+    for b, spec in enumerate(manifest["buckets"]):
+        mine = [s for sb, s in shards if sb == b]
+        latents = torch.cat([s["latents"] for s in mine])
+        if list(latents.shape[1:]) != spec["latent_shape"]:
+            raise ValueError(f"{out}: bucket {spec['resolution']} holds latents {list(latents.shape[1:])}, "
+                             f"manifest says {spec['latent_shape']}")
+        buckets.append(Bucket(tuple(spec["resolution"]), torch.cat([s["record"] for s in mine]), latents,
+                              torch.cat([s["trajectory"] for s in mine]) if times else None))
+    if sum(len(b.latents) for b in buckets) != len(records):
+        raise ValueError(f"{out}: {sum(len(b.latents) for b in buckets)} latents but {len(records)} records")
+    return Synthetic(records, buckets, times)

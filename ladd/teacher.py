@@ -21,11 +21,10 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 from ladd.config import TeacherConfig
 from ladd.data.prepare import load_split, prompt_vocabulary
 from ladd.io import atomic_dir
-from ladd.pipeline import encode_images, encode_prompts, load_pipeline, pick_device, write_meta
+from ladd.pipeline import encode_images, encode_prompts, load_pipeline, max_sequence_length, pick_device, write_meta
 from ladd.tokenizer import write_clip_tokenizer
 
 log = logging.getLogger(__name__)
-TINY_MAX_SEQUENCE_LENGTH = 16
 
 
 def _text_encoder(tokenizer, hidden: int, max_length: int, seed: int) -> CLIPTextModelWithProjection:
@@ -79,7 +78,7 @@ def _lr_at(step: int, total: int, warmup: int = 100) -> float:
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
+        e.lerp_(p.detach().to(e.device), 1 - decay)  # the EMA may live on the CPU
 
 
 def train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg: TeacherConfig, device, tracker) -> None:
@@ -158,7 +157,7 @@ def pretrain_tiny_teacher(cfg: TeacherConfig, data_dir: str | Path, device, trac
     timings["vae_s"] = time.perf_counter() - start
     pipe.to(device)
     latents = encode_images(pipe.vae, train.images)
-    msl = cfg.max_sequence_length or TINY_MAX_SEQUENCE_LENGTH
+    msl = cfg.max_sequence_length or cfg.text_max_length  # no T5: the CLIP length
     embeds, pooled = encode_prompts(pipe, list(train.captions["prompt"]), msl)
     null_embeds, null_pooled = encode_prompts(pipe, [""], msl)
     start = time.perf_counter()
@@ -175,12 +174,11 @@ def teacher_stage(cfg: TeacherConfig, data_dir: str | Path, device: str, tracker
     if cfg.pretrained:
         log.info("teacher: loading %s (no pretraining)", cfg.pretrained)
         pipe = load_pipeline(cfg.pretrained)
-        msl = cfg.max_sequence_length or 256
     else:
         pipe = pretrain_tiny_teacher(cfg, data_dir, device, tracker)
-        msl = cfg.max_sequence_length or TINY_MAX_SEQUENCE_LENGTH
     with atomic_dir(cfg.out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        msl = cfg.max_sequence_length or max_sequence_length(tmp)  # else the folder's own tokenizer length
         write_meta(tmp, max_sequence_length=msl, source=cfg.pretrained or "tiny")
     tracker.log_params({"teacher.resolved.source": cfg.pretrained or "tiny", "teacher.resolved.max_sequence_length": msl})
     return Path(cfg.out_dir)

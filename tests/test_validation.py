@@ -66,15 +66,18 @@ def test_nan_latent(tmp_path):
     latents = torch.randn(20, 4, 8, 8)
     latents[13, 2, 1, 1] = float("nan")
     records = pd.DataFrame({"id": [f"p{i}" for i in range(20)], "sample": [0] * 20})
-    checks = latent_checks((4, 8, 8), 20, [0.0] * 4, [1.0] * 4, 0.5)
+    checks = latent_checks(20, [0.0] * 4, [1.0] * 4, 0.5)
     with pytest.raises(ValidationFailed, match=r"expect_column_values_to_be_in_set on column 'finite' failed for records \['p13#0'\]"):
         run_suite("synthetic", latent_frame(latents, records), checks, tmp_path)
     ok = latent_frame(torch.nan_to_num(latents), records)
     assert run_suite("synthetic", ok, checks, tmp_path)["success"]
     with pytest.raises(ValidationFailed, match="expect_table_row_count_to_equal"):
-        run_suite("synthetic", ok, latent_checks((4, 8, 8), 40, [0.0] * 4, [1.0] * 4, 0.5), tmp_path)
+        run_suite("synthetic", ok, latent_checks(40, [0.0] * 4, [1.0] * 4, 0.5), tmp_path)
     with pytest.raises(ValidationFailed, match="expect_column_mean_to_be_between on column 'mean_c0'"):
         run_suite("synthetic", latent_frame(latents.nan_to_num() + 3, records), checks, tmp_path)
+    # a latent whose shape is not its resolution bucket's
+    with pytest.raises(ValidationFailed, match="expect_column_pair_values_to_be_equal"):
+        run_suite("synthetic", latent_frame(torch.nan_to_num(latents), records, (4, 8, 16)), checks, tmp_path)
 
 
 def test_cli_validate_fails_and_leaves_data_untouched(prepared_data, tmp_path):

@@ -65,7 +65,7 @@ def test_synthesize_stores_the_teacher_path_that_ends_at_each_latent(tiny_synthe
     """The stored trajectory of a record is the teacher's own CFG Euler path from the record's noise: re-solving
     one record reproduces both its latent and its states."""
     data = load_synthetic(tiny_synthetic.out_dir)
-    assert data.trajectory_times == [0.75, 0.5, 0.25] and data.trajectory.shape[:2] == (len(data.latents), 3)
+    assert data.trajectory_times == [0.6299605249, 0.3968502630, 0.25] and data.trajectory.shape[:2] == (len(data.latents), 3)
     pipe = load_pipeline(tiny_teacher_dir)
     msl = max_sequence_length(tiny_teacher_dir)
     i = 7
@@ -80,7 +80,7 @@ def test_synthesize_stores_the_teacher_path_that_ends_at_each_latent(tiny_synthe
     torch.testing.assert_close(path.stacked()[0], data.trajectory[i], rtol=0, atol=1e-5)
     # the student's times must be stored; a mismatch is one clear error naming the settings
     with pytest.raises(ConfigError, match="synthesize.trajectory_times"):
-        trajectory_states(data, torch.tensor([1.0, 0.6]))
+        trajectory_states(data.buckets[0], data.trajectory_times, torch.tensor([1.0, 0.6]))
 
 
 def test_trajectory_inputs_are_the_stored_teacher_states():
@@ -168,7 +168,7 @@ def test_trajectory_regression_pulls_t_below_1_onto_the_teacher_endpoints(tiny_t
     rows = torch.arange(16)
     e, p = encode_prompts(pipe, list(data.records["prompt"][:16]), max_sequence_length(tiny_teacher_dir))
     t = torch.full((16,), float(student_times(DistillConfig())[2]))
-    x_t = data.trajectory[rows, data.trajectory_times.index(0.5)]
+    x_t = data.trajectory[rows, 1]  # the state at t = times[2]
 
     def endpoint_error(weight):
         out = tmp_path / str(weight)

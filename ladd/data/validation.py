@@ -69,12 +69,15 @@ def image_checks(resolution: int, classes: list[int] | None) -> list[Check]:
     return checks
 
 
-def latent_frame(latents: torch.Tensor, records: pd.DataFrame) -> pd.DataFrame:
-    """One row per latent: id, finiteness, shape, per-channel mean and std."""
+def latent_frame(latents: torch.Tensor, records: pd.DataFrame, expected_shape: tuple[int, ...] | None = None) -> pd.DataFrame:
+    """One row per latent: id, finiteness, shape (and the shape its resolution bucket should have), per-channel
+    mean and std."""
     x = latents.float()
-    frame = {"id": records["id"].astype(str) + "#" + records["sample"].astype(str),
+    shape = "x".join(map(str, latents.shape[1:]))
+    frame = {"id": (records["id"].astype(str) + "#" + records["sample"].astype(str)).to_numpy(),
              "finite": torch.isfinite(x).flatten(1).all(1).numpy(),
-             "shape": ["x".join(map(str, latents.shape[1:]))] * len(latents)}
+             "shape": [shape] * len(latents),
+             "expected_shape": ["x".join(map(str, expected_shape or latents.shape[1:]))] * len(latents)}
     finite = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     for c in range(latents.shape[1]):
         frame[f"mean_c{c}"] = finite[:, c].mean((1, 2)).numpy()
@@ -82,13 +85,13 @@ def latent_frame(latents: torch.Tensor, records: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(frame)
 
 
-def latent_checks(shape: tuple[int, ...], count: int, channel_mean: list[float], channel_std: list[float], tolerance: float) -> list[Check]:
-    """Count, shape, finiteness; the set's per-channel mean/std within `tolerance` of the teacher VAE's
-    statistics on real images (in the scaled space the transformer sees)."""
+def latent_checks(count: int, channel_mean: list[float], channel_std: list[float], tolerance: float) -> list[Check]:
+    """Count, finiteness, every latent shaped as its resolution bucket says; the set's per-channel mean/std
+    within `tolerance` of the teacher VAE's statistics on real images (in the scaled space the transformer sees)."""
     checks = [
         Check("ExpectTableRowCountToEqual", {"value": count}),
         Check("ExpectColumnValuesToBeInSet", {"column": "finite", "value_set": [True]}),
-        Check("ExpectColumnValuesToBeInSet", {"column": "shape", "value_set": ["x".join(map(str, shape))]}),
+        Check("ExpectColumnPairValuesToBeEqual", {"column_A": "shape", "column_B": "expected_shape"}),
     ]
     for c, (mu, sd) in enumerate(zip(channel_mean, channel_std)):
         checks.append(Check("ExpectColumnMeanToBeBetween", {"column": f"mean_c{c}", "min_value": mu - tolerance, "max_value": mu + tolerance}))
@@ -178,8 +181,9 @@ def validate_synthetic(synthetic_dir: str | Path, teacher_dir: str | Path, data_
     from ladd.synthesize import load_synthetic
 
     data = load_synthetic(synthetic_dir)
-    latents, records = data.latents, data.records
     mean, std = real_latent_stats(teacher_dir, data_dir)
     manifest = json.loads((Path(synthetic_dir) / "manifest.json").read_text())
-    checks = latent_checks(tuple(manifest["latent_shape"]), expected_count, mean, std, tolerance)
-    return {"synthetic": run_suite("synthetic", latent_frame(latents, records), checks, report_dir)["success"]}
+    frame = pd.concat([latent_frame(b.latents, data.records.iloc[b.records.numpy()], tuple(spec["latent_shape"]))
+                       for b, spec in zip(data.buckets, manifest["buckets"])], ignore_index=True)
+    checks = latent_checks(expected_count, mean, std, tolerance)
+    return {"synthetic": run_suite("synthetic", frame, checks, report_dir)["success"]}

@@ -1,0 +1,222 @@
+"""Benchmark: static GPU memory of a LADD distillation run on the real SD3-family transformers.
+
+    .venv/bin/python benchmarks/memory.py [--json reports/memory.json] [--measure]
+
+SD3-medium, SD3.5-medium and SD3.5-large are built from their real `transformer/config.json` (embedded
+below) on the meta device: shapes only, no weights, no download. For each model and memory setting it
+prints, per GPU, the static memory of a distillation run — student, its gradients, AdamW states, EMA,
+frozen teacher, discriminator heads — and whether that fits an 80 GB GPU. Static only: activations, the
+CUDA context and allocator slack come on top. Units are GB = 1e9 bytes throughout.
+
+--measure (CUDA only): a randomly initialised SD3.5-medium-shaped student (fp32 + AdamW) beside a bf16
+teacher copy; peak `torch.cuda.max_memory_allocated()` and step time of one student forward/backward +
+AdamW step at 512² and 1024², batch 1 and 4, with and without gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import SD3Transformer2DModel
+
+from ladd.discriminator import DiscriminatorHead, default_feature_layers
+
+GB = 1e9
+GPU_GB = 80
+HEAD_CHANNELS, T_EMBED_DIM = 64, 64  # DistillConfig.head_channels and Discriminator's t_embed_dim
+TEXT_TOKENS = 77 + 256  # CLIP tokens + T5 tokens at diffusers' default max_sequence_length
+
+# transformer/config.json of each release (the architecture keys; `_class_name`/`_diffusers_version` dropped)
+CONFIGS = {
+    "SD3-medium": {  # stabilityai/stable-diffusion-3-medium-diffusers
+        "attention_head_dim": 64, "caption_projection_dim": 1536, "in_channels": 16, "joint_attention_dim": 4096,
+        "num_attention_heads": 24, "num_layers": 24, "out_channels": 16, "patch_size": 2,
+        "pooled_projection_dim": 2048, "pos_embed_max_size": 192, "sample_size": 128,
+    },
+    "SD3.5-medium": {  # stabilityai/stable-diffusion-3.5-medium: MMDiT-X, a second image attention in blocks 0-12
+        "attention_head_dim": 64, "caption_projection_dim": 1536, "dual_attention_layers": list(range(13)),
+        "in_channels": 16, "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 24,
+        "out_channels": 16, "patch_size": 2, "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
+        "qk_norm": "rms_norm", "sample_size": 128,
+    },
+    "SD3.5-large": {  # stabilityai/stable-diffusion-3.5-large
+        "attention_head_dim": 64, "caption_projection_dim": 2432, "in_channels": 16, "joint_attention_dim": 4096,
+        "num_attention_heads": 38, "num_layers": 38, "out_channels": 16, "patch_size": 2,
+        "pooled_projection_dim": 2048, "pos_embed_max_size": 192, "qk_norm": "rms_norm", "sample_size": 128,
+    },
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Bytes per transformer parameter of each component. A model copy's buffers (the positional-embedding
+    table) are stored in that copy's dtype; FSDP2 shards parameters only, so buffers stay whole per GPU."""
+
+    key: str
+    label: str
+    student: int
+    grads: int
+    optimiser: int
+    ema: int
+    teacher: int
+    ema_on_cpu: bool = False
+    shards: int = 1  # FSDP2: student, grads, AdamW states and EMA split over this many GPUs
+
+
+SETTINGS = [
+    Setting("fp32", "fp32 everything", 4, 4, 8, 4, 4),
+    Setting("bf16-teacher", "fp32 student+EMA, bf16 teacher", 4, 4, 8, 4, 2),
+    Setting("ema-cpu", "as above, EMA on CPU", 4, 4, 8, 4, 2, ema_on_cpu=True),
+    Setting("fsdp2x8", "as above (EMA on GPU), FSDP2 over 8 GPUs", 4, 4, 8, 4, 2, shards=8),
+]
+HEAD_BYTES = 4 + 4 + 8  # heads train in fp32 with AdamW and are tiny: replicated on every GPU
+
+
+def count(config: dict) -> dict:
+    """Parameter and buffer element counts of the transformer and of its discriminator heads, on meta."""
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(**config)
+        inner = config["num_attention_heads"] * config["attention_head_dim"]
+        heads = [DiscriminatorHead(inner, T_EMBED_DIM + config["pooled_projection_dim"], HEAD_CHANNELS)
+                 for _ in default_feature_layers(config["num_layers"])]
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "buffers": sum(b.numel() for b in model.buffers()),
+        "heads": len(heads),
+        "head_params": sum(p.numel() for h in heads for p in h.parameters()),
+    }
+
+
+def footprint(n: dict, s: Setting) -> dict:
+    """GB per GPU of each component under setting s (plus the CPU RAM the setting moves off the GPU)."""
+    p, b = n["params"] / s.shards, n["buffers"]
+    ema = p * s.ema + b * s.ema
+    gb = {
+        "student": (p * s.student + b * s.student) / GB,
+        "grads": p * s.grads / GB,
+        "optimiser": p * s.optimiser / GB,
+        "ema": 0.0 if s.ema_on_cpu else ema / GB,
+        "teacher": (n["params"] + b) * s.teacher / GB,  # frozen, replicated: every GPU runs its forward
+        "heads": n["head_params"] * HEAD_BYTES / GB,
+    }
+    gb["total_gpu"] = sum(gb.values())
+    gb["cpu"] = ema / GB if s.ema_on_cpu else 0.0
+    gb["fits"] = gb["total_gpu"] <= GPU_GB
+    return gb
+
+
+def table(results: dict) -> str:
+    cols = ["model", "setting", "params (B)", "buffers (GB)", "student", "grads", "AdamW", "EMA", "teacher",
+            "heads", "total / GPU", "CPU RAM", f"fits {GPU_GB} GB"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for name, r in results.items():
+        for s in SETTINGS:
+            f = r["settings"][s.key]
+            nums = [f[k] for k in ("student", "grads", "optimiser", "ema", "teacher", "heads", "total_gpu", "cpu")]
+            lines.append("| " + " | ".join([name, s.label, f"{r['params'] / 1e9:.2f}", f"{r['buffers'] * 4 / GB:.2f}",
+                                            *(f"{x:.2f}" for x in nums), "yes" if f["fits"] else "no"]) + " |")
+    return "\n".join(lines)
+
+
+def measure(config: dict) -> list[dict]:
+    """Peak allocated memory and time of one student step (forward, backward, AdamW) on a random model."""
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    with dev:  # random init straight on the GPU; values do not matter for memory or time
+        student = SD3Transformer2DModel(**config).train()
+    teacher = copy.deepcopy(student).to(torch.bfloat16).eval().requires_grad_(False)  # resident, as in distill
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
+    n = {"params": sum(p.numel() for p in student.parameters()), "buffers": sum(b.numel() for b in student.buffers())}
+    static = (n["params"] * (4 + 4 + 8 + 2) + n["buffers"] * (4 + 2)) / GB  # student, grads, AdamW, bf16 teacher
+
+    def step(latent: int, batch: int):
+        x = torch.randn(batch, config["in_channels"], latent, latent, device=dev)
+        e = torch.randn(batch, TEXT_TOKENS, config["joint_attention_dim"], device=dev)
+        p = torch.randn(batch, config["pooled_projection_dim"], device=dev)
+        t = torch.rand(batch, device=dev) * 1000
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # as distill.py does on CUDA
+            out = student(hidden_states=x, encoder_hidden_states=e, pooled_projections=p, timestep=t).sample
+        out.float().square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step(64, 1)  # creates the AdamW states, so every row below includes them
+    rows = []
+    for res, batch, ckpt in itertools.product((512, 1024), (1, 4), (False, True)):
+        if ckpt:
+            student.enable_gradient_checkpointing()
+        else:
+            student.disable_gradient_checkpointing()
+        row = {"resolution": res, "batch": batch, "checkpointing": ckpt, "static_gb": static}
+        try:
+            step(res // 8, batch)  # warm-up: kernels, allocator
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start, repeats = time.perf_counter(), 3
+            for _ in range(repeats):
+                step(res // 8, batch)
+            torch.cuda.synchronize()
+            row.update(peak_gb=torch.cuda.max_memory_allocated() / GB, step_s=(time.perf_counter() - start) / repeats)
+        except torch.cuda.OutOfMemoryError:
+            opt.zero_grad(set_to_none=True)
+            row.update(peak_gb=None, step_s=None)
+        torch.cuda.empty_cache()
+        rows.append(row)
+    del teacher
+    return rows
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", help="also write the numbers to this path")
+    ap.add_argument("--measure", action="store_true", help="measure a real step on the GPU (CUDA only)")
+    args = ap.parse_args(argv)
+
+    results = {}
+    for name, config in CONFIGS.items():
+        n = count(config)
+        results[name] = {**n, "settings": {s.key: footprint(n, s) for s in SETTINGS}}
+    print(f"\nStatic memory of a LADD distillation run, GB (1e9 bytes) per GPU; activations not included. "
+          f"Buffers: one fp32 copy (the positional-embedding table), counted in every model copy in its dtype.")
+    print(table(results))
+    heads = next(iter(results.values()))["heads"]
+    print(f"\nHeads: {heads} DiscriminatorHead per model (fp32 + AdamW, {HEAD_BYTES} B/param). "
+          "Student: fp32 master weights (bf16 autocast for compute), gradients fp32, AdamW 2 fp32 states.")
+    print("FSDP2 row: student, gradients, AdamW and EMA parameters sharded over 8 GPUs (buffers replicated); "
+          "teacher and heads replicated.")
+    print("Not resident: the text encoders are released once prompts are encoded (T5-XXL alone is ~4.76 B "
+          "params, ~9.5 GB in bf16; CLIP-L and OpenCLIP-bigG ~0.8 B more). VAE, CUDA context not counted.")
+
+    measured = None
+    if args.measure:
+        if torch.cuda.is_available():
+            measured = measure(CONFIGS["SD3.5-medium"])
+            print(f"\nMeasured on {torch.cuda.get_device_name()}: random SD3.5-medium, student fp32 + AdamW, "
+                  f"bf16 teacher resident, bf16 autocast, {TEXT_TOKENS} text tokens; student forward/backward + step")
+            print("| resolution | batch | grad. checkpointing | static predicted (GB) | peak allocated (GB) | step (s) |")
+            print("|---|---|---|---|---|---|")
+            for r in measured:
+                peak = "OOM" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
+                sec = "-" if r["step_s"] is None else f"{r['step_s']:.3f}"
+                print(f"| {r['resolution']}² | {r['batch']} | {'yes' if r['checkpointing'] else 'no'} | "
+                      f"{r['static_gb']:.2f} | {peak} | {sec} |")
+        else:
+            print("\n--measure skipped: no CUDA GPU (torch.cuda.is_available() is False).")
+
+    out = {"unit": "GB (1e9 bytes)", "gpu_gb": GPU_GB, "static_only": True, "models": results,
+           "settings": {s.key: s.label for s in SETTINGS}, "measured": measured}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()

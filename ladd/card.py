@@ -1,0 +1,88 @@
+"""The student folder's model card (README.md with the diffusers/Hub metadata header): what it was
+distilled from, how to load and call it in stock diffusers, how it was trained and, once `ladd evaluate`
+has run, the evaluation table of its run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ladd.io import atomic_file
+
+CARD = "README.md"
+
+
+def _load_snippet(meta: dict, has_t5: bool) -> str:
+    extra = "" if has_t5 else ", text_encoder_3=None, tokenizer_3=None"
+    steps = meta.get("default_steps", 4)
+    return (f'pipe = StableDiffusion3Pipeline.from_pretrained("path/to/student"{extra})\n'
+            f'image = pipe("a prompt", num_inference_steps={steps}, guidance_scale=0.0, '
+            f'max_sequence_length={meta["max_sequence_length"]}).images[0]')
+
+
+def _evaluation(metrics: dict | None) -> str:
+    if not metrics:
+        return "Not evaluated yet: `ladd evaluate` writes its table here.\n"
+    lines = [f"`ladd evaluate` on {metrics['num_samples']} held-out prompts, mean ± std over "
+             f"{len(metrics['seeds'])} sampling seeds; FD on the evaluation's feature extractor "
+             f"(real-vs-real floor {metrics['real_floor']['fd']:.1f}).", "",
+             "| model | steps | guidance | FD | accuracy |", "|---|---|---|---|---|"]
+    t = metrics["teacher"]
+    lines.append(f"| teacher | {t['steps']} | {t['guidance']:g} | {t['fd']:.1f} ± {t['fd_std']:.1f} | "
+                 f"{t['accuracy']:.3f} |")
+    for k, r in metrics["student"].items():
+        lines.append(f"| **student** | {k} | 0 | {r['fd']:.1f} ± {r['fd_std']:.1f} | {r['accuracy']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(student_dir: str | Path, meta: dict, summary: dict, metrics: dict | None = None) -> Path:
+    """(Re)write `student_dir/README.md` atomically."""
+    student_dir = Path(student_dir)
+    has_t5 = (student_dir / "text_encoder_3").is_dir()
+    times = ", ".join(f"{t:.4g}" for t in meta["student_times"])
+    base = meta.get("base_model") or "a LADD teacher"
+    card = f"""---
+base_model: {base}
+library_name: diffusers
+pipeline_tag: text-to-image
+tags:
+- ladd
+- distillation
+- few-step
+- stable-diffusion-3
+inference:
+  parameters:
+    num_inference_steps: {meta.get('default_steps', 4)}
+    guidance_scale: 0.0
+---
+
+# Few-step student of {base} (LADD)
+
+Distilled with Latent Adversarial Diffusion Distillation (Sauer et al. 2024) by the `ladd`
+pipeline. It samples in 1 to {len(meta['student_times'])} steps without classifier-free
+guidance. Its scheduler (exponential sigmas from 1 to {min(meta['student_times']):.4g}, re-noising between
+steps) hits the training times t = {times} at 1, 2 and {len(meta['student_times'])} steps.
+
+## How to load
+
+```python
+from diffusers import StableDiffusion3Pipeline
+
+{_load_snippet(meta, has_t5)}
+```
+
+Any `num_inference_steps` works; the trained ones give the best results. Loading prints that the scheduler
+config's `sigma_min`/`sigma_max` "will be ignored": diffusers reads them anyway (they set the schedule's ends).
+
+## Training
+
+{summary.get('steps', '?')} steps ({meta.get('sampler', 'renoise')} sampler), GAN health
+`{summary.get('gan_health', {}).get('status', '?')}`; full settings in `ladd_train_summary.json`, the raw
+(non-EMA) weights in `ladd_raw_transformer/`.
+
+## Evaluation
+
+{_evaluation(metrics)}"""
+    path = student_dir / CARD
+    with atomic_file(path) as tmp:
+        tmp.write_text(card)
+    return path
