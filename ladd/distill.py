@@ -145,10 +145,10 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
     bucket_sizes = torch.tensor([len(b.records) for b in data.buckets], dtype=torch.float64)
     teacher_dtype = getattr(torch, plan["teacher_dtype"])
     teacher = load_transformer(teacher_dir, device, teacher_dtype).eval().requires_grad_(False)
-    pipe = load_pipeline(teacher_dir, device, transformer=teacher, vae=None)
+    pipe = load_pipeline(teacher_dir, device, teacher_dtype, transformer=teacher, vae=None)
     msl = max_sequence_length(teacher_dir)
     prompts = list(dict.fromkeys(records["prompt"]))
-    embeds, pooled = encode_prompts(pipe, prompts, msl)
+    embeds, pooled = (e.float() for e in encode_prompts(pipe, prompts, msl))
     if plan["release_text_encoders"]:
         del pipe
         if device.type == "cuda":

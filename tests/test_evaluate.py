@@ -44,6 +44,10 @@ def test_seeds_change_the_samples_not_the_schema(prepared_data, tiny_classifier_
     labelled = Image.open(tmp_path / "a" / "grids" / "teacher_vs_student.png")
     assert plain.size == (10 * 34 * 3, 34 * 3)  # 8 images in a row of 10, 32 px + 2 px border, scale 3
     assert labelled.width >= 8 * 34 * 3 + 100 and labelled.height == 3 * 34 * 3  # label margin; teacher + 2 student rows
+    # the student's model card now carries the evaluation table of the last run (seeds 1, 2, 3 again)
+    card = (tiny_student_dir / "README.md").read_text()
+    assert card.startswith("---\nbase_model:") and "Not evaluated yet" not in card
+    assert f"| **student** | 2 | 0 | {a['student']['2']['fd']:.1f} ± {a['student']['2']['fd_std']:.1f} |" in card
 
 
 def test_seeds_must_be_distinct():

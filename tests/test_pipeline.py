@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 import yaml
 
 from ladd.pipeline import load_pipeline, max_sequence_length
-from tests.conftest import SMOKE_PARAMS, write_params
+from tests.conftest import ROOT, SMOKE_PARAMS, write_params
 
 pytestmark = pytest.mark.slow
 ALL_STAGES = {"prepare", "validate", "classifier", "teacher", "synthesize", "distill", "evaluate", "export"}
@@ -26,6 +27,7 @@ def init_repo(path):
     run(["git", "init", "-q"], path)
     run(["git", "-c", "user.email=ci@ladd", "-c", "user.name=ci", "commit", "-q", "--allow-empty", "-m", "init"], path)
     run([os.path.join(os.path.dirname(sys.executable), "dvc"), "init", "-q"], path)
+    shutil.copy(ROOT / ".dvcignore", path / ".dvcignore")  # the project's: evaluate adds its table to the model card
 
 
 def dvc(path, *args):
