@@ -183,8 +183,8 @@ def main(argv=None) -> dict:
     for name, config in CONFIGS.items():
         n = count(config)
         results[name] = {**n, "settings": {s.key: footprint(n, s) for s in SETTINGS}}
-    print(f"\nStatic memory of a LADD distillation run, GB (1e9 bytes) per GPU; activations not included. "
-          f"Buffers: one fp32 copy (the positional-embedding table), counted in every model copy in its dtype.")
+    print("\nStatic memory of a LADD distillation run, GB (1e9 bytes) per GPU; activations not included. "
+          "Buffers: one fp32 copy (the positional-embedding table), counted in every model copy in its dtype.")
     print(table(results))
     heads = next(iter(results.values()))["heads"]
     print(f"\nHeads: {heads} DiscriminatorHead per model (fp32 + AdamW, {HEAD_BYTES} B/param). "

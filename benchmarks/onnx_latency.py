@@ -69,7 +69,7 @@ def main() -> None:
                 name = f"ORT {precision}, opt={level}" + (", I/O binding" if binding else "")
                 rows.append({"batch": batch, "threads": threads, "runtime": name, "ms": ms, "ratio": ms / torch_ms})
     print(f"\nfew-step generator ({steps} steps + VAE decode), CPU, median of {args.repeats} runs\n")
-    print(f"| batch | threads | runtime | ms | ORT / torch |\n|---|---|---|---|---|")
+    print("| batch | threads | runtime | ms | ORT / torch |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['batch']} | {r['threads']} | {r['runtime']} | {r['ms']:.2f} | {r['ratio']:.2f} |")
     print(json.dumps(rows))

@@ -9,6 +9,7 @@ from pathlib import Path
 from ladd.io import atomic_file
 
 CARD = "README.md"
+TINY_BASE = "ladd-tiny-sd3-digits"  # the embedded default teacher, trained by `ladd teacher`
 
 
 def _load_snippet(meta: dict, has_t5: bool) -> str:
@@ -38,8 +39,11 @@ def write_model_card(student_dir: str | Path, meta: dict, summary: dict, metrics
     """(Re)write `student_dir/README.md` atomically."""
     student_dir = Path(student_dir)
     has_t5 = (student_dir / "text_encoder_3").is_dir()
-    times = ", ".join(f"{t:.4g}" for t in meta["student_times"])
+    times = ", ".join(f"{t:.3g}" for t in meta["student_times"])
     base = meta.get("base_model") or "a LADD teacher"
+    base = TINY_BASE if base == "tiny" else base
+    schedule = meta.get("schedule", "exponential")
+    scipy = " Its beta schedule needs `scipy` installed." if schedule == "beta" else ""
     card = f"""---
 base_model: {base}
 library_name: diffusers
@@ -58,9 +62,9 @@ inference:
 # Few-step student of {base} (LADD)
 
 Distilled with Latent Adversarial Diffusion Distillation (Sauer et al. 2024) by the `ladd`
-pipeline. It samples in 1 to {len(meta['student_times'])} steps without classifier-free
-guidance. Its scheduler (exponential sigmas from 1 to {min(meta['student_times']):.4g}, re-noising between
-steps) hits the training times t = {times} at 1, 2 and {len(meta['student_times'])} steps.
+pipeline. It samples in 1 to {len(meta['student_times'])} steps without classifier-free guidance. Its
+scheduler ({schedule} sigmas from 1 to {min(meta['student_times']):.3g}, re-noising between steps) visits
+the training times t = {times} at 1, 2 and {len(meta['student_times'])} steps.{scipy}
 
 ## How to load
 

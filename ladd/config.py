@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from ladd.presets import DISTILL_PRESETS
+from ladd.schedules import STUDENT_SCHEDULES, few_step_times
 
 
 class ConfigError(ValueError):
@@ -102,7 +103,7 @@ class SynthesizeConfig:
     samples_per_prompt: int = 4
     shard_size: int = 1024
     batch_size: int = 256
-    trajectory_times: tuple[float, ...] = (0.6299605249, 0.3968502630, 0.25)  # teacher path states stored for trajectory distillation
+    trajectory_times: tuple[float, ...] = (0.7934400439, 0.4565599561, 0.25)  # teacher path states stored for trajectory distillation
     resolutions: tuple[tuple[int, ...], ...] | None = None  # [height, width] pixel buckets; None: the teacher's native size
     resolution_weights: tuple[float, ...] | None = None  # share of the records per bucket (None: equal)
     seed: int = 0
@@ -130,9 +131,10 @@ class DistillConfig:
     preset: str | None = None  # a key of DISTILL_PRESETS; its settings replace those it names
     steps: int = 1200
     batch_size: int = 64
-    # geometric, t_i = t_min^(i/(n-1)): the k-step schedule stock diffusers gives the saved student (exponential
-    # sigmas from 1 to t_min) then hits trained times at k = 1, 2 and n
-    student_times: tuple[float, ...] = (1.0, 0.6299605249, 0.3968502630, 0.25)
+    # the times `schedule` gives from 1 to t_min (ladd/schedules.py): stock diffusers then visits trained times
+    # at 1, 2 and n steps
+    student_times: tuple[float, ...] = (1.0, 0.7934400439, 0.4565599561, 0.25)
+    schedule: str = "beta"  # beta (nearer evenly spaced; diffusers needs scipy) | exponential (geometric times)
     warmup_steps: int = 200
     warmup_probs: tuple[float, ...] = (0.0, 0.0, 0.5, 0.5)
     probs: tuple[float, ...] = (0.7, 0.1, 0.1, 0.1)
@@ -183,6 +185,7 @@ class DistillConfig:
         _choice("distill.gradient_checkpointing", self.gradient_checkpointing, ("auto", "off", "student", "all"))
         _choice("distill.mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
         _choice("distill.teacher_dtype", self.teacher_dtype, ("auto", "float32", "bfloat16"))
+        _choice("distill.schedule", self.schedule, tuple(STUDENT_SCHEDULES))
         _positive("distill", steps=self.steps, d_steps_per_g=self.d_steps_per_g, checkpoint_every=self.checkpoint_every)
         if not 0 <= self.backward_share <= 1:
             raise ConfigError(f"distill.backward_share must be in [0, 1], got {self.backward_share}")
@@ -200,10 +203,10 @@ class DistillConfig:
                 raise ConfigError(f"distill.{key} must be {n} non-negative numbers summing to 1, got {list(probs)}")
         if not all(0 < t <= 1 for t in self.student_times) or self.student_times[0] != 1.0:
             raise ConfigError(f"distill.student_times must start at 1.0 and lie in (0, 1], got {list(self.student_times)}")
-        ladder = geometric_times(n, self.student_times[-1])
+        ladder = few_step_times(self.schedule, n, self.student_times[-1])
         if any(abs(a - b) > 1e-6 for a, b in zip(self.student_times, ladder)):
-            raise ConfigError(f"distill.student_times must be geometric from 1 to their last value, so that the saved "
-                              f"student's diffusers schedule hits them at every step count: use "
+            raise ConfigError(f"distill.student_times must be the {self.schedule} schedule's times from 1 to their last "
+                              f"value, so that the saved student's diffusers scheduler visits them: use "
                               f"[{', '.join(f'{t:.10g}' for t in ladder)}], got {list(self.student_times)}")
 
 
@@ -280,16 +283,6 @@ class Params:
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Params)
-
-
-def geometric_times(n: int, t_min: float) -> list[float]:
-    """t_i = t_min^(i/(n-1)), i < n: the sigmas of diffusers' FlowMatchEulerDiscreteScheduler with exponential
-    sigmas from 1 to t_min at n steps (computed the same way, in float32)."""
-    import numpy as np
-
-    if n == 1:
-        return [1.0]
-    return [float(t) for t in np.exp(np.linspace(0.0, np.log(t_min), n)).astype(np.float32)]
 
 
 def _choice(key: str, value, allowed: tuple):

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ladd.card import write_model_card
 from ladd.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
-from ladd.config import DistillConfig, geometric_times
+from ladd.config import DistillConfig
 from ladd.discriminator import Discriminator, default_feature_layers
 from ladd.io import atomic_dir, atomic_file, fingerprint, write_json
 from ladd.config import ConfigError
@@ -34,6 +34,7 @@ from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, gan_health, mean_logits
 from ladd.pipeline import (encode_prompts, load_pipeline, load_transformer, max_sequence_length, pick_device, read_meta,
                            write_meta)
 from ladd.plots import plot_curves
+from ladd.schedules import SCHEDULER_FLAGS, few_step_times
 from ladd.synthesize import Bucket, load_synthetic
 from ladd.teacher import update_ema
 from ladd.variants import (REGRESSION_TARGETS, RENOISE_TIMES, SAMPLER_STEPS, STUDENT_INPUTS, backward_simulate,
@@ -50,7 +51,7 @@ def curve_fields(heads: int) -> list[str]:
 
 def student_times(cfg: DistillConfig) -> torch.Tensor:
     """The training times, exactly as the saved student's diffusers schedule computes them."""
-    return torch.tensor(geometric_times(len(cfg.student_times), cfg.student_times[-1]), dtype=torch.float32)
+    return torch.tensor(few_step_times(cfg.schedule, len(cfg.student_times), cfg.student_times[-1]), dtype=torch.float32)
 
 
 def memory_plan(cfg: DistillConfig, device: torch.device) -> dict:
@@ -108,13 +109,13 @@ def _write_curve(path: Path, rows: list[dict], heads: int) -> None:
 def save_student(teacher_dir, student_ema, student_raw, cfg: DistillConfig, meta: dict, summary: dict) -> None:
     """A complete diffusers pipeline: the teacher's VAE, tokenizers and text encoders (read again from its
     folder), the EMA student transformer, and a few-step scheduler that stock diffusers runs at any step
-    count: exponential sigmas from 1 to the smallest training time (geometric times: k = 1, 2 and n steps
-    hit trained times), re-noising between steps like `ladd.sampling.sample_renoise`. A model card beside it."""
+    count: `cfg.schedule`'s sigmas from 1 to the smallest training time (k = 1, 2 and n steps visit trained
+    times), re-noising between steps like `ladd.sampling.sample_renoise`. A model card beside it."""
     times = student_times(cfg).tolist()
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_exponential_sigmas=len(times) > 1,
-                                                stochastic_sampling=cfg.sampler == "renoise")
-    # read by diffusers' exponential conversion (not an __init__ argument: it warns that it ignores them, and
-    # uses them)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, stochastic_sampling=cfg.sampler == "renoise",
+                                                **{SCHEDULER_FLAGS[cfg.schedule]: len(times) > 1})
+    # read by diffusers' exponential/beta conversions (not __init__ arguments: it warns that it ignores them,
+    # and uses them)
     scheduler.register_to_config(sigma_min=min(times), sigma_max=1.0)
     pipe = load_pipeline(teacher_dir, "cpu", transformer=student_ema, scheduler=scheduler)
     with atomic_dir(cfg.out_dir) as tmp:
@@ -317,7 +318,7 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
                              health.get("chance_loss"))
     meta = {"max_sequence_length": msl, "source": "ladd-student", "teacher": run["teacher"],
             "base_model": read_meta(teacher_dir).get("source", str(teacher_dir)),
-            "student_times": times.tolist(), "sampler": cfg.sampler, "default_steps": len(times)}
+            "student_times": times.tolist(), "schedule": cfg.schedule, "sampler": cfg.sampler, "default_steps": len(times)}
     steady = step_times[min(5, len(step_times) - 1):] if step_times else []
     summary = {"steps": cfg.steps, "resumed_from": start, "skipped_updates": skipped,
                "sec_per_step": sum(steady) / len(steady) if steady else math.nan, "device": device.type,

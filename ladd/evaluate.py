@@ -15,13 +15,14 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ladd.card import write_model_card
-from ladd.config import EvaluateConfig, geometric_times
+from ladd.config import EvaluateConfig
 from ladd.data.prepare import load_split
 from ladd.generate import generate_latents, record_noise
 from ladd.io import atomic_file, write_json
 from ladd.pipeline import decode_latents, encode_prompts, latent_shape, load_pipeline, max_sequence_length, read_meta
 from ladd.quality import FEATURE_EXTRACTORS, real_features, real_floor, score_images
 from ladd.sampling import flow_sigmas
+from ladd.schedules import few_step_times
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,11 @@ def summarize_seeds(rows: list[dict]) -> dict:
 
 
 def student_sigmas(steps: int, student_meta: dict) -> torch.Tensor:
-    """k-step schedule of a saved student, as its diffusers scheduler gives it: geometric from 1 to its
-    smallest training time (exponential sigmas), then 0."""
+    """k-step schedule of a saved student, as its diffusers scheduler gives it: its schedule's times from 1
+    to its smallest training time, then 0."""
     times = student_meta.get("student_times", [1.0])
-    return torch.tensor([*geometric_times(steps, min(times)), 0.0], dtype=torch.float32)
+    return torch.tensor([*few_step_times(student_meta.get("schedule", "exponential"), steps, min(times)), 0.0],
+                        dtype=torch.float32)
 
 
 class _Model:

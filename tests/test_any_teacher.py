@@ -181,7 +181,7 @@ def sd35_chain(tmp_path_factory):
                            resolutions=((64, 128), (128, 64)), trajectory_times=(0.5, 0.25), device="cpu")
     synthesize(syn, data, teacher, NullTracker())
     cfg = DistillConfig(out_dir=str(root / "student"), checkpoint=str(root / "ck.safetensors"), **DISTILL,
-                        student_times=(1.0, 0.5, 0.25), probs=(0.5, 0.25, 0.25), warmup_probs=(0.0, 0.5, 0.5),
+                        student_times=(1.0, 0.5, 0.25), schedule="exponential", probs=(0.5, 0.25, 0.25), warmup_probs=(0.0, 0.5, 0.5),
                         gradient_checkpointing="all", ema_on_cpu=True)
     summary = distill(cfg, teacher, syn.out_dir, NullTracker())
     return root, teacher, syn, summary
@@ -209,6 +209,8 @@ def test_sd35_shaped_student_runs_in_stock_diffusers_and_exports(sd35_chain):
     root, teacher, syn, summary = sd35_chain
     student = StableDiffusion3Pipeline.from_pretrained(root / "student")  # T5 included: no extra arguments
     assert type(student.text_encoder_3).__name__ == "T5EncoderModel"
+    student.scheduler.set_timesteps(3)  # the exponential schedule's 3 steps are the training times
+    assert student.scheduler.timesteps.tolist() == pytest.approx([1000.0, 500.0, 250.0], abs=1e-3)
     assert student.transformer.dtype == torch.float32
     for steps in (1, 2, 3):
         images = student("a drawing of the digit two", height=64, width=128, num_inference_steps=steps,
@@ -247,3 +249,13 @@ def test_memory_settings_leave_the_tiny_run_unchanged(setting, tiny_teacher_dir,
     tol = 0.05 if bf16 else 1e-5
     for column in ("loss_d", "loss_adv", "loss_reg"):
         assert (curve[column] - ref_curve[column]).abs().max() <= tol * (1 + ref_curve[column].abs().max()), column
+
+
+def test_student_times_must_be_their_schedules():
+    """Times stock diffusers cannot visit (the paper's evenly spaced ones) fail at config load with the ladder."""
+    with pytest.raises(ConfigError, match=r"beta schedule's times .* use \[1, 0.7934400439, 0.4565599561, 0.25\]"):
+        DistillConfig(student_times=(1.0, 0.75, 0.5, 0.25))
+    with pytest.raises(ConfigError, match=r"use \[1, 0.629960537, 0.3968502581, 0.25\]"):
+        DistillConfig(student_times=(1.0, 0.75, 0.5, 0.25), schedule="exponential")
+    two = DistillConfig(student_times=(1.0, 0.25), schedule="exponential", probs=(0.5, 0.5), warmup_probs=(0.5, 0.5))
+    assert two.student_times == (1.0, 0.25)

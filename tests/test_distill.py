@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from ladd.checkpoint import read_checkpoint_meta
-from ladd.config import DISTILL_PRESETS, ConfigError, DistillConfig, SynthesizeConfig
+from ladd.config import DISTILL_PRESETS, ConfigError, DistillConfig
 from ladd.discriminator import Discriminator, default_feature_layers
 from ladd.distill import distill
 from ladd.evaluate import student_sigmas
@@ -135,7 +135,7 @@ def test_distilled_student_is_a_diffusers_pipeline(tiny_teacher_dir, tiny_synthe
     assert any(not torch.equal(a, b) for a, b in zip(teacher.transformer.parameters(), student.transformer.parameters()))
     meta = read_meta(student_dir)
     times = meta["student_times"]
-    assert times == pytest.approx([1.0, 0.25 ** (1 / 3), 0.25 ** (2 / 3), 0.25], abs=1e-7) and meta["sampler"] == "renoise"
+    assert times == pytest.approx([1.0, 0.79344, 0.45656, 0.25], abs=1e-5) and meta["sampler"] == "renoise"
     # stock diffusers, no argument beyond the step count, guidance and the T5 slot: it visits the trained times
     # at 1, 2 and 4 steps, and agrees with our sampler (its re-noising draws from the global RNG)
     msl = max_sequence_length(student_dir)
@@ -152,7 +152,7 @@ def test_distilled_student_is_a_diffusers_pipeline(tiny_teacher_dir, tiny_synthe
         assert torch.isfinite(ref).all() and (ours - ref).abs().max() <= 1e-5, steps
     # the model card: diffusers metadata header, how to load, and (before evaluate) no table yet
     card = (Path(student_dir) / "README.md").read_text()
-    assert card.startswith("---\nbase_model: tiny\nlibrary_name: diffusers") and "num_inference_steps=4" in card
+    assert card.startswith("---\nbase_model: ladd-tiny-sd3-digits\nlibrary_name: diffusers") and "num_inference_steps=4" in card
     assert "Not evaluated yet" in card
 
 

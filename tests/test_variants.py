@@ -65,7 +65,7 @@ def test_synthesize_stores_the_teacher_path_that_ends_at_each_latent(tiny_synthe
     """The stored trajectory of a record is the teacher's own CFG Euler path from the record's noise: re-solving
     one record reproduces both its latent and its states."""
     data = load_synthetic(tiny_synthetic.out_dir)
-    assert data.trajectory_times == [0.6299605249, 0.3968502630, 0.25] and data.trajectory.shape[:2] == (len(data.latents), 3)
+    assert data.trajectory_times == [0.7934400439, 0.4565599561, 0.25] and data.trajectory.shape[:2] == (len(data.latents), 3)
     pipe = load_pipeline(tiny_teacher_dir)
     msl = max_sequence_length(tiny_teacher_dir)
     i = 7

@@ -1,0 +1,37 @@
+"""The student's few-step times, as stock diffusers computes them (numpy and scipy only, no torch).
+
+A saved student's `FlowMatchEulerDiscreteScheduler` turns `num_inference_steps=k` into k times from 1 down
+to its `sigma_min` (= the smallest training time t_min). Only its exponential and beta conversions take
+that end from the config and work at k = 1 (`shift_terminal` divides 0 by 0 there), so the student trains
+at the times one of them gives for n steps, and its k = 1, 2 and n step schedules visit trained times:
+
+- exponential: t_i = t_min^(i/(n-1)) (n = 4, t_min = 0.25: 1, 0.630, 0.397, 0.25);
+- beta: t_min + (1 - t_min) * Beta(0.6, 0.6).ppf(1 - i/(n-1)) (1, 0.793, 0.457, 0.25; diffusers needs
+  scipy to run it), nearer the paper's evenly spaced 1, 0.75, 0.5, 0.25.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _exponential(n: int, t_min: float) -> np.ndarray:
+    return np.exp(np.linspace(0.0, np.log(t_min), n))  # diffusers' _convert_to_exponential
+
+
+def _beta(n: int, t_min: float) -> np.ndarray:
+    import scipy.stats
+
+    ppf = scipy.stats.beta.ppf(1 - np.linspace(0, 1, n), 0.6, 0.6)  # diffusers' _convert_to_beta
+    return t_min + ppf * (1 - t_min)
+
+
+STUDENT_SCHEDULES = {"exponential": _exponential, "beta": _beta}
+SCHEDULER_FLAGS = {"exponential": "use_exponential_sigmas", "beta": "use_beta_sigmas"}
+
+
+def few_step_times(schedule: str, n: int, t_min: float) -> list[float]:
+    """The n times (from 1 to t_min) the saved scheduler visits at n steps, in float32 as diffusers has them."""
+    if n == 1:
+        return [1.0]
+    return [float(t) for t in STUDENT_SCHEDULES[schedule](n, t_min).astype(np.float32)]
