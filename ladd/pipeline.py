@@ -88,12 +88,14 @@ def write_meta(pipe_dir: str | Path, **meta) -> None:
 def max_sequence_length(pipe_dir: str | Path) -> int:
     """The T5 slot length of a pipeline folder: ladd.json's, else its T5 tokenizer's model_max_length, else its
     CLIP tokenizer's (a teacher without T5 gets zeros in that slot), else diffusers' default."""
-    if "max_sequence_length" in read_meta(pipe_dir):
-        return int(read_meta(pipe_dir)["max_sequence_length"])
+    meta = read_meta(pipe_dir)
+    if "max_sequence_length" in meta:
+        return int(meta["max_sequence_length"])
     for name in ("tokenizer_3", "tokenizer"):
         path = Path(pipe_dir) / name / "tokenizer_config.json"
-        if path.is_file() and json.loads(path.read_text()).get("model_max_length", 1e30) < 1e6:
-            return int(json.loads(path.read_text())["model_max_length"])
+        length = json.loads(path.read_text()).get("model_max_length", 1e30) if path.is_file() else 1e30
+        if length < 1e6:  # transformers writes a huge sentinel when a tokenizer has no limit
+            return int(length)
     return DEFAULT_MAX_SEQUENCE_LENGTH
 
 
