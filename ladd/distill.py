@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -35,7 +36,7 @@ from ladd.pipeline import (encode_prompts, load_pipeline, load_transformer, max_
                            write_meta)
 from ladd.plots import plot_curves
 from ladd.schedules import SCHEDULER_FLAGS, few_step_times
-from ladd.synthesize import Bucket, load_synthetic
+from ladd.synthesize import Bucket, check_finite, load_synthetic
 from ladd.teacher import update_ema
 from ladd.variants import (REGRESSION_TARGETS, RENOISE_TIMES, SAMPLER_STEPS, STUDENT_INPUTS, backward_simulate,
                            masked_mse, noise_to, randn)
@@ -71,6 +72,29 @@ def _run_fingerprint(cfg: DistillConfig, teacher_dir, synthetic_dir) -> dict:
     run = {k: v for k, v in asdict(cfg).items() if k not in skip}
     run = {**run, "teacher": fingerprint(teacher_dir), "synthetic": fingerprint(Path(synthetic_dir) / "manifest.json")}
     return json.loads(json.dumps(run))  # as stored in the checkpoint (tuples become lists)
+
+
+def _resumable(cfg: DistillConfig, run: dict) -> bool:
+    """Whether `cfg.checkpoint` is this run's to resume. One written for other settings or data is not (training
+    starts over); an unreadable one is moved aside to `<name>.corrupt`; one past `distill.steps` is an error
+    (resuming it would train nothing and relabel its weights)."""
+    path = Path(cfg.checkpoint)
+    if not path.is_file():
+        return False
+    try:
+        saved_step, saved_run = read_checkpoint_meta(path)
+    except Exception as e:  # torn or foreign file (the writer is atomic, so not ours mid-write)
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        log.warning("distill: checkpoint %s is unreadable (%s): moved to %s, starting from step 0", path, e, aside)
+        return False
+    if saved_run != run:
+        log.warning("distill: %s was written for other settings or data; starting from step 0", path)
+        return False
+    if saved_step > cfg.steps:
+        raise ConfigError(f"distill.steps is {cfg.steps} but {path} is at step {saved_step}: raise distill.steps, or "
+                          "move the checkpoint away to train from step 0")
+    return True
 
 
 def _curve_path(cfg: DistillConfig) -> Path:
@@ -139,7 +163,10 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
     #    encoders (T5-XXL alone is ~9.5 GB) and the VAE are released. The student keeps fp32 master weights;
     #    the frozen teacher may be bf16.
     times = student_times(cfg)
+    run = _run_fingerprint(cfg, teacher_dir, synthetic_dir)
+    resume = _resumable(cfg, run)  # before any expensive work: a checkpoint past distill.steps is an error
     data = load_synthetic(synthetic_dir)
+    check_finite(data, synthetic_dir)
     records = data.records
     trajectories = [trajectory_states(b, data.trajectory_times, times) if cfg.student_input == "trajectory" else None
                     for b in data.buckets]
@@ -169,17 +196,11 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
     d_loss_fn, g_loss_fn = ADVERSARIAL_LOSSES[cfg.loss]
     student_input, renoise_time = STUDENT_INPUTS[cfg.student_input], RENOISE_TIMES[cfg.renoise_times]
     regression_target, sampler_step = REGRESSION_TARGETS[cfg.regression_target], SAMPLER_STEPS[cfg.sampler]
-    run = _run_fingerprint(cfg, teacher_dir, synthetic_dir)
     state = dict(modules={"student": student, "ema": ema, "disc": disc}, optimizers={"opt_g": opt_g, "opt_d": opt_d},
                  generators={"data": gen})
-    start = 0
-    if Path(cfg.checkpoint).is_file():
-        saved_step, saved_run = read_checkpoint_meta(cfg.checkpoint)
-        if saved_run == run:
-            start = load_checkpoint(cfg.checkpoint, **state)
-            log.info("distill: resuming from %s at step %d", cfg.checkpoint, start)
-        else:
-            log.warning("distill: %s was written for other settings or data; starting from step 0", cfg.checkpoint)
+    start = load_checkpoint(cfg.checkpoint, **state) if resume else 0
+    if resume:
+        log.info("distill: resuming from %s at step %d", cfg.checkpoint, start)
     curve = _read_curve(_curve_path(cfg), start)
     tracker.log_params({"distill.resolved.feature_layers": layers, "distill.resolved.student_times": times.tolist(),
                         **{f"distill.resolved.{k}": v for k, v in plan.items()}})

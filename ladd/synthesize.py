@@ -191,3 +191,21 @@ def load_synthetic(out_dir: str | Path) -> Synthetic:
     if sum(len(b.latents) for b in buckets) != len(records):
         raise ValueError(f"{out}: {sum(len(b.latents) for b in buckets)} latents but {len(records)} records")
     return Synthetic(records, buckets, times)
+
+
+def check_finite(data: Synthetic, out_dir: str | Path) -> None:
+    """ValidationFailed naming the records and shards whose latents or path states are not finite (training on
+    them would silently skip or poison updates)."""
+    from ladd.data.validation import ValidationFailed
+
+    bad = []
+    for b in data.buckets:
+        rows = ~torch.isfinite(b.latents.flatten(1)).all(1)
+        if b.trajectory is not None:
+            rows |= ~torch.isfinite(b.trajectory.flatten(1)).all(1)
+        bad += b.records[rows].tolist()
+    if bad:
+        records = data.records.iloc[bad[:5]]
+        named = ", ".join(f"{r.id}#{r.sample} (shard-{r.shard:05d})" for r in records.itertuples())
+        raise ValidationFailed(f"{out_dir}: {len(bad)} synthetic latents are not finite, e.g. records {named}: "
+                               "rerun `ladd synthesize` (delete those shards)")

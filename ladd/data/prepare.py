@@ -99,6 +99,16 @@ def _prompt_table(table: pd.DataFrame, path: str) -> pd.DataFrame:
     return pd.DataFrame({"id": ids.to_numpy(), "prompt": table[text].astype(str).to_numpy(), "label": np.asarray(labels)})
 
 
+def _rgb(im: Image.Image) -> np.ndarray:
+    """[H, W, 3] floats in [0, 1]. 16-bit greyscale ("I;16", or "I" from a 16-bit PNG) is scaled by 65535:
+    PIL's convert("RGB") clips it at 255, which turns such images white."""
+    if im.mode.startswith("I"):
+        arr = np.asarray(im, dtype=np.float32)
+        scale = 255.0 if im.mode == "I" and arr.max() <= 255 else 65535.0
+        return np.repeat(np.clip(arr / scale, 0, 1)[..., None], 3, axis=-1)
+    return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+
+
 def load_folder(images_dir: str, captions_path: str, resolution: int) -> tuple[pd.DataFrame, torch.Tensor]:
     table = read_table(captions_path)
     if "file" not in table:
@@ -109,7 +119,7 @@ def load_folder(images_dir: str, captions_path: str, resolution: int) -> tuple[p
         path = Path(images_dir) / name
         try:
             with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+                arr = _rgb(im)
         except (OSError, ValueError) as e:
             raise ValueError(f"{captions_path} row {row} (id {captions['id'][row]}): cannot read image {path}: {e}") from None
         images.append(resize_images(torch.from_numpy(arr).permute(2, 0, 1)[None], resolution)[0])

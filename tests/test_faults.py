@@ -1,0 +1,110 @@
+"""Planted faults: each gives one clear error naming its culprit and changes nothing, or a documented
+recovery that loses nothing valid. (The start of the fault-injection suite of the robustness issue.)"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from ladd.config import ConfigError, DistillConfig, PrepareConfig
+from ladd.data.prepare import load_split, prepare
+from ladd.data.validation import ValidationFailed
+from ladd.distill import distill
+from ladd.io import atomic_dir, atomic_file, fingerprint
+from ladd.synthesize import synthesize
+from ladd.tracking import NullTracker
+
+DISTILL = dict(steps=4, batch_size=4, warmup_steps=2, checkpoint_every=2, log_every=1, device="cpu")
+
+
+@pytest.fixture
+def finished_run(tiny_teacher_dir, tiny_synthetic, tmp_path):
+    """A finished 4-step distillation with its checkpoint, on a private copy of the synthetic data."""
+    synthetic = tmp_path / "synthetic"
+    shutil.copytree(tiny_synthetic.out_dir, synthetic)
+    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck" / "distill.safetensors"),
+                        **DISTILL)
+    distill(cfg, tiny_teacher_dir, synthetic, NullTracker())
+    return cfg, synthetic
+
+
+def _plant_nan(cfg, synthetic):
+    shard = synthetic / "shard-00001.safetensors"
+    tensors = load_file(shard)
+    tensors["latents"][3, 0, 2, 2] = float("nan")
+    save_file(tensors, shard, metadata={"run": "planted"})
+    record = pd.read_parquet(synthetic / "records.parquet").query("shard == 1 and row == 3").iloc[0]
+    return cfg, rf"1 synthetic latents are not finite, e.g. records {record['id']}#0 \(shard-00001\)"
+
+
+def _lower_steps(cfg, synthetic):
+    return replace(cfg, steps=2), r"distill.steps is 2 but .*distill.safetensors is at step 4"
+
+
+@pytest.mark.parametrize("plant", [_plant_nan, _lower_steps], ids=["nan_latent", "steps_below_checkpoint"])
+def test_distill_faults_fail_clearly_and_change_nothing(plant, finished_run, tiny_teacher_dir):
+    cfg, synthetic = finished_run
+    cfg, message = plant(cfg, synthetic)
+    before = fingerprint(cfg.out_dir), fingerprint(Path(cfg.checkpoint).parent)
+    with pytest.raises((ConfigError, ValidationFailed), match=message):
+        distill(cfg, tiny_teacher_dir, synthetic, NullTracker())
+    assert (fingerprint(cfg.out_dir), fingerprint(Path(cfg.checkpoint).parent)) == before
+
+
+def test_unreadable_checkpoint_is_moved_aside_and_training_restarts(finished_run, tiny_teacher_dir, caplog):
+    cfg, synthetic = finished_run
+    path = Path(cfg.checkpoint)
+    path.write_bytes(path.read_bytes()[:1000])  # torn
+    torn = path.read_bytes()
+    summary = distill(cfg, tiny_teacher_dir, synthetic, NullTracker())
+    assert summary["resumed_from"] == 0 and summary["steps"] == 4
+    assert Path(f"{path}.corrupt").read_bytes() == torn  # kept for inspection, not deleted
+    assert f"checkpoint {path} is unreadable" in caplog.text and "moved to" in caplog.text
+
+
+def test_a_synthesize_rerun_with_nothing_to_do_keeps_the_checkpoint(finished_run, tiny_teacher_dir, tiny_synthetic,
+                                                                     prepared_data):
+    """What identifies the data is its content: rerunning a finished synthesize leaves the manifest's bytes, so
+    distill resumes instead of starting over."""
+    cfg, synthetic = finished_run
+    manifest = (synthetic / "manifest.json").read_bytes()
+    assert synthesize(replace(tiny_synthetic, out_dir=str(synthetic)), prepared_data, tiny_teacher_dir,
+                      NullTracker())["generated_shards"] == 0
+    assert (synthetic / "manifest.json").read_bytes() == manifest
+    assert distill(replace(cfg, steps=6), tiny_teacher_dir, synthetic, NullTracker())["resumed_from"] == 4
+
+
+def test_16_bit_greyscale_pngs_keep_their_values(tmp_path):
+    """PIL's convert("RGB") clips 16-bit values at 255 (a white image); prepare scales them to 8 bits."""
+    ramp = np.arange(32 * 32, dtype=np.float64).reshape(32, 32) / (32 * 32 - 1)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.round(ramp * 65535).astype(np.uint16)).save(images / "deep.png")
+    pd.DataFrame({"file": ["deep.png"] * 10, "caption": ["a ramp"] * 10}).to_csv(tmp_path / "captions.csv")
+    out = tmp_path / "prepared"
+    prepare(PrepareConfig(source="folder", images_dir=str(images), captions=str(tmp_path / "captions.csv"),
+                          resolution=32, out_dir=str(out)))
+    x = load_split(out / "train").images[0].float()  # [C, 32, 32] uint8 values
+    assert (x - torch.from_numpy(np.round(ramp * 255))).abs().max() <= 1
+
+
+def test_outputs_get_the_users_umask_not_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_file(tmp_path / "a.json") as tmp:
+            tmp.write_text("{}")
+        with atomic_dir(tmp_path / "folder") as tmp:
+            (tmp / "x").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755
