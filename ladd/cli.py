@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--debug", action="store_true", help="a traceback for expected failures too")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import torch  # here, not at the top: `ladd generate` runs without PyTorch
@@ -133,11 +134,19 @@ def main(argv: list[str] | None = None) -> int:
     from ladd.export import ParityError
     from ladd.pipeline import TeacherError
 
+    # expected failures: one line on stderr and an exit code per kind (README: When something goes wrong);
+    # anything else is a bug and keeps its traceback (exit 1)
+    exit_codes = {ConfigError: 2, ValidationFailed: 3, FileNotFoundError: 4, TeacherError: 5, ParityError: 6}
+    expected = tuple(exit_codes) if not args.debug else ()
+
+    def fail(stage: str, e: Exception) -> int:
+        print(f"ladd {stage}: {e}", file=sys.stderr)
+        return next(code for kind, code in exit_codes.items() if isinstance(e, kind))
+
     try:
         params = load_params(args.params)
-    except ConfigError as e:
-        print(f"ladd: configuration error: {e}", file=sys.stderr)
-        return 2
+    except expected as e:
+        return fail(args.stage, e)
     if args.threads:
         torch.set_num_threads(args.threads)
     from ladd.tracking import stage_run
@@ -151,9 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             tracker.log_params({f"{args.stage}.{k}": v for k, v in asdict(section).items()})
         try:
             result = STAGES[args.stage](params, tracker)
-        except (ValidationFailed, FileNotFoundError, ParityError, ConfigError, TeacherError) as e:
-            print(f"ladd {args.stage}: {e}", file=sys.stderr)
-            return 1
+        except expected as e:
+            return fail(args.stage, e)
     log.info("%s done: %s", args.stage, json.dumps(result, default=str))
     return 0
 

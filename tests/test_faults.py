@@ -108,3 +108,26 @@ def test_outputs_get_the_users_umask_not_0600(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755
+
+
+def test_cli_gives_one_line_and_a_code_per_failure_kind(tmp_path):
+    """A teacher folder that is not an SD3 pipeline: exit 5 and one line naming it; --debug shows the traceback."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import write_params
+
+    bad = tmp_path / "unet_pipeline"
+    bad.mkdir()
+    (bad / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    params = write_params(tmp_path / "params.yaml", {"teacher": {"pretrained": str(bad), "out_dir": str(tmp_path / "t")}})
+    cmd = [sys.executable, "-m", "ladd.cli", "teacher", "--params", str(params), "--no-tracking"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 5, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("ladd teacher:")]
+    assert lines == [f"ladd teacher: {bad} holds a StableDiffusionPipeline, not an SD3-family pipeline "
+                     "(model_index.json must name StableDiffusion3Pipeline)"]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "t").exists()
+    debug = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, cwd=tmp_path)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "TeacherError" in debug.stderr

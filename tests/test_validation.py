@@ -84,15 +84,19 @@ def test_cli_validate_fails_and_leaves_data_untouched(prepared_data, tmp_path):
     data = tmp_path / "prepared"
     for split in ("train", "test"):
         s = load_split(prepared_data / split)
-        if split == "train":
-            s.captions.loc[0, "prompt"] = " "
+        s.captions.loc[0, "prompt"] = " "  # a fault in each split: one run reports both
         write_split(data / split, s)
     before = fingerprint(data)
+    (tmp_path / "reports" / "data").mkdir(parents=True)
+    (tmp_path / "reports" / "data" / "images_holdout.md").write_text("# Validation: images_holdout — passed")
     params = write_params(tmp_path / "params.yaml", {"prepare": {"out_dir": str(data)},
                                                      "validate": {"report_dir": str(tmp_path / "reports")}})
     proc = subprocess.run([sys.executable, "-m", "ladd.cli", "validate", "--params", str(params), "--no-tracking"],
                           capture_output=True, text=True)
-    assert proc.returncode == 1
+    assert proc.returncode == 3  # data failed validation
     assert "expect_column_values_to_match_regex on column 'prompt' failed for records ['digits-" in proc.stderr
+    assert "2 of 4 suites failed: suite 'prompts_train' failed" in proc.stderr and "suite 'prompts_test' failed" in proc.stderr
     assert fingerprint(data) == before
     assert "FAILED" in (tmp_path / "reports" / "data" / "prompts_train.md").read_text()
+    assert "FAILED" in (tmp_path / "reports" / "data" / "prompts_test.md").read_text()
+    assert not (tmp_path / "reports" / "data" / "images_holdout.md").exists()  # no stale "passed" report beside them

@@ -149,16 +149,27 @@ def validate_data(data_dir: str | Path, resolution: int, classes: int, max_promp
     """Prompt suite on every split's captions; image suite where a split has images."""
     from ladd.data.prepare import SPLITS, load_split
 
-    reports = {}
+    reports, failures = {}, []
+
+    def suite(name, frame, checks):  # every suite runs: one run reports every problem
+        try:
+            reports[name] = run_suite(name, frame, checks, report_dir)["success"]
+        except ValidationFailed as e:
+            reports[name] = False
+            failures.append(str(e))
+
     for split_name in SPLITS:
         split = load_split(Path(data_dir) / split_name)
-        reports[f"prompts_{split_name}"] = run_suite(
-            f"prompts_{split_name}", split.captions, prompt_checks(max_prompt_length, max_duplicate_share), report_dir)
+        suite(f"prompts_{split_name}", split.captions, prompt_checks(max_prompt_length, max_duplicate_share))
         if split.images is not None:
-            frame = image_frame(split.images, split.captions)
             wanted = list(range(classes)) if classes and split_name == "train" else None
-            reports[f"images_{split_name}"] = run_suite(f"images_{split_name}", frame, image_checks(resolution, wanted), report_dir)
-    return {name: r["success"] for name, r in reports.items()}
+            suite(f"images_{split_name}", image_frame(split.images, split.captions), image_checks(resolution, wanted))
+    for stale in Path(report_dir).glob("*"):  # reports of suites this data set no longer has
+        if stale.suffix in (".json", ".md") and stale.stem not in reports:
+            stale.unlink()
+    if failures:
+        raise ValidationFailed(f"{len(failures)} of {len(reports)} suites failed: " + "; ".join(failures))
+    return reports
 
 
 def real_latent_stats(teacher_dir: str | Path, data_dir: str | Path) -> tuple[list[float], list[float]]:
