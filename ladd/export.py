@@ -28,7 +28,7 @@ from ladd.config import ExportConfig
 from ladd.evaluate import student_sigmas
 from ladd.io import atomic_dir, fingerprint, write_json
 from ladd.onnx_runtime import MANIFEST, NUM_TRAIN_TIMESTEPS, OnnxStudent, PromptTokenizer, session_feeds
-from ladd.pipeline import encode_prompts, latent_shape, load_pipeline, max_sequence_length, read_meta, vae_scaling
+from ladd.pipeline import encode_prompts, latent_shape, load_pipeline, read_meta, vae_scaling
 
 log = logging.getLogger(__name__)
 
