@@ -130,13 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import torch  # here, not at the top: `ladd generate` runs without PyTorch
 
-    from ladd.data.validation import ValidationFailed
+    from ladd.data.validation import DataError, ValidationFailed
     from ladd.export import ParityError
     from ladd.pipeline import TeacherError
+    from ladd.tracking import TrackingUnavailable
 
     # expected failures: one line on stderr and an exit code per kind (README: When something goes wrong);
     # anything else is a bug and keeps its traceback (exit 1)
-    exit_codes = {ConfigError: 2, ValidationFailed: 3, FileNotFoundError: 4, TeacherError: 5, ParityError: 6}
+    exit_codes = {ConfigError: 2, ValidationFailed: 3, DataError: 3, FileNotFoundError: 4, TeacherError: 5,
+                  ParityError: 6, TrackingUnavailable: 7}
     expected = tuple(exit_codes) if not args.debug else ()
 
     def fail(stage: str, e: Exception) -> int:
@@ -152,16 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     from ladd.tracking import stage_run
 
     tracking = not args.no_tracking and os.environ.get("LADD_TRACKING", "1") != "0"
-    with stage_run(args.stage, enabled=tracking) as tracker:
-        section = getattr(params, args.stage, None)
-        if section is not None:
-            from dataclasses import asdict
+    try:  # a failure propagates through the MLflow run, which ends FAILED
+        with stage_run(args.stage, enabled=tracking) as tracker:
+            section = getattr(params, args.stage, None)
+            if section is not None:
+                from dataclasses import asdict
 
-            tracker.log_params({f"{args.stage}.{k}": v for k, v in asdict(section).items()})
-        try:
+                tracker.log_params({f"{args.stage}.{k}": v for k, v in asdict(section).items()})
             result = STAGES[args.stage](params, tracker)
-        except expected as e:
-            return fail(args.stage, e)
+    except expected as e:
+        return fail(args.stage, e)
     log.info("%s done: %s", args.stage, json.dumps(result, default=str))
     return 0
 

@@ -110,6 +110,10 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
 
 
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server does not answer."""
+
+
 def check_tracking_server(uri: str | None = None, timeout: float = 5.0) -> None:
     """Fail fast, before any long computation, when an http(s) tracking server does not answer."""
     uri = uri or tracking_uri()
@@ -120,7 +124,8 @@ def check_tracking_server(uri: str | None = None, timeout: float = 5.0) -> None:
             if resp.status != 200:
                 raise RuntimeError(f"status {resp.status}")
     except (urllib.error.URLError, OSError, RuntimeError) as e:
-        raise RuntimeError(f"MLflow tracking server {uri} is unreachable ({e}); start it or unset MLFLOW_TRACKING_URI") from None
+        raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable ({e}); start it, unset "
+                                  "MLFLOW_TRACKING_URI, or pass --no-tracking") from None
 
 
 def _mlflow():

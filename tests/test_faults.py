@@ -3,8 +3,13 @@ recovery that loses nothing valid. (The start of the fault-injection suite of th
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import socket
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +27,7 @@ from ladd.distill import distill
 from ladd.io import atomic_dir, atomic_file, fingerprint
 from ladd.synthesize import synthesize
 from ladd.tracking import NullTracker
+from conftest import write_params
 
 DISTILL = dict(steps=4, batch_size=4, warmup_steps=2, checkpoint_every=2, log_every=1, device="cpu")
 
@@ -112,11 +118,6 @@ def test_outputs_get_the_users_umask_not_0600(tmp_path):
 
 def test_cli_gives_one_line_and_a_code_per_failure_kind(tmp_path):
     """A teacher folder that is not an SD3 pipeline: exit 5 and one line naming it; --debug shows the traceback."""
-    import json
-    import subprocess
-    import sys
-
-    from conftest import write_params
 
     bad = tmp_path / "unet_pipeline"
     bad.mkdir()
@@ -131,3 +132,41 @@ def test_cli_gives_one_line_and_a_code_per_failure_kind(tmp_path):
     assert "Traceback" not in proc.stderr and not (tmp_path / "t").exists()
     debug = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, cwd=tmp_path)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "TeacherError" in debug.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_image(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(10):
+        Image.fromarray(np.full((32, 32), 128, np.uint8)).save(images / f"{i}.png")
+    Image.fromarray(np.zeros((1, 1), np.uint8)).save(images / "3.png")
+    pd.DataFrame({"file": [f"{i}.png" for i in range(10)], "caption": ["grey"] * 10}).to_csv(tmp_path / "c.csv", index=False)
+    params = {"prepare": {"source": "folder", "images_dir": str(images), "captions": str(tmp_path / "c.csv"),
+                          "out_dir": str(tmp_path / "out")}}
+    return params, {}, 3, rf"c.csv row 3 \(id .*\): cannot read image .*3.png: it is 1x1, under a quarter of prepare.resolution \(32\)"
+
+
+def _unreachable_tracking(tmp_path):
+    port = _free_port()
+    params = {"prepare": {"out_dir": str(tmp_path / "out")}}
+    env = {"LADD_TRACKING": "1", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    return params, env, 7, rf"MLflow tracking server http://127.0.0.1:{port} is unreachable"
+
+
+@pytest.mark.parametrize("plant", [_tiny_image, _unreachable_tracking], ids=["1x1_image", "tracking_server_down"])
+def test_prepare_faults_exit_with_their_code_and_write_nothing(plant, tmp_path):
+
+    params, env, code, message = plant(tmp_path)
+    path = write_params(tmp_path / "params.yaml", params)
+    proc = subprocess.run([sys.executable, "-m", "ladd.cli", "prepare", "--params", str(path)], capture_output=True,
+                          text=True, cwd=tmp_path, env={**os.environ, **env})
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert re.search(message, proc.stderr), proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ladd.config import PrepareConfig
+from ladd.data.validation import DataError
 from ladd.io import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def _prompt_table(table: pd.DataFrame, path: str) -> pd.DataFrame:
     """Normalise a user table to id, prompt, label; accepts `prompt` or `caption` columns."""
     text = "prompt" if "prompt" in table else "caption" if "caption" in table else None
     if text is None:
-        raise ValueError(f"{path}: needs a 'prompt' or 'caption' column, has {list(table.columns)}")
+        raise DataError(f"{path}: needs a 'prompt' or 'caption' column, has {list(table.columns)}")
     ids = table["id"].astype(str) if "id" in table else pd.Series([f"{Path(path).stem}-{i:06d}" for i in range(len(table))])
     labels = table["label"].astype(np.int64) if "label" in table else np.full(len(table), -1, dtype=np.int64)
     return pd.DataFrame({"id": ids.to_numpy(), "prompt": table[text].astype(str).to_numpy(), "label": np.asarray(labels)})
@@ -112,16 +113,18 @@ def _rgb(im: Image.Image) -> np.ndarray:
 def load_folder(images_dir: str, captions_path: str, resolution: int) -> tuple[pd.DataFrame, torch.Tensor]:
     table = read_table(captions_path)
     if "file" not in table:
-        raise ValueError(f"{captions_path}: needs a 'file' column naming images in {images_dir}")
+        raise DataError(f"{captions_path}: needs a 'file' column naming images in {images_dir}")
     captions = _prompt_table(table, captions_path)
     images = []
     for row, name in enumerate(table["file"].astype(str)):
         path = Path(images_dir) / name
         try:
             with Image.open(path) as im:
+                if min(im.size) < max(1, resolution // 4):  # more than 4x upscaling invents the image
+                    raise ValueError(f"it is {im.width}x{im.height}, under a quarter of prepare.resolution ({resolution})")
                 arr = _rgb(im)
         except (OSError, ValueError) as e:
-            raise ValueError(f"{captions_path} row {row} (id {captions['id'][row]}): cannot read image {path}: {e}") from None
+            raise DataError(f"{captions_path} row {row} (id {captions['id'][row]}): cannot read image {path}: {e}") from None
         images.append(resize_images(torch.from_numpy(arr).permute(2, 0, 1)[None], resolution)[0])
     return captions, torch.stack(images)
 

@@ -22,6 +22,10 @@ class ValidationFailed(RuntimeError):
     pass
 
 
+class DataError(ValueError):
+    """An input table or image that cannot be read as the data set it should be (names the file and record)."""
+
+
 @dataclass(frozen=True)
 class Check:
     """One GX expectation by class name in `gx.expectations`, with its keyword arguments."""
