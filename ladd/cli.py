@@ -164,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             result = STAGES[args.stage](params, tracker)
     except expected as e:
         return fail(args.stage, e)
+    except KeyboardInterrupt:  # SIGINT: every output is written atomically, so nothing half-done is left
+        print(f"ladd {args.stage}: interrupted; finished work (synthetic shards, the last distill checkpoint) is "
+              "kept: run the same command to go on", file=sys.stderr)
+        return 130
     log.info("%s done: %s", args.stage, json.dumps(result, default=str))
     return 0
 
