@@ -9,9 +9,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ladd.io import atomic_file
+from ladd.io import atomic_file, save_tensors
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
@@ -53,7 +52,7 @@ def save_checkpoint(path: str | Path, step: int, modules: dict, optimizers: dict
         tensors[f"rng.{name}"] = gen.get_state()
     header = {"step": str(step), "optimizers": json.dumps(opt_meta), "meta": json.dumps(meta, sort_keys=True)}
     with atomic_file(path) as tmp:
-        save_file(tensors, tmp, metadata=header)
+        save_tensors(tensors, tmp, metadata=header)
 
 
 def read_checkpoint_meta(path: str | Path) -> tuple[int, dict]:

@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ladd.config import ClassifierConfig
 from ladd.data.prepare import load_split
-from ladd.io import atomic_dir
+from ladd.io import atomic_dir, save_tensors
 from ladd.pipeline import pick_device
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, cfg: Classifier
 
 def save_classifier(model: DigitClassifier, out_dir: Path, metrics: dict) -> None:
     with atomic_dir(out_dir) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        save_tensors({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(model.config, indent=2))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
 

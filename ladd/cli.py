@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     # expected failures: one line on stderr and an exit code per kind (README: When something goes wrong);
     # anything else is a bug and keeps its traceback (exit 1)
     exit_codes = {ConfigError: 2, ValidationFailed: 3, DataError: 3, FileNotFoundError: 4, TeacherError: 5,
-                  ParityError: 6, TrackingUnavailable: 7}
+                  ParityError: 6, TrackingUnavailable: 7, OSError: 8}  # first match wins: OSError after its subclass
     expected = tuple(exit_codes) if not args.debug else ()
 
     def fail(stage: str, e: Exception) -> int:

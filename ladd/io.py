@@ -52,6 +52,19 @@ def atomic_dir(path: str | Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def save_tensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with its I/O failures (disk full, file size limit) raised as OSError naming
+    the file, like any other write."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:  # SafetensorError: one type for every failure
+        if "I/O error" not in str(e):
+            raise
+        raise OSError(f"cannot write {path}: {e}") from None
+
+
 def _builtin(value):
     """numpy scalars/arrays (as GX and metrics return them) -> Python numbers/lists; anything else -> str."""
     return value.tolist() if hasattr(value, "tolist") else str(value)

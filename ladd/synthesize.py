@@ -28,13 +28,13 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ladd.config import SynthesizeConfig
 from ladd.data.prepare import load_split
 from ladd.generate import generate_latents, record_noise
-from ladd.io import atomic_file, fingerprint, write_json
+from ladd.io import atomic_file, fingerprint, save_tensors, write_json
 from ladd.pipeline import bucket_latent_shapes, encode_prompts, load_pipeline, max_sequence_length, native_resolution, pick_device
 from ladd.sampling import flow_sigmas
 
@@ -117,7 +117,7 @@ def synthesize(cfg: SynthesizeConfig, data_dir: str | Path, teacher_dir: str | P
             else:
                 tensors["latents"] = generated
             with atomic_file(out / f"shard-{k:05d}.safetensors") as tmp:
-                save_file({name: t.contiguous() for name, t in tensors.items()}, tmp, metadata={"run": run_fp})
+                save_tensors({name: t.contiguous() for name, t in tensors.items()}, tmp, metadata={"run": run_fp})
             bar.update(len(rows))
     for k, _, rows in shards:
         records.loc[rows, "shard"], records.loc[rows, "row"] = k, np.arange(len(rows))

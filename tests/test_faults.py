@@ -205,3 +205,52 @@ def test_sigint_mid_synthesize_keeps_finished_shards_and_resumes(tiny_teacher_di
     for shard in sorted(whole.glob("shard-*.safetensors")):
         a, b = load_file(shard), load_file(out / shard.name)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _limit_file_size(limit: int):
+    """In the child: writes past `limit` bytes fail with EFBIG (Python ignores SIGXFSZ), as on a full disk."""
+    import resource
+
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return set_limit
+
+
+def test_a_full_disk_mid_synthesize_keeps_the_previous_output(tiny_teacher_dir, tiny_synthetic, prepared_data, tmp_path):
+    """A shard write that fails (a file size limit standing in for a full disk) while resuming: exit 8, one line
+    naming the error, no torn shard, every finished shard and the manifest untouched."""
+    out = tmp_path / "synthetic"
+    shutil.copytree(tiny_synthetic.out_dir, out)
+    (out / "shard-00001.safetensors").unlink()  # the one left to generate
+    before = fingerprint(out)
+    settings = {k: getattr(tiny_synthetic, k) for k in ("steps", "samples_per_prompt", "shard_size", "batch_size")}
+    params = write_params(tmp_path / "params.yaml", {
+        "prepare": {"out_dir": str(prepared_data)}, "teacher": {"out_dir": str(tiny_teacher_dir)},
+        "synthesize": {**settings, "out_dir": str(out), "device": "cpu"}})
+    proc = subprocess.run([sys.executable, "-m", "ladd.cli", "synthesize", "--params", str(params), "--no-tracking"],
+                          capture_output=True, text=True, preexec_fn=_limit_file_size(200_000))
+    assert proc.returncode == 8, proc.stderr
+    assert "File too large" in proc.stderr and "Traceback" not in proc.stderr
+    assert fingerprint(out) == before and not list(out.glob(".*.tmp"))
+
+
+def test_sigint_mid_distill_keeps_the_checkpoint_and_resumes(tiny_teacher_dir, tiny_synthetic, tmp_path):
+    from ladd.checkpoint import read_checkpoint_meta
+
+    ckpt = tmp_path / "ck.safetensors"
+    params = write_params(tmp_path / "params.yaml", {
+        "teacher": {"out_dir": str(tiny_teacher_dir)}, "synthesize": {"out_dir": tiny_synthetic.out_dir},
+        "distill": {**DISTILL, "steps": 400, "out_dir": str(tmp_path / "student"), "checkpoint": str(ckpt)}})
+    cmd = [sys.executable, "-m", "ladd.cli", "distill", "--params", str(params), "--no-tracking", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not ckpt.exists():
+        time.sleep(0.02)
+    assert proc.poll() is None, "distill ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "ladd distill: interrupted; finished work" in stderr, stderr
+    step = read_checkpoint_meta(ckpt)[0]
+    assert step >= 2 and not (tmp_path / "student").exists()
+    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(ckpt), **{**DISTILL, "steps": step + 2})
+    assert distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())["resumed_from"] == step

@@ -16,11 +16,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ladd.config import PrepareConfig
 from ladd.data.validation import DataError
-from ladd.io import atomic_dir
+from ladd.io import atomic_dir, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def write_split(split_dir: Path, split: Split) -> None:
     split_dir.mkdir(parents=True, exist_ok=True)
     split.captions.to_parquet(split_dir / "captions.parquet", index=False)
     if split.images is not None:
-        save_file({"images": split.images.contiguous(), "labels": split.labels}, split_dir / "images.safetensors")
+        save_tensors({"images": split.images.contiguous(), "labels": split.labels}, split_dir / "images.safetensors")
 
 
 def load_split(split_dir: str | Path) -> Split:
