@@ -112,13 +112,16 @@ def _component_config(pipe_dir: str | Path, name: str) -> dict:
     return json.loads(path.read_text())
 
 
+def _vae_factor(pipe_dir: str | Path) -> int:
+    return 2 ** (len(_component_config(pipe_dir, "vae")["block_out_channels"]) - 1)  # the pipeline's vae_scale_factor
+
+
 def bucket_latent_shapes(pipe_dir: str | Path, resolutions, key: str) -> list[tuple[int, int, int]]:
     """Latent shapes (C, h, w) of pixel resolutions (H, W) under the pipeline in `pipe_dir` (read from its
     configs, nothing loaded); ConfigError naming `key[i]` for a size the VAE and transformer cannot take."""
     from ladd.config import ConfigError
 
-    transformer, vae = _component_config(pipe_dir, "transformer"), _component_config(pipe_dir, "vae")
-    factor = 2 ** (len(vae["block_out_channels"]) - 1)  # the pipeline's vae_scale_factor
+    transformer, factor = _component_config(pipe_dir, "transformer"), _vae_factor(pipe_dir)
     patch, limit = transformer["patch_size"], transformer.get("pos_embed_max_size")
     shapes = []
     for i, (height, width) in enumerate(resolutions):
@@ -135,8 +138,7 @@ def bucket_latent_shapes(pipe_dir: str | Path, resolutions, key: str) -> list[tu
 
 def native_resolution(pipe_dir: str | Path) -> tuple[int, int]:
     """Pixel (H, W) of the teacher's native latent size (its transformer's sample_size)."""
-    transformer, vae = _component_config(pipe_dir, "transformer"), _component_config(pipe_dir, "vae")
-    side = transformer["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    side = _component_config(pipe_dir, "transformer")["sample_size"] * _vae_factor(pipe_dir)
     return side, side
 
 

@@ -21,19 +21,15 @@ def time_shift(t, shift: float):
     return shift * t / (1 + (shift - 1) * t)
 
 
-def flow_sigmas(steps: int, shift: float = 1.0, terminal: float | None = None) -> torch.Tensor:
-    """The `steps + 1` times of diffusers' FlowMatchEulerDiscreteScheduler (static shift), ending at 0.
-
-    Evenly spaced from 1 to the scheduler's smallest time, shifted, then (with `terminal`) stretched so
-    the last one is `terminal`: that is how a saved few-step student schedule hits its training times.
-    """
+def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """The `steps + 1` times of diffusers' FlowMatchEulerDiscreteScheduler (static shift), ending at 0:
+    evenly spaced from 1 to the scheduler's smallest time, then shifted. (A saved student's few-step times
+    come from `ladd.schedules`.)"""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     t_min = float(np.float32(time_shift(np.float32(1.0 / NUM_TRAIN_TIMESTEPS), shift)))
     t = np.linspace(NUM_TRAIN_TIMESTEPS, t_min * NUM_TRAIN_TIMESTEPS, steps) / NUM_TRAIN_TIMESTEPS
     t = time_shift(t, shift)
-    if terminal is not None and steps > 1:  # one step is just t = 1 (diffusers divides 0 by 0 there)
-        t = 1 - (1 - t) / ((1 - t[-1]) / (1 - terminal))
     return torch.cat([torch.from_numpy(t).to(torch.float32), torch.zeros(1)])
 
 

@@ -6,6 +6,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ladd.pipeline import encode_prompts, latent_shape, load_pipeline, max_sequence_length
 from ladd.sampling import cfg_velocity, flow_sigmas, initial_noise, sample_euler, sample_renoise, time_shift
+from ladd.schedules import few_step_times
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4, 28])
@@ -14,17 +15,6 @@ def test_flow_sigmas_match_scheduler(steps, shift):
     sched = FlowMatchEulerDiscreteScheduler(shift=shift)
     sched.set_timesteps(steps)
     torch.testing.assert_close(flow_sigmas(steps, shift), sched.sigmas, rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("steps", [2, 4])
-def test_terminal_schedule_hits_student_times(steps):
-    sched = FlowMatchEulerDiscreteScheduler(shift_terminal=0.25)
-    sched.set_timesteps(steps)
-    ours = flow_sigmas(steps, terminal=0.25)
-    torch.testing.assert_close(ours, sched.sigmas, rtol=0, atol=1e-6)
-    expected = {2: [1.0, 0.25, 0.0], 4: [1.0, 0.75, 0.5, 0.25, 0.0]}[steps]
-    torch.testing.assert_close(ours, torch.tensor(expected), rtol=0, atol=1e-5)
-    assert flow_sigmas(1, terminal=0.25).tolist() == [1.0, 0.0]
 
 
 def test_time_shift_fixed_points():
@@ -59,9 +49,8 @@ def test_euler_cfg_matches_diffusers_pipeline(tiny_teacher_dir, guidance):
 def test_renoise_matches_stochastic_scheduler(tiny_teacher_dir):
     """diffusers draws the re-noising noise from the global RNG; seed it identically for both."""
     pipe = load_pipeline(tiny_teacher_dir)
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-        pipe.scheduler.config, shift_terminal=0.25, stochastic_sampling=True
-    )
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_exponential_sigmas=True, stochastic_sampling=True)
+    pipe.scheduler.register_to_config(sigma_min=0.25, sigma_max=1.0)  # as a saved student's
     msl = max_sequence_length(tiny_teacher_dir)
     torch.manual_seed(5)
     ref = pipe(
@@ -69,5 +58,6 @@ def test_renoise_matches_stochastic_scheduler(tiny_teacher_dir):
         output_type="latent", max_sequence_length=msl,
     ).images
     torch.manual_seed(5)
-    ours = _ours(pipe, ["handwritten four"], 4, 0.0, 2, msl, "renoise", flow_sigmas(4, terminal=0.25))
+    ours = _ours(pipe, ["handwritten four"], 4, 0.0, 2, msl, "renoise",
+                 torch.tensor([*few_step_times("exponential", 4, 0.25), 0.0]))
     assert (ours - ref).abs().max().item() <= 1e-5
