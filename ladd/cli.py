@@ -45,11 +45,13 @@ def run_synthesize(p: Params, tracker) -> dict:
     from ladd.data.prepare import load_split
     from ladd.synthesize import synthesize
 
-    summary = synthesize(p.synthesize, p.prepare.out_dir, p.teacher.out_dir, tracker)
     expected = len(load_split(f"{p.prepare.out_dir}/train").captions) * p.synthesize.samples_per_prompt
-    summary |= validate_synthetic(p.synthesize.out_dir, p.teacher.out_dir, p.prepare.out_dir, expected,
+
+    def suite(synthetic_dir):  # on the finished set, before it replaces the previous one
+        return validate_synthetic(synthetic_dir, p.teacher.out_dir, p.prepare.out_dir, expected,
                                   p.validate.latent_tolerance, f"{p.validate.report_dir}/synthetic")
-    return summary
+
+    return synthesize(p.synthesize, p.prepare.out_dir, p.teacher.out_dir, tracker, check=suite)
 
 
 def run_distill(p: Params, tracker) -> dict:
@@ -128,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="a traceback for expected failures too")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:  # before importing torch: a bad params file fails in a fraction of a second
+        params = load_params(args.params)
+    except ConfigError as e:
+        if args.debug:
+            raise
+        print(f"ladd {args.stage}: {e}", file=sys.stderr)
+        return 2
     import torch  # here, not at the top: `ladd generate` runs without PyTorch
 
     from ladd.data.validation import DataError, ValidationFailed
@@ -145,10 +154,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ladd {stage}: {e}", file=sys.stderr)
         return next(code for kind, code in exit_codes.items() if isinstance(e, kind))
 
-    try:
-        params = load_params(args.params)
-    except expected as e:
-        return fail(args.stage, e)
     if args.threads:
         torch.set_num_threads(args.threads)
     from ladd.tracking import stage_run
@@ -165,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     except expected as e:
         return fail(args.stage, e)
     except KeyboardInterrupt:  # SIGINT: every output is written atomically, so nothing half-done is left
-        print(f"ladd {args.stage}: interrupted; finished work (synthetic shards, the last distill checkpoint) is "
+        print(f"ladd {args.stage}: interrupted; finished work (synthetic shards in <out>.next, the last distill checkpoint) is "
               "kept: run the same command to go on", file=sys.stderr)
         return 130
     log.info("%s done: %s", args.stage, json.dumps(result, default=str))

@@ -64,7 +64,15 @@ def load_pipeline(src: str | Path, device: torch.device | str = "cpu", dtype=tor
         for name in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"):
             if spec.get(name) in (None, [None, None]):
                 kwargs[name] = None
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(src), dtype=dtype, **{**kwargs, **components})
+    elif Path(src).exists() or Path(src).is_absolute() or str(src).startswith(".") or str(src).count("/") != 1:
+        raise TeacherError(f"{src} is not a folder, nor a hub id (owner/name)")
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(src), dtype=dtype, **{**kwargs, **components})
+    except (OSError, ValueError) as e:
+        if Path(src).is_dir():
+            raise
+        raise TeacherError(f"cannot load {src} from the Hub or its local cache (offline: download it, then give "
+                           f"its folder): {str(e).splitlines()[0]}") from e
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -12,15 +12,19 @@ Multi-aspect training (SD3-Turbo trains this way): each record is assigned to on
 `trajectory` holds the teacher's own states at `trajectory_times` on the same CFG Euler path that ends
 at `latents` (the student's times below 1): sharp (x_t, x0) pairs for trajectory distillation.
 
-Record i's noise comes from seed + i, so a rerun is bit-identical and resuming after a kill keeps every
-finished shard (each written atomically) and generates only the missing ones.
+Record i's noise comes from seed + i, so a rerun is bit-identical. The work happens in `<out>.next/`:
+finished shards of `<out>` with the same settings are hard-linked there, the missing ones generated (each
+written atomically), the manifest written and the suite run; only then does it replace `<out>`. So a kill,
+a full disk or a failing suite leaves the previous data set whole, and the same command resumes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,7 +38,7 @@ from tqdm.auto import tqdm
 from ladd.config import SynthesizeConfig
 from ladd.data.prepare import load_split
 from ladd.generate import generate_latents, record_noise
-from ladd.io import atomic_file, fingerprint, save_tensors, write_json
+from ladd.io import atomic_file, fingerprint, replace_dir, save_tensors, write_json
 from ladd.pipeline import bucket_latent_shapes, encode_prompts, load_pipeline, max_sequence_length, native_resolution, pick_device
 from ladd.sampling import flow_sigmas
 
@@ -75,7 +79,30 @@ def _shard_fingerprint(path: Path) -> str | None:
         return None
 
 
-def synthesize(cfg: SynthesizeConfig, data_dir: str | Path, teacher_dir: str | Path, tracker) -> dict:
+def _stage_dir(out: Path, run: dict, run_fp: str) -> Path:
+    """`<out>.next/` holding every finished shard of these settings: those of an interrupted run kept, those of
+    `<out>` hard-linked (no copy, and `<out>` stays as it is)."""
+    work = out.with_name(out.name + ".next")
+    run_file = work / "run.json"
+    if work.is_dir() and (not run_file.is_file() or json.loads(run_file.read_text()) != run):
+        log.info("synthesize: %s holds work for other settings; starting it over", work)
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(run_file, run)
+    for shard in sorted(out.glob("shard-*.safetensors")):
+        target = work / shard.name
+        if not target.exists() and _shard_fingerprint(shard) == run_fp:
+            try:
+                os.link(shard, target)
+            except OSError:  # a file system without hard links
+                shutil.copy2(shard, target)
+    return work
+
+
+def synthesize(cfg: SynthesizeConfig, data_dir: str | Path, teacher_dir: str | Path, tracker,
+               check: Callable[[Path], dict] | None = None) -> dict:
+    """Generate (or finish) the synthetic data set; `check(dir)`, the synthetic suite, runs on the finished
+    set before it replaces `cfg.out_dir`."""
     out = Path(cfg.out_dir)
     device = pick_device(cfg.device)
     resolutions = [tuple(r) for r in cfg.resolutions] if cfg.resolutions else [native_resolution(teacher_dir)]
@@ -90,18 +117,14 @@ def synthesize(cfg: SynthesizeConfig, data_dir: str | Path, teacher_dir: str | P
                resolutions=resolutions)
     run = json.loads(json.dumps(run))  # as stored in the manifest
     run_fp = json.dumps(run, sort_keys=True)
-    manifest_path = out / "manifest.json"
-    if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("run") != run:
-        log.info("synthesize: settings or teacher changed since %s was written; starting over", out)
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    work = _stage_dir(out, run, run_fp)
 
     pipe = load_pipeline(teacher_dir, device)
     msl = max_sequence_length(teacher_dir)
     null_e, null_p = encode_prompts(pipe, [""], msl)
     sigmas = flow_sigmas(cfg.steps, pipe.scheduler.config.shift)
     shards = plan_shards(records["bucket"].to_numpy(), cfg.shard_size)
-    todo = [(k, b, rows) for k, b, rows in shards if _shard_fingerprint(out / f"shard-{k:05d}.safetensors") != run_fp]
+    todo = [(k, b, rows) for k, b, rows in shards if _shard_fingerprint(work / f"shard-{k:05d}.safetensors") != run_fp]
     log.info("synthesize: %d records in %d shards over %d resolution buckets %s, %d shards to generate (%d steps, CFG %.1f)",
              len(records), len(shards), len(resolutions), resolutions, len(todo), cfg.steps, cfg.guidance)
     with tqdm(total=sum(len(r) for *_, r in todo), desc="synthesize", unit="latent") as bar:
@@ -116,23 +139,28 @@ def synthesize(cfg: SynthesizeConfig, data_dir: str | Path, teacher_dir: str | P
                 tensors["latents"], tensors["trajectory"] = generated
             else:
                 tensors["latents"] = generated
-            with atomic_file(out / f"shard-{k:05d}.safetensors") as tmp:
+            with atomic_file(work / f"shard-{k:05d}.safetensors") as tmp:
                 save_tensors({name: t.contiguous() for name, t in tensors.items()}, tmp, metadata={"run": run_fp})
             bar.update(len(rows))
     for k, _, rows in shards:
         records.loc[rows, "shard"], records.loc[rows, "row"] = k, np.arange(len(rows))
     records = records.astype({"shard": "int64", "row": "int64"})
-    with atomic_file(out / "records.parquet") as tmp:
+    with atomic_file(work / "records.parquet") as tmp:
         records.to_parquet(tmp, index=False)
     counts = np.bincount(records["bucket"], minlength=len(resolutions))
     buckets = [{"resolution": list(r), "latent_shape": list(shape), "weight": w, "records": int(n)}
                for r, shape, w, n in zip(resolutions, shapes, weights, counts)]
     # content only (no counts of this run's work): rerunning with nothing to do rewrites the same file
-    write_json(manifest_path, {"run": run, "buckets": buckets, "trajectory_times": list(cfg.trajectory_times),
+    write_json(work / "manifest.json", {"run": run, "buckets": buckets, "trajectory_times": list(cfg.trajectory_times),
                                "shard_files": [f"shard-{k:05d}.safetensors" for k, _, _ in shards],
                                "shard_buckets": [b for _, b, _ in shards], "records": len(records)})
+    summary = {"records": len(records), "shards": len(shards), "generated_shards": len(todo), "buckets": len(resolutions)}
+    if check is not None:
+        summary |= check(work)  # a failing suite raises here: `<out>` is untouched, the work kept for a look
+    (work / "run.json").unlink()
+    replace_dir(work, out)
     tracker.log_metrics({"synthesize/records": len(records), "synthesize/generated_shards": len(todo)})
-    return {"records": len(records), "shards": len(shards), "generated_shards": len(todo), "buckets": len(resolutions)}
+    return summary
 
 
 @dataclass
@@ -170,12 +198,23 @@ class Synthetic:
 
 
 def load_synthetic(out_dir: str | Path) -> Synthetic:
-    """The synthetic data set; fails clearly on an unfinished directory."""
+    """The synthetic data set; fails clearly (naming the file) on an unfinished, damaged or mixed directory."""
+    from ladd.data.validation import ValidationFailed
+
     out = Path(out_dir)
     manifest_path = out / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} is missing: run (or finish) `ladd synthesize` first")
     manifest = json.loads(manifest_path.read_text())
+    for name in ["records.parquet", *manifest["shard_files"]]:
+        if not (out / name).is_file():
+            raise FileNotFoundError(f"{out / name} is missing (listed in {manifest_path}): rerun `ladd synthesize`")
+    run_fp = json.dumps(manifest["run"], sort_keys=True)
+    foreign = [name for name in manifest["shard_files"] if _shard_fingerprint(out / name) != run_fp]
+    if foreign:
+        raise ValidationFailed(f"{out}: {', '.join(foreign)} {'was' if len(foreign) == 1 else 'were'} not written "
+                               f"by the run {manifest_path} describes (other settings, or not readable): rerun "
+                               "`ladd synthesize`")
     records = pd.read_parquet(out / "records.parquet")
     times = manifest.get("trajectory_times", [])
     shards = [(b, load_file(out / name)) for name, b in zip(manifest["shard_files"], manifest["shard_buckets"])]
@@ -184,12 +223,13 @@ def load_synthetic(out_dir: str | Path) -> Synthetic:
         mine = [s for sb, s in shards if sb == b]
         latents = torch.cat([s["latents"] for s in mine])
         if list(latents.shape[1:]) != spec["latent_shape"]:
-            raise ValueError(f"{out}: bucket {spec['resolution']} holds latents {list(latents.shape[1:])}, "
-                             f"manifest says {spec['latent_shape']}")
+            raise ValidationFailed(f"{out}: bucket {spec['resolution']} holds latents {list(latents.shape[1:])}, "
+                                   f"{manifest_path} says {spec['latent_shape']}")
         buckets.append(Bucket(tuple(spec["resolution"]), torch.cat([s["record"] for s in mine]), latents,
                               torch.cat([s["trajectory"] for s in mine]) if times else None))
     if sum(len(b.latents) for b in buckets) != len(records):
-        raise ValueError(f"{out}: {sum(len(b.latents) for b in buckets)} latents but {len(records)} records")
+        raise ValidationFailed(f"{out}: {sum(len(b.latents) for b in buckets)} latents but {len(records)} records "
+                               f"in {out / 'records.parquet'}")
     return Synthetic(records, buckets, times)
 
 

@@ -1,10 +1,15 @@
-"""Planted faults: each gives one clear error naming its culprit and changes nothing, or a documented
-recovery that loses nothing valid. (The start of the fault-injection suite of the robustness issue.)"""
+"""Fault injection. Each row of FAULTS plants one fault in a finished tiny project (data/, models/, params.yaml)
+and runs one `ladd` stage on it as a user would. The stage must exit with the fault's code and one line naming
+the culprit, with no traceback, and leave data/ and models/ byte for byte as they were, or, for the faults
+whose right answer is to go on, make the documented recovery. Interruptions (SIGINT, SIGKILL) land at a random
+point of synthesize and distill; the same command then finishes with the uninterrupted run's result."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -12,83 +17,414 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ladd.config import ConfigError, DistillConfig, PrepareConfig
+from ladd.checkpoint import read_checkpoint_meta
+from ladd.config import DistillConfig, PrepareConfig
 from ladd.data.prepare import load_split, prepare
-from ladd.data.validation import ValidationFailed
 from ladd.distill import distill
-from ladd.io import atomic_dir, atomic_file, fingerprint
-from ladd.synthesize import synthesize
+from ladd.io import atomic_dir, atomic_file
 from ladd.tracking import NullTracker
-from conftest import write_params
+from conftest import SMOKE_PARAMS, write_params
 
 DISTILL = dict(steps=4, batch_size=4, warmup_steps=2, checkpoint_every=2, log_every=1, device="cpu")
+CHECKPOINT = "models/checkpoints/distill.safetensors"
+
+
+@pytest.fixture(scope="session")
+def finished_project(prepared_data, tiny_teacher_dir, tiny_synthetic, tmp_path_factory) -> Path:
+    """data/prepared, models/teacher, data/synthetic, models/student and its checkpoint, and the params.yaml
+    that made them (paths relative to the project, as in the real one)."""
+    root = tmp_path_factory.mktemp("finished") / "project"
+    shutil.copytree(prepared_data, root / "data" / "prepared")
+    shutil.copytree(tiny_teacher_dir, root / "models" / "teacher")
+    shutil.copytree(tiny_synthetic.out_dir, root / "data" / "synthetic")
+    cfg = DistillConfig(out_dir=str(root / "models" / "student"), checkpoint=str(root / CHECKPOINT), **DISTILL)
+    distill(cfg, root / "models" / "teacher", root / "data" / "synthetic", NullTracker())
+    params = {**SMOKE_PARAMS, "synthesize": {**asdict(replace(tiny_synthetic, out_dir="data/synthetic")), "device": "cpu"},
+              "distill": {**asdict(replace(cfg, out_dir="models/student", checkpoint=CHECKPOINT))}}
+    params = json.loads(json.dumps(params))  # tuples as lists
+    params["prepare"]["out_dir"], params["teacher"]["out_dir"] = "data/prepared", "models/teacher"
+    write_params(root / "params.yaml", params)
+    return root
 
 
 @pytest.fixture
-def finished_run(tiny_teacher_dir, tiny_synthetic, tmp_path):
-    """A finished 4-step distillation with its checkpoint, on a private copy of the synthetic data."""
-    synthetic = tmp_path / "synthetic"
-    shutil.copytree(tiny_synthetic.out_dir, synthetic)
-    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck" / "distill.safetensors"),
-                        **DISTILL)
-    distill(cfg, tiny_teacher_dir, synthetic, NullTracker())
-    return cfg, synthetic
+def project(finished_project, tmp_path) -> Path:
+    root = tmp_path / "project"
+    shutil.copytree(finished_project, root)
+    return root
 
 
-def _plant_nan(cfg, synthetic):
-    shard = synthetic / "shard-00001.safetensors"
-    tensors = load_file(shard)
+def outputs(project: Path) -> dict:
+    """sha256 of every file under data/ and models/ by relative path, but for `<out>.next/` folders: the work
+    of an unfinished synthesize, kept there by design so the same command resumes."""
+    return {p.relative_to(project).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for top in ("data", "models") for p in sorted((project / top).rglob("*"))
+            if p.is_file() and not any(part.endswith(".next") for part in p.relative_to(project).parts)}
+
+
+def edit_params(project: Path, section: str, **values) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params.setdefault(section, {}).update(values)
+    write_params(project / "params.yaml", params)
+
+
+def ladd_cmd(stage: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "ladd.cli", stage, "--no-tracking", "--threads", "1", *extra]
+
+
+def _limit_file_size(limit: int):
+    """In the child: writes past `limit` bytes fail with EFBIG (Python ignores SIGXFSZ), as on a full disk."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- planting functions: each changes the project (or returns the environment of the run) -------------------------
+
+def _images_folder(project: Path, last: str, content: np.ndarray | bytes | None, column: str = "file") -> None:
+    """An image folder and captions table of 10 rows: nine grey 32x32 PNGs, then `last` holding `content`
+    (None: no such file)."""
+    images = project / "incoming"
+    images.mkdir()
+    for i in range(9):
+        Image.fromarray(np.full((32, 32), 128, np.uint8)).save(images / f"{i}.png")
+    if isinstance(content, bytes):
+        (images / last).write_bytes(content)
+    elif content is not None:
+        Image.fromarray(content).save(images / last)
+    pd.DataFrame({column: [f"{i}.png" for i in range(9)] + [last], "caption": ["grey"] * 10}).to_csv(
+        project / "captions.csv", index=False)
+    edit_params(project, "prepare", source="folder", images_dir="incoming", captions="captions.csv")
+
+
+def _prompts_without_prompt_column(project: Path) -> None:
+    pd.DataFrame({"text": ["a handwritten seven"]}).to_csv(project / "prompts.csv", index=False)
+    edit_params(project, "prepare", source="prompts", captions="prompts.csv")
+
+
+def _offline_hub_id(project: Path) -> dict:
+    edit_params(project, "teacher", pretrained="someone/no-such-model")
+    return {"HF_HUB_OFFLINE": "1"}
+
+
+def _unreachable_tracking(project: Path) -> dict:
+    return {"LADD_TRACKING": "1", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_free_port()}"}
+
+
+def _new_settings_failing_their_suite(project: Path) -> None:
+    edit_params(project, "synthesize", guidance=1.5)
+    edit_params(project, "validate", latent_tolerance=1e-6)
+
+
+def _edit_captions(project: Path, edit: Callable[[pd.DataFrame], pd.DataFrame]) -> None:
+    path = project / "data" / "prepared" / "train" / "captions.parquet"
+    edit(pd.read_parquet(path)).to_parquet(path)
+
+
+def _set_prompts(rows: dict[int, str]):
+    def edit(frame):
+        for i, prompt in rows.items():
+            frame.loc[i, "prompt"] = prompt
+        return frame
+    return edit
+
+
+def _teacher_variant(project: Path, change: Callable[[Path], None]) -> None:
+    folder = project / "elsewhere" / "sd3"
+    shutil.copytree(project / "models" / "teacher", folder)
+    change(folder)
+    edit_params(project, "teacher", pretrained=str(folder))
+
+
+def _pipeline_class(folder: Path, name: str) -> None:
+    index = folder / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "_class_name": name}))
+
+
+def _shard(project: Path, k: int) -> Path:
+    return project / "data" / "synthetic" / f"shard-{k:05d}.safetensors"
+
+
+def _rewrite_shard(project: Path, k: int, change: Callable[[dict], None], run: str | None = None) -> None:
+    from safetensors import safe_open
+
+    path = _shard(project, k)
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"run": run or metadata["run"]})
+
+
+def _nan_at(tensors):
     tensors["latents"][3, 0, 2, 2] = float("nan")
-    save_file(tensors, shard, metadata={"run": "planted"})
-    record = pd.read_parquet(synthetic / "records.parquet").query("shard == 1 and row == 3").iloc[0]
-    return cfg, rf"1 synthetic latents are not finite, e.g. records {record['id']}#0 \(shard-00001\)"
 
 
-def _lower_steps(cfg, synthetic):
-    return replace(cfg, steps=2), r"distill.steps is 2 but .*distill.safetensors is at step 4"
+def _nan_record(project: Path) -> str:
+    record = pd.read_parquet(project / "data" / "synthetic" / "records.parquet").query("shard == 1 and row == 3").iloc[0]
+    return f"{record['id']}#0 \\(shard-00001\\)"
 
 
-@pytest.mark.parametrize("plant", [_plant_nan, _lower_steps], ids=["nan_latent", "steps_below_checkpoint"])
-def test_distill_faults_fail_clearly_and_change_nothing(plant, finished_run, tiny_teacher_dir):
-    cfg, synthetic = finished_run
-    cfg, message = plant(cfg, synthetic)
-    before = fingerprint(cfg.out_dir), fingerprint(Path(cfg.checkpoint).parent)
-    with pytest.raises((ConfigError, ValidationFailed), match=message):
-        distill(cfg, tiny_teacher_dir, synthetic, NullTracker())
-    assert (fingerprint(cfg.out_dir), fingerprint(Path(cfg.checkpoint).parent)) == before
+def _write(path: Path, text: str) -> None:
+    path.write_text(text)
 
 
-def test_unreadable_checkpoint_is_moved_aside_and_training_restarts(finished_run, tiny_teacher_dir, caplog):
-    cfg, synthetic = finished_run
-    path = Path(cfg.checkpoint)
-    path.write_bytes(path.read_bytes()[:1000])  # torn
-    torn = path.read_bytes()
-    summary = distill(cfg, tiny_teacher_dir, synthetic, NullTracker())
-    assert summary["resumed_from"] == 0 and summary["steps"] == 4
-    assert Path(f"{path}.corrupt").read_bytes() == torn  # kept for inspection, not deleted
-    assert f"checkpoint {path} is unreadable" in caplog.text and "moved to" in caplog.text
+def _tear(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:1000])
 
 
-def test_a_synthesize_rerun_with_nothing_to_do_keeps_the_checkpoint(finished_run, tiny_teacher_dir, tiny_synthetic,
-                                                                     prepared_data):
-    """What identifies the data is its content: rerunning a finished synthesize leaves the manifest's bytes, so
-    distill resumes instead of starting over."""
-    cfg, synthetic = finished_run
-    manifest = (synthetic / "manifest.json").read_bytes()
-    assert synthesize(replace(tiny_synthetic, out_dir=str(synthetic)), prepared_data, tiny_teacher_dir,
-                      NullTracker())["generated_shards"] == 0
-    assert (synthetic / "manifest.json").read_bytes() == manifest
-    assert distill(replace(cfg, steps=6), tiny_teacher_dir, synthetic, NullTracker())["resumed_from"] == 4
+# --- recoveries: what a fault that is handled by going on must have done --------------------------------------------
+
+def _restarted_after_moving_the_torn_checkpoint(project: Path, before: dict, log: str) -> None:
+    assert hashlib.sha256((project / f"{CHECKPOINT}.corrupt").read_bytes()).hexdigest() == before[CHECKPOINT]  # kept for a look, not deleted
+    assert read_checkpoint_meta(project / CHECKPOINT)[0] == DISTILL["steps"]
+    summary = json.loads((project / "models" / "student" / "ladd_train_summary.json").read_text())
+    assert summary["resumed_from"] == 0
+
+
+def _started_over_for_new_settings(project: Path, before: dict, log: str) -> None:
+    summary = json.loads((project / "models" / "student" / "ladd_train_summary.json").read_text())
+    assert summary["resumed_from"] == 0 and read_checkpoint_meta(project / CHECKPOINT)[0] == DISTILL["steps"]
+
+
+@dataclass
+class Fault:
+    stage: str
+    plant: Callable[[Path], dict | None]  # may return environment variables for the run
+    code: int
+    message: str | Callable[[Path], str]  # regex for the `ladd <stage>:` line (recoveries: for the log)
+    recovered: Callable[[Path, dict, str], None] | None = None
+    limit_file_size: int | None = None
+    extra: tuple[str, ...] = field(default_factory=tuple)
+    child: bool = False  # run in a child process (a file size limit, environment read at import, a recovery's log)
+
+
+FAULTS = {
+    # config: exit 2, before anything is read
+    "config/unknown_key": Fault("distill", lambda p: edit_params(p, "distill", stepz=5), 2,
+                                r"params.yaml: unknown key distill.stepz \(known: out_dir"),
+    "config/unknown_section": Fault("distill", lambda p: edit_params(p, "distil"), 2,
+                                    r"params.yaml: unknown section 'distil'"),
+    "config/wrong_type": Fault("distill", lambda p: edit_params(p, "distill", steps="many"), 2,
+                               r"distill.steps: expected int, got str 'many'"),
+    "config/probs": Fault("distill", lambda p: edit_params(p, "distill", probs=[0.5] * 4), 2,
+                          r"distill.probs must be 4 non-negative numbers summing to 1"),
+    "config/times_off_schedule": Fault("distill", lambda p: edit_params(p, "distill", student_times=[1.0, 0.6, 0.3, 0.25]), 2,
+                                       r"distill.student_times must be the beta schedule's times .*got \[1.0, 0.6, 0.3, 0.25\]"),
+    "config/not_yaml": Fault("prepare", lambda p: _write(p / "params.yaml", "prepare: [unclosed\n"), 2,
+                             r"params.yaml: not valid YAML"),
+    "config/missing_file": Fault("prepare", lambda p: None, 2, r"params file not found: nope.yaml",
+                                 extra=("--params", "nope.yaml")),
+    # prompts: exit 3 naming the records
+    "prompts/empty_and_too_long": Fault("validate", lambda p: _edit_captions(p, _set_prompts({5: "", 7: "x" * 400})), 3,
+                                        r"prompts_train.*'prompt' failed for records \['digits-\d+', 'digits-\d+'\]"),
+    "prompts/captions_and_images_disagree": Fault("validate", lambda p: _edit_captions(p, lambda f: f.iloc[:-3]), 3,
+                                                  r"data/prepared/train: \d+ records in captions.parquet but \d+ images"),
+    "prompts/table_without_prompts": Fault(
+        "prepare", _prompts_without_prompt_column, 3,
+        r"prompts.csv: needs a 'prompt' or 'caption' column"),
+    # images: exit 3 naming row, id and file
+    "images/1x1": Fault("prepare", lambda p: _images_folder(p, "9.png", np.zeros((1, 1), np.uint8)), 3,
+                        r"captions.csv row 9 \(id .*\): cannot read image .*9.png: it is 1x1, under a quarter"),
+    "images/not_an_image": Fault("prepare", lambda p: _images_folder(p, "x.png", b"not a png"), 3,
+                                 r"captions.csv row 9 .*: cannot read image .*x.png: cannot identify image file"),
+    "images/missing_file": Fault("prepare", lambda p: _images_folder(p, "x.png", None), 3,
+                                 r"captions.csv row 9 .*: cannot read image .*x.png: .*No such file"),
+    "images/no_file_column": Fault("prepare", lambda p: _images_folder(p, "9.png", np.zeros((32, 32), np.uint8), "path"), 3,
+                                   r"captions.csv: needs a 'file' column"),
+    # teacher folder: exit 5 naming the folder or id, models/teacher untouched
+    "teacher/other_pipeline": Fault("teacher", lambda p: _teacher_variant(p, lambda f: _pipeline_class(f, "StableDiffusionPipeline")), 5,
+                                    r"elsewhere/sd3 holds a StableDiffusionPipeline, not an SD3-family pipeline"),
+    "teacher/no_transformer": Fault("teacher", lambda p: _teacher_variant(p, lambda f: shutil.rmtree(f / "transformer")), 5,
+                                    r"elsewhere/sd3 is not a complete SD3-family pipeline: missing transformer/"),
+    "teacher/no_such_folder": Fault("teacher", lambda p: edit_params(p, "teacher", pretrained="/nonexistent/sd3"), 5,
+                                    r"/nonexistent/sd3 is not a folder, nor a hub id"),
+    "teacher/hub_unreachable": Fault("teacher", _offline_hub_id, 5,
+                                     r"cannot load someone/no-such-model from the Hub or its local cache", child=True),
+    # synthetic data: distill refuses it (exit 3 or 4) naming the file and records
+    "synthetic/nan_latent": Fault("distill", lambda p: _rewrite_shard(p, 1, _nan_at), 3,
+                                  lambda p: rf"1 synthetic latents are not finite, e.g. records {_nan_record(p)}"),
+    "synthetic/foreign_shard": Fault("distill", lambda p: _rewrite_shard(p, 0, lambda t: None, run="another run"), 3,
+                                     r"shard-00000.safetensors was not written by the run .*manifest.json describes"),
+    "synthetic/missing_shard": Fault("distill", lambda p: _shard(p, 1).unlink(), 4,
+                                     r"data/synthetic/shard-00001.safetensors is missing \(listed in .*manifest.json\)"),
+    "synthetic/missing_records": Fault("distill", lambda p: (p / "data/synthetic/records.parquet").unlink(), 4,
+                                       r"data/synthetic/records.parquet is missing"),
+    "synthetic/suite_fails_on_new_data": Fault(
+        "synthesize", _new_settings_failing_their_suite, 3,
+        r"suite 'synthetic' failed"),
+    "synthetic/disk_full": Fault("synthesize", lambda p: _shard(p, 1).unlink(), 8, r"File too large",
+                                 limit_file_size=200_000, child=True),
+    # checkpoint
+    "checkpoint/steps_below_it": Fault("distill", lambda p: edit_params(p, "distill", steps=2), 2,
+                                       rf"distill.steps is 2 but {CHECKPOINT} is at step 4"),
+    "checkpoint/torn": Fault("distill", lambda p: _tear(p / CHECKPOINT), 0,
+                             rf"checkpoint {CHECKPOINT} is unreadable .*moved to {CHECKPOINT}.corrupt, starting from step 0",
+                             recovered=_restarted_after_moving_the_torn_checkpoint, child=True),
+    "checkpoint/other_settings": Fault("distill", lambda p: edit_params(p, "distill", lr_g=2e-5), 0,
+                                       rf"{CHECKPOINT} was written for other settings or data; starting from step 0",
+                                       recovered=_started_over_for_new_settings, child=True),
+    # tracking server: exit 7 before any work
+    "tracking/server_down": Fault("prepare", _unreachable_tracking, 7,
+                                  r"MLflow tracking server http://127.0.0.1:\d+ is unreachable"),
+}
+
+
+@pytest.mark.parametrize("name", list(FAULTS))
+def test_planted_fault(name, project, monkeypatch, capsys):
+    """Most faults run `ladd.cli.main` in this process (the CLI's code path without 4 s of imports per case)."""
+    fault = FAULTS[name]
+    env = fault.plant(project) or {}
+    before = outputs(project)
+    args = [fault.stage, *(() if "LADD_TRACKING" in env else ("--no-tracking",)), *fault.extra]
+    if fault.child:
+        proc = subprocess.run([sys.executable, "-m", "ladd.cli", *args, "--threads", "1"], cwd=project,
+                              capture_output=True, text=True, env={**os.environ, **env},
+                              preexec_fn=_limit_file_size(fault.limit_file_size) if fault.limit_file_size else None)
+        code, stderr = proc.returncode, proc.stderr
+    else:
+        from ladd.cli import main
+
+        monkeypatch.chdir(project)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        code, stderr = main(args), capsys.readouterr().err
+    message = fault.message(project) if callable(fault.message) else fault.message
+    assert code == fault.code, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    if fault.recovered:
+        assert re.search(message, stderr), stderr[-3000:]
+        fault.recovered(project, before, stderr)
+        return
+    lines = [line for line in stderr.splitlines() if line.startswith(f"ladd {fault.stage}: ")]
+    assert len(lines) == 1 and re.search(message, lines[0]), stderr[-3000:]
+    assert outputs(project) == before
+    assert not [p for p in project.rglob(".*.tmp")], "a torn temp file was left behind"
+
+
+def test_debug_gives_the_traceback(project, monkeypatch):
+    from ladd.cli import main
+    from ladd.config import ConfigError
+
+    edit_params(project, "distill", steps=2)
+    monkeypatch.chdir(project)
+    with pytest.raises(ConfigError, match="distill.steps is 2"):
+        main(["distill", "--no-tracking", "--debug"])
+
+
+# --- interruptions at a random point -------------------------------------------------------------------------------
+
+def _make_work(stage: str, project: Path) -> Path:
+    """Give `stage` work that takes a while; returns the output whose final bytes are compared."""
+    if stage == "synthesize":
+        edit_params(project, "synthesize", seed=1, shard_size=128)  # a new data set of 12 shards
+        return project / "data" / "synthetic"
+    edit_params(project, "distill", steps=16, checkpoint_every=1)  # resumes from step 4
+    return project / "models" / "student"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(finished_project, tmp_path_factory):
+    """Per stage: (seconds from the stage's first log line to its exit, hashes of its output) of a run without
+    interruption, the reference for the interrupted ones."""
+    cache = {}
+
+    def run(stage):
+        if stage not in cache:
+            root = tmp_path_factory.mktemp(f"whole_{stage}") / "project"
+            shutil.copytree(finished_project, root)
+            out = _make_work(stage, root)
+            proc = subprocess.Popen(ladd_cmd(stage), cwd=root, stderr=subprocess.PIPE, text=True)
+            started = _wait_for_start(proc, stage)
+            assert proc.wait(timeout=300) == 0
+            cache[stage] = time.time() - started, outputs(root), out.relative_to(root)
+        return cache[stage]
+    return run
+
+
+def _wait_for_start(proc, stage: str) -> float:
+    """Read stderr until the stage logs its work started (so the signal lands in the stage, not in imports);
+    the rest of stderr is drained by a thread."""
+    import threading
+
+    for line in proc.stderr:
+        if f" INFO {stage}: " in line:
+            break
+    proc.tail = []
+    threading.Thread(target=lambda: proc.tail.extend(proc.stderr), daemon=True).start()
+    return time.time()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("stage", ["synthesize", "distill"])
+def test_interrupted_at_a_random_point_then_the_same_command_finishes_the_same(stage, sig, project, uninterrupted):
+    duration, reference, out = uninterrupted(stage)
+    seed = int(os.environ.get("LADD_FAULT_SEED", time.time_ns() % 10**6))
+    delay = random.Random(seed).uniform(0, 0.8 * duration)
+    _make_work(stage, project)
+    before = _under(outputs(project), out)
+    proc = subprocess.Popen(ladd_cmd(stage), cwd=project, stderr=subprocess.PIPE, text=True)
+    _wait_for_start(proc, stage)
+    time.sleep(delay)
+    replay = f"replay with LADD_FAULT_SEED={seed} (signal {delay:.2f} s into a {duration:.1f} s run)"
+    assert proc.poll() is None, f"the run ended before the signal; {replay}"
+    proc.send_signal(sig)
+    code = proc.wait(timeout=120)
+    time.sleep(0.2)
+    if sig == signal.SIGINT:
+        assert code == 130, f"{''.join(proc.tail)[-2000:]}; {replay}"
+        assert any(f"ladd {stage}: interrupted" in line for line in proc.tail), replay
+        assert not any("Traceback" in line for line in proc.tail), replay
+    else:
+        assert code == -signal.SIGKILL
+    # the output is the previous one or the finished new one (replaced whole at the end), never a torn mix
+    assert _comparable(_under(outputs(project), out)) in (_comparable(before), _comparable(_under(reference, out))), replay
+    rerun = subprocess.run(ladd_cmd(stage), cwd=project, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert _comparable(_under(outputs(project), out)) == _comparable(_under(reference, out)), replay
+
+
+def _under(hashes: dict, folder: Path) -> dict:
+    return {k: v for k, v in hashes.items() if k.startswith(f"{folder.as_posix()}/")}
+
+
+def _comparable(hashes: dict) -> dict:
+    """Without the files that record how a run went (resumed from, seconds per step) rather than what it made."""
+    return {k: v for k, v in hashes.items() if not k.endswith(("ladd_train_summary.json", "README.md"))}
+
+
+# --- faults handled below the CLI -----------------------------------------------------------------------------------
+
+def test_a_synthesize_rerun_with_nothing_to_do_keeps_the_checkpoint(project, monkeypatch):
+    """What identifies the data is its content: rerunning a finished synthesize leaves every byte, so distill
+    resumes instead of starting over."""
+    from ladd.cli import main
+
+    monkeypatch.chdir(project)
+    before = outputs(project)
+    assert main(["synthesize", "--no-tracking"]) == 0
+    assert outputs(project) == before and not (project / "data" / "synthetic.next").exists()
+    edit_params(project, "distill", steps=6)
+    assert main(["distill", "--no-tracking"]) == 0
+    assert json.loads((project / "models/student/ladd_train_summary.json").read_text())["resumed_from"] == 4
 
 
 def test_16_bit_greyscale_pngs_keep_their_values(tmp_path):
@@ -118,139 +454,21 @@ def test_outputs_get_the_users_umask_not_0600(tmp_path):
     assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755
 
 
-def test_cli_gives_one_line_and_a_code_per_failure_kind(tmp_path):
-    """A teacher folder that is not an SD3 pipeline: exit 5 and one line naming it; --debug shows the traceback."""
+def test_synthesize_keeps_the_previous_data_set_until_the_new_one_passes(project, monkeypatch, caplog):
+    """Changed settings build the new set in <out>.next; a failing suite leaves <out> whole and the new set there
+    for a look; once the suite passes it replaces <out> without generating anything again."""
+    from ladd.cli import main
 
-    bad = tmp_path / "unet_pipeline"
-    bad.mkdir()
-    (bad / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    params = write_params(tmp_path / "params.yaml", {"teacher": {"pretrained": str(bad), "out_dir": str(tmp_path / "t")}})
-    cmd = [sys.executable, "-m", "ladd.cli", "teacher", "--params", str(params), "--no-tracking"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 5, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("ladd teacher:")]
-    assert lines == [f"ladd teacher: {bad} holds a StableDiffusionPipeline, not an SD3-family pipeline "
-                     "(model_index.json must name StableDiffusion3Pipeline)"]
-    assert "Traceback" not in proc.stderr and not (tmp_path / "t").exists()
-    debug = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, cwd=tmp_path)
-    assert debug.returncode == 1 and "Traceback" in debug.stderr and "TeacherError" in debug.stderr
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tiny_image(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(10):
-        Image.fromarray(np.full((32, 32), 128, np.uint8)).save(images / f"{i}.png")
-    Image.fromarray(np.zeros((1, 1), np.uint8)).save(images / "3.png")
-    pd.DataFrame({"file": [f"{i}.png" for i in range(10)], "caption": ["grey"] * 10}).to_csv(tmp_path / "c.csv", index=False)
-    params = {"prepare": {"source": "folder", "images_dir": str(images), "captions": str(tmp_path / "c.csv"),
-                          "out_dir": str(tmp_path / "out")}}
-    return params, {}, 3, r"c.csv row 3 \(id .*\): cannot read image .*3.png: it is 1x1, under a quarter of prepare.resolution \(32\)"
-
-
-def _unreachable_tracking(tmp_path):
-    port = _free_port()
-    params = {"prepare": {"out_dir": str(tmp_path / "out")}}
-    env = {"LADD_TRACKING": "1", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
-    return params, env, 7, rf"MLflow tracking server http://127.0.0.1:{port} is unreachable"
-
-
-@pytest.mark.parametrize("plant", [_tiny_image, _unreachable_tracking], ids=["1x1_image", "tracking_server_down"])
-def test_prepare_faults_exit_with_their_code_and_write_nothing(plant, tmp_path):
-
-    params, env, code, message = plant(tmp_path)
-    path = write_params(tmp_path / "params.yaml", params)
-    proc = subprocess.run([sys.executable, "-m", "ladd.cli", "prepare", "--params", str(path)], capture_output=True,
-                          text=True, cwd=tmp_path, env={**os.environ, **env})
-    assert proc.returncode == code, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert re.search(message, proc.stderr), proc.stderr
-    assert not (tmp_path / "out").exists()
-
-
-def test_sigint_mid_synthesize_keeps_finished_shards_and_resumes(tiny_teacher_dir, prepared_data, tmp_path):
-    """Ctrl-C during synthesize: exit 130 with one line; the rerun generates only the missing shards and the
-    result equals an uninterrupted run's."""
-    from ladd.config import SynthesizeConfig
-
-    out = tmp_path / "synthetic"
-    settings = {"out_dir": str(out), "steps": 3, "samples_per_prompt": 1, "shard_size": 128, "batch_size": 128,
-                "device": "cpu"}
-    params = write_params(tmp_path / "params.yaml", {"prepare": {"out_dir": str(prepared_data)},
-                                                     "teacher": {"out_dir": str(tiny_teacher_dir)},
-                                                     "synthesize": settings,
-                                                     "validate": {"report_dir": str(tmp_path / "reports")}})
-    cmd = [sys.executable, "-m", "ladd.cli", "synthesize", "--params", str(params), "--no-tracking", "--threads", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (out / "shard-00001.safetensors").exists():
-        time.sleep(0.02)
-    assert proc.poll() is None, "synthesize ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
-    assert "ladd synthesize: interrupted; finished work" in stderr and "Traceback" not in stderr
-    kept = sorted(p.name for p in out.glob("shard-*.safetensors"))
-    assert kept and not (out / "manifest.json").exists()
-    summary = synthesize(SynthesizeConfig(**settings), prepared_data, tiny_teacher_dir, NullTracker())
-    assert summary["generated_shards"] == summary["shards"] - len(kept)
-    whole = tmp_path / "whole"
-    synthesize(SynthesizeConfig(**{**settings, "out_dir": str(whole)}), prepared_data, tiny_teacher_dir, NullTracker())
-    for shard in sorted(whole.glob("shard-*.safetensors")):
-        a, b = load_file(shard), load_file(out / shard.name)
-        assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _limit_file_size(limit: int):
-    """In the child: writes past `limit` bytes fail with EFBIG (Python ignores SIGXFSZ), as on a full disk."""
-    import resource
-
-    def set_limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return set_limit
-
-
-def test_a_full_disk_mid_synthesize_keeps_the_previous_output(tiny_teacher_dir, tiny_synthetic, prepared_data, tmp_path):
-    """A shard write that fails (a file size limit standing in for a full disk) while resuming: exit 8, one line
-    naming the error, no torn shard, every finished shard and the manifest untouched."""
-    out = tmp_path / "synthetic"
-    shutil.copytree(tiny_synthetic.out_dir, out)
-    (out / "shard-00001.safetensors").unlink()  # the one left to generate
-    before = fingerprint(out)
-    settings = {k: getattr(tiny_synthetic, k) for k in ("steps", "samples_per_prompt", "shard_size", "batch_size")}
-    params = write_params(tmp_path / "params.yaml", {
-        "prepare": {"out_dir": str(prepared_data)}, "teacher": {"out_dir": str(tiny_teacher_dir)},
-        "synthesize": {**settings, "out_dir": str(out), "device": "cpu"}})
-    proc = subprocess.run([sys.executable, "-m", "ladd.cli", "synthesize", "--params", str(params), "--no-tracking"],
-                          capture_output=True, text=True, preexec_fn=_limit_file_size(200_000))
-    assert proc.returncode == 8, proc.stderr
-    assert "File too large" in proc.stderr and "Traceback" not in proc.stderr
-    assert fingerprint(out) == before and not list(out.glob(".*.tmp"))
-
-
-def test_sigint_mid_distill_keeps_the_checkpoint_and_resumes(tiny_teacher_dir, tiny_synthetic, tmp_path):
-    from ladd.checkpoint import read_checkpoint_meta
-
-    ckpt = tmp_path / "ck.safetensors"
-    params = write_params(tmp_path / "params.yaml", {
-        "teacher": {"out_dir": str(tiny_teacher_dir)}, "synthesize": {"out_dir": tiny_synthetic.out_dir},
-        "distill": {**DISTILL, "steps": 400, "out_dir": str(tmp_path / "student"), "checkpoint": str(ckpt)}})
-    cmd = [sys.executable, "-m", "ladd.cli", "distill", "--params", str(params), "--no-tracking", "--threads", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not ckpt.exists():
-        time.sleep(0.02)
-    assert proc.poll() is None, "distill ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "ladd distill: interrupted; finished work" in stderr, stderr
-    step = read_checkpoint_meta(ckpt)[0]
-    assert step >= 2 and not (tmp_path / "student").exists()
-    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(ckpt), **{**DISTILL, "steps": step + 2})
-    assert distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())["resumed_from"] == step
+    monkeypatch.chdir(project)
+    before = outputs(project)
+    edit_params(project, "synthesize", guidance=1.5)
+    edit_params(project, "validate", latent_tolerance=1e-6)
+    assert main(["synthesize", "--no-tracking"]) == 3
+    assert outputs(project) == before
+    staged = project / "data" / "synthetic.next"
+    assert json.loads((staged / "manifest.json").read_text())["run"]["guidance"] == 1.5
+    edit_params(project, "validate", latent_tolerance=0.5)
+    caplog.set_level("INFO")
+    assert main(["synthesize", "--no-tracking"]) == 0
+    assert "0 shards to generate" in caplog.text and not staged.exists()
+    assert json.loads((project / "data/synthetic/manifest.json").read_text())["run"]["guidance"] == 1.5

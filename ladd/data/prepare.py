@@ -148,8 +148,12 @@ def load_split(split_dir: str | Path) -> Split:
     if not captions_path.is_file():
         raise FileNotFoundError(f"{captions_path} is missing: run `ladd prepare` first")
     images_path = split_dir / "images.safetensors"
+    captions = pd.read_parquet(captions_path)
     images = load_file(images_path)["images"] if images_path.is_file() else None
-    return Split(pd.read_parquet(captions_path), images)
+    if images is not None and len(images) != len(captions):
+        raise DataError(f"{split_dir}: {len(captions)} records in captions.parquet but {len(images)} images in "
+                        "images.safetensors (files from different runs): rerun `ladd prepare`")
+    return Split(captions, images)
 
 
 def prepare(cfg: PrepareConfig) -> dict:
