@@ -1,6 +1,8 @@
 """Training checkpoints as one safetensors file (no pickle): module weights, optimiser states, RNG
 states as tensors; step, optimiser hyper-parameters and a config fingerprint as JSON metadata.
-Written atomically, so a kill at any moment leaves the previous checkpoint readable."""
+Written atomically, so a kill at any moment leaves the previous checkpoint readable. It holds full (gathered)
+state dicts in torch.optim's own layout, so it does not depend on the number of processes or the sharding
+(`ladd.distributed` gathers and scatters them)."""
 
 from __future__ import annotations
 
@@ -13,8 +15,7 @@ from safetensors import safe_open
 from ladd.io import atomic_file, save_tensors
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
-    sd = opt.state_dict()
+def _optimizer_tensors(sd: dict, prefix: str) -> tuple[dict, dict]:
     tensors, scalars = {}, {}
     for pid, state in sd["state"].items():
         for k, v in state.items():
@@ -25,7 +26,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, d
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict, prefix: str) -> None:
+def _optimizer_state(tensors: dict, meta: dict, prefix: str) -> dict:
     state: dict[int, dict] = {}
     for key, v in tensors.items():
         if key.startswith(prefix + ".state."):
@@ -34,15 +35,17 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict, prefi
     for key, v in meta["scalars"].items():
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(path: str | Path, step: int, modules: dict, optimizers: dict, generators: dict, meta: dict) -> None:
+def save_checkpoint(path: str | Path, step: int, states: dict[str, dict], optimizers: dict[str, dict],
+                    generators: dict[str, torch.Generator], meta: dict) -> None:
+    """`states`: module state dicts by name; `optimizers`: optimiser state dicts by name."""
     tensors, opt_meta = {}, {}
-    for name, module in modules.items():
-        tensors.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
-    for name, opt in optimizers.items():
-        t, m = _optimizer_tensors(opt, name)
+    for name, sd in states.items():
+        tensors.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in sd.items()})
+    for name, sd in optimizers.items():
+        t, m = _optimizer_tensors(sd, name)
         tensors.update(t)
         opt_meta[name] = m
     tensors["rng.torch"] = torch.get_rng_state()
@@ -61,20 +64,21 @@ def read_checkpoint_meta(path: str | Path) -> tuple[int, dict]:
     return int(header["step"]), json.loads(header["meta"])
 
 
-def load_checkpoint(path: str | Path, modules: dict, optimizers: dict, generators: dict) -> int:
-    """Restore everything saved by `save_checkpoint` in place; returns the step to continue from."""
+def load_checkpoint(path: str | Path, states: list[str], optimizers: list[str],
+                    generators: dict[str, torch.Generator]) -> tuple[int, dict, dict]:
+    """(step, the named module and optimiser state dicts) saved by `save_checkpoint`, reading only those; RNG
+    states are restored in place."""
+    wanted = tuple(f"{name}." for name in [*states, *optimizers, "rng"])
     with safe_open(str(path), "pt") as f:
         header = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    for name, module in modules.items():
-        sd = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        module.load_state_dict(sd)
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(wanted)}
+    module_states = {name: {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
+                     for name in states}
     opt_meta = json.loads(header["optimizers"])
-    for name, opt in optimizers.items():
-        _load_optimizer(opt, tensors, opt_meta[name], name)
+    optimizer_states = {name: _optimizer_state(tensors, opt_meta[name], name) for name in optimizers}
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     for name, gen in generators.items():
         gen.set_state(tensors[f"rng.{name}"])
-    return int(header["step"])
+    return int(header["step"]), module_states, optimizer_states

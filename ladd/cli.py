@@ -84,6 +84,42 @@ STAGES = {
 }
 
 
+def torchrun_command(argv: list[str], launch) -> list[str]:
+    """The same `ladd` command, started on nproc_per_node processes of this node by torchrun (one rendezvous
+    for every node)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(launch.nproc_per_node),
+           "--nnodes", str(launch.nnodes)]
+    if launch.rdzv_endpoint:
+        cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", launch.rdzv_endpoint, "--rdzv_id", launch.rdzv_id]
+    else:
+        cmd += ["--standalone"]
+    return cmd + ["-m", "ladd.cli", *argv]
+
+
+def launch_workers(stage: str, argv: list[str], params: Params) -> int:
+    """Run `stage` under torchrun as params.yaml's `launch` section says; fails before starting anything when
+    this node has fewer GPUs than processes."""
+    import subprocess
+
+    import torch
+
+    launch, device = params.launch, getattr(params, stage).device
+    gpus = torch.cuda.device_count()
+    if (device.startswith("cuda") or (device == "auto" and gpus)) and launch.nproc_per_node > gpus:
+        raise ConfigError(f"launch.nproc_per_node is {launch.nproc_per_node} but this node has {gpus} GPUs")
+    cmd = torchrun_command(argv, launch)
+    log.info("%s: %d processes per node x %d nodes: %s", stage, launch.nproc_per_node, launch.nnodes, " ".join(cmd))
+    proc = subprocess.Popen(cmd)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # torchrun got the same SIGINT and stops its workers
+        proc.wait()
+        raise
+    if code:
+        print(f"ladd {stage}: a process under torchrun failed (exit {code}); its own error is above", file=sys.stderr)
+    return code
+
+
 def generate_main(argv: list[str]) -> int:
     """`ladd generate --onnx DIR --prompt ...`: PNGs from the exported student, onnxruntime only."""
     parser = argparse.ArgumentParser(prog="ladd generate", description="generate images with the ONNX student")
@@ -129,14 +165,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--debug", action="store_true", help="a traceback for expected failures too")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    rank = int(os.environ.get("RANK", 0))  # under torchrun: only rank 0 logs progress and tracks
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:  # before importing torch: a bad params file fails in a fraction of a second
         params = load_params(args.params)
+        launch = params.launch
+        if args.stage in launch.stages and launch.nproc_per_node * launch.nnodes > 1 and "LOCAL_RANK" not in os.environ:
+            return launch_workers(args.stage, argv, params)
     except ConfigError as e:
         if args.debug:
             raise
         print(f"ladd {args.stage}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"ladd {args.stage}: interrupted; finished work is kept: run the same command to go on", file=sys.stderr)
+        return 130
     import torch  # here, not at the top: `ladd generate` runs without PyTorch
 
     from ladd.data.validation import DataError, ValidationFailed
@@ -158,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from ladd.tracking import stage_run
 
-    tracking = not args.no_tracking and os.environ.get("LADD_TRACKING", "1") != "0"
+    tracking = not args.no_tracking and os.environ.get("LADD_TRACKING", "1") != "0" and rank == 0
     try:  # a failure propagates through the MLflow run, which ends FAILED
         with stage_run(args.stage, enabled=tracking) as tracker:
             section = getattr(params, args.stage, None)

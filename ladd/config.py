@@ -169,6 +169,7 @@ class DistillConfig:
     ema_on_cpu: bool = False  # keep the EMA copy in CPU memory (updated from the device every step)
     release_text_encoders: bool = True  # encode the prompts once, then free the text encoders and the VAE
     truncate_teacher: bool = True  # skip the teacher's blocks above the deepest hooked one
+    parallel: str = "ddp"  # none | ddp | fsdp: how the student spans launch.nproc_per_node x nnodes processes
     seed: int = 0
     device: str = "auto"
 
@@ -186,6 +187,10 @@ class DistillConfig:
         _choice("distill.mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
         _choice("distill.teacher_dtype", self.teacher_dtype, ("auto", "float32", "bfloat16"))
         _choice("distill.schedule", self.schedule, tuple(STUDENT_SCHEDULES))
+        _choice("distill.parallel", self.parallel, ("none", "ddp", "fsdp"))
+        if self.parallel == "fsdp" and self.ema_on_cpu:
+            raise ConfigError("distill.ema_on_cpu does not combine with parallel: fsdp (the EMA is sharded like the "
+                              "student already)")
         _positive("distill", steps=self.steps, d_steps_per_g=self.d_steps_per_g, checkpoint_every=self.checkpoint_every)
         if not 0 <= self.backward_share <= 1:
             raise ConfigError(f"distill.backward_share must be in [0, 1], got {self.backward_share}")
@@ -271,6 +276,24 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class LaunchConfig:
+    """Where nproc_per_node x nnodes > 1, `ladd <stage>` for the stages listed starts itself under torchrun."""
+
+    nproc_per_node: int = 1  # processes on this node (one per GPU)
+    nnodes: int = 1
+    rdzv_endpoint: str | None = None  # host:port of torchrun's c10d rendezvous (several nodes); null: standalone
+    rdzv_id: str = "ladd"  # the job's name at the rendezvous (the same on every node)
+    stages: tuple[str, ...] = ("synthesize", "distill")
+
+    def __post_init__(self):
+        _positive("launch", nproc_per_node=self.nproc_per_node, nnodes=self.nnodes)
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ConfigError("launch.nnodes > 1 needs launch.rdzv_endpoint (host:port of the first node)")
+        for stage in self.stages:
+            _choice("launch.stages[]", stage, ("synthesize", "distill"))
+
+
+@dataclass(frozen=True)
 class Params:
     prepare: PrepareConfig
     validate: ValidateConfig
@@ -280,6 +303,7 @@ class Params:
     distill: DistillConfig
     evaluate: EvaluateConfig
     export: ExportConfig
+    launch: LaunchConfig
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Params)

@@ -4,7 +4,8 @@ Student = a copy of the teacher transformer, trained at a few discrete times; di
 the frozen teacher's block features; real = teacher latents, fake = student x0_hat, both re-noised to
 t_hat before the teacher sees them. Where recipes differ (the student's input, backward simulation,
 t_hat, a regression term) the loop calls the functions of `ladd.variants` that the config names.
-Resumable from an atomic checkpoint.
+Resumable from an atomic checkpoint. Under torchrun the same loop runs on every process: each trains on its
+rows of the global batch (`ladd.distributed` holds the plumbing).
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from ladd.card import write_model_card
 from ladd.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from ladd.config import DistillConfig
 from ladd.discriminator import Discriminator, default_feature_layers
+from ladd.distributed import (World, close_world, full_optimizer_state, full_state_dict, full_tensor, init_world,
+                              load_full_optimizer_state, load_full_state_dict, shard, unwrap, wrap_student)
 from ladd.io import atomic_dir, atomic_file, fingerprint, write_json
 from ladd.config import ConfigError
 from ladd.generate import record_noise
 from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, gan_health, mean_logits
-from ladd.pipeline import (encode_prompts, load_pipeline, load_transformer, max_sequence_length, pick_device, read_meta,
-                           write_meta)
+from ladd.pipeline import encode_prompts, load_pipeline, load_transformer, max_sequence_length, read_meta, write_meta
 from ladd.plots import plot_curves
 from ladd.schedules import SCHEDULER_FLAGS, few_step_times
 from ladd.synthesize import Bucket, check_finite, load_synthetic
@@ -68,10 +70,24 @@ def memory_plan(cfg: DistillConfig, device: torch.device) -> dict:
 def _run_fingerprint(cfg: DistillConfig, teacher_dir, synthetic_dir) -> dict:
     """What a checkpoint must match to be resumed (training length and bookkeeping may change)."""
     skip = {"out_dir", "checkpoint", "steps", "checkpoint_every", "log_every", "device", "ema_on_cpu",
-            "release_text_encoders", "gradient_checkpointing", "truncate_teacher"}
+            "release_text_encoders", "gradient_checkpointing", "truncate_teacher", "parallel"}
     run = {k: v for k, v in asdict(cfg).items() if k not in skip}
     run = {**run, "teacher": fingerprint(teacher_dir), "synthetic": fingerprint(Path(synthetic_dir) / "manifest.json")}
     return json.loads(json.dumps(run))  # as stored in the checkpoint (tuples become lists)
+
+
+def _resumable_on_rank0(cfg: DistillConfig, run: dict, world: World) -> bool:
+    """`_resumable`, decided by rank 0 alone (it may move a file) and told to every rank."""
+    verdict = None
+    if world.main:
+        try:
+            verdict = _resumable(cfg, run)
+        except ConfigError as e:
+            verdict = e
+    verdict = world.broadcast(verdict)
+    if isinstance(verdict, ConfigError):
+        raise verdict
+    return verdict
 
 
 def _resumable(cfg: DistillConfig, run: dict) -> bool:
@@ -151,20 +167,31 @@ def save_student(teacher_dir, student_ema, student_raw, cfg: DistillConfig, meta
 
 
 def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Path, tracker) -> dict:
-    device = pick_device(cfg.device)
+    world = init_world(cfg.device)
+    try:
+        return _distill(cfg, teacher_dir, synthetic_dir, tracker, world)
+    finally:
+        close_world(world)
+
+
+def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: World) -> dict:
+    device = world.device
+    if world.size > 1 and cfg.parallel == "none":
+        raise ConfigError(f"distill.parallel is none but torchrun started {world.size} processes: use ddp or fsdp")
+    mine = world.rows(cfg.batch_size)  # this rank's rows of every global batch (all of them in one process)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     plan = memory_plan(cfg, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=plan["mixed_precision"] == "bf16")
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)  # all sampling on CPU: same draws on any device
+    gen = torch.Generator().manual_seed(cfg.seed)  # on CPU, the same on every rank: same draws on any device and world
 
     # 0. Data and networks. Prompts are encoded once (records index into the distinct ones), then the text
     #    encoders (T5-XXL alone is ~9.5 GB) and the VAE are released. The student keeps fp32 master weights;
     #    the frozen teacher may be bf16.
     times = student_times(cfg)
     run = _run_fingerprint(cfg, teacher_dir, synthetic_dir)
-    resume = _resumable(cfg, run)  # before any expensive work: a checkpoint past distill.steps is an error
+    resume = _resumable_on_rank0(cfg, run, world)  # before any expensive work: a checkpoint past distill.steps is an error
     data = load_synthetic(synthetic_dir)
     check_finite(data, synthetic_dir)
     records = data.records
@@ -187,6 +214,9 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
     ema = copy.deepcopy(student).requires_grad_(False).to("cpu" if plan["ema_on_cpu"] else device)
     if plan["gradient_checkpointing"] in ("student", "all"):
         student.enable_gradient_checkpointing()
+    student = wrap_student(student, cfg.parallel, world, plan["mixed_precision"] == "bf16")
+    if cfg.parallel == "fsdp" and world.size > 1:
+        ema = shard(ema, world)  # the EMA keeps the student's shards: its update stays local
     if plan["gradient_checkpointing"] == "all":  # the student's gradient flows through the teacher's forward
         teacher.enable_gradient_checkpointing()
     layers = list(cfg.feature_layers or default_feature_layers(teacher.config.num_layers))
@@ -196,11 +226,26 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
     d_loss_fn, g_loss_fn = ADVERSARIAL_LOSSES[cfg.loss]
     student_input, renoise_time = STUDENT_INPUTS[cfg.student_input], RENOISE_TIMES[cfg.renoise_times]
     regression_target, sampler_step = REGRESSION_TARGETS[cfg.regression_target], SAMPLER_STEPS[cfg.sampler]
-    state = dict(modules={"student": student, "ema": ema, "disc": disc}, optimizers={"opt_g": opt_g, "opt_d": opt_d},
-                 generators={"data": gen})
-    start = load_checkpoint(cfg.checkpoint, **state) if resume else 0
-    if resume:
+    modules, optimizers = {"student": student, "ema": ema, "disc": disc}, {"opt_g": (student, opt_g), "opt_d": (disc, opt_d)}
+    start, sharded = 0, cfg.parallel == "fsdp" and world.size > 1
+    if resume:  # under FSDP rank 0 alone reads the student, EMA and their optimiser, and scatters them
+        start, states, opt_states = load_checkpoint(
+            cfg.checkpoint, list(modules) if world.main or not sharded else ["disc"],
+            list(optimizers) if world.main or not sharded else ["opt_d"], {"data": gen})
+        for name, module in modules.items():
+            load_full_state_dict(module, states.get(name, {}))
+        for name, (module, opt) in optimizers.items():
+            load_full_optimizer_state(module, opt, opt_states.get(name, {}))
         log.info("distill: resuming from %s at step %d", cfg.checkpoint, start)
+
+    def save_state(step: int) -> None:
+        """Gather (collective under FSDP) and write the checkpoint from rank 0."""
+        states = {name: full_state_dict(module) for name, module in modules.items()}
+        opt_states = {name: full_optimizer_state(module, opt) for name, (module, opt) in optimizers.items()}
+        if world.main:
+            save_checkpoint(cfg.checkpoint, step, states, opt_states, {"data": gen}, meta=run)
+            _write_curve(_curve_path(cfg), curve, len(layers))
+
     curve = _read_curve(_curve_path(cfg), start)
     tracker.log_params({"distill.resolved.feature_layers": layers, "distill.resolved.student_times": times.tolist(),
                         **{f"distill.resolved.{k}": v for k, v in plan.items()}})
@@ -222,10 +267,11 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
         return x_t - t.view(-1, 1, 1, 1) * v.float()
 
     def student_batch(probs):
-        """Phases 1-2: teacher latents x0 of one resolution bucket (drawn by its share of the records) with
-        their prompts (LADD's "real" data), student step indices k from the (warm-up) probabilities,
-        t = times[k], and the student's input x_t there (`student_input`); a `backward_share` of the t < 1
-        rows instead get the current student's own earlier steps."""
+        """Phases 1-2 for the global batch, then this rank's rows of it: teacher latents x0 of one resolution
+        bucket (drawn by its share of the records) with their prompts (LADD's "real" data), student step
+        indices k from the (warm-up) probabilities, t = times[k], and the student's input x_t there
+        (`student_input`); a `backward_share` of the t < 1 rows instead get the current student's own earlier
+        steps (simulated for the global batch on every rank, so every rank runs the student equally often)."""
         b = int(torch.multinomial(bucket_sizes, 1, generator=gen)) if len(data.buckets) > 1 else 0
         bucket, trajectory = data.buckets[b], trajectories[b]
         idx = torch.randint(len(bucket.records), (cfg.batch_size,), generator=gen)
@@ -240,33 +286,41 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
             with autocast:
                 x_t[simulated] = backward_simulate(student_x0, k[simulated], times.to(device), c[simulated], p[simulated],
                                                    x0[simulated], sampler_step, gen)
-        return x0, c, p, t, x_t, simulated.to(device)
+        return x0[mine], c[mine], p[mine], t, x_t[mine], simulated.to(device)[mine]
+
+    def noise(like):
+        """Noise for the global batch from the shared stream; this rank's rows of it."""
+        return randn((cfg.batch_size, *like.shape[1:]), gen, like)[mine]
 
     def regression_loss(x0_hat, x0, x_t, t, c, p, simulated):
         """Optional MSE of x0_hat to `regression_target`, weighted separately below t = 1 and at t = 1. An
-        endpoint exists only for inputs made from x0 (never for simulated ones; at t = 1 only on a trajectory)."""
+        endpoint exists only for inputs made from x0 (never for simulated ones; at t = 1 only on a trajectory).
+        Each MSE is over the selected rows of the global batch, whichever rank holds them."""
         has_target = ~simulated if cfg.regression_target == "endpoint" else torch.ones_like(simulated)
         loss = x0_hat.sum() * 0
         for weight, rows in ((cfg.regression_weight, t < 1), (cfg.regression_weight_one, t == 1)):
             rows = rows & has_target
+            per_rank = world.mean(rows.sum().float()) if world.size > 1 else None  # on every rank, rows or not
             if weight > 0 and rows.any():
                 target = regression_target(x0[rows], x_t[rows], t[rows], lambda x, tt: teacher_x0(x, tt, c[rows], p[rows]))
-                loss = loss + weight * masked_mse(x0_hat, target, rows)
+                loss = loss + weight * masked_mse(x0_hat, target, rows, per_rank)
         return loss
 
     skipped, step_times = 0, []
-    for step in (bar := tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="distill", mininterval=2)):
+    for step in (bar := tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="distill", mininterval=2,
+                             disable=not world.main)):
         tick = time.perf_counter()
         # 1-2. A batch of teacher latents and prompts; student times from the warm-up schedule, then the
         #      biased one; the student's input at those times.
         probs = torch.tensor(cfg.warmup_probs if step < cfg.warmup_steps else cfg.probs)
-        x0, c, p, t, x_t, simulated = student_batch(probs)
+        x0, c, p, t_all, x_t, simulated = student_batch(probs)
+        t = t_all[mine]
         # 3. Student update: x0_hat = x_t - t v, re-noised to t_hat and judged by the heads on the frozen
         #    teacher's features; the gradient flows through the teacher's forward pass into x0_hat. Plus the
         #    optional regression term.
         disc.requires_grad_(False)
-        t_fake = renoise_time(t, cfg.renoise_mean, cfg.renoise_std, gen)
-        eps_fake = randn(x0.shape, gen, x0)
+        t_fake = renoise_time(t_all, cfg.renoise_mean, cfg.renoise_std, gen)[mine]
+        eps_fake = noise(x0)
         with autocast:
             x0_hat = student_x0(x_t, t, c, p)
             fake_features = disc.features(noise_to(x0_hat, t_fake, eps_fake), t_fake, c, p)
@@ -274,11 +328,11 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
             loss_reg = regression_loss(x0_hat, x0, x_t, t, c, p, simulated)
             loss_g = loss_adv + loss_reg
         opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        grad_norm_g = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        loss_g.backward()  # DDP / FSDP average the student's gradient over the ranks here
+        grad_norm_g = full_tensor(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip))
         if torch.isfinite(grad_norm_g):
             opt_g.step()
-            update_ema(ema, student, cfg.ema_decay)
+            update_ema(ema, unwrap(student), cfg.ema_decay)
         else:
             skipped += 1
         # 4. Discriminator update(s): real = teacher latents, fake = x0_hat, both re-noised (same t_hat
@@ -290,13 +344,13 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
             if k == 0:
                 fake_features, t_fk = [f.detach() for f in fake_features], t_fake
             else:  # extra D steps see a fresh batch and fresh student samples
-                x0, c, p, t, x_t, _ = student_batch(probs)
-                t_fk = renoise_time(t, cfg.renoise_mean, cfg.renoise_std, gen)
+                x0, c, p, t_all, x_t, _ = student_batch(probs)
+                t_fk = renoise_time(t_all, cfg.renoise_mean, cfg.renoise_std, gen)[mine]
                 with torch.no_grad(), autocast:
-                    x_fake = noise_to(student_x0(x_t, t, c, p), t_fk, randn(x0.shape, gen, x0))
+                    x_fake = noise_to(student_x0(x_t, t_all[mine], c, p), t_fk, noise(x0))
                     fake_features = disc.features(x_fake, t_fk, c, p)
-            t_real = renoise_time(t, cfg.renoise_mean, cfg.renoise_std, gen) if cfg.independent_renoise else t_fk
-            x_real = noise_to(x0, t_real, randn(x0.shape, gen, x0))
+            t_real = renoise_time(t_all, cfg.renoise_mean, cfg.renoise_std, gen)[mine] if cfg.independent_renoise else t_fk
+            x_real = noise_to(x0, t_real, noise(x0))
             with autocast:
                 with torch.no_grad():
                     real_features = disc.features(x_real, t_real, c, p)
@@ -305,49 +359,60 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
                 loss_d = d_loss_fn(real_logits, fake_logits)
                 if cfg.r1_weight > 0:
                     with torch.no_grad():
-                        noisy = x_real + cfg.r1_sigma * randn(x_real.shape, gen, x_real)
+                        noisy = x_real + cfg.r1_sigma * noise(x_real)
                         feats_p = disc.features(noisy, t_real, c, p)
                     loss_d = loss_d + cfg.r1_weight * approx_r1(real_logits, disc.heads_logits(feats_p, t_real, p))
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
+            world.average_gradients(disc.parameters())  # the heads are replicated on every rank
             if torch.isfinite(torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)):
                 opt_d.step()
             else:
                 skipped += 1
         step_times.append(time.perf_counter() - tick)
-        # 5. Bookkeeping: curves (per head too) through the tracker, atomic checkpoint (weights, optimisers,
-        #    EMA, RNG, step).
+        # 5. Bookkeeping: curves (per head too, means over the ranks) through the tracker, atomic checkpoint
+        #    (weights, optimisers, EMA, RNG, step) from rank 0.
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            row = {"step": step, "loss_d": loss_d.item(), "loss_g": loss_g.item(), "loss_adv": loss_adv.item(),
-                   "loss_reg": loss_reg.item(), "logits_real": mean_logits(real_logits).item(),
-                   "logits_fake": mean_logits(fake_logits).item(), "grad_norm_g": grad_norm_g.item(), "skipped": skipped}
-            for i, (r, f) in enumerate(zip(real_logits, fake_logits)):
-                row |= {f"logits_real_h{i}": r.mean().item(), f"logits_fake_h{i}": f.mean().item()}
+            scalars = [loss_d, loss_g, loss_adv, loss_reg, mean_logits(real_logits), mean_logits(fake_logits), grad_norm_g,
+                       *(x for r, f in zip(real_logits, fake_logits) for x in (r.mean(), f.mean()))]
+            values = world.mean(torch.stack([v.detach().float().reshape(()) for v in scalars])).tolist()
+            row = {"step": step, **dict(zip(["loss_d", "loss_g", "loss_adv", "loss_reg", "logits_real", "logits_fake",
+                                             "grad_norm_g"], values[:7])), "skipped": skipped}
+            for i in range(len(real_logits)):
+                row |= {f"logits_real_h{i}": values[7 + 2 * i], f"logits_fake_h{i}": values[8 + 2 * i]}
             curve.append(row)
             tracker.log_metrics({f"distill/{k}": v for k, v in row.items() if k != "step"}, step=step)
             bar.set_postfix(d=f"{row['loss_d']:.3f}", g=f"{row['loss_adv']:.3f}", real=f"{row['logits_real']:.2f}",
                             fake=f"{row['logits_fake']:.2f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
-            save_checkpoint(cfg.checkpoint, step + 1, meta=run, **state)
-            _write_curve(_curve_path(cfg), curve, len(layers))
+            save_state(step + 1)
 
     # 6. GAN health over the last quarter of training, the curves as an image, the student pipeline (EMA
     #    weights; raw weights beside them).
     health = gan_health(curve, cfg.loss, len(layers))
     (log.info if health["status"] == "ok" else log.warning)("distill: GAN health %s", health["summary"])
-    curves_png = plot_curves(curve, len(layers), _curve_path(cfg).with_suffix(".png"), health["summary"],
-                             health.get("chance_loss"))
     meta = {"max_sequence_length": msl, "source": "ladd-student", "teacher": run["teacher"],
             "base_model": read_meta(teacher_dir).get("source", str(teacher_dir)),
             "student_times": times.tolist(), "schedule": cfg.schedule, "sampler": cfg.sampler, "default_steps": len(times)}
     steady = step_times[min(5, len(step_times) - 1):] if step_times else []
     summary = {"steps": cfg.steps, "resumed_from": start, "skipped_updates": skipped,
                "sec_per_step": sum(steady) / len(steady) if steady else math.nan, "device": device.type,
-               "gan_health": health}
-    save_student(teacher_dir, ema.to("cpu"), student.to("cpu"), cfg, meta, summary)
-    tracker.log_metrics({f"distill/health/{k}": v for k, v in health.items() if isinstance(v, (int, float))})
-    tracker.set_tags({"distill.gan_health": health["status"]})
-    tracker.log_artifact(curves_png, "distill")
-    if steady:
-        tracker.log_metrics({"distill/sec_per_step": summary["sec_per_step"]})
+               "world_size": world.size, "parallel": cfg.parallel if world.size > 1 else "none", "gan_health": health}
+    if world.size > 1 and not sharded:
+        world.check_replicas(unwrap(student))
+        summary["replicas"] = f"identical on {world.size} ranks"
+    ema_state, student_state = full_state_dict(ema), full_state_dict(student)  # gathered on rank 0 under FSDP
+    if world.main:
+        ema_out, raw_out = (load_transformer(teacher_dir), load_transformer(teacher_dir)) if sharded else (ema, unwrap(student))
+        ema_out.load_state_dict(ema_state)
+        raw_out.load_state_dict(student_state)
+        save_student(teacher_dir, ema_out.to("cpu"), raw_out.to("cpu"), cfg, meta, summary)
+        curves_png = plot_curves(curve, len(layers), _curve_path(cfg).with_suffix(".png"), health["summary"],
+                                 health.get("chance_loss"))
+        tracker.log_metrics({f"distill/health/{k}": v for k, v in health.items() if isinstance(v, (int, float))})
+        tracker.set_tags({"distill.gan_health": health["status"]})
+        tracker.log_artifact(curves_png, "distill")
+        if steady:
+            tracker.log_metrics({"distill/sec_per_step": summary["sec_per_step"]})
+    world.barrier()  # the stage ends on every rank once the student is written
     return summary

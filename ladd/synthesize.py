@@ -16,6 +16,10 @@ Record i's noise comes from seed + i, so a rerun is bit-identical. The work happ
 finished shards of `<out>` with the same settings are hard-linked there, the missing ones generated (each
 written atomically), the manifest written and the suite run; only then does it replace `<out>`. So a kill,
 a full disk or a failing suite leaves the previous data set whole, and the same command resumes.
+
+Under torchrun each rank generates every world-size-th missing shard; rank 0 then writes the manifest, runs the
+suite and swaps. Which shards are missing is read from disk, so a resumed run skips finished shards whatever
+the number of processes.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from ladd.config import SynthesizeConfig
 from ladd.data.prepare import load_split
 from ladd.generate import generate_latents, record_noise
 from ladd.io import atomic_file, fingerprint, replace_dir, save_tensors, write_json
-from ladd.pipeline import bucket_latent_shapes, encode_prompts, load_pipeline, max_sequence_length, native_resolution, pick_device
+from ladd.distributed import close_world, init_world
+from ladd.pipeline import bucket_latent_shapes, encode_prompts, load_pipeline, max_sequence_length, native_resolution
 from ladd.sampling import flow_sigmas
 
 log = logging.getLogger(__name__)
@@ -103,8 +108,15 @@ def synthesize(cfg: SynthesizeConfig, data_dir: str | Path, teacher_dir: str | P
                check: Callable[[Path], dict] | None = None) -> dict:
     """Generate (or finish) the synthetic data set; `check(dir)`, the synthetic suite, runs on the finished
     set before it replaces `cfg.out_dir`."""
-    out = Path(cfg.out_dir)
-    device = pick_device(cfg.device)
+    world = init_world(cfg.device)
+    try:
+        return _synthesize(cfg, data_dir, teacher_dir, tracker, check, world)
+    finally:
+        close_world(world)
+
+
+def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, world) -> dict:
+    out, device = Path(cfg.out_dir), world.device
     resolutions = [tuple(r) for r in cfg.resolutions] if cfg.resolutions else [native_resolution(teacher_dir)]
     shapes = bucket_latent_shapes(teacher_dir, resolutions, "synthesize.resolutions")  # before any work
     weights = list(cfg.resolution_weights or [1.0] * len(resolutions))
@@ -117,7 +129,8 @@ def synthesize(cfg: SynthesizeConfig, data_dir: str | Path, teacher_dir: str | P
                resolutions=resolutions)
     run = json.loads(json.dumps(run))  # as stored in the manifest
     run_fp = json.dumps(run, sort_keys=True)
-    work = _stage_dir(out, run, run_fp)
+    work = _stage_dir(out, run, run_fp) if world.main else out.with_name(out.name + ".next")
+    world.barrier()  # the others wait for rank 0's staging folder
 
     pipe = load_pipeline(teacher_dir, device)
     msl = max_sequence_length(teacher_dir)
@@ -125,10 +138,12 @@ def synthesize(cfg: SynthesizeConfig, data_dir: str | Path, teacher_dir: str | P
     sigmas = flow_sigmas(cfg.steps, pipe.scheduler.config.shift)
     shards = plan_shards(records["bucket"].to_numpy(), cfg.shard_size)
     todo = [(k, b, rows) for k, b, rows in shards if _shard_fingerprint(work / f"shard-{k:05d}.safetensors") != run_fp]
-    log.info("synthesize: %d records in %d shards over %d resolution buckets %s, %d shards to generate (%d steps, CFG %.1f)",
-             len(records), len(shards), len(resolutions), resolutions, len(todo), cfg.steps, cfg.guidance)
-    with tqdm(total=sum(len(r) for *_, r in todo), desc="synthesize", unit="latent") as bar:
-        for k, b, rows in todo:
+    log.info("synthesize: %d records in %d shards over %d resolution buckets %s, %d shards to generate (%d steps, "
+             "CFG %.1f) on %d processes", len(records), len(shards), len(resolutions), resolutions, len(todo), cfg.steps,
+             cfg.guidance, world.size)
+    mine = todo[world.rank :: world.size]
+    with tqdm(total=sum(len(r) for *_, r in mine), desc="synthesize", unit="latent", disable=not world.main) as bar:
+        for k, b, rows in mine:
             chunk = records.iloc[rows]
             embeds, pooled = encode_prompts(pipe, list(chunk["prompt"]), msl)
             noise = record_noise(list(chunk["seed"]), shapes[b])
@@ -142,6 +157,10 @@ def synthesize(cfg: SynthesizeConfig, data_dir: str | Path, teacher_dir: str | P
             with atomic_file(work / f"shard-{k:05d}.safetensors") as tmp:
                 save_tensors({name: t.contiguous() for name, t in tensors.items()}, tmp, metadata={"run": run_fp})
             bar.update(len(rows))
+    world.barrier()  # every shard written
+    summary = {"records": len(records), "shards": len(shards), "generated_shards": len(todo), "buckets": len(resolutions)}
+    if not world.main:
+        return summary
     for k, _, rows in shards:
         records.loc[rows, "shard"], records.loc[rows, "row"] = k, np.arange(len(rows))
     records = records.astype({"shard": "int64", "row": "int64"})
@@ -154,7 +173,6 @@ def synthesize(cfg: SynthesizeConfig, data_dir: str | Path, teacher_dir: str | P
     write_json(work / "manifest.json", {"run": run, "buckets": buckets, "trajectory_times": list(cfg.trajectory_times),
                                "shard_files": [f"shard-{k:05d}.safetensors" for k, _, _ in shards],
                                "shard_buckets": [b for _, b, _ in shards], "records": len(records)})
-    summary = {"records": len(records), "shards": len(shards), "generated_shards": len(todo), "buckets": len(resolutions)}
     if check is not None:
         summary |= check(work)  # a failing suite raises here: `<out>` is untouched, the work kept for a look
     (work / "run.json").unlink()

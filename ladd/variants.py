@@ -115,8 +115,12 @@ def teacher_target(x0, x_t, t, teacher_x0):
 REGRESSION_TARGETS: dict[str, Callable] = {"endpoint": endpoint_target, "teacher": teacher_target}
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the selected rows (0 when none is selected)."""
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, rows: torch.Tensor,
+               rows_per_rank: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error over the selected rows (0 when none is selected). With several ranks,
+    `rows_per_rank` (the mean over ranks of their selected counts) rescales it so that the ranks' average is
+    the mean over every rank's selected rows, not the mean of per-rank means."""
     if not rows.any():
         return pred.sum() * 0
-    return (pred[rows].float() - target.float()).pow(2).mean()
+    mse = (pred[rows].float() - target.float()).pow(2).mean()
+    return mse if rows_per_rank is None else mse * rows.sum() / rows_per_rank

@@ -1,6 +1,8 @@
+import json
 import os
 import sys
 import shutil
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,38 @@ def tiny_classifier_dir(prepared_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("classifier") / "classifier"
     classifier_stage(ClassifierConfig(steps=40, batch_size=64, out_dir=str(out), device="cpu"), prepared_data, NullTracker())
     return out
+
+
+# A finished tiny project (test_faults, test_distributed): the distill settings that made its checkpoint.
+DISTILL = dict(steps=4, batch_size=4, warmup_steps=2, checkpoint_every=2, log_every=1, device="cpu")
+CHECKPOINT = "models/checkpoints/distill.safetensors"
+
+
+@pytest.fixture(scope="session")
+def finished_project(prepared_data, tiny_teacher_dir, tiny_synthetic, tmp_path_factory) -> Path:
+    """data/prepared, models/teacher, data/synthetic, models/student and its checkpoint, and the params.yaml
+    that made them (paths relative to the project, as in the real one)."""
+    from ladd.config import DistillConfig
+    from ladd.distill import distill
+    from ladd.tracking import NullTracker
+
+    root = tmp_path_factory.mktemp("finished") / "project"
+    shutil.copytree(prepared_data, root / "data" / "prepared")
+    shutil.copytree(tiny_teacher_dir, root / "models" / "teacher")
+    shutil.copytree(tiny_synthetic.out_dir, root / "data" / "synthetic")
+    cfg = DistillConfig(out_dir=str(root / "models" / "student"), checkpoint=str(root / CHECKPOINT), **DISTILL)
+    distill(cfg, root / "models" / "teacher", root / "data" / "synthetic", NullTracker())
+    params = {**SMOKE_PARAMS, "synthesize": {**asdict(replace(tiny_synthetic, out_dir="data/synthetic")), "device": "cpu"},
+              "distill": {**asdict(replace(cfg, out_dir="models/student", checkpoint=CHECKPOINT))}}
+    params = json.loads(json.dumps(params))  # tuples as lists
+    params["prepare"]["out_dir"], params["teacher"]["out_dir"] = "data/prepared", "models/teacher"
+    write_params(root / "params.yaml", params)
+    return root
+
+
+def edit_params(project: Path, section: str, **values) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params.setdefault(section, {}).update(values)
+    write_params(project / "params.yaml", params)
+
+

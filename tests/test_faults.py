@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,39 +25,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ladd.checkpoint import read_checkpoint_meta
-from ladd.config import DistillConfig, PrepareConfig
+from ladd.config import PrepareConfig
 from ladd.data.prepare import load_split, prepare
-from ladd.distill import distill
 from ladd.io import atomic_dir, atomic_file
-from ladd.tracking import NullTracker
-from conftest import SMOKE_PARAMS, write_params
-
-DISTILL = dict(steps=4, batch_size=4, warmup_steps=2, checkpoint_every=2, log_every=1, device="cpu")
-CHECKPOINT = "models/checkpoints/distill.safetensors"
-
-
-@pytest.fixture(scope="session")
-def finished_project(prepared_data, tiny_teacher_dir, tiny_synthetic, tmp_path_factory) -> Path:
-    """data/prepared, models/teacher, data/synthetic, models/student and its checkpoint, and the params.yaml
-    that made them (paths relative to the project, as in the real one)."""
-    root = tmp_path_factory.mktemp("finished") / "project"
-    shutil.copytree(prepared_data, root / "data" / "prepared")
-    shutil.copytree(tiny_teacher_dir, root / "models" / "teacher")
-    shutil.copytree(tiny_synthetic.out_dir, root / "data" / "synthetic")
-    cfg = DistillConfig(out_dir=str(root / "models" / "student"), checkpoint=str(root / CHECKPOINT), **DISTILL)
-    distill(cfg, root / "models" / "teacher", root / "data" / "synthetic", NullTracker())
-    params = {**SMOKE_PARAMS, "synthesize": {**asdict(replace(tiny_synthetic, out_dir="data/synthetic")), "device": "cpu"},
-              "distill": {**asdict(replace(cfg, out_dir="models/student", checkpoint=CHECKPOINT))}}
-    params = json.loads(json.dumps(params))  # tuples as lists
-    params["prepare"]["out_dir"], params["teacher"]["out_dir"] = "data/prepared", "models/teacher"
-    write_params(root / "params.yaml", params)
-    return root
-
+from conftest import CHECKPOINT, DISTILL, edit_params
 
 @pytest.fixture
 def project(finished_project, tmp_path) -> Path:
@@ -72,12 +47,6 @@ def outputs(project: Path) -> dict:
     return {p.relative_to(project).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for top in ("data", "models") for p in sorted((project / top).rglob("*"))
             if p.is_file() and not any(part.endswith(".next") for part in p.relative_to(project).parts)}
-
-
-def edit_params(project: Path, section: str, **values) -> None:
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params.setdefault(section, {}).update(values)
-    write_params(project / "params.yaml", params)
 
 
 def ladd_cmd(stage: str, *extra: str) -> list[str]:

@@ -1,0 +1,191 @@
+"""Many processes for the heavy stages (torchrun): the process group, the student replicated (DDP) or sharded
+(FSDP2), the small replicated heads' gradients averaged, and full state dicts gathered for checkpoints and
+the saved pipeline.
+
+Every rank draws the *global* batch from the same seeded stream and trains on its own rows of it. So the
+random stream, and with it a checkpoint, does not depend on the world size: 2 ranks x half a batch compute
+what 1 rank computes on the whole batch, up to the order of floating-point sums, and a checkpoint resumes
+on any number of processes. The price is drawing the whole batch's noise on every rank (CPU randn).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ladd.config import ConfigError
+from ladd.pipeline import pick_device
+
+PARALLEL = ("none", "ddp", "fsdp")
+
+
+@dataclass
+class World:
+    rank: int
+    size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def rows(self, n: int) -> slice:
+        """This rank's rows of a global batch of n."""
+        if n % self.size:
+            raise ConfigError(f"the global batch ({n}) must divide evenly over {self.size} processes")
+        per = n // self.size
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean over ranks (a copy; the input itself where there is one rank)."""
+        if self.size == 1:
+            return values
+        out = values.detach().clone()
+        dist.all_reduce(out)
+        return out / self.size
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def average_gradients(self, params) -> None:
+        """All-reduce (mean) the gradients of replicated parameters, as one flat buffer."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.size == 1 or not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.size
+        torch.nn.utils.vector_to_parameters(flat, grads)  # copies back into the grad tensors
+
+    def check_replicas(self, module: torch.nn.Module) -> None:
+        """RuntimeError unless every rank holds the same bytes (DDP keeps replicas equal by construction; a
+        diverged replica would mean a rank trained on other data or skipped an update)."""
+        if self.size == 1:
+            return
+        h = hashlib.sha256()
+        for name, v in module.state_dict().items():
+            h.update(name.encode())
+            h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digests = [None] * self.size
+        dist.all_gather_object(digests, h.hexdigest())
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"the student differs between ranks after training: {digests}")
+
+
+def init_world(device_name: str) -> World:
+    """The process group when torchrun started several processes (gloo on CPU, NCCL on CUDA), else one rank."""
+    size = int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(device_name)
+    if size == 1:
+        return World(0, 1, 0, device)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"process {local_rank} of this node has no GPU: {torch.cuda.device_count()} visible, "
+                              "launch.nproc_per_node must not exceed them")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if not dist.is_initialized():  # a stage waits at barriers for the slowest rank's share of the work
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+    return World(dist.get_rank(), size, local_rank, device)
+
+
+def close_world(world: World) -> None:
+    if world.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_student(student: torch.nn.Module, parallel: str, world: World, bf16: bool) -> torch.nn.Module:
+    """`none` and one process: as is; `ddp`: replicas with bucketed gradient all-reduce; `fsdp`: FSDP2,
+    each MMDiT block sharded, then the root, fp32 master shards with bf16 compute under mixed precision."""
+    if parallel == "none" or world.size == 1:
+        return student
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(student, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
+    return shard(student, world, bf16)
+
+
+def shard(module: torch.nn.Module, world: World, bf16: bool = False) -> torch.nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(world.device.type, (world.size,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for block in module.transformer_blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    return fully_shard(module, mesh=mesh, mp_policy=policy)
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return getattr(module, "module", module)  # DDP keeps the model as .module
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    return any(hasattr(p, "full_tensor") for p in module.parameters())
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def full_state_dict(module: torch.nn.Module) -> dict:
+    """The plain (unsharded, CPU) state dict; collective for a sharded module, whose full copy only rank 0 gets."""
+    if not is_sharded(module):
+        return unwrap(module).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(module: torch.nn.Module, state: dict) -> None:
+    """Inverse of `full_state_dict`: rank 0's full copy broadcast into every rank's shards."""
+    if not is_sharded(module):
+        unwrap(module).load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def full_optimizer_state(module: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """The optimiser's state dict in `torch.optim`'s own layout (integer ids in parameter order), whatever the
+    sharding; collective for a sharded module (only rank 0's copy is full)."""
+    if not is_sharded(module):
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    sd = get_optimizer_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not sd:  # ranks other than 0
+        return {}
+    ids = {name: i for i, name in enumerate(n for g in sd["param_groups"] for n in g["params"])}
+    groups = [{**g, "params": [ids[n] for n in g["params"]]} for g in sd["param_groups"]]
+    return {"state": {ids[n]: s for n, s in sd["state"].items()}, "param_groups": groups}
+
+
+def load_full_optimizer_state(module: torch.nn.Module, opt: torch.optim.Optimizer, sd: dict) -> None:
+    if not is_sharded(module):
+        opt.load_state_dict(sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [n for n, _ in module.named_parameters()]
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd.get("param_groups", [])]
+    named = {"state": {names[int(i)]: s for i, s in sd.get("state", {}).items()}, "param_groups": groups}
+    set_optimizer_state_dict(module, opt, named, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

@@ -1,0 +1,137 @@
+"""Distillation on 2 CPU processes (torchrun, gloo), started by `ladd distill` itself from params.yaml's `launch`
+section: DDP and FSDP2 compute what one process computes on the whole batch, the student comes out as a plain
+diffusers pipeline, and a run whose rank is SIGKILLed resumes from its last checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+from ladd.checkpoint import read_checkpoint_meta
+from conftest import edit_params
+
+STEPS = 6
+WEIGHTS = "ladd_raw_transformer"  # the raw student (the EMA moves too little in 6 steps to compare updates)
+
+
+def _project(finished_project: Path, tmp_path: Path, name: str, nproc: int, parallel: str, **distill) -> Path:
+    root = tmp_path / name
+    shutil.copytree(finished_project, root)
+    shutil.rmtree(root / "models" / "student")
+    edit_params(root, "distill", **{"steps": STEPS, "checkpoint": "models/checkpoints/run.safetensors",
+                                    "parallel": parallel, **distill})
+    edit_params(root, "launch", nproc_per_node=nproc)
+    return root
+
+
+def _ladd(root: Path, stage: str = "distill", **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ladd.cli", stage, "--no-tracking"], cwd=root, capture_output=True,
+                          text=True, **popen)
+
+
+def _summary(root: Path) -> dict:
+    return json.loads((root / "models" / "student" / "ladd_train_summary.json").read_text())
+
+
+def _transformer(root: Path, sub: str = WEIGHTS) -> dict:
+    """The saved student, loaded by stock diffusers."""
+    return SD3Transformer2DModel.from_pretrained(root / "models" / "student" / sub).state_dict()
+
+
+def _update_error(ours: dict, reference: dict, start: dict) -> float:
+    """|ours - reference| / |reference - start| over every weight: how far our update is from the reference's."""
+    diff = sum((ours[k].double() - reference[k].double()).pow(2).sum() for k in reference)
+    update = sum((reference[k].double() - start[k].double()).pow(2).sum() for k in reference)
+    return float((diff / update).sqrt())
+
+
+@pytest.fixture(scope="module")
+def one_process(finished_project, tmp_path_factory) -> Path:
+    root = _project(finished_project, tmp_path_factory.mktemp("one"), "one", 1, "none")
+    proc = _ladd(root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_compute_the_one_process_update(parallel, one_process, finished_project, tmp_path):
+    """2 ranks x 2 rows = 1 rank x 4 rows: every rank draws the global batch from the shared stream and trains on
+    its rows, the gradients are averaged. fp32 on the CPU; only the order of the sums differs."""
+    root = _project(finished_project, tmp_path, parallel, 2, parallel)
+    proc = _ladd(root)
+    Path("/tmp/dist_stderr.txt").write_text(proc.stderr)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = _summary(root)
+    assert summary["world_size"] == 2 and summary["parallel"] == parallel and summary["steps"] == STEPS
+    if parallel == "ddp":
+        assert summary["replicas"] == "identical on 2 ranks"
+    teacher = SD3Transformer2DModel.from_pretrained(root / "models" / "teacher" / "transformer").state_dict()
+    ours, reference = _transformer(root), _transformer(one_process)
+    assert ours.keys() == reference.keys()
+    error = _update_error(ours, reference, teacher)
+    print(f"{parallel}: update error vs one process {error:.2e}")
+    assert error < 1e-3
+    assert _update_error(_transformer(root, "transformer"), _transformer(one_process, "transformer"), teacher) < 1e-3
+    curve = (root / "models" / "checkpoints" / "run.curve.csv").read_text().splitlines()
+    assert len(curve) == STEPS + 1
+    # the saved folder is a stock diffusers pipeline
+    pipe = StableDiffusion3Pipeline.from_pretrained(root / "models" / "student", text_encoder_3=None, tokenizer_3=None)
+    image = pipe("handwritten seven", num_inference_steps=1, guidance_scale=1.0, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert torch.isfinite(image).all()
+
+
+def _workers(launcher: psutil.Process) -> list[psutil.Process]:
+    return [p for p in launcher.children(recursive=True) if "ladd.cli" in " ".join(p.cmdline()) and p.pid != launcher.pid
+            and "torch.distributed.run" not in " ".join(p.cmdline())]
+
+
+def test_a_rank_killed_mid_run_fails_the_stage_and_the_same_command_resumes(finished_project, tmp_path):
+    root = _project(finished_project, tmp_path, "killed", 2, "fsdp", steps=40, checkpoint_every=1)
+    ckpt = root / "models" / "checkpoints" / "run.safetensors"
+    launcher = subprocess.Popen([sys.executable, "-m", "ladd.cli", "distill", "--no-tracking"], cwd=root,
+                                stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and launcher.poll() is None:
+        if ckpt.exists() and read_checkpoint_meta(ckpt)[0] >= 2:
+            break
+        time.sleep(0.05)
+    workers = _workers(psutil.Process(launcher.pid))
+    assert launcher.poll() is None and len(workers) == 2, "the run ended before a rank could be killed"
+    os.kill(workers[1].pid, signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0
+    assert "ladd distill: a process under torchrun failed" in stderr
+    killed_at = read_checkpoint_meta(ckpt)[0]
+    assert 2 <= killed_at < 40 and not (root / "models" / "student").exists()
+    edit_params(root, "distill", steps=killed_at + 2)
+    proc = _ladd(root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = _summary(root)
+    assert summary["resumed_from"] == killed_at and summary["world_size"] == 2
+    assert all(torch.isfinite(v).all() for v in _transformer(root).values())
+
+
+def test_a_checkpoint_resumes_on_another_number_of_processes(one_process, finished_project, tmp_path):
+    """The checkpoint holds full state dicts and the shared random stream: written by 1 process, it resumes on 2
+    (FSDP) and continues the same run as on 1."""
+    runs = {}
+    for name, nproc, parallel in (("one", 1, "none"), ("two", 2, "fsdp")):
+        root = _project(finished_project, tmp_path, name, nproc, parallel, steps=STEPS + 2)
+        shutil.copytree(one_process / "models" / "checkpoints", root / "models" / "checkpoints", dirs_exist_ok=True)
+        proc = _ladd(root)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert _summary(root)["resumed_from"] == STEPS and _summary(root)["world_size"] == nproc
+        runs[name] = _transformer(root)
+    assert _update_error(runs["two"], runs["one"], _transformer(one_process)) < 1e-3
