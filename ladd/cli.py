@@ -90,10 +90,37 @@ def torchrun_command(argv: list[str], launch) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(launch.nproc_per_node),
            "--nnodes", str(launch.nnodes)]
     if launch.rdzv_endpoint:
-        cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", launch.rdzv_endpoint, "--rdzv_id", launch.rdzv_id]
+        cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", launch.rdzv_endpoint, "--rdzv_id", launch.rdzv_id,
+                "--rdzv_conf", f"join_timeout={launch.rdzv_timeout}"]
     else:
         cmd += ["--standalone"]
     return cmd + ["-m", "ladd.cli", *argv]
+
+
+def wait_for_rendezvous(endpoint: str, timeout: int) -> None:
+    """On a node that does not host the rendezvous (the first node does), wait until its endpoint answers;
+    ConfigError naming it after `timeout` seconds, before any process starts."""
+    import socket
+    import time
+
+    host, _, port = endpoint.rpartition(":")
+    try:
+        address = socket.gethostbyname(host)
+        local = {"0.0.0.0", *socket.gethostbyname_ex(socket.gethostname())[2]}
+    except OSError as e:
+        raise ConfigError(f"launch.rdzv_endpoint {endpoint}: cannot resolve {host} ({e})") from None
+    if address.startswith("127.") or address in local:
+        return  # torchrun on this node hosts it
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((address, int(port)), timeout=min(5, timeout)).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise ConfigError(f"launch.rdzv_endpoint {endpoint} did not answer within {timeout} s: start the "
+                                  "first node (it hosts the rendezvous), or fix the address") from None
+            time.sleep(1)
 
 
 def launch_workers(stage: str, argv: list[str], params: Params) -> int:
@@ -104,9 +131,14 @@ def launch_workers(stage: str, argv: list[str], params: Params) -> int:
     import torch
 
     launch, device = params.launch, getattr(params, stage).device
+    if stage == "distill" and params.distill.parallel == "none":
+        raise ConfigError(f"distill.parallel is none but launch asks for {launch.nproc_per_node * launch.nnodes} "
+                          "processes: use ddp or fsdp")
     gpus = torch.cuda.device_count()
     if (device.startswith("cuda") or (device == "auto" and gpus)) and launch.nproc_per_node > gpus:
         raise ConfigError(f"launch.nproc_per_node is {launch.nproc_per_node} but this node has {gpus} GPUs")
+    if launch.rdzv_endpoint:
+        wait_for_rendezvous(launch.rdzv_endpoint, launch.rdzv_timeout)
     cmd = torchrun_command(argv, launch)
     log.info("%s: %d processes per node x %d nodes: %s", stage, launch.nproc_per_node, launch.nnodes, " ".join(cmd))
     proc = subprocess.Popen(cmd)

@@ -283,14 +283,17 @@ class LaunchConfig:
     nnodes: int = 1
     rdzv_endpoint: str | None = None  # host:port of torchrun's c10d rendezvous (several nodes); null: standalone
     rdzv_id: str = "ladd"  # the job's name at the rendezvous (the same on every node)
-    stages: tuple[str, ...] = ("synthesize", "distill")
+    rdzv_timeout: int = 600  # seconds to wait for every node to join
+    stages: tuple[str, ...] = ("synthesize", "distill", "evaluate")
 
     def __post_init__(self):
-        _positive("launch", nproc_per_node=self.nproc_per_node, nnodes=self.nnodes)
+        _positive("launch", nproc_per_node=self.nproc_per_node, nnodes=self.nnodes, rdzv_timeout=self.rdzv_timeout)
+        if self.rdzv_endpoint and not self.rdzv_endpoint.rpartition(":")[2].isdigit():
+            raise ConfigError(f"launch.rdzv_endpoint must be host:port, got {self.rdzv_endpoint!r}")
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ConfigError("launch.nnodes > 1 needs launch.rdzv_endpoint (host:port of the first node)")
         for stage in self.stages:
-            _choice("launch.stages[]", stage, ("synthesize", "distill"))
+            _choice("launch.stages[]", stage, ("synthesize", "distill", "evaluate"))
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,22 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather_batches(self, local: torch.Tensor, n: int, batch_size: int) -> torch.Tensor | None:
+        """Rows 0..n-1 in order on rank 0 (None elsewhere), from each rank's every-world-size-th batch of
+        `batch_size` rows (`generate_latents(share=...)`)."""
+        if self.size == 1:
+            return local
+        parts = [None] * self.size if self.main else None
+        dist.gather_object(local.cpu(), parts, dst=0)
+        if not self.main:
+            return None
+        offsets, out = [0] * self.size, []
+        for j, start in enumerate(range(0, n, batch_size)):
+            r, rows = j % self.size, min(batch_size, n - start)
+            out.append(parts[r][offsets[r] : offsets[r] + rows])
+            offsets[r] += rows
+        return torch.cat(out)
+
     def average_gradients(self, params) -> None:
         """All-reduce (mean) the gradients of replicated parameters, as one flat buffer."""
         grads = [p.grad for p in params if p.grad is not None]

@@ -1,7 +1,10 @@
 """`ladd evaluate`: the quality-vs-steps table. Teacher at its default (many steps, CFG), the teacher
 sampled naively at few steps, the student at few steps (no CFG), and the real-vs-real floor; same
 held-out prompts, same per-record noise, same batch size for the timings. FD on a few hundred samples
-moves by points with the noise, so every figure is the mean over `seeds` with its spread (std)."""
+moves by points with the noise, so every figure is the mean over `seeds` with its spread (std).
+
+Under torchrun each rank samples every world-size-th batch (each exactly as one process samples it); rank 0
+gathers the images, scores them and writes everything."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ladd.card import write_model_card
 from ladd.config import EvaluateConfig
 from ladd.data.prepare import load_split
+from ladd.distributed import World, close_world, init_world
 from ladd.generate import generate_latents, record_noise
 from ladd.io import atomic_file, write_json
 from ladd.pipeline import decode_latents, encode_prompts, latent_shape, load_pipeline, max_sequence_length, read_meta
@@ -80,12 +84,15 @@ class _Model:
     def __init__(self, pipe, embeds, pooled, null_e, null_p):
         self.pipe, self.embeds, self.pooled, self.null_e, self.null_p = pipe, embeds, pooled, null_e, null_p
 
-    def run(self, noise, sigmas, guidance, sampler, batch_size, seed):
+    def run(self, noise, sigmas, guidance, sampler, batch_size, seed, world: World):
+        """Images of every row on rank 0 (None on the others), and the ms per image of this rank's share."""
         start = time.perf_counter()
         lat = generate_latents(self.pipe.transformer, self.embeds, self.pooled, noise, sigmas, guidance, self.null_e,
-                               self.null_p, sampler=sampler, batch_size=batch_size, seed=seed)
-        images = decode_latents(self.pipe.vae, lat, batch_size)
-        return images, (time.perf_counter() - start) * 1000 / len(noise)
+                               self.null_p, sampler=sampler, batch_size=batch_size, seed=seed,
+                               share=(world.rank, world.size))
+        images = decode_latents(self.pipe.vae, lat, batch_size) if len(lat) else lat
+        ms = (time.perf_counter() - start) * 1000 / max(len(lat), 1)
+        return world.gather_batches(images, len(noise), batch_size), ms
 
 
 def _load(pipe_dir, prompts, device):
@@ -97,8 +104,15 @@ def _load(pipe_dir, prompts, device):
 
 
 def evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student_dir, tracker) -> dict:
-    out = Path(cfg.out_dir)
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    world = init_world(cfg.device)
+    try:
+        return _evaluate(cfg, data_dir, classifier_dir, teacher_dir, student_dir, tracker, world)
+    finally:
+        close_world(world)
+
+
+def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student_dir, tracker, world: World) -> dict:
+    out, device = Path(cfg.out_dir), world.device
     train, test = load_split(Path(data_dir) / "train"), load_split(Path(data_dir) / "test")
     if cfg.features not in FEATURE_EXTRACTORS:
         raise ValueError(f"evaluate.features: unknown extractor {cfg.features!r} (known: {', '.join(FEATURE_EXTRACTORS)})")
@@ -129,9 +143,13 @@ def evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student
     def measure(model, steps, sigmas, guidance, sampler, name):
         per_seed, first = [], None
         for seed, noise in noises.items():
-            images, ms = model.run(noise, sigmas, guidance, sampler, cfg.batch_size, seed)
+            images, ms = model.run(noise, sigmas, guidance, sampler, cfg.batch_size, seed, world)
+            if not world.main:
+                continue
             per_seed.append({"ms_per_image": ms, **score_images(classifier, images, labels, real)})
             first = images[:grid_n] if first is None else first
+        if not world.main:
+            return {"fd": float("nan")}, None
         row = {"steps": steps, "guidance": guidance, "nfe": steps * (2 if guidance > 1 else 1), **summarize_seeds(per_seed)}
         save_grid(first, out / "grids" / f"{name}.png")
         log.info("%s: FD %.2f ± %.2f, accuracy %.3f ± %.3f, precision %.3f, recall %.3f (%d seeds)", name, row["fd"],
@@ -149,6 +167,8 @@ def evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student
                                                    student_meta.get("sampler", "euler"), f"student_{k}")
         side_by_side.append(imgs)
         labels_by_row.append(f"student, {k} step{'s' if k > 1 else ''}: FD {metrics['student'][str(k)]['fd']:.1f}")
+    if not world.main:
+        return {}
     # teacher (top row) vs the student at each step count, same prompts and seeds, one column per prompt
     ncol = min(grid_n, 10)
     save_grid(torch.cat([g[:ncol] for g in side_by_side]), out / "grids" / "teacher_vs_student.png", ncol=ncol,

@@ -17,16 +17,17 @@ def record_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
 @torch.no_grad()
 def generate_latents(
     transformer, embeds, pooled, noise, sigmas, guidance: float = 1.0, null_embeds=None, null_pooled=None,
-    sampler: str = "euler", batch_size: int = 128, seed: int = 0, progress: bool = False, path_times=(),
+    sampler: str = "euler", batch_size: int = 128, seed: int = 0, progress: bool = False, path_times=(), share=(0, 1),
 ):
     """Sample latents for every row of (embeds, pooled, noise); `null_*` is the empty prompt ([1, ...]).
 
     `seed` drives the re-noising noise of the `renoise` sampler (per batch, in order). With `path_times`
-    (euler only) returns (latents, the Euler path at those times [N, len(path_times), ...])."""
+    (euler only) returns (latents, the Euler path at those times [N, len(path_times), ...]). `share=(r, w)`:
+    only every w-th batch from the r-th (rank r of w), each exactly as a single process computes it."""
     param = next(transformer.parameters())
     device, dtype = param.device, param.dtype
     out, paths = [], []
-    for i in tqdm(range(0, len(noise), batch_size), disable=not progress, desc="generate"):
+    for i in tqdm(range(share[0] * batch_size, len(noise), share[1] * batch_size), disable=not progress, desc="generate"):
         n = len(noise[i : i + batch_size])
         nulls = {}
         if guidance > 1.0:
@@ -45,4 +46,6 @@ def generate_latents(
         else:
             x = SAMPLERS[sampler](model, x, sigmas.to(device))
         out.append(x.float().cpu())
+    if not out:  # a rank with no batch
+        out = [noise[:0].float()]
     return (torch.cat(out), torch.cat(paths)) if path_times else torch.cat(out)

@@ -23,7 +23,9 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for but CUDA is not available")
+        from ladd.config import ConfigError
+
+        raise ConfigError(f"device {name!r} was asked for but CUDA is not available (use auto or cpu)")
     return device
 
 

@@ -202,6 +202,17 @@ FAULTS = {
                              r"params.yaml: not valid YAML"),
     "config/missing_file": Fault("prepare", lambda p: None, 2, r"params file not found: nope.yaml",
                                  extra=("--params", "nope.yaml")),
+    "config/cuda_without_a_gpu": Fault("distill", lambda p: edit_params(p, "distill", device="cuda"), 2,
+                                       r"device 'cuda' was asked for but CUDA is not available"),
+    "launch/more_processes_than_gpus": Fault("distill", lambda p: (edit_params(p, "distill", device="cuda"),
+                                                                   edit_params(p, "launch", nproc_per_node=2))[0], 2,
+                                             r"launch.nproc_per_node is 2 but this node has 0 GPUs"),
+    "launch/parallel_none_on_two_processes": Fault(
+        "distill", lambda p: (edit_params(p, "distill", parallel="none"), edit_params(p, "launch", nproc_per_node=2))[0],
+        2, r"distill.parallel is none but launch asks for 2 processes"),
+    "launch/rendezvous_unreachable": Fault(
+        "distill", lambda p: edit_params(p, "launch", nnodes=2, rdzv_endpoint="192.0.2.1:29400", rdzv_timeout=2), 2,
+        r"launch.rdzv_endpoint 192.0.2.1:29400 did not answer within 2 s: start the first node"),
     # prompts: exit 3 naming the records
     "prompts/empty_and_too_long": Fault("validate", lambda p: _edit_captions(p, _set_prompts({5: "", 7: "x" * 400})), 3,
                                         r"prompts_train.*'prompt' failed for records \['digits-\d+', 'digits-\d+'\]"),
