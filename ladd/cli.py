@@ -123,6 +123,15 @@ def wait_for_rendezvous(endpoint: str, timeout: int) -> None:
             time.sleep(1)
 
 
+def _stop_with_parent() -> None:
+    """In torchrun's process: SIGTERM when this launcher dies, even by SIGKILL (Linux), so torchrun stops its
+    workers instead of training on as orphans beside the next run."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def launch_workers(stage: str, argv: list[str], params: Params) -> int:
     """Run `stage` under torchrun as params.yaml's `launch` section says; fails before starting anything when
     this node has fewer GPUs than processes."""
@@ -141,7 +150,7 @@ def launch_workers(stage: str, argv: list[str], params: Params) -> int:
         wait_for_rendezvous(launch.rdzv_endpoint, launch.rdzv_timeout)
     cmd = torchrun_command(argv, launch)
     log.info("%s: %d processes per node x %d nodes: %s", stage, launch.nproc_per_node, launch.nnodes, " ".join(cmd))
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, preexec_fn=_stop_with_parent)
     try:
         code = proc.wait()
     except KeyboardInterrupt:  # torchrun got the same SIGINT and stops its workers

@@ -10,6 +10,7 @@ rows of the global batch (`ladd.distributed` holds the plumbing).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -27,12 +28,11 @@ from tqdm.auto import tqdm
 
 from ladd.card import write_model_card
 from ladd.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
-from ladd.config import DistillConfig
+from ladd.config import ConfigError, DistillConfig
 from ladd.discriminator import Discriminator, default_feature_layers
 from ladd.distributed import (World, close_world, full_optimizer_state, full_state_dict, full_tensor, init_world,
                               load_full_optimizer_state, load_full_state_dict, shard, unwrap, wrap_student)
-from ladd.io import atomic_dir, atomic_file, fingerprint, write_json
-from ladd.config import ConfigError
+from ladd.io import atomic_dir, atomic_file, exclusive, fingerprint, write_json
 from ladd.generate import record_noise
 from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, gan_health, mean_logits
 from ladd.pipeline import encode_prompts, load_pipeline, load_transformer, max_sequence_length, read_meta, write_meta
@@ -169,7 +169,8 @@ def save_student(teacher_dir, student_ema, student_raw, cfg: DistillConfig, meta
 def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Path, tracker) -> dict:
     world = init_world(cfg.device)
     try:
-        return _distill(cfg, teacher_dir, synthetic_dir, tracker, world)
+        with exclusive(cfg.checkpoint) if world.main else contextlib.nullcontext():  # one run per checkpoint
+            return _distill(cfg, teacher_dir, synthetic_dir, tracker, world)
     finally:
         close_world(world)
 
@@ -179,6 +180,7 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     if world.size > 1 and cfg.parallel == "none":
         raise ConfigError(f"distill.parallel is none but torchrun started {world.size} processes: use ddp or fsdp")
     mine = world.rows(cfg.batch_size)  # this rank's rows of every global batch (all of them in one process)
+    sharded = cfg.parallel == "fsdp" and world.size > 1
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     plan = memory_plan(cfg, device)
@@ -215,7 +217,7 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     if plan["gradient_checkpointing"] in ("student", "all"):
         student.enable_gradient_checkpointing()
     student = wrap_student(student, cfg.parallel, world, plan["mixed_precision"] == "bf16")
-    if cfg.parallel == "fsdp" and world.size > 1:
+    if sharded:
         ema = shard(ema, world)  # the EMA keeps the student's shards: its update stays local
     if plan["gradient_checkpointing"] == "all":  # the student's gradient flows through the teacher's forward
         teacher.enable_gradient_checkpointing()
@@ -227,7 +229,7 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     student_input, renoise_time = STUDENT_INPUTS[cfg.student_input], RENOISE_TIMES[cfg.renoise_times]
     regression_target, sampler_step = REGRESSION_TARGETS[cfg.regression_target], SAMPLER_STEPS[cfg.sampler]
     modules, optimizers = {"student": student, "ema": ema, "disc": disc}, {"opt_g": (student, opt_g), "opt_d": (disc, opt_d)}
-    start, sharded = 0, cfg.parallel == "fsdp" and world.size > 1
+    start = 0
     if resume:  # under FSDP rank 0 alone reads the student, EMA and their optimiser, and scatters them
         start, states, opt_states = load_checkpoint(
             cfg.checkpoint, list(modules) if world.main or not sharded else ["disc"],

@@ -58,6 +58,33 @@ def replace_dir(new: str | Path, path: str | Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+class Busy(OSError):
+    """An output that another run is writing."""
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path):
+    """Hold `<path>.lock` (flock) for the block: a second run writing the same output fails at once instead of
+    interleaving with the first; the lock goes with its process however that ends (SIGKILL included)."""
+    import fcntl
+
+    lock = Path(f"{path}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise Busy(f"{path} is being written by another run (pid {holder}, {lock}): wait for it to end, "
+                       "or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def save_tensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
     """safetensors' save_file, with its I/O failures (disk full, file size limit) raised as OSError naming
     the file, like any other write."""

@@ -24,6 +24,7 @@ the number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ from tqdm.auto import tqdm
 from ladd.config import SynthesizeConfig
 from ladd.data.prepare import load_split
 from ladd.generate import generate_latents, record_noise
-from ladd.io import atomic_file, fingerprint, replace_dir, save_tensors, write_json
+from ladd.io import atomic_file, exclusive, fingerprint, replace_dir, save_tensors, write_json
 from ladd.distributed import close_world, init_world
 from ladd.pipeline import bucket_latent_shapes, encode_prompts, load_pipeline, max_sequence_length, native_resolution
 from ladd.sampling import flow_sigmas
@@ -110,7 +111,8 @@ def synthesize(cfg: SynthesizeConfig, data_dir: str | Path, teacher_dir: str | P
     set before it replaces `cfg.out_dir`."""
     world = init_world(cfg.device)
     try:
-        return _synthesize(cfg, data_dir, teacher_dir, tracker, check, world)
+        with exclusive(cfg.out_dir) if world.main else contextlib.nullcontext():  # one run per data set
+            return _synthesize(cfg, data_dir, teacher_dir, tracker, check, world)
     finally:
         close_world(world)
 

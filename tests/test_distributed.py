@@ -98,8 +98,12 @@ def _workers(launcher: psutil.Process) -> list[psutil.Process]:
             and "torch.distributed.run" not in " ".join(p.cmdline())]
 
 
-def test_a_rank_killed_mid_run_fails_the_stage_and_the_same_command_resumes(finished_project, tmp_path):
-    root = _project(finished_project, tmp_path, "killed", 2, "fsdp", steps=40, checkpoint_every=1)
+@pytest.mark.parametrize("victim, parallel", [("rank", "fsdp"), ("launcher", "ddp")])
+def test_killed_mid_run_then_the_same_command_resumes(victim, parallel, finished_project, tmp_path):
+    """SIGKILL of one rank: torchrun stops the other and the stage fails. SIGKILL of the `ladd` launcher: torchrun
+    and its workers stop with it (no orphan trains on beside the next run). Either way the last checkpoint is
+    whole, and the same command resumes from it."""
+    root = _project(finished_project, tmp_path, "killed", 2, parallel, steps=40, checkpoint_every=1)
     ckpt = root / "models" / "checkpoints" / "run.safetensors"
     launcher = subprocess.Popen([sys.executable, "-m", "ladd.cli", "distill", "--no-tracking"], cwd=root,
                                 stderr=subprocess.PIPE, text=True)
@@ -109,11 +113,15 @@ def test_a_rank_killed_mid_run_fails_the_stage_and_the_same_command_resumes(fini
             break
         time.sleep(0.05)
     workers = _workers(psutil.Process(launcher.pid))
-    assert launcher.poll() is None and len(workers) == 2, "the run ended before a rank could be killed"
-    os.kill(workers[1].pid, signal.SIGKILL)
+    assert launcher.poll() is None and len(workers) == 2, "the run ended before it could be killed"
+    os.kill(workers[1].pid if victim == "rank" else launcher.pid, signal.SIGKILL)
     _, stderr = launcher.communicate(timeout=120)
-    assert launcher.returncode != 0
-    assert "ladd distill: a process under torchrun failed" in stderr
+    gone, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, f"workers still running after the {victim} was killed"
+    if victim == "rank":
+        assert launcher.returncode != 0 and "ladd distill: a process under torchrun failed" in stderr
+    else:
+        assert launcher.returncode == -signal.SIGKILL
     killed_at = read_checkpoint_meta(ckpt)[0]
     assert 2 <= killed_at < 40 and not (root / "models" / "student").exists()
     edit_params(root, "distill", steps=killed_at + 2)

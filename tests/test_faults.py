@@ -42,11 +42,12 @@ def project(finished_project, tmp_path) -> Path:
 
 
 def outputs(project: Path) -> dict:
-    """sha256 of every file under data/ and models/ by relative path, but for `<out>.next/` folders: the work
-    of an unfinished synthesize, kept there by design so the same command resumes."""
-    return {p.relative_to(project).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for top in ("data", "models") for p in sorted((project / top).rglob("*"))
-            if p.is_file() and not any(part.endswith(".next") for part in p.relative_to(project).parts)}
+    """sha256 of every file under data/ and models/ by relative path, but for `<out>.next/` folders (the work
+    of an unfinished synthesize, kept there by design so the same command resumes) and the `.lock` files that
+    a run holds while it writes an output (they hold its pid)."""
+    files = [p for top in ("data", "models") for p in sorted((project / top).rglob("*")) if p.is_file()]
+    return {p.relative_to(project).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files
+            if p.suffix != ".lock" and not any(part.endswith(".next") for part in p.relative_to(project).parts)}
 
 
 def ladd_cmd(stage: str, *extra: str) -> list[str]:
@@ -156,6 +157,26 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text)
 
 
+_HELD_LOCKS: list[int] = []
+
+
+@pytest.fixture(autouse=True)
+def _release_held_locks():
+    yield
+    while _HELD_LOCKS:
+        os.close(_HELD_LOCKS.pop())
+
+
+def _another_run_holds(path: Path) -> None:
+    """What a running stage holds: the flock of `<output>.lock`, with its pid inside."""
+    import fcntl
+
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.pwrite(fd, b"4242", 0)
+    _HELD_LOCKS.append(fd)
+
+
 def _tear(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:1000])
 
@@ -210,6 +231,10 @@ FAULTS = {
     "launch/parallel_none_on_two_processes": Fault(
         "distill", lambda p: (edit_params(p, "distill", parallel="none"), edit_params(p, "launch", nproc_per_node=2))[0],
         2, r"distill.parallel is none but launch asks for 2 processes"),
+    "launch/nodes_without_rendezvous": Fault("distill", lambda p: edit_params(p, "launch", nnodes=2), 2,
+                                             r"launch.nnodes > 1 needs launch.rdzv_endpoint"),
+    "launch/endpoint_not_host_port": Fault("distill", lambda p: edit_params(p, "launch", rdzv_endpoint="node0"), 2,
+                                           r"launch.rdzv_endpoint must be host:port, got 'node0'"),
     "launch/rendezvous_unreachable": Fault(
         "distill", lambda p: edit_params(p, "launch", nnodes=2, rdzv_endpoint="192.0.2.1:29400", rdzv_timeout=2), 2,
         r"launch.rdzv_endpoint 192.0.2.1:29400 did not answer within 2 s: start the first node"),
@@ -262,6 +287,10 @@ FAULTS = {
     "checkpoint/other_settings": Fault("distill", lambda p: edit_params(p, "distill", lr_g=2e-5), 0,
                                        rf"{CHECKPOINT} was written for other settings or data; starting from step 0",
                                        recovered=_started_over_for_new_settings, child=True),
+    "checkpoint/another_run_is_writing_it": Fault("distill", lambda p: _another_run_holds(p / CHECKPOINT), 8,
+                                                  rf"{CHECKPOINT} is being written by another run \(pid 4242"),
+    "synthetic/another_run_is_writing_it": Fault("synthesize", lambda p: _another_run_holds(p / "data" / "synthetic"), 8,
+                                                 r"data/synthetic is being written by another run \(pid 4242"),
     # tracking server: exit 7 before any work
     "tracking/server_down": Fault("prepare", _unreachable_tracking, 7,
                                   r"MLflow tracking server http://127.0.0.1:\d+ is unreachable"),
