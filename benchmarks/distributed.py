@@ -1,7 +1,7 @@
 """Benchmark: the embedded default distilled on 1 process and on N CPU processes (torchrun, gloo), then scored
 by `ladd evaluate` (mean ± std over `evaluate.seeds`), both rows side by side in one run.
 
-    python benchmarks/distributed.py [--nproc 2] [--parallel ddp] [--out reports/distributed]
+    python benchmarks/distributed.py [--nproc 2] [--parallel ddp,fsdp] [--out reports/distributed]
 
 Needs the outputs of `make run` (prepared data, teacher, classifier, synthetic data). Each row runs
 `ladd distill` and `ladd evaluate` as a user would, with params.yaml's settings, its own out_dir and
@@ -48,10 +48,11 @@ def run_row(nproc: int, parallel: str, out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"])
+    ap.add_argument("--parallel", default="ddp,fsdp", help="strategies, one row each (comma-separated)")
     ap.add_argument("--out", default="reports/distributed")
     args = ap.parse_args()
-    rows = [run_row(1, "none", Path(args.out) / "one"), run_row(args.nproc, args.parallel, Path(args.out) / "many")]
+    rows = [run_row(1, "none", Path(args.out) / "one")]
+    rows += [run_row(args.nproc, parallel, Path(args.out) / parallel) for parallel in args.parallel.split(",")]
     steps = sorted(rows[0]["student"], key=int)
     print(f"\nteacher: FD {rows[0]['teacher']['fd']:.1f} ± {rows[0]['teacher']['fd_std']:.1f}\n")
     print("| processes | parallel | " + " | ".join(f"FD@{k}" for k in steps) + " | " +
@@ -62,11 +63,13 @@ def main() -> None:
         acc = " | ".join(f"{r['student'][k]['accuracy']:.3f}" for k in steps)
         print(f"| {r['processes']} | {r['parallel']} | {fd} | {acc} | {r['health']} | {r['sec_per_step']:.3f} | "
               f"{r['distill_s'] / 60:.1f} min |")
-    gaps = [abs(rows[1]["student"][k]["fd"] - rows[0]["student"][k]["fd"]) for k in steps]
-    spreads = [max(rows[0]["student"][k]["fd_std"], rows[1]["student"][k]["fd_std"]) for k in steps]
-    verdict = all(g <= s for g, s in zip(gaps, spreads))
-    print(f"\nFD gap between the rows {', '.join(f'{g:.2f}' for g in gaps)} vs spread {', '.join(f'{s:.1f}' for s in spreads)}: "
-          f"{'within' if verdict else 'NOT within'} the evaluation spread")
+    print()
+    for row in rows[1:]:
+        gaps = [abs(row["student"][k]["fd"] - rows[0]["student"][k]["fd"]) for k in steps]
+        spreads = [max(rows[0]["student"][k]["fd_std"], row["student"][k]["fd_std"]) for k in steps]
+        verdict = "within" if all(g <= s for g, s in zip(gaps, spreads)) else "NOT within"
+        print(f"{row['parallel']}: FD gap to 1 process {', '.join(f'{g:.2f}' for g in gaps)} at "
+              f"{', '.join(steps)} steps, spread {', '.join(f'{s:.1f}' for s in spreads)}: {verdict} the evaluation spread")
 
 
 if __name__ == "__main__":
