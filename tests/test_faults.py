@@ -352,8 +352,8 @@ def _make_work(stage: str, project: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def uninterrupted(finished_project, tmp_path_factory):
-    """Per stage: (seconds from the stage's first log line to its exit, hashes of its output) of a run without
-    interruption, the reference for the interrupted ones."""
+    """Per stage: (seconds from the stage's first log line to its `done` line, hashes of its output) of a run
+    without interruption, the reference for the interrupted ones."""
     cache = {}
 
     def run(stage):
@@ -361,24 +361,38 @@ def uninterrupted(finished_project, tmp_path_factory):
             root = tmp_path_factory.mktemp(f"whole_{stage}") / "project"
             shutil.copytree(finished_project, root)
             out = _make_work(stage, root)
-            proc = subprocess.Popen(ladd_cmd(stage), cwd=root, stderr=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(ladd_cmd(stage), cwd=root, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
             started = _wait_for_start(proc, stage)
             assert proc.wait(timeout=300) == 0
-            cache[stage] = time.time() - started, outputs(root), out.relative_to(root)
+            proc.reader.join(timeout=30)
+            cache[stage] = proc.done_at - started, outputs(root), out.relative_to(root)
         return cache[stage]
     return run
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT raises KeyboardInterrupt, as in a terminal, even when the tests run in a background
+    job (whose children inherit SIGINT ignored, and Python then installs no handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _wait_for_start(proc, stage: str) -> float:
     """Read stderr until the stage logs its work started (so the signal lands in the stage, not in imports);
-    the rest of stderr is drained by a thread."""
+    a thread reads the rest and notes when the stage logged `<stage> done`."""
     import threading
 
     for line in proc.stderr:
         if f" INFO {stage}: " in line:
             break
-    proc.tail = []
-    threading.Thread(target=lambda: proc.tail.extend(proc.stderr), daemon=True).start()
+    proc.tail, proc.done_at = [], None
+
+    def read():
+        for line in proc.stderr:
+            proc.tail.append(line)
+            if f"ladd INFO {stage} done:" in line:
+                proc.done_at = time.time()
+    proc.reader = threading.Thread(target=read, daemon=True)
+    proc.reader.start()
     return time.time()
 
 
@@ -390,7 +404,7 @@ def test_interrupted_at_a_random_point_then_the_same_command_finishes_the_same(s
     delay = random.Random(seed).uniform(0, 0.8 * duration)
     _make_work(stage, project)
     before = _under(outputs(project), out)
-    proc = subprocess.Popen(ladd_cmd(stage), cwd=project, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(ladd_cmd(stage), cwd=project, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     _wait_for_start(proc, stage)
     time.sleep(delay)
     replay = f"replay with LADD_FAULT_SEED={seed} (signal {delay:.2f} s into a {duration:.1f} s run)"
