@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from ladd.config import ConfigError, Params, load_params
 
@@ -84,6 +85,9 @@ STAGES = {
 }
 
 
+EXIT_DIR = "LADD_EXIT_DIR"  # set by the launcher: where workers leave their exit codes
+
+
 def torchrun_command(argv: list[str], launch) -> list[str]:
     """The same `ladd` command, started on nproc_per_node processes of this node by torchrun (one rendezvous
     for every node)."""
@@ -132,6 +136,14 @@ def _stop_with_parent() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _peer_failed(e: RuntimeError) -> bool:
+    """A collective broken because another process of a torchrun job ended (its own error says why)."""
+    import torch.distributed as dist
+
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1 and (
+        isinstance(e, getattr(dist, "DistError", ())) or ("gloo" in str(e) and "peer" in str(e)))
+
+
 def launch_workers(stage: str, argv: list[str], params: Params) -> int:
     """Run `stage` under torchrun as params.yaml's `launch` section says; fails before starting anything when
     this node has fewer GPUs than processes."""
@@ -148,16 +160,31 @@ def launch_workers(stage: str, argv: list[str], params: Params) -> int:
         raise ConfigError(f"launch.nproc_per_node is {launch.nproc_per_node} but this node has {gpus} GPUs")
     if launch.rdzv_endpoint:
         wait_for_rendezvous(launch.rdzv_endpoint, launch.rdzv_timeout)
+    import tempfile
+
     cmd = torchrun_command(argv, launch)
     log.info("%s: %d processes per node x %d nodes: %s", stage, launch.nproc_per_node, launch.nnodes, " ".join(cmd))
-    proc = subprocess.Popen(cmd, preexec_fn=_stop_with_parent)
-    try:
-        code = proc.wait()
-    except KeyboardInterrupt:  # torchrun got the same SIGINT and stops its workers
-        proc.wait()
-        raise
-    if code:
-        print(f"ladd {stage}: a process under torchrun failed (exit {code}); its own error is above", file=sys.stderr)
+    report: list[str] = []  # torchrun's own failure report (a traceback and a table): shown only if no worker said why
+    with tempfile.TemporaryDirectory(prefix="ladd-exit-") as codes:  # each failing worker leaves its exit code
+        proc = subprocess.Popen(cmd, preexec_fn=_stop_with_parent, env={**os.environ, EXIT_DIR: codes},
+                                stderr=subprocess.PIPE, text=True, bufsize=1)
+        try:
+            for line in proc.stderr:  # the workers' output passes through as it comes
+                if report or line.startswith("Traceback (most recent call last):"):  # workers' lines carry [rankN]
+                    report.append(line)
+                else:
+                    sys.stderr.write(line)
+            code = proc.wait()
+        except KeyboardInterrupt:  # torchrun got the same SIGINT and stops its workers
+            proc.wait()
+            raise
+        worker_codes = {f.name: int(f.read_text()) for f in sorted(Path(codes).iterdir())}
+    if code and worker_codes:  # rank 0's code (else the first): exit codes mean what they mean without torchrun
+        return worker_codes.get("rank-0", next(iter(worker_codes.values())))
+    if code:  # a worker killed (SIGKILL, out of memory) before it could say why
+        sys.stderr.writelines(report)
+        print(f"ladd {stage}: a process under torchrun failed (torchrun exit {code}); see its output above",
+              file=sys.stderr)
     return code
 
 
@@ -173,8 +200,6 @@ def generate_main(argv: list[str]) -> int:
     parser.add_argument("--out", default="samples", help="output folder for the PNGs (default: samples)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from pathlib import Path
-
     from PIL import Image
 
     from ladd.onnx_runtime import OnnxStudent
@@ -196,6 +221,13 @@ def generate_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if code > 1 and os.environ.get(EXIT_DIR) and "RANK" in os.environ:  # an expected failure, not a peer's (1)
+        Path(os.environ[EXIT_DIR], f"rank-{os.environ['RANK']}").write_text(str(code))
+    return code
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["generate"]:
         return generate_main(argv[1:])
@@ -254,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
             result = STAGES[args.stage](params, tracker)
     except expected as e:
         return fail(args.stage, e)
+    except RuntimeError as e:
+        if not _peer_failed(e):
+            raise
+        log.warning("rank %d stopped: another process of this run failed (%s)", rank, str(e).splitlines()[0][:200])
+        return 1
     except KeyboardInterrupt:  # SIGINT: every output is written atomically, so nothing half-done is left
         print(f"ladd {args.stage}: interrupted; finished work (synthetic shards in <out>.next, the last distill checkpoint) is "
               "kept: run the same command to go on", file=sys.stderr)

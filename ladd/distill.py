@@ -212,8 +212,9 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
             torch.cuda.empty_cache()
     prompt_index = torch.tensor(records["prompt"].map({p: i for i, p in enumerate(prompts)}).to_numpy())
     record_seeds = records["seed"].to_numpy()
-    student = load_transformer(teacher_dir, device).train().requires_grad_(True)
-    ema = copy.deepcopy(student).requires_grad_(False).to("cpu" if plan["ema_on_cpu"] else device)
+    # under FSDP the full student and EMA stay in CPU memory: fully_shard moves each block's shard to the device
+    student = load_transformer(teacher_dir, "cpu" if sharded else device).train().requires_grad_(True)
+    ema = copy.deepcopy(student).requires_grad_(False).to("cpu" if plan["ema_on_cpu"] or sharded else device)
     if plan["gradient_checkpointing"] in ("student", "all"):
         student.enable_gradient_checkpointing()
     student = wrap_student(student, cfg.parallel, world, plan["mixed_precision"] == "bf16")
@@ -223,6 +224,7 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
         teacher.enable_gradient_checkpointing()
     layers = list(cfg.feature_layers or default_feature_layers(teacher.config.num_layers))
     disc = Discriminator(teacher, layers, cfg.head_channels, truncate=plan["truncate_teacher"]).to(device)
+    world.copy_from_rank0(disc)  # the replicated heads start equal (their init is seeded the same on every rank)
     opt_g = torch.optim.AdamW(student.parameters(), lr=cfg.lr_g, betas=cfg.betas, weight_decay=cfg.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.lr_d, betas=cfg.betas, weight_decay=cfg.weight_decay)
     d_loss_fn, g_loss_fn = ADVERSARIAL_LOSSES[cfg.loss]
@@ -400,9 +402,11 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     summary = {"steps": cfg.steps, "resumed_from": start, "skipped_updates": skipped,
                "sec_per_step": sum(steady) / len(steady) if steady else math.nan, "device": device.type,
                "world_size": world.size, "parallel": cfg.parallel if world.size > 1 else "none", "gan_health": health}
-    if world.size > 1 and not sharded:
-        world.check_replicas(unwrap(student))
-        summary["replicas"] = f"identical on {world.size} ranks"
+    if world.size > 1:
+        world.check_replicas(disc)
+        if not sharded:
+            world.check_replicas(unwrap(student))
+        summary["replicas"] = f"{'student and heads' if not sharded else 'heads'} identical on {world.size} ranks"
     ema_state, student_state = full_state_dict(ema), full_state_dict(student)  # gathered on rank 0 under FSDP
     if world.main:
         ema_out, raw_out = (load_transformer(teacher_dir), load_transformer(teacher_dir)) if sharded else (ema, unwrap(student))

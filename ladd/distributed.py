@@ -86,11 +86,18 @@ class World:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         flat /= self.size
-        torch.nn.utils.vector_to_parameters(flat, grads)  # copies back into the grad tensors
+        for g, averaged in zip(grads, torch.split(flat, [g.numel() for g in grads])):
+            g.copy_(averaged.view_as(g))
+
+    def copy_from_rank0(self, module: torch.nn.Module) -> None:
+        """Rank 0's parameters and buffers in every rank's copy of a replicated module."""
+        if self.size > 1:
+            for v in module.state_dict().values():
+                dist.broadcast(v, src=0)
 
     def check_replicas(self, module: torch.nn.Module) -> None:
-        """RuntimeError unless every rank holds the same bytes (DDP keeps replicas equal by construction; a
-        diverged replica would mean a rank trained on other data or skipped an update)."""
+        """RuntimeError unless every rank holds the same bytes (DDP and the averaged heads keep replicas equal by
+        construction; a diverged replica would mean a rank trained on other data or skipped an update)."""
         if self.size == 1:
             return
         h = hashlib.sha256()
@@ -100,7 +107,7 @@ class World:
         digests = [None] * self.size
         dist.all_gather_object(digests, h.hexdigest())
         if len(set(digests)) != 1:
-            raise RuntimeError(f"the student differs between ranks after training: {digests}")
+            raise RuntimeError(f"{type(module).__name__} differs between ranks after training: {digests}")
 
 
 def init_world(device_name: str) -> World:

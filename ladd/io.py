@@ -47,6 +47,14 @@ def atomic_dir(path: str | Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def restore_interrupted_swap(path: str | Path) -> None:
+    """Undo half of a `replace_dir` killed between its two renames: `path` gone, its old copy beside it."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.is_dir():
+        os.replace(old, path)
+
+
 def replace_dir(new: str | Path, path: str | Path) -> None:
     """Put directory `new` in the place of `path` by renames (the old one is removed last)."""
     new, path = Path(new), Path(path)

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from ladd.config import SynthesizeConfig
 from ladd.data.prepare import load_split
 from ladd.generate import generate_latents, record_noise
-from ladd.io import atomic_file, exclusive, fingerprint, replace_dir, save_tensors, write_json
+from ladd.io import atomic_file, exclusive, fingerprint, replace_dir, restore_interrupted_swap, save_tensors, write_json
 from ladd.distributed import close_world, init_world
 from ladd.pipeline import bucket_latent_shapes, encode_prompts, load_pipeline, max_sequence_length, native_resolution
 from ladd.sampling import flow_sigmas
@@ -88,8 +88,11 @@ def _shard_fingerprint(path: Path) -> str | None:
 def _stage_dir(out: Path, run: dict, run_fp: str) -> Path:
     """`<out>.next/` holding every finished shard of these settings: those of an interrupted run kept, those of
     `<out>` hard-linked (no copy, and `<out>` stays as it is)."""
+    restore_interrupted_swap(out)
     work = out.with_name(out.name + ".next")
     run_file = work / "run.json"
+    for torn in work.glob(".*.tmp"):  # a shard being written when the last run was killed
+        torn.unlink()
     if work.is_dir() and (not run_file.is_file() or json.loads(run_file.read_text()) != run):
         log.info("synthesize: %s holds work for other settings; starting it over", work)
         shutil.rmtree(work)
@@ -131,15 +134,19 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
                resolutions=resolutions)
     run = json.loads(json.dumps(run))  # as stored in the manifest
     run_fp = json.dumps(run, sort_keys=True)
-    work = _stage_dir(out, run, run_fp) if world.main else out.with_name(out.name + ".next")
-    world.barrier()  # the others wait for rank 0's staging folder
+    shards = plan_shards(records["bucket"].to_numpy(), cfg.shard_size)
+    work = out.with_name(out.name + ".next")
+    missing = None
+    if world.main:  # rank 0 stages the folder and lists the missing shards, before any rank writes one
+        _stage_dir(out, run, run_fp)
+        missing = [k for k, _, _ in shards if _shard_fingerprint(work / f"shard-{k:05d}.safetensors") != run_fp]
+    missing = set(world.broadcast(missing))
+    todo = [(k, b, rows) for k, b, rows in shards if k in missing]
 
     pipe = load_pipeline(teacher_dir, device)
     msl = max_sequence_length(teacher_dir)
     null_e, null_p = encode_prompts(pipe, [""], msl)
     sigmas = flow_sigmas(cfg.steps, pipe.scheduler.config.shift)
-    shards = plan_shards(records["bucket"].to_numpy(), cfg.shard_size)
-    todo = [(k, b, rows) for k, b, rows in shards if _shard_fingerprint(work / f"shard-{k:05d}.safetensors") != run_fp]
     log.info("synthesize: %d records in %d shards over %d resolution buckets %s, %d shards to generate (%d steps, "
              "CFG %.1f) on %d processes", len(records), len(shards), len(resolutions), resolutions, len(todo), cfg.steps,
              cfg.guidance, world.size)
@@ -163,6 +170,9 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
     summary = {"records": len(records), "shards": len(shards), "generated_shards": len(todo), "buckets": len(resolutions)}
     if not world.main:
         return summary
+    unfinished = [k for k, _, _ in shards if _shard_fingerprint(work / f"shard-{k:05d}.safetensors") != run_fp]
+    if unfinished:  # a rank that ended without an error but did not write its share
+        raise RuntimeError(f"{work}: shards {unfinished} were not written; run `ladd synthesize` again")
     for k, _, rows in shards:
         records.loc[rows, "shard"], records.loc[rows, "row"] = k, np.arange(len(rows))
     records = records.astype({"shard": "int64", "row": "int64"})
@@ -177,8 +187,8 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
                                "shard_buckets": [b for _, b, _ in shards], "records": len(records)})
     if check is not None:
         summary |= check(work)  # a failing suite raises here: `<out>` is untouched, the work kept for a look
-    (work / "run.json").unlink()
     replace_dir(work, out)
+    (out / "run.json").unlink()  # after the swap: a kill before it leaves `.next` resumable
     tracker.log_metrics({"synthesize/records": len(records), "synthesize/generated_shards": len(todo)})
     return summary
 

@@ -73,8 +73,7 @@ def test_two_processes_compute_the_one_process_update(parallel, one_process, fin
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = _summary(root)
     assert summary["world_size"] == 2 and summary["parallel"] == parallel and summary["steps"] == STEPS
-    if parallel == "ddp":
-        assert summary["replicas"] == "identical on 2 ranks"
+    assert summary["replicas"] == ("student and heads" if parallel == "ddp" else "heads") + " identical on 2 ranks"
     teacher = SD3Transformer2DModel.from_pretrained(root / "models" / "teacher" / "transformer").state_dict()
     ours, reference = _transformer(root), _transformer(one_process)
     assert ours.keys() == reference.keys()
@@ -119,7 +118,7 @@ def test_killed_mid_run_then_the_same_command_resumes(victim, parallel, finished
     gone, alive = psutil.wait_procs(workers, timeout=60)
     assert not alive, f"workers still running after the {victim} was killed"
     if victim == "rank":
-        assert launcher.returncode != 0 and "ladd distill: a process under torchrun failed" in stderr
+        assert launcher.returncode != 0 and "ladd distill: a process under torchrun failed (torchrun exit" in stderr
     else:
         assert launcher.returncode == -signal.SIGKILL
     killed_at = read_checkpoint_meta(ckpt)[0]

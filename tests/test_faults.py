@@ -173,8 +173,14 @@ def _another_run_holds(path: Path) -> None:
 
     fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.ftruncate(fd, 0)
     os.pwrite(fd, b"4242", 0)
     _HELD_LOCKS.append(fd)
+
+
+def _no_gpu(*_) -> dict:
+    """The run's environment on a machine without GPUs, whatever this one has."""
+    return {"CUDA_VISIBLE_DEVICES": ""}
 
 
 def _tear(path: Path) -> None:
@@ -223,11 +229,11 @@ FAULTS = {
                              r"params.yaml: not valid YAML"),
     "config/missing_file": Fault("prepare", lambda p: None, 2, r"params file not found: nope.yaml",
                                  extra=("--params", "nope.yaml")),
-    "config/cuda_without_a_gpu": Fault("distill", lambda p: edit_params(p, "distill", device="cuda"), 2,
-                                       r"device 'cuda' was asked for but CUDA is not available"),
-    "launch/more_processes_than_gpus": Fault("distill", lambda p: (edit_params(p, "distill", device="cuda"),
-                                                                   edit_params(p, "launch", nproc_per_node=2))[0], 2,
-                                             r"launch.nproc_per_node is 2 but this node has 0 GPUs"),
+    "config/cuda_without_a_gpu": Fault("distill", lambda p: _no_gpu(edit_params(p, "distill", device="cuda")), 2,
+                                       r"device 'cuda' was asked for but CUDA is not available", child=True),
+    "launch/more_processes_than_gpus": Fault("distill", lambda p: _no_gpu(edit_params(p, "distill", device="cuda"),
+                                                                          edit_params(p, "launch", nproc_per_node=2)), 2,
+                                             r"launch.nproc_per_node is 2 but this node has 0 GPUs", child=True),
     "launch/parallel_none_on_two_processes": Fault(
         "distill", lambda p: (edit_params(p, "distill", parallel="none"), edit_params(p, "launch", nproc_per_node=2))[0],
         2, r"distill.parallel is none but launch asks for 2 processes"),
@@ -288,9 +294,12 @@ FAULTS = {
                                        rf"{CHECKPOINT} was written for other settings or data; starting from step 0",
                                        recovered=_started_over_for_new_settings, child=True),
     "checkpoint/another_run_is_writing_it": Fault("distill", lambda p: _another_run_holds(p / CHECKPOINT), 8,
-                                                  rf"{CHECKPOINT} is being written by another run \(pid 4242"),
+                                                  rf"{CHECKPOINT} is being written by another run \(pid 4242,"),
     "synthetic/another_run_is_writing_it": Fault("synthesize", lambda p: _another_run_holds(p / "data" / "synthetic"), 8,
-                                                 r"data/synthetic is being written by another run \(pid 4242"),
+                                                 r"data/synthetic is being written by another run \(pid 4242,"),
+    "launch/a_worker_keeps_its_exit_code": Fault(
+        "distill", lambda p: (_another_run_holds(p / CHECKPOINT), edit_params(p, "launch", nproc_per_node=2))[0], 8,
+        rf"{CHECKPOINT} is being written by another run \(pid 4242,"),
     # tracking server: exit 7 before any work
     "tracking/server_down": Fault("prepare", _unreachable_tracking, 7,
                                   r"MLflow tracking server http://127.0.0.1:\d+ is unreachable"),
@@ -298,7 +307,7 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("name", list(FAULTS))
-def test_planted_fault(name, project, monkeypatch, capsys):
+def test_planted_fault(name, project, monkeypatch, capfd):
     """Most faults run `ladd.cli.main` in this process (the CLI's code path without 4 s of imports per case)."""
     fault = FAULTS[name]
     env = fault.plant(project) or {}
@@ -315,7 +324,7 @@ def test_planted_fault(name, project, monkeypatch, capsys):
         monkeypatch.chdir(project)
         for key, value in env.items():
             monkeypatch.setenv(key, value)
-        code, stderr = main(args), capsys.readouterr().err
+        code, stderr = main(args), capfd.readouterr().err  # fd-level: torchrun workers write there too
     message = fault.message(project) if callable(fault.message) else fault.message
     assert code == fault.code, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
