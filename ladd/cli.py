@@ -152,9 +152,12 @@ def launch_workers(stage: str, argv: list[str], params: Params) -> int:
     import torch
 
     launch, device = params.launch, getattr(params, stage).device
+    processes = launch.nproc_per_node * launch.nnodes
     if stage == "distill" and params.distill.parallel == "none":
-        raise ConfigError(f"distill.parallel is none but launch asks for {launch.nproc_per_node * launch.nnodes} "
-                          "processes: use ddp or fsdp")
+        raise ConfigError(f"distill.parallel is none but launch asks for {processes} processes: use ddp or fsdp")
+    if stage == "distill" and params.distill.batch_size % processes:
+        raise ConfigError(f"distill.batch_size ({params.distill.batch_size}) is the global batch: it must divide evenly "
+                          f"over launch's {processes} processes")
     gpus = torch.cuda.device_count()
     if (device.startswith("cuda") or (device == "auto" and gpus)) and launch.nproc_per_node > gpus:
         raise ConfigError(f"launch.nproc_per_node is {launch.nproc_per_node} but this node has {gpus} GPUs")

@@ -237,6 +237,9 @@ FAULTS = {
     "launch/parallel_none_on_two_processes": Fault(
         "distill", lambda p: (edit_params(p, "distill", parallel="none"), edit_params(p, "launch", nproc_per_node=2))[0],
         2, r"distill.parallel is none but launch asks for 2 processes"),
+    "launch/batch_not_divisible": Fault("distill", lambda p: edit_params(p, "launch", nproc_per_node=3), 2,
+                                        r"distill.batch_size \(4\) is the global batch: it must divide evenly over "
+                                        r"launch's 3 processes"),
     "launch/nodes_without_rendezvous": Fault("distill", lambda p: edit_params(p, "launch", nnodes=2), 2,
                                              r"launch.nnodes > 1 needs launch.rdzv_endpoint"),
     "launch/endpoint_not_host_port": Fault("distill", lambda p: edit_params(p, "launch", rdzv_endpoint="node0"), 2,
