@@ -85,112 +85,6 @@ STAGES = {
 }
 
 
-EXIT_DIR = "LADD_EXIT_DIR"  # set by the launcher: where workers leave their exit codes
-
-
-def torchrun_command(argv: list[str], launch) -> list[str]:
-    """The same `ladd` command, started on nproc_per_node processes of this node by torchrun (one rendezvous
-    for every node)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(launch.nproc_per_node),
-           "--nnodes", str(launch.nnodes)]
-    if launch.rdzv_endpoint:
-        cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", launch.rdzv_endpoint, "--rdzv_id", launch.rdzv_id,
-                "--rdzv_conf", f"join_timeout={launch.rdzv_timeout}"]
-    else:
-        cmd += ["--standalone"]
-    return cmd + ["-m", "ladd.cli", *argv]
-
-
-def wait_for_rendezvous(endpoint: str, timeout: int) -> None:
-    """On a node that does not host the rendezvous (the first node does), wait until its endpoint answers;
-    ConfigError naming it after `timeout` seconds, before any process starts."""
-    import socket
-    import time
-
-    host, _, port = endpoint.rpartition(":")
-    try:
-        address = socket.gethostbyname(host)
-        local = {"0.0.0.0", *socket.gethostbyname_ex(socket.gethostname())[2]}
-    except OSError as e:
-        raise ConfigError(f"launch.rdzv_endpoint {endpoint}: cannot resolve {host} ({e})") from None
-    if address.startswith("127.") or address in local:
-        return  # torchrun on this node hosts it
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((address, int(port)), timeout=min(5, timeout)).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise ConfigError(f"launch.rdzv_endpoint {endpoint} did not answer within {timeout} s: start the "
-                                  "first node (it hosts the rendezvous), or fix the address") from None
-            time.sleep(1)
-
-
-def _stop_with_parent() -> None:
-    """In torchrun's process: SIGTERM when this launcher dies, even by SIGKILL (Linux), so torchrun stops its
-    workers instead of training on as orphans beside the next run."""
-    import ctypes
-    import signal
-
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _peer_failed(e: RuntimeError) -> bool:
-    """A collective broken because another process of a torchrun job ended (its own error says why)."""
-    import torch.distributed as dist
-
-    return int(os.environ.get("WORLD_SIZE", 1)) > 1 and (
-        isinstance(e, getattr(dist, "DistError", ())) or ("gloo" in str(e) and "peer" in str(e)))
-
-
-def launch_workers(stage: str, argv: list[str], params: Params) -> int:
-    """Run `stage` under torchrun as params.yaml's `launch` section says; fails before starting anything when
-    this node has fewer GPUs than processes."""
-    import subprocess
-
-    import torch
-
-    launch, device = params.launch, getattr(params, stage).device
-    processes = launch.nproc_per_node * launch.nnodes
-    if stage == "distill" and params.distill.parallel == "none":
-        raise ConfigError(f"distill.parallel is none but launch asks for {processes} processes: use ddp or fsdp")
-    if stage == "distill" and params.distill.batch_size % processes:
-        raise ConfigError(f"distill.batch_size ({params.distill.batch_size}) is the global batch: it must divide evenly "
-                          f"over launch's {processes} processes")
-    gpus = torch.cuda.device_count()
-    if (device.startswith("cuda") or (device == "auto" and gpus)) and launch.nproc_per_node > gpus:
-        raise ConfigError(f"launch.nproc_per_node is {launch.nproc_per_node} but this node has {gpus} GPUs")
-    if launch.rdzv_endpoint:
-        wait_for_rendezvous(launch.rdzv_endpoint, launch.rdzv_timeout)
-    import tempfile
-
-    cmd = torchrun_command(argv, launch)
-    log.info("%s: %d processes per node x %d nodes: %s", stage, launch.nproc_per_node, launch.nnodes, " ".join(cmd))
-    report: list[str] = []  # torchrun's own failure report (a traceback and a table): shown only if no worker said why
-    with tempfile.TemporaryDirectory(prefix="ladd-exit-") as codes:  # each failing worker leaves its exit code
-        proc = subprocess.Popen(cmd, preexec_fn=_stop_with_parent, env={**os.environ, EXIT_DIR: codes},
-                                stderr=subprocess.PIPE, text=True, bufsize=1)
-        try:
-            for line in proc.stderr:  # the workers' output passes through as it comes
-                if report or line.startswith("Traceback (most recent call last):"):  # workers' lines carry [rankN]
-                    report.append(line)
-                else:
-                    sys.stderr.write(line)
-            code = proc.wait()
-        except KeyboardInterrupt:  # torchrun got the same SIGINT and stops its workers
-            proc.wait()
-            raise
-        worker_codes = {f.name: int(f.read_text()) for f in sorted(Path(codes).iterdir())}
-    if code and worker_codes:  # rank 0's code (else the first): exit codes mean what they mean without torchrun
-        return worker_codes.get("rank-0", next(iter(worker_codes.values())))
-    if code:  # a worker killed (SIGKILL, out of memory) before it could say why
-        sys.stderr.writelines(report)
-        print(f"ladd {stage}: a process under torchrun failed (torchrun exit {code}); see its output above",
-              file=sys.stderr)
-    return code
-
-
 def generate_main(argv: list[str]) -> int:
     """`ladd generate --onnx DIR --prompt ...`: PNGs from the exported student, onnxruntime only."""
     parser = argparse.ArgumentParser(prog="ladd generate", description="generate images with the ONNX student")
@@ -225,8 +119,10 @@ def generate_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
-    if code > 1 and os.environ.get(EXIT_DIR) and "RANK" in os.environ:  # an expected failure, not a peer's (1)
-        Path(os.environ[EXIT_DIR], f"rank-{os.environ['RANK']}").write_text(str(code))
+    if code > 1 and "RANK" in os.environ:  # a torchrun worker's expected failure (1: a peer's, or a bug)
+        from ladd.distributed import report_exit_code
+
+        report_exit_code(code)
     return code
 
 
@@ -248,6 +144,8 @@ def _main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         launch = params.launch
         if args.stage in launch.stages and launch.nproc_per_node * launch.nnodes > 1 and "LOCAL_RANK" not in os.environ:
+            from ladd.distributed import launch_workers
+
             return launch_workers(args.stage, argv, params)
     except ConfigError as e:
         if args.debug:
@@ -290,7 +188,9 @@ def _main(argv: list[str] | None = None) -> int:
     except expected as e:
         return fail(args.stage, e)
     except RuntimeError as e:
-        if not _peer_failed(e):
+        from ladd.distributed import peer_failed
+
+        if not peer_failed(e):
             raise
         log.warning("rank %d stopped: another process of this run failed (%s)", rank, str(e).splitlines()[0][:200])
         return 1
