@@ -178,8 +178,21 @@ def _another_run_holds(path: Path) -> None:
     _HELD_LOCKS.append(fd)
 
 
-def _no_gpu(*_) -> dict:
-    """The run's environment on a machine without GPUs, whatever this one has."""
+def _held_under_torchrun(project: Path) -> None:
+    """The checkpoint held by another run, and this run on 2 processes: rank 0's exit code must come through."""
+    _another_run_holds(project / CHECKPOINT)
+    edit_params(project, "launch", nproc_per_node=2)
+
+
+def _edit(project: Path, **sections: dict) -> None:
+    """edit_params for several sections at once."""
+    for section, values in sections.items():
+        edit_params(project, section, **values)
+
+
+def _cuda_on_no_gpu(project: Path, **sections: dict) -> dict:
+    """distill.device: cuda (plus `sections`), run where no GPU is visible, whatever this machine has."""
+    _edit(project, distill={"device": "cuda"}, **sections)
     return {"CUDA_VISIBLE_DEVICES": ""}
 
 
@@ -229,13 +242,12 @@ FAULTS = {
                              r"params.yaml: not valid YAML"),
     "config/missing_file": Fault("prepare", lambda p: None, 2, r"params file not found: nope.yaml",
                                  extra=("--params", "nope.yaml")),
-    "config/cuda_without_a_gpu": Fault("distill", lambda p: _no_gpu(edit_params(p, "distill", device="cuda")), 2,
+    "config/cuda_without_a_gpu": Fault("distill", _cuda_on_no_gpu, 2,
                                        r"device 'cuda' was asked for but CUDA is not available", child=True),
-    "launch/more_processes_than_gpus": Fault("distill", lambda p: _no_gpu(edit_params(p, "distill", device="cuda"),
-                                                                          edit_params(p, "launch", nproc_per_node=2)), 2,
+    "launch/more_processes_than_gpus": Fault("distill", lambda p: _cuda_on_no_gpu(p, launch={"nproc_per_node": 2}), 2,
                                              r"launch.nproc_per_node is 2 but this node has 0 GPUs", child=True),
     "launch/parallel_none_on_two_processes": Fault(
-        "distill", lambda p: (edit_params(p, "distill", parallel="none"), edit_params(p, "launch", nproc_per_node=2))[0],
+        "distill", lambda p: _edit(p, distill={"parallel": "none"}, launch={"nproc_per_node": 2}),
         2, r"distill.parallel is none but launch asks for 2 processes"),
     "launch/batch_not_divisible": Fault("distill", lambda p: edit_params(p, "launch", nproc_per_node=3), 2,
                                         r"distill.batch_size \(4\) is the global batch: it must divide evenly over "
@@ -301,7 +313,7 @@ FAULTS = {
     "synthetic/another_run_is_writing_it": Fault("synthesize", lambda p: _another_run_holds(p / "data" / "synthetic"), 8,
                                                  r"data/synthetic is being written by another run \(pid 4242,"),
     "launch/a_worker_keeps_its_exit_code": Fault(
-        "distill", lambda p: (_another_run_holds(p / CHECKPOINT), edit_params(p, "launch", nproc_per_node=2))[0], 8,
+        "distill", _held_under_torchrun, 8,
         rf"{CHECKPOINT} is being written by another run \(pid 4242,"),
     # tracking server: exit 7 before any work
     "tracking/server_down": Fault("prepare", _unreachable_tracking, 7,
