@@ -4,8 +4,10 @@
 
 Each variant is `params.yaml`'s distill section with one preset of `ladd/presets.py` applied
 (`default` is the section as it is). Each is trained from the same teacher and synthetic data with the
-same seed and step budget, then scored by `ladd evaluate` (mean ± std over `evaluate.seeds`). Finished
-variants are kept in --out and not retrained when their settings are unchanged.
+same seed and step budget, then scored by `ladd evaluate` (mean ± std over `evaluate.seeds`), against the real
+test images (FD) and against the teacher's own samples (FD-T); the output ends with how closely FD-T ranks
+the rows as FD does. Finished variants are kept in --out: not retrained while their settings hold, not
+re-scored while the evaluation settings and code hold.
 """
 
 from __future__ import annotations
@@ -21,11 +23,15 @@ import torch
 from ladd.config import DISTILL_PRESETS, load_params
 from ladd.distill import distill
 from ladd.evaluate import evaluate
+from ladd.io import fingerprint
 from ladd.tracking import NullTracker
+
+EVALUATION_CODE = [Path(__file__).resolve().parents[1] / "ladd" / f for f in ("evaluate.py", "quality.py", "metrics.py")]
 
 
 def train_and_score(params, name: str, steps: int, out: Path, overrides: dict | None = None) -> dict:
-    """Distill with preset `name` (`default`: none) plus `overrides`, then evaluate; cached in out/<label>."""
+    """Distill with preset `name` (`default`: none) plus `overrides`, then evaluate; cached in out/<label>: the
+    student while its settings hold, the scores while the evaluation settings and code hold."""
     preset = name if name in DISTILL_PRESETS else None
     label = name + "".join(f"+{k}={v}" for k, v in (overrides or {}).items())
     out = out / label
@@ -34,17 +40,46 @@ def train_and_score(params, name: str, steps: int, out: Path, overrides: dict | 
     if overrides:
         cfg = replace(cfg, preset=None, **{**(DISTILL_PRESETS[preset] if preset else {}), **overrides})
     settings = json.loads(json.dumps(asdict(cfg)))
-    result_path = out / "result.json"
+    ecfg = replace(params.evaluate, out_dir=str(out / "reports"), register=False, device="cpu")
+    scoring = {"evaluate": json.loads(json.dumps(asdict(ecfg))), "code": fingerprint(*EVALUATION_CODE)}
+    trained, result_path = out / "train.json", out / "result.json"
+    train = json.loads(trained.read_text()) if trained.is_file() else None
+    if not train or train["settings"] != settings:
+        shutil.rmtree(out, ignore_errors=True)
+        summary = distill(cfg, params.teacher.out_dir, params.synthesize.out_dir, NullTracker())
+        out.mkdir(parents=True, exist_ok=True)
+        trained.write_text(json.dumps({"settings": settings, "train": summary}, indent=2, default=float) + "\n")
+        train = json.loads(trained.read_text())
     cached = json.loads(result_path.read_text()) if result_path.is_file() else None
-    if cached and cached["settings"] == settings:
+    if cached and cached["settings"] == settings and cached.get("scoring") == scoring:
         return cached
-    shutil.rmtree(out, ignore_errors=True)
-    summary = distill(cfg, params.teacher.out_dir, params.synthesize.out_dir, NullTracker())
-    metrics = evaluate(replace(params.evaluate, out_dir=str(out / "reports"), register=False, device="cpu"),
-                       params.prepare.out_dir, params.classifier.out_dir, params.teacher.out_dir, cfg.out_dir, NullTracker())
-    result = {"name": label, "settings": settings, "train": summary, "metrics": metrics}
+    metrics = evaluate(ecfg, params.prepare.out_dir, params.classifier.out_dir, params.teacher.out_dir, cfg.out_dir,
+                       NullTracker())
+    result = {"name": label, "settings": settings, "scoring": scoring, "train": train["train"], "metrics": metrics}
     result_path.write_text(json.dumps(result, indent=2, default=float) + "\n")
     return result
+
+
+def rank_agreement(results: list[dict]) -> str:
+    """Spearman's rank correlation of fd_teacher (no real images) with fd (real test images) over every
+    (recipe, step count) row, and with the naive teacher's rows added: does the teacher-referenced metric order
+    the models as the real one does?"""
+    from scipy.stats import spearmanr
+
+    steps = sorted(results[0]["metrics"]["student"], key=int)
+    rows = [(r["name"], k, r["metrics"]["student"][k]) for r in results for k in steps]
+    naive = [("naive teacher", k, results[0]["metrics"]["teacher_naive"][k]) for k in steps]
+    lines = []
+    for label, subset in (("recipes", rows), ("recipes + naive teacher", rows + naive)):
+        rho, p = spearmanr([r["fd"] for *_, r in subset], [r["fd_teacher"] for *_, r in subset])
+        lines.append(f"Spearman rank correlation of fd_teacher with fd over the {len(subset)} ({label}, step count) rows: "
+                     f"{rho:.3f} (p = {p:.1e})")
+    by_fd = sorted(rows, key=lambda row: row[2]["fd"])
+    by_fdt = {(n, k): i for i, (n, k, _) in enumerate(sorted(rows, key=lambda row: row[2]["fd_teacher"]))}
+    moved = [f"{n}@{k} (rank {i + 1} by fd, {by_fdt[(n, k)] + 1} by fd_teacher)" for i, (n, k, _) in enumerate(by_fd)
+             if abs(by_fdt[(n, k)] - i) >= 3]
+    lines.append("Rows whose rank moves by 3 or more: " + ("; ".join(moved) if moved else "none"))
+    return "\n".join(lines)
 
 
 def fmt(row: dict, key: str, digits: int = 1) -> str:
@@ -56,24 +91,38 @@ def table(results: list[dict]) -> str:
     teacher, naive, floor = first["teacher"], first["teacher_naive"], first["real_floor"]
     steps = sorted(first["student"], key=int)
     lines = [f"{first['num_samples']} held-out prompts x {len(first['seeds'])} seeds; mean ± std over seeds. "
-             f"Real-vs-real floor FD {fmt(floor, 'fd')}; teacher {teacher['steps']} steps CFG {teacher['guidance']:g}: "
+             f"Real-vs-real floor FD {fmt(floor, 'fd')}; teacher-vs-teacher floor FD-T "
+             f"{fmt(first['teacher_floor'], 'fd_teacher')}; teacher {teacher['steps']} steps CFG {teacher['guidance']:g}: "
              f"FD {fmt(teacher, 'fd')}, accuracy {teacher['accuracy']:.3f}; naive teacher FD "
              + ", ".join(f"@{k} {naive[k]['fd']:.1f}" for k in steps), ""]
-    head = ["variant", *[f"FD@{k}" for k in steps], *[f"acc@{k}" for k in steps], f"prec@{steps[-1]}",
+    head = ["variant", *[f"FD@{k}" for k in steps], *[f"FD-T@{k}" for k in steps], *[f"acc@{k}" for k in steps], f"prec@{steps[-1]}",
             f"rec@{steps[-1]}", "s/step", *[f"FD@{k}/T" for k in steps], *[f"FD@{k}/naive" for k in steps[:-1]], "heads"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         s, last = r["metrics"]["student"], r["metrics"]["student"][steps[-1]]
-        cells = [r["name"], *[fmt(s[k], "fd") for k in steps], *[f"{s[k]['accuracy']:.3f}" for k in steps],
+        cells = [r["name"], *[fmt(s[k], "fd") for k in steps], *[fmt(s[k], "fd_teacher") for k in steps],
+                 *[f"{s[k]['accuracy']:.3f}" for k in steps],
                  f"{last['precision']:.3f}", f"{last['recall']:.3f}", f"{r['train']['sec_per_step']:.3f}",
                  *[f"{s[k]['fd'] / teacher['fd']:.2f}" for k in steps],
                  *[f"{s[k]['fd'] / naive[k]['fd']:.2f}" for k in steps[:-1]],
                  f"{r['train']['gan_health']['status']} ({r['train']['gan_health']['gain_over_chance'] * 100:.0f}%)"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "FD@k/T: student FD at k steps over the teacher's (targets: @1 <= 1.15, @2 <= 1.10, @4 <= 1.00); "
+    lines += ["", "FD-T@k: FD of the student's k-step samples to the 28-step CFG teacher's samples of the same prompts and "
+              "noise (no real images); FD@k/T: student FD at k steps over the teacher's (targets: @1 <= 1.15, @2 <= 1.10, @4 <= 1.00); "
               "FD@k/naive: over the naive teacher at k steps (target <= 0.7); heads: GAN health of the discriminator "
               "over the last quarter (its loss below chance, in %)."]
     return "\n".join(lines)
+
+
+def machine() -> str:
+    """The CPU these figures came from: FD moves ~3% between CPU kinds (README), timings ~4x."""
+    import platform
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.processor() or "unknown CPU")
+    simd = "AVX-512" if "avx512f" in info else "AVX2 only" if "avx2" in info else "no AVX2"
+    return f"Machine: {model} ({simd}), {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def main():
@@ -91,7 +140,7 @@ def main():
     for name in args.variants.split(","):
         print(f"== {name}", flush=True)
         results.append(train_and_score(params, name, args.steps or params.distill.steps, out))
-    text = table(results)
+    text = machine() + "\n\n" + table(results) + "\n\n" + rank_agreement(results)
     (out / "table.md").write_text(text + "\n")
     print(text)
 

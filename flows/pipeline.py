@@ -57,12 +57,22 @@ def _metrics_markdown(metrics: dict) -> str:
     rows = [("teacher", metrics["teacher"])]
     rows += [(f"teacher naive {k}", r) for k, r in metrics["teacher_naive"].items()]
     rows += [(f"student {k}", r) for k, r in metrics["student"].items()]
-    floor = metrics["real_floor"]
-    lines = [f"{metrics['num_samples']} held-out prompts; mean ± std over seeds {metrics['seeds']}. "
-             f"Real-vs-real FD floor: {floor['fd']:.2f} ± {floor['fd_std']:.2f}", "",
-             "| model | NFE | FD | accuracy | precision | recall | ms/image |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {r['nfe']} | {r['fd']:.2f} ± {r['fd_std']:.2f} | {r['accuracy']:.3f} ± {r['accuracy_std']:.3f} | "
-              f"{r['precision']:.3f} | {r['recall']:.3f} | {r['ms_per_image']:.2f} |" for name, r in rows]
+    columns = [k for k in ("fd", "fd_teacher", "clip_score", "accuracy", "precision", "recall")
+               if any(k in r for _, r in rows)]
+    floors = [f"{name} {metrics[key][k]:.2f} ± {metrics[key][k + '_std']:.2f}"
+              for key, k, name in (("real_floor", "fd", "real-vs-real FD floor"),
+                                   ("teacher_floor", "fd_teacher", "teacher-vs-teacher FD floor")) if key in metrics]
+    lines = [f"{metrics['num_samples']} held-out prompts; mean ± std over seeds {metrics['seeds']}; "
+             f"{metrics.get('features', 'classifier')} features. " + "; ".join(floors), "",
+             "| model | NFE | " + " | ".join(columns) + " | ms/image |", "|---|---|" + "---|" * len(columns) + "---|"]
+
+    def cell(r, k):
+        if k not in r:
+            return "–"
+        return f"{r[k]:.3f}" if k in ("precision", "recall") else f"{r[k]:.2f} ± {r[k + '_std']:.2f}"
+
+    lines += [f"| {name} | {r['nfe']} | " + " | ".join(cell(r, k) for k in columns) + f" | {r['ms_per_image']:.2f} |"
+              for name, r in rows]
     return "\n".join(lines)
 
 

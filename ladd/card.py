@@ -20,18 +20,29 @@ def _load_snippet(meta: dict, has_t5: bool) -> str:
             f'max_sequence_length={meta["max_sequence_length"]}).images[0]')
 
 
+COLUMNS = {"fd": "FD", "fd_teacher": "FD vs teacher", "clip_score": "CLIP score", "accuracy": "accuracy"}
+
+
 def _evaluation(metrics: dict | None) -> str:
     if not metrics:
         return "Not evaluated yet: `ladd evaluate` writes its table here.\n"
-    lines = [f"`ladd evaluate` on {metrics['num_samples']} held-out prompts, mean ± std over "
-             f"{len(metrics['seeds'])} sampling seeds; FD on the evaluation's feature extractor "
-             f"(real-vs-real floor {metrics['real_floor']['fd']:.1f}).", "",
-             "| model | steps | guidance | FD | accuracy |", "|---|---|---|---|---|"]
     t = metrics["teacher"]
-    lines.append(f"| teacher | {t['steps']} | {t['guidance']:g} | {t['fd']:.1f} ± {t['fd_std']:.1f} | "
-                 f"{t['accuracy']:.3f} |")
+    keys = [k for k in COLUMNS if k in t or any(k in r for r in metrics["student"].values())]
+    floors = [f"{name} {metrics[key][k]:.1f}" for key, k, name in (("real_floor", "fd", "real-vs-real FD floor"),
+              ("teacher_floor", "fd_teacher", "teacher-vs-teacher FD floor")) if key in metrics]
+    lines = [f"`ladd evaluate` on {metrics['num_samples']} held-out prompts, mean ± std over "
+             f"{len(metrics['seeds'])} sampling seeds; FD on {metrics.get('features', 'classifier')} features, against the "
+             f"real test images and against the {t['steps']}-step teacher's samples of the same noise"
+             + (f" ({'; '.join(floors)})" if floors else "") + ".", "",
+             "| model | steps | guidance | " + " | ".join(COLUMNS[k] for k in keys) + " |", "|---|---|---|" + "---|" * len(keys)]
+
+    def cells(r):
+        return " | ".join(f"{r[k]:.3f}" if k == "accuracy" else f"{r[k]:.1f} ± {r[k + '_std']:.1f}" if k in r else "–"
+                          for k in keys)
+
+    lines.append(f"| teacher | {t['steps']} | {t['guidance']:g} | {cells(t)} |")
     for k, r in metrics["student"].items():
-        lines.append(f"| **student** | {k} | 0 | {r['fd']:.1f} ± {r['fd_std']:.1f} | {r['accuracy']:.3f} |")
+        lines.append(f"| **student** | {k} | 0 | {cells(r)} |")
     return "\n".join(lines) + "\n"
 
 

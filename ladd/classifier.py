@@ -113,11 +113,21 @@ def load_classifier(path: str | Path, device="cpu") -> DigitClassifier:
     return model.to(device).eval()
 
 
+NOT_APPLICABLE = "not_applicable.json"
+
+
 def classifier_stage(cfg: ClassifierConfig, data_dir: str | Path, tracker) -> dict:
-    """Train on the real train split, report test accuracy, save safetensors atomically."""
+    """Train on the real train split, report test accuracy, save safetensors atomically. Data without labelled
+    images (prompts only, or unlabelled images) has nothing to train on: the output then holds only
+    `not_applicable.json` saying why, so the stage graph and dvc.lock stay one and honest."""
     train, test = load_split(Path(data_dir) / "train"), load_split(Path(data_dir) / "test")
     if train.images is None or (train.labels < 0).any():
-        raise ValueError(f"{data_dir}/train: the classifier needs labelled images")
+        reason = (f"{data_dir}/train has {'no images' if train.images is None else 'images without labels'}: "
+                  "a digit classifier needs labelled images; evaluate uses evaluate.features instead")
+        log.info("classifier: not applicable (%s)", reason)
+        with atomic_dir(Path(cfg.out_dir)) as tmp:
+            (tmp / NOT_APPLICABLE).write_text(json.dumps({"status": "not applicable", "reason": reason}, indent=2) + "\n")
+        return {"status": "not applicable", "reason": reason}
     model = train_classifier(train.images, train.labels, cfg, pick_device(cfg.device), tracker).cpu()
     _, logits = classify(model, test.images.float() / 255)
     metrics = {"test_accuracy": (logits.argmax(1) == test.labels).float().mean().item()}

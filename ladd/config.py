@@ -6,6 +6,7 @@ path raises `ConfigError` naming the file and the key, so a bad edit never costs
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import types
 import typing
@@ -215,6 +216,9 @@ class DistillConfig:
                               f"[{', '.join(f'{t:.10g}' for t in ladder)}], got {list(self.student_times)}")
 
 
+FEATURES = ("classifier", "inception", "clip")  # the keys of ladd.quality.FEATURE_EXTRACTORS (a test keeps them equal)
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     out_dir: str = "reports"
@@ -227,17 +231,38 @@ class EvaluateConfig:
     grid_size: int = 50
     seeds: tuple[int, ...] = (1234, 1235, 1236)  # every figure is the mean over these sampling seeds, with its spread
     device: str = "auto"
-    features: str = "classifier"  # feature extractor for FD/accuracy: a key of ladd.quality.FEATURE_EXTRACTORS
-    features_path: str | None = must_exist()  # its weights (default: the classifier stage's output)
+    resolution: tuple[int, ...] | None = None  # [height, width] in pixels to sample at; None: the teacher's native size
+    features: str = "classifier"  # FD extractor: classifier (labelled data) | inception (FID) | clip (ladd.quality)
+    inception_path: str | None = must_exist()  # local FID Inception-v3 weights file (features: inception)
+    clip_path: str | None = must_exist()  # local CLIP folder: clip_score on every row (and features: clip)
+    real_images: str = "auto"  # FD/precision/recall against the real test images: auto (where the data has them) | required | off
     register: bool = True  # log the student as an MLflow model and register it (with tracking on)
     model_name: str = "ladd-student"
     gate_steps: int = 4  # the champion gate compares the student at this step count
-    gate_max_fd_increase: float = 0.0
-    gate_max_accuracy_drop: float = 0.01  # 1 point
+    gate_metric: str = "auto"  # auto (fd with real images, else fd_teacher) | fd | fd_teacher | clip_score | accuracy
+    gate_direction: str = "auto"  # auto (the metric's own: lower FD, higher CLIP score/accuracy) | lower | higher
+    gate_tolerance: float = 0.0  # how much worse than the champion's the gated metric may be, in its units
+    gate_max_accuracy_drop: float = 0.01  # 1 point (where both have an accuracy)
+    gate_rescore: bool = True  # a champion measured under another protocol is re-scored under this one (else: refused)
 
     def __post_init__(self):
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"evaluate.seeds must be distinct integers (>= 3 for a spread), got {list(self.seeds)}")
+        _choice("evaluate.features", self.features, FEATURES)
+        _choice("evaluate.real_images", self.real_images, ("auto", "required", "off"))
+        _choice("evaluate.gate_metric", self.gate_metric, ("auto", "fd", "fd_teacher", "clip_score", "accuracy"))
+        _choice("evaluate.gate_direction", self.gate_direction, ("auto", "lower", "higher"))
+        if self.features == "inception" and not self.inception_path:
+            raise ConfigError("evaluate.features: inception needs evaluate.inception_path (a local FID Inception-v3 "
+                              "weights file, e.g. weights-inception-2015-12-05-6726825d.pth)")
+        if self.features == "clip" and not self.clip_path:
+            raise ConfigError("evaluate.features: clip needs evaluate.clip_path (a local CLIP model folder)")
+        if self.gate_metric == "clip_score" and not self.clip_path:
+            raise ConfigError("evaluate.gate_metric: clip_score needs evaluate.clip_path (a local CLIP model folder)")
+        if self.gate_metric == "accuracy" and self.features != "classifier":
+            raise ConfigError(f"evaluate.gate_metric: accuracy needs evaluate.features: classifier, got {self.features!r}")
+        if self.resolution is not None and (len(self.resolution) != 2 or min(self.resolution) < 1):
+            raise ConfigError(f"evaluate.resolution must be [height, width] in pixels, got {list(self.resolution)}")
 
 
 DIGIT_PROMPTS = ("a handwritten digit zero", "the number 1 written by hand", "a drawing of the digit two",
@@ -384,4 +409,33 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"{path}: unknown section {unknown[0]!r} (known: {', '.join(SECTIONS)})")
-    return Params(**{name: build_section(cls, raw.get(name), name, str(path)) for name, cls in SECTIONS.items()})
+    params = Params(**{name: build_section(cls, raw.get(name), name, str(path)) for name, cls in SECTIONS.items()})
+    _check_across_sections(params, str(path))
+    return params
+
+
+def _table_columns(path: str) -> list[str]:
+    """Column names of a csv/parquet table, read from its header alone."""
+    if path.endswith(".csv"):
+        with open(path, newline="") as f:
+            return next(csv.reader(f), [])
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(path).names
+
+
+def _check_across_sections(p: Params, source: str) -> None:
+    """Settings that contradict the data: found here, before a run spends hours on stages that cannot finish."""
+    e, prep = p.evaluate, p.prepare
+    unlabelled = prep.source == "prompts" or (prep.source == "folder" and "label" not in _table_columns(prep.captions))
+    if unlabelled and e.features == "classifier":
+        raise ConfigError(f"{source}: evaluate.features: classifier needs labelled images, and {prep.captions} has none "
+                          "(prompts only, or no 'label' column): set evaluate.features to inception (with "
+                          "evaluate.inception_path) or clip (with evaluate.clip_path)")
+    if prep.source == "prompts":
+        if e.real_images == "required":
+            raise ConfigError(f"{source}: evaluate.real_images: required, but prepare.source is prompts (no real "
+                              "images): use auto or off; fd_teacher needs none")
+        if e.gate_metric == "fd":
+            raise ConfigError(f"{source}: evaluate.gate_metric: fd is measured against real images, and prepare.source "
+                              "is prompts: use fd_teacher (or auto)")

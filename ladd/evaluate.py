@@ -1,16 +1,23 @@
 """`ladd evaluate`: the quality-vs-steps table. Teacher at its default (many steps, CFG), the teacher
-sampled naively at few steps, the student at few steps (no CFG), and the real-vs-real floor; same
-held-out prompts, same per-record noise, same batch size for the timings. FD on a few hundred samples
-moves by points with the noise, so every figure is the mean over `seeds` with its spread (std).
+sampled naively at few steps, the student at few steps (no CFG); same held-out prompts, same per-record
+noise, same batch size for the timings. Every row is scored against the many-step teacher's samples of the
+same seed (`fd_teacher`: needs no real images), against the real test images where the data has them (`fd`,
+precision/recall, with the real-vs-real floor), by CLIP score where `evaluate.clip_path` is set, and by
+accuracy where the extractor classifies. FD on a few hundred samples moves by points with the noise, so every
+figure is the mean over `seeds` with its spread (std).
 
 Under torchrun each rank samples every world-size-th batch (each exactly as one process samples it); rank 0
 gathers the images, scores them and writes everything."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import tempfile
+import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,23 +25,30 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ladd.card import write_model_card
-from ladd.config import EvaluateConfig
+from ladd.config import ConfigError, EvaluateConfig
 from ladd.data.prepare import load_split
 from ladd.distributed import World, close_world, init_world
+from ladd.gate import gate_decision, prompts_fingerprint, protocol_differences, resolve_direction, resolve_metric
 from ladd.generate import generate_latents, record_noise
-from ladd.io import atomic_file, write_json
-from ladd.pipeline import decode_latents, encode_prompts, latent_shape, load_pipeline, max_sequence_length, read_meta
-from ladd.quality import FEATURE_EXTRACTORS, real_features, real_floor, score_images
+from ladd.io import atomic_file, fingerprint, write_json
+from ladd.metrics import frechet_distance
+from ladd.pipeline import (bucket_latent_shapes, decode_latents, encode_prompts, latent_shape, load_pipeline,
+                           max_sequence_length, native_resolution, read_meta)
+from ladd.quality import FEATURE_EXTRACTORS, embed, load_clip, real_floor, score_features
 from ladd.sampling import flow_sigmas
 from ladd.schedules import few_step_times
 
 log = logging.getLogger(__name__)
 
+HEADLINE = ("fd", "fd_teacher", "clip_score", "accuracy")  # the figures rows are named by, where they exist
+ROW_KEYS = ("nfe", *(k for m in HEADLINE for k in (m, f"{m}_std")))  # quality_vs_nfe.json's columns
+EXTRACTOR_PATH_KEYS = {"classifier": "evaluate.features", "inception": "evaluate.inception_path", "clip": "evaluate.clip_path"}
+
 
 def save_grid(images: torch.Tensor, path: Path, ncol: int = 10, row_labels: list[str] | None = None,
-              scale: int = 3) -> Path:
-    """float [N, C, H, W] in [0, 1] -> one PNG, `ncol` images a row, upscaled `scale`x; with `row_labels`,
-    each row is named in a margin on its left."""
+              col_labels: list[str] | None = None, scale: int = 3) -> Path:
+    """float [N, C, H, W] in [0, 1] -> one PNG, `ncol` images a row, upscaled `scale`x; with `row_labels`, each
+    row is named in a margin on its left; with `col_labels` (the prompts), each column's text sits under it."""
     n, c, h, w = images.shape
     rows = -(-n // ncol)
     canvas = torch.ones(c, rows * (h + 2), ncol * (w + 2))
@@ -44,8 +58,19 @@ def save_grid(images: torch.Tensor, path: Path, ncol: int = 10, row_labels: list
     arr = (canvas.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     grid = Image.fromarray(arr[..., 0] if c == 1 else arr).convert("RGB")
     grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    font = ImageFont.load_default(size=13)
+    if col_labels:
+        cell = (w + 2) * scale
+        wrapped = [textwrap.wrap(label, max(4, cell // 7))[:4] for label in col_labels[:ncol]]
+        lines = max(len(t) for t in wrapped)
+        captioned = Image.new("RGB", (grid.width, grid.height + 6 + 15 * lines), "white")
+        captioned.paste(grid, (0, 0))
+        draw = ImageDraw.Draw(captioned)
+        for k, text in enumerate(wrapped):
+            for j, line in enumerate(text):
+                draw.text((k * cell + cell // 2, grid.height + 4 + 15 * j), line, fill="black", font=font, anchor="ma")
+        grid = captioned
     if row_labels:
-        font = ImageFont.load_default(size=13)
         margin = 8 + max(int(ImageDraw.Draw(grid).textlength(label, font=font)) for label in row_labels)
         labelled = Image.new("RGB", (grid.width + margin, grid.height), "white")
         labelled.paste(grid, (margin, 0))
@@ -111,84 +136,126 @@ def evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student
         close_world(world)
 
 
+def _extractors(cfg: EvaluateConfig, classifier_dir):
+    """(FD extractor, its weights' path, CLIP scorer or None), loaded and checked before any sampling."""
+    path = {"classifier": classifier_dir, "inception": cfg.inception_path, "clip": cfg.clip_path}[cfg.features]
+    extractor = FEATURE_EXTRACTORS[cfg.features](path, EXTRACTOR_PATH_KEYS[cfg.features])
+    clip = extractor if cfg.features == "clip" else (load_clip(cfg.clip_path) if cfg.clip_path else None)
+    return extractor, path, clip
+
+
 def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student_dir, tracker, world: World) -> dict:
     out, device = Path(cfg.out_dir), world.device
     train, test = load_split(Path(data_dir) / "train"), load_split(Path(data_dir) / "test")
-    if cfg.features not in FEATURE_EXTRACTORS:
-        raise ValueError(f"evaluate.features: unknown extractor {cfg.features!r} (known: {', '.join(FEATURE_EXTRACTORS)})")
-    classifier = FEATURE_EXTRACTORS[cfg.features](cfg.features_path or classifier_dir)
-    real = real_features(classifier, test)
+    if cfg.real_images == "required" and test.images is None:
+        raise ConfigError(f"evaluate.real_images: required, but {data_dir}/test has no images (prompts only)")
+    use_real = cfg.real_images != "off" and test.images is not None
+    extractor, extractor_path, clip = _extractors(cfg, classifier_dir)
     n = min(cfg.num_samples, len(test.captions)) if cfg.num_samples > 0 else len(test.captions)
     prompts, labels = list(test.captions["prompt"][:n]), test.labels[:n]
+    gate_metric = resolve_metric(cfg.gate_metric, use_real)
+    if gate_metric == "fd" and not use_real:
+        raise ConfigError(f"evaluate.gate_metric: fd needs real images, and {data_dir}/test has none (or "
+                          "evaluate.real_images is off): use fd_teacher")
+    if gate_metric == "accuracy" and not (labels >= 0).any():
+        raise ConfigError(f"evaluate.gate_metric: accuracy needs labelled prompts, and {data_dir}/test has none")
     teacher = _load(teacher_dir, prompts, device)
-    student_path = Path(student_dir) / ("ladd_raw_transformer" if cfg.raw_student else "")
+    shape = latent_shape(teacher.pipe) if cfg.resolution is None else \
+        bucket_latent_shapes(teacher_dir, [cfg.resolution], "evaluate.resolution")[0]
     student = _load(student_dir, prompts, device)
     if cfg.raw_student:
         from diffusers import SD3Transformer2DModel
 
-        student.pipe.transformer = SD3Transformer2DModel.from_pretrained(student_path).to(device)
+        student.pipe.transformer = SD3Transformer2DModel.from_pretrained(Path(student_dir) / "ladd_raw_transformer").to(device)
     student_meta = read_meta(student_dir)
     for k in cfg.few_steps:
         untrained = [t for t in student_sigmas(k, student_meta)[:-1].tolist()
                      if min(abs(t - s) for s in student_meta.get("student_times", [1.0])) > 1e-6]
         if untrained:
             log.warning("the student's %d-step schedule visits times it was not trained at: %s", k, untrained)
-    shape, shift = latent_shape(teacher.pipe), teacher.pipe.scheduler.config.shift
+    shift = teacher.pipe.scheduler.config.shift
     # record i of seed s starts from seed s * 1_000_003 + i: the seeds' noises never overlap
     noises = {seed: record_noise([seed * 1_000_003 + i for i in range(n)], shape) for seed in cfg.seeds}
     grid_n = min(cfg.grid_size, n)
-    floors = [real_floor(classifier, train, test, n, seed) for seed in cfg.seeds]
-    metrics: dict = {"real_floor": summarize_seeds(floors), "num_samples": n, "seeds": list(cfg.seeds)}
+    real = embed(extractor, test.images.float() / 255)[0] if use_real and world.main else None
+    text = clip.text_embeds(prompts) if clip is not None and world.main else None
+    teacher_feats: dict[int, torch.Tensor] = {}  # seed -> the many-step teacher's sample features: fd_teacher's reference
+    protocol = {
+        "prompts": prompts_fingerprint(prompts), "num_samples": n, "seeds": list(cfg.seeds),
+        "resolution": list(cfg.resolution or native_resolution(teacher_dir)),
+        "gate_steps": cfg.gate_steps, "teacher_steps": cfg.teacher_steps, "guidance": cfg.guidance,
+        "features": cfg.features, "features_weights": fingerprint(extractor_path),
+        "clip_weights": fingerprint(cfg.clip_path) if cfg.clip_path else None,
+        "real_images": fingerprint(Path(data_dir) / "test" / "images.safetensors") if use_real else None,
+        "teacher": fingerprint(Path(teacher_dir) / "transformer"),
+    }
+    metrics: dict = {"num_samples": n, "seeds": list(cfg.seeds), "features": cfg.features, "protocol": protocol}
+    if use_real and world.main:
+        metrics["real_floor"] = summarize_seeds([real_floor(extractor, train, test, n, seed, real) for seed in cfg.seeds])
 
-    def measure(model, steps, sigmas, guidance, sampler, name):
+    def measure(model, steps, sigmas, guidance, sampler, name, reference=False, solo=False):
+        """The row of one sampler configuration: every seed sampled and scored, its first seed's images (saved as
+        grids/<name>.png unless `solo`); `reference`: its features are fd_teacher's reference."""
+        on = replace(world, rank=0, size=1) if solo else world
         per_seed, first = [], None
         for seed, noise in noises.items():
-            images, ms = model.run(noise, sigmas, guidance, sampler, cfg.batch_size, seed, world)
-            if not world.main:
+            images, ms = model.run(noise, sigmas, guidance, sampler, cfg.batch_size, seed, on)
+            if not on.main:
                 continue
-            per_seed.append({"ms_per_image": ms, **score_images(classifier, images, labels, real)})
+            feats, logits = embed(extractor, images)
+            row = {"ms_per_image": ms, **score_features(feats, logits, labels, real, teacher_feats.get(seed))}
+            if clip is not None:
+                row["clip_score"] = clip.score(images, text)
+            if reference:
+                teacher_feats[seed] = feats
+            per_seed.append(row)
             first = images[:grid_n] if first is None else first
-        if not world.main:
-            return {"fd": float("nan")}, None
+        if not on.main:
+            return {}, None
         row = {"steps": steps, "guidance": guidance, "nfe": steps * (2 if guidance > 1 else 1), **summarize_seeds(per_seed)}
-        save_grid(first, out / "grids" / f"{name}.png")
-        log.info("%s: FD %.2f ± %.2f, accuracy %.3f ± %.3f, precision %.3f, recall %.3f (%d seeds)", name, row["fd"],
-                 row["fd_std"], row["accuracy"], row["accuracy_std"], row["precision"], row["recall"], len(per_seed))
+        if not solo:
+            save_grid(first, out / "grids" / f"{name}.png")
+        log.info("%s: %s (%d seeds)", name, ", ".join(f"{k} {row[k]:.3f} ± {row[f'{k}_std']:.3f}" for k in HEADLINE
+                                                       if k in row), len(per_seed))
         return row, first
 
     metrics["teacher"], teacher_imgs = measure(teacher, cfg.teacher_steps, flow_sigmas(cfg.teacher_steps, shift),
-                                               cfg.guidance, "euler", f"teacher_{cfg.teacher_steps}")
+                                               cfg.guidance, "euler", f"teacher_{cfg.teacher_steps}",
+                                               reference=True)
+    if world.main and len(cfg.seeds) > 1:  # two independent teacher sample sets: what sampling noise alone moves fd_teacher
+        metrics["teacher_floor"] = summarize_seeds([{"fd_teacher": frechet_distance(teacher_feats[a].numpy(), teacher_feats[b].numpy())}
+                                                    for a, b in itertools.combinations(cfg.seeds, 2)])
     metrics["teacher_naive"], metrics["student"] = {}, {}
-    side_by_side = [teacher_imgs]
-    labels_by_row = [f"teacher, {cfg.teacher_steps} steps, CFG {cfg.guidance:g}: FD {metrics['teacher']['fd']:.1f}"]
+    side_by_side, labels_by_row = [teacher_imgs], [_label(f"teacher, {cfg.teacher_steps} steps, CFG {cfg.guidance:g}", metrics["teacher"])]
     for k in cfg.few_steps:
         metrics["teacher_naive"][str(k)], _ = measure(teacher, k, flow_sigmas(k, shift), cfg.guidance, "euler", f"teacher_naive_{k}")
         metrics["student"][str(k)], imgs = measure(student, k, student_sigmas(k, student_meta), 0.0,
                                                    student_meta.get("sampler", "euler"), f"student_{k}")
         side_by_side.append(imgs)
-        labels_by_row.append(f"student, {k} step{'s' if k > 1 else ''}: FD {metrics['student'][str(k)]['fd']:.1f}")
+        labels_by_row.append(_label(f"student, {k} step{'s' if k > 1 else ''}", metrics["student"][str(k)]))
     if not world.main:
         return {}
     # teacher (top row) vs the student at each step count, same prompts and seeds, one column per prompt
     ncol = min(grid_n, 10)
     save_grid(torch.cat([g[:ncol] for g in side_by_side]), out / "grids" / "teacher_vs_student.png", ncol=ncol,
-              row_labels=labels_by_row)
-    rows = [{"model": "real_floor", **_row({"nfe": 0, **metrics["real_floor"]})}, {"model": "teacher", **_row(metrics["teacher"])}]
-    for kind in ("teacher_naive", "student"):
-        rows += [{"model": kind, **_row(r)} for r in metrics[kind].values()]
-    write_json(out / "quality_vs_nfe.json", {"rows": rows})
+              row_labels=labels_by_row, col_labels=prompts[:ncol])
+    write_json(out / "quality_vs_nfe.json", {"rows": _plot_rows(metrics)})
     summary_path = Path(student_dir) / "ladd_train_summary.json"
     train_summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     write_model_card(student_dir, student_meta, train_summary, metrics)  # before registering: the model carries it
-    tracker.log_metrics(flatten_metrics(metrics))
+    tracker.log_summary(flatten_metrics({k: v for k, v in metrics.items() if k != "protocol"}))
+    tracker.set_tags({"evaluate.protocol": json.dumps(protocol, sort_keys=True)})
     gate = metrics["student"].get(str(cfg.gate_steps))
     if cfg.register and gate is None:
         log.warning("not registering the student: evaluate.gate_steps=%d is not in few_steps %s", cfg.gate_steps, list(cfg.few_steps))
     if cfg.register and gate is not None:
-        candidate = {"fd": gate["fd"], "accuracy": gate["accuracy"]}
-        registered = tracker.register_student(
-            student_dir, cfg.model_name, candidate,
-            lambda champion: gate_decision(candidate, champion, cfg.gate_max_fd_increase, cfg.gate_max_accuracy_drop))
+        def rescore(pipe_dir):  # the champion's student under this evaluation's protocol (rank 0 alone)
+            meta = read_meta(pipe_dir)
+            row, _ = measure(_load(pipe_dir, prompts, device), cfg.gate_steps, student_sigmas(cfg.gate_steps, meta), 0.0,
+                             meta.get("sampler", "euler"), "champion_rescored", solo=True)
+            return row
+
+        registered = _register(cfg, gate, gate_metric, protocol, student_dir, tracker, rescore)
         if registered:
             log.info("registered %s version %s: %s (%s)", cfg.model_name, registered["version"],
                      "champion" if registered["promoted"] else "rejected", registered["reason"])
@@ -200,8 +267,50 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
     return metrics
 
 
-def _row(r: dict) -> dict:
-    return {k: r[k] for k in ("nfe", "fd", "fd_std", "accuracy", "accuracy_std")}
+def _register(cfg: EvaluateConfig, gate: dict, metric: str, protocol: dict, student_dir, tracker, rescore) -> dict | None:
+    """The champion gate on the student at gate_steps: compare with the champion's figures when its protocol is
+    this one; otherwise re-score the champion under this protocol (gate_rescore) or refuse to promote."""
+    candidate = {k: gate[k] for k in HEADLINE if k in gate}
+    direction = resolve_direction(cfg.gate_direction, metric)
+    champion, rescored = tracker.champion(cfg.model_name), None
+    champion_metrics = champion["metrics"] if champion else None
+    differences = protocol_differences(protocol, champion["protocol"]) if champion else []
+    if differences and cfg.gate_rescore:
+        log.info("champion %s version %s was evaluated under another protocol (%s): re-scoring it under this one",
+                 cfg.model_name, champion["version"], "; ".join(differences))
+        with tempfile.TemporaryDirectory() as tmp:
+            row = rescore(tracker.download_model(cfg.model_name, champion["version"], tmp))
+        champion_metrics = rescored = {k: row[k] for k in HEADLINE if k in row}
+    if differences and not cfg.gate_rescore:
+        promote, reason = False, (f"not compared: champion version {champion['version']} was evaluated under another "
+                                  f"protocol ({'; '.join(differences)}); evaluate.gate_rescore: true re-scores it")
+    else:
+        promote, reason = gate_decision(candidate, champion_metrics, metric, direction, cfg.gate_tolerance,
+                                        cfg.gate_max_accuracy_drop)
+        if rescored is not None:
+            reason += f" (champion version {champion['version']} re-scored under this protocol)"
+    registered = tracker.register_student(student_dir, cfg.model_name, {**candidate, "protocol": protocol}, promote, reason)
+    if registered is not None:
+        registered.update(gate_metric=metric, champion_rescored=rescored)
+    return registered
+
+
+def _label(name: str, row: dict) -> str:
+    names = {"fd": "FD", "fd_teacher": "FD-T", "clip_score": "CLIP"}
+    figures = [f"{names[k]} {row[k]:.1f}" for k in ("fd", "fd_teacher", "clip_score") if k in row]
+    return f"{name}: {', '.join(figures)}" if figures else name
+
+
+def _plot_rows(metrics: dict) -> list[dict]:
+    """quality_vs_nfe.json: the floors, the teacher, the naive teacher and the student, each with its figures."""
+    def row(model, r):
+        return {"model": model, **{k: r[k] for k in ROW_KEYS if k in r}}
+
+    rows = [row(name, {"nfe": 0, **metrics[name]}) for name in ("real_floor", "teacher_floor") if name in metrics]
+    rows.append(row("teacher", metrics["teacher"]))
+    for kind in ("teacher_naive", "student"):
+        rows += [row(kind, r) for r in metrics[kind].values()]
+    return rows
 
 
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict:
@@ -209,19 +318,6 @@ def flatten_metrics(metrics: dict, prefix: str = "") -> dict:
     for k, v in metrics.items():
         if isinstance(v, dict):
             flat.update(flatten_metrics(v, f"{prefix}{k}/"))
-        elif isinstance(v, (int, float, np.floating)):
+        elif isinstance(v, (int, float, np.floating)) and not isinstance(v, bool):
             flat[f"{prefix}{k}"] = float(v)
     return flat
-
-
-def gate_decision(candidate: dict, champion: dict | None, max_fd_increase: float, max_accuracy_drop: float) -> tuple[bool, str]:
-    """Champion gate on the student at 4 steps (or its largest evaluated step count): promote when FD is
-    no worse than the champion's (+ max_fd_increase) and accuracy at most max_accuracy_drop lower."""
-    if champion is None:
-        return True, "no champion yet"
-    fd, acc = candidate["fd"], candidate["accuracy"]
-    if fd > champion["fd"] + max_fd_increase:
-        return False, f"FD {fd:.2f} worse than champion's {champion['fd']:.2f} (+{max_fd_increase} allowed)"
-    if acc < champion["accuracy"] - max_accuracy_drop:
-        return False, f"accuracy {acc:.3f} more than {max_accuracy_drop} below champion's {champion['accuracy']:.3f}"
-    return True, f"FD {fd:.2f} <= {champion['fd']:.2f}, accuracy {acc:.3f} vs {champion['accuracy']:.3f}"

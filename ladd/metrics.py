@@ -1,4 +1,4 @@
-"""Sample-quality metrics on classifier features: tensors/arrays in, numbers out."""
+"""Sample-quality metrics on extractor features: tensors/arrays in, numbers out."""
 
 from __future__ import annotations
 
@@ -15,14 +15,29 @@ def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
 def frechet_distance(real, fake) -> float:
     """FD between Gaussians fitted to two feature sets (Heusel et al. 2017):
     |mu_r - mu_f|^2 + tr(S_r + S_f - 2 (S_r S_f)^{1/2})."""
-    mu1, s1 = gaussian_stats(real)
-    mu2, s2 = gaussian_stats(fake)
+    r, f = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
+    if min(len(r), len(f)) <= r.shape[1]:
+        return _frechet_distance_low_rank(r, f)
+    mu1, s1 = gaussian_stats(r)
+    mu2, s2 = gaussian_stats(f)
     covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
     if not np.isfinite(covmean).all():  # singular product: nudge both covariances (as pytorch-fid does)
         offset = np.eye(len(s1)) * 1e-6
         covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
     covmean = covmean.real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def _frechet_distance_low_rank(r: np.ndarray, f: np.ndarray) -> float:
+    """The same FD when there are no more samples than feature dimensions (2048 Inception features, a few
+    hundred prompts): with S_r = A A^T and S_f = B B^T (A, B the centred samples over sqrt(n - 1)), the nonzero
+    eigenvalues of S_r S_f are those of the small PSD matrix (A^T B)(A^T B)^T, so tr (S_r S_f)^{1/2} is exact
+    from an n x n eigendecomposition instead of a singular d x d matrix square root."""
+    a = (r - r.mean(0)).T / np.sqrt(len(r) - 1)
+    b = (f - f.mean(0)).T / np.sqrt(len(f) - 1)
+    c = a.T @ b
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(c @ c.T), 0, None)).sum()
+    return float(((r.mean(0) - f.mean(0)) ** 2).sum() + (a * a).sum() + (b * b).sum() - 2 * trace_sqrt)
 
 
 def conditional_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -45,3 +60,9 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tupl
     precision = (d <= r_real[None, :]).any(1).float().mean()
     recall = (d.T <= r_fake[None, :]).any(1).float().mean()
     return float(precision), float(recall)
+
+
+def clip_score(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> float:
+    """CLIP score (Hessel et al. 2021, as torchmetrics and papers report it): 100 * max(cos(image, text), 0),
+    averaged over pairs; both inputs L2-normalised [N, D], row i of one paired with row i of the other."""
+    return float((100 * (image_embeds * text_embeds).sum(-1)).clamp(min=0).mean())

@@ -8,7 +8,9 @@ when `LADD_PARENT_RUN_ID` is set (the Prefect flow sets it), so one pipeline exe
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,14 +20,20 @@ import pandas as pd
 DEFAULT_URI = "sqlite:///mlflow.db"
 EXPERIMENT = "ladd"
 PARENT_ENV = "LADD_PARENT_RUN_ID"
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 class NullTracker:
     def log_params(self, params: dict) -> None: ...
     def log_metrics(self, metrics: dict, step: int | None = None) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_summary(self, metrics: dict) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
-    def register_student(self, student_dir, name: str, candidate: dict, decide) -> dict | None:
+    def champion(self, name: str) -> dict | None:
+        return None
+    def download_model(self, name: str, version: str, dst: str | Path) -> Path:
+        raise FileNotFoundError(f"no tracking store to download {name} version {version} from")
+    def register_student(self, student_dir, name: str, gate_tags: dict, promote: bool, reason: str) -> dict | None:
         return None
     def log_onnx_student(self, onnx_dir, generator_file: str, name: str) -> dict | None:
         return None
@@ -46,16 +54,53 @@ class MlflowTracker(NullTracker):
         log = self._mlflow.log_artifacts if path.is_dir() else self._mlflow.log_artifact
         log(str(path), artifact_path)
 
+    def log_summary(self, metrics: dict) -> None:
+        """Metrics on this run and on the pipeline run it nests under: MLflow's Compare view of pipeline runs
+        shows only their own metrics."""
+        self.log_metrics(metrics)
+        parent = self.run.data.tags.get("mlflow.parentRunId")
+        if parent:
+            from mlflow.entities import Metric
+            from mlflow.tracking import MlflowClient
+
+            now = int(time.time() * 1000)
+            items = [Metric(k.replace("@", "_"), float(v), now, 0) for k, v in metrics.items()]
+            for i in range(0, len(items), 1000):  # MLflow's batch limit
+                MlflowClient().log_batch(parent, metrics=items[i : i + 1000])
+
     def set_tags(self, tags: dict) -> None:
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
-    def register_student(self, student_dir, name: str, candidate: dict, decide) -> dict:
-        """Log the student pipeline as a pyfunc model, register a version of `name` tagged with the
-        `candidate` gate metrics, and move the `champion` alias to it only if
-        `decide(champion_gate_metrics_or_None) -> (ok, reason)` says so; otherwise tag why not."""
+    def champion(self, name: str) -> dict | None:
+        """The version holding `name`'s `champion` alias: {version, metrics (its gate/* tags), protocol}."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        try:
+            version = MlflowClient().get_model_version_by_alias(name, "champion")
+        except MlflowException:  # no such model or no alias yet (RESOURCE_DOES_NOT_EXIST)
+            return None
+        tags = version.tags
+        metrics = {k.removeprefix("gate/"): float(v) for k, v in tags.items() if k.startswith("gate/") and k != "gate/protocol"}
+        protocol = json.loads(tags["gate/protocol"]) if "gate/protocol" in tags else None
+        return {"version": str(version.version), "metrics": metrics, "protocol": protocol}
+
+    def download_model(self, name: str, version: str, dst: str | Path) -> Path:
+        """The student pipeline folder of a registered version, downloaded under `dst`."""
+        import yaml
+
+        local = Path(self._mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst)))
+        spec = yaml.safe_load((local / "MLmodel").read_text())  # artifacts keep their source folder's name
+        return local / spec["flavors"]["python_function"]["artifacts"]["pipeline"]["path"]
+
+    def register_student(self, student_dir, name: str, gate_tags: dict, promote: bool, reason: str) -> dict:
+        """Log the student pipeline as a pyfunc model, register a version of `name` tagged with `gate_tags`
+        (its gate metrics and evaluation protocol), and move the `champion` alias to it if `promote`; otherwise
+        tag why not."""
         from mlflow.models import infer_signature
         from mlflow.tracking import MlflowClient
 
+        previous = self.champion(name)
         example = pd.DataFrame({"prompt": ["a handwritten digit seven"], "steps": [4], "seed": [0]})
         signature = infer_signature(example, pd.DataFrame({"prompt": ["a handwritten digit seven"], "image_png": ["..."]}))
         info = self._mlflow.pyfunc.log_model(
@@ -65,24 +110,15 @@ class MlflowTracker(NullTracker):
         )
         client = MlflowClient()
         version = str(info.registered_model_version)
-        try:
-            champion = client.get_model_version_by_alias(name, "champion")
-            champion_metrics = {k.split("/")[-1]: v for k, v in client.get_model_version(name, champion.version).tags.items()
-                                if k.startswith("gate/")}
-            champion_metrics = {k: float(v) for k, v in champion_metrics.items()}
-        except Exception:  # no alias yet (MlflowException RESOURCE_DOES_NOT_EXIST)
-            champion, champion_metrics = None, None
-        promote, reason = decide(champion_metrics)
-        for k, v in candidate.items():
-            client.set_model_version_tag(name, version, f"gate/{k}", str(v))
+        for k, v in gate_tags.items():
+            client.set_model_version_tag(name, version, f"gate/{k}", v if isinstance(v, str) else json.dumps(v))
         if promote:
             client.set_registered_model_alias(name, "champion", version)
             client.set_model_version_tag(name, version, "promoted", reason)
         else:
             client.set_model_version_tag(name, version, "rejected", reason)
         return {"version": version, "promoted": promote, "reason": reason,
-                "previous_champion": str(champion.version) if champion else None}
-
+                "previous_champion": previous["version"] if previous else None}
 
     def log_onnx_student(self, onnx_dir, generator_file: str, name: str) -> dict:
         """Log the unrolled generator graph as an MLflow onnx-flavour model (the whole export folder beside it
@@ -137,7 +173,10 @@ def _mlflow():
         # artifacts beside the database (MLflow's default is ./mlruns of whichever process creates the experiment)
         db = Path(uri.removeprefix("sqlite:///"))
         mlflow.create_experiment(name, artifact_location=(db.resolve().parent / "mlruns").as_uri())
-    mlflow.set_experiment(name)
+    experiment = mlflow.set_experiment(name)
+    if experiment.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
+        # MLflow's UI opens an experiment on its GenAI traces overview unless this tag names model training
+        mlflow.tracking.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
     return mlflow
 
 

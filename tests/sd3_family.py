@@ -95,3 +95,52 @@ def build_sd35_like_teacher(out_dir: Path, *, sample_size: int = 8, seed: int = 
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def build_tiny_clip(out_dir: Path, *, image_size: int = 32, crop_size: int | None = None, seed: int = 0,
+                    words: list[str] | None = None) -> Path:
+    """A tiny random `CLIPModel` + `CLIPProcessor` folder, the layout of openai/clip-vit-large-patch14 (the real
+    loading path of `evaluate.clip_path`; its scores mean nothing). `crop_size` other than `image_size` makes
+    a folder whose processor feeds the vision tower the wrong size."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    out_dir = Path(out_dir)
+    tokenizer = write_clip_tokenizer(out_dir / "_tokenizer", prompt_vocabulary() if words is None else words, 77)
+    torch.manual_seed(seed)
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, **ids),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=image_size, patch_size=8),
+        projection_dim=16,
+    )
+    CLIPModel(config).eval().save_pretrained(out_dir)
+    crop = crop_size or image_size
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": crop},
+                                                                 crop_size={"height": crop, "width": crop}),
+                              tokenizer=tokenizer)
+    processor.save_pretrained(out_dir)
+    import shutil
+
+    shutil.rmtree(out_dir / "_tokenizer")
+    return out_dir
+
+
+def build_random_inception(path: Path) -> Path:
+    """torch-fidelity's FID Inception-v3, built by the library with its random initialisation (its constructor
+    insists on loading weights: that one call is skipped) and saved as safetensors: the real loading path of
+    `evaluate.inception_path` with meaningless numbers."""
+    from unittest import mock
+
+    from safetensors.torch import save_file
+
+    from ladd.quality import FID_FEATURES, _fidelity_inception_class
+
+    network = _fidelity_inception_class()
+    with mock.patch.object(network, "load_state_dict", lambda self, state: None), \
+            mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {}):
+        torch.manual_seed(0)
+        net = network("inception-v3-compat", [FID_FEATURES])
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return Path(path)

@@ -39,11 +39,17 @@ def test_seeds_change_the_samples_not_the_schema(prepared_data, tiny_classifier_
     assert run((1, 2, 3), "again")["student"]["2"]["fd"] == a["student"]["2"]["fd"]
     # the plots file carries the floor and the spread; the side-by-side grid has a label margin
     rows = json.loads((tmp_path / "a" / "quality_vs_nfe.json").read_text())["rows"]
-    assert rows[0]["model"] == "real_floor" and all("fd_std" in r for r in rows)
+    assert [r["model"] for r in rows[:3]] == ["real_floor", "teacher_floor", "teacher"]
+    assert all("fd_std" in r for r in rows if r["model"] != "teacher_floor")
+    # every few-step row is also scored against the many-step teacher's samples of the same seed
+    assert all("fd_teacher_std" in r for r in rows if r["model"] in ("teacher_naive", "student", "teacher_floor"))
+    assert "fd_teacher" not in a["teacher"] and a["teacher_floor"]["fd_teacher"] > 0
+    assert len({r["fd_teacher"] for r in a["student"]["2"]["per_seed"]}) == 3
     plain = Image.open(tmp_path / "a" / "grids" / "student_1.png")
     labelled = Image.open(tmp_path / "a" / "grids" / "teacher_vs_student.png")
     assert plain.size == (10 * 34 * 3, 34 * 3)  # 8 images in a row of 10, 32 px + 2 px border, scale 3
-    assert labelled.width >= 8 * 34 * 3 + 100 and labelled.height == 3 * 34 * 3  # label margin; teacher + 2 student rows
+    # a label margin on the left; teacher + 2 student rows, and the prompts under the columns
+    assert labelled.width >= 8 * 34 * 3 + 100 and labelled.height > 3 * 34 * 3 + 15
     # the student's model card now carries the evaluation table of the last run (seeds 1, 2, 3 again)
     card = (tiny_student_dir / "README.md").read_text()
     assert card.startswith("---\nbase_model:") and "Not evaluated yet" not in card

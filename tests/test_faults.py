@@ -33,6 +33,7 @@ from ladd.config import PrepareConfig
 from ladd.data.prepare import load_split, prepare
 from ladd.io import atomic_dir, atomic_file
 from conftest import CHECKPOINT, DISTILL, edit_params
+from sd3_family import build_tiny_clip
 
 @pytest.fixture
 def project(finished_project, tmp_path) -> Path:
@@ -196,6 +197,17 @@ def _cuda_on_no_gpu(project: Path, **sections: dict) -> dict:
     return {"CUDA_VISIBLE_DEVICES": ""}
 
 
+def _prompts_only(project: Path, **evaluate) -> None:
+    """The finished project's prompts as a prompts-only table, with `evaluate` settings."""
+    table = project / "prompts.csv"
+    load_split(project / "data/prepared/train").captions[["prompt"]].to_csv(table, index=False)
+    _edit(project, prepare={"source": "prompts", "captions": str(table)}, evaluate=evaluate)
+
+
+def _clip_folder(project: Path, **kwargs) -> str:
+    return str(build_tiny_clip(project / "clip", **kwargs))
+
+
 def _tear(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:1000])
 
@@ -315,6 +327,26 @@ FAULTS = {
     "launch/a_worker_keeps_its_exit_code": Fault(
         "distill", _held_under_torchrun, 8,
         rf"{CHECKPOINT} is being written by another run \(pid 4242,"),
+    # evaluation extractors from local weights: a missing or wrong one fails before any sampling (exit 2)
+    "evaluate/inception_path_missing": Fault(
+        "evaluate", lambda p: edit_params(p, "evaluate", features="inception", inception_path="/nonexistent/inception.pth"), 2,
+        r"evaluate.inception_path: path does not exist: /nonexistent/inception.pth"),
+    "evaluate/inception_is_another_network": Fault(
+        "evaluate", lambda p: edit_params(p, "evaluate", features="inception",
+                                          inception_path="models/student/transformer/diffusion_pytorch_model.safetensors"), 2,
+        r"evaluate.inception_path: models/student/transformer/diffusion_pytorch_model.safetensors does not hold the FID "
+        r"Inception-v3 network"),
+    "evaluate/clip_is_not_a_clip_model": Fault(
+        "evaluate", lambda p: edit_params(p, "evaluate", features="clip", clip_path="models/teacher/text_encoder"), 2,
+        r"evaluate.clip_path: models/teacher/text_encoder holds a 'clip_text_model' model, not a CLIP model"),
+    "evaluate/clip_of_the_wrong_image_size": Fault(
+        "evaluate", lambda p: edit_params(p, "evaluate", features="clip", clip_path=_clip_folder(p, crop_size=48)), 2,
+        r"evaluate.clip_path: .*clip does not load as a CLIP model: .*Input image size \(48\*48\)"),
+    "evaluate/classifier_on_prompts_only": Fault(
+        "evaluate", lambda p: _prompts_only(p), 2, r"evaluate.features: classifier needs labelled images, and .*prompts.csv"),
+    "evaluate/real_image_fid_on_prompts_only": Fault(
+        "evaluate", lambda p: _prompts_only(p, features="clip", clip_path=_clip_folder(p), real_images="required"), 2,
+        r"evaluate.real_images: required, but prepare.source is prompts"),
     # tracking server: exit 7 before any work
     "tracking/server_down": Fault("prepare", _unreachable_tracking, 7,
                                   r"MLflow tracking server http://127.0.0.1:\d+ is unreachable"),

@@ -15,18 +15,28 @@ import pytest
 from PIL import Image
 
 from ladd.config import EvaluateConfig
-from ladd.evaluate import evaluate, gate_decision
+from ladd.evaluate import evaluate
+from ladd.gate import gate_decision
 from ladd.tracking import check_tracking_server, stage_run
 
 
 def test_gate_decision():
     champion = {"fd": 100.0, "accuracy": 0.95}
-    assert gate_decision({"fd": 120.0, "accuracy": 0.99}, None, 0.0, 0.01) == (True, "no champion yet")
-    assert gate_decision({"fd": 99.0, "accuracy": 0.945}, champion, 0.0, 0.01)[0]
-    ok, reason = gate_decision({"fd": 101.0, "accuracy": 0.99}, champion, 0.0, 0.01)
-    assert not ok and "FD 101.00 worse" in reason
-    ok, reason = gate_decision({"fd": 90.0, "accuracy": 0.93}, champion, 0.0, 0.01)
+
+    def decide(candidate, champ=champion, metric="fd", direction="lower", tolerance=0.0):
+        return gate_decision(candidate, champ, metric, direction, tolerance, 0.01)
+
+    assert decide({"fd": 120.0, "accuracy": 0.99}, None) == (True, "no champion yet")
+    assert decide({"fd": 99.0, "accuracy": 0.945})[0]
+    ok, reason = decide({"fd": 101.0, "accuracy": 0.99})
+    assert not ok and "fd 101.000 worse than the champion's 100.000" in reason
+    assert decide({"fd": 101.0, "accuracy": 0.99}, tolerance=1.5)[0]
+    ok, reason = decide({"fd": 90.0, "accuracy": 0.93})
     assert not ok and "accuracy 0.930" in reason
+    # higher is better for CLIP score; a champion without the gated metric is not compared
+    assert decide({"clip_score": 31.0}, {"clip_score": 30.0}, "clip_score", "higher")[0]
+    assert not decide({"clip_score": 29.0}, {"clip_score": 30.0}, "clip_score", "higher")[0]
+    assert decide({"fd_teacher": 5.0}, {"fd": 100.0}, "fd_teacher") == (False, "the champion has no fd_teacher to compare with")
 
 
 def test_unreachable_server_is_reported_before_work():

@@ -1,0 +1,55 @@
+"""The champion gate: a candidate's figures are compared with a champion's only when both were measured under
+the same evaluation protocol (prompt set, sample count, seeds, resolution, step counts, extractor and the
+fingerprints of its weights and of the references). Pure functions: evaluate.py asks the tracker for the
+champion, re-scores it when the protocols differ, and registers the decision."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+# the gated metric -> which way is better
+GATE_DIRECTIONS = {"fd": "lower", "fd_teacher": "lower", "clip_score": "higher", "accuracy": "higher"}
+
+
+def prompts_fingerprint(prompts: list[str]) -> str:
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
+
+
+def protocol_differences(candidate: dict, champion: dict | None) -> list[str]:
+    """'key: champion's value -> candidate's' for every protocol entry that differs (all, for no protocol)."""
+    if champion is None:
+        return ["no recorded protocol (registered before protocols were recorded)"]
+    return [f"{k}: {champion.get(k)} -> {candidate.get(k)}" for k in sorted(set(candidate) | set(champion))
+            if candidate.get(k) != champion.get(k)]
+
+
+def resolve_metric(setting: str, has_real_images: bool) -> str:
+    """`auto`: FD against the real images where the data has them, else against the teacher's samples."""
+    if setting != "auto":
+        return setting
+    return "fd" if has_real_images else "fd_teacher"
+
+
+def resolve_direction(setting: str, metric: str) -> str:
+    return GATE_DIRECTIONS[metric] if setting == "auto" else setting
+
+
+def gate_decision(candidate: dict, champion: dict | None, metric: str, direction: str, tolerance: float,
+                  max_accuracy_drop: float) -> tuple[bool, str]:
+    """Promote when `metric` is no worse than the champion's (by at most `tolerance`, in the metric's units),
+    and, where both have an accuracy and it is not the gated metric, it is at most `max_accuracy_drop` lower."""
+    if champion is None:
+        return True, "no champion yet"
+    if metric not in champion:
+        return False, f"the champion has no {metric} to compare with"
+    ours, theirs = candidate[metric], champion[metric]
+    worse = ours > theirs + tolerance if direction == "lower" else ours < theirs - tolerance
+    if worse:
+        return False, (f"{metric} {ours:.3f} worse than the champion's {theirs:.3f} ({direction} is better, "
+                       f"{tolerance:g} allowed)")
+    if metric != "accuracy" and "accuracy" in candidate and "accuracy" in champion:
+        if candidate["accuracy"] < champion["accuracy"] - max_accuracy_drop:
+            return False, (f"accuracy {candidate['accuracy']:.3f} more than {max_accuracy_drop} below the champion's "
+                           f"{champion['accuracy']:.3f}")
+    return True, f"{metric} {ours:.3f} vs the champion's {theirs:.3f} ({direction} is better)"
