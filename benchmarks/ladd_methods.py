@@ -70,10 +70,11 @@ def rank_agreement(results: list[dict]) -> str:
     rows = [(r["name"], k, r["metrics"]["student"][k]) for r in results for k in steps]
     naive = [("naive teacher", k, results[0]["metrics"]["teacher_naive"][k]) for k in steps]
     lines = []
-    for label, subset in (("recipes", rows), ("recipes + naive teacher", rows + naive)):
-        rho, p = spearmanr([r["fd"] for *_, r in subset], [r["fd_teacher"] for *_, r in subset])
-        lines.append(f"Spearman rank correlation of fd_teacher with fd over the {len(subset)} ({label}, step count) rows: "
-                     f"{rho:.3f} (p = {p:.1e})")
+    for key in ("fd_teacher", "fd_teacher_same_noise"):
+        for label, subset in (("recipes", rows), ("recipes + naive teacher", rows + naive)):
+            rho, p = spearmanr([r["fd"] for *_, r in subset], [r[key] for *_, r in subset])
+            lines.append(f"Spearman rank correlation of {key} with fd over the {len(subset)} ({label}, step count) rows: "
+                         f"{rho:.3f} (p = {p:.1e})")
     by_fd = sorted(rows, key=lambda row: row[2]["fd"])
     by_fdt = {(n, k): i for i, (n, k, _) in enumerate(sorted(rows, key=lambda row: row[2]["fd_teacher"]))}
     moved = [f"{n}@{k} (rank {i + 1} by fd, {by_fdt[(n, k)] + 1} by fd_teacher)" for i, (n, k, _) in enumerate(by_fd)
@@ -92,7 +93,7 @@ def table(results: list[dict]) -> str:
     steps = sorted(first["student"], key=int)
     lines = [f"{first['num_samples']} held-out prompts x {len(first['seeds'])} seeds; mean ± std over seeds. "
              f"Real-vs-real floor FD {fmt(floor, 'fd')}; teacher-vs-teacher floor FD-T "
-             f"{fmt(first['teacher_floor'], 'fd_teacher')}; teacher {teacher['steps']} steps CFG {teacher['guidance']:g}: "
+             f"{fmt(teacher, 'fd_teacher')}; teacher {teacher['steps']} steps CFG {teacher['guidance']:g}: "
              f"FD {fmt(teacher, 'fd')}, accuracy {teacher['accuracy']:.3f}; naive teacher FD "
              + ", ".join(f"@{k} {naive[k]['fd']:.1f}" for k in steps), ""]
     head = ["variant", *[f"FD@{k}" for k in steps], *[f"FD-T@{k}" for k in steps], *[f"acc@{k}" for k in steps], f"prec@{steps[-1]}",
@@ -107,8 +108,8 @@ def table(results: list[dict]) -> str:
                  *[f"{s[k]['fd'] / naive[k]['fd']:.2f}" for k in steps[:-1]],
                  f"{r['train']['gan_health']['status']} ({r['train']['gan_health']['gain_over_chance'] * 100:.0f}%)"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "FD-T@k: FD of the student's k-step samples to the 28-step CFG teacher's samples of the same prompts and "
-              "noise (no real images); FD@k/T: student FD at k steps over the teacher's (targets: @1 <= 1.15, @2 <= 1.10, @4 <= 1.00); "
+    lines += ["", "FD-T@k: FD of the student's k-step samples to the 28-step CFG teacher's samples of the same prompts "
+              "under another seed (no real images); FD@k/T: student FD at k steps over the teacher's (targets: @1 <= 1.15, @2 <= 1.10, @4 <= 1.00); "
               "FD@k/naive: over the naive teacher at k steps (target <= 0.7); heads: GAN health of the discriminator "
               "over the last quarter (its loss below chance, in %)."]
     return "\n".join(lines)

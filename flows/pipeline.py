@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from ladd.io import fingerprint
-from ladd.tracking import PARENT_ENV, finish_pipeline_run, start_pipeline_run, tracking_uri
+from ladd.tracking import PARENT_ENV, finish_pipeline_run, run_page, start_pipeline_run, tracking_uri
 
 
 def stage_order(repo: Path) -> list[str]:
@@ -59,9 +59,8 @@ def _metrics_markdown(metrics: dict) -> str:
     rows += [(f"student {k}", r) for k, r in metrics["student"].items()]
     columns = [k for k in ("fd", "fd_teacher", "clip_score", "accuracy", "precision", "recall")
                if any(k in r for _, r in rows)]
-    floors = [f"{name} {metrics[key][k]:.2f} ± {metrics[key][k + '_std']:.2f}"
-              for key, k, name in (("real_floor", "fd", "real-vs-real FD floor"),
-                                   ("teacher_floor", "fd_teacher", "teacher-vs-teacher FD floor")) if key in metrics]
+    floor = metrics.get("real_floor")
+    floors = [f"real-vs-real FD floor {floor['fd']:.2f} ± {floor['fd_std']:.2f}"] if floor else []
     lines = [f"{metrics['num_samples']} held-out prompts; mean ± std over seeds {metrics['seeds']}; "
              f"{metrics.get('features', 'classifier')} features. " + "; ".join(floors), "",
              "| model | NFE | " + " | ".join(columns) + " | ms/image |", "|---|---|" + "---|" * len(columns) + "---|"]
@@ -152,9 +151,10 @@ def pipeline(repo: str = ".", params_file: str = "params.yaml") -> dict[str, boo
     create_markdown_artifact(key="ladd-stages", markdown=f"| stage | result |\n|---|---|\n{rows}\n")
     where = _publish(root, params)
     if run_id:
-        where["mlflow"] = f"{tracking_uri()} run {run_id}"
-        create_markdown_artifact(key="ladd-mlflow-run", markdown=f"MLflow run `{run_id}` in `{tracking_uri()}` "
-                                 "(open with `mlflow ui --backend-store-uri sqlite:///mlflow.db` for the default store)")
+        where["mlflow"] = f"{tracking_uri()} run {run_id}, UI page {run_page(run_id)}"
+        create_markdown_artifact(key="ladd-mlflow-run", markdown=f"MLflow run `{run_id}` in `{tracking_uri()}`: page "
+                                 f"`{run_page(run_id)}` of the UI (`mlflow ui --backend-store-uri sqlite:///mlflow.db "
+                                 "--host 127.0.0.1` for the default store)")
     print("\n".join(["ladd pipeline finished:"] + [f"  {k:8s} {v}" for k, v in where.items()]))
     return ran
 

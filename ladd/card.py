@@ -28,11 +28,10 @@ def _evaluation(metrics: dict | None) -> str:
         return "Not evaluated yet: `ladd evaluate` writes its table here.\n"
     t = metrics["teacher"]
     keys = [k for k in COLUMNS if k in t or any(k in r for r in metrics["student"].values())]
-    floors = [f"{name} {metrics[key][k]:.1f}" for key, k, name in (("real_floor", "fd", "real-vs-real FD floor"),
-              ("teacher_floor", "fd_teacher", "teacher-vs-teacher FD floor")) if key in metrics]
+    floors = [f"real-vs-real FD floor {metrics['real_floor']['fd']:.1f}"] if "real_floor" in metrics else []
     lines = [f"`ladd evaluate` on {metrics['num_samples']} held-out prompts, mean ± std over "
              f"{len(metrics['seeds'])} sampling seeds; FD on {metrics.get('features', 'classifier')} features, against the "
-             f"real test images and against the {t['steps']}-step teacher's samples of the same noise"
+             f"real test images and against the {t['steps']}-step teacher's samples of another seed (its own row: the floor)"
              + (f" ({'; '.join(floors)})" if floors else "") + ".", "",
              "| model | steps | guidance | " + " | ".join(COLUMNS[k] for k in keys) + " |", "|---|---|---|" + "---|" * len(keys)]
 

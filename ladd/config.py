@@ -239,7 +239,7 @@ class EvaluateConfig:
     register: bool = True  # log the student as an MLflow model and register it (with tracking on)
     model_name: str = "ladd-student"
     gate_steps: int = 4  # the champion gate compares the student at this step count
-    gate_metric: str = "auto"  # auto (fd with real images, else fd_teacher) | fd | fd_teacher | clip_score | accuracy
+    gate_metric: str = "auto"  # auto (fd with real images, else fd_teacher) | fd | fd_teacher | fd_teacher_same_noise | clip_score | accuracy
     gate_direction: str = "auto"  # auto (the metric's own: lower FD, higher CLIP score/accuracy) | lower | higher
     gate_tolerance: float = 0.0  # how much worse than the champion's the gated metric may be, in its units
     gate_max_accuracy_drop: float = 0.01  # 1 point (where both have an accuracy)
@@ -250,7 +250,8 @@ class EvaluateConfig:
             raise ConfigError(f"evaluate.seeds must be distinct integers (>= 3 for a spread), got {list(self.seeds)}")
         _choice("evaluate.features", self.features, FEATURES)
         _choice("evaluate.real_images", self.real_images, ("auto", "required", "off"))
-        _choice("evaluate.gate_metric", self.gate_metric, ("auto", "fd", "fd_teacher", "clip_score", "accuracy"))
+        _choice("evaluate.gate_metric", self.gate_metric, ("auto", "fd", "fd_teacher", "fd_teacher_same_noise", "clip_score",
+                                                           "accuracy"))
         _choice("evaluate.gate_direction", self.gate_direction, ("auto", "lower", "higher"))
         if self.features == "inception" and not self.inception_path:
             raise ConfigError("evaluate.features: inception needs evaluate.inception_path (a local FID Inception-v3 "
@@ -259,6 +260,9 @@ class EvaluateConfig:
             raise ConfigError("evaluate.features: clip needs evaluate.clip_path (a local CLIP model folder)")
         if self.gate_metric == "clip_score" and not self.clip_path:
             raise ConfigError("evaluate.gate_metric: clip_score needs evaluate.clip_path (a local CLIP model folder)")
+        if self.gate_metric == "fd_teacher" and len(self.seeds) < 2:
+            raise ConfigError("evaluate.gate_metric: fd_teacher compares with the teacher's samples of another seed: "
+                              "evaluate.seeds needs two or more (or gate on fd_teacher_same_noise)")
         if self.gate_metric == "accuracy" and self.features != "classifier":
             raise ConfigError(f"evaluate.gate_metric: accuracy needs evaluate.features: classifier, got {self.features!r}")
         if self.resolution is not None and (len(self.resolution) != 2 or min(self.resolution) < 1):
@@ -439,3 +443,6 @@ def _check_across_sections(p: Params, source: str) -> None:
         if e.gate_metric == "fd":
             raise ConfigError(f"{source}: evaluate.gate_metric: fd is measured against real images, and prepare.source "
                               "is prompts: use fd_teacher (or auto)")
+        if e.gate_metric == "auto" and len(e.seeds) < 2:
+            raise ConfigError(f"{source}: evaluate.seeds: prompts-only data gates on fd_teacher, which compares with "
+                              "the teacher's samples of another seed: give two or more seeds")

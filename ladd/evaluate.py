@@ -1,7 +1,9 @@
 """`ladd evaluate`: the quality-vs-steps table. Teacher at its default (many steps, CFG), the teacher
 sampled naively at few steps, the student at few steps (no CFG); same held-out prompts, same per-record
-noise, same batch size for the timings. Every row is scored against the many-step teacher's samples of the
-same seed (`fd_teacher`: needs no real images), against the real test images where the data has them (`fd`,
+noise, same batch size for the timings. Every row is scored against the many-step teacher's samples on the
+same prompts (`fd_teacher`, against the teacher's samples of another seed: a distance between distributions,
+whose floor is the teacher's own row; `fd_teacher_same_noise`, against those of the same noise, which also
+rewards following the teacher's ODE path; neither needs real images), against the real test images where the data has them (`fd`,
 precision/recall, with the real-vs-real floor), by CLIP score where `evaluate.clip_path` is set, and by
 accuracy where the extractor classifies. FD on a few hundred samples moves by points with the noise, so every
 figure is the mean over `seeds` with its spread (std).
@@ -11,7 +13,6 @@ gathers the images, scores them and writes everything."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import tempfile
@@ -40,7 +41,7 @@ from ladd.schedules import few_step_times
 
 log = logging.getLogger(__name__)
 
-HEADLINE = ("fd", "fd_teacher", "clip_score", "accuracy")  # the figures rows are named by, where they exist
+HEADLINE = ("fd", "fd_teacher", "fd_teacher_same_noise", "clip_score", "accuracy")  # the figures rows are named by, where they exist
 ROW_KEYS = ("nfe", *(k for m in HEADLINE for k in (m, f"{m}_std")))  # quality_vs_nfe.json's columns
 EXTRACTOR_PATH_KEYS = {"classifier": "evaluate.features", "inception": "evaluate.inception_path", "clip": "evaluate.clip_path"}
 
@@ -157,6 +158,9 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
     if gate_metric == "fd" and not use_real:
         raise ConfigError(f"evaluate.gate_metric: fd needs real images, and {data_dir}/test has none (or "
                           "evaluate.real_images is off): use fd_teacher")
+    if gate_metric == "fd_teacher" and len(cfg.seeds) < 2:
+        raise ConfigError("evaluate.gate_metric: fd_teacher compares with the teacher's samples of another seed: "
+                          "evaluate.seeds needs two or more (or gate on fd_teacher_same_noise)")
     if gate_metric == "accuracy" and not (labels >= 0).any():
         raise ConfigError(f"evaluate.gate_metric: accuracy needs labelled prompts, and {data_dir}/test has none")
     teacher = _load(teacher_dir, prompts, device)
@@ -197,21 +201,29 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
         """The row of one sampler configuration: every seed sampled and scored, its first seed's images (saved as
         grids/<name>.png unless `solo`); `reference`: its features are fd_teacher's reference."""
         on = replace(world, rank=0, size=1) if solo else world
-        per_seed, first = [], None
+        per_seed, first, seed_feats = [], None, {}
         for seed, noise in noises.items():
             images, ms = model.run(noise, sigmas, guidance, sampler, cfg.batch_size, seed, on)
             if not on.main:
                 continue
             feats, logits = embed(extractor, images)
-            row = {"ms_per_image": ms, **score_features(feats, logits, labels, real, teacher_feats.get(seed))}
+            row = {"ms_per_image": ms, **score_features(feats, logits, labels, real)}
+            if seed in teacher_feats and not reference:
+                row["fd_teacher_same_noise"] = frechet_distance(teacher_feats[seed].numpy(), feats.numpy())
             if clip is not None:
                 row["clip_score"] = clip.score(images, text)
             if reference:
                 teacher_feats[seed] = feats
+            seed_feats[seed] = feats
             per_seed.append(row)
             first = images[:grid_n] if first is None else first
         if not on.main:
             return {}, None
+        if len(noises) > 1:  # fd_teacher: against the teacher's samples of the next seed (other noise, same prompts)
+            seeds = list(noises)
+            for i, r in enumerate(per_seed):
+                other = teacher_feats[seeds[(i + 1) % len(seeds)]]
+                r["fd_teacher"] = frechet_distance(other.numpy(), seed_feats[seeds[i]].numpy())
         row = {"steps": steps, "guidance": guidance, "nfe": steps * (2 if guidance > 1 else 1), **summarize_seeds(per_seed)}
         if not solo:
             save_grid(first, out / "grids" / f"{name}.png")
@@ -222,9 +234,6 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
     metrics["teacher"], teacher_imgs = measure(teacher, cfg.teacher_steps, flow_sigmas(cfg.teacher_steps, shift),
                                                cfg.guidance, "euler", f"teacher_{cfg.teacher_steps}",
                                                reference=True)
-    if world.main and len(cfg.seeds) > 1:  # two independent teacher sample sets: what sampling noise alone moves fd_teacher
-        metrics["teacher_floor"] = summarize_seeds([{"fd_teacher": frechet_distance(teacher_feats[a].numpy(), teacher_feats[b].numpy())}
-                                                    for a, b in itertools.combinations(cfg.seeds, 2)])
     metrics["teacher_naive"], metrics["student"] = {}, {}
     side_by_side, labels_by_row = [teacher_imgs], [_label(f"teacher, {cfg.teacher_steps} steps, CFG {cfg.guidance:g}", metrics["teacher"])]
     for k in cfg.few_steps:
@@ -306,7 +315,7 @@ def _plot_rows(metrics: dict) -> list[dict]:
     def row(model, r):
         return {"model": model, **{k: r[k] for k in ROW_KEYS if k in r}}
 
-    rows = [row(name, {"nfe": 0, **metrics[name]}) for name in ("real_floor", "teacher_floor") if name in metrics]
+    rows = [row("real_floor", {"nfe": 0, **metrics["real_floor"]})] if "real_floor" in metrics else []
     rows.append(row("teacher", metrics["teacher"]))
     for kind in ("teacher_naive", "student"):
         rows += [row(kind, r) for r in metrics[kind].values()]

@@ -175,7 +175,7 @@ def _mlflow():
         mlflow.create_experiment(name, artifact_location=(db.resolve().parent / "mlruns").as_uri())
     experiment = mlflow.set_experiment(name)
     if experiment.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
-        # MLflow's UI opens an experiment on its GenAI traces overview unless this tag names model training
+        # the experiment's kind as the UI records it (its "Machine learning" experiment type)
         mlflow.tracking.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
     return mlflow
 
@@ -204,6 +204,13 @@ def start_pipeline_run(params: dict, tags: dict) -> str:
     with mlflow.start_run(run_name="pipeline", tags={"ladd.stage": "pipeline", **{k: str(v) for k, v in tags.items()}}) as run:
         mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
         return run.info.run_id
+
+
+def run_page(run_id: str) -> str:
+    """The run's page in the MLflow UI, relative to its address, in the model-training view: MLflow 3.17's UI
+    keeps one view for every experiment (GenAI unless chosen), so the link chooses it."""
+    experiment = _mlflow().tracking.MlflowClient().get_run(run_id).info.experiment_id
+    return f"#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
 
 
 def finish_pipeline_run(run_id: str, tags: dict, status: str = "FINISHED") -> None:

@@ -3,6 +3,7 @@ champion alias; the gate both promoting and rejecting."""
 
 import base64
 import io
+import json
 import os
 import socket
 import subprocess
@@ -86,7 +87,8 @@ def test_evaluate_against_real_server(mlflow_server, monkeypatch, prepared_data,
     with stage_run("evaluate") as tracker:
         metrics = evaluate(cfg, prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, tracker)
         run_id = tracker.run.info.run_id
-    assert metrics["registered"] == {"version": "1", "promoted": True, "reason": "no champion yet", "previous_champion": None}
+    assert metrics["registered"] == {"version": "1", "promoted": True, "reason": "no champion yet", "previous_champion": None,
+                                     "gate_metric": "fd", "champion_rescored": None}
 
     client = MlflowClient(mlflow_server)
     run = client.get_run(run_id)
@@ -101,6 +103,7 @@ def test_evaluate_against_real_server(mlflow_server, monkeypatch, prepared_data,
     version = client.get_model_version_by_alias("ladd-student-test", "champion")
     assert str(version.version) == "1" and version.run_id == run_id
     assert float(version.tags["gate/fd"]) == pytest.approx(metrics["student"]["4"]["fd"])
+    assert json.loads(version.tags["gate/protocol"])["seeds"] == list(cfg.seeds)
 
     # the registered model generates images from prompts
     model = mlflow.pyfunc.load_model("models:/ladd-student-test@champion")
@@ -111,14 +114,17 @@ def test_evaluate_against_real_server(mlflow_server, monkeypatch, prepared_data,
     # the gate: a worse candidate is tagged with the reason and the alias stays; a better one takes it
     champion_fd = metrics["student"]["4"]["fd"]
     with stage_run("evaluate") as tracker:
-        def decide(champ, cand):
-            return gate_decision(cand, champ, 0.0, 0.01)
+        stored = tracker.champion("ladd-student-test")
+        assert stored["version"] == "1" and stored["metrics"]["fd"] == pytest.approx(champion_fd)
+        assert stored["protocol"] == metrics["protocol"]
 
-        worse = {"fd": champion_fd + 50, "accuracy": 1.0}
-        rejected = tracker.register_student(tiny_student_dir, "ladd-student-test", worse, lambda c: decide(c, worse))
-        better = {"fd": champion_fd - 1, "accuracy": 1.0}
-        promoted = tracker.register_student(tiny_student_dir, "ladd-student-test", better, lambda c: decide(c, better))
+        def register(candidate):
+            promote, reason = gate_decision(candidate, tracker.champion("ladd-student-test")["metrics"], "fd", "lower", 0.0, 0.01)
+            return tracker.register_student(tiny_student_dir, "ladd-student-test", candidate, promote, reason)
+
+        rejected = register({"fd": champion_fd + 50, "accuracy": 1.0})
+        promoted = register({"fd": champion_fd - 1, "accuracy": 1.0})
     assert rejected["version"] == "2" and not rejected["promoted"] and rejected["previous_champion"] == "1"
-    assert "worse than champion" in client.get_model_version("ladd-student-test", "2").tags["rejected"]
+    assert "worse than the champion's" in client.get_model_version("ladd-student-test", "2").tags["rejected"]
     assert promoted["version"] == "3" and promoted["promoted"]
     assert str(client.get_model_version_by_alias("ladd-student-test", "champion").version) == "3"

@@ -51,6 +51,9 @@ def test_settings_a_prompts_only_project_cannot_serve_fail_at_load(tmp_path):
         load(features="clip", clip_path=str(clip), gate_metric="fd")
     with pytest.raises(ConfigError, match="evaluate.features: inception needs evaluate.inception_path"):
         load(features="inception")
+    with pytest.raises(ConfigError, match="evaluate.seeds: prompts-only data gates on fd_teacher"):
+        load(features="clip", clip_path=str(clip), seeds=[7])
+    assert load(features="clip", clip_path=str(clip), seeds=[7], gate_metric="fd_teacher_same_noise")
     assert load(features="clip", clip_path=str(clip)).evaluate.gate_metric == "auto"
 
 
@@ -164,7 +167,7 @@ def test_a_prompts_only_project_with_its_own_teacher_runs_every_stage(tmp_path, 
         row = metrics["student"][k]
         assert {"fd_teacher", "fd_teacher_std", "clip_score", "clip_score_std"} <= set(row) and "fd" not in row
         assert len(row["per_seed"]) == 2
-    assert metrics["teacher_floor"]["fd_teacher"] > 0
+    assert metrics["teacher"]["fd_teacher"] > 0  # the teacher against its samples of the other seed: the floor
     assert metrics["registered"]["gate_metric"] == "fd_teacher" and metrics["registered"]["promoted"]
     plot_rows = json.loads((root / "reports/quality_vs_nfe.json").read_text())["rows"]
     assert all("fd_teacher" in r for r in plot_rows if r["model"] in ("student", "teacher_naive"))
