@@ -35,8 +35,9 @@ def _frechet_distance_low_rank(r: np.ndarray, f: np.ndarray) -> float:
     from an n x n eigendecomposition instead of a singular d x d matrix square root."""
     a = (r - r.mean(0)).T / np.sqrt(len(r) - 1)
     b = (f - f.mean(0)).T / np.sqrt(len(f) - 1)
-    c = a.T @ b
-    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(c @ c.T), 0, None)).sum()
+    c = a.T @ b  # [n_r, n_f]; (c c^T) and (c^T c) share their nonzero eigenvalues: take the smaller
+    gram = c @ c.T if c.shape[0] <= c.shape[1] else c.T @ c
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0, None)).sum()
     return float(((r.mean(0) - f.mean(0)) ** 2).sum() + (a * a).sum() + (b * b).sum() - 2 * trace_sqrt)
 
 

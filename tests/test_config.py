@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from ladd.config import ConfigError, load_params
-from tests.conftest import ROOT, write_params
+from conftest import ROOT, write_params
 
 
 def test_project_params_load():

@@ -81,14 +81,15 @@ def _images_folder(project: Path, last: str, content: np.ndarray | bytes | None,
         (images / last).write_bytes(content)
     elif content is not None:
         Image.fromarray(content).save(images / last)
-    pd.DataFrame({column: [f"{i}.png" for i in range(9)] + [last], "caption": ["grey"] * 10}).to_csv(
-        project / "captions.csv", index=False)
+    pd.DataFrame({column: [f"{i}.png" for i in range(9)] + [last], "caption": ["grey"] * 10, "label": [0] * 10}).to_csv(
+        project / "captions.csv", index=False)  # labelled: the digit classifier still applies
     edit_params(project, "prepare", source="folder", images_dir="incoming", captions="captions.csv")
 
 
 def _prompts_without_prompt_column(project: Path) -> None:
     pd.DataFrame({"text": ["a handwritten seven"]}).to_csv(project / "prompts.csv", index=False)
-    edit_params(project, "prepare", source="prompts", captions="prompts.csv")
+    _edit(project, prepare={"source": "prompts", "captions": "prompts.csv"},
+          evaluate={"features": "clip", "clip_path": _clip_folder(project)})  # prompts only: no classifier
 
 
 def _offline_hub_id(project: Path) -> dict:

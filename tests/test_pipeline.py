@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from ladd.pipeline import load_pipeline, max_sequence_length
-from tests.conftest import ROOT
+from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 ALL_STAGES = {"prepare", "validate", "classifier", "teacher", "synthesize", "distill", "evaluate", "export"}

@@ -12,7 +12,7 @@ from ladd.data.prepare import load_split, write_split
 from ladd.data.validation import (ValidationFailed, image_checks, image_frame, latent_checks, latent_frame,
                                   prompt_checks, run_suite)
 from ladd.io import fingerprint
-from tests.conftest import write_params
+from conftest import write_params
 
 
 @pytest.fixture(scope="module")
