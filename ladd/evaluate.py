@@ -184,7 +184,7 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
     real = embed(extractor, test.images.float() / 255)[0] if use_real and world.main else None
     text = clip.text_embeds(prompts) if clip is not None and world.main else None
     teacher_feats: dict[int, torch.Tensor] = {}  # seed -> the many-step teacher's sample features: fd_teacher's reference
-    protocol = {
+    protocol = None if not world.main else {  # fingerprints read every weight file: rank 0 alone uses them
         "prompts": prompts_fingerprint(prompts), "num_samples": n, "seeds": list(cfg.seeds),
         "resolution": list(cfg.resolution or native_resolution(teacher_dir)),
         "gate_steps": cfg.gate_steps, "teacher_steps": cfg.teacher_steps, "guidance": cfg.guidance,

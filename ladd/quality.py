@@ -1,7 +1,6 @@
-"""Scoring generated images: Fréchet distance on a feature extractor's embeddings, against the real test
-images (`fd`) and against the many-step teacher's own samples on the same prompts and noise (`fd_teacher`,
-SenseFlow's "FID-T": no real images needed); conditional accuracy where the extractor also classifies;
-precision/recall; CLIP score; and the real-vs-real floor.
+"""Scoring generated images: Fréchet distance on a feature extractor's embeddings against the real test
+images (`fd`), conditional accuracy where the extractor also classifies, precision/recall, CLIP score, and
+the real-vs-real floor. (evaluate.py takes the FDs against the teacher's own samples from the same features.)
 
 An extractor maps float images [N, C, H, W] in [0, 1] to (features, logits or None). Each entry of
 FEATURE_EXTRACTORS loads one from local weights and names `key` and the path in its one-line error; nothing
@@ -46,24 +45,21 @@ def embed(extractor, images: torch.Tensor, batch_size: int = 256) -> tuple[torch
 
 
 def score_features(feats: torch.Tensor, logits: torch.Tensor | None, labels: torch.Tensor,
-                   real: torch.Tensor | None = None, teacher: torch.Tensor | None = None) -> dict:
-    """The figures a set of sample features supports: `fd`, precision and recall against `real`, `fd_teacher`
-    against `teacher`, `accuracy` where there are logits and labels (-1: unknown)."""
+                   real: torch.Tensor | None = None) -> dict:
+    """The figures a set of sample features supports: `fd`, precision and recall against `real`, `accuracy`
+    where there are logits and labels (-1: unknown)."""
     out = {}
     if real is not None:
         out["fd"] = frechet_distance(real.numpy(), feats.numpy())
         out["precision"], out["recall"] = precision_recall(real, feats)
-    if teacher is not None:
-        out["fd_teacher"] = frechet_distance(teacher.numpy(), feats.numpy())
     if logits is not None and (labels >= 0).any():
         out["accuracy"] = conditional_accuracy(logits, labels)
     return out
 
 
-def score_images(extractor, images: torch.Tensor, labels: torch.Tensor, real: torch.Tensor | None = None,
-                 teacher: torch.Tensor | None = None) -> dict:
+def score_images(extractor, images: torch.Tensor, labels: torch.Tensor, real: torch.Tensor | None = None) -> dict:
     """images: float [N, C, H, W] in [0, 1]; labels: the prompted class (-1 unknown)."""
-    return score_features(*embed(extractor, images), labels, real, teacher)
+    return score_features(*embed(extractor, images), labels, real)
 
 
 def real_features(extractor, split: Split) -> torch.Tensor:
