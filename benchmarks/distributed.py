@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from machine import describe
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,6 +41,7 @@ def run_row(nproc: int, parallel: str, out: Path) -> dict:
                        env=env, check=True)
         seconds[stage] = time.perf_counter() - start
     summary = json.loads((out / "student" / "ladd_train_summary.json").read_text())
+    summary |= json.loads((out / "distill.run.json").read_text())  # timings, processes: beside the checkpoint
     metrics = json.loads((out / "reports" / "metrics.json").read_text())
     return {"processes": summary["world_size"], "parallel": summary["parallel"], "sec_per_step": summary["sec_per_step"],
             "distill_s": seconds["distill"], "health": summary["gan_health"]["status"],
@@ -51,6 +54,7 @@ def main() -> None:
     ap.add_argument("--parallel", default="ddp,fsdp", help="strategies, one row each (comma-separated)")
     ap.add_argument("--out", default="reports/distributed")
     args = ap.parse_args()
+    print(describe(), flush=True)
     rows = [run_row(1, "none", Path(args.out) / "one")]
     rows += [run_row(args.nproc, parallel, Path(args.out) / parallel) for parallel in args.parallel.split(",")]
     steps = sorted(rows[0]["student"], key=int)

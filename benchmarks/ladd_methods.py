@@ -25,6 +25,7 @@ from ladd.distill import distill
 from ladd.evaluate import evaluate
 from ladd.io import fingerprint
 from ladd.tracking import NullTracker
+from machine import describe
 
 EVALUATION_CODE = [Path(__file__).resolve().parents[1] / "ladd" / f for f in ("evaluate.py", "quality.py", "metrics.py")]
 
@@ -115,17 +116,6 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    """The CPU these figures came from: FD moves ~3% between CPU kinds (README), timings ~4x."""
-    import platform
-
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 platform.processor() or "unknown CPU")
-    simd = "AVX-512" if "avx512f" in info else "AVX2 only" if "avx2" in info else "no AVX2"
-    return f"Machine: {model} ({simd}), {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--params", default="params.yaml")
@@ -141,7 +131,7 @@ def main():
     for name in args.variants.split(","):
         print(f"== {name}", flush=True)
         results.append(train_and_score(params, name, args.steps or params.distill.steps, out))
-    text = machine() + "\n\n" + table(results) + "\n\n" + rank_agreement(results)
+    text = describe() + "\n\n" + table(results) + "\n\n" + rank_agreement(results)
     (out / "table.md").write_text(text + "\n")
     print(text)
 

@@ -25,6 +25,7 @@ from ladd.distill import distill
 from ladd.pipeline import encode_images, encode_prompts, load_pipeline, max_sequence_length
 from ladd.teacher import train_transformer
 from ladd.tracking import NullTracker
+from machine import describe
 
 
 def teacher_step_seconds(params, steps: int, batch: int) -> float:
@@ -61,6 +62,7 @@ def main():
     ap.add_argument("--steps", type=int, default=30, help="timed steps for the cost ratio")
     ap.add_argument("--rounds", type=int, default=5, help="alternating LADD/teacher timing rounds")
     args = ap.parse_args()
+    print(describe(), flush=True)
     torch.set_num_threads(2)
     params = load_params(args.params)
     m = json.loads(Path(args.metrics).read_text())

@@ -16,10 +16,11 @@ import onnxruntime as ort
 import torch
 
 from ladd.config import ExportConfig
-from ladd.evaluate import student_sigmas
+from ladd.schedules import student_sigmas
 from ladd.export import FewStepGenerator, median_ms
 from ladd.onnx_runtime import OnnxStudent, open_session, session_feeds
 from ladd.pipeline import encode_prompts, load_pipeline, read_meta
+from machine import describe
 
 
 def main() -> None:
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
+    print(describe(), flush=True)
     ort.set_default_logger_severity(3)
     pipe, meta = load_pipeline(args.student), read_meta(args.student)
     runtime = OnnxStudent(args.onnx, provider="cpu")

@@ -26,6 +26,7 @@ from ladd.quality import real_features, real_floor, score_images
 from ladd.sampling import flow_sigmas
 from ladd.teacher import teacher_stage
 from ladd.tracking import NullTracker
+from machine import describe
 
 
 def main():
@@ -37,6 +38,7 @@ def main():
     ap.add_argument("--seed", type=int, default=1234)
     args = ap.parse_args()
     torch.set_num_threads(2)
+    print(describe(), flush=True)
     params = load_params(args.params)
     data = Path(params.prepare.out_dir)
     rows = []

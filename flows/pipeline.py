@@ -75,12 +75,12 @@ def _metrics_markdown(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _distill_markdown(summary: dict) -> str:
+def _distill_markdown(summary: dict, run: dict) -> str:
     health = summary.get("gan_health", {})
     flag = "" if health.get("status") == "ok" else "**Warning: the adversarial part did not work.** "
+    cost = f", {run['sec_per_step'] * 1000:.0f} ms/step on {run['device']} x {run['world_size']}" if run else ""
     return (f"{flag}GAN health: {health.get('summary', 'not recorded')}\n\n"
-            f"{summary['steps']} steps, {summary['sec_per_step'] * 1000:.0f} ms/step on {summary['device']}, "
-            f"{summary['skipped_updates']} skipped updates.")
+            f"{summary['steps']} steps{cost}, {summary['skipped_updates']} skipped updates.")
 
 
 def _export_markdown(report: dict) -> str:
@@ -103,10 +103,13 @@ def _publish(root: Path, params: dict) -> dict:
         create_markdown_artifact(key="ladd-metrics", markdown=_metrics_markdown(json.loads(where["metrics"].read_text())),
                                  description="Quality vs steps (ladd evaluate)")
     train_summary = where["student"] / "ladd_train_summary.json"
+    checkpoint = root / Path(params.get("distill", {}).get("checkpoint", "models/checkpoints/distill.safetensors"))
+    run_report = checkpoint.with_suffix(".run.json")
     if train_summary.is_file():
-        create_markdown_artifact(key="ladd-distill", markdown=_distill_markdown(json.loads(train_summary.read_text())),
+        run = json.loads(run_report.read_text()) if run_report.is_file() else {}
+        create_markdown_artifact(key="ladd-distill", markdown=_distill_markdown(json.loads(train_summary.read_text()), run),
                                  description="Distillation: GAN health and cost (ladd distill)")
-    curves = root / Path(params.get("distill", {}).get("checkpoint", "models/checkpoints/distill.safetensors")).with_suffix(".curve.png")
+    curves = checkpoint.with_suffix(".curve.png")
     if curves.is_file():
         create_link_artifact(key="ladd-curves", link=curves.resolve().as_uri(), link_text="distillation curves (per-head logits)")
     export = root / params.get("export", {}).get("report", "reports/export.json")

@@ -10,7 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from ladd.config import ConfigError, Params, load_params
+from ladd.config import Params, load_params
+from ladd.errors import ConfigError, DataError, ParityError, TeacherError, TrackingUnavailable, ValidationFailed
 
 log = logging.getLogger("ladd")
 
@@ -156,11 +157,6 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"ladd {args.stage}: interrupted; finished work is kept: run the same command to go on", file=sys.stderr)
         return 130
     import torch  # here, not at the top: `ladd generate` runs without PyTorch
-
-    from ladd.data.validation import DataError, ValidationFailed
-    from ladd.export import ParityError
-    from ladd.pipeline import TeacherError
-    from ladd.tracking import TrackingUnavailable
 
     # expected failures: one line on stderr and an exit code per kind (README: When something goes wrong);
     # anything else is a bug and keeps its traceback (exit 1)

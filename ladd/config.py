@@ -15,12 +15,9 @@ from pathlib import Path
 
 import yaml
 
+from ladd.errors import ConfigError
 from ladd.presets import DISTILL_PRESETS
 from ladd.schedules import STUDENT_SCHEDULES, few_step_times
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def must_exist(default=None):

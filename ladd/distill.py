@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from ladd.card import write_model_card
 from ladd.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
-from ladd.config import ConfigError, DistillConfig
+from ladd.config import DistillConfig
+from ladd.errors import ConfigError
 from ladd.discriminator import Discriminator, default_feature_layers
 from ladd.distributed import (World, close_world, full_optimizer_state, full_state_dict, full_tensor, init_world,
                               load_full_optimizer_state, load_full_state_dict, shard, unwrap, wrap_student)
@@ -38,8 +39,8 @@ from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, gan_health, mean_logits
 from ladd.pipeline import encode_prompts, load_pipeline, load_transformer, max_sequence_length, read_meta, write_meta
 from ladd.plots import plot_curves
 from ladd.schedules import SCHEDULER_FLAGS, few_step_times
-from ladd.synthesize import Bucket, check_finite, load_synthetic
-from ladd.teacher import update_ema
+from ladd.data.synthetic import Bucket, check_finite, load_synthetic
+from ladd.training import update_ema
 from ladd.variants import (REGRESSION_TARGETS, RENOISE_TIMES, SAMPLER_STEPS, STUDENT_INPUTS, backward_simulate,
                            masked_mse, noise_to, randn)
 
@@ -152,7 +153,7 @@ def save_student(teacher_dir, student_ema, student_raw, cfg: DistillConfig, meta
     count: `cfg.schedule`'s sigmas from 1 to the smallest training time (k = 1, 2 and n steps visit trained
     times), re-noising between steps like `ladd.sampling.sample_renoise`. A model card beside it."""
     times = student_times(cfg).tolist()
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, stochastic_sampling=cfg.sampler == "renoise",
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, stochastic_sampling=SAMPLER_STEPS[cfg.sampler].stochastic,
                                                 **{SCHEDULER_FLAGS[cfg.schedule]: len(times) > 1})
     # read by diffusers' exponential/beta conversions (not __init__ arguments: it warns that it ignores them,
     # and uses them)
@@ -166,6 +167,34 @@ def save_student(teacher_dir, student_ema, student_raw, cfg: DistillConfig, meta
         write_model_card(tmp, meta, summary)
 
 
+def run_report_path(cfg: DistillConfig) -> Path:
+    """How the last run went (timings, device, processes, resume): beside the checkpoint, outside the student."""
+    return Path(cfg.checkpoint).with_suffix(".run.json")
+
+
+def save_run(cfg: DistillConfig, teacher_dir, student, ema, world: World, meta: dict, summary: dict, facts: dict,
+             curve: list[dict], heads: int, tracker) -> None:
+    """Gather the student and its EMA (collective under FSDP); then, on rank 0, the student pipeline with
+    `summary`, the run report with `facts`, the curves image, and MLflow's copies of them."""
+    sharded = cfg.parallel == "fsdp" and world.size > 1
+    ema_state, student_state = full_state_dict(ema), full_state_dict(student)
+    if world.main:
+        ema_out, raw_out = (load_transformer(teacher_dir), load_transformer(teacher_dir)) if sharded else (ema, unwrap(student))
+        ema_out.load_state_dict(ema_state)
+        raw_out.load_state_dict(student_state)
+        save_student(teacher_dir, ema_out.to("cpu"), raw_out.to("cpu"), cfg, meta, summary)
+        write_json(run_report_path(cfg), facts)
+        health = summary["gan_health"]
+        curves_png = plot_curves(curve, heads, _curve_path(cfg).with_suffix(".png"), health["summary"],
+                                 health.get("chance_loss"))
+        tracker.log_metrics({f"distill/health/{k}": v for k, v in health.items() if isinstance(v, (int, float))})
+        tracker.set_tags({"distill.gan_health": health["status"]})
+        tracker.log_artifact(curves_png, "distill")
+        if math.isfinite(facts["sec_per_step"]):
+            tracker.log_metrics({"distill/sec_per_step": facts["sec_per_step"]})
+    world.barrier()  # the stage ends on every rank once the student is written
+
+
 def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Path, tracker) -> dict:
     world = init_world(cfg.device)
     try:
@@ -175,44 +204,28 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
         close_world(world)
 
 
-def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: World) -> dict:
-    device = world.device
-    if world.size > 1 and cfg.parallel == "none":
-        raise ConfigError(f"distill.parallel is none but torchrun started {world.size} processes: use ddp or fsdp")
-    mine = world.rows(cfg.batch_size)  # this rank's rows of every global batch (all of them in one process)
-    sharded = cfg.parallel == "fsdp" and world.size > 1
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    plan = memory_plan(cfg, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=plan["mixed_precision"] == "bf16")
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)  # on CPU, the same on every rank: same draws on any device and world
-
-    # 0. Data and networks. Prompts are encoded once (records index into the distinct ones), then the text
-    #    encoders (T5-XXL alone is ~9.5 GB) and the VAE are released. The student keeps fp32 master weights;
-    #    the frozen teacher may be bf16.
-    times = student_times(cfg)
-    run = _run_fingerprint(cfg, teacher_dir, synthetic_dir)
-    resume = _resumable_on_rank0(cfg, run, world)  # before any expensive work: a checkpoint past distill.steps is an error
-    data = load_synthetic(synthetic_dir)
-    check_finite(data, synthetic_dir)
-    records = data.records
-    trajectories = [trajectory_states(b, data.trajectory_times, times) if cfg.student_input == "trajectory" else None
-                    for b in data.buckets]
-    bucket_sizes = torch.tensor([len(b.records) for b in data.buckets], dtype=torch.float64)
-    teacher_dtype = getattr(torch, plan["teacher_dtype"])
-    teacher = load_transformer(teacher_dir, device, teacher_dtype).eval().requires_grad_(False)
-    pipe = load_pipeline(teacher_dir, device, teacher_dtype, transformer=teacher, vae=None)
+def encode_training_prompts(teacher_dir, teacher, records, release: bool) -> tuple:
+    """Every distinct prompt encoded once with the teacher's text encoders (records index into them). With
+    `release` the encoders (T5-XXL alone is ~9.5 GB) go before the student is loaded; the VAE never loads.
+    Returns (embeds, pooled, prompt index per record, max sequence length, the pipeline while kept)."""
+    device = next(teacher.parameters()).device
+    pipe = load_pipeline(teacher_dir, device, teacher.dtype, transformer=teacher, vae=None)
     msl = max_sequence_length(teacher_dir)
     prompts = list(dict.fromkeys(records["prompt"]))
     embeds, pooled = (e.float() for e in encode_prompts(pipe, prompts, msl))
-    if plan["release_text_encoders"]:
-        del pipe
+    if release:
+        pipe = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
     prompt_index = torch.tensor(records["prompt"].map({p: i for i, p in enumerate(prompts)}).to_numpy())
-    record_seeds = records["seed"].to_numpy()
-    # under FSDP the full student and EMA stay in CPU memory: fully_shard moves each block's shard to the device
+    return embeds, pooled, prompt_index, msl, pipe
+
+
+def build_networks(cfg: DistillConfig, teacher_dir, teacher, plan: dict, world: World) -> tuple:
+    """The student (a copy of the teacher with fp32 master weights, wrapped for DDP or FSDP), its EMA, the
+    discriminator heads on the frozen teacher's features, and their two optimisers. Under FSDP the full
+    student and EMA stay in CPU memory: fully_shard moves each block's shard to the device."""
+    device, sharded = world.device, cfg.parallel == "fsdp" and world.size > 1
     student = load_transformer(teacher_dir, "cpu" if sharded else device).train().requires_grad_(True)
     ema = copy.deepcopy(student).requires_grad_(False).to("cpu" if plan["ema_on_cpu"] or sharded else device)
     if plan["gradient_checkpointing"] in ("student", "all"):
@@ -227,20 +240,60 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     world.copy_from_rank0(disc)  # the replicated heads start equal (their init is seeded the same on every rank)
     opt_g = torch.optim.AdamW(student.parameters(), lr=cfg.lr_g, betas=cfg.betas, weight_decay=cfg.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.lr_d, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    d_loss_fn, g_loss_fn = ADVERSARIAL_LOSSES[cfg.loss]
+    return student, ema, disc, layers, opt_g, opt_d
+
+
+def resume_state(cfg: DistillConfig, modules: dict, optimizers: dict, gen: torch.Generator, world: World) -> int:
+    """The checkpoint's step after loading its weights, optimisers and data RNG into place. Under FSDP rank 0
+    alone reads the student, EMA and their optimiser, and scatters them."""
+    sharded = cfg.parallel == "fsdp" and world.size > 1
+    start, states, opt_states = load_checkpoint(
+        cfg.checkpoint, list(modules) if world.main or not sharded else ["disc"],
+        list(optimizers) if world.main or not sharded else ["opt_d"], {"data": gen})
+    for name, module in modules.items():
+        load_full_state_dict(module, states.get(name, {}))
+    for name, (module, opt) in optimizers.items():
+        load_full_optimizer_state(module, opt, opt_states.get(name, {}))
+    log.info("distill: resuming from %s at step %d", cfg.checkpoint, start)
+    return start
+
+
+def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: World) -> dict:
+    device = world.device
+    if world.size > 1 and cfg.parallel == "none":
+        raise ConfigError(f"distill.parallel is none but torchrun started {world.size} processes: use ddp or fsdp")
+    mine = world.rows(cfg.batch_size)  # this rank's rows of every global batch (all of them in one process)
+    sharded = cfg.parallel == "fsdp" and world.size > 1
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    plan = memory_plan(cfg, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=plan["mixed_precision"] == "bf16")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # on CPU, the same on every rank: same draws on any device and world
     student_input, renoise_time = STUDENT_INPUTS[cfg.student_input], RENOISE_TIMES[cfg.renoise_times]
-    regression_target, sampler_step = REGRESSION_TARGETS[cfg.regression_target], SAMPLER_STEPS[cfg.sampler]
+    regression, sampler_step = REGRESSION_TARGETS[cfg.regression_target], SAMPLER_STEPS[cfg.sampler].step
+
+    # 0. Data and networks: teacher latents by bucket (and its path states where the input reads them), the
+    #    prompts encoded once, the frozen teacher (may be bf16), student, EMA, heads; resumed where this run's.
+    times = student_times(cfg)
+    run = _run_fingerprint(cfg, teacher_dir, synthetic_dir)
+    resume = _resumable_on_rank0(cfg, run, world)  # before any expensive work: a checkpoint past distill.steps is an error
+    data = load_synthetic(synthetic_dir)
+    check_finite(data, synthetic_dir)
+    records = data.records
+    trajectories = [trajectory_states(b, data.trajectory_times, times) if student_input.reads_path else None
+                    for b in data.buckets]
+    bucket_sizes = torch.tensor([len(b.records) for b in data.buckets], dtype=torch.float64)
+    record_seeds = records["seed"].to_numpy()
+    teacher_dtype = getattr(torch, plan["teacher_dtype"])
+    teacher = load_transformer(teacher_dir, device, teacher_dtype).eval().requires_grad_(False)
+    # text_pipe holds the text encoders to the end unless released (then None)
+    embeds, pooled, prompt_index, msl, text_pipe = encode_training_prompts(teacher_dir, teacher, records,
+                                                                           plan["release_text_encoders"])
+    student, ema, disc, layers, opt_g, opt_d = build_networks(cfg, teacher_dir, teacher, plan, world)
+    d_loss_fn, g_loss_fn = ADVERSARIAL_LOSSES[cfg.loss]
     modules, optimizers = {"student": student, "ema": ema, "disc": disc}, {"opt_g": (student, opt_g), "opt_d": (disc, opt_d)}
-    start = 0
-    if resume:  # under FSDP rank 0 alone reads the student, EMA and their optimiser, and scatters them
-        start, states, opt_states = load_checkpoint(
-            cfg.checkpoint, list(modules) if world.main or not sharded else ["disc"],
-            list(optimizers) if world.main or not sharded else ["opt_d"], {"data": gen})
-        for name, module in modules.items():
-            load_full_state_dict(module, states.get(name, {}))
-        for name, (module, opt) in optimizers.items():
-            load_full_optimizer_state(module, opt, opt_states.get(name, {}))
-        log.info("distill: resuming from %s at step %d", cfg.checkpoint, start)
+    start = resume_state(cfg, modules, optimizers, gen, world) if resume else 0
 
     def save_state(step: int) -> None:
         """Gather (collective under FSDP) and write the checkpoint from rank 0."""
@@ -284,7 +337,7 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
         k = torch.multinomial(probs, cfg.batch_size, replacement=True, generator=gen)
         t = times[k].to(device)
         start_noise = record_noise(record_seeds[rec.numpy()].tolist(), x0.shape[1:]).to(device) if trajectory is not None else None
-        x_t = student_input(x0, t, k.to(device), start_noise, trajectory[idx].to(device) if trajectory is not None else None, gen)
+        x_t = student_input.make(x0, t, k.to(device), start_noise, trajectory[idx].to(device) if trajectory is not None else None, gen)
         simulated = (k > 0) & (torch.rand(cfg.batch_size, generator=gen) < cfg.backward_share)
         if simulated.any():
             with autocast:
@@ -300,13 +353,13 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
         """Optional MSE of x0_hat to `regression_target`, weighted separately below t = 1 and at t = 1. An
         endpoint exists only for inputs made from x0 (never for simulated ones; at t = 1 only on a trajectory).
         Each MSE is over the selected rows of the global batch, whichever rank holds them."""
-        has_target = ~simulated if cfg.regression_target == "endpoint" else torch.ones_like(simulated)
+        has_target = ~simulated if regression.needs_source else torch.ones_like(simulated)
         loss = x0_hat.sum() * 0
         for weight, rows in ((cfg.regression_weight, t < 1), (cfg.regression_weight_one, t == 1)):
             rows = rows & has_target
             per_rank = world.mean(rows.sum().float()) if world.size > 1 else None  # on every rank, rows or not
             if weight > 0 and rows.any():
-                target = regression_target(x0[rows], x_t[rows], t[rows], lambda x, tt: teacher_x0(x, tt, c[rows], p[rows]))
+                target = regression.target(x0[rows], x_t[rows], t[rows], lambda x, tt: teacher_x0(x, tt, c[rows], p[rows]))
                 loss = loss + weight * masked_mse(x0_hat, target, rows, per_rank)
         return loss
 
@@ -391,34 +444,21 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
         if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
             save_state(step + 1)
 
-    # 6. GAN health over the last quarter of training, the curves as an image, the student pipeline (EMA
-    #    weights; raw weights beside them).
+    # 6. GAN health over the last quarter of training; what the weights are (versioned with the student) apart
+    #    from how this run went (timings, device, resume: a cache-free report beside the checkpoint).
     health = gan_health(curve, cfg.loss, len(layers))
     (log.info if health["status"] == "ok" else log.warning)("distill: GAN health %s", health["summary"])
-    meta = {"max_sequence_length": msl, "source": "ladd-student", "teacher": run["teacher"],
-            "base_model": read_meta(teacher_dir).get("source", str(teacher_dir)),
-            "student_times": times.tolist(), "schedule": cfg.schedule, "sampler": cfg.sampler, "default_steps": len(times)}
+    summary = {"steps": cfg.steps, "skipped_updates": skipped, "gan_health": health}
     steady = step_times[min(5, len(step_times) - 1):] if step_times else []
-    summary = {"steps": cfg.steps, "resumed_from": start, "skipped_updates": skipped,
-               "sec_per_step": sum(steady) / len(steady) if steady else math.nan, "device": device.type,
-               "world_size": world.size, "parallel": cfg.parallel if world.size > 1 else "none", "gan_health": health}
+    facts = {"resumed_from": start, "sec_per_step": sum(steady) / len(steady) if steady else math.nan,
+             "device": device.type, "world_size": world.size, "parallel": cfg.parallel if world.size > 1 else "none"}
     if world.size > 1:
         world.check_replicas(disc)
         if not sharded:
             world.check_replicas(unwrap(student))
-        summary["replicas"] = f"{'student and heads' if not sharded else 'heads'} identical on {world.size} ranks"
-    ema_state, student_state = full_state_dict(ema), full_state_dict(student)  # gathered on rank 0 under FSDP
-    if world.main:
-        ema_out, raw_out = (load_transformer(teacher_dir), load_transformer(teacher_dir)) if sharded else (ema, unwrap(student))
-        ema_out.load_state_dict(ema_state)
-        raw_out.load_state_dict(student_state)
-        save_student(teacher_dir, ema_out.to("cpu"), raw_out.to("cpu"), cfg, meta, summary)
-        curves_png = plot_curves(curve, len(layers), _curve_path(cfg).with_suffix(".png"), health["summary"],
-                                 health.get("chance_loss"))
-        tracker.log_metrics({f"distill/health/{k}": v for k, v in health.items() if isinstance(v, (int, float))})
-        tracker.set_tags({"distill.gan_health": health["status"]})
-        tracker.log_artifact(curves_png, "distill")
-        if steady:
-            tracker.log_metrics({"distill/sec_per_step": summary["sec_per_step"]})
-    world.barrier()  # the stage ends on every rank once the student is written
-    return summary
+        facts["replicas"] = f"{'student and heads' if not sharded else 'heads'} identical on {world.size} ranks"
+    meta = {"max_sequence_length": msl, "source": "ladd-student", "teacher": run["teacher"],
+            "base_model": read_meta(teacher_dir).get("source", str(teacher_dir)),
+            "student_times": times.tolist(), "schedule": cfg.schedule, "sampler": cfg.sampler, "default_steps": len(times)}
+    save_run(cfg, teacher_dir, student, ema, world, meta, summary, facts, curve, len(layers), tracker)
+    return {**summary, **facts}

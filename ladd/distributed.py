@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ladd.config import ConfigError, Params
+from ladd.config import Params
+from ladd.errors import ConfigError
 from ladd.pipeline import pick_device
 
 log = logging.getLogger(__name__)

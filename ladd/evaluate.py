@@ -26,7 +26,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ladd.card import write_model_card
-from ladd.config import ConfigError, EvaluateConfig
+from ladd.config import EvaluateConfig
+from ladd.errors import ConfigError
 from ladd.data.prepare import load_split
 from ladd.distributed import World, close_world, init_world
 from ladd.gate import gate_decision, prompts_fingerprint, protocol_differences, resolve_direction, resolve_metric
@@ -37,7 +38,7 @@ from ladd.pipeline import (bucket_latent_shapes, decode_latents, encode_prompts,
                            max_sequence_length, native_resolution, read_meta)
 from ladd.quality import FEATURE_EXTRACTORS, embed, load_clip, real_floor, score_features
 from ladd.sampling import flow_sigmas
-from ladd.schedules import few_step_times
+from ladd.schedules import student_sigmas
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +95,6 @@ def summarize_seeds(rows: list[dict]) -> dict:
         out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
     out["per_seed"] = rows
     return out
-
-
-def student_sigmas(steps: int, student_meta: dict) -> torch.Tensor:
-    """k-step schedule of a saved student, as its diffusers scheduler gives it: its schedule's times from 1
-    to its smallest training time, then 0."""
-    times = student_meta.get("student_times", [1.0])
-    return torch.tensor([*few_step_times(student_meta.get("schedule", "exponential"), steps, min(times)), 0.0],
-                        dtype=torch.float32)
 
 
 class _Model:

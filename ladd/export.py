@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ladd.config import ExportConfig
-from ladd.evaluate import student_sigmas
+from ladd.schedules import student_sigmas
+from ladd.errors import ParityError
 from ladd.io import atomic_dir, fingerprint, write_json
 from ladd.onnx_runtime import MANIFEST, NUM_TRAIN_TIMESTEPS, OnnxStudent, PromptTokenizer, session_feeds
 from ladd.pipeline import encode_prompts, latent_shape, load_pipeline, read_meta, vae_scaling
@@ -34,10 +35,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 1
 TEXT_INPUTS = {"tokenizer": "input_ids", "tokenizer_2": "input_ids_2", "tokenizer_3": "input_ids_3"}
-
-
-class ParityError(RuntimeError):
-    pass
 
 
 class PromptEncoder(torch.nn.Module):

@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ladd.errors import Busy
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -64,10 +66,6 @@ def replace_dir(new: str | Path, path: str | Path) -> None:
         os.replace(path, old)
     os.replace(new, path)
     shutil.rmtree(old, ignore_errors=True)
-
-
-class Busy(OSError):
-    """An output that another run is writing."""
 
 
 @contextlib.contextmanager

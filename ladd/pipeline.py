@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusion3Pipeline
 
+from ladd.errors import ConfigError, TeacherError
+
 log = logging.getLogger(__name__)
 
 # Written beside model_index.json: what a caller of the plain diffusers pipeline must pass to get the
@@ -23,17 +25,11 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from ladd.config import ConfigError
-
         raise ConfigError(f"device {name!r} was asked for but CUDA is not available (use auto or cpu)")
     return device
 
 
 SD3_COMPONENTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-
-
-class TeacherError(ValueError):
-    """A folder that is not an SD3-family diffusers pipeline."""
 
 
 def check_sd3_folder(src: str | Path) -> dict:
@@ -129,7 +125,6 @@ def _vae_factor(pipe_dir: str | Path) -> int:
 def bucket_latent_shapes(pipe_dir: str | Path, resolutions, key: str) -> list[tuple[int, int, int]]:
     """Latent shapes (C, h, w) of pixel resolutions (H, W) under the pipeline in `pipe_dir` (read from its
     configs, nothing loaded); ConfigError naming `key[i]` for a size the VAE and transformer cannot take."""
-    from ladd.config import ConfigError
 
     transformer, factor = _component_config(pipe_dir, "transformer"), _vae_factor(pipe_dir)
     patch, limit = transformer["patch_size"], transformer.get("pos_embed_max_size")

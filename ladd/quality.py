@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from ladd.classifier import NOT_APPLICABLE, DigitClassifier, classify, load_classifier
-from ladd.config import ConfigError
+from ladd.errors import ConfigError
 from ladd.data.prepare import Split
 from ladd.metrics import clip_score, conditional_accuracy, frechet_distance, precision_recall
 

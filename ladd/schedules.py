@@ -12,7 +12,12 @@ at the times one of them gives for n steps, and its k = 1, 2 and n step schedule
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _exponential(n: int, t_min: float) -> np.ndarray:
@@ -35,3 +40,13 @@ def few_step_times(schedule: str, n: int, t_min: float) -> list[float]:
     if n == 1:
         return [1.0]
     return [float(t) for t in STUDENT_SCHEDULES[schedule](n, t_min).astype(np.float32)]
+
+
+def student_sigmas(steps: int, student_meta: dict) -> torch.Tensor:
+    """k-step schedule of a saved student, as its diffusers scheduler gives it: its schedule's times from 1
+    to its smallest training time, then 0."""
+    import torch  # here: config loading imports this module and stays free of torch
+
+    times = student_meta.get("student_times", [1.0])
+    return torch.tensor([*few_step_times(student_meta.get("schedule", "exponential"), steps, min(times)), 0.0],
+                        dtype=torch.float32)

@@ -30,18 +30,17 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ladd.config import SynthesizeConfig
 from ladd.data.prepare import load_split
+from ladd.data.synthetic import shard_fingerprint
 from ladd.generate import generate_latents, record_noise
 from ladd.io import atomic_file, exclusive, fingerprint, replace_dir, restore_interrupted_swap, save_tensors, write_json
 from ladd.distributed import close_world, init_world
@@ -77,14 +76,6 @@ def plan_shards(buckets: np.ndarray, shard_size: int) -> list[tuple[int, int, np
     return shards
 
 
-def _shard_fingerprint(path: Path) -> str | None:
-    try:
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("run")
-    except Exception:  # a torn or foreign file: regenerate it
-        return None
-
-
 def _stage_dir(out: Path, run: dict, run_fp: str) -> Path:
     """`<out>.next/` holding every finished shard of these settings: those of an interrupted run kept, those of
     `<out>` hard-linked (no copy, and `<out>` stays as it is)."""
@@ -100,7 +91,7 @@ def _stage_dir(out: Path, run: dict, run_fp: str) -> Path:
     write_json(run_file, run)
     for shard in sorted(out.glob("shard-*.safetensors")):
         target = work / shard.name
-        if not target.exists() and _shard_fingerprint(shard) == run_fp:
+        if not target.exists() and shard_fingerprint(shard) == run_fp:
             try:
                 os.link(shard, target)
             except OSError:  # a file system without hard links
@@ -139,7 +130,7 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
     missing = None
     if world.main:  # rank 0 stages the folder and lists the missing shards, before any rank writes one
         _stage_dir(out, run, run_fp)
-        missing = [k for k, _, _ in shards if _shard_fingerprint(work / f"shard-{k:05d}.safetensors") != run_fp]
+        missing = [k for k, _, _ in shards if shard_fingerprint(work / f"shard-{k:05d}.safetensors") != run_fp]
     missing = set(world.broadcast(missing))
     todo = [(k, b, rows) for k, b, rows in shards if k in missing]
 
@@ -170,7 +161,7 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
     summary = {"records": len(records), "shards": len(shards), "generated_shards": len(todo), "buckets": len(resolutions)}
     if not world.main:
         return summary
-    unfinished = [k for k, _, _ in shards if _shard_fingerprint(work / f"shard-{k:05d}.safetensors") != run_fp]
+    unfinished = [k for k, _, _ in shards if shard_fingerprint(work / f"shard-{k:05d}.safetensors") != run_fp]
     if unfinished:  # a rank that ended without an error but did not write its share
         raise RuntimeError(f"{work}: shards {unfinished} were not written; run `ladd synthesize` again")
     for k, _, rows in shards:
@@ -191,91 +182,3 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
     (out / "run.json").unlink()  # after the swap: a kill before it leaves `.next` resumable
     tracker.log_metrics({"synthesize/records": len(records), "synthesize/generated_shards": len(todo)})
     return summary
-
-
-@dataclass
-class Bucket:
-    """The records of one resolution: their indices into `Synthetic.records`, teacher latents x0
-    [n, C, h, w] and (when synthesized) the teacher's path states [n, K, C, h, w]."""
-
-    resolution: tuple[int, int]
-    records: torch.Tensor
-    latents: torch.Tensor
-    trajectory: torch.Tensor | None
-
-
-@dataclass
-class Synthetic:
-    """Teacher samples by resolution bucket, their records, and the times of the stored path states."""
-
-    records: pd.DataFrame
-    buckets: list[Bucket]
-    trajectory_times: list[float]
-
-    def _only_bucket(self) -> Bucket:
-        if len(self.buckets) != 1:
-            raise ValueError(f"the synthetic data holds {len(self.buckets)} resolution buckets: read .buckets")
-        return self.buckets[0]
-
-    @property
-    def latents(self) -> torch.Tensor:
-        """[N, C, h, w] in record order (single-resolution data)."""
-        return self._only_bucket().latents
-
-    @property
-    def trajectory(self) -> torch.Tensor | None:
-        return self._only_bucket().trajectory
-
-
-def load_synthetic(out_dir: str | Path) -> Synthetic:
-    """The synthetic data set; fails clearly (naming the file) on an unfinished, damaged or mixed directory."""
-    from ladd.data.validation import ValidationFailed
-
-    out = Path(out_dir)
-    manifest_path = out / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} is missing: run (or finish) `ladd synthesize` first")
-    manifest = json.loads(manifest_path.read_text())
-    for name in ["records.parquet", *manifest["shard_files"]]:
-        if not (out / name).is_file():
-            raise FileNotFoundError(f"{out / name} is missing (listed in {manifest_path}): rerun `ladd synthesize`")
-    run_fp = json.dumps(manifest["run"], sort_keys=True)
-    foreign = [name for name in manifest["shard_files"] if _shard_fingerprint(out / name) != run_fp]
-    if foreign:
-        raise ValidationFailed(f"{out}: {', '.join(foreign)} {'was' if len(foreign) == 1 else 'were'} not written "
-                               f"by the run {manifest_path} describes (other settings, or not readable): rerun "
-                               "`ladd synthesize`")
-    records = pd.read_parquet(out / "records.parquet")
-    times = manifest.get("trajectory_times", [])
-    shards = [(b, load_file(out / name)) for name, b in zip(manifest["shard_files"], manifest["shard_buckets"])]
-    buckets = []
-    for b, spec in enumerate(manifest["buckets"]):
-        mine = [s for sb, s in shards if sb == b]
-        latents = torch.cat([s["latents"] for s in mine])
-        if list(latents.shape[1:]) != spec["latent_shape"]:
-            raise ValidationFailed(f"{out}: bucket {spec['resolution']} holds latents {list(latents.shape[1:])}, "
-                                   f"{manifest_path} says {spec['latent_shape']}")
-        buckets.append(Bucket(tuple(spec["resolution"]), torch.cat([s["record"] for s in mine]), latents,
-                              torch.cat([s["trajectory"] for s in mine]) if times else None))
-    if sum(len(b.latents) for b in buckets) != len(records):
-        raise ValidationFailed(f"{out}: {sum(len(b.latents) for b in buckets)} latents but {len(records)} records "
-                               f"in {out / 'records.parquet'}")
-    return Synthetic(records, buckets, times)
-
-
-def check_finite(data: Synthetic, out_dir: str | Path) -> None:
-    """ValidationFailed naming the records and shards whose latents or path states are not finite (training on
-    them would silently skip or poison updates)."""
-    from ladd.data.validation import ValidationFailed
-
-    bad = []
-    for b in data.buckets:
-        rows = ~torch.isfinite(b.latents.flatten(1)).all(1)
-        if b.trajectory is not None:
-            rows |= ~torch.isfinite(b.trajectory.flatten(1)).all(1)
-        bad += b.records[rows].tolist()
-    if bad:
-        records = data.records.iloc[bad[:5]]
-        named = ", ".join(f"{r.id}#{r.sample} (shard-{r.shard:05d})" for r in records.itertuples())
-        raise ValidationFailed(f"{out_dir}: {len(bad)} synthetic latents are not finite, e.g. records {named}: "
-                               "rerun `ladd synthesize` (delete those shards)")

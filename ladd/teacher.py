@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from ladd.data.prepare import load_split, prompt_vocabulary
 from ladd.io import atomic_dir
 from ladd.pipeline import encode_images, encode_prompts, load_pipeline, max_sequence_length, pick_device, write_meta
 from ladd.tokenizer import write_clip_tokenizer
+from ladd.training import update_ema, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +68,6 @@ def build_tiny_pipeline(cfg: TeacherConfig, channels: int, resolution: int, word
     )
 
 
-def _lr_at(step: int, total: int, warmup: int = 100) -> float:
-    """Linear warm-up, then cosine decay to 10%: the factor on the base learning rate."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach().to(e.device), 1 - decay)  # the EMA may live on the CPU
-
-
 def train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg: TeacherConfig, device, tracker) -> None:
     """Reconstruction (MSE) + a small KL term; then set SD3's latent shift/scale from the data so the
     scaled latents the MMDiT sees have zero mean and unit variance."""
@@ -96,7 +83,7 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg: TeacherConfig, devi
         kl = posterior.kl().mean() / posterior.mean[0].numel()
         loss = mse + cfg.vae_kl_weight * kl
         for g in opt.param_groups:
-            g["lr"] = cfg.vae_lr * _lr_at(step, cfg.vae_steps)
+            g["lr"] = cfg.vae_lr * warmup_cosine(step, cfg.vae_steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -133,7 +120,7 @@ def train_transformer(
         v = transformer(hidden_states=x_t, encoder_hidden_states=c, pooled_projections=p, timestep=t * 1000).sample
         loss = F.mse_loss(v, eps - x0)
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * _lr_at(step, cfg.steps)
+            g["lr"] = cfg.lr * warmup_cosine(step, cfg.steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ladd.errors import TrackingUnavailable
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 EXPERIMENT = "ladd"
 PARENT_ENV = "LADD_PARENT_RUN_ID"
@@ -146,10 +148,6 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
 
 
-class TrackingUnavailable(RuntimeError):
-    """The MLflow tracking server does not answer."""
-
-
 def check_tracking_server(uri: str | None = None, timeout: float = 5.0) -> None:
     """Fail fast, before any long computation, when an http(s) tracking server does not answer."""
     uri = uri or tracking_uri()
@@ -238,7 +236,7 @@ def _student_model():
 
             from PIL import Image
 
-            from ladd.evaluate import student_sigmas
+            from ladd.schedules import student_sigmas
             from ladd.generate import generate_latents, record_noise
             from ladd.pipeline import decode_latents, encode_prompts, latent_shape
 

@@ -14,7 +14,7 @@ Rectified flow throughout: x_t = (1 - t) x0 + t eps, x0_hat = x_t - t v.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -46,7 +46,13 @@ def trajectory_input(x0, t, step_index, record_noise, trajectory, gen):
     return x_t
 
 
-STUDENT_INPUTS: dict[str, Callable] = {"noised": noised_input, "trajectory": trajectory_input}
+class StudentInput(NamedTuple):
+    make: Callable  # (x0, t, step_index, record_noise, trajectory, gen) -> x_t
+    reads_path: bool  # needs the teacher's stored path states (synthesize.trajectory_times)
+
+
+STUDENT_INPUTS: dict[str, StudentInput] = {"noised": StudentInput(noised_input, reads_path=False),
+                                           "trajectory": StudentInput(trajectory_input, reads_path=True)}
 
 
 # --- backward simulation (DMD2) -------------------------------------------------------------------
@@ -62,7 +68,13 @@ def euler_step(x_t, x0_hat, t, t_next, gen):
     return r * x_t + (1 - r) * x0_hat
 
 
-SAMPLER_STEPS: dict[str, Callable] = {"renoise": renoise_step, "euler": euler_step}
+class SamplerStep(NamedTuple):
+    step: Callable  # (x_t, x0_hat, t, t_next, gen) -> x_{t_next}
+    stochastic: bool  # fresh noise between steps (diffusers' stochastic_sampling)
+
+
+SAMPLER_STEPS: dict[str, SamplerStep] = {"renoise": SamplerStep(renoise_step, stochastic=True),
+                                         "euler": SamplerStep(euler_step, stochastic=False)}
 
 
 @torch.no_grad()
@@ -112,7 +124,13 @@ def teacher_target(x0, x_t, t, teacher_x0):
     return teacher_x0(x_t, t)
 
 
-REGRESSION_TARGETS: dict[str, Callable] = {"endpoint": endpoint_target, "teacher": teacher_target}
+class RegressionTarget(NamedTuple):
+    target: Callable  # (x0, x_t, t, teacher_x0) -> the x0 that x0_hat regresses onto
+    needs_source: bool  # exists only for inputs made from x0, never for backward-simulated ones
+
+
+REGRESSION_TARGETS: dict[str, RegressionTarget] = {"endpoint": RegressionTarget(endpoint_target, needs_source=True),
+                                                   "teacher": RegressionTarget(teacher_target, needs_source=False)}
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, rows: torch.Tensor,

@@ -2,6 +2,7 @@ import json
 import os
 import sys
 import shutil
+import subprocess
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -115,6 +116,7 @@ def tiny_classifier_dir(prepared_data, tmp_path_factory) -> Path:
 # A finished tiny project (test_faults, test_distributed): the distill settings that made its checkpoint.
 DISTILL = dict(steps=4, batch_size=4, warmup_steps=2, checkpoint_every=2, log_every=1, device="cpu")
 CHECKPOINT = "models/checkpoints/distill.safetensors"
+RUN_REPORT = "models/checkpoints/distill.run.json"  # how the last distill run went (beside the checkpoint)
 
 
 @pytest.fixture(scope="session")
@@ -145,3 +147,21 @@ def edit_params(project: Path, section: str, **values) -> None:
     write_params(project / "params.yaml", params)
 
 
+# --- real git + DVC in a temp directory ----------------------------------------------------------------------
+
+def run(cmd, cwd):
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def init_repo(path):
+    run(["git", "init", "-q"], path)
+    run(["git", "-c", "user.email=ci@ladd", "-c", "user.name=ci", "commit", "-q", "--allow-empty", "-m", "init"], path)
+    run([os.path.join(os.path.dirname(sys.executable), "dvc"), "init", "-q"], path)
+    shutil.copy(ROOT / ".dvcignore", path / ".dvcignore")  # the project's: evaluate adds its table to the model card
+
+
+def dvc(path, *args):
+    return run([os.path.join(os.path.dirname(sys.executable), "dvc"), *args], path)

@@ -15,15 +15,17 @@ import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
-from ladd.config import ConfigError, DistillConfig, ExportConfig, PrepareConfig, SynthesizeConfig, TeacherConfig
+from ladd.errors import ConfigError, TeacherError
+from ladd.config import DistillConfig, ExportConfig, PrepareConfig, SynthesizeConfig, TeacherConfig
 from ladd.data.prepare import prepare
 from ladd.discriminator import Discriminator
 from ladd.distill import distill
 from ladd.export import export_stage
 from ladd.generate import generate_latents, record_noise
-from ladd.pipeline import TeacherError, encode_prompts, load_pipeline, max_sequence_length, read_meta
+from ladd.pipeline import encode_prompts, load_pipeline, max_sequence_length, read_meta
 from ladd.sampling import flow_sigmas
-from ladd.synthesize import load_synthetic, synthesize
+from ladd.data.synthetic import load_synthetic
+from ladd.synthesize import synthesize
 from ladd.teacher import teacher_stage
 from ladd.tracking import NullTracker
 from sd3_family import T5_MAX_LENGTH, VAE_SCALE, VAE_SHIFT, build_sd35_like_teacher

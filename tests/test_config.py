@@ -3,7 +3,8 @@ import sys
 
 import pytest
 
-from ladd.config import ConfigError, load_params
+from ladd.config import load_params
+from ladd.errors import ConfigError
 from conftest import ROOT, write_params
 
 

@@ -10,14 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from ladd.config import DISTILL_PRESETS, ConfigError, DistillConfig
+from ladd.config import DISTILL_PRESETS, DistillConfig
+from ladd.errors import ConfigError
 from ladd.discriminator import Discriminator, default_feature_layers
 from ladd.distill import distill
-from ladd.evaluate import student_sigmas
+from ladd.schedules import student_sigmas
 from ladd.losses import approx_r1, hinge_d, hinge_g, nonsaturating_d, nonsaturating_g
 from ladd.pipeline import encode_prompts, latent_shape, load_pipeline, max_sequence_length, read_meta
 from ladd.sampling import cfg_velocity, sample_renoise
-from ladd.synthesize import load_synthetic, synthesize
+from ladd.data.synthetic import load_synthetic
+from ladd.synthesize import synthesize
 from ladd.tracking import NullTracker
 from ladd.variants import noise_to
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ladd.config import ConfigError, EvaluateConfig
+from ladd.config import EvaluateConfig
+from ladd.errors import ConfigError
 from ladd.evaluate import evaluate
 from ladd.tracking import NullTracker
 

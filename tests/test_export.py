@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from ladd.config import ExportConfig
-from ladd.evaluate import student_sigmas
-from ladd.export import ParityError, export_stage
+from ladd.schedules import student_sigmas
+from ladd.errors import ParityError
+from ladd.export import export_stage
 from ladd.onnx_runtime import OnnxStudent, open_session
 from ladd.pipeline import encode_prompts, load_pipeline, read_meta
 from ladd.sampling import cfg_velocity, sample_renoise

@@ -32,7 +32,7 @@ from ladd.checkpoint import read_checkpoint_meta
 from ladd.config import PrepareConfig
 from ladd.data.prepare import load_split, prepare
 from ladd.io import atomic_dir, atomic_file
-from conftest import CHECKPOINT, DISTILL, edit_params
+from conftest import CHECKPOINT, DISTILL, RUN_REPORT, edit_params
 from sd3_family import build_tiny_clip
 
 @pytest.fixture
@@ -218,13 +218,11 @@ def _tear(path: Path) -> None:
 def _restarted_after_moving_the_torn_checkpoint(project: Path, before: dict, log: str) -> None:
     assert hashlib.sha256((project / f"{CHECKPOINT}.corrupt").read_bytes()).hexdigest() == before[CHECKPOINT]  # kept for a look, not deleted
     assert read_checkpoint_meta(project / CHECKPOINT)[0] == DISTILL["steps"]
-    summary = json.loads((project / "models" / "student" / "ladd_train_summary.json").read_text())
-    assert summary["resumed_from"] == 0
+    assert json.loads((project / RUN_REPORT).read_text())["resumed_from"] == 0
 
 
 def _started_over_for_new_settings(project: Path, before: dict, log: str) -> None:
-    summary = json.loads((project / "models" / "student" / "ladd_train_summary.json").read_text())
-    assert summary["resumed_from"] == 0 and read_checkpoint_meta(project / CHECKPOINT)[0] == DISTILL["steps"]
+    assert json.loads((project / RUN_REPORT).read_text())["resumed_from"] == 0 and read_checkpoint_meta(project / CHECKPOINT)[0] == DISTILL["steps"]
 
 
 @dataclass
@@ -388,7 +386,7 @@ def test_planted_fault(name, project, monkeypatch, capfd):
 
 def test_debug_gives_the_traceback(project, monkeypatch):
     from ladd.cli import main
-    from ladd.config import ConfigError
+    from ladd.errors import ConfigError
 
     edit_params(project, "distill", steps=2)
     monkeypatch.chdir(project)
@@ -453,6 +451,7 @@ def _wait_for_start(proc, stage: str) -> float:
     return time.time()
 
 
+@pytest.mark.slow  # a child process per run, killed and rerun
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 @pytest.mark.parametrize("stage", ["synthesize", "distill"])
 def test_interrupted_at_a_random_point_then_the_same_command_finishes_the_same(stage, sig, project, uninterrupted):
@@ -504,7 +503,7 @@ def test_a_synthesize_rerun_with_nothing_to_do_keeps_the_checkpoint(project, mon
     assert outputs(project) == before and not (project / "data" / "synthetic.next").exists()
     edit_params(project, "distill", steps=6)
     assert main(["distill", "--no-tracking"]) == 0
-    assert json.loads((project / "models/student/ladd_train_summary.json").read_text())["resumed_from"] == 4
+    assert json.loads((project / RUN_REPORT).read_text())["resumed_from"] == 4
 
 
 def test_16_bit_greyscale_pngs_keep_their_values(tmp_path):

@@ -1,37 +1,15 @@
 """The stage graph run for real: `dvc repro` in a temp git repo, and the Prefect flow over it."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from ladd.pipeline import load_pipeline, max_sequence_length
-from conftest import ROOT
+from conftest import dvc, init_repo, run
 
 pytestmark = pytest.mark.slow
 ALL_STAGES = {"prepare", "validate", "classifier", "teacher", "synthesize", "distill", "evaluate", "export"}
-
-
-def run(cmd, cwd):
-    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
-
-
-def init_repo(path):
-    run(["git", "init", "-q"], path)
-    run(["git", "-c", "user.email=ci@ladd", "-c", "user.name=ci", "commit", "-q", "--allow-empty", "-m", "init"], path)
-    run([os.path.join(os.path.dirname(sys.executable), "dvc"), "init", "-q"], path)
-    shutil.copy(ROOT / ".dvcignore", path / ".dvcignore")  # the project's: evaluate adds its table to the model card
-
-
-def dvc(path, *args):
-    return run([os.path.join(os.path.dirname(sys.executable), "dvc"), *args], path)
 
 
 def ran_stages(output: str) -> set[str]:

@@ -18,7 +18,8 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT, SMOKE_PARAMS, write_params
-from ladd.config import FEATURES, ConfigError, EvaluateConfig, load_params
+from ladd.config import FEATURES, EvaluateConfig, load_params
+from ladd.errors import ConfigError
 from ladd.data.prepare import Split, load_split, write_split
 from ladd.evaluate import evaluate
 from ladd.io import fingerprint

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ladd.data.prepare import load_split, write_split
-from ladd.data.validation import (ValidationFailed, image_checks, image_frame, latent_checks, latent_frame,
+from ladd.errors import ValidationFailed
+from ladd.data.validation import (image_checks, image_frame, latent_checks, latent_frame,
                                   prompt_checks, run_suite)
 from ladd.io import fingerprint
 from conftest import write_params

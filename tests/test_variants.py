@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ladd.config import DISTILL_PRESETS, ConfigError, DistillConfig
+from ladd.config import DISTILL_PRESETS, DistillConfig
+from ladd.errors import ConfigError
 from ladd.distill import distill, student_times, trajectory_states
 from ladd.generate import record_noise
 from ladd.losses import gan_health
 from ladd.pipeline import encode_prompts, latent_shape, load_pipeline, max_sequence_length
 from ladd.sampling import EulerPath, cfg_velocity, flow_sigmas, sample_euler
-from ladd.synthesize import load_synthetic
+from ladd.data.synthetic import load_synthetic
 from ladd.tracking import NullTracker
 from ladd.variants import (REGRESSION_TARGETS, RENOISE_TIMES, SAMPLER_STEPS, STUDENT_INPUTS, backward_simulate,
                            tied_times, trajectory_input)
@@ -105,11 +106,11 @@ def test_backward_simulation_runs_the_student_without_gradient_and_with_fresh_no
 
     k = torch.tensor([1, 3, 2, 1])
     c, p, like = torch.zeros(4, 1), torch.zeros(4, 1), torch.zeros(4, 2, 8, 8)
-    a = backward_simulate(student_x0, k, times, c, p, like, SAMPLER_STEPS["renoise"], torch.Generator().manual_seed(0))
+    a = backward_simulate(student_x0, k, times, c, p, like, SAMPLER_STEPS["renoise"].step, torch.Generator().manual_seed(0))
     assert not a.requires_grad
     # the student ran once per step level, on the rows that still needed it, at the sampler's times
     assert calls == [(4, [1.0] * 4), (2, [0.75] * 2), (1, [0.5])]
-    b = backward_simulate(student_x0, k, times, c, p, like, SAMPLER_STEPS["renoise"], torch.Generator().manual_seed(1))
+    b = backward_simulate(student_x0, k, times, c, p, like, SAMPLER_STEPS["renoise"].step, torch.Generator().manual_seed(1))
     assert not torch.allclose(a, b)  # fresh noise for every draw
     # re-noising: the row at 0.75 is 0.25 x0_hat + 0.75 eps, so its spread comes mostly from fresh noise
     assert 0.6 < a[0].std() < 1.0

@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ladd.config import PrepareConfig
-from ladd.data.validation import DataError
+from ladd.errors import DataError
 from ladd.io import atomic_dir, save_tensors
 
 log = logging.getLogger(__name__)

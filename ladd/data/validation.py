@@ -15,15 +15,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ladd.data.prepare import SPLITS, load_split
+from ladd.data.synthetic import load_synthetic
+from ladd.errors import ValidationFailed
 from ladd.io import atomic_file, write_json
-
-
-class ValidationFailed(RuntimeError):
-    pass
-
-
-class DataError(ValueError):
-    """An input table or image that cannot be read as the data set it should be (names the file and record)."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +146,6 @@ def run_suite(name: str, frame: pd.DataFrame, checks: list[Check], report_dir: s
 def validate_data(data_dir: str | Path, resolution: int, classes: int, max_prompt_length: int,
                   max_duplicate_share: float, report_dir: str | Path) -> dict:
     """Prompt suite on every split's captions; image suite where a split has images."""
-    from ladd.data.prepare import SPLITS, load_split
 
     reports, failures = {}, []
 
@@ -179,7 +173,6 @@ def validate_data(data_dir: str | Path, resolution: int, classes: int, max_promp
 def real_latent_stats(teacher_dir: str | Path, data_dir: str | Path) -> tuple[list[float], list[float]]:
     """Per-channel mean of per-image latent means/stds of the real train images under the teacher's VAE
     (scaled space); (0, 1) per channel when the data set has no images (SD3's shift/scale normalise)."""
-    from ladd.data.prepare import load_split
     from ladd.pipeline import encode_images, load_pipeline
 
     pipe = load_pipeline(teacher_dir)
@@ -193,7 +186,6 @@ def real_latent_stats(teacher_dir: str | Path, data_dir: str | Path) -> tuple[li
 
 def validate_synthetic(synthetic_dir: str | Path, teacher_dir: str | Path, data_dir: str | Path,
                        expected_count: int, tolerance: float, report_dir: str | Path) -> dict:
-    from ladd.synthesize import load_synthetic
 
     data = load_synthetic(synthetic_dir)
     mean, std = real_latent_stats(teacher_dir, data_dir)

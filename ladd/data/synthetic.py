@@ -1,0 +1,111 @@
+"""Reading the synthetic data set that `ladd synthesize` writes (its layout is documented there): teacher
+latents by resolution bucket, their records, and the teacher's path states. Read by distill and by the
+synthetic data's validation suite."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ladd.errors import ValidationFailed
+
+
+def shard_fingerprint(path: Path) -> str | None:
+    """The run fingerprint a shard was written under (None for a torn or foreign file)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("run")
+    except Exception:  # a torn or foreign file: regenerate it
+        return None
+
+
+@dataclass
+class Bucket:
+    """The records of one resolution: their indices into `Synthetic.records`, teacher latents x0
+    [n, C, h, w] and (when synthesized) the teacher's path states [n, K, C, h, w]."""
+
+    resolution: tuple[int, int]
+    records: torch.Tensor
+    latents: torch.Tensor
+    trajectory: torch.Tensor | None
+
+
+@dataclass
+class Synthetic:
+    """Teacher samples by resolution bucket, their records, and the times of the stored path states."""
+
+    records: pd.DataFrame
+    buckets: list[Bucket]
+    trajectory_times: list[float]
+
+    def _only_bucket(self) -> Bucket:
+        if len(self.buckets) != 1:
+            raise ValueError(f"the synthetic data holds {len(self.buckets)} resolution buckets: read .buckets")
+        return self.buckets[0]
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """[N, C, h, w] in record order (single-resolution data)."""
+        return self._only_bucket().latents
+
+    @property
+    def trajectory(self) -> torch.Tensor | None:
+        return self._only_bucket().trajectory
+
+
+def load_synthetic(out_dir: str | Path) -> Synthetic:
+    """The synthetic data set; fails clearly (naming the file) on an unfinished, damaged or mixed directory."""
+
+    out = Path(out_dir)
+    manifest_path = out / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} is missing: run (or finish) `ladd synthesize` first")
+    manifest = json.loads(manifest_path.read_text())
+    for name in ["records.parquet", *manifest["shard_files"]]:
+        if not (out / name).is_file():
+            raise FileNotFoundError(f"{out / name} is missing (listed in {manifest_path}): rerun `ladd synthesize`")
+    run_fp = json.dumps(manifest["run"], sort_keys=True)
+    foreign = [name for name in manifest["shard_files"] if shard_fingerprint(out / name) != run_fp]
+    if foreign:
+        raise ValidationFailed(f"{out}: {', '.join(foreign)} {'was' if len(foreign) == 1 else 'were'} not written "
+                               f"by the run {manifest_path} describes (other settings, or not readable): rerun "
+                               "`ladd synthesize`")
+    records = pd.read_parquet(out / "records.parquet")
+    times = manifest.get("trajectory_times", [])
+    shards = [(b, load_file(out / name)) for name, b in zip(manifest["shard_files"], manifest["shard_buckets"])]
+    buckets = []
+    for b, spec in enumerate(manifest["buckets"]):
+        mine = [s for sb, s in shards if sb == b]
+        latents = torch.cat([s["latents"] for s in mine])
+        if list(latents.shape[1:]) != spec["latent_shape"]:
+            raise ValidationFailed(f"{out}: bucket {spec['resolution']} holds latents {list(latents.shape[1:])}, "
+                                   f"{manifest_path} says {spec['latent_shape']}")
+        buckets.append(Bucket(tuple(spec["resolution"]), torch.cat([s["record"] for s in mine]), latents,
+                              torch.cat([s["trajectory"] for s in mine]) if times else None))
+    if sum(len(b.latents) for b in buckets) != len(records):
+        raise ValidationFailed(f"{out}: {sum(len(b.latents) for b in buckets)} latents but {len(records)} records "
+                               f"in {out / 'records.parquet'}")
+    return Synthetic(records, buckets, times)
+
+
+def check_finite(data: Synthetic, out_dir: str | Path) -> None:
+    """ValidationFailed naming the records and shards whose latents or path states are not finite (training on
+    them would silently skip or poison updates)."""
+
+    bad = []
+    for b in data.buckets:
+        rows = ~torch.isfinite(b.latents.flatten(1)).all(1)
+        if b.trajectory is not None:
+            rows |= ~torch.isfinite(b.trajectory.flatten(1)).all(1)
+        bad += b.records[rows].tolist()
+    if bad:
+        records = data.records.iloc[bad[:5]]
+        named = ", ".join(f"{r.id}#{r.sample} (shard-{r.shard:05d})" for r in records.itertuples())
+        raise ValidationFailed(f"{out_dir}: {len(bad)} synthetic latents are not finite, e.g. records {named}: "
+                               "rerun `ladd synthesize` (delete those shards)")

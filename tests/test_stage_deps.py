@@ -1,0 +1,108 @@
+"""`dvc repro` reruns exactly what changed: each stage's code deps are its `ladd` import closure (checked
+against dvc.yaml, then against DVC itself in a temp repo), and a retrain with identical weights gives the
+student the same hash (no timings or host facts inside it)."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import CHECKPOINT, ROOT, RUN_REPORT, dvc, init_repo
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from stage_deps import stage_code  # noqa: E402
+
+SCRIPT = ROOT / "scripts" / "stage_deps.py"
+
+
+def _check(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), "--check", "--root", str(root)], capture_output=True, text=True)
+
+
+def test_dvc_yaml_lists_each_stages_import_closure(tmp_path):
+    assert _check(ROOT).returncode == 0, _check(ROOT).stderr
+    code = stage_code()
+    # imports inside functions and at depth count: evaluate -> quality -> classifier; distill's data reader;
+    # the student's schedule (config imports it, so every stage does)
+    assert "ladd/classifier.py" in code["evaluate"] and "ladd/data/synthetic.py" in code["distill"]
+    assert all("ladd/schedules.py" in files and "ladd/cli.py" in files for files in code.values())
+    assert "ladd/synthesize.py" not in code["distill"] and "ladd/evaluate.py" not in code["export"]
+    # and the check can fail: one line gone from a copy, named with its stage
+    shutil.copytree(ROOT / "ladd", tmp_path / "ladd", ignore=shutil.ignore_patterns("__pycache__"))
+    text = (ROOT / "dvc.yaml").read_text()
+    distill = text.index("  distill:")
+    (tmp_path / "dvc.yaml").write_text(text[:distill] + text[distill:].replace("      - ladd/variants.py\n", "", 1))
+    proc = _check(tmp_path)
+    assert proc.returncode == 1 and "stage distill: missing ladd/variants.py" in proc.stderr
+
+
+def _outputs(project: Path) -> list[str]:
+    """Every output path of dvc.yaml, its ${...} resolved from params.yaml."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+
+    def resolve(path: str) -> str:
+        def value(m):
+            node = params
+            for key in m.group(1).split("."):
+                node = node[key]
+            return str(node)
+        return re.sub(r"\$\{([^}]+)\}", value, path)
+
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    entries = [e for s in stages.values() for kind in ("outs", "metrics", "plots") for e in s.get(kind, [])]
+    return [resolve(e if isinstance(e, str) else next(iter(e))) for e in entries]
+
+
+@pytest.mark.slow
+def test_editing_a_module_marks_exactly_the_stages_that_import_it(smoke_project):
+    """Every ladd module, edited in turn in a temp repo whose outputs dvc.lock records: `dvc status` names the
+    stages whose import closure holds it, and only those."""
+    init_repo(smoke_project)
+    for out in _outputs(smoke_project):  # placeholders: only the code deps are under test
+        path = smoke_project / out
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix:
+            path.write_text("{}\n")
+        else:
+            path.mkdir(exist_ok=True)
+            (path / "placeholder").write_text(out)
+    dvc(smoke_project, "commit", "-f", "-q")
+    assert json.loads(dvc(smoke_project, "status", "--json", "-q") or "{}") == {}
+    code = stage_code(smoke_project)
+    modules = sorted(p.relative_to(smoke_project).as_posix() for p in (smoke_project / "ladd").rglob("*.py"))
+    assert len(modules) > 25
+    for module in modules:
+        path = smoke_project / module
+        original = path.read_text()
+        path.write_text(original + "# edited\n")
+        changed = set(json.loads(dvc(smoke_project, "status", "--json") or "{}"))
+        path.write_text(original)
+        assert changed == {s for s, files in code.items() if module in files}, module
+
+
+@pytest.mark.slow
+def test_a_retrain_with_identical_weights_keeps_the_students_hash(finished_project, tmp_path):
+    """`ladd distill` from step 0 twice under DVC: the student's hash in dvc.lock is the same both times and
+    the run report (timings) lives outside it."""
+    project = tmp_path / "project"
+    shutil.copytree(finished_project, project)
+    shutil.copy(ROOT / "dvc.yaml", project / "dvc.yaml")
+    shutil.copytree(ROOT / "ladd", project / "ladd", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    init_repo(project)
+    hashes, reports = [], []
+    for _ in range(2):
+        (project / CHECKPOINT).unlink(missing_ok=True)  # train from step 0, not resume
+        dvc(project, "repro", "--single-item", "--force", "distill")
+        lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["distill"]
+        hashes.append(next(o["md5"] for o in lock["outs"] if o["path"] == params["distill"]["out_dir"]))
+        reports.append(json.loads((project / RUN_REPORT).read_text()))
+    assert hashes[0] == hashes[1]
+    assert all(r["resumed_from"] == 0 and r["sec_per_step"] > 0 for r in reports)
+    summary = json.loads((project / params["distill"]["out_dir"] / "ladd_train_summary.json").read_text())
+    assert not {"sec_per_step", "device", "world_size", "resumed_from"} & set(summary)
