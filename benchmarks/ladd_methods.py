@@ -91,11 +91,13 @@ def fmt(row: dict, key: str, digits: int = 1) -> str:
 def table(results: list[dict]) -> str:
     first = results[0]["metrics"]
     teacher, naive, floor = first["teacher"], first["teacher_naive"], first["real_floor"]
+    reference = first.get("reference", teacher)  # fd_teacher's reference samples (the teacher at its own CFG)
     steps = sorted(first["student"], key=int)
     lines = [f"{first['num_samples']} held-out prompts x {len(first['seeds'])} seeds; mean ± std over seeds. "
-             f"Real-vs-real floor FD {fmt(floor, 'fd')}; teacher-vs-teacher floor FD-T "
-             f"{fmt(teacher, 'fd_teacher')}; teacher {teacher['steps']} steps CFG {teacher['guidance']:g}: "
-             f"FD {fmt(teacher, 'fd')}, accuracy {teacher['accuracy']:.3f}; naive teacher FD "
+             f"Real-vs-real floor FD {fmt(floor, 'fd')}; FD-T's reference: the teacher at {reference['steps']} steps, "
+             f"CFG {reference['guidance']:g} (FD {fmt(reference, 'fd')}; its own floor FD-T {fmt(reference, 'fd_teacher')}); "
+             f"teacher {teacher['steps']} steps CFG {teacher['guidance']:g}: FD {fmt(teacher, 'fd')}, FD-T "
+             f"{fmt(teacher, 'fd_teacher')}, accuracy {teacher['accuracy']:.3f}; naive teacher FD "
              + ", ".join(f"@{k} {naive[k]['fd']:.1f}" for k in steps), ""]
     head = ["variant", *[f"FD@{k}" for k in steps], *[f"FD-T@{k}" for k in steps], *[f"acc@{k}" for k in steps], f"prec@{steps[-1]}",
             f"rec@{steps[-1]}", "s/step", *[f"FD@{k}/T" for k in steps], *[f"FD@{k}/naive" for k in steps[:-1]], "heads"]
@@ -109,7 +111,7 @@ def table(results: list[dict]) -> str:
                  *[f"{s[k]['fd'] / naive[k]['fd']:.2f}" for k in steps[:-1]],
                  f"{r['train']['gan_health']['status']} ({r['train']['gan_health']['gain_over_chance'] * 100:.0f}%)"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "FD-T@k: FD of the student's k-step samples to the 28-step CFG teacher's samples of the same prompts "
+    lines += ["", "FD-T@k: FD of the student's k-step samples to the reference teacher's samples of the same prompts "
               "under another seed (no real images); FD@k/T: student FD at k steps over the teacher's (targets: @1 <= 1.15, @2 <= 1.10, @4 <= 1.00); "
               "FD@k/naive: over the naive teacher at k steps (target <= 0.7); heads: GAN health of the discriminator "
               "over the last quarter (its loss below chance, in %)."]

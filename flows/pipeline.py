@@ -16,8 +16,9 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from ladd.io import fingerprint
-from ladd.tracking import PARENT_ENV, finish_pipeline_run, run_page, start_pipeline_run, tracking_uri
+from ladd.errors import Busy
+from ladd.io import atomic_file, exclusive, fingerprint
+from ladd.tracking import PARENT_ENV, finish_pipeline_run, masked_uri, run_page, start_pipeline_run, tracking_uri
 
 
 def stage_order(repo: Path) -> list[str]:
@@ -54,7 +55,8 @@ def repro_stage(repo: Path, stage: str, parent_run_id: str | None = None) -> boo
 
 
 def _metrics_markdown(metrics: dict) -> str:
-    rows = [("teacher", metrics["teacher"])]
+    rows = [("teacher, fd_teacher's reference", metrics["reference"])] if "reference" in metrics else []
+    rows += [("teacher", metrics["teacher"])]
     rows += [(f"teacher naive {k}", r) for k, r in metrics["teacher_naive"].items()]
     rows += [(f"student {k}", r) for k, r in metrics["student"].items()]
     columns = [k for k in ("fd", "fd_teacher", "clip_score", "accuracy", "precision", "recall")
@@ -130,10 +132,22 @@ def pipeline(repo: str = ".", params_file: str = "params.yaml") -> dict[str, boo
     `params_file` (relative to `repo`) other than the repo's params.yaml is copied over it first: DVC
     reads params.yaml, and this is how a deployment applies another parameter set."""
     root = Path(repo).resolve()
+    with one_run(root):
+        return _pipeline(root, params_file)
+
+
+def one_run(root: Path):
+    """The workspace's flow lock: one flow run at a time (each `dvc repro --single-item` releases DVC's own lock
+    between stages, so two flows would interleave their stages)."""
+    return exclusive(root / ".dvc" / "tmp" / "ladd-pipeline", busy=f"another ladd pipeline is running in {root}")
+
+
+def _pipeline(root: Path, params_file: str) -> dict[str, bool]:
     source = (root / params_file).resolve()
     if source != (root / "params.yaml").resolve():
         print(f"using {source} as {root / 'params.yaml'}")
-        shutil.copyfile(source, root / "params.yaml")
+        with atomic_file(root / "params.yaml") as tmp:  # a kill mid-copy leaves the previous params.yaml whole
+            shutil.copyfile(source, tmp)
     params = yaml.safe_load((root / "params.yaml").read_text()) or {}
     # one store for the flow and every stage process: the repo's SQLite file unless a server is set
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
@@ -154,8 +168,8 @@ def pipeline(repo: str = ".", params_file: str = "params.yaml") -> dict[str, boo
     create_markdown_artifact(key="ladd-stages", markdown=f"| stage | result |\n|---|---|\n{rows}\n")
     where = _publish(root, params)
     if run_id:
-        where["mlflow"] = f"{tracking_uri()} run {run_id}, UI page {run_page(run_id)}"
-        create_markdown_artifact(key="ladd-mlflow-run", markdown=f"MLflow run `{run_id}` in `{tracking_uri()}`: page "
+        where["mlflow"] = f"{masked_uri(tracking_uri())} run {run_id}, UI page {run_page(run_id)}"
+        create_markdown_artifact(key="ladd-mlflow-run", markdown=f"MLflow run `{run_id}` in `{masked_uri(tracking_uri())}`: page "
                                  f"`{run_page(run_id)}` of the UI (`mlflow ui --backend-store-uri sqlite:///mlflow.db "
                                  "--host 127.0.0.1` for the default store)")
     print("\n".join(["ladd pipeline finished:"] + [f"  {k:8s} {v}" for k, v in where.items()]))
@@ -163,4 +177,10 @@ def pipeline(repo: str = ".", params_file: str = "params.yaml") -> dict[str, boo
 
 
 if __name__ == "__main__":
+    try:  # refused at once, in one line (exit 8), before Prefect starts its server; the flow takes the lock itself
+        with one_run(Path(sys.argv[1] if len(sys.argv) > 1 else ".").resolve()):
+            pass
+    except Busy as e:
+        print(f"ladd pipeline: {e}", file=sys.stderr)
+        sys.exit(8)
     pipeline(*sys.argv[1:])

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -57,8 +59,12 @@ def run_synthesize(p: Params, tracker) -> dict:
 
 
 def run_distill(p: Params, tracker) -> dict:
+    from ladd.data.synthetic import check_settings, synthesis_settings
     from ladd.distill import distill
+    from ladd.pipeline import native_resolution
 
+    resolutions = [tuple(r) for r in p.synthesize.resolutions or ()] or [native_resolution(p.teacher.out_dir)]
+    check_settings(p.synthesize.out_dir, synthesis_settings(p.synthesize, resolutions))  # not data of older settings
     return distill(p.distill, p.teacher.out_dir, p.synthesize.out_dir, tracker)
 
 
@@ -73,6 +79,17 @@ def run_export(p: Params, tracker) -> dict:
 
     return export_stage(p.export, p.distill.out_dir, tracker)
 
+
+# the output a second run of the stage would interleave with: held (flock) for the whole stage, on rank 0
+# (synthesize and distill hold their data set and checkpoint themselves)
+LOCKED_OUTPUTS = {
+    "prepare": lambda p: p.prepare.out_dir,
+    "validate": lambda p: f"{p.validate.report_dir}/data",
+    "classifier": lambda p: p.classifier.out_dir,
+    "teacher": lambda p: p.teacher.out_dir,
+    "evaluate": lambda p: f"{p.evaluate.out_dir}/.evaluate",
+    "export": lambda p: p.export.out_dir,
+}
 
 STAGES = {
     "prepare": run_prepare,
@@ -111,7 +128,8 @@ def generate_main(argv: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, (prompt, image) in enumerate(zip(args.prompt, images)):
-        path = out / f"{i:03d}_{'_'.join(prompt.split())[:60]}.png"
+        slug = re.sub(r"[^\w-]+", "_", prompt, flags=re.ASCII).strip("_")[:60]  # no `/` or `..` from a prompt
+        path = out / f"{i:03d}_{slug}.png"
         Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
         print(path)
     log.info("%d images on %s", len(images), student.provider)
@@ -138,21 +156,28 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--debug", action="store_true", help="a traceback for expected failures too")
     args = parser.parse_args(argv)
+    # transformers names the torchvision it falls back without on every import: an expected failure stays one line
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        lambda record: "requires torchvision (not installed)" not in record.getMessage())
     rank = int(os.environ.get("RANK", 0))  # under torchrun: only rank 0 logs progress and tracks
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    params_file = Path(args.params).resolve()
+    if params_file.is_file():  # the paths inside a params file are relative to its folder, wherever ladd runs
+        os.chdir(params_file.parent)
+        argv = [*argv, "--params", str(params_file)]  # for torchrun's workers: the last --params wins
     try:  # before importing torch: a bad params file fails in a fraction of a second
-        params = load_params(args.params)
+        params = load_params(params_file if params_file.is_file() else args.params)
         launch = params.launch
         if args.stage in launch.stages and launch.nproc_per_node * launch.nnodes > 1 and "LOCAL_RANK" not in os.environ:
             from ladd.distributed import launch_workers
 
             return launch_workers(args.stage, argv, params)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:  # DataError: a table the settings point at cannot be read
         if args.debug:
             raise
         print(f"ladd {args.stage}: {e}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(e, ConfigError) else 3
     except KeyboardInterrupt:
         print(f"ladd {args.stage}: interrupted; finished work is kept: run the same command to go on", file=sys.stderr)
         return 130
@@ -170,6 +195,7 @@ def _main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from ladd.io import exclusive
     from ladd.tracking import stage_run
 
     tracking = not args.no_tracking and os.environ.get("LADD_TRACKING", "1") != "0" and rank == 0
@@ -180,16 +206,26 @@ def _main(argv: list[str] | None = None) -> int:
                 from dataclasses import asdict
 
                 tracker.log_params({f"{args.stage}.{k}": v for k, v in asdict(section).items()})
-            result = STAGES[args.stage](params, tracker)
-    except expected as e:
-        return fail(args.stage, e)
-    except RuntimeError as e:
+            lock = exclusive(LOCKED_OUTPUTS[args.stage](params)) if args.stage in LOCKED_OUTPUTS and rank == 0 \
+                else contextlib.nullcontext()
+            with lock:
+                result = STAGES[args.stage](params, tracker)
+    except Exception as e:
         from ladd.distributed import peer_failed
+        from ladd.tracking import as_tracking_unavailable
 
-        if not peer_failed(e):
-            raise
-        log.warning("rank %d stopped: another process of this run failed (%s)", rank, str(e).splitlines()[0][:200])
-        return 1
+        known = as_tracking_unavailable(e) or e  # a server lost mid-stage: exit 7, not an I/O error (8) or a bug
+        if isinstance(e, torch.cuda.OutOfMemoryError) and not args.debug:
+            print(f"ladd {args.stage}: out of GPU memory ({str(e).splitlines()[0][:160]}): lower the stage's batch_size; "
+                  "for distill also gradient_checkpointing: all, mixed_precision: bf16, ema_on_cpu: true, or more "
+                  "processes with parallel: fsdp (README: Memory settings)", file=sys.stderr)
+            return 9
+        if isinstance(known, expected):
+            return fail(args.stage, known)
+        if isinstance(e, RuntimeError) and peer_failed(e):
+            log.warning("rank %d stopped: another process of this run failed (%s)", rank, str(e).splitlines()[0][:200])
+            return 1
+        raise
     except KeyboardInterrupt:  # SIGINT: every output is written atomically, so nothing half-done is left
         print(f"ladd {args.stage}: interrupted; finished work (synthetic shards in <out>.next, the last distill checkpoint) is "
               "kept: run the same command to go on", file=sys.stderr)

@@ -7,6 +7,7 @@ path raises `ConfigError` naming the file and the key, so a bad edit never costs
 from __future__ import annotations
 
 import csv
+import io
 import dataclasses
 import types
 import typing
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from ladd.errors import ConfigError
+from ladd.errors import ConfigError, DataError
 from ladd.presets import DISTILL_PRESETS
 from ladd.schedules import STUDENT_SCHEDULES, few_step_times
 
@@ -33,6 +34,8 @@ class PrepareConfig:
     seed: int = 0
     images_dir: str | None = must_exist()  # source=folder: image files named in the captions table
     captions: str | None = must_exist()  # source=folder|prompts: csv or parquet table
+    encoding: str = "auto"  # csv text: auto (UTF-8, or UTF-8/16/32 by its byte-order mark) | a Python codec name
+    max_image_pixels: int = 40_000_000  # larger images are refused before decoding (a 40 MP RGB is ~0.5 GB of floats)
     out_dir: str = "data/prepared"
 
     def __post_init__(self):
@@ -43,6 +46,16 @@ class PrepareConfig:
             raise ConfigError("prepare.source=prompts needs prepare.captions (a prompts table)")
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"prepare.test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.encoding != "auto":
+            import codecs
+
+            try:
+                codecs.lookup(self.encoding)
+            except LookupError:
+                raise ConfigError(f"prepare.encoding: {self.encoding!r} is not a text encoding Python knows "
+                                  "(auto, utf-8, latin-1, cp1252, utf-16...)") from None
+        if self.max_image_pixels < 1:
+            raise ConfigError(f"prepare.max_image_pixels must be positive, got {self.max_image_pixels}")
 
 
 @dataclass(frozen=True)
@@ -221,6 +234,9 @@ class EvaluateConfig:
     out_dir: str = "reports"
     teacher_steps: int = 28
     guidance: float = 2.0  # the teacher's CFG, default and naive few-step runs alike
+    # the CFG of the many-step teacher samples that fd_teacher measures against (None: `guidance`, the field's FID-T).
+    # A lower one, where the teacher's samples lie closest to the data, makes fd_teacher rank models as real FD does
+    reference_guidance: float | None = None
     few_steps: tuple[int, ...] = (1, 2, 4)
     num_samples: int = 0  # held-out prompts to sample (0: the whole test split)
     raw_student: bool = False  # evaluate the raw student weights instead of the EMA
@@ -415,20 +431,24 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return params
 
 
-def _table_columns(path: str) -> list[str]:
-    """Column names of a csv/parquet table, read from its header alone."""
-    if path.endswith(".csv"):
-        with open(path, newline="") as f:
-            return next(csv.reader(f), [])
+def _table_columns(path: str, encoding: str) -> list[str]:
+    """Column names of a csv/parquet table, read from its header; DataError (exit 3) for one that cannot be read."""
+    from ladd.io import read_text
+
+    if path.lower().endswith(".csv"):
+        return next(csv.reader(io.StringIO(read_text(path, encoding))), [])
     import pyarrow.parquet as pq
 
-    return pq.read_schema(path).names
+    try:
+        return pq.read_schema(path).names
+    except Exception as e:  # pyarrow's ArrowInvalid and the like
+        raise DataError(f"{path}: cannot be read as a parquet table: {str(e).splitlines()[0]}") from None
 
 
 def _check_across_sections(p: Params, source: str) -> None:
     """Settings that contradict the data: found here, before a run spends hours on stages that cannot finish."""
     e, prep = p.evaluate, p.prepare
-    unlabelled = prep.source == "prompts" or (prep.source == "folder" and "label" not in _table_columns(prep.captions))
+    unlabelled = prep.source == "prompts" or (prep.source == "folder" and "label" not in _table_columns(prep.captions, prep.encoding))
     if unlabelled and e.features == "classifier":
         raise ConfigError(f"{source}: evaluate.features: classifier needs labelled images, and {prep.captions} has none "
                           "(prompts only, or no 'label' column): set evaluate.features to inception (with "

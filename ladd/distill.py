@@ -14,6 +14,7 @@ import contextlib
 import copy
 import csv
 import io
+import itertools
 import json
 import logging
 import math
@@ -105,8 +106,12 @@ def _resumable(cfg: DistillConfig, run: dict) -> bool:
         os.replace(path, aside)
         log.warning("distill: checkpoint %s is unreadable (%s): moved to %s, starting from step 0", path, e, aside)
         return False
-    if saved_run != run:
-        log.warning("distill: %s was written for other settings or data; starting from step 0", path)
+    if saved_run != run:  # kept aside, never overwritten: it may be the only copy of a long run
+        aside = next(p for n in itertools.count(1) if not (p := path.with_name(f"{path.name}.stale-{n}")).exists())
+        os.replace(path, aside)
+        changed = ", ".join(k for k in sorted(set(run) | set(saved_run)) if run.get(k) != saved_run.get(k))
+        log.warning("distill: %s was written for other settings or data (%s): moved to %s, starting from step 0",
+                    path, changed, aside)
         return False
     if saved_step > cfg.steps:
         raise ConfigError(f"distill.steps is {cfg.steps} but {path} is at step {saved_step}: raise distill.steps, or "
@@ -277,9 +282,11 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     #    prompts encoded once, the frozen teacher (may be bf16), student, EMA, heads; resumed where this run's.
     times = student_times(cfg)
     run = _run_fingerprint(cfg, teacher_dir, synthetic_dir)
-    resume = _resumable_on_rank0(cfg, run, world)  # before any expensive work: a checkpoint past distill.steps is an error
     data = load_synthetic(synthetic_dir)
     check_finite(data, synthetic_dir)
+    # before training: a checkpoint past distill.steps is an error; one of other settings moves aside only now,
+    # once the data is known good (a failing run changes no file)
+    resume = _resumable_on_rank0(cfg, run, world)
     records = data.records
     trajectories = [trajectory_states(b, data.trajectory_times, times) if student_input.reads_path else None
                     for b in data.buckets]

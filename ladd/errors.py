@@ -14,6 +14,11 @@ class DataError(ValueError):
     """An input table or image that cannot be read as the data set it should be (names the file and record)."""
 
 
+class StaleInput(FileNotFoundError):
+    """An input made by an earlier stage under other settings than params.yaml's now: rerun that stage (exit 4, like
+    a missing input)."""
+
+
 class TeacherError(ValueError):
     """A folder that is not an SD3-family diffusers pipeline."""
 

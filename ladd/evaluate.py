@@ -177,10 +177,12 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
     real = embed(extractor, test.images.float() / 255)[0] if use_real and world.main else None
     text = clip.text_embeds(prompts) if clip is not None and world.main else None
     teacher_feats: dict[int, torch.Tensor] = {}  # seed -> the many-step teacher's sample features: fd_teacher's reference
+    reference_guidance = cfg.guidance if cfg.reference_guidance is None else cfg.reference_guidance
     protocol = None if not world.main else {  # fingerprints read every weight file: rank 0 alone uses them
         "prompts": prompts_fingerprint(prompts), "num_samples": n, "seeds": list(cfg.seeds),
         "resolution": list(cfg.resolution or native_resolution(teacher_dir)),
         "gate_steps": cfg.gate_steps, "teacher_steps": cfg.teacher_steps, "guidance": cfg.guidance,
+        **({"reference_guidance": cfg.reference_guidance} if reference_guidance != cfg.guidance else {}),
         "features": cfg.features, "features_weights": fingerprint(extractor_path),
         "clip_weights": fingerprint(cfg.clip_path) if cfg.clip_path else None,
         "real_images": fingerprint(Path(data_dir) / "test" / "images.safetensors") if use_real else None,
@@ -224,9 +226,13 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
                                                        if k in row), len(per_seed))
         return row, first
 
-    metrics["teacher"], teacher_imgs = measure(teacher, cfg.teacher_steps, flow_sigmas(cfg.teacher_steps, shift),
-                                               cfg.guidance, "euler", f"teacher_{cfg.teacher_steps}",
-                                               reference=True)
+    many_steps = flow_sigmas(cfg.teacher_steps, shift)
+    if reference_guidance != cfg.guidance:  # fd_teacher's reference: the teacher at its own CFG; its floor row
+        metrics["reference"], _ = measure(teacher, cfg.teacher_steps, many_steps, reference_guidance, "euler",
+                                          f"reference_{cfg.teacher_steps}", reference=True)
+    metrics["teacher"], teacher_imgs = measure(teacher, cfg.teacher_steps, many_steps, cfg.guidance, "euler",
+                                               f"teacher_{cfg.teacher_steps}",
+                                               reference=reference_guidance == cfg.guidance)
     metrics["teacher_naive"], metrics["student"] = {}, {}
     side_by_side, labels_by_row = [teacher_imgs], [_label(f"teacher, {cfg.teacher_steps} steps, CFG {cfg.guidance:g}", metrics["teacher"])]
     for k in cfg.few_steps:
@@ -242,6 +248,7 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
     save_grid(torch.cat([g[:ncol] for g in side_by_side]), out / "grids" / "teacher_vs_student.png", ncol=ncol,
               row_labels=labels_by_row, col_labels=prompts[:ncol])
     write_json(out / "quality_vs_nfe.json", {"rows": _plot_rows(metrics)})
+    write_json(out / "metrics.json", metrics)  # first without the registration: a tracking server lost below loses no figure
     summary_path = Path(student_dir) / "ladd_train_summary.json"
     train_summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     write_model_card(student_dir, student_meta, train_summary, metrics)  # before registering: the model carries it
@@ -273,6 +280,17 @@ def _register(cfg: EvaluateConfig, gate: dict, metric: str, protocol: dict, stud
     """The champion gate on the student at gate_steps: compare with the champion's figures when its protocol is
     this one; otherwise re-score the champion under this protocol (gate_rescore) or refuse to promote."""
     candidate = {k: gate[k] for k in HEADLINE if k in gate}
+    # what makes a version: these weights under this protocol (a rerun or a retry finds it, and its decision)
+    identity = {"weights": fingerprint(Path(student_dir) / "transformer", Path(student_dir) / "scheduler"),
+                "protocol": protocol}
+    existing = tracker.registered_version(cfg.model_name, identity)
+    if existing is not None and {"promoted", "rejected"} & set(existing["tags"]):
+        promoted = "promoted" in existing["tags"]
+        log.info("%s version %s holds these weights under this protocol already: kept as it is", cfg.model_name,
+                 existing["version"])
+        return {"version": existing["version"], "promoted": promoted,
+                "reason": existing["tags"]["promoted" if promoted else "rejected"], "previous_champion": None,
+                "gate_metric": metric, "champion_rescored": None, "already_registered": True}
     direction = resolve_direction(cfg.gate_direction, metric)
     champion, rescored = tracker.champion(cfg.model_name), None
     champion_metrics = champion["metrics"] if champion else None
@@ -291,7 +309,8 @@ def _register(cfg: EvaluateConfig, gate: dict, metric: str, protocol: dict, stud
                                         cfg.gate_max_accuracy_drop)
         if rescored is not None:
             reason += f" (champion version {champion['version']} re-scored under this protocol)"
-    registered = tracker.register_student(student_dir, cfg.model_name, {**candidate, "protocol": protocol}, promote, reason)
+    registered = tracker.register_student(student_dir, cfg.model_name, identity, {**candidate, "protocol": protocol},
+                                          promote, reason)
     if registered is not None:
         registered.update(gate_metric=metric, champion_rescored=rescored)
     return registered
@@ -309,6 +328,7 @@ def _plot_rows(metrics: dict) -> list[dict]:
         return {"model": model, **{k: r[k] for k in ROW_KEYS if k in r}}
 
     rows = [row("real_floor", {"nfe": 0, **metrics["real_floor"]})] if "real_floor" in metrics else []
+    rows += [row("reference", metrics["reference"])] if "reference" in metrics else []
     rows.append(row("teacher", metrics["teacher"]))
     for kind in ("teacher_naive", "student"):
         rows += [row(kind, r) for r in metrics[kind].values()]

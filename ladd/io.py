@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
@@ -10,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ladd.errors import Busy
+from ladd.errors import Busy, DataError
 
 
 def _umask() -> int:
@@ -35,11 +36,22 @@ def atomic_file(path: str | Path):
             os.unlink(tmp)
 
 
+def clear_leftovers(path: str | Path) -> None:
+    """What a killed `atomic_dir` of `path` left: a swap stopped between its two renames is undone (the previous
+    output back in place) and its temp folders (`.<name>.*.tmp`) are removed. Call it as the output's one writer."""
+    path = Path(path)
+    restore_interrupted_swap(path)
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
-    """Yield an empty temp dir beside `path`; on success it replaces `path` (old one removed last)."""
+    """Yield an empty temp dir beside `path`; on success it replaces `path` (old one removed last). Leftovers of a
+    killed earlier run go first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clear_leftovers(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
@@ -69,9 +81,10 @@ def replace_dir(new: str | Path, path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(path: str | Path):
-    """Hold `<path>.lock` (flock) for the block: a second run writing the same output fails at once instead of
-    interleaving with the first; the lock goes with its process however that ends (SIGKILL included)."""
+def exclusive(path: str | Path, busy: str | None = None):
+    """Hold `<path>.lock` (flock) for the block: a second run writing the same output fails at once (Busy, saying
+    `busy` or that `path` is being written) instead of interleaving with the first; the lock goes with its
+    process however that ends (SIGKILL included)."""
     import fcntl
 
     lock = Path(f"{path}.lock")
@@ -82,8 +95,8 @@ def exclusive(path: str | Path):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise Busy(f"{path} is being written by another run (pid {holder}, {lock}): wait for it to end, "
-                       "or stop it") from None
+            raise Busy(f"{busy or f'{path} is being written by another run'} (pid {holder}, {lock}): wait for it "
+                       "to end, or stop it") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
@@ -125,3 +138,21 @@ def fingerprint(*paths: str | Path) -> str:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
     return h.hexdigest()[:16]
+
+
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # UTF-32 LE starts like UTF-16 LE
+
+
+def read_text(path: str | Path, encoding: str = "auto") -> str:
+    """A text file in `encoding`, or with `auto` UTF-8/16/32 by its byte-order mark, else strict UTF-8; DataError
+    naming the line and byte that do not decode."""
+    data = Path(path).read_bytes()
+    if encoding == "auto":
+        encoding = next((name for bom, name in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line} (byte {e.start}) is not {encoding} text: save the table as UTF-8, or "
+                        "set prepare.encoding to its encoding (latin-1, cp1252...)") from None

@@ -45,6 +45,11 @@ def check_sd3_folder(src: str | Path) -> dict:
     missing = [name for name in SD3_COMPONENTS if spec.get(name) in (None, [None, None]) or not (Path(src) / name).is_dir()]
     if missing:
         raise TeacherError(f"{src} is not a complete SD3-family pipeline: missing {', '.join(f'{m}/' for m in missing)}")
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        folder = Path(src) / name
+        if folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
+            raise TeacherError(f"{folder} holds only pickled weights (.bin): ladd loads safetensors only (loading a "
+                               "pickle runs its code); convert them, e.g. load and save_pretrained(safe_serialization=True)")
     transformer = json.loads((Path(src) / "transformer" / "config.json").read_text()) \
         if (Path(src) / "transformer" / "config.json").is_file() else {}
     if transformer.get("_class_name") != "SD3Transformer2DModel":
@@ -65,7 +70,8 @@ def load_pipeline(src: str | Path, device: torch.device | str = "cpu", dtype=tor
     elif Path(src).exists() or Path(src).is_absolute() or str(src).startswith(".") or str(src).count("/") != 1:
         raise TeacherError(f"{src} is not a folder, nor a hub id (owner/name)")
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(str(src), dtype=dtype, **{**kwargs, **components})
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(src), dtype=dtype, use_safetensors=True,
+                                                        **{**kwargs, **components})
     except (OSError, ValueError) as e:
         if Path(src).is_dir():
             raise
@@ -79,7 +85,8 @@ def load_transformer(src: str | Path, device: torch.device | str = "cpu", dtype=
     """Only the MMDiT of a pipeline folder, in `dtype` (a 2-8B teacher need not pass through fp32 in memory)."""
     from diffusers import SD3Transformer2DModel
 
-    return SD3Transformer2DModel.from_pretrained(str(src), subfolder="transformer", torch_dtype=dtype).to(device)
+    return SD3Transformer2DModel.from_pretrained(str(src), subfolder="transformer", torch_dtype=dtype,
+                                                 use_safetensors=True).to(device)
 
 
 def read_meta(pipe_dir: str | Path) -> dict:

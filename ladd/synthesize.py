@@ -30,7 +30,6 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ladd.config import SynthesizeConfig
 from ladd.data.prepare import load_split
-from ladd.data.synthetic import shard_fingerprint
+from ladd.data.synthetic import shard_fingerprint, shard_sha256, synthesis_settings
 from ladd.generate import generate_latents, record_noise
 from ladd.io import atomic_file, exclusive, fingerprint, replace_dir, restore_interrupted_swap, save_tensors, write_json
 from ladd.distributed import close_world, init_world
@@ -119,11 +118,8 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
     captions = load_split(Path(data_dir) / "train").captions
     records = synthetic_records(captions, cfg.samples_per_prompt, cfg.seed)
     records["bucket"] = assign_buckets(len(records), weights, cfg.seed)
-    teacher_fp = fingerprint(teacher_dir)
-    run = {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "device", "batch_size")}
-    run.update(teacher=teacher_fp, prompts=fingerprint(Path(data_dir) / "train" / "captions.parquet"),
-               resolutions=resolutions)
-    run = json.loads(json.dumps(run))  # as stored in the manifest
+    run = {**synthesis_settings(cfg, resolutions), "teacher": fingerprint(teacher_dir),
+           "prompts": fingerprint(Path(data_dir) / "train" / "captions.parquet")}
     run_fp = json.dumps(run, sort_keys=True)
     shards = plan_shards(records["bucket"].to_numpy(), cfg.shard_size)
     work = out.with_name(out.name + ".next")
@@ -175,6 +171,7 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
     # content only (no counts of this run's work): rerunning with nothing to do rewrites the same file
     write_json(work / "manifest.json", {"run": run, "buckets": buckets, "trajectory_times": list(cfg.trajectory_times),
                                "shard_files": [f"shard-{k:05d}.safetensors" for k, _, _ in shards],
+                               "shard_sha256": [shard_sha256(work / f"shard-{k:05d}.safetensors") for k, _, _ in shards],
                                "shard_buckets": [b for _, b, _ in shards], "records": len(records)})
     if check is not None:
         summary |= check(work)  # a failing suite raises here: `<out>` is untouched, the work kept for a look

@@ -7,17 +7,20 @@ when `LADD_PARENT_RUN_ID` is set (the Prefect flow sets it), so one pipeline exe
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pandas as pd
 
 from ladd.errors import TrackingUnavailable
+from ladd.io import fingerprint
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 EXPERIMENT = "ladd"
@@ -35,7 +38,10 @@ class NullTracker:
         return None
     def download_model(self, name: str, version: str, dst: str | Path) -> Path:
         raise FileNotFoundError(f"no tracking store to download {name} version {version} from")
-    def register_student(self, student_dir, name: str, gate_tags: dict, promote: bool, reason: str) -> dict | None:
+    def registered_version(self, name: str, identity: dict) -> dict | None:
+        return None
+    def register_student(self, student_dir, name: str, identity: dict, gate_tags: dict, promote: bool,
+                         reason: str) -> dict | None:
         return None
     def log_onnx_student(self, onnx_dir, generator_file: str, name: str) -> dict | None:
         return None
@@ -80,8 +86,13 @@ class MlflowTracker(NullTracker):
 
         try:
             version = MlflowClient().get_model_version_by_alias(name, "champion")
-        except MlflowException:  # no such model or no alias yet (RESOURCE_DOES_NOT_EXIST)
-            return None
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST" or (e.error_code == "INVALID_PARAMETER_VALUE"
+                                                             and "alias champion not found" in e.message):
+                return None  # no such model, or no champion yet
+            # anything else (a server error, no permission) must not let a candidate through without the gate
+            raise TrackingUnavailable(f"cannot read the champion of {name} from {masked_uri(tracking_uri())}: "
+                                      f"{e.message.splitlines()[0]}") from None
         tags = version.tags
         metrics = {k.removeprefix("gate/"): float(v) for k, v in tags.items() if k.startswith("gate/") and k != "gate/protocol"}
         protocol = json.loads(tags["gate/protocol"]) if "gate/protocol" in tags else None
@@ -95,25 +106,50 @@ class MlflowTracker(NullTracker):
         spec = yaml.safe_load((local / "MLmodel").read_text())  # artifacts keep their source folder's name
         return local / spec["flavors"]["python_function"]["artifacts"]["pipeline"]["path"]
 
-    def register_student(self, student_dir, name: str, gate_tags: dict, promote: bool, reason: str) -> dict:
-        """Log the student pipeline as a pyfunc model, register a version of `name` tagged with `gate_tags`
-        (its gate metrics and evaluation protocol), and move the `champion` alias to it if `promote`; otherwise
-        tag why not."""
+    def registered_version(self, name: str, identity: dict) -> dict | None:
+        """The newest version of `name` whose tags hold every `identity` entry (what was registered: the weights'
+        fingerprint and the evaluation protocol): {version, tags}, or None."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        try:
+            versions = client.search_model_versions(f"name = '{name}'")
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise TrackingUnavailable(f"cannot list the versions of {name} in {masked_uri(tracking_uri())}: {e}") from None
+            return None
+        mine = [v for v in versions if all(v.tags.get(k) == _tag(x) for k, x in identity.items())]
+        if not mine:
+            return None
+        v = max(mine, key=lambda v: int(v.version))
+        return {"version": str(v.version), "tags": dict(v.tags)}
+
+    def register_student(self, student_dir, name: str, identity: dict, gate_tags: dict, promote: bool,
+                         reason: str) -> dict:
+        """Register the student pipeline (a pyfunc model) as a version of `name` once per `identity`: a rerun
+        finds that version and completes what is missing (gate tags, decision, alias) instead of adding one.
+        The `champion` alias moves to it if `promote`; otherwise it is tagged with why not."""
         from mlflow.models import infer_signature
         from mlflow.tracking import MlflowClient
 
         previous = self.champion(name)
-        example = pd.DataFrame({"prompt": ["a handwritten digit seven"], "steps": [4], "seed": [0]})
-        signature = infer_signature(example, pd.DataFrame({"prompt": ["a handwritten digit seven"], "image_png": ["..."]}))
-        info = self._mlflow.pyfunc.log_model(
-            name="student", python_model=_student_model(), artifacts={"pipeline": str(student_dir)},
-            signature=signature, input_example=example, registered_model_name=name,
-            pip_requirements=["ladd", "torch", "diffusers", "transformers", "pandas", "pillow"],
-        )
+        existing = self.registered_version(name, identity)
+        if existing is None:
+            example = pd.DataFrame({"prompt": ["a handwritten digit seven"], "steps": [4], "seed": [0]})
+            signature = infer_signature(example, pd.DataFrame({"prompt": ["a handwritten digit seven"], "image_png": ["..."]}))
+            info = self._mlflow.pyfunc.log_model(
+                name="student", python_model=_student_model(), artifacts={"pipeline": str(student_dir)},
+                signature=signature, input_example=example,
+                pip_requirements=["ladd", "torch", "diffusers", "transformers", "pandas", "pillow"],
+            )
+            # the identity tags come with the version itself: a kill after this line leaves a version a rerun finds
+            version = str(self._mlflow.register_model(info.model_uri, name, tags={k: _tag(v) for k, v in identity.items()}).version)
+        else:
+            version = existing["version"]
         client = MlflowClient()
-        version = str(info.registered_model_version)
         for k, v in gate_tags.items():
-            client.set_model_version_tag(name, version, f"gate/{k}", v if isinstance(v, str) else json.dumps(v))
+            client.set_model_version_tag(name, version, f"gate/{k}", _tag(v))
         if promote:
             client.set_registered_model_alias(name, "champion", version)
             client.set_model_version_tag(name, version, "promoted", reason)
@@ -129,6 +165,11 @@ class MlflowTracker(NullTracker):
         from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
 
+        identity = {"onnx": fingerprint(onnx_dir)}
+        existing = self.registered_version(name, identity)
+        if existing is not None:  # this export is registered already (a rerun or a retry)
+            self._mlflow.log_artifacts(str(onnx_dir), "onnx")
+            return {"model_uri": f"models:/{name}/{existing['version']}", "version": existing["version"]}
         model = onnx.load(str(Path(onnx_dir) / generator_file))
 
         def schema(values):
@@ -138,27 +179,68 @@ class MlflowTracker(NullTracker):
 
         info = self._mlflow.onnx.log_model(
             model, name="student_onnx", signature=ModelSignature(schema(model.graph.input), schema(model.graph.output)),
-            registered_model_name=name, onnx_execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+            onnx_execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
         )
         self._mlflow.log_artifacts(str(onnx_dir), "onnx")
-        return {"model_uri": info.model_uri, "version": str(info.registered_model_version)}
+        version = str(self._mlflow.register_model(info.model_uri, name, tags=identity).version)
+        return {"model_uri": f"models:/{name}/{version}", "version": version}
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
 
 
+def as_tracking_unavailable(error: Exception) -> TrackingUnavailable | None:
+    """A TrackingUnavailable for an error that says the tracking server stopped answering mid-stage (requests'
+    ConnectionError, an OSError, or MLflow's wrapping of it after its retries); None for any other error."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    parts = urllib.parse.urlsplit(uri)
+    text = str(error)
+    server = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
+    if not server or server not in text:
+        return None
+    lost = "ConnectionError" in type(error).__name__ or (
+        type(error).__name__ == "MlflowException" and text.startswith("API request to") and "failed with" in text)
+    if not lost:
+        return None
+    return TrackingUnavailable(f"the MLflow tracking server {masked_uri(uri)} stopped answering during the stage; the "
+                               "local outputs written so far are kept: restart it and run the same command again")
+
+
+def _tag(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def masked_uri(uri: str) -> str:
+    """`uri` with any password in it replaced by ***, for messages and logs."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
 def check_tracking_server(uri: str | None = None, timeout: float = 5.0) -> None:
-    """Fail fast, before any long computation, when an http(s) tracking server does not answer."""
+    """Fail fast, before any long computation, when an http(s) tracking server does not answer. Credentials in
+    the URI (user:password@host) are sent as basic auth, as MLflow sends them, and never printed."""
     uri = uri or tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as resp:
+        parts = urllib.parse.urlsplit(uri)
+        host = parts.hostname + (f":{parts.port}" if parts.port else "")  # port: ValueError when not a number
+        request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host)).rstrip("/") + "/health")
+        if parts.username is not None:
+            token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             if resp.status != 200:
                 raise RuntimeError(f"status {resp.status}")
-    except (urllib.error.URLError, OSError, RuntimeError) as e:
-        raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable ({e}); start it, unset "
+    except (urllib.error.URLError, OSError, RuntimeError, ValueError, TypeError) as e:
+        reason = str(e).replace(parts.password, "***") if parts.password else str(e)
+        raise TrackingUnavailable(f"MLflow tracking server {masked_uri(uri)} is unreachable ({reason}); start it, unset "
                                   "MLFLOW_TRACKING_URI, or pass --no-tracking") from None
 
 

@@ -165,3 +165,30 @@ def init_repo(path):
 
 def dvc(path, *args):
     return run([os.path.join(os.path.dirname(sys.executable), "dvc"), *args], path)
+
+
+# --- a real MLflow server on 127.0.0.1 -------------------------------------------------------------------------------
+
+def start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` on a free port of 127.0.0.1 with its store under `root`; (process, URI) once it answers."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            return proc, uri
+        except OSError:
+            assert proc.poll() is None, "mlflow server exited"
+            time.sleep(0.5)
+    proc.kill()
+    pytest.fail("mlflow server did not start in 120 s")

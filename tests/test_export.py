@@ -79,13 +79,15 @@ def test_generate_without_torch(exported, tmp_path):
         "import sys; from ladd.cli import main; from ladd.onnx_runtime import OnnxStudent\n"
         f"images = OnnxStudent({cfg.out_dir!r}, provider='cpu')(['a handwritten digit seven'] * 2, steps=1)\n"
         "assert images.shape == (2, 32, 32, 1) and images.dtype.name == 'uint8', images.shape\n"
-        f"assert main(['generate', '--onnx', {cfg.out_dir!r}, '--prompt', 'handwritten three', '--prompt', 'handwritten six',"
-        f" '--provider', 'cpu', '--out', {str(tmp_path)!r}]) == 0\n"
+        f"assert main(['generate', '--onnx', {cfg.out_dir!r}, '--prompt', 'handwritten three',"
+        f" '--prompt', 'handwritten six/../../x', '--provider', 'cpu', '--out', {str(tmp_path)!r}]) == 0\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["000_handwritten_three.png", "001_handwritten_six.png"]
+    # a prompt's `/` and `..` make no folders: every file lands in --out
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")) == \
+        ["000_handwritten_three.png", "001_handwritten_six_x.png"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without CUDA")

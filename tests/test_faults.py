@@ -32,7 +32,7 @@ from ladd.checkpoint import read_checkpoint_meta
 from ladd.config import PrepareConfig
 from ladd.data.prepare import load_split, prepare
 from ladd.io import atomic_dir, atomic_file
-from conftest import CHECKPOINT, DISTILL, RUN_REPORT, edit_params
+from conftest import CHECKPOINT, DISTILL, ROOT, RUN_REPORT, edit_params
 from sd3_family import build_tiny_clip
 
 @pytest.fixture
@@ -135,7 +135,8 @@ def _shard(project: Path, k: int) -> Path:
     return project / "data" / "synthetic" / f"shard-{k:05d}.safetensors"
 
 
-def _rewrite_shard(project: Path, k: int, change: Callable[[dict], None], run: str | None = None) -> None:
+def _rewrite_shard(project: Path, k: int, change: Callable[[dict], None], run: str | None = None,
+                   keep_manifest: bool = False) -> None:
     from safetensors import safe_open
 
     path = _shard(project, k)
@@ -144,6 +145,11 @@ def _rewrite_shard(project: Path, k: int, change: Callable[[dict], None], run: s
     tensors = load_file(path)
     change(tensors)
     save_file(tensors, path, metadata={"run": run or metadata["run"]})
+    if not keep_manifest:  # as a synthesize run would have written it: the manifest's hash is the new file's
+        manifest_path = project / "data" / "synthetic" / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        manifest["shard_sha256"][k] = hashlib.sha256(path.read_bytes()).hexdigest()
+        manifest_path.write_text(json.dumps(manifest))
 
 
 def _nan_at(tensors):
@@ -173,6 +179,7 @@ def _another_run_holds(path: Path) -> None:
     """What a running stage holds: the flock of `<output>.lock`, with its pid inside."""
     import fcntl
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.ftruncate(fd, 0)
@@ -223,6 +230,73 @@ def _restarted_after_moving_the_torn_checkpoint(project: Path, before: dict, log
 
 def _started_over_for_new_settings(project: Path, before: dict, log: str) -> None:
     assert json.loads((project / RUN_REPORT).read_text())["resumed_from"] == 0 and read_checkpoint_meta(project / CHECKPOINT)[0] == DISTILL["steps"]
+    stale = project / f"{CHECKPOINT}.stale-1"  # the other run's checkpoint, moved aside whole, never overwritten
+    assert hashlib.sha256(stale.read_bytes()).hexdigest() == before[CHECKPOINT]
+
+
+def _leftovers_cleared(project: Path, before: dict, log: str) -> None:
+    assert "generator" in json.loads((project / "models" / "onnx" / "manifest.json").read_text())["models"]["fp32"]
+    assert not list((project / "models").glob(".onnx.*")), "a killed export's temp copy or old folder was left"
+
+
+def _killed_export(project: Path) -> None:
+    """What SIGKILL leaves between replace_dir's two renames: the previous export moved to `.onnx.old`, the new
+    one's temp copy beside it (half written)."""
+    old = project / "models" / ".onnx.old"
+    old.mkdir()
+    (old / "manifest.json").write_text("{}")
+    partial = project / "models" / ".onnx.k1ll3d.tmp"
+    partial.mkdir()
+    (partial / "generator.onnx").write_bytes(b"half a graph")
+
+
+def _bomb(project: Path) -> None:
+    """A PNG of 20000 x 10000 1-bit pixels (25 KB on disk): 200 MP, over PIL's decompression-bomb limit."""
+    _images_folder(project, "9.png", np.zeros((32, 32), np.uint8))
+    Image.new("1", (20000, 10000)).save(project / "incoming" / "9.png")
+
+
+def _captions_table(project: Path, text: str | bytes, name: str = "captions.csv", **prepare) -> None:
+    """Ten grey PNGs and a captions table holding `text` (bytes: written as they are)."""
+    _images_folder(project, "9.png", np.zeros((32, 32), np.uint8))
+    path = project / name
+    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
+    edit_params(project, "prepare", captions=name, **prepare)
+
+
+def _table(rows: list[str]) -> str:
+    return "file,caption,label\n" + "".join(f"{i}.png,grey,0\n" for i in range(9)) + "".join(r + "\n" for r in rows)
+
+
+def _parquet_prompts(project: Path, prompts: list) -> None:
+    pd.DataFrame({"prompt": prompts}).to_parquet(project / "prompts.parquet")
+    _edit(project, prepare={"source": "prompts", "captions": "prompts.parquet"},
+          evaluate={"features": "clip", "clip_path": _clip_folder(project)})
+
+
+def _outside_images(project: Path, name: str) -> None:
+    """A captions row naming `name`, an image that lies outside images_dir (`secret.png` beside the folder)."""
+    _images_folder(project, "9.png", np.zeros((32, 32), np.uint8))
+    Image.fromarray(np.full((32, 32), 7, np.uint8)).save(project / "secret.png")
+    if name == "link.png":
+        (project / "incoming" / "link.png").symlink_to(project / "secret.png")
+    name = str(project / "secret.png") if name == "absolute" else name
+    table = pd.read_csv(project / "captions.csv")
+    table.loc[9, "file"] = name
+    table.to_csv(project / "captions.csv", index=False)
+
+
+def _pickled_teacher(folder: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), weights.with_suffix(".bin"))
+    weights.unlink()
+
+
+def _credentials_in_uri(project: Path) -> dict:
+    return {"LADD_TRACKING": "1", "MLFLOW_TRACKING_URI": f"http://alice:s3cr3t@127.0.0.1:{_free_port()}"}
 
 
 @dataclass
@@ -253,6 +327,8 @@ FAULTS = {
                              r"params.yaml: not valid YAML"),
     "config/missing_file": Fault("prepare", lambda p: None, 2, r"params file not found: nope.yaml",
                                  extra=("--params", "nope.yaml")),
+    "config/unknown_encoding": Fault("prepare", lambda p: edit_params(p, "prepare", encoding="latin-42"), 2,
+                                     r"prepare.encoding: 'latin-42' is not a text encoding"),
     "config/cuda_without_a_gpu": Fault("distill", _cuda_on_no_gpu, 2,
                                        r"device 'cuda' was asked for but CUDA is not available", child=True),
     "launch/more_processes_than_gpus": Fault("distill", lambda p: _cuda_on_no_gpu(p, launch={"nproc_per_node": 2}), 2,
@@ -287,6 +363,28 @@ FAULTS = {
                                  r"captions.csv row 9 .*: cannot read image .*x.png: .*No such file"),
     "images/no_file_column": Fault("prepare", lambda p: _images_folder(p, "9.png", np.zeros((32, 32), np.uint8), "path"), 3,
                                    r"captions.csv: needs a 'file' column"),
+    "images/outside_the_folder": Fault("prepare", lambda p: _outside_images(p, "../secret.png"), 3,
+                                       r"captions.csv row 9 .*: file '../secret.png' lies outside prepare.images_dir"),
+    "images/absolute_path": Fault("prepare", lambda p: _outside_images(p, "absolute"), 3,
+                                  r"captions.csv row 9 .*: file '/.*secret.png' lies outside prepare.images_dir"),
+    "images/link_leading_out": Fault("prepare", lambda p: _outside_images(p, "link.png"), 3,
+                                     r"captions.csv row 9 .*: file 'link.png' lies outside prepare.images_dir"),
+    "images/decompression_bomb": Fault("prepare", _bomb, 3,
+                                       r"captions.csv row 9 .*: cannot read image .*9.png: Image size \(200000000 pixels\)"),
+    "images/over_the_pixel_cap": Fault(
+        "prepare", lambda p: _captions_table(p, _table([]), max_image_pixels=1000), 3,
+        r"captions.csv row 0 .*: it is 32x32, over prepare.max_image_pixels \(1,000\)"),
+    # tables: exit 3 naming the file, line or rows
+    "tables/latin1": Fault("prepare", lambda p: _captions_table(p, _table(["9.png,café,0"]).encode("latin-1")), 3,
+                           r"captions.csv: line 11 \(byte \d+\) is not utf-8 text: .*set prepare.encoding"),
+    "tables/empty_label": Fault("prepare", lambda p: _captions_table(p, _table(["9.png,grey,"])), 3,
+                                r"captions.csv: row 9 \(id captions-000009\): label is not an integer"),
+    "tables/null_prompt_in_parquet": Fault("prepare", lambda p: _parquet_prompts(p, ["a seven", None, "a one"]), 3,
+                                           r"prompts.parquet: row 1 \(id prompts-000001\) has no prompt"),
+    "tables/control_characters": Fault("prepare", lambda p: _parquet_prompts(p, ["a seven", "a\x00one"]), 3,
+                                       r"prompts.parquet: row 1 .*: the prompt holds control characters"),
+    "tables/not_a_table": Fault("prepare", lambda p: _captions_table(p, b"PAR1\x00garbage", name="captions.parquet"), 3,
+                                r"captions.parquet: cannot be read as a parquet table"),
     # teacher folder: exit 5 naming the folder or id, models/teacher untouched
     "teacher/other_pipeline": Fault("teacher", lambda p: _teacher_variant(p, lambda f: _pipeline_class(f, "StableDiffusionPipeline")), 5,
                                     r"elsewhere/sd3 holds a StableDiffusionPipeline, not an SD3-family pipeline"),
@@ -294,6 +392,8 @@ FAULTS = {
                                     r"elsewhere/sd3 is not a complete SD3-family pipeline: missing transformer/"),
     "teacher/no_such_folder": Fault("teacher", lambda p: edit_params(p, "teacher", pretrained="/nonexistent/sd3"), 5,
                                     r"/nonexistent/sd3 is not a folder, nor a hub id"),
+    "teacher/pickled_weights_only": Fault("teacher", lambda p: _teacher_variant(p, _pickled_teacher), 5,
+                                          r"elsewhere/sd3/transformer holds only pickled weights \(.bin\)"),
     "teacher/hub_unreachable": Fault("teacher", _offline_hub_id, 5,
                                      r"cannot load someone/no-such-model from the Hub or its local cache", child=True),
     # synthetic data: distill refuses it (exit 3 or 4) naming the file and records
@@ -301,6 +401,12 @@ FAULTS = {
                                   lambda p: rf"1 synthetic latents are not finite, e.g. records {_nan_record(p)}"),
     "synthetic/foreign_shard": Fault("distill", lambda p: _rewrite_shard(p, 0, lambda t: None, run="another run"), 3,
                                      r"shard-00000.safetensors was not written by the run .*manifest.json describes"),
+    "synthetic/bytes_changed": Fault("distill", lambda p: _rewrite_shard(p, 1, _nan_at, keep_manifest=True), 3,
+                                     r"the content of shard-00001.safetensors no longer matches its sha256 in "
+                                     r".*manifest.json"),
+    "synthetic/made_with_other_settings": Fault("distill", lambda p: edit_params(p, "synthesize", guidance=3.5), 4,
+                                                r"data/synthetic was made with other synthesize settings than "
+                                                r"params.yaml's \(guidance: [\d.]+ -> 3.5\): run `ladd synthesize` first"),
     "synthetic/missing_shard": Fault("distill", lambda p: _shard(p, 1).unlink(), 4,
                                      r"data/synthetic/shard-00001.safetensors is missing \(listed in .*manifest.json\)"),
     "synthetic/missing_records": Fault("distill", lambda p: (p / "data/synthetic/records.parquet").unlink(), 4,
@@ -317,12 +423,26 @@ FAULTS = {
                              rf"checkpoint {CHECKPOINT} is unreadable .*moved to {CHECKPOINT}.corrupt, starting from step 0",
                              recovered=_restarted_after_moving_the_torn_checkpoint, child=True),
     "checkpoint/other_settings": Fault("distill", lambda p: edit_params(p, "distill", lr_g=2e-5), 0,
-                                       rf"{CHECKPOINT} was written for other settings or data; starting from step 0",
+                                       rf"{CHECKPOINT} was written for other settings or data \(lr_g\): moved to "
+                                       rf"{CHECKPOINT}.stale-1, starting from step 0",
                                        recovered=_started_over_for_new_settings, child=True),
     "checkpoint/another_run_is_writing_it": Fault("distill", lambda p: _another_run_holds(p / CHECKPOINT), 8,
                                                   rf"{CHECKPOINT} is being written by another run \(pid 4242,"),
     "synthetic/another_run_is_writing_it": Fault("synthesize", lambda p: _another_run_holds(p / "data" / "synthetic"), 8,
                                                  r"data/synthetic is being written by another run \(pid 4242,"),
+    "prepare/another_run_is_writing_it": Fault("prepare", lambda p: _another_run_holds(p / "data" / "prepared"), 8,
+                                               r"data/prepared is being written by another run \(pid 4242,"),
+    "validate/another_run_is_writing_it": Fault("validate", lambda p: _another_run_holds(p / "reports" / "validation" / "data"),
+                                                8, r"reports/validation/data is being written by another run \(pid 4242,"),
+    "classifier/another_run_is_writing_it": Fault("classifier", lambda p: _another_run_holds(p / "models" / "classifier"),
+                                                  8, r"models/classifier is being written by another run \(pid 4242,"),
+    "teacher/another_run_is_writing_it": Fault("teacher", lambda p: _another_run_holds(p / "models" / "teacher"), 8,
+                                               r"models/teacher is being written by another run \(pid 4242,"),
+    "evaluate/another_run_is_writing_it": Fault("evaluate", lambda p: _another_run_holds(p / "reports" / ".evaluate"), 8,
+                                                r"reports/.evaluate is being written by another run \(pid 4242,"),
+    "export/another_run_is_writing_it": Fault("export", lambda p: _another_run_holds(p / "models" / "onnx"), 8,
+                                              r"models/onnx is being written by another run \(pid 4242,"),
+    "export/killed_between_two_renames": Fault("export", _killed_export, 0, r"", recovered=_leftovers_cleared),
     "launch/a_worker_keeps_its_exit_code": Fault(
         "distill", _held_under_torchrun, 8,
         rf"{CHECKPOINT} is being written by another run \(pid 4242,"),
@@ -349,6 +469,9 @@ FAULTS = {
     # tracking server: exit 7 before any work
     "tracking/server_down": Fault("prepare", _unreachable_tracking, 7,
                                   r"MLflow tracking server http://127.0.0.1:\d+ is unreachable"),
+    "tracking/credentials_in_the_uri": Fault("prepare", _credentials_in_uri, 7,
+                                             r"MLflow tracking server http://alice:\*\*\*@127.0.0.1:\d+ is unreachable "
+                                             r"\((?!.*s3cr3t)"),
 }
 
 
@@ -373,7 +496,7 @@ def test_planted_fault(name, project, monkeypatch, capfd):
         code, stderr = main(args), capfd.readouterr().err  # fd-level: torchrun workers write there too
     message = fault.message(project) if callable(fault.message) else fault.message
     assert code == fault.code, stderr[-3000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr and "requires torchvision" not in stderr, stderr[-3000:]
     if fault.recovered:
         assert re.search(message, stderr), stderr[-3000:]
         fault.recovered(project, before, stderr)
@@ -392,6 +515,63 @@ def test_debug_gives_the_traceback(project, monkeypatch):
     monkeypatch.chdir(project)
     with pytest.raises(ConfigError, match="distill.steps is 2"):
         main(["distill", "--no-tracking", "--debug"])
+
+
+def test_out_of_gpu_memory_is_one_line_with_advice(project, monkeypatch, capfd):
+    """CUDA's out-of-memory error, raised where a stage raises it (no GPU here to fill): one line, exit 9."""
+    import torch
+    from ladd import cli
+
+    def out_of_memory(params, tracker):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.19 GiB total)")
+
+    monkeypatch.setitem(cli.STAGES, "distill", out_of_memory)
+    monkeypatch.chdir(project)
+    code, stderr = cli.main(["distill", "--no-tracking"]), capfd.readouterr().err
+    lines = [line for line in stderr.splitlines() if line.startswith("ladd distill: ")]
+    assert code == 9 and "Traceback" not in stderr, stderr
+    assert len(lines) == 1 and "out of GPU memory (CUDA out of memory. Tried to allocate 20.00 GiB" in lines[0]
+    assert "batch_size" in lines[0] and "gradient_checkpointing" in lines[0]
+
+
+def test_a_failing_champion_lookup_promotes_nothing(project, tiny_classifier_dir, monkeypatch, capfd):
+    """Only "no such model" or "no champion yet" mean there is no champion: any other answer of the registry (a
+    server error, no permission) stops the stage (exit 7) before a version is registered without the gate."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from ladd.cli import main
+
+    def refuse(self, name, alias):
+        raise MlflowException("PERMISSION_DENIED: user may not read ladd-student", error_code="PERMISSION_DENIED")
+
+    shutil.copytree(tiny_classifier_dir, project / "models" / "classifier")
+    edit_params(project, "evaluate", num_samples=8, few_steps=[4], teacher_steps=2, seeds=[1, 2], grid_size=4)
+    monkeypatch.chdir(project)
+    store = f"sqlite:///{project / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("LADD_TRACKING", "1")
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", refuse)
+    code, stderr = main(["evaluate"]), capfd.readouterr().err
+    lines = [line for line in stderr.splitlines() if line.startswith("ladd evaluate: ")]
+    assert code == 7 and len(lines) == 1, stderr[-3000:]
+    assert "cannot read the champion of ladd-student" in lines[0] and "PERMISSION_DENIED" in lines[0]
+    assert MlflowClient(store).search_model_versions("name = 'ladd-student'") == []
+    assert "student" in json.loads((project / "reports" / "metrics.json").read_text())  # the figures are kept
+
+
+def test_a_second_flow_run_in_the_workspace_is_refused(project):
+    """Two flows in one workspace would interleave their stages: the second is refused at once, in one line."""
+    (project / ".dvc" / "tmp").mkdir(parents=True)
+    _another_run_holds(project / ".dvc" / "tmp" / "ladd-pipeline")
+    params = (project / "params.yaml").read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", str(project), "other.yaml"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 8, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"ladd pipeline: another ladd pipeline is running in {project} "
+                                                   "(pid 4242,"), proc.stderr
+    assert (project / "params.yaml").read_bytes() == params  # nothing copied over it
 
 
 # --- interruptions at a random point -------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from ladd.config import PrepareConfig
-from ladd.data.prepare import DIGIT_WORDS, load_split, prepare
+from ladd.data.prepare import DIGIT_WORDS, _prompt_table, load_split, prepare, read_table
 
 
 def test_digits_splits(prepared_data):
@@ -73,3 +73,21 @@ def test_table_without_text_column(tmp_path):
     pd.DataFrame({"text": ["x"]}).to_csv(tmp_path / "p.csv", index=False)
     with pytest.raises(ValueError, match=r"p.csv: needs a 'prompt' or 'caption' column"):
         prepare(PrepareConfig(source="prompts", captions=str(tmp_path / "p.csv"), out_dir=str(tmp_path / "out")))
+
+
+@pytest.mark.parametrize("name, encoding, data", [
+    ("p.csv", "auto", "\ufeffprompt\nun caf\u00e9\n".encode("utf-8")),  # UTF-8 with a byte-order mark
+    ("p.csv", "auto", "prompt\nun caf\u00e9\n".encode("utf-16")),  # UTF-16 starts with its byte-order mark
+    ("P.CSV", "auto", "prompt\nun caf\u00e9\n".encode("utf-8")),  # the suffix in capitals
+    ("p.csv", "latin-1", "prompt\nun caf\u00e9\n".encode("latin-1")),  # named in prepare.encoding
+])
+def test_tables_in_other_encodings_and_suffixes(tmp_path, name, encoding, data):
+    (tmp_path / name).write_bytes(data)
+    table = read_table(tmp_path / name, encoding)
+    assert list(table.columns) == ["prompt"] and table["prompt"].tolist() == ["un caf\u00e9"]
+
+
+def test_ids_and_labels_keep_their_text_and_values(tmp_path):
+    (tmp_path / "p.csv").write_text("id,prompt,label\n007,seven,7\n010,ten,1.0\n")
+    table = _prompt_table(read_table(tmp_path / "p.csv"), "p.csv")
+    assert table["id"].tolist() == ["007", "010"] and table["label"].tolist() == [7, 1]

@@ -4,12 +4,7 @@ champion alias; the gate both promoting and rejecting."""
 import base64
 import io
 import json
-import os
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pandas as pd
 import pytest
@@ -19,6 +14,7 @@ from ladd.config import EvaluateConfig
 from ladd.evaluate import evaluate
 from ladd.gate import gate_decision
 from ladd.tracking import check_tracking_server, stage_run
+from conftest import start_mlflow_server
 
 
 def test_gate_decision():
@@ -50,25 +46,7 @@ def test_unreachable_server_is_reported_before_work():
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None, "mlflow server exited"
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start in 120 s")
+    proc, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
     yield uri
     proc.terminate()
     proc.wait(timeout=30)
@@ -111,6 +89,13 @@ def test_evaluate_against_real_server(mlflow_server, monkeypatch, prepared_data,
     image = Image.open(io.BytesIO(base64.b64decode(out["image_png"][0])))
     assert image.size == (32, 32)
 
+    # a rerun (or a retry) of the same student under the same protocol: the same version and decision, none added
+    with stage_run("evaluate") as tracker:
+        again = evaluate(cfg, prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, tracker)
+    assert again["registered"]["version"] == "1" and again["registered"]["already_registered"]
+    assert again["registered"]["promoted"] and again["registered"]["reason"] == "no champion yet"
+    assert [v.version for v in client.search_model_versions("name = 'ladd-student-test'")] == ["1"]
+
     # the gate: a worse candidate is tagged with the reason and the alias stays; a better one takes it
     champion_fd = metrics["student"]["4"]["fd"]
     with stage_run("evaluate") as tracker:
@@ -118,9 +103,10 @@ def test_evaluate_against_real_server(mlflow_server, monkeypatch, prepared_data,
         assert stored["version"] == "1" and stored["metrics"]["fd"] == pytest.approx(champion_fd)
         assert stored["protocol"] == metrics["protocol"]
 
-        def register(candidate):
+        def register(candidate):  # stands for another student: its own identity
             promote, reason = gate_decision(candidate, tracker.champion("ladd-student-test")["metrics"], "fd", "lower", 0.0, 0.01)
-            return tracker.register_student(tiny_student_dir, "ladd-student-test", candidate, promote, reason)
+            return tracker.register_student(tiny_student_dir, "ladd-student-test", {"weights": f"candidate-{candidate['fd']}"},
+                                            candidate, promote, reason)
 
         rejected = register({"fd": champion_fd + 50, "accuracy": 1.0})
         promoted = register({"fd": champion_fd - 1, "accuracy": 1.0})

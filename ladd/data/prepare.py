@@ -7,7 +7,10 @@ written as train/test splits:
 
 from __future__ import annotations
 
+import io
 import logging
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from safetensors.torch import load_file
 
 from ladd.config import PrepareConfig
 from ladd.errors import DataError
-from ladd.io import atomic_dir, save_tensors
+from ladd.io import atomic_dir, read_text, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -81,23 +84,57 @@ def load_digits_split(resolution: int, seed: int) -> tuple[pd.DataFrame, torch.T
     return captions, images
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, newline and carriage return are text
+
+
+def read_table(path: str | Path, encoding: str = "auto") -> pd.DataFrame:
+    """A .csv (any case; text decoded by `encoding`) or .parquet table; DataError naming the file otherwise."""
     path = Path(path)
-    if path.suffix == ".csv":
-        return pd.read_csv(path, keep_default_na=False)
-    if path.suffix in (".parquet", ".pq"):
-        return pd.read_parquet(path)
-    raise ValueError(f"{path}: captions/prompts table must be .csv or .parquet")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            return pd.read_csv(io.StringIO(read_text(path, encoding)), keep_default_na=False, dtype=str)
+        if suffix in (".parquet", ".pq"):
+            return pd.read_parquet(path)
+    except (ValueError, OSError) as e:  # pandas' ParserError and pyarrow's ArrowInvalid are ValueErrors
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path}: cannot be read as a {suffix.lstrip('.')} table: {str(e).splitlines()[0]}") from None
+    raise DataError(f"{path}: captions/prompts table must be .csv or .parquet")
+
+
+def _rows(mask: pd.Series, ids: pd.Series) -> str:
+    """'rows 3, 7 (ids a, b)' for the first few rows where `mask` holds."""
+    rows = np.flatnonzero(mask.to_numpy())
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    return (f"row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows[:5]))}{more} "
+            f"(id {', '.join(map(str, ids.iloc[rows[:5]]))})")
 
 
 def _prompt_table(table: pd.DataFrame, path: str) -> pd.DataFrame:
-    """Normalise a user table to id, prompt, label; accepts `prompt` or `caption` columns."""
+    """Normalise a user table to id, prompt, label; accepts `prompt` or `caption` columns. Every row needs a
+    prompt of printable text and, where the table has labels, an integer label (rows counted from 0)."""
     text = "prompt" if "prompt" in table else "caption" if "caption" in table else None
     if text is None:
         raise DataError(f"{path}: needs a 'prompt' or 'caption' column, has {list(table.columns)}")
     ids = table["id"].astype(str) if "id" in table else pd.Series([f"{Path(path).stem}-{i:06d}" for i in range(len(table))])
-    labels = table["label"].astype(np.int64) if "label" in table else np.full(len(table), -1, dtype=np.int64)
-    return pd.DataFrame({"id": ids.to_numpy(), "prompt": table[text].astype(str).to_numpy(), "label": np.asarray(labels)})
+    prompts = table[text]
+    empty = prompts.isna() | (prompts.astype(str).str.strip() == "")  # parquet nulls would become "None"/"nan"
+    if empty.any():
+        raise DataError(f"{path}: {_rows(empty, ids)} {'have' if empty.sum() > 1 else 'has'} no {text}")
+    prompts = prompts.astype(str)
+    control = prompts.str.contains(_CONTROL)
+    if control.any():
+        raise DataError(f"{path}: {_rows(control, ids)}: the {text} holds control characters (NUL and the like)")
+    labels = np.full(len(table), -1, dtype=np.int64)
+    if "label" in table:
+        numbers = pd.to_numeric(table["label"], errors="coerce")
+        bad = ~np.isfinite(numbers.astype(float)) | (numbers.round() != numbers)
+        if bad.any():
+            raise DataError(f"{path}: {_rows(bad, ids)}: label is not an integer (give every row a label, or "
+                            "drop the column for unlabelled data)")
+        labels = numbers.to_numpy().astype(np.int64)
+    return pd.DataFrame({"id": ids.to_numpy(), "prompt": prompts.to_numpy(), "label": labels})
 
 
 def _rgb(im: Image.Image) -> np.ndarray:
@@ -110,21 +147,37 @@ def _rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
 
 
-def load_folder(images_dir: str, captions_path: str, resolution: int) -> tuple[pd.DataFrame, torch.Tensor]:
-    table = read_table(captions_path)
+def _inside(root: Path, name: str) -> Path | None:
+    """`root / name` when it lies inside `root` after following links; None for absolute names, `..` and links
+    that lead out."""
+    path = (root / name).resolve()
+    return path if not Path(name).is_absolute() and path.is_relative_to(root.resolve()) else None
+
+
+def load_folder(images_dir: str, captions_path: str, resolution: int, encoding: str = "auto",
+                max_pixels: int = 40_000_000) -> tuple[pd.DataFrame, torch.Tensor]:
+    table = read_table(captions_path, encoding)
     if "file" not in table:
         raise DataError(f"{captions_path}: needs a 'file' column naming images in {images_dir}")
     captions = _prompt_table(table, captions_path)
     images = []
     for row, name in enumerate(table["file"].astype(str)):
-        path = Path(images_dir) / name
+        where = f"{captions_path} row {row} (id {captions['id'][row]})"
+        path = _inside(Path(images_dir), name)
+        if path is None:
+            raise DataError(f"{where}: file {name!r} lies outside prepare.images_dir ({images_dir})")
         try:
-            with Image.open(path) as im:
+            with warnings.catch_warnings():  # our own cap below, before any pixel is decoded
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im_file = Image.open(path)
+            with im_file as im:
+                if im.width * im.height > max_pixels:
+                    raise ValueError(f"it is {im.width}x{im.height}, over prepare.max_image_pixels ({max_pixels:,})")
                 if min(im.size) < max(1, resolution // 4):  # more than 4x upscaling invents the image
                     raise ValueError(f"it is {im.width}x{im.height}, under a quarter of prepare.resolution ({resolution})")
                 arr = _rgb(im)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{captions_path} row {row} (id {captions['id'][row]}): cannot read image {path}: {e}") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(f"{where}: cannot read image {Path(images_dir) / name}: {e}") from None
         images.append(resize_images(torch.from_numpy(arr).permute(2, 0, 1)[None], resolution)[0])
     return captions, torch.stack(images)
 
@@ -162,9 +215,9 @@ def prepare(cfg: PrepareConfig) -> dict:
     if cfg.source == "digits":
         captions, images = load_digits_split(cfg.resolution, cfg.seed)
     elif cfg.source == "folder":
-        captions, images = load_folder(cfg.images_dir, cfg.captions, cfg.resolution)
+        captions, images = load_folder(cfg.images_dir, cfg.captions, cfg.resolution, cfg.encoding, cfg.max_image_pixels)
     else:
-        captions = _prompt_table(read_table(cfg.captions), cfg.captions)
+        captions = _prompt_table(read_table(cfg.captions, cfg.encoding), cfg.captions)
     log.info("prepare: %d records from %s", len(captions), cfg.source)
     summary = {"source": cfg.source, "resolution": cfg.resolution}
     with atomic_dir(cfg.out_dir) as tmp:

@@ -4,8 +4,9 @@ synthetic data's validation suite."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +14,31 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ladd.errors import ValidationFailed
+from ladd.errors import StaleInput, ValidationFailed
+
+
+def synthesis_settings(cfg, resolutions: list[tuple[int, int]]) -> dict:
+    """The `synthesize` settings a data set was made with, as its manifest stores them under `run` (beside the
+    teacher's and the prompts' fingerprints); `cfg` is a SynthesizeConfig, `resolutions` its resolved buckets."""
+    run = {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "device", "batch_size")}
+    return json.loads(json.dumps({**run, "resolutions": [list(r) for r in resolutions]}))
+
+
+def check_settings(out_dir: str | Path, settings: dict) -> None:
+    """StaleInput (exit 4) when the data set in `out_dir` was made with other `synthesize` settings than these
+    (params.yaml edited, synthesize not rerun): training on it would silently use the old ones."""
+    manifest_path = Path(out_dir) / "manifest.json"
+    if not manifest_path.is_file():
+        return  # load_synthetic names what is missing
+    made = json.loads(manifest_path.read_text())["run"]
+    changed = [f"{k}: {made.get(k)} -> {v}" for k, v in settings.items() if made.get(k) != v]
+    if changed:
+        raise StaleInput(f"{out_dir} was made with other synthesize settings than params.yaml's ({'; '.join(changed)}): "
+                         "run `ladd synthesize` first")
+
+
+def shard_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def shard_fingerprint(path: Path) -> str | None:
@@ -71,6 +96,12 @@ def load_synthetic(out_dir: str | Path) -> Synthetic:
         if not (out / name).is_file():
             raise FileNotFoundError(f"{out / name} is missing (listed in {manifest_path}): rerun `ladd synthesize`")
     run_fp = json.dumps(manifest["run"], sort_keys=True)
+    changed = [name for name, digest in zip(manifest["shard_files"], manifest.get("shard_sha256", []))
+               if shard_sha256(out / name) != digest]
+    if changed:
+        raise ValidationFailed(f"{out}: the content of {', '.join(changed)} no longer matches its sha256 in "
+                               f"{manifest_path} (changed after synthesize wrote it): delete "
+                               f"{'it' if len(changed) == 1 else 'them'} and rerun `ladd synthesize`")
     foreign = [name for name in manifest["shard_files"] if shard_fingerprint(out / name) != run_fp]
     if foreign:
         raise ValidationFailed(f"{out}: {', '.join(foreign)} {'was' if len(foreign) == 1 else 'were'} not written "
