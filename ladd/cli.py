@@ -59,11 +59,10 @@ def run_synthesize(p: Params, tracker) -> dict:
 
 
 def run_distill(p: Params, tracker) -> dict:
-    from ladd.data.synthetic import check_settings, synthesis_settings
+    from ladd.data.synthetic import bucket_resolutions, check_settings, synthesis_settings
     from ladd.distill import distill
-    from ladd.pipeline import native_resolution
 
-    resolutions = [tuple(r) for r in p.synthesize.resolutions or ()] or [native_resolution(p.teacher.out_dir)]
+    resolutions = bucket_resolutions(p.synthesize, p.teacher.out_dir)
     check_settings(p.synthesize.out_dir, synthesis_settings(p.synthesize, resolutions))  # not data of older settings
     return distill(p.distill, p.teacher.out_dir, p.synthesize.out_dir, tracker)
 
@@ -81,12 +80,13 @@ def run_export(p: Params, tracker) -> dict:
 
 
 # the output a second run of the stage would interleave with: held (flock) for the whole stage, on rank 0
-# (synthesize and distill hold their data set and checkpoint themselves)
 LOCKED_OUTPUTS = {
     "prepare": lambda p: p.prepare.out_dir,
     "validate": lambda p: f"{p.validate.report_dir}/data",
     "classifier": lambda p: p.classifier.out_dir,
     "teacher": lambda p: p.teacher.out_dir,
+    "synthesize": lambda p: p.synthesize.out_dir,
+    "distill": lambda p: p.distill.checkpoint,  # the resume point: the student is rebuilt from it
     "evaluate": lambda p: f"{p.evaluate.out_dir}/.evaluate",
     "export": lambda p: p.export.out_dir,
 }
@@ -206,9 +206,7 @@ def _main(argv: list[str] | None = None) -> int:
                 from dataclasses import asdict
 
                 tracker.log_params({f"{args.stage}.{k}": v for k, v in asdict(section).items()})
-            lock = exclusive(LOCKED_OUTPUTS[args.stage](params)) if args.stage in LOCKED_OUTPUTS and rank == 0 \
-                else contextlib.nullcontext()
-            with lock:
+            with exclusive(LOCKED_OUTPUTS[args.stage](params)) if rank == 0 else contextlib.nullcontext():
                 result = STAGES[args.stage](params, tracker)
     except Exception as e:
         from ladd.distributed import peer_failed

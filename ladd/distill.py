@@ -10,7 +10,6 @@ rows of the global batch (`ladd.distributed` holds the plumbing).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import io
@@ -34,7 +33,7 @@ from ladd.errors import ConfigError
 from ladd.discriminator import Discriminator, default_feature_layers
 from ladd.distributed import (World, close_world, full_optimizer_state, full_state_dict, full_tensor, init_world,
                               load_full_optimizer_state, load_full_state_dict, shard, unwrap, wrap_student)
-from ladd.io import atomic_dir, atomic_file, exclusive, fingerprint, write_json
+from ladd.io import atomic_dir, atomic_file, fingerprint, write_json
 from ladd.generate import record_noise
 from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, gan_health, mean_logits
 from ladd.pipeline import encode_prompts, load_pipeline, load_transformer, max_sequence_length, read_meta, write_meta
@@ -203,8 +202,7 @@ def save_run(cfg: DistillConfig, teacher_dir, student, ema, world: World, meta: 
 def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Path, tracker) -> dict:
     world = init_world(cfg.device)
     try:
-        with exclusive(cfg.checkpoint) if world.main else contextlib.nullcontext():  # one run per checkpoint
-            return _distill(cfg, teacher_dir, synthetic_dir, tracker, world)
+        return _distill(cfg, teacher_dir, synthetic_dir, tracker, world)
     finally:
         close_world(world)
 

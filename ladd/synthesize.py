@@ -24,7 +24,6 @@ the number of processes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -39,11 +38,11 @@ from tqdm.auto import tqdm
 
 from ladd.config import SynthesizeConfig
 from ladd.data.prepare import load_split
-from ladd.data.synthetic import shard_fingerprint, shard_sha256, synthesis_settings
+from ladd.data.synthetic import bucket_resolutions, shard_fingerprint, shard_sha256, synthesis_settings
 from ladd.generate import generate_latents, record_noise
-from ladd.io import atomic_file, exclusive, fingerprint, replace_dir, restore_interrupted_swap, save_tensors, write_json
+from ladd.io import atomic_file, fingerprint, replace_dir, restore_interrupted_swap, save_tensors, write_json
 from ladd.distributed import close_world, init_world
-from ladd.pipeline import bucket_latent_shapes, encode_prompts, load_pipeline, max_sequence_length, native_resolution
+from ladd.pipeline import bucket_latent_shapes, encode_prompts, load_pipeline, max_sequence_length
 from ladd.sampling import flow_sigmas
 
 log = logging.getLogger(__name__)
@@ -104,15 +103,14 @@ def synthesize(cfg: SynthesizeConfig, data_dir: str | Path, teacher_dir: str | P
     set before it replaces `cfg.out_dir`."""
     world = init_world(cfg.device)
     try:
-        with exclusive(cfg.out_dir) if world.main else contextlib.nullcontext():  # one run per data set
-            return _synthesize(cfg, data_dir, teacher_dir, tracker, check, world)
+        return _synthesize(cfg, data_dir, teacher_dir, tracker, check, world)
     finally:
         close_world(world)
 
 
 def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, world) -> dict:
     out, device = Path(cfg.out_dir), world.device
-    resolutions = [tuple(r) for r in cfg.resolutions] if cfg.resolutions else [native_resolution(teacher_dir)]
+    resolutions = bucket_resolutions(cfg, teacher_dir)
     shapes = bucket_latent_shapes(teacher_dir, resolutions, "synthesize.resolutions")  # before any work
     weights = list(cfg.resolution_weights or [1.0] * len(resolutions))
     captions = load_split(Path(data_dir) / "train").captions

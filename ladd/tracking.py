@@ -201,8 +201,11 @@ def as_tracking_unavailable(error: Exception) -> TrackingUnavailable | None:
     server = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
     if not server or server not in text:
         return None
-    lost = "ConnectionError" in type(error).__name__ or (
-        type(error).__name__ == "MlflowException" and text.startswith("API request to") and "failed with" in text)
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import ConnectionError as Unreachable
+
+    lost = isinstance(error, Unreachable) or (
+        isinstance(error, MlflowException) and text.startswith("API request to") and "failed with" in text)
     if not lost:
         return None
     return TrackingUnavailable(f"the MLflow tracking server {masked_uri(uri)} stopped answering during the stage; the "

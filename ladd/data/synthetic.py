@@ -12,9 +12,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 from ladd.errors import StaleInput, ValidationFailed
+from ladd.pipeline import native_resolution
+
+
+def bucket_resolutions(cfg, teacher_dir: str | Path) -> list[tuple[int, int]]:
+    """The (H, W) buckets a SynthesizeConfig asks for: `resolutions`, else the teacher's native size."""
+    return [tuple(r) for r in cfg.resolutions] if cfg.resolutions else [native_resolution(teacher_dir)]
 
 
 def synthesis_settings(cfg, resolutions: list[tuple[int, int]]) -> dict:
@@ -96,8 +102,9 @@ def load_synthetic(out_dir: str | Path) -> Synthetic:
         if not (out / name).is_file():
             raise FileNotFoundError(f"{out / name} is missing (listed in {manifest_path}): rerun `ladd synthesize`")
     run_fp = json.dumps(manifest["run"], sort_keys=True)
+    data = {name: (out / name).read_bytes() for name in manifest["shard_files"]}  # each shard read once
     changed = [name for name, digest in zip(manifest["shard_files"], manifest.get("shard_sha256", []))
-               if shard_sha256(out / name) != digest]
+               if hashlib.sha256(data[name]).hexdigest() != digest]
     if changed:
         raise ValidationFailed(f"{out}: the content of {', '.join(changed)} no longer matches its sha256 in "
                                f"{manifest_path} (changed after synthesize wrote it): delete "
@@ -109,7 +116,7 @@ def load_synthetic(out_dir: str | Path) -> Synthetic:
                                "`ladd synthesize`")
     records = pd.read_parquet(out / "records.parquet")
     times = manifest.get("trajectory_times", [])
-    shards = [(b, load_file(out / name)) for name, b in zip(manifest["shard_files"], manifest["shard_buckets"])]
+    shards = [(b, load(data.pop(name))) for name, b in zip(manifest["shard_files"], manifest["shard_buckets"])]
     buckets = []
     for b, spec in enumerate(manifest["buckets"]):
         mine = [s for sb, s in shards if sb == b]
