@@ -18,6 +18,7 @@ import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ladd.config import DISTILL_PRESETS, load_params
@@ -40,7 +41,8 @@ def train_and_score(params, name: str, steps: int, out: Path, overrides: dict | 
                   checkpoint=str(out / "distill.safetensors"))
     if overrides:
         cfg = replace(cfg, preset=None, **{**(DISTILL_PRESETS[preset] if preset else {}), **overrides})
-    settings = json.loads(json.dumps(asdict(cfg)))
+    settings = {**json.loads(json.dumps(asdict(cfg))), "teacher": fingerprint(params.teacher.out_dir),
+                "synthetic": fingerprint(Path(params.synthesize.out_dir) / "manifest.json")}
     ecfg = replace(params.evaluate, out_dir=str(out / "reports"), register=False, device="cpu")
     scoring = {"evaluate": json.loads(json.dumps(asdict(ecfg))), "code": fingerprint(*EVALUATION_CODE)}
     trained, result_path = out / "train.json", out / "result.json"
@@ -84,8 +86,28 @@ def rank_agreement(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_difference(results: list[dict], name: str = "default", baseline: str = "no_adversarial") -> str:
+    """`name`'s FD minus `baseline`'s at each step count, per sampling seed (the same noise for both), as the
+    mean ± std of those paired differences: what the adversarial term buys where the difference beats the spread."""
+    by_name = {r["name"]: r["metrics"]["student"] for r in results}
+    if name not in by_name or baseline not in by_name:
+        return ""
+    lines = [f"{name} - {baseline}, FD per sampling seed (paired; negative: {name} better):"]
+    for k in sorted(by_name[name], key=int):
+        diffs = np.array([a["fd"] - b["fd"] for a, b in zip(by_name[name][k]["per_seed"], by_name[baseline][k]["per_seed"])])
+        spread = diffs.std(ddof=1)
+        verdict = "better" if diffs.mean() < -spread else "worse" if diffs.mean() > spread else "within the spread"
+        lines.append(f"  @{k}: {diffs.mean():+.1f} ± {spread:.1f} ({verdict}; per seed {', '.join(f'{d:+.1f}' for d in diffs)})")
+    return "\n".join(lines)
+
+
 def fmt(row: dict, key: str, digits: int = 1) -> str:
     return f"{row[key]:.{digits}f}±{row[key + '_std']:.{digits}f}"
+
+
+def health(h: dict) -> str:
+    """GAN health in a cell: the verdict and the heads' loss below chance (in %)."""
+    return h["status"] if h["status"] == "off" else f"{h['status']} ({h['gain_over_chance'] * 100:.0f}%)"
 
 
 def table(results: list[dict]) -> str:
@@ -109,7 +131,7 @@ def table(results: list[dict]) -> str:
                  f"{last['precision']:.3f}", f"{last['recall']:.3f}", f"{r['train']['sec_per_step']:.3f}",
                  *[f"{s[k]['fd'] / teacher['fd']:.2f}" for k in steps],
                  *[f"{s[k]['fd'] / naive[k]['fd']:.2f}" for k in steps[:-1]],
-                 f"{r['train']['gan_health']['status']} ({r['train']['gan_health']['gain_over_chance'] * 100:.0f}%)"]
+                 health(r['train']['gan_health'])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "FD-T@k: FD of the student's k-step samples to the reference teacher's samples of the same prompts "
               "under another seed (no real images); FD@k/T: student FD at k steps over the teacher's (targets: @1 <= 1.15, @2 <= 1.10, @4 <= 1.00); "
@@ -133,7 +155,7 @@ def main():
     for name in args.variants.split(","):
         print(f"== {name}", flush=True)
         results.append(train_and_score(params, name, args.steps or params.distill.steps, out))
-    text = describe() + "\n\n" + table(results) + "\n\n" + rank_agreement(results)
+    text = describe() + "\n\n" + table(results) + "\n\n" + paired_difference(results) + "\n\n" + rank_agreement(results)
     (out / "table.md").write_text(text + "\n")
     print(text)
 

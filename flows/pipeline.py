@@ -79,7 +79,8 @@ def _metrics_markdown(metrics: dict) -> str:
 
 def _distill_markdown(summary: dict, run: dict) -> str:
     health = summary.get("gan_health", {})
-    flag = "" if health.get("status") == "ok" else "**Warning: the adversarial part did not work.** "
+    flag = {"ok": "", "off": "", "partial": "**Warning: the heads separate real from fake at some student times only.** "
+            }.get(health.get("status"), "**Warning: the adversarial part did not work.** ")
     cost = f", {run['sec_per_step'] * 1000:.0f} ms/step on {run['device']} x {run['world_size']}" if run else ""
     return (f"{flag}GAN health: {health.get('summary', 'not recorded')}\n\n"
             f"{summary['steps']} steps{cost}, {summary['skipped_updates']} skipped updates.")

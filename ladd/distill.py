@@ -35,7 +35,7 @@ from ladd.distributed import (World, close_world, full_optimizer_state, full_sta
                               load_full_optimizer_state, load_full_state_dict, shard, unwrap, wrap_student)
 from ladd.io import atomic_dir, atomic_file, fingerprint, write_json
 from ladd.generate import record_noise
-from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, gan_health, mean_logits
+from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, gan_health, heads_loss, per_row, student_loss
 from ladd.pipeline import encode_prompts, load_pipeline, load_transformer, max_sequence_length, read_meta, write_meta
 from ladd.plots import plot_curves
 from ladd.schedules import SCHEDULER_FLAGS, few_step_times
@@ -49,8 +49,10 @@ CURVE_FIELDS = ("step", "loss_d", "loss_g", "loss_adv", "loss_reg", "logits_real
                 "skipped")
 
 
-def curve_fields(heads: int) -> list[str]:
-    return [*CURVE_FIELDS, *(f"logits_{kind}_h{i}" for i in range(heads) for kind in ("real", "fake"))]
+def curve_fields(heads: int, times: int) -> list[str]:
+    """The curve CSV's columns: losses, logits per head, and the heads' loss and real - fake gap per student time."""
+    return [*CURVE_FIELDS, *(f"logits_{kind}_h{i}" for i in range(heads) for kind in ("real", "fake")),
+            *(f"{kind}_t{k}" for k in range(times) for kind in ("loss_d", "gap"))]
 
 
 def student_times(cfg: DistillConfig) -> torch.Tensor:
@@ -118,6 +120,42 @@ def _resumable(cfg: DistillConfig, run: dict) -> bool:
     return True
 
 
+@torch.no_grad()
+def _curve_values(world: World, adversarial, heads: int, times: int, k, real_logits, fake_logits, loss_g, loss_adv,
+                  loss_reg, grad_norm_g) -> dict:
+    """One curve row, over every rank's rows: the losses, the mean real and fake logits (per head too), and per
+    student time the heads' loss and real - fake gap (NaN where no judged row had that time). Sums and counts
+    are reduced, so ranks with more judged rows weigh more."""
+    n = torch.tensor(float(len(k)))
+    if len(k):
+        real = [r.mean(1).float() for r in real_logits]
+        fake = [f.mean(1).float() for f in fake_logits]
+        row_loss = per_row(adversarial.real, real_logits).float() + per_row(adversarial.fake, fake_logits).float()
+        row_gap = torch.stack(real).mean(0) - torch.stack(fake).mean(0)
+        at = [k == j for j in range(times)]
+        sums = [row_loss.sum(), *(x.sum() for pair in zip(real, fake) for x in pair),
+                *(x for m in at for x in (row_loss[m].sum(), row_gap[m].sum(), m.sum().float()))]
+    else:
+        sums = [torch.tensor(0.0)] * (1 + 2 * heads + 3 * times)
+    sums = world.mean(torch.stack([torch.as_tensor(x, dtype=torch.float32).cpu().reshape(()) for x in [n, *sums]]))
+    plain = world.mean(torch.stack([v.detach().float().cpu().reshape(()) for v in (loss_g, loss_adv, loss_reg, grad_norm_g)]))
+    n, loss_sum, heads_sums, time_sums = sums[0], sums[1], sums[2:2 + 2 * heads], sums[2 + 2 * heads:]
+
+    def ratio(a, b):
+        return float(a / b) if b > 0 else math.nan
+
+    row = dict(zip(("loss_g", "loss_adv", "loss_reg", "grad_norm_g"), plain.tolist()))
+    row["loss_d"] = ratio(loss_sum, n)  # the heads' adversarial loss alone (R1 apart): comparable with chance
+    for i in range(heads):
+        row[f"logits_real_h{i}"], row[f"logits_fake_h{i}"] = ratio(heads_sums[2 * i], n), ratio(heads_sums[2 * i + 1], n)
+    row["logits_real"] = sum(row[f"logits_real_h{i}"] for i in range(heads)) / heads
+    row["logits_fake"] = sum(row[f"logits_fake_h{i}"] for i in range(heads)) / heads
+    for j in range(times):
+        loss_j, gap_j, n_j = time_sums[3 * j: 3 * j + 3]
+        row[f"loss_d_t{j}"], row[f"gap_t{j}"] = ratio(loss_j, n_j), ratio(gap_j, n_j)
+    return row
+
+
 def _curve_path(cfg: DistillConfig) -> Path:
     return Path(cfg.checkpoint).with_suffix(".curve.csv")
 
@@ -142,9 +180,9 @@ def trajectory_states(bucket: Bucket, stored_times: list[float], times: torch.Te
     return bucket.trajectory[:, columns]
 
 
-def _write_curve(path: Path, rows: list[dict], heads: int) -> None:
+def _write_curve(path: Path, rows: list[dict], heads: int, times: int) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=curve_fields(heads))
+    writer = csv.DictWriter(buf, fieldnames=curve_fields(heads, times))
     writer.writeheader()
     writer.writerows(rows)
     with atomic_file(path) as tmp:
@@ -190,7 +228,7 @@ def save_run(cfg: DistillConfig, teacher_dir, student, ema, world: World, meta: 
         write_json(run_report_path(cfg), facts)
         health = summary["gan_health"]
         curves_png = plot_curves(curve, heads, _curve_path(cfg).with_suffix(".png"), health["summary"],
-                                 health.get("chance_loss"))
+                                 health.get("chance_loss"), meta["student_times"])
         tracker.log_metrics({f"distill/health/{k}": v for k, v in health.items() if isinstance(v, (int, float))})
         tracker.set_tags({"distill.gan_health": health["status"]})
         tracker.log_artifact(curves_png, "distill")
@@ -296,7 +334,9 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     embeds, pooled, prompt_index, msl, text_pipe = encode_training_prompts(teacher_dir, teacher, records,
                                                                            plan["release_text_encoders"])
     student, ema, disc, layers, opt_g, opt_d = build_networks(cfg, teacher_dir, teacher, plan, world)
-    d_loss_fn, g_loss_fn = ADVERSARIAL_LOSSES[cfg.loss]
+    adversarial = ADVERSARIAL_LOSSES[cfg.loss]
+    # lambda_adv per student time: the heads judge (and the teacher runs for) only rows with a weight above 0
+    adversarial_weights = cfg.adversarial_weight * torch.tensor(cfg.adversarial_time_weights or [1.0] * len(times)).to(device)
     modules, optimizers = {"student": student, "ema": ema, "disc": disc}, {"opt_g": (student, opt_g), "opt_d": (disc, opt_d)}
     start = resume_state(cfg, modules, optimizers, gen, world) if resume else 0
 
@@ -306,7 +346,7 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
         opt_states = {name: full_optimizer_state(module, opt) for name, (module, opt) in optimizers.items()}
         if world.main:
             save_checkpoint(cfg.checkpoint, step, states, opt_states, {"data": gen}, meta=run)
-            _write_curve(_curve_path(cfg), curve, len(layers))
+            _write_curve(_curve_path(cfg), curve, len(layers), len(times))
 
     curve = _read_curve(_curve_path(cfg), start)
     tracker.log_params({"distill.resolved.feature_layers": layers, "distill.resolved.student_times": times.tolist(),
@@ -348,7 +388,7 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
             with autocast:
                 x_t[simulated] = backward_simulate(student_x0, k[simulated], times.to(device), c[simulated], p[simulated],
                                                    x0[simulated], sampler_step, gen)
-        return x0[mine], c[mine], p[mine], t, x_t[mine], simulated.to(device)[mine]
+        return x0[mine], c[mine], p[mine], t, x_t[mine], simulated.to(device)[mine], k.to(device)[mine]
 
     def noise(like):
         """Noise for the global batch from the shared stream; this rank's rows of it."""
@@ -368,6 +408,10 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
                 loss = loss + weight * masked_mse(x0_hat, target, rows, per_rank)
         return loss
 
+    def judged_features(x, t_hat, eps, rows, c, p):
+        """The frozen teacher's features of the selected rows of x re-noised to t_hat."""
+        return disc.features(noise_to(x[rows], t_hat[rows], eps[rows]), t_hat[rows], c[rows], p[rows])
+
     skipped, step_times = 0, []
     for step in (bar := tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="distill", mininterval=2,
                              disable=not world.main)):
@@ -375,19 +419,25 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
         # 1-2. A batch of teacher latents and prompts; student times from the warm-up schedule, then the
         #      biased one; the student's input at those times.
         probs = torch.tensor(cfg.warmup_probs if step < cfg.warmup_steps else cfg.probs)
-        x0, c, p, t_all, x_t, simulated = student_batch(probs)
+        x0, c, p, t_all, x_t, simulated, k = student_batch(probs)
         t = t_all[mine]
         # 3. Student update: x0_hat = x_t - t v, re-noised to t_hat and judged by the heads on the frozen
-        #    teacher's features; the gradient flows through the teacher's forward pass into x0_hat. Plus the
-        #    optional regression term.
+        #    teacher's features (the rows whose time has an adversarial weight); the gradient flows through the
+        #    teacher's forward pass into x0_hat. Plus the optional regression term.
         disc.requires_grad_(False)
         t_fake = renoise_time(t_all, cfg.renoise_mean, cfg.renoise_std, gen)[mine]
         eps_fake = noise(x0)
+        weight = adversarial_weights[k]
+        judged = weight > 0
+        fake_features = None
         with autocast:
             x0_hat = student_x0(x_t, t, c, p)
-            fake_features = disc.features(noise_to(x0_hat, t_fake, eps_fake), t_fake, c, p)
-            loss_adv = g_loss_fn(disc.heads_logits(fake_features, t_fake, p))
             loss_reg = regression_loss(x0_hat, x0, x_t, t, c, p, simulated)
+            loss_adv = x0_hat.sum() * 0
+            if judged.any():
+                fake_features = judged_features(x0_hat, t_fake, eps_fake, judged, c, p)
+                loss_adv = student_loss(adversarial, disc.heads_logits(fake_features, t_fake[judged], p[judged]),
+                                        weight[judged], len(weight))
             loss_g = loss_adv + loss_reg
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()  # DDP / FSDP average the student's gradient over the ranks here
@@ -402,48 +452,51 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
         #    D step reuses the G step's fake features, detached: the same x0_hat and t_hat it would draw,
         #    one teacher forward fewer per step.
         disc.requires_grad_(True)
-        for k in range(cfg.d_steps_per_g):
-            if k == 0:
-                fake_features, t_fk = [f.detach() for f in fake_features], t_fake
+        for d_step in range(cfg.d_steps_per_g):
+            if d_step == 0:
+                fake_features, t_fk = fake_features and [f.detach() for f in fake_features], t_fake
             else:  # extra D steps see a fresh batch and fresh student samples
-                x0, c, p, t_all, x_t, _ = student_batch(probs)
+                x0, c, p, t_all, x_t, _, k = student_batch(probs)
+                judged = adversarial_weights[k] > 0
                 t_fk = renoise_time(t_all, cfg.renoise_mean, cfg.renoise_std, gen)[mine]
+                eps_fake = noise(x0)
                 with torch.no_grad(), autocast:
-                    x_fake = noise_to(student_x0(x_t, t_all[mine], c, p), t_fk, noise(x0))
-                    fake_features = disc.features(x_fake, t_fk, c, p)
+                    x0_hat = student_x0(x_t, t_all[mine], c, p)
+                    fake_features = judged_features(x0_hat, t_fk, eps_fake, judged, c, p) if judged.any() else None
             t_real = renoise_time(t_all, cfg.renoise_mean, cfg.renoise_std, gen)[mine] if cfg.independent_renoise else t_fk
-            x_real = noise_to(x0, t_real, noise(x0))
-            with autocast:
-                with torch.no_grad():
-                    real_features = disc.features(x_real, t_real, c, p)
-                real_logits = disc.heads_logits(real_features, t_real, p)
-                fake_logits = disc.heads_logits(fake_features, t_fk, p)
-                loss_d = d_loss_fn(real_logits, fake_logits)
-                if cfg.r1_weight > 0:
+            eps_real = noise(x0)
+            real_logits = fake_logits = []
+            if fake_features:
+                with autocast:
                     with torch.no_grad():
-                        noisy = x_real + cfg.r1_sigma * noise(x_real)
-                        feats_p = disc.features(noisy, t_real, c, p)
-                    loss_d = loss_d + cfg.r1_weight * approx_r1(real_logits, disc.heads_logits(feats_p, t_real, p))
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
+                        real_features = judged_features(x0, t_real, eps_real, judged, c, p)
+                    real_logits = disc.heads_logits(real_features, t_real[judged], p[judged])
+                    fake_logits = disc.heads_logits(fake_features, t_fk[judged], p[judged])
+                    loss_d = heads_loss(adversarial, real_logits, fake_logits)
+                    if cfg.r1_weight > 0:
+                        with torch.no_grad():
+                            noisy = noise_to(x0, t_real, eps_real)[judged] + cfg.r1_sigma * noise(x0)[judged]
+                            feats_p = disc.features(noisy, t_real[judged], c[judged], p[judged])
+                        loss_d = loss_d + cfg.r1_weight * approx_r1(real_logits, disc.heads_logits(feats_p, t_real[judged], p[judged]))
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+            else:  # no judged row on this rank: zero gradients, so the ranks' heads stay equal
+                opt_d.zero_grad(set_to_none=True)
             world.average_gradients(disc.parameters())  # the heads are replicated on every rank
             if torch.isfinite(torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)):
                 opt_d.step()
             else:
                 skipped += 1
         step_times.append(time.perf_counter() - tick)
-        # 5. Bookkeeping: curves (per head too, means over the ranks) through the tracker, atomic checkpoint
-        #    (weights, optimisers, EMA, RNG, step) from rank 0.
+        # 5. Bookkeeping: curves (per head and per student time too, over every rank's rows) through the tracker,
+        #    atomic checkpoint (weights, optimisers, EMA, RNG, step) from rank 0.
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            scalars = [loss_d, loss_g, loss_adv, loss_reg, mean_logits(real_logits), mean_logits(fake_logits), grad_norm_g,
-                       *(x for r, f in zip(real_logits, fake_logits) for x in (r.mean(), f.mean()))]
-            values = world.mean(torch.stack([v.detach().float().reshape(()) for v in scalars])).tolist()
-            row = {"step": step, **dict(zip(["loss_d", "loss_g", "loss_adv", "loss_reg", "logits_real", "logits_fake",
-                                             "grad_norm_g"], values[:7])), "skipped": skipped}
-            for i in range(len(real_logits)):
-                row |= {f"logits_real_h{i}": values[7 + 2 * i], f"logits_fake_h{i}": values[8 + 2 * i]}
+            row = {"step": step, **_curve_values(world, adversarial, len(layers), len(times), k[judged], real_logits,
+                                                 fake_logits, loss_g, loss_adv, loss_reg, grad_norm_g),
+                   "skipped": skipped}
             curve.append(row)
-            tracker.log_metrics({f"distill/{k}": v for k, v in row.items() if k != "step"}, step=step)
+            tracker.log_metrics({f"distill/{name}": v for name, v in row.items() if name != "step" and math.isfinite(v)},
+                                step=step)
             bar.set_postfix(d=f"{row['loss_d']:.3f}", g=f"{row['loss_adv']:.3f}", real=f"{row['logits_real']:.2f}",
                             fake=f"{row['logits_fake']:.2f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
@@ -451,7 +504,7 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
 
     # 6. GAN health over the last quarter of training; what the weights are (versioned with the student) apart
     #    from how this run went (timings, device, resume: a cache-free report beside the checkpoint).
-    health = gan_health(curve, cfg.loss, len(layers))
+    health = gan_health(curve, cfg.loss, len(layers), len(times))
     (log.info if health["status"] == "ok" else log.warning)("distill: GAN health %s", health["summary"])
     summary = {"steps": cfg.steps, "skipped_updates": skipped, "gan_health": health}
     steady = step_times[min(5, len(step_times) - 1):] if step_times else []

@@ -83,10 +83,15 @@ class World:
         return torch.cat(out)
 
     def average_gradients(self, params) -> None:
-        """All-reduce (mean) the gradients of replicated parameters, as one flat buffer."""
-        grads = [p.grad for p in params if p.grad is not None]
-        if self.size == 1 or not grads:
+        """All-reduce (mean) the gradients of replicated parameters, as one flat buffer. A rank whose batch left
+        them without a gradient joins with zeros (every rank must reach the all-reduce)."""
+        if self.size == 1:
             return
+        params = list(params)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         flat /= self.size

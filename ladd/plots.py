@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ladd.io import atomic_file
@@ -16,9 +17,11 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_curves(curve: list[dict], heads: int, path: str | Path, title: str = "", chance: float | None = None) -> Path:
-    """Distillation curves: the losses (with the heads' chance level) and each head's mean real and fake
-    logits, smoothed over ~5% of the run, so a glance shows whether the adversarial part worked."""
+def plot_curves(curve: list[dict], heads: int, path: str | Path, title: str = "", chance: float | None = None,
+                times: list[float] | None = None) -> Path:
+    """Distillation curves: the losses (with the heads' chance level), each head's mean real and fake logits,
+    and the heads' real - fake gap at each student time, smoothed over ~5% of the run, so a glance shows
+    whether (and at which student times) the adversarial part worked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,7 +29,7 @@ def plot_curves(curve: list[dict], heads: int, path: str | Path, title: str = ""
 
     steps = [r["step"] for r in curve]
     window = max(1, len(curve) // 20)
-    fig, (ax_loss, ax_logits) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (ax_loss, ax_logits, ax_times) = plt.subplots(1, 3, figsize=(17, 4.2))
     for key in ("loss_d", "loss_adv", "loss_reg"):
         if curve and key in curve[0]:
             ax_loss.plot(steps, smooth([r[key] for r in curve], window), label=key)
@@ -42,6 +45,16 @@ def plot_curves(curve: list[dict], heads: int, path: str | Path, title: str = ""
                        label=f"head {i} fake")
     ax_logits.set(xlabel="step", ylabel="mean logit", title="discriminator heads: real (solid) vs fake (dashed)")
     ax_logits.legend(fontsize=7, ncol=2)
+    judged = 0
+    for k, t in enumerate(times or []):
+        points = [(r["step"], r[f"gap_t{k}"]) for r in curve if math.isfinite(r.get(f"gap_t{k}", math.nan))]
+        if points:
+            judged += 1
+            ax_times.plot([s for s, _ in points], smooth([g for _, g in points], window), label=f"student t = {t:.3g}")
+    ax_times.axhline(0, color="grey", linestyle=":")
+    ax_times.set(xlabel="step", ylabel="real - fake logit", title="heads' gap per student time (judged times only)")
+    if judged:
+        ax_times.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

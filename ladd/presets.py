@@ -2,9 +2,12 @@
 params.yaml's section, so the paper's recipe (and every other compared one) is one setting away.
 `ladd.variants` implements the pieces they name. Plain data: no imports, so config loading stays light."""
 
-_PAPER_LADD = dict(student_input="noised", backward_share=0.0, renoise_times="logit_normal", renoise_mean=1.0,
-                   renoise_std=1.0, regression_weight=0.0, regression_weight_one=0.0, regression_target="endpoint")
+_PAPER_LADD = dict(adversarial_weight=1.0, adversarial_time_weights=None, student_input="noised", backward_share=0.0,
+                   renoise_times="logit_normal", renoise_mean=1.0, renoise_std=1.0, regression_weight=0.0,
+                   regression_weight_one=0.0, regression_target="endpoint")
 DISTILL_PRESETS: dict[str, dict] = {
+    # params.yaml's recipe without its adversarial term (regression alone): what the adversarial loss buys
+    "no_adversarial": {"adversarial_weight": 0.0},
     # Sauer et al. 2024 as published: noised teacher latents, t_hat ~ LogitNormal(1, 1), adversarial loss alone
     "ladd": _PAPER_LADD,
     # t < 1 inputs are the teacher's own path states, regressed onto their sharp endpoints (PCM, Hyper-SD)

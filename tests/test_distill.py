@@ -15,7 +15,7 @@ from ladd.errors import ConfigError
 from ladd.discriminator import Discriminator, default_feature_layers
 from ladd.distill import distill
 from ladd.schedules import student_sigmas
-from ladd.losses import approx_r1, hinge_d, hinge_g, nonsaturating_d, nonsaturating_g
+from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, heads_loss, per_row
 from ladd.pipeline import encode_prompts, latent_shape, load_pipeline, max_sequence_length, read_meta
 from ladd.sampling import cfg_velocity, sample_renoise
 from ladd.data.synthetic import load_synthetic
@@ -26,11 +26,12 @@ from ladd.variants import noise_to
 
 def test_hinge_and_nonsaturating_losses():
     real, fake = [torch.tensor([[2.0, 0.5]])], [torch.tensor([[-2.0, 0.0]])]
-    assert hinge_d(real, fake).item() == pytest.approx((0 + 0.5) / 2 + (0 + 1) / 2)
-    assert hinge_g(fake).item() == pytest.approx(1.0)
+    hinge, nonsaturating = ADVERSARIAL_LOSSES["hinge"], ADVERSARIAL_LOSSES["nonsaturating"]
+    assert heads_loss(hinge, real, fake).item() == pytest.approx((0 + 0.5) / 2 + (0 + 1) / 2)
+    assert per_row(hinge.student, fake).mean().item() == pytest.approx(1.0)
     sp = torch.nn.functional.softplus
-    assert nonsaturating_d(real, fake).item() == pytest.approx((sp(-real[0]).mean() + sp(fake[0]).mean()).item())
-    assert nonsaturating_g(fake).item() == pytest.approx(sp(-fake[0]).mean().item())
+    assert heads_loss(nonsaturating, real, fake).item() == pytest.approx((sp(-real[0]).mean() + sp(fake[0]).mean()).item())
+    assert per_row(nonsaturating.student, fake).mean().item() == pytest.approx(sp(-fake[0]).mean().item())
     assert approx_r1(real, real).item() == 0.0
 
 
@@ -80,7 +81,7 @@ def test_student_gradient_flows_through_frozen_teacher(tiny_teacher_dir):
     x0_hat = x_t - student(hidden_states=x_t, encoder_hidden_states=e, pooled_projections=p, timestep=t * 1000).sample
     logits = disc(noise_to(x0_hat, torch.full((2,), 0.6), torch.randn_like(x0_hat)), torch.full((2,), 0.6), e, p)
     assert [lg.shape for lg in logits] == [(2, 16)] * 4
-    hinge_g(logits).backward(retain_graph=True)
+    per_row(ADVERSARIAL_LOSSES["hinge"].student, logits).mean().backward(retain_graph=True)
     assert all(p.grad is None for p in teacher.parameters())
     through_teacher = {n for n, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     # every parameter that influences x0_hat gets a gradient through the frozen teacher

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from ladd.config import DISTILL_PRESETS, DistillConfig
 from ladd.errors import ConfigError
 from ladd.distill import distill, student_times, trajectory_states
 from ladd.generate import record_noise
-from ladd.losses import gan_health
+from ladd.losses import ADVERSARIAL_LOSSES, gan_health, per_row, student_loss
 from ladd.pipeline import encode_prompts, latent_shape, load_pipeline, max_sequence_length
 from ladd.sampling import EulerPath, cfg_velocity, flow_sigmas, sample_euler
 from ladd.data.synthetic import load_synthetic
@@ -35,9 +36,13 @@ def test_config_choices_are_the_registries():
 
 def test_pure_ladd_preset_replaces_every_regression_setting():
     cfg = DistillConfig(preset="ladd", regression_weight=5.0, student_input="trajectory", renoise_times="tied",
-                        backward_share=0.5)
+                        backward_share=0.5, adversarial_weight=0.3, adversarial_time_weights=(1.0, 0.0, 0.0, 0.0))
     assert (cfg.regression_weight, cfg.regression_weight_one, cfg.student_input, cfg.renoise_times,
             cfg.backward_share, cfg.renoise_mean, cfg.renoise_std) == (0.0, 0.0, "noised", "logit_normal", 0.0, 1.0, 1.0)
+    assert (cfg.adversarial_weight, cfg.adversarial_time_weights) == (1.0, None)  # the paper: 1 at every time
+    assert DistillConfig(preset="no_adversarial", regression_weight=3.0).adversarial_weight == 0.0
+    with pytest.raises(ConfigError, match="adversarial_time_weights must be 4 non-negative"):
+        DistillConfig(adversarial_time_weights=(1.0, 0.0))
     with pytest.raises(ConfigError, match="distill.preset"):
         DistillConfig(preset="turbo")
     with pytest.raises(ConfigError, match="regression_weight_one needs student_input: trajectory"):
@@ -152,11 +157,58 @@ def test_each_variant_trains(variant, extra, regression, tiny_teacher_dir, tiny_
         assert all(r["loss_reg"] == 0 and r["loss_g"] == r["loss_adv"] for r in curve)
     assert {"logits_real_h0", "logits_fake_h3"} <= set(curve[0])
     health = json.loads((tmp_path / "student" / "ladd_train_summary.json").read_text())["gan_health"]
-    assert health["status"] in ("ok", "chance", "d_wins") and len(health["logit_gap_per_head"]) == 4
+    assert health["status"] in ("ok", "partial", "chance", "d_wins") and len(health["logit_gap_per_head"]) == 4
     assert (tmp_path / "ck.curve.png").stat().st_size > 1000
     teacher = load_pipeline(tiny_teacher_dir).transformer
     student = load_pipeline(tmp_path / "student").transformer
     assert any(not torch.equal(a, b) for a, b in zip(teacher.parameters(), student.parameters()))
+
+
+def test_adversarial_weight_zero_gives_the_student_the_regression_gradient_alone(tiny_teacher_dir, tiny_synthetic, tmp_path):
+    """With adversarial_weight 0 no gradient reaches the student from the heads: heads of another width, depth and
+    learning rate leave the trained student bit for bit the same (with weight 1 they change it), the logged
+    adversarial loss is 0, and GAN health says the heads were off."""
+    def run(name, weight, **heads):
+        out = tmp_path / name
+        cfg = DistillConfig(out_dir=str(out / "student"), checkpoint=str(out / "ck.safetensors"), **SMOKE,
+                            adversarial_weight=weight, **heads)
+        summary = distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
+        return summary, _curve(out / "ck.curve.csv"), list(load_pipeline(out / "student").transformer.parameters())
+
+    other_heads = {"head_channels": 32, "feature_layers": (1, 2), "lr_d": 1e-2}
+    (summary, curve, student), (_, _, student_other) = run("off", 0.0), run("off_other", 0.0, **other_heads)
+    assert all(torch.equal(a, b) for a, b in zip(student, student_other))
+    assert all(r["loss_adv"] == 0 and r["loss_g"] == r["loss_reg"] > 0 for r in curve)
+    assert summary["gan_health"]["status"] == "off"
+    (_, curve_on, student_on), (_, _, student_on_other) = run("on", 1.0), run("on_other", 1.0, **other_heads)
+    assert any(not torch.equal(a, b) for a, b in zip(student_on, student_on_other))
+    assert any(r["loss_adv"] != 0 for r in curve_on)
+
+
+def test_adversarial_time_weights_judge_only_the_times_they_weigh(tiny_teacher_dir, tiny_synthetic, tmp_path):
+    """Weights (0, 0, 1, 0): the heads judge (and the curve and GAN health report) student time 2 alone."""
+    out = tmp_path / "t2"
+    cfg = DistillConfig(out_dir=str(out / "student"), checkpoint=str(out / "ck.safetensors"),
+                        **{**SMOKE, "steps": 8, "batch_size": 16}, adversarial_time_weights=(0.0, 0.0, 1.0, 0.0),
+                        warmup_probs=(0.25, 0.25, 0.25, 0.25), probs=(0.25, 0.25, 0.25, 0.25))
+    summary = distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
+    curve = _curve(out / "ck.curve.csv")
+    assert all(math.isnan(r[f"gap_t{k}"]) and math.isnan(r[f"loss_d_t{k}"]) for r in curve for k in (0, 1, 3))
+    judged = [r for r in curve if not math.isnan(r["gap_t2"])]
+    assert judged and all(r["loss_d_t2"] == pytest.approx(r["loss_d"], rel=1e-5) for r in judged)
+    per_time = summary["gan_health"]["per_time"]
+    assert math.isfinite(per_time[2]["logit_gap"]) and all(math.isnan(per_time[k]["logit_gap"]) for k in (0, 1, 3))
+
+
+def test_student_adversarial_loss_weights_each_row():
+    fake = [torch.tensor([[1.0, 3.0], [-2.0, 0.0], [5.0, 5.0]]), torch.tensor([[0.0, 2.0], [0.0, 0.0], [1.0, 1.0]])]
+    hinge = ADVERSARIAL_LOSSES["hinge"]
+    per_sample = per_row(hinge.student, fake)
+    assert per_sample.tolist() == pytest.approx([-1.5, 0.5, -3.0])  # -D(fake), mean over positions, then heads
+    rows = torch.tensor([True, False, True])
+    assert student_loss(hinge, [f[rows] for f in fake], torch.tensor([2.0, 0.5]), 3).item() == pytest.approx(
+        (2.0 * -1.5 + 0.5 * -3.0) / 3)
+    assert student_loss(hinge, fake, torch.ones(3), 3).item() == pytest.approx(per_sample.mean().item())
 
 
 def test_trajectory_regression_pulls_t_below_1_onto_the_teacher_endpoints(tiny_teacher_dir, tiny_synthetic, tmp_path):
