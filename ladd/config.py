@@ -140,13 +140,13 @@ class DistillConfig:
     out_dir: str = "models/student"
     checkpoint: str = "models/checkpoints/distill.safetensors"
     preset: str | None = None  # a key of DISTILL_PRESETS; its settings replace those it names
-    steps: int = 1200
+    steps: int = 500
     batch_size: int = 64
     # the times `schedule` gives from 1 to t_min (ladd/schedules.py): stock diffusers then visits trained times
     # at 1, 2 and n steps
     student_times: tuple[float, ...] = (1.0, 0.7934400439, 0.4565599561, 0.25)
     schedule: str = "beta"  # beta (nearer evenly spaced; diffusers needs scipy) | exponential (geometric times)
-    warmup_steps: int = 200
+    warmup_steps: int = 100
     warmup_probs: tuple[float, ...] = (0.0, 0.0, 0.5, 0.5)
     probs: tuple[float, ...] = (0.7, 0.1, 0.1, 0.1)
     student_input: str = "trajectory"  # noised (teacher latent + fresh noise: LADD) | trajectory (teacher's path states)
@@ -156,20 +156,20 @@ class DistillConfig:
     renoise_std: float = 1.0
     independent_renoise: bool = False  # draw t_hat separately for real and fake
     adversarial_weight: float = 1.0  # the student's adversarial loss (LADD: 1; 0: regression only)
-    adversarial_time_weights: tuple[float, ...] | None = None  # a factor per student time (None: 1 at every time)
-    regression_weight: float = 10.0  # MSE of x0_hat to regression_target on t < 1 inputs (LADD: 0)
-    regression_weight_one: float = 1.0  # the same at t = 1 (with trajectory inputs: noise -> its teacher latent)
+    adversarial_time_weights: tuple[float, ...] | None = (1.0, 0.0, 0.0, 0.0)  # a factor per student time (None: 1 at each)
+    regression_weight: float = 30.0  # MSE of x0_hat to regression_target on t < 1 inputs (LADD: 0)
+    regression_weight_one: float = 10.0  # the same at t = 1 (with trajectory inputs: noise -> its teacher latent)
     regression_target: str = "endpoint"  # endpoint (the latent the input came from) | teacher (teacher's x0 prediction)
     feature_layers: tuple[int, ...] | None = None  # teacher blocks for heads; None: 4 spread over the depth
-    head_channels: int = 64
+    head_channels: int = 128
     loss: str = "hinge"  # hinge | nonsaturating
     d_steps_per_g: int = 1
-    lr_g: float = 1e-5
-    lr_d: float = 2e-4
+    lr_g: float = 3e-5
+    lr_d: float = 1e-3
     betas: tuple[float, ...] = (0.0, 0.99)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    ema_decay: float = 0.998
+    ema_decay: float = 0.996
     r1_weight: float = 0.0  # approximate R1 on the real branch
     r1_sigma: float = 0.01
     sampler: str = "renoise"  # few-step sampling of the student: renoise (ADD/LADD) | euler
