@@ -19,6 +19,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+import yaml
 import torch
 
 from ladd.config import DISTILL_PRESETS, load_params
@@ -147,14 +148,17 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="distillation steps per variant (default: distill.steps)")
     ap.add_argument("--out", default="reports/methods")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a distill setting (YAML value) over every variant's, e.g. --set ema_decay=0.995; repeatable")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     params = load_params(args.params)
     out = Path(args.out)
+    overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)} or None
     results = []
     for name in args.variants.split(","):
         print(f"== {name}", flush=True)
-        results.append(train_and_score(params, name, args.steps or params.distill.steps, out))
+        results.append(train_and_score(params, name, args.steps or params.distill.steps, out, overrides))
     text = describe() + "\n\n" + table(results) + "\n\n" + paired_difference(results) + "\n\n" + rank_agreement(results)
     (out / "table.md").write_text(text + "\n")
     print(text)
