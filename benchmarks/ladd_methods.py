@@ -135,8 +135,8 @@ def table(results: list[dict]) -> str:
                  health(r['train']['gan_health'])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "FD-T@k: FD of the student's k-step samples to the reference teacher's samples of the same prompts "
-              "under another seed (no real images); FD@k/T: student FD at k steps over the teacher's (targets: @1 <= 1.15, @2 <= 1.10, @4 <= 1.00); "
-              "FD@k/naive: over the naive teacher at k steps (target <= 0.7); heads: GAN health of the discriminator "
+              "under another seed (no real images); FD@k/T: student FD at k steps over the teacher's (targets: @1 <= 1.00, @2 <= 0.95, @4 <= 0.88); "
+              "FD@k/naive: over the naive teacher at k steps; heads: GAN health of the discriminator "
               "over the last quarter (its loss below chance, in %)."]
     return "\n".join(lines)
 
