@@ -156,7 +156,7 @@ class DistillConfig:
     renoise_std: float = 1.0
     independent_renoise: bool = False  # draw t_hat separately for real and fake
     adversarial_weight: float = 1.0  # the student's adversarial loss (LADD: 1; 0: regression only)
-    adversarial_time_weights: tuple[float, ...] | None = (1.0, 0.0, 0.0, 0.0)  # a factor per student time (None: 1 at each)
+    adversarial_time_weights: tuple[float, ...] | None = None  # a factor per student time (None: 1 at each)
     regression_weight: float = 30.0  # MSE of x0_hat to regression_target on t < 1 inputs (LADD: 0)
     regression_weight_one: float = 10.0  # the same at t = 1 (with trajectory inputs: noise -> its teacher latent)
     regression_target: str = "endpoint"  # endpoint (the latent the input came from) | teacher (teacher's x0 prediction)
@@ -212,7 +212,8 @@ class DistillConfig:
         if self.adversarial_time_weights is not None and (len(self.adversarial_time_weights) != len(self.student_times)
                                                           or min(self.adversarial_time_weights) < 0):
             raise ConfigError(f"distill.adversarial_time_weights must be {len(self.student_times)} non-negative numbers "
-                              f"(one per student time), got {list(self.adversarial_time_weights)}")
+                              f"(one per student time {list(self.student_times)}), got {list(self.adversarial_time_weights)}; "
+                              "null: 1 at every time")
         if min(self.regression_weight, self.regression_weight_one) < 0:
             raise ConfigError("distill.regression_weight and regression_weight_one must be >= 0")
         if self.regression_weight_one > 0 and self.student_input == "noised" and self.regression_target == "endpoint":
