@@ -130,7 +130,7 @@ def _prompts_only_project(root: Path) -> Path:
     params["teacher"].update(pretrained="external/sd35")
     params["synthesize"].update(resolutions=[[64, 128], [128, 64]], trajectory_times=[0.5, 0.25], steps=3)
     params["distill"].update(student_times=[1.0, 0.5, 0.25], schedule="exponential", probs=[0.5, 0.25, 0.25],
-                             warmup_probs=[0.0, 0.5, 0.5])
+                             warmup_probs=[0.0, 0.5, 0.5], adversarial_time_weights=[1.0, 0.0, 0.0])
     params["evaluate"].update(features="clip", clip_path="external/clip", resolution=[64, 128], teacher_steps=3,
                               few_steps=[1, 3], num_samples=0, seeds=[1, 2], gate_steps=3, grid_size=8)
     params["export"].update(steps=3, fp16=False, batch_sizes=[1, 2], latency_repeats=1)
