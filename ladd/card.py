@@ -20,6 +20,30 @@ def _load_snippet(meta: dict, has_t5: bool) -> str:
             f'max_sequence_length={meta["max_sequence_length"]}).images[0]')
 
 
+def _lora_section(meta: dict, has_t5: bool) -> str:
+    if "lora" not in meta:
+        return ""
+    extra = "" if has_t5 else ", text_encoder_3=None, tokenizer_3=None"
+    lora = meta["lora"]
+    return f"""
+### As a LoRA on the teacher
+
+The student is a LoRA (rank {lora['rank']}, alpha {lora['alpha']:g}, on {', '.join(lora['target_modules'])}; {lora['parameters']:,}
+parameters), fused into the transformer above and also saved on its own as `pytorch_lora_weights.safetensors`
+(EMA weights). Loaded onto the teacher, it needs this folder's scheduler too: with the teacher's it samples
+at the wrong times.
+
+```python
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+pipe = StableDiffusion3Pipeline.from_pretrained("path/to/teacher"{extra})
+pipe.load_lora_weights("path/to/student")
+pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("path/to/student", subfolder="scheduler")
+image = pipe("a prompt", num_inference_steps={meta.get('default_steps', 4)}, guidance_scale=0.0, max_sequence_length={meta["max_sequence_length"]}).images[0]
+```
+"""
+
+
 COLUMNS = {"fd": "FD", "fd_teacher": "FD vs teacher", "clip_score": "CLIP score", "accuracy": "accuracy"}
 
 
@@ -86,7 +110,7 @@ from diffusers import StableDiffusion3Pipeline
 
 Any `num_inference_steps` works; the trained ones give the best results. Loading prints that the scheduler
 config's `sigma_min`/`sigma_max` "will be ignored": diffusers reads them anyway (they set the schedule's ends).
-
+{_lora_section(meta, has_t5)}
 ## Training
 
 {summary.get('steps', '?')} steps ({meta.get('sampler', 'renoise')} sampler), GAN health

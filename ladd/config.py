@@ -183,6 +183,11 @@ class DistillConfig:
     release_text_encoders: bool = True  # encode the prompts once, then free the text encoders and the VAE
     truncate_teacher: bool = True  # skip the teacher's blocks above the deepest hooked one
     parallel: str = "ddp"  # none | ddp | fsdp: how the student spans launch.nproc_per_node x nnodes processes
+    student: str = "full"  # full (every weight trains) | lora (peft adapters on the teacher's own weights)
+    lora_rank: int = 64
+    lora_alpha: float | None = None  # None: the rank (scale 1)
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("attention",)  # groups of ladd/lora.py (attention, feed_forward, adaln) or suffixes
     seed: int = 0
     device: str = "auto"
 
@@ -205,6 +210,19 @@ class DistillConfig:
             raise ConfigError("distill.ema_on_cpu does not combine with parallel: fsdp (the EMA is sharded like the "
                               "student already)")
         _positive("distill", steps=self.steps, d_steps_per_g=self.d_steps_per_g, checkpoint_every=self.checkpoint_every)
+        _choice("distill.student", self.student, ("full", "lora"))
+        if self.student == "lora":
+            _positive("distill", lora_rank=self.lora_rank)
+            if self.parallel == "fsdp":
+                raise ConfigError("distill.student: lora does not combine with distill.parallel: fsdp (the base weights "
+                                  "are frozen and the adapters small: use ddp)")
+            if not 0 <= self.lora_dropout < 1:
+                raise ConfigError(f"distill.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            if self.lora_alpha is not None and self.lora_alpha <= 0:
+                raise ConfigError(f"distill.lora_alpha must be > 0 (or null: the rank), got {self.lora_alpha}")
+            if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
+                raise ConfigError(f"distill.lora_targets must be a non-empty list of groups or module-name suffixes, "
+                                  f"got {list(self.lora_targets)}")
         if not 0 <= self.backward_share <= 1:
             raise ConfigError(f"distill.backward_share must be in [0, 1], got {self.backward_share}")
         if self.adversarial_weight < 0:

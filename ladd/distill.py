@@ -35,6 +35,7 @@ from ladd.distributed import (World, close_world, full_optimizer_state, full_sta
                               load_full_optimizer_state, load_full_state_dict, shard, unwrap, wrap_student)
 from ladd.io import atomic_dir, atomic_file, fingerprint, write_json
 from ladd.generate import record_noise
+from ladd import lora
 from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, gan_health, heads_loss, per_row, student_loss
 from ladd.pipeline import encode_prompts, load_pipeline, load_transformer, max_sequence_length, read_meta, write_meta
 from ladd.plots import plot_curves
@@ -189,11 +190,13 @@ def _write_curve(path: Path, rows: list[dict], heads: int, times: int) -> None:
         tmp.write_text(buf.getvalue())
 
 
-def save_student(teacher_dir, student_ema, student_raw, cfg: DistillConfig, meta: dict, summary: dict) -> None:
+def save_student(teacher_dir, student_ema, student_raw, cfg: DistillConfig, meta: dict, summary: dict,
+                 adapter: dict | None = None, lora_suffixes=None) -> None:
     """A complete diffusers pipeline: the teacher's VAE, tokenizers and text encoders (read again from its
     folder), the EMA student transformer, and a few-step scheduler that stock diffusers runs at any step
     count: `cfg.schedule`'s sigmas from 1 to the smallest training time (k = 1, 2 and n steps visit trained
-    times), re-noising between steps like `ladd.sampling.sample_renoise`. A model card beside it."""
+    times), re-noising between steps like `ladd.sampling.sample_renoise`. A model card beside it; a LoRA
+    student's EMA adapter too, which stock diffusers loads onto the teacher."""
     times = student_times(cfg).tolist()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, stochastic_sampling=SAMPLER_STEPS[cfg.sampler].stochastic,
                                                 **{SCHEDULER_FLAGS[cfg.schedule]: len(times) > 1})
@@ -204,6 +207,8 @@ def save_student(teacher_dir, student_ema, student_raw, cfg: DistillConfig, meta
     with atomic_dir(cfg.out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         student_raw.save_pretrained(tmp / "ladd_raw_transformer", safe_serialization=True)
+        if adapter is not None:
+            lora.save_adapter(tmp, adapter, cfg, lora_suffixes)
         write_meta(tmp, **meta)
         write_json(tmp / "ladd_train_summary.json", {**summary, "config": json.loads(json.dumps(asdict(cfg)))})
         write_model_card(tmp, meta, summary)
@@ -214,17 +219,23 @@ def run_report_path(cfg: DistillConfig) -> Path:
     return Path(cfg.checkpoint).with_suffix(".run.json")
 
 
-def save_run(cfg: DistillConfig, teacher_dir, student, ema, world: World, meta: dict, summary: dict, facts: dict,
-             curve: list[dict], heads: int, tracker) -> None:
-    """Gather the student and its EMA (collective under FSDP); then, on rank 0, the student pipeline with
-    `summary`, the run report with `facts`, the curves image, and MLflow's copies of them."""
+def save_run(cfg: DistillConfig, teacher_dir, trained, ema, world: World, meta: dict, summary: dict, facts: dict,
+             curve: list[dict], heads: int, tracker, lora_suffixes=None) -> None:
+    """Gather what trained and its EMA (collective under FSDP); then, on rank 0, the student pipeline with
+    `summary` (a LoRA student fused into fp32 copies of the teacher), the run report with `facts`, the curves
+    image, and MLflow's copies of them."""
     sharded = cfg.parallel == "fsdp" and world.size > 1
-    ema_state, student_state = full_state_dict(ema), full_state_dict(student)
+    ema_state, student_state = full_state_dict(ema), full_state_dict(trained)
     if world.main:
-        ema_out, raw_out = (load_transformer(teacher_dir), load_transformer(teacher_dir)) if sharded else (ema, unwrap(student))
-        ema_out.load_state_dict(ema_state)
-        raw_out.load_state_dict(student_state)
-        save_student(teacher_dir, ema_out.to("cpu"), raw_out.to("cpu"), cfg, meta, summary)
+        adapter = None
+        if cfg.student == "lora":
+            ema_out, adapter = lora.fused_student(teacher_dir, cfg, lora_suffixes, ema_state)
+            raw_out, _ = lora.fused_student(teacher_dir, cfg, lora_suffixes, student_state)
+        else:
+            ema_out, raw_out = (load_transformer(teacher_dir), load_transformer(teacher_dir)) if sharded else (ema, unwrap(trained))
+            ema_out.load_state_dict(ema_state)
+            raw_out.load_state_dict(student_state)
+        save_student(teacher_dir, ema_out.to("cpu"), raw_out.to("cpu"), cfg, meta, summary, adapter, lora_suffixes)
         write_json(run_report_path(cfg), facts)
         health = summary["gan_health"]
         curves_png = plot_curves(curve, heads, _curve_path(cfg).with_suffix(".png"), health["summary"],
@@ -262,26 +273,35 @@ def encode_training_prompts(teacher_dir, teacher, records, release: bool) -> tup
     return embeds, pooled, prompt_index, msl, pipe
 
 
-def build_networks(cfg: DistillConfig, teacher_dir, teacher, plan: dict, world: World) -> tuple:
-    """The student (a copy of the teacher with fp32 master weights, wrapped for DDP or FSDP), its EMA, the
-    discriminator heads on the frozen teacher's features, and their two optimisers. Under FSDP the full
-    student and EMA stay in CPU memory: fully_shard moves each block's shard to the device."""
+def build_networks(cfg: DistillConfig, teacher_dir, teacher, plan: dict, world: World, lora_suffixes) -> tuple:
+    """The student, wrapped for DDP or FSDP, and what of it trains: a copy of the teacher with fp32 master weights
+    (all of them train), or with `student: lora` the teacher's own module with adapters (only they train; their
+    layers are returned to switch them on for the student's passes). Then the EMA of what trains, the
+    discriminator heads on the frozen teacher's features, and the two optimisers. Under FSDP the full student
+    and EMA stay in CPU memory: fully_shard moves each block's shard to the device."""
     device, sharded = world.device, cfg.parallel == "fsdp" and world.size > 1
-    student = load_transformer(teacher_dir, "cpu" if sharded else device).train().requires_grad_(True)
-    ema = copy.deepcopy(student).requires_grad_(False).to("cpu" if plan["ema_on_cpu"] or sharded else device)
+    if cfg.student == "lora":
+        trained, adapter_layers = lora.add_student_adapter(teacher, cfg, lora_suffixes)
+        student = teacher  # one copy of the base weights (so checkpointing it covers the teacher's passes too)
+    else:
+        trained = student = load_transformer(teacher_dir, "cpu" if sharded else device).train().requires_grad_(True)
+        adapter_layers = []
+    ema = copy.deepcopy(trained).requires_grad_(False).to("cpu" if plan["ema_on_cpu"] or sharded else device)
     if plan["gradient_checkpointing"] in ("student", "all"):
-        student.enable_gradient_checkpointing()
+        student.enable_gradient_checkpointing(lora.checkpointing_func(adapter_layers) if adapter_layers else None)
+    if plan["gradient_checkpointing"] == "all" and student is not teacher:  # the student's gradient flows through
+        teacher.enable_gradient_checkpointing()                              # the teacher's forward
     student = wrap_student(student, cfg.parallel, world, plan["mixed_precision"] == "bf16")
+    if cfg.student == "full":
+        trained = student
     if sharded:
         ema = shard(ema, world)  # the EMA keeps the student's shards: its update stays local
-    if plan["gradient_checkpointing"] == "all":  # the student's gradient flows through the teacher's forward
-        teacher.enable_gradient_checkpointing()
     layers = list(cfg.feature_layers or default_feature_layers(teacher.config.num_layers))
     disc = Discriminator(teacher, layers, cfg.head_channels, truncate=plan["truncate_teacher"]).to(device)
     world.copy_from_rank0(disc)  # the replicated heads start equal (their init is seeded the same on every rank)
-    opt_g = torch.optim.AdamW(student.parameters(), lr=cfg.lr_g, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt_g = torch.optim.AdamW(trained.parameters(), lr=cfg.lr_g, betas=cfg.betas, weight_decay=cfg.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.lr_d, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    return student, ema, disc, layers, opt_g, opt_d
+    return student, trained, adapter_layers, ema, disc, layers, opt_g, opt_d
 
 
 def resume_state(cfg: DistillConfig, modules: dict, optimizers: dict, gen: torch.Generator, world: World) -> int:
@@ -317,6 +337,8 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     # 0. Data and networks: teacher latents by bucket (and its path states where the input reads them), the
     #    prompts encoded once, the frozen teacher (may be bf16), student, EMA, heads; resumed where this run's.
     times = student_times(cfg)
+    # a LoRA target that matches no layer fails here, on the teacher's config alone
+    lora_suffixes = lora.check_targets(teacher_dir, cfg.lora_targets) if cfg.student == "lora" else None
     run = _run_fingerprint(cfg, teacher_dir, synthetic_dir)
     data = load_synthetic(synthetic_dir)
     check_finite(data, synthetic_dir)
@@ -333,11 +355,12 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     # text_pipe holds the text encoders to the end unless released (then None)
     embeds, pooled, prompt_index, msl, text_pipe = encode_training_prompts(teacher_dir, teacher, records,
                                                                            plan["release_text_encoders"])
-    student, ema, disc, layers, opt_g, opt_d = build_networks(cfg, teacher_dir, teacher, plan, world)
+    student, trained, adapter_layers, ema, disc, layers, opt_g, opt_d = build_networks(cfg, teacher_dir, teacher, plan,
+                                                                                       world, lora_suffixes)
     adversarial = ADVERSARIAL_LOSSES[cfg.loss]
     # lambda_adv per student time: the heads judge (and the teacher runs for) only rows with a weight above 0
     adversarial_weights = cfg.adversarial_weight * torch.tensor(cfg.adversarial_time_weights or [1.0] * len(times)).to(device)
-    modules, optimizers = {"student": student, "ema": ema, "disc": disc}, {"opt_g": (student, opt_g), "opt_d": (disc, opt_d)}
+    modules, optimizers = {"student": trained, "ema": ema, "disc": disc}, {"opt_g": (trained, opt_g), "opt_d": (disc, opt_d)}
     start = resume_state(cfg, modules, optimizers, gen, world) if resume else 0
 
     def save_state(step: int) -> None:
@@ -351,15 +374,17 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     curve = _read_curve(_curve_path(cfg), start)
     tracker.log_params({"distill.resolved.feature_layers": layers, "distill.resolved.student_times": times.tolist(),
                         **{f"distill.resolved.{k}": v for k, v in plan.items()}})
-    log.info("distill: %d records in %d resolution buckets %s; memory: %s", len(records), len(data.buckets),
-             [list(b.resolution) for b in data.buckets], plan)
+    n_trained = sum(p.numel() for p in trained.parameters()) * (world.size if sharded else 1)
+    log.info("distill: %d records in %d resolution buckets %s; memory: %s; %s student, %.3g M trained parameters",
+             len(records), len(data.buckets), [list(b.resolution) for b in data.buckets], plan, cfg.student, n_trained / 1e6)
     log.info("distill: %s inputs, backward share %.2f, %s re-noising, regression %s x%g (t = 1: x%g)%s",
              cfg.student_input, cfg.backward_share, cfg.renoise_times, cfg.regression_target, cfg.regression_weight,
              cfg.regression_weight_one, f", preset {cfg.preset}" if cfg.preset else "")
 
     def student_x0(x_t, t, c, p):
-        """x0_hat = x_t - t v (rectified flow)."""
-        v = student(hidden_states=x_t, encoder_hidden_states=c, pooled_projections=p, timestep=t * 1000).sample
+        """x0_hat = x_t - t v (rectified flow); a LoRA student's adapters are on for this pass alone."""
+        with lora.adapters(adapter_layers, on=True):
+            v = student(hidden_states=x_t, encoder_hidden_states=c, pooled_projections=p, timestep=t * 1000).sample
         return x_t - t.view(-1, 1, 1, 1) * v.float()
 
     @torch.no_grad()
@@ -441,10 +466,10 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
             loss_g = loss_adv + loss_reg
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()  # DDP / FSDP average the student's gradient over the ranks here
-        grad_norm_g = full_tensor(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip))
+        grad_norm_g = full_tensor(torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip))
         if torch.isfinite(grad_norm_g):
             opt_g.step()
-            update_ema(ema, unwrap(student), cfg.ema_decay)
+            update_ema(ema, unwrap(trained), cfg.ema_decay)
         else:
             skipped += 1
         # 4. Discriminator update(s): real = teacher latents, fake = x0_hat, both re-noised (same t_hat
@@ -509,7 +534,8 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     summary = {"steps": cfg.steps, "skipped_updates": skipped, "gan_health": health}
     steady = step_times[min(5, len(step_times) - 1):] if step_times else []
     facts = {"resumed_from": start, "sec_per_step": sum(steady) / len(steady) if steady else math.nan,
-             "device": device.type, "world_size": world.size, "parallel": cfg.parallel if world.size > 1 else "none"}
+             "device": device.type, "world_size": world.size, "parallel": cfg.parallel if world.size > 1 else "none",
+             "trained_parameters": n_trained}
     if world.size > 1:
         world.check_replicas(disc)
         if not sharded:
@@ -518,5 +544,8 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     meta = {"max_sequence_length": msl, "source": "ladd-student", "teacher": run["teacher"],
             "base_model": read_meta(teacher_dir).get("source", str(teacher_dir)),
             "student_times": times.tolist(), "schedule": cfg.schedule, "sampler": cfg.sampler, "default_steps": len(times)}
-    save_run(cfg, teacher_dir, student, ema, world, meta, summary, facts, curve, len(layers), tracker)
+    if cfg.student == "lora":
+        meta["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank, "target_modules": lora_suffixes,
+                        "parameters": n_trained}
+    save_run(cfg, teacher_dir, trained, ema, world, meta, summary, facts, curve, len(layers), tracker, lora_suffixes)
     return {**summary, **facts}
