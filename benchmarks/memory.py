@@ -5,8 +5,9 @@
 SD3-medium, SD3.5-medium and SD3.5-large are built from their real `transformer/config.json` (embedded
 below) on the meta device: shapes only, no weights, no download. For each model and memory setting it
 prints, per GPU, the static memory of a distillation run — student, its gradients, AdamW states, EMA,
-frozen teacher, discriminator heads — and whether that fits an 80 GB GPU. Static only: activations, the
-CUDA context and allocator slack come on top. Units are GB = 1e9 bytes throughout.
+frozen teacher, discriminator heads — and whether that fits an 80 GB GPU; then the same for LoRA students
+(`distill.student: lora`), which add adapters to the teacher's own bf16 weights instead of copying them.
+Static only: activations, the CUDA context and allocator slack come on top. Units are GB = 1e9 bytes throughout.
 
 --measure (CUDA only): a randomly initialised SD3.5-medium-shaped student (fp32 + AdamW) beside a bf16
 teacher copy; peak `torch.cuda.max_memory_allocated()` and step time of one student forward/backward +
@@ -26,11 +27,13 @@ from pathlib import Path
 import torch
 from diffusers import SD3Transformer2DModel
 
+from ladd.config import DistillConfig
 from ladd.discriminator import DiscriminatorHead, default_feature_layers
+from ladd.lora import target_suffixes
 
 GB = 1e9
 GPU_GB = 80
-HEAD_CHANNELS, T_EMBED_DIM = 64, 64  # DistillConfig.head_channels and Discriminator's t_embed_dim
+HEAD_CHANNELS, T_EMBED_DIM = DistillConfig().head_channels, 64  # Discriminator's default t_embed_dim
 TEXT_TOKENS = 77 + 256  # CLIP tokens + T5 tokens at diffusers' default max_sequence_length
 
 # transformer/config.json of each release (the architecture keys; `_class_name`/`_diffusers_version` dropped)
@@ -77,6 +80,10 @@ SETTINGS = [
     Setting("fsdp2x8", "as above (EMA on GPU), FSDP2 over 8 GPUs", 4, 4, 8, 4, 2, shards=8),
 ]
 HEAD_BYTES = 4 + 4 + 8  # heads train in fp32 with AdamW and are tiny: replicated on every GPU
+LORA_RANKS = (64, 256)
+LORA_TARGETS = DistillConfig().lora_targets
+LORA_BYTES = 4 + 4 + 8 + 4  # per adapter parameter: fp32 weight, gradient, AdamW's two states, EMA
+LORA_GPU_GB = 24  # a LoRA student of SD3.5-large should fit a 24 GB card's static budget
 
 
 def count(config: dict) -> dict:
@@ -92,6 +99,35 @@ def count(config: dict) -> dict:
         "heads": len(heads),
         "head_params": sum(p.numel() for h in heads for p in h.parameters()),
     }
+
+
+def lora_params(config: dict, rank: int, targets=LORA_TARGETS) -> int:
+    """Adapter parameters of a rank-`rank` LoRA on `targets` (ladd.lora's groups): rank * (in + out) per layer."""
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(**config)
+    suffixes = target_suffixes(model, targets)
+    return sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes))
+
+
+def lora_footprint(n: dict, adapters: int) -> dict:
+    """GB per GPU of a LoRA student: one bf16 base (student and teacher), fp32 adapters with their gradients,
+    AdamW states and EMA, the heads."""
+    gb = {"base": (n["params"] + n["buffers"]) * 2 / GB, "adapters": adapters * LORA_BYTES / GB,
+          "heads": n["head_params"] * HEAD_BYTES / GB}
+    gb["total_gpu"] = sum(gb.values())
+    return {**gb, "adapter_params": adapters, "fits_24": gb["total_gpu"] <= LORA_GPU_GB}
+
+
+def lora_table(results: dict) -> str:
+    cols = ["model", "LoRA rank", "adapter params (M)", "bf16 base (GB)", "adapters + grads + AdamW + EMA (GB)",
+            "heads (GB)", "total / GPU (GB)", f"fits {LORA_GPU_GB} GB"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for name, r in results.items():
+        for rank, f in r["lora"].items():
+            lines.append(f"| {name} | {rank} | {f['adapter_params'] / 1e6:.1f} | {f['base']:.2f} | {f['adapters']:.2f} | "
+                         f"{f['heads']:.3f} | {f['total_gpu']:.2f} | {'yes' if f['fits_24'] else 'no'} |")
+    return "\n".join(lines)
 
 
 def footprint(n: dict, s: Setting) -> dict:
@@ -182,7 +218,8 @@ def main(argv=None) -> dict:
     results = {}
     for name, config in CONFIGS.items():
         n = count(config)
-        results[name] = {**n, "settings": {s.key: footprint(n, s) for s in SETTINGS}}
+        results[name] = {**n, "settings": {s.key: footprint(n, s) for s in SETTINGS},
+                         "lora": {rank: lora_footprint(n, lora_params(config, rank)) for rank in LORA_RANKS}}
     print("\nStatic memory of a LADD distillation run, GB (1e9 bytes) per GPU; activations not included. "
           "Buffers: one fp32 copy (the positional-embedding table), counted in every model copy in its dtype.")
     print(table(results))
@@ -191,7 +228,10 @@ def main(argv=None) -> dict:
           "Student: fp32 master weights (bf16 autocast for compute), gradients fp32, AdamW 2 fp32 states.")
     print("FSDP2 row: student, gradients, AdamW and EMA parameters sharded over 8 GPUs (buffers replicated); "
           "teacher and heads replicated.")
-    print("Not resident: the text encoders are released once prompts are encoded (T5-XXL alone is ~4.76 B "
+    print(f"\nLoRA students (distill.student: lora, targets {list(LORA_TARGETS)}): the teacher's own weights in bf16 "
+          "serve the student (adapters on) and the teacher (adapters off), no second copy; GB per GPU, static.")
+    print(lora_table(results))
+    print("\nNot resident: the text encoders are released once prompts are encoded (T5-XXL alone is ~4.76 B "
           "params, ~9.5 GB in bf16; CLIP-L and OpenCLIP-bigG ~0.8 B more). VAE, CUDA context not counted.")
 
     measured = None

@@ -224,6 +224,34 @@ def test_sd35_shaped_student_runs_in_stock_diffusers_and_exports(sd35_chain):
     assert "input_ids_3" in json.loads((root / "onnx" / "manifest.json").read_text())["tokenizers"]["tokenizer_3"]["input"]
 
 
+def test_sd35_shaped_lora_student_loads_onto_its_teacher(sd35_chain, tmp_path):
+    """A LoRA student of the SD3.5-shaped teacher (prompts only): every target group, dual attention (attn2)
+    included, under gradient checkpointing; its adapter in stock diffusers equals the fused student."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    root, teacher, syn, _ = sd35_chain
+    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck.safetensors"), **DISTILL,
+                        student_times=(1.0, 0.5, 0.25), schedule="exponential", probs=(0.5, 0.25, 0.25),
+                        warmup_probs=(0.0, 0.5, 0.5), gradient_checkpointing="all", student="lora", lora_rank=4,
+                        lora_targets=("attention", "feed_forward", "adaln"), lr_g=1e-3, ema_decay=0.5)
+    summary = distill(cfg, teacher, syn.out_dir, NullTracker())
+    lora = read_meta(tmp_path / "student")["lora"]
+    assert {"attn2.to_q", "ff.net.2", "norm1.linear"} <= set(lora["target_modules"])
+    assert summary["skipped_updates"] == 0 and lora["parameters"] == summary["trained_parameters"]
+    fused = StableDiffusion3Pipeline.from_pretrained(tmp_path / "student")
+    stock = StableDiffusion3Pipeline.from_pretrained(teacher)
+    stock.load_lora_weights(tmp_path / "student")
+    stock.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tmp_path / "student", subfolder="scheduler")
+    def latents(pipe, steps):
+        torch.manual_seed(0)  # the re-noising sampler draws from the global RNG
+        return pipe("a drawing of the digit two", height=64, width=128, num_inference_steps=steps, guidance_scale=0.0,
+                    max_sequence_length=T5_MAX_LENGTH, generator=torch.Generator().manual_seed(0),
+                    output_type="latent").images
+
+    for steps in (1, 3):
+        assert (latents(fused, steps) - latents(stock, steps)).abs().max() <= 1e-5, steps
+
+
 @pytest.mark.parametrize("setting", [dict(gradient_checkpointing="all"), dict(truncate_teacher=False),
                                      dict(release_text_encoders=False), dict(ema_on_cpu=True),
                                      dict(teacher_dtype="bfloat16"), dict(mixed_precision="bf16")])

@@ -95,6 +95,23 @@ def test_two_processes_compute_the_one_process_update(parallel, one_process, fin
     assert torch.isfinite(image).all()
 
 
+def test_lora_on_two_processes_computes_the_one_process_update(finished_project, tmp_path):
+    """DDP averages the adapters' gradients only (the shared base is frozen): the fused student matches one process."""
+    lora = dict(student="lora", lora_rank=4, lr_g=1e-3)
+    one = _project(finished_project, tmp_path, "one", 1, "none", **lora)
+    two = _project(finished_project, tmp_path, "two", 2, "ddp", **lora)
+    for root in (one, two):
+        proc = _ladd(root)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = _summary(two)
+    assert summary["replicas"] == "student and heads identical on 2 ranks"
+    assert summary["trained_parameters"] == _summary(one)["trained_parameters"]
+    teacher = SD3Transformer2DModel.from_pretrained(two / "models" / "teacher" / "transformer").state_dict()
+    error = _update_error(_transformer(two), _transformer(one), teacher)
+    print(f"lora ddp: update error vs one process {error:.2e}")
+    assert error < 1e-3
+
+
 def _workers(launcher: psutil.Process) -> list[psutil.Process]:
     return [p for p in launcher.children(recursive=True) if "ladd.cli" in " ".join(p.cmdline()) and p.pid != launcher.pid
             and "torch.distributed.run" not in " ".join(p.cmdline())]
