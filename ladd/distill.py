@@ -536,6 +536,8 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     facts = {"resumed_from": start, "sec_per_step": sum(steady) / len(steady) if steady else math.nan,
              "device": device.type, "world_size": world.size, "parallel": cfg.parallel if world.size > 1 else "none",
              "trained_parameters": n_trained}
+    if device.type == "cuda":  # this rank's peak: weights, optimiser states, activations, allocator slack excluded
+        facts["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     if world.size > 1:
         world.check_replicas(disc)
         if not sharded:

@@ -210,6 +210,7 @@ def check_export(pipe, meta: dict, onnx_dir: Path, cfg: ExportConfig) -> dict:
     msl = int(meta.get("max_sequence_length", 256))
     report = {"provider": provider, "threads": threads, "steps": cfg.steps, "torch_device": device.type,
               "parity": {}, "latency": {}}
+    fp16 = {}
     for batch in cfg.batch_sizes:
         prompts = [cfg.prompts[i % len(cfg.prompts)] for i in range(batch)]
         noise, step_noise = runtime.step_noise(list(range(cfg.seed, cfg.seed + batch)), cfg.steps)
@@ -240,24 +241,33 @@ def check_export(pipe, meta: dict, onnx_dir: Path, cfg: ExportConfig) -> dict:
         report["latency"][str(batch)] = {"torch_ms": torch_ms, "ort_ms": ort_ms, "ratio": ort_ms / torch_ms}
         log.info("batch %d: parity %s; torch %.2f ms, ort %.2f ms (%.2fx)", batch, report["parity"][str(batch)],
                  torch_ms, ort_ms, ort_ms / torch_ms)
-        if cfg.fp16 and batch == max(cfg.batch_sizes):
-            report["fp16"] = _check_fp16(onnx_dir, cfg, threads, embeds_np, pooled_np, noise, step_noise, latents, images)
+        if cfg.fp16:
+            fp16 = _check_fp16(fp16, onnx_dir, cfg, threads, embeds_np, pooled_np, noise, step_noise, latents, images)
+            report["fp16"] = {k: v for k, v in fp16.items() if k != "runtime"}
     report["max_abs_error"] = max(max(p.values()) for p in report["parity"].values())
     pipe.to("cpu")
     return report
 
 
-def _check_fp16(onnx_dir, cfg, threads, embeds, pooled, noise, step_noise, latents, images) -> dict:
-    """The fp16 graphs' distance to the fp32 PyTorch result (reported, not gated: half precision's error
-    is ~1e-2 by design); where its provider cannot run them, the reason."""
+def _check_fp16(fp16: dict, onnx_dir, cfg, threads, embeds, pooled, noise, step_noise, latents, images) -> dict:
+    """`fp16` (what earlier batch sizes found) with this batch's: the fp16 graphs' distance to the fp32 PyTorch
+    result (reported, not gated: half precision's error is ~1e-2 by design) and the generator's latency; where
+    its provider cannot run them, the reason (and no further try)."""
+    if "error" in fp16:
+        return fp16
     try:
-        runtime = OnnxStudent(onnx_dir, "fp16", cfg.provider, threads)
+        runtime = fp16.get("runtime") or OnnxStudent(onnx_dir, "fp16", cfg.provider, threads)
         lat, img = runtime.generate_latents(embeds, pooled, noise, step_noise)
     except Exception as e:  # e.g. an op without a float16 kernel on the CPU provider
         log.warning("fp16 graphs did not run on %s: %s", cfg.provider, e)
         return {"provider": None, "error": str(e)[:500]}
-    return {"provider": runtime.provider, "latents_max_abs_error": _max_error(lat, latents),
-            "images_max_abs_error": _max_error(img, images)}
+    session = runtime.session("generator")
+    feeds = session_feeds(session, noise=noise, prompt_embeds=embeds, pooled_projections=pooled, step_noise=step_noise)
+    batch = {"latents_max_abs_error": _max_error(lat, latents), "images_max_abs_error": _max_error(img, images),
+             "ort_ms": median_ms(lambda: session.run(None, feeds), cfg.latency_repeats)}
+    per_batch = {**fp16.get("per_batch", {}), str(len(noise)): batch}
+    return {"runtime": runtime, "provider": runtime.provider, "per_batch": per_batch,
+            **{k: max(b[k] for b in per_batch.values()) for k in ("latents_max_abs_error", "images_max_abs_error")}}
 
 
 def export_stage(cfg: ExportConfig, student_dir: str | Path, tracker) -> dict:
