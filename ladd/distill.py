@@ -27,12 +27,14 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
 from ladd.card import write_model_card
-from ladd.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from ladd.checkpoint import (load_checkpoint, load_sharded_checkpoint, read_checkpoint_meta, save_checkpoint,
+                             save_sharded_checkpoint)
 from ladd.config import DistillConfig
 from ladd.errors import ConfigError
 from ladd.discriminator import Discriminator, default_feature_layers
 from ladd.distributed import (World, close_world, full_optimizer_state, full_state_dict, full_tensor, init_world,
-                              load_full_optimizer_state, load_full_state_dict, shard, unwrap, wrap_student)
+                              is_sharded, load_full_optimizer_state, load_full_state_dict, load_sharded_state, shard,
+                              sharded_state, unwrap, wrap_student)
 from ladd.io import atomic_dir, atomic_file, fingerprint, write_json
 from ladd.generate import record_noise
 from ladd import lora
@@ -80,12 +82,20 @@ def _run_fingerprint(cfg: DistillConfig, teacher_dir, synthetic_dir) -> dict:
     return json.loads(json.dumps(run))  # as stored in the checkpoint (tuples become lists)
 
 
-def _resumable_on_rank0(cfg: DistillConfig, run: dict, world: World) -> bool:
-    """`_resumable`, decided by rank 0 alone (it may move a file) and told to every rank."""
+def sharded_checkpoint_path(cfg: DistillConfig) -> Path:
+    """Where FSDP runs write their sharded checkpoint: a folder beside `distill.checkpoint`."""
+    return Path(cfg.checkpoint).with_suffix(".dcp")
+
+
+def _resume_point_on_rank0(cfg: DistillConfig, run: dict, world: World) -> Path | None:
+    """The checkpoint to resume (`_resumable`), decided by rank 0 alone (it may move files) and told to every rank:
+    the newer of `distill.checkpoint` and the sharded folder, so a run may change strategy and world size."""
     verdict = None
     if world.main:
         try:
-            verdict = _resumable(cfg, run)
+            found = [p for p in (Path(cfg.checkpoint), sharded_checkpoint_path(cfg)) if p.exists()]
+            newest = max(found, key=lambda p: p.stat().st_mtime, default=None)
+            verdict = newest if newest is not None and _resumable(newest, cfg, run) else None
         except ConfigError as e:
             verdict = e
     verdict = world.broadcast(verdict)
@@ -94,13 +104,10 @@ def _resumable_on_rank0(cfg: DistillConfig, run: dict, world: World) -> bool:
     return verdict
 
 
-def _resumable(cfg: DistillConfig, run: dict) -> bool:
-    """Whether `cfg.checkpoint` is this run's to resume. One written for other settings or data is not (training
-    starts over); an unreadable one is moved aside to `<name>.corrupt`; one past `distill.steps` is an error
-    (resuming it would train nothing and relabel its weights)."""
-    path = Path(cfg.checkpoint)
-    if not path.is_file():
-        return False
+def _resumable(path: Path, cfg: DistillConfig, run: dict) -> bool:
+    """Whether the checkpoint at `path` is this run's to resume. One written for other settings or data is not
+    (training starts over); an unreadable one is moved aside to `<name>.corrupt`; one past `distill.steps` is an
+    error (resuming it would train nothing and relabel its weights)."""
     try:
         saved_step, saved_run = read_checkpoint_meta(path)
     except Exception as e:  # torn or foreign file (the writer is atomic, so not ours mid-write)
@@ -304,18 +311,30 @@ def build_networks(cfg: DistillConfig, teacher_dir, teacher, plan: dict, world: 
     return student, trained, adapter_layers, ema, disc, layers, opt_g, opt_d
 
 
-def resume_state(cfg: DistillConfig, modules: dict, optimizers: dict, gen: torch.Generator, world: World) -> int:
-    """The checkpoint's step after loading its weights, optimisers and data RNG into place. Under FSDP rank 0
-    alone reads the student, EMA and their optimiser, and scatters them."""
-    sharded = cfg.parallel == "fsdp" and world.size > 1
-    start, states, opt_states = load_checkpoint(
-        cfg.checkpoint, list(modules) if world.main or not sharded else ["disc"],
-        list(optimizers) if world.main or not sharded else ["opt_d"], {"data": gen})
-    for name, module in modules.items():
-        load_full_state_dict(module, states.get(name, {}))
-    for name, (module, opt) in optimizers.items():
-        load_full_optimizer_state(module, opt, opt_states.get(name, {}))
-    log.info("distill: resuming from %s at step %d", cfg.checkpoint, start)
+def resume_state(path: Path, modules: dict, optimizers: dict, gen: torch.Generator, world: World) -> int:
+    """The checkpoint's step after loading its weights, optimisers and data RNG into place. A sharded folder: every
+    rank reads its own shards (resharded to this run's layout). One file under FSDP: rank 0 alone reads the
+    student, EMA and their optimiser, and scatters them."""
+    if path.is_dir():  # the student, EMA and their optimiser in shards, resharded to this run's layout
+        start, states, opt_states = load_checkpoint(path, ["disc"], ["opt_d"], {"data": gen})
+        (student, opt_g), ema = optimizers["opt_g"], modules["ema"]
+        shards = {"student": sharded_state(student), "ema": sharded_state(ema), "opt_g": sharded_state(student, opt_g)}
+        load_sharded_checkpoint(path, shards)
+        load_sharded_state(student, shards["student"])
+        load_sharded_state(ema, shards["ema"])
+        load_sharded_state(student, shards["opt_g"], opt_g)
+        load_full_state_dict(modules["disc"], states["disc"])
+        load_full_optimizer_state(modules["disc"], optimizers["opt_d"][1], opt_states["opt_d"])
+    else:
+        sharded = any(is_sharded(m) for m in modules.values())
+        start, states, opt_states = load_checkpoint(
+            path, list(modules) if world.main or not sharded else ["disc"],
+            list(optimizers) if world.main or not sharded else ["opt_d"], {"data": gen})
+        for name, module in modules.items():
+            load_full_state_dict(module, states.get(name, {}))
+        for name, (module, opt) in optimizers.items():
+            load_full_optimizer_state(module, opt, opt_states.get(name, {}))
+    log.info("distill: resuming from %s at step %d", path, start)
     return start
 
 
@@ -344,7 +363,7 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     check_finite(data, synthetic_dir)
     # before training: a checkpoint past distill.steps is an error; one of other settings moves aside only now,
     # once the data is known good (a failing run changes no file)
-    resume = _resumable_on_rank0(cfg, run, world)
+    resume = _resume_point_on_rank0(cfg, run, world)
     records = data.records
     trajectories = [trajectory_states(b, data.trajectory_times, times) if student_input.reads_path else None
                     for b in data.buckets]
@@ -361,14 +380,22 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     # lambda_adv per student time: the heads judge (and the teacher runs for) only rows with a weight above 0
     adversarial_weights = cfg.adversarial_weight * torch.tensor(cfg.adversarial_time_weights or [1.0] * len(times)).to(device)
     modules, optimizers = {"student": trained, "ema": ema, "disc": disc}, {"opt_g": (trained, opt_g), "opt_d": (disc, opt_d)}
-    start = resume_state(cfg, modules, optimizers, gen, world) if resume else 0
+    start = resume_state(resume, modules, optimizers, gen, world) if resume else 0
 
     def save_state(step: int) -> None:
-        """Gather (collective under FSDP) and write the checkpoint from rank 0."""
-        states = {name: full_state_dict(module) for name, module in modules.items()}
-        opt_states = {name: full_optimizer_state(module, opt) for name, (module, opt) in optimizers.items()}
+        """Under FSDP, a sharded checkpoint (every rank writes its shards, collective); else gathered and written
+        from rank 0 as one file."""
+        if sharded:
+            save_sharded_checkpoint(sharded_checkpoint_path(cfg), step,
+                                    {"student": sharded_state(student), "ema": sharded_state(ema),
+                                     "opt_g": sharded_state(student, opt_g)},
+                                    {"disc": disc.state_dict()}, {"opt_d": opt_d.state_dict()}, {"data": gen}, run, world)
+        else:
+            states = {name: full_state_dict(module) for name, module in modules.items()}
+            opt_states = {name: full_optimizer_state(module, opt) for name, (module, opt) in optimizers.items()}
+            if world.main:
+                save_checkpoint(cfg.checkpoint, step, states, opt_states, {"data": gen}, meta=run)
         if world.main:
-            save_checkpoint(cfg.checkpoint, step, states, opt_states, {"data": gen}, meta=run)
             _write_curve(_curve_path(cfg), curve, len(layers), len(times))
 
     curve = _read_curve(_curve_path(cfg), start)

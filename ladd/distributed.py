@@ -223,6 +223,25 @@ def load_full_optimizer_state(module: torch.nn.Module, opt: torch.optim.Optimize
     set_optimizer_state_dict(module, opt, named, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
+def sharded_state(module: torch.nn.Module, opt: torch.optim.Optimizer | None = None) -> dict:
+    """This rank's own part of a module's state dict (DTensor shards under FSDP), or of its optimiser's per-parameter
+    states keyed by parameter name: what a sharded checkpoint writes, with no gathering."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return get_model_state_dict(module) if opt is None else get_optimizer_state_dict(module, opt)["state"]
+
+
+def load_sharded_state(module: torch.nn.Module, state: dict, opt: torch.optim.Optimizer | None = None) -> None:
+    """Inverse of `sharded_state` (the optimiser keeps its current hyper-parameters: the run's config)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict
+
+    if opt is None:
+        set_model_state_dict(module, state)
+    else:
+        groups = get_optimizer_state_dict(module, opt)["param_groups"]
+        set_optimizer_state_dict(module, opt, {"state": state, "param_groups": groups})
+
+
 # --- the launcher: `ladd <stage>` started again under torchrun ------------------------------------------------
 
 EXIT_DIR = "LADD_EXIT_DIR"  # set by the launcher: where workers leave their exit codes

@@ -123,7 +123,7 @@ def test_killed_mid_run_then_the_same_command_resumes(victim, parallel, finished
     and its workers stop with it (no orphan trains on beside the next run). Either way the last checkpoint is
     whole, and the same command resumes from it."""
     root = _project(finished_project, tmp_path, "killed", 2, parallel, steps=40, checkpoint_every=1)
-    ckpt = root / "models" / "checkpoints" / "run.safetensors"
+    ckpt = root / "models" / "checkpoints" / ("run.dcp" if parallel == "fsdp" else "run.safetensors")  # FSDP: sharded
     launcher = subprocess.Popen([sys.executable, "-m", "ladd.cli", "distill", "--no-tracking"], cwd=root,
                                 stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
@@ -163,6 +163,28 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(one_process, finish
         assert _summary(root)["resumed_from"] == STEPS and _summary(root)["world_size"] == nproc
         runs[name] = _transformer(root)
     assert _update_error(runs["two"], runs["one"], _transformer(one_process)) < 1e-3
+
+
+def test_a_sharded_checkpoint_is_written_by_every_rank_and_resumes_on_one_process(one_process, finished_project, tmp_path):
+    """FSDP writes no gathered state: each rank its own safetensors shards (torch.distributed.checkpoint), rank 0 the
+    replicated heads, RNG and step. The folder resumes on 1 process and continues the same run as 1 process does."""
+    root = _project(finished_project, tmp_path, "sharded", 2, "fsdp", steps=STEPS // 2, checkpoint_every=STEPS // 2)
+    proc = _ladd(root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checkpoints = root / "models" / "checkpoints"
+    assert not (checkpoints / "run.safetensors").exists()
+    files = sorted(p.name for p in (checkpoints / "run.dcp").iterdir())
+    shards = [f for f in files if f.startswith("shard-")]
+    assert len(shards) == 2 and "replicated.safetensors" in files and all(f.endswith(".safetensors") for f in files
+                                                                          if not f.startswith("."))
+    assert read_checkpoint_meta(checkpoints / "run.dcp")[0] == STEPS // 2
+    edit_params(root, "distill", steps=STEPS, parallel="none")
+    edit_params(root, "launch", nproc_per_node=1)
+    proc = _ladd(root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _summary(root)["resumed_from"] == STEPS // 2 and _summary(root)["world_size"] == 1
+    teacher = SD3Transformer2DModel.from_pretrained(root / "models" / "teacher" / "transformer").state_dict()
+    assert _update_error(_transformer(root), _transformer(one_process), teacher) < 1e-3
 
 
 def _hashes(folder: Path) -> dict:
