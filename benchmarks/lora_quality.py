@@ -1,7 +1,7 @@
 """Benchmark: LoRA students against full fine-tuning on the embedded default: same teacher, synthetic data, seed,
 step budget and evaluation seeds.
 
-    python benchmarks/lora_quality.py [--ranks 4,16,64] [--lr-g 3e-4] [--steps N] [--out reports/methods]
+    python benchmarks/lora_quality.py [--ranks 4,16,64] [--lr-g 3e-4] [--targets attention,...] [--steps N]
 
 Rows: params.yaml's distill section as it is (`student: full`), then with `student: lora` at each rank
 (params.yaml's lora_targets and alpha, --lr-g for the adapters). Each is trained and scored by
@@ -33,6 +33,7 @@ def main():
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--ranks", default="4,16,64")
     ap.add_argument("--lr-g", type=float, default=3e-4, help="the adapters' learning rate (full keeps distill.lr_g)")
+    ap.add_argument("--targets", default=None, help="distill.lora_targets, comma-separated (default: params.yaml's)")
     ap.add_argument("--steps", type=int, default=None, help="distillation steps per row (default: distill.steps)")
     ap.add_argument("--out", default="reports/methods")
     ap.add_argument("--threads", type=int, default=2)
@@ -40,11 +41,12 @@ def main():
     torch.set_num_threads(args.threads)
     params = load_params(args.params)
     steps, out = args.steps or params.distill.steps, Path(args.out)
+    targets = {"lora_targets": args.targets.split(",")} if args.targets else {}
     rows = [("full", train_and_score(params, "default", steps, out))]
     for rank in (int(r) for r in args.ranks.split(",")):
         print(f"== LoRA rank {rank}", flush=True)
         rows.append((f"LoRA r={rank}", train_and_score(params, "default", steps, out,
-                                                       {"student": "lora", "lora_rank": rank, "lr_g": args.lr_g})))
+                                                       {"student": "lora", "lora_rank": rank, "lr_g": args.lr_g, **targets})))
     full = rows[0][1]["metrics"]["student"]
     ks = sorted(full, key=int)
     teacher = rows[0][1]["metrics"]["teacher"]

@@ -81,7 +81,7 @@ SETTINGS = [
 ]
 HEAD_BYTES = 4 + 4 + 8  # heads train in fp32 with AdamW and are tiny: replicated on every GPU
 LORA_RANKS = (64, 256)
-LORA_TARGETS = DistillConfig().lora_targets
+LORA_TARGETS = {"attention": ("attention",), "all": DistillConfig().lora_targets}  # diffusers' usual set; ladd's default
 LORA_BYTES = 4 + 4 + 8 + 4  # per adapter parameter: fp32 weight, gradient, AdamW's two states, EMA
 LORA_GPU_GB = 24  # a LoRA student of SD3.5-large should fit a 24 GB card's static budget
 
@@ -101,7 +101,7 @@ def count(config: dict) -> dict:
     }
 
 
-def lora_params(config: dict, rank: int, targets=LORA_TARGETS) -> int:
+def lora_params(config: dict, rank: int, targets) -> int:
     """Adapter parameters of a rank-`rank` LoRA on `targets` (ladd.lora's groups): rank * (in + out) per layer."""
     with torch.device("meta"):
         model = SD3Transformer2DModel(**config)
@@ -120,12 +120,13 @@ def lora_footprint(n: dict, adapters: int) -> dict:
 
 
 def lora_table(results: dict) -> str:
-    cols = ["model", "LoRA rank", "adapter params (M)", "bf16 base (GB)", "adapters + grads + AdamW + EMA (GB)",
+    cols = ["model", "targets", "LoRA rank", "adapter params (M)", "bf16 base (GB)", "adapters + grads + AdamW + EMA (GB)",
             "heads (GB)", "total / GPU (GB)", f"fits {LORA_GPU_GB} GB"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for name, r in results.items():
-        for rank, f in r["lora"].items():
-            lines.append(f"| {name} | {rank} | {f['adapter_params'] / 1e6:.1f} | {f['base']:.2f} | {f['adapters']:.2f} | "
+        for key, f in r["lora"].items():
+            targets, rank = key.split("/r")
+            lines.append(f"| {name} | {', '.join(LORA_TARGETS[targets])} | {rank} | {f['adapter_params'] / 1e6:.1f} | {f['base']:.2f} | {f['adapters']:.2f} | "
                          f"{f['heads']:.3f} | {f['total_gpu']:.2f} | {'yes' if f['fits_24'] else 'no'} |")
     return "\n".join(lines)
 
@@ -219,7 +220,8 @@ def main(argv=None) -> dict:
     for name, config in CONFIGS.items():
         n = count(config)
         results[name] = {**n, "settings": {s.key: footprint(n, s) for s in SETTINGS},
-                         "lora": {rank: lora_footprint(n, lora_params(config, rank)) for rank in LORA_RANKS}}
+                         "lora": {f"{key}/r{rank}": lora_footprint(n, lora_params(config, rank, targets))
+                                  for key, targets in LORA_TARGETS.items() for rank in LORA_RANKS}}
     print("\nStatic memory of a LADD distillation run, GB (1e9 bytes) per GPU; activations not included. "
           "Buffers: one fp32 copy (the positional-embedding table), counted in every model copy in its dtype.")
     print(table(results))
@@ -228,8 +230,8 @@ def main(argv=None) -> dict:
           "Student: fp32 master weights (bf16 autocast for compute), gradients fp32, AdamW 2 fp32 states.")
     print("FSDP2 row: student, gradients, AdamW and EMA parameters sharded over 8 GPUs (buffers replicated); "
           "teacher and heads replicated.")
-    print(f"\nLoRA students (distill.student: lora, targets {list(LORA_TARGETS)}): the teacher's own weights in bf16 "
-          "serve the student (adapters on) and the teacher (adapters off), no second copy; GB per GPU, static.")
+    print("\nLoRA students (distill.student: lora): the teacher's own weights in bf16 "
+          "serve the student (adapters on) and the teacher (adapters off), no second copy; GB per GPU, static.\n")
     print(lora_table(results))
     print("\nNot resident: the text encoders are released once prompts are encoded (T5-XXL alone is ~4.76 B "
           "params, ~9.5 GB in bf16; CLIP-L and OpenCLIP-bigG ~0.8 B more). VAE, CUDA context not counted.")

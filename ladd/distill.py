@@ -35,9 +35,9 @@ from ladd.discriminator import Discriminator, default_feature_layers
 from ladd.distributed import (World, close_world, full_optimizer_state, full_state_dict, full_tensor, init_world,
                               is_sharded, load_full_optimizer_state, load_full_state_dict, load_sharded_state, shard,
                               sharded_state, unwrap, wrap_student)
+from ladd import lora
 from ladd.io import atomic_dir, atomic_file, fingerprint, write_json
 from ladd.generate import record_noise
-from ladd import lora
 from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, gan_health, heads_loss, per_row, student_loss
 from ladd.pipeline import encode_prompts, load_pipeline, load_transformer, max_sequence_length, read_meta, write_meta
 from ladd.plots import plot_curves
@@ -289,7 +289,9 @@ def build_networks(cfg: DistillConfig, teacher_dir, teacher, plan: dict, world: 
     device, sharded = world.device, cfg.parallel == "fsdp" and world.size > 1
     if cfg.student == "lora":
         trained, adapter_layers = lora.add_student_adapter(teacher, cfg, lora_suffixes)
-        student = teacher  # one copy of the base weights (so checkpointing it covers the teacher's passes too)
+        # one copy of the base weights (so checkpointing it covers the teacher's passes too); train mode only
+        # switches lora_dropout, which the teacher's passes (adapters off) never run
+        student = teacher.train()
     else:
         trained = student = load_transformer(teacher_dir, "cpu" if sharded else device).train().requires_grad_(True)
         adapter_layers = []

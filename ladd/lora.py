@@ -7,7 +7,6 @@ into a complete transformer, so every later stage sees a plain student."""
 from __future__ import annotations
 
 import contextlib
-import functools
 from pathlib import Path
 
 import torch
@@ -146,5 +145,3 @@ def save_adapter(out_dir: Path, adapter: dict, cfg, suffixes: list[str]) -> None
 def count(weights: torch.nn.Module) -> int:
     return sum(p.numel() for p in weights.parameters())
 
-
-enabled = functools.partial(adapters, on=True)

@@ -42,6 +42,8 @@ def test_lora_settings_are_checked_before_any_model_loads(tiny_teacher_dir, tiny
         DistillConfig(student="lora", parallel="fsdp")
     with pytest.raises(ConfigError, match="distill.student must be one of"):
         DistillConfig(student="half")
+    preset = DistillConfig(preset="lora")  # the measured LoRA recipe: params.yaml's, with adapters and their lr
+    assert (preset.student, preset.lr_g, preset.lora_targets) == ("lora", 1e-3, ("attention", "feed_forward", "adaln"))
     with pytest.raises(ConfigError, match="distill.lora_dropout"):
         DistillConfig(student="lora", lora_dropout=1.0)
     cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck" / "distill.safetensors"),
@@ -64,7 +66,8 @@ def test_one_copy_of_the_base_weights_serves_student_and_teacher(tiny_teacher_di
     assert {id(p) for p in trained.parameters()} == adapters
     assert {id(p) for g in opt_g.param_groups for p in g["params"]} == adapters
     linear = [(n, m) for n, m in load_transformer(tiny_teacher_dir).named_modules() if isinstance(m, torch.nn.Linear)]
-    targeted = [m for n, m in linear if any(n.endswith("." + s) for s in lora.LORA_TARGET_GROUPS["attention"])]
+    suffixes = lora.check_targets(tiny_teacher_dir, DistillConfig().lora_targets)  # attention, feed-forward, adaLN
+    targeted = [m for n, m in linear if any(n.endswith("." + s) for s in suffixes)]
     assert lora.count(trained) == sum(LORA["lora_rank"] * (m.in_features + m.out_features) for m in targeted) > 0
     assert lora.count(ema) == lora.count(trained)
     # training the adapters leaves the teacher's features (adapters off) bit for bit as they were
