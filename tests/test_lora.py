@@ -166,3 +166,23 @@ def test_lora_checkpoint_resumes_to_the_same_adapter(tiny_teacher_dir, tiny_synt
     a, b = adapter("straight"), adapter("resumed")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert any(not torch.allclose(a[k], adapter("first")[k]) for k in a)
+
+
+def test_lora_on_a_bf16_base_with_checkpointing_tracks_the_fp32_run(tiny_teacher_dir, tiny_synthetic, tmp_path):
+    """The memory habits of a large teacher: a bf16 base (the teacher's own dtype), bf16 autocast and gradient
+    checkpointing of the shared module. The adapters stay fp32 and move as in the fp32 run, up to bf16 rounding."""
+    def run(name, **memory):
+        cfg = DistillConfig(out_dir=str(tmp_path / name), checkpoint=str(tmp_path / f"{name}.safetensors"),
+                            **LORA, **SMOKE, **memory)
+        distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
+        with safe_open(str(tmp_path / f"{name}.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith("student.")}
+
+    fp32 = run("fp32", teacher_dtype="float32", mixed_precision="no", gradient_checkpointing="off")
+    bf16 = run("bf16", teacher_dtype="bfloat16", mixed_precision="bf16", gradient_checkpointing="all")
+    assert fp32.keys() == bf16.keys() and all(v.dtype == torch.float32 for v in bf16.values())
+    update = [k for k in fp32 if "lora_B" in k]  # B starts at zero: its value is the whole update
+    diff = sum((bf16[k] - fp32[k]).pow(2).sum() for k in update).sqrt()
+    size = sum(fp32[k].pow(2).sum() for k in update).sqrt()
+    print(f"bf16 vs fp32 adapter update: relative difference {float(diff / size):.3f}")
+    assert size > 0 and torch.isfinite(diff) and diff / size < 0.25, float(diff / size)
