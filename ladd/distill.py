@@ -403,7 +403,7 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     curve = _read_curve(_curve_path(cfg), start)
     tracker.log_params({"distill.resolved.feature_layers": layers, "distill.resolved.student_times": times.tolist(),
                         **{f"distill.resolved.{k}": v for k, v in plan.items()}})
-    n_trained = sum(p.numel() for p in trained.parameters()) * (world.size if sharded else 1)
+    n_trained = sum(p.numel() for p in trained.parameters())  # a DTensor shard counts its whole parameter
     log.info("distill: %d records in %d resolution buckets %s; memory: %s; %s student, %.3g M trained parameters",
              len(records), len(data.buckets), [list(b.resolution) for b in data.buckets], plan, cfg.student, n_trained / 1e6)
     log.info("distill: %s inputs, backward share %.2f, %s re-noising, regression %s x%g (t = 1: x%g)%s",

@@ -76,6 +76,7 @@ def test_two_processes_compute_the_one_process_update(parallel, one_process, fin
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = _summary(root)
     assert summary["world_size"] == 2 and summary["parallel"] == parallel and summary["steps"] == STEPS
+    assert summary["trained_parameters"] == _summary(one_process)["trained_parameters"]
     assert summary["replicas"] == ("student and heads" if parallel == "ddp" else "heads") + " identical on 2 ranks"
     teacher = SD3Transformer2DModel.from_pretrained(root / "models" / "teacher" / "transformer").state_dict()
     ours, reference = _transformer(root), _transformer(one_process)
