@@ -154,3 +154,43 @@ def train_dpo(transformer, lora_cfg, suffixes, x_w, x_l, embeds, pooled, times: 
         opt.step()
         curve.append({"step": step, "loss": float(loss.detach()), "implicit_accuracy": float(accuracy)})
     return weights, layers, curve
+
+
+def align_student(cfg, prompts: list[str], labels, student_dir, classifier_dir, out_dir, tracker=None) -> dict:
+    """WIP: the stage's body. Candidates from the student, rewards, pairs (one line naming the keys when too few),
+    a DPO-LoRA, and `out_dir` written atomically: the fused pipeline, its adapter, the curve and a summary.
+    `cfg` holds reward, reward_path, samples, steps, min_margin, min_pairs, lora_rank, lora_targets,
+    train_steps, batch_size, lr, beta, seed."""
+    import json
+    import types
+
+    from ladd import lora
+    from ladd.io import atomic_dir, write_json
+    from ladd.pipeline import encode_prompts, load_pipeline, read_meta, write_meta
+
+    score = load_reward(cfg.reward, cfg.reward_path, classifier_dir)  # a bad reward fails before any sampling
+    pipe, meta = load_pipeline(student_dir), read_meta(student_dir)
+    lat, img = candidates(pipe, meta, prompts, cfg.samples, cfg.steps, cfg.seed)
+    rewards = torch.stack([score(img[:, j], prompts, labels) for j in range(cfg.samples)], 1)
+    keep, w, l = preference_pairs(rewards, cfg.min_margin)
+    if len(keep) < cfg.min_pairs:
+        raise ConfigError(f"align: {len(keep)} preference pairs have a reward margin >= align.min_margin "
+                          f"({cfg.min_margin:g}), align.min_pairs is {cfg.min_pairs}: lower the margin, or raise "
+                          "align.samples or the number of prompts")
+    e, p = encode_prompts(pipe, [prompts[i] for i in keep.tolist()], meta["max_sequence_length"])
+    lora_cfg = types.SimpleNamespace(lora_rank=cfg.lora_rank, lora_alpha=None, lora_dropout=0.0)
+    suffixes = lora.target_suffixes(pipe.transformer, cfg.lora_targets)
+    weights, _, curve = train_dpo(pipe.transformer, lora_cfg, suffixes, lat[keep, w], lat[keep, l], e, p,
+                                  torch.tensor(meta["student_times"]), cfg.train_steps, cfg.batch_size, cfg.lr,
+                                  cfg.beta, cfg.seed)
+    fused, adapter = lora.fused_student(student_dir, lora_cfg, suffixes, weights.state_dict())
+    summary = {"pairs": len(keep), "candidates": int(rewards.numel()), "mean_candidate_reward": float(rewards.mean()),
+               "last_loss": curve[-1]["loss"], "last_implicit_accuracy": curve[-1]["implicit_accuracy"]}
+    aligned = load_pipeline(student_dir, transformer=fused)
+    with atomic_dir(out_dir) as tmp:
+        aligned.save_pretrained(tmp, safe_serialization=True)
+        lora.save_adapter(tmp, adapter, lora_cfg, suffixes)
+        write_meta(tmp, **{**meta, "source": "ladd-aligned", "aligned": summary})
+        write_json(tmp / "ladd_align_summary.json", {**summary, "curve": curve,
+                                                      "config": json.loads(json.dumps(vars(cfg), default=list))})
+    return summary

@@ -92,3 +92,36 @@ def test_rewards_load_from_local_folders_and_bad_ones_fail_with_one_line(tiny_cl
         load_reward("clip", tmp_path / "missing", None)
     with pytest.raises(ConfigError, match="clip needs align.reward_path"):
         load_reward("clip", None, None)
+
+
+def test_align_student_writes_a_fused_pipeline_its_adapter_reproduces(tiny_student_dir, tiny_classifier_dir,
+                                                                       prepared_data, tmp_path):
+    from types import SimpleNamespace
+
+    import pandas as pd
+    from diffusers import StableDiffusion3Pipeline
+
+    from ladd.align import align_student
+
+    train = pd.read_parquet(prepared_data / "train" / "captions.parquet").head(16)
+    prompts, labels = train["prompt"].tolist(), train["label"].astype(int).tolist()
+    cfg = SimpleNamespace(reward="classifier", reward_path=None, samples=4, steps=1, min_margin=0.0, min_pairs=2,
+                          lora_rank=4, lora_targets=("attention", "feed_forward", "adaln"), train_steps=3,
+                          batch_size=4, lr=1e-3, beta=2000.0, seed=0)
+    with pytest.raises(ConfigError, match="align.min_pairs is 1000"):
+        align_student(SimpleNamespace(**{**vars(cfg), "min_pairs": 1000}), prompts, labels, tiny_student_dir,
+                      tiny_classifier_dir, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    summary = align_student(cfg, prompts, labels, tiny_student_dir, tiny_classifier_dir, tmp_path / "aligned")
+    assert summary["pairs"] >= 2
+    no_t5 = dict(text_encoder_3=None, tokenizer_3=None)
+    fused = StableDiffusion3Pipeline.from_pretrained(tmp_path / "aligned", **no_t5)
+    stock = StableDiffusion3Pipeline.from_pretrained(tiny_student_dir, **no_t5)
+    stock.load_lora_weights(tmp_path / "aligned")
+    for steps in (1, 2, 4):
+        out = []
+        for pipe in (fused, stock):
+            torch.manual_seed(0)
+            out.append(pipe("a handwritten digit six", num_inference_steps=steps, guidance_scale=0.0,
+                            max_sequence_length=16, generator=torch.Generator().manual_seed(1), output_type="latent").images)
+        assert (out[0] - out[1]).abs().max() <= 1e-5, steps
