@@ -1,30 +1,34 @@
-"""The preference stage after distillation (LADD's DPO-LoRA, Sauer et al. 2024 sec. 4): the math and the rewards.
+"""`ladd align`: the preference stage after distillation (LADD's DPO-LoRA, Sauer et al. 2024 sec. 4).
 
-Work in progress (issue #22): the reward registry, the Diffusion-DPO objective for rectified flow, candidate
-sampling, best-vs-worst pairs and the LoRA training loop, with unit tests, and `benchmarks/align_probe.py`. Not
-yet: the pairs' suite, the `ladd align` stage and its DVC/flow wiring, evaluation rows, README.
+Candidates from the student at its own few steps, scored by a reward of the `REWARDS` registry, best vs worst
+per prompt (with a minimum margin, checked by a Great Expectations suite), then a LoRA trained on the student
+with Diffusion-DPO (Wallace et al. 2024) written for rectified flow: x_t = (1 - t) x0 + t eps, velocity target
+u = eps - x0; per pair the policy's squared velocity error minus the frozen reference's, for the winner (w) and
+the loser (l), L = -log sigma(-beta (Delta_w - Delta_l)), at the student's own times. With a LoRA policy the
+reference is the same module with its adapters off (`ladd.lora`): no second copy of the student is held.
 
-First probe on the embedded default (Intel Xeon AVX-512, 2 cores): 300 training prompts x 4 candidates at 4
-steps, classifier reward, margin 0.1 -> 51 pairs; rank 16 on attention + feed_forward + adaln, lr 3e-4,
-beta 2000, 100 steps of 16 pairs (10 s; candidates 2 s). Held-out 359 prompts x 3 seeds at 4 steps: reward
-0.960 +- 0.001 -> 0.981 +- 0.004, share with p(prompted digit) > 0.5 0.963 -> 0.981. lr 1e-3 / beta 500 / 150
-steps overfit the pairs (0.960 -> 0.929). FD not measured yet.
-
-Diffusion-DPO (Wallace et al. 2024) for rectified flow: x_t = (1 - t) x0 + t eps, velocity target
-u = eps - x0; per pair the policy's squared velocity error minus the frozen reference's, for the winner and
-the loser; L = -log sigma(-beta (Delta_w - Delta_l)). With a LoRA policy the reference is the same module with
-its adapters off (`ladd.lora`), so no second copy of the student is held.
+`align.enabled: false` makes the stage a pass-through (its folder says so), and evaluate/export use the student.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+import time
+import types
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ladd.errors import ConfigError
+from ladd.errors import ConfigError, ValidationFailed
+
+log = logging.getLogger(__name__)
+PASS_THROUGH = "ladd_align_disabled.json"  # the stage's whole output when align.enabled is false
+SUMMARY = "ladd_align_summary.json"
 
 
 def noised(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -90,23 +94,25 @@ def load_reward(name: str, path: str | Path | None, classifier_dir, key: str = "
     return REWARDS[name].load(path, classifier_dir, key)
 
 
-def candidates(pipe, meta: dict, prompts: list[str], samples: int, steps: int, seed: int, batch_size: int = 128):
-    """`samples` images per prompt from the student at `steps` steps (its own schedule and sampler), record i of
-    sample j from seed `seed + j * 1_000_003 + i`: (latents [P, S, ...], images [P, S, 3, H, W] in [0, 1])."""
+@torch.no_grad()
+def sample_and_score(transformer, vae, meta: dict, embeds, pooled, prompts: list[str], labels, score, seed: int,
+                     steps: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One candidate per prompt from the student at `steps` steps (its schedule and sampler), record i from seed
+    `seed * 1_000_003 + i`, scored batch by batch (no image is kept): (latents on the CPU, rewards [P])."""
     from ladd.generate import generate_latents, record_noise
-    from ladd.pipeline import decode_latents, encode_prompts, latent_shape, max_sequence_length
+    from ladd.pipeline import decode_latents
     from ladd.schedules import student_sigmas
 
-    e, p = encode_prompts(pipe, prompts, meta.get("max_sequence_length", max_sequence_length(pipe.config._name_or_path)))
-    shape = latent_shape(pipe)
-    lat, img = [], []
-    for j in range(samples):
-        noise = record_noise([seed + j * 1_000_003 + i for i in range(len(prompts))], shape)
-        x = generate_latents(pipe.transformer, e, p, noise, student_sigmas(steps, meta), 1.0,
-                             sampler=meta.get("sampler", "renoise"), batch_size=batch_size, seed=seed + j)
-        lat.append(x)
-        img.append(decode_latents(pipe.vae, x, batch_size))
-    return torch.stack(lat, 1), torch.stack(img, 1)
+    cfg = transformer.config
+    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    noise = record_noise([seed * 1_000_003 + i for i in range(len(prompts))], shape)
+    latents = generate_latents(transformer, embeds, pooled, noise, student_sigmas(steps, meta), 1.0,
+                               sampler=meta.get("sampler", "renoise"), batch_size=batch_size, seed=seed)
+    rewards = []
+    for i in range(0, len(prompts), batch_size):
+        images = decode_latents(vae, latents[i : i + batch_size], batch_size).cpu()
+        rewards.append(score(images, prompts[i : i + batch_size], None if labels is None else labels[i : i + batch_size]))
+    return latents, torch.cat(rewards).float().cpu()
 
 
 def preference_pairs(rewards: torch.Tensor, min_margin: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -118,23 +124,47 @@ def preference_pairs(rewards: torch.Tensor, min_margin: float) -> tuple[torch.Te
     return keep, best[keep], worst[keep]
 
 
-def train_dpo(transformer, lora_cfg, suffixes, x_w, x_l, embeds, pooled, times: torch.Tensor, steps: int,
-              batch_size: int, lr: float, beta: float, seed: int) -> tuple[torch.nn.Module, list, list[dict]]:
-    """A LoRA on `transformer` trained with `dpo_loss` on the pairs (winner latents x_w, loser x_l, their prompt's
-    embeddings), at the student's own times, winner and loser sharing t and eps (Diffusion-DPO's pairing). The
-    reference is the same module with the adapters off. Returns (adapter weights, adapter layers, curve rows)."""
+def pairs_frame(ids, prompts: list[str], rewards: torch.Tensor, keep, w, l) -> pd.DataFrame:
+    """One row per prompt: its candidates' rewards (finite?), and for the pairs kept the winner's and loser's."""
+    frame = pd.DataFrame({"id": [str(i) for i in ids], "prompt": prompts,
+                          "finite": torch.isfinite(rewards).all(1).tolist(), "paired": 0,
+                          "reward_winner": float("nan"), "reward_loser": float("nan")})
+    k = keep.tolist()
+    frame.loc[k, "paired"] = 1
+    frame.loc[k, "reward_winner"] = rewards[keep, w].tolist()
+    frame.loc[k, "reward_loser"] = rewards[keep, l].tolist()
+    frame["margin"] = frame["reward_winner"] - frame["reward_loser"]
+    return frame
+
+
+def pair_checks(min_pairs: int, min_margin: float) -> list:
+    from ladd.data.validation import Check
+
+    return [Check("ExpectColumnValuesToBeInSet", {"column": "finite", "value_set": [True]}),  # no NaN reward
+            Check("ExpectColumnSumToBeBetween", {"column": "paired", "min_value": min_pairs}),  # enough pairs
+            Check("ExpectColumnValuesToBeBetween", {"column": "margin", "min_value": min_margin})]  # NaN (unpaired) skipped
+
+
+def train_dpo(transformer, layers, weights, x_w, x_l, embeds, pooled, times: torch.Tensor, cfg, autocast,
+              probe=None, tracker=None) -> list[dict]:
+    """`cfg.train_steps` AdamW steps on the LoRA `weights` with `dpo_loss` on the pairs (winner latents x_w, loser
+    x_l, their prompt's embeddings), t drawn from the student's `times`, winner and loser sharing t and eps
+    (Diffusion-DPO's pairing); the reference is the same module with the adapters off. `probe()` -> the reward of
+    fresh samples, every `cfg.probe_every` steps. Returns the curve rows."""
     from ladd import lora
 
-    weights, layers = lora.add_student_adapter(transformer, lora_cfg, suffixes)
-    opt = torch.optim.AdamW(weights.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
+    device = next(transformer.parameters()).device
+    opt = torch.optim.AdamW(weights.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
     curve = []
 
     def errors(x0, eps, t, c, p):
         x_t = noised(x0, eps, t)
 
         def v():
-            return transformer(hidden_states=x_t, encoder_hidden_states=c, pooled_projections=p, timestep=t * 1000).sample
+            with autocast:
+                return transformer(hidden_states=x_t, encoder_hidden_states=c, pooled_projections=p,
+                                   timestep=t * 1000).sample
 
         with lora.adapters(layers, on=True):
             policy = velocity_error(v(), x0, eps)
@@ -142,55 +172,133 @@ def train_dpo(transformer, lora_cfg, suffixes, x_w, x_l, embeds, pooled, times: 
             ref = velocity_error(v(), x0, eps)
         return policy, ref
 
-    for step in range(steps):
-        idx = torch.randint(len(x_w), (batch_size,), generator=gen)
-        t = times[torch.randint(len(times), (batch_size,), generator=gen)]
-        eps = torch.randn(x_w[idx].shape, generator=gen)
-        (pw, rw), (pl, rl) = (errors(x[idx], eps, t, embeds[idx], pooled[idx]) for x in (x_w, x_l))
-        loss, accuracy = dpo_loss(pw, pl, rw, rl, beta)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(weights.parameters(), 1.0)
-        opt.step()
-        curve.append({"step": step, "loss": float(loss.detach()), "implicit_accuracy": float(accuracy)})
-    return weights, layers, curve
+    for step in range(cfg.train_steps + 1):
+        row = {"step": step}
+        if probe is not None and (step % cfg.probe_every == 0 or step == cfg.train_steps):
+            row["probe_reward"] = probe()
+        if step < cfg.train_steps:
+            idx = torch.randint(len(x_w), (cfg.batch_size,), generator=gen)
+            t = times[torch.randint(len(times), (cfg.batch_size,), generator=gen)].to(device)
+            eps = torch.randn(x_w[idx].shape, generator=gen).to(device)
+            c, p = embeds[idx].to(device), pooled[idx].to(device)
+            (pw, rw), (pl, rl) = (errors(x[idx].to(device), eps, t, c, p) for x in (x_w, x_l))
+            loss, accuracy = dpo_loss(pw, pl, rw, rl, cfg.beta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(weights.parameters(), 1.0)
+            opt.step()
+            row.update(loss=float(loss.detach()), implicit_accuracy=float(accuracy))
+        curve.append(row)
+        if tracker is not None:
+            tracker.log_metrics({f"align/{k}": v for k, v in row.items() if k != "step"}, step=step)
+        if step % max(1, cfg.train_steps // 10) == 0 and "loss" in row:
+            log.info("align step %d/%d: DPO loss %.4f, implicit accuracy %.2f%s", step, cfg.train_steps, row["loss"],
+                     row["implicit_accuracy"], f", fresh-sample reward {row['probe_reward']:.4f}" if "probe_reward" in row else "")
+    return curve
 
 
-def align_student(cfg, prompts: list[str], labels, student_dir, classifier_dir, out_dir, tracker=None) -> dict:
-    """WIP: the stage's body. Candidates from the student, rewards, pairs (one line naming the keys when too few),
-    a DPO-LoRA, and `out_dir` written atomically: the fused pipeline, its adapter, the curve and a summary.
-    `cfg` holds reward, reward_path, samples, steps, min_margin, min_pairs, lora_rank, lora_targets,
-    train_steps, batch_size, lr, beta, seed."""
-    import json
-    import types
-
+def align_stage(cfg, data_dir, classifier_dir, student_dir, report_dir, tracker) -> dict:
+    """The stage: a pass-through when `cfg.enabled` is false; else candidates, rewards, pairs (their suite), the
+    DPO-LoRA, and `cfg.out_dir` replaced atomically by the aligned pipeline, its adapter, card, curve and summary.
+    Bad settings fail before any sampling, too few pairs before training; `models/` is untouched by a failure."""
     from ladd import lora
+    from ladd.card import write_model_card
+    from ladd.data.prepare import load_split
+    from ladd.data.validation import run_suite
     from ladd.io import atomic_dir, write_json
-    from ladd.pipeline import encode_prompts, load_pipeline, read_meta, write_meta
+    from ladd.pipeline import encode_prompts, load_pipeline, pick_device, read_meta, write_meta
+    from ladd.plots import plot_align_curve
 
+    out = Path(cfg.out_dir)
+    if not cfg.enabled:
+        with atomic_dir(out) as tmp:
+            write_json(tmp / PASS_THROUGH, {"enabled": False, "note": "align.enabled is false: evaluate and export use "
+                                            "the distilled student"})
+        return {"enabled": False}
+    start = time.perf_counter()
     score = load_reward(cfg.reward, cfg.reward_path, classifier_dir)  # a bad reward fails before any sampling
-    pipe, meta = load_pipeline(student_dir), read_meta(student_dir)
-    lat, img = candidates(pipe, meta, prompts, cfg.samples, cfg.steps, cfg.seed)
-    rewards = torch.stack([score(img[:, j], prompts, labels) for j in range(cfg.samples)], 1)
+    suffixes = lora.check_targets(student_dir, cfg.lora_targets, "align.lora_targets")
+    train = load_split(Path(data_dir) / "train")
+    n = min(cfg.prompts or len(train.captions), len(train.captions))
+    prompts, ids = list(train.captions["prompt"][:n]), list(train.captions["id"][:n])
+    labels = train.labels[:n].tolist() if REWARDS[cfg.reward].needs_labels else None
+    device = pick_device(cfg.device)
+    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    pipe, meta = load_pipeline(student_dir, device), read_meta(student_dir)
+    embeds, pooled = encode_prompts(pipe, prompts, meta["max_sequence_length"])
+    embeds, pooled = embeds.cpu(), pooled.cpu()
+    pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # T5-XXL alone is ~9.5 GB
+    batch = 128
+
+    def candidates(seed, count):  # adapters as they are: off before training, so these are the student's
+        with autocast:
+            return sample_and_score(pipe.transformer, pipe.vae, meta, embeds[:count], pooled[:count], prompts[:count],
+                                    None if labels is None else labels[:count], score, seed, cfg.steps, batch)
+
+    sampled = [candidates(cfg.seed * cfg.samples + j, n) for j in range(cfg.samples)]
+    latents, rewards = torch.stack([s[0] for s in sampled], 1), torch.stack([s[1] for s in sampled], 1)
+    sampling_s = time.perf_counter() - start
     keep, w, l = preference_pairs(rewards, cfg.min_margin)
-    if len(keep) < cfg.min_pairs:
-        raise ConfigError(f"align: {len(keep)} preference pairs have a reward margin >= align.min_margin "
-                          f"({cfg.min_margin:g}), align.min_pairs is {cfg.min_pairs}: lower the margin, or raise "
-                          "align.samples or the number of prompts")
-    e, p = encode_prompts(pipe, [prompts[i] for i in keep.tolist()], meta["max_sequence_length"])
-    lora_cfg = types.SimpleNamespace(lora_rank=cfg.lora_rank, lora_alpha=None, lora_dropout=0.0)
-    suffixes = lora.target_suffixes(pipe.transformer, cfg.lora_targets)
-    weights, _, curve = train_dpo(pipe.transformer, lora_cfg, suffixes, lat[keep, w], lat[keep, l], e, p,
-                                  torch.tensor(meta["student_times"]), cfg.train_steps, cfg.batch_size, cfg.lr,
-                                  cfg.beta, cfg.seed)
-    fused, adapter = lora.fused_student(student_dir, lora_cfg, suffixes, weights.state_dict())
-    summary = {"pairs": len(keep), "candidates": int(rewards.numel()), "mean_candidate_reward": float(rewards.mean()),
-               "last_loss": curve[-1]["loss"], "last_implicit_accuracy": curve[-1]["implicit_accuracy"]}
+    log.info("align: %d candidates (%d prompts x %d), mean reward %.4f; %d pairs with margin >= %g", rewards.numel(), n,
+             cfg.samples, float(rewards.nanmean()), len(keep), cfg.min_margin)
+    try:
+        run_suite("align_pairs", pairs_frame(ids, prompts, rewards, keep, w, l), pair_checks(cfg.min_pairs, cfg.min_margin),
+                  report_dir)
+    except ValidationFailed as e:
+        few = (f"{len(keep)} of {n} prompts give a pair with a reward margin >= align.min_margin ({cfg.min_margin:g}) and "
+               f"align.min_pairs is {cfg.min_pairs}: lower the margin, or raise align.samples or align.prompts; "
+               if len(keep) < cfg.min_pairs else "")
+        raise ValidationFailed(f"align: {few}{e}") from None
+    lora_cfg = types.SimpleNamespace(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0)
+    weights, layers = lora.add_student_adapter(pipe.transformer, lora_cfg, suffixes)
+    weights.to(device)
+    probe_seed = 7_777_777 + cfg.seed  # fresh noise: none of the candidates' seeds
+
+    def probe():
+        with lora.adapters(layers, on=True):
+            return float(candidates(probe_seed, min(cfg.probe_prompts, n))[1].mean())
+
+    curve = train_dpo(pipe.transformer, layers, weights, latents[keep, w], latents[keep, l], embeds[keep], pooled[keep],
+                      torch.tensor(meta["student_times"]), cfg, autocast, probe if cfg.probe_prompts else None, tracker)
+    state = {k: v.detach().cpu() for k, v in weights.state_dict().items()}
+    del pipe, weights, layers, latents  # before a second copy of the student loads
+    fused, adapter = lora.fused_student(student_dir, lora_cfg, suffixes, state)
+    trained = [r for r in curve if "loss" in r]
+    probes = [r["probe_reward"] for r in curve if "probe_reward" in r]
+    summary = {"reward": cfg.reward, "prompts": n, "candidates": int(rewards.numel()),
+               "mean_candidate_reward": float(rewards.nanmean()), "pairs": len(keep),
+               "mean_pair_margin": float((rewards[keep, w] - rewards[keep, l]).mean()),
+               "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank, "target_modules": suffixes,
+                        "parameters": sum(v.numel() for v in state.values())},
+               "train_steps": cfg.train_steps, "last_loss": trained[-1]["loss"],
+               "last_implicit_accuracy": trained[-1]["implicit_accuracy"],
+               **({"probe_reward_before": probes[0], "probe_reward_after": probes[-1]} if probes else {}),
+               "seconds": {"sampling": sampling_s, "total": time.perf_counter() - start}}
     aligned = load_pipeline(student_dir, transformer=fused)
-    with atomic_dir(out_dir) as tmp:
+    student_meta = {k: v for k, v in meta.items() if k != "lora"}  # its LoRA (on the teacher) is not this folder's
+    aligned_meta = {**student_meta, "source": "ladd-aligned", "aligned": {k: summary[k] for k in
+                    ("reward", "pairs", "train_steps", "lora")}, "aligned_from": str(student_dir)}
+    with atomic_dir(out) as tmp:
         aligned.save_pretrained(tmp, safe_serialization=True)
         lora.save_adapter(tmp, adapter, lora_cfg, suffixes)
-        write_meta(tmp, **{**meta, "source": "ladd-aligned", "aligned": summary})
-        write_json(tmp / "ladd_align_summary.json", {**summary, "curve": curve,
-                                                      "config": json.loads(json.dumps(vars(cfg), default=list))})
+        write_meta(tmp, **aligned_meta)
+        write_json(tmp / SUMMARY, {**summary, "curve": curve, "config": dataclasses.asdict(cfg)})
+        plot_align_curve(curve, tmp / "align_curve.png", f"DPO-LoRA on the student: {len(keep)} pairs, reward {cfg.reward}")
+        train_summary = Path(student_dir) / "ladd_train_summary.json"
+        write_model_card(tmp, aligned_meta, json.loads(train_summary.read_text()) if train_summary.is_file() else {})
+    tracker.log_summary({f"align/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+    tracker.log_artifact(out / "align_curve.png")
+    tracker.log_artifact(out / SUMMARY)
+    log.info("align: %s", {k: summary[k] for k in ("pairs", "last_loss", "last_implicit_accuracy")})
     return summary
+
+
+def model_dir(align_cfg, student_dir) -> Path:
+    """The model evaluate and export use: the aligned one when the stage is on (it must have run), else the student."""
+    if not align_cfg.enabled:
+        return Path(student_dir)
+    out = Path(align_cfg.out_dir)
+    if not (out / "model_index.json").is_file():
+        raise FileNotFoundError(f"{out} holds no aligned student and align.enabled is true: run `ladd align` first")
+    return out

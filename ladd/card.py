@@ -44,6 +44,20 @@ image = pipe("a prompt", num_inference_steps={meta.get('default_steps', 4)}, gui
 """
 
 
+def _aligned_section(meta: dict) -> str:
+    if "aligned" not in meta:
+        return ""
+    a = meta["aligned"]
+    return f"""
+### Preference-aligned (`ladd align`)
+
+This is the distilled student after a DPO-LoRA (rank {a['lora']['rank']}, {a['lora']['parameters']:,} parameters,
+{a['train_steps']} steps on {a['pairs']} best-vs-worst pairs of its own samples scored by the `{a['reward']}` reward),
+fused into the transformer above. The adapter alone is `pytorch_lora_weights.safetensors`: loaded with
+`pipe.load_lora_weights("path/to/aligned")` onto the distilled student (not the teacher) it gives this pipeline.
+"""
+
+
 COLUMNS = {"fd": "FD", "fd_teacher": "FD vs teacher", "clip_score": "CLIP score", "accuracy": "accuracy"}
 
 
@@ -66,6 +80,8 @@ def _evaluation(metrics: dict | None) -> str:
     lines.append(f"| teacher | {t['steps']} | {t['guidance']:g} | {cells(t)} |")
     for k, r in metrics["student"].items():
         lines.append(f"| **student** | {k} | 0 | {cells(r)} |")
+    for k, r in metrics.get("aligned", {}).items():
+        lines.append(f"| **aligned** | {k} | 0 | {cells(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -110,7 +126,7 @@ from diffusers import StableDiffusion3Pipeline
 
 Any `num_inference_steps` works; the trained ones give the best results. Loading prints that the scheduler
 config's `sigma_min`/`sigma_max` "will be ignored": diffusers reads them anyway (they set the schedule's ends).
-{_lora_section(meta, has_t5)}
+{_lora_section(meta, has_t5)}{_aligned_section(meta)}
 ## Training
 
 {summary.get('steps', '?')} steps ({meta.get('sampler', 'renoise')} sampler), GAN health

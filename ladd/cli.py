@@ -67,16 +67,25 @@ def run_distill(p: Params, tracker) -> dict:
     return distill(p.distill, p.teacher.out_dir, p.synthesize.out_dir, tracker)
 
 
+def run_align(p: Params, tracker) -> dict:
+    from ladd.align import align_stage
+
+    return align_stage(p.align, p.prepare.out_dir, p.classifier.out_dir, p.distill.out_dir,
+                       f"{p.validate.report_dir}/align", tracker)
+
+
 def run_evaluate(p: Params, tracker) -> dict:
     from ladd.evaluate import evaluate
 
-    return evaluate(p.evaluate, p.prepare.out_dir, p.classifier.out_dir, p.teacher.out_dir, p.distill.out_dir, tracker)
+    return evaluate(p.evaluate, p.prepare.out_dir, p.classifier.out_dir, p.teacher.out_dir, p.distill.out_dir, tracker,
+                    p.align)
 
 
 def run_export(p: Params, tracker) -> dict:
+    from ladd.align import model_dir
     from ladd.export import export_stage
 
-    return export_stage(p.export, p.distill.out_dir, tracker)
+    return export_stage(p.export, model_dir(p.align, p.distill.out_dir), tracker)
 
 
 # the output a second run of the stage would interleave with: held (flock) for the whole stage, on rank 0
@@ -87,6 +96,7 @@ LOCKED_OUTPUTS = {
     "teacher": lambda p: p.teacher.out_dir,
     "synthesize": lambda p: p.synthesize.out_dir,
     "distill": lambda p: p.distill.checkpoint,  # the resume point: the student is rebuilt from it
+    "align": lambda p: p.align.out_dir,
     "evaluate": lambda p: f"{p.evaluate.out_dir}/.evaluate",
     "export": lambda p: p.export.out_dir,
 }
@@ -98,6 +108,7 @@ STAGES = {
     "teacher": run_teacher,
     "synthesize": run_synthesize,
     "distill": run_distill,
+    "align": run_align,
     "evaluate": run_evaluate,
     "export": run_export,
 }

@@ -254,6 +254,53 @@ class DistillConfig:
                               f"[{', '.join(f'{t:.10g}' for t in ladder)}], got {list(self.student_times)}")
 
 
+REWARDS = ("classifier", "clip")  # the keys of ladd.align.REWARDS (a test keeps them equal)
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """The preference stage after distill (LADD's DPO-LoRA): candidates from the student, a reward, best-vs-worst
+    pairs, Diffusion-DPO on a LoRA. Off, `ladd align` passes the student through and later stages use it."""
+
+    enabled: bool = False
+    out_dir: str = "models/aligned"
+    reward: str = "classifier"  # classifier (p of the prompted digit: labelled data) | clip (CLIP score) | ladd.align.REWARDS
+    reward_path: str | None = must_exist()  # the reward model's local folder (clip: a CLIP folder; classifier: none)
+    prompts: int = 0  # training prompts, the first of the train split (0: all)
+    samples: int = 4  # candidates per prompt
+    steps: int = 4  # the student's steps for the candidates
+    min_margin: float = 0.1  # a pair's winner must beat its loser by this much reward
+    min_pairs: int = 32  # fewer pairs above the margin: the stage refuses before training
+    lora_rank: int = 256  # the paper's
+    lora_alpha: float | None = None  # None: the rank (scale 1)
+    lora_targets: tuple[str, ...] = ("attention", "feed_forward", "adaln")  # as distill.lora_targets
+    train_steps: int = 100
+    batch_size: int = 16  # pairs per step
+    lr: float = 3e-4
+    beta: float = 2000.0  # DPO strength (Wallace et al.: 2000-5000 for SD)
+    probe_prompts: int = 64  # the curve's fresh samples: this many train prompts, new seeds (0: no probe)
+    probe_every: int = 25
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA) | no | bf16
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        _choice("align.reward", self.reward, REWARDS)
+        _choice("align.mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
+        _positive("align", samples=self.samples, steps=self.steps, min_pairs=self.min_pairs, lora_rank=self.lora_rank,
+                  train_steps=self.train_steps, batch_size=self.batch_size, probe_every=self.probe_every)
+        if self.samples < 2:
+            raise ConfigError(f"align.samples must be >= 2 (a pair is two candidates of one prompt), got {self.samples}")
+        if self.min_margin < 0 or self.beta <= 0 or self.lr <= 0 or self.prompts < 0 or self.probe_prompts < 0:
+            raise ConfigError("align.min_margin, prompts and probe_prompts must be >= 0, beta and lr > 0")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ConfigError(f"align.lora_alpha must be > 0 (or null: the rank), got {self.lora_alpha}")
+        if not self.lora_targets:
+            raise ConfigError("align.lora_targets must name at least one group or module-name suffix")
+        if self.enabled and self.reward == "clip" and not self.reward_path:
+            raise ConfigError("align.reward: clip needs align.reward_path (a local CLIP model folder)")
+
+
 FEATURES = ("classifier", "inception", "clip")  # the keys of ladd.quality.FEATURE_EXTRACTORS (a test keeps them equal)
 
 
@@ -374,6 +421,7 @@ class Params:
     teacher: TeacherConfig
     synthesize: SynthesizeConfig
     distill: DistillConfig
+    align: AlignConfig
     evaluate: EvaluateConfig
     export: ExportConfig
     launch: LaunchConfig
@@ -481,6 +529,9 @@ def _check_across_sections(p: Params, source: str) -> None:
         raise ConfigError(f"{source}: evaluate.features: classifier needs labelled images, and {prep.captions} has none "
                           "(prompts only, or no 'label' column): set evaluate.features to inception (with "
                           "evaluate.inception_path) or clip (with evaluate.clip_path)")
+    if unlabelled and p.align.enabled and p.align.reward == "classifier":
+        raise ConfigError(f"{source}: align.reward: classifier scores the prompted digit, and {prep.captions} has no "
+                          "labels: use align.reward: clip (with align.reward_path) or a reward of ladd.align.REWARDS")
     if prep.source == "prompts":
         if e.real_images == "required":
             raise ConfigError(f"{source}: evaluate.real_images: required, but prepare.source is prompts (no real "

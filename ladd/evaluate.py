@@ -5,7 +5,9 @@ same prompts (`fd_teacher`, against the teacher's samples of another seed: a dis
 whose floor is the teacher's own row; `fd_teacher_same_noise`, against those of the same noise, which also
 rewards following the teacher's ODE path; neither needs real images), against the real test images where the data has them (`fd`,
 precision/recall, with the real-vs-real floor), by CLIP score where `evaluate.clip_path` is set, and by
-accuracy where the extractor classifies. FD on a few hundred samples moves by points with the noise, so every
+accuracy where the extractor classifies. With the preference stage on (`align.enabled`), the aligned student is
+scored beside the student (rows `aligned`, every row also by the stage's reward), `reports/align.json` holds
+the before/after table, and the gate judges and registers the aligned one. FD on a few hundred samples moves by points with the noise, so every
 figure is the mean over `seeds` with its spread (std).
 
 Under torchrun each rank samples every world-size-th batch (each exactly as one process samples it); rank 0
@@ -19,12 +21,14 @@ import tempfile
 import textwrap
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ladd.align import REWARDS, load_reward, model_dir
 from ladd.card import write_model_card
 from ladd.config import EvaluateConfig
 from ladd.errors import ConfigError
@@ -35,14 +39,14 @@ from ladd.generate import generate_latents, record_noise
 from ladd.io import atomic_file, fingerprint, write_json
 from ladd.metrics import frechet_distance
 from ladd.pipeline import (bucket_latent_shapes, decode_latents, encode_prompts, latent_shape, load_pipeline,
-                           max_sequence_length, native_resolution, read_meta)
+                           load_transformer, max_sequence_length, native_resolution, read_meta)
 from ladd.quality import FEATURE_EXTRACTORS, embed, load_clip, real_floor, score_features
 from ladd.sampling import flow_sigmas
 from ladd.schedules import student_sigmas
 
 log = logging.getLogger(__name__)
 
-HEADLINE = ("fd", "fd_teacher", "fd_teacher_same_noise", "clip_score", "accuracy")  # the figures rows are named by, where they exist
+HEADLINE = ("fd", "fd_teacher", "fd_teacher_same_noise", "clip_score", "accuracy", "reward")  # the figures rows are named by, where they exist
 ROW_KEYS = ("nfe", *(k for m in HEADLINE for k in (m, f"{m}_std")))  # quality_vs_nfe.json's columns
 EXTRACTOR_PATH_KEYS = {"classifier": "evaluate.features", "inception": "evaluate.inception_path", "clip": "evaluate.clip_path"}
 
@@ -122,10 +126,11 @@ def _load(pipe_dir, prompts, device):
     return _Model(pipe, e, p, ne, np_)
 
 
-def evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student_dir, tracker) -> dict:
+def evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student_dir, tracker, align=None) -> dict:
+    """`align`: the AlignConfig (None or disabled: no aligned rows)."""
     world = init_world(cfg.device)
     try:
-        return _evaluate(cfg, data_dir, classifier_dir, teacher_dir, student_dir, tracker, world)
+        return _evaluate(cfg, data_dir, classifier_dir, teacher_dir, student_dir, tracker, world, align)
     finally:
         close_world(world)
 
@@ -138,13 +143,16 @@ def _extractors(cfg: EvaluateConfig, classifier_dir):
     return extractor, path, clip
 
 
-def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student_dir, tracker, world: World) -> dict:
+def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student_dir, tracker, world: World,
+              align=None) -> dict:
     out, device = Path(cfg.out_dir), world.device
     train, test = load_split(Path(data_dir) / "train"), load_split(Path(data_dir) / "test")
     if cfg.real_images == "required" and test.images is None:
         raise ConfigError(f"evaluate.real_images: required, but {data_dir}/test has no images (prompts only)")
     use_real = cfg.real_images != "off" and test.images is not None
     extractor, extractor_path, clip = _extractors(cfg, classifier_dir)
+    aligned_dir = model_dir(align, student_dir) if align is not None and align.enabled else None
+    reward = load_reward(align.reward, align.reward_path, classifier_dir) if aligned_dir else None
     n = min(cfg.num_samples, len(test.captions)) if cfg.num_samples > 0 else len(test.captions)
     prompts, labels = list(test.captions["prompt"][:n]), test.labels[:n]
     gate_metric = resolve_metric(cfg.gate_metric, use_real)
@@ -165,6 +173,9 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
 
         student.pipe.transformer = SD3Transformer2DModel.from_pretrained(Path(student_dir) / "ladd_raw_transformer").to(device)
     student_meta = read_meta(student_dir)
+    if aligned_dir is not None:  # its own transformer; text encoders and VAE are the student's
+        aligned = _Model(SimpleNamespace(transformer=load_transformer(aligned_dir, device), vae=student.pipe.vae),
+                         student.embeds, student.pooled, student.null_e, student.null_p)
     for k in cfg.few_steps:
         untrained = [t for t in student_sigmas(k, student_meta)[:-1].tolist()
                      if min(abs(t - s) for s in student_meta.get("student_times", [1.0])) > 1e-6]
@@ -176,6 +187,7 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
     grid_n = min(cfg.grid_size, n)
     real = embed(extractor, test.images.float() / 255)[0] if use_real and world.main else None
     text = clip.text_embeds(prompts) if clip is not None and world.main else None
+    reward_labels = labels.tolist() if reward is not None and REWARDS[align.reward].needs_labels else None
     teacher_feats: dict[int, torch.Tensor] = {}  # seed -> the many-step teacher's sample features: fd_teacher's reference
     reference_guidance = cfg.guidance if cfg.reference_guidance is None else cfg.reference_guidance
     protocol = None if not world.main else {  # fingerprints read every weight file: rank 0 alone uses them
@@ -207,6 +219,8 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
                 row["fd_teacher_same_noise"] = frechet_distance(teacher_feats[seed].numpy(), feats.numpy())
             if clip is not None:
                 row["clip_score"] = clip.score(images, text)
+            if reward is not None:
+                row["reward"] = float(reward(images, prompts, reward_labels).mean())
             if reference:
                 teacher_feats[seed] = feats
             seed_feats[seed] = feats
@@ -234,6 +248,8 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
                                                f"teacher_{cfg.teacher_steps}",
                                                reference=reference_guidance == cfg.guidance)
     metrics["teacher_naive"], metrics["student"] = {}, {}
+    if aligned_dir is not None:
+        metrics["aligned"] = {}
     side_by_side, labels_by_row = [teacher_imgs], [_label(f"teacher, {cfg.teacher_steps} steps, CFG {cfg.guidance:g}", metrics["teacher"])]
     for k in cfg.few_steps:
         metrics["teacher_naive"][str(k)], _ = measure(teacher, k, flow_sigmas(k, shift), cfg.guidance, "euler", f"teacher_naive_{k}")
@@ -241,6 +257,11 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
                                                    student_meta.get("sampler", "euler"), f"student_{k}")
         side_by_side.append(imgs)
         labels_by_row.append(_label(f"student, {k} step{'s' if k > 1 else ''}", metrics["student"][str(k)]))
+        if aligned_dir is not None:
+            metrics["aligned"][str(k)], imgs = measure(aligned, k, student_sigmas(k, student_meta), 0.0,
+                                                       student_meta.get("sampler", "euler"), f"aligned_{k}")
+            side_by_side.append(imgs)
+            labels_by_row.append(_label(f"aligned, {k} step{'s' if k > 1 else ''}", metrics["aligned"][str(k)]))
     if not world.main:
         return {}
     # teacher (top row) vs the student at each step count, same prompts and seeds, one column per prompt
@@ -249,12 +270,16 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
               row_labels=labels_by_row, col_labels=prompts[:ncol])
     write_json(out / "quality_vs_nfe.json", {"rows": _plot_rows(metrics)})
     write_json(out / "metrics.json", metrics)  # first without the registration: a tracking server lost below loses no figure
+    write_json(out / "align.json", align_report(metrics, align) if aligned_dir else {"enabled": False})
     summary_path = Path(student_dir) / "ladd_train_summary.json"
     train_summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     write_model_card(student_dir, student_meta, train_summary, metrics)  # before registering: the model carries it
+    if aligned_dir is not None:
+        write_model_card(aligned_dir, read_meta(aligned_dir), train_summary, metrics)
     tracker.log_summary(flatten_metrics({k: v for k, v in metrics.items() if k != "protocol"}))
     tracker.set_tags({"evaluate.protocol": json.dumps(protocol, sort_keys=True)})
-    gate = metrics["student"].get(str(cfg.gate_steps))
+    final_dir = aligned_dir or Path(student_dir)  # what the gate judges and registers
+    gate = metrics["aligned" if aligned_dir else "student"].get(str(cfg.gate_steps))
     if cfg.register and gate is None:
         log.warning("not registering the student: evaluate.gate_steps=%d is not in few_steps %s", cfg.gate_steps, list(cfg.few_steps))
     if cfg.register and gate is not None:
@@ -264,7 +289,7 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
                              meta.get("sampler", "euler"), "champion_rescored", solo=True)
             return row
 
-        registered = _register(cfg, gate, gate_metric, protocol, student_dir, tracker, rescore)
+        registered = _register(cfg, gate, gate_metric, protocol, final_dir, tracker, rescore)
         if registered:
             log.info("registered %s version %s: %s (%s)", cfg.model_name, registered["version"],
                      "champion" if registered["promoted"] else "rejected", registered["reason"])
@@ -272,6 +297,7 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
     write_json(out / "metrics.json", metrics)
     tracker.log_artifact(out / "metrics.json")
     tracker.log_artifact(out / "quality_vs_nfe.json")
+    tracker.log_artifact(out / "align.json")
     tracker.log_artifact(out / "grids", "grids")
     return metrics
 
@@ -330,9 +356,21 @@ def _plot_rows(metrics: dict) -> list[dict]:
     rows = [row("real_floor", {"nfe": 0, **metrics["real_floor"]})] if "real_floor" in metrics else []
     rows += [row("reference", metrics["reference"])] if "reference" in metrics else []
     rows.append(row("teacher", metrics["teacher"]))
-    for kind in ("teacher_naive", "student"):
-        rows += [row(kind, r) for r in metrics[kind].values()]
+    for kind in ("teacher_naive", "student", "aligned"):
+        rows += [row(kind, r) for r in metrics.get(kind, {}).values()]
     return rows
+
+
+def align_report(metrics: dict, align) -> dict:
+    """reports/align.json: the student (before) and the aligned student (after) at each step count, means and
+    spreads of the headline figures (and precision/recall where measured)."""
+    keys = [k for m in (*HEADLINE, "precision", "recall") for k in (m, f"{m}_std")]
+
+    def side(rows):
+        return {k: {m: r[m] for m in keys if m in r} for k, r in rows.items()}
+
+    return {"enabled": True, "reward": align.reward, "seeds": metrics["seeds"], "num_samples": metrics["num_samples"],
+            "before": side(metrics["student"]), "after": side(metrics["aligned"])}
 
 
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict:

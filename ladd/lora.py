@@ -24,7 +24,7 @@ LORA_TARGET_GROUPS: dict[str, tuple[str, ...]] = {
 ADAPTER = "default"  # peft's adapter name: the one diffusers' load_lora_weights also gives a single LoRA
 
 
-def target_suffixes(transformer: torch.nn.Module, targets) -> list[str]:
+def target_suffixes(transformer: torch.nn.Module, targets, key: str = "distill.lora_targets") -> list[str]:
     """The module-name suffixes (peft's `target_modules`) that `targets` names and that exist in `transformer`
     (a meta-device one will do); a ConfigError names an entry that selects no linear layer."""
     linear = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -32,19 +32,19 @@ def target_suffixes(transformer: torch.nn.Module, targets) -> list[str]:
     for entry in targets:
         hits = [s for s in LORA_TARGET_GROUPS.get(entry, (entry,)) if any(n == s or n.endswith("." + s) for n in linear)]
         if not hits:
-            raise ConfigError(f"distill.lora_targets: {entry!r} matches no linear layer of the teacher's transformer "
+            raise ConfigError(f"{key}: {entry!r} matches no linear layer of the teacher's transformer "
                               f"(a group of {sorted(LORA_TARGET_GROUPS)}, or a module-name suffix such as attn.to_q)")
         chosen += [s for s in hits if s not in chosen]
     return chosen
 
 
-def check_targets(teacher_dir, targets) -> list[str]:
+def check_targets(teacher_dir, targets, key: str = "distill.lora_targets") -> list[str]:
     """`target_suffixes` on the teacher's transformer built on the meta device from its config: no weights load."""
     from diffusers import SD3Transformer2DModel
 
     config = SD3Transformer2DModel.load_config(str(teacher_dir), subfolder="transformer")
     with torch.device("meta"):
-        return target_suffixes(SD3Transformer2DModel.from_config(config), targets)
+        return target_suffixes(SD3Transformer2DModel.from_config(config), targets, key)
 
 
 def lora_config(cfg, suffixes: list[str]):

@@ -63,3 +63,33 @@ def plot_curves(curve: list[dict], heads: int, path: str | Path, title: str = ""
         fig.savefig(tmp, format="png", dpi=90, metadata={"Software": None})
     plt.close(fig)
     return path
+
+
+def plot_align_curve(curve: list[dict], path: str | Path, title: str = "") -> Path:
+    """The preference stage's curves: DPO loss (chance: log 2), implicit reward accuracy, fresh samples' reward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trained = [r for r in curve if "loss" in r]
+    window = max(1, len(trained) // 20)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    steps = [r["step"] for r in trained]
+    axes[0].plot(steps, smooth([r["loss"] for r in trained], window))
+    axes[0].axhline(math.log(2), color="grey", linestyle=":", label="log 2 (policy = reference)")
+    axes[0].set(xlabel="step", ylabel="DPO loss", title=f"DPO loss (moving average of {window})")
+    axes[0].legend()
+    axes[1].plot(steps, smooth([r["implicit_accuracy"] for r in trained], window))
+    axes[1].axhline(0.5, color="grey", linestyle=":")
+    axes[1].set(xlabel="step", ylabel="share of pairs", title="implicit reward accuracy (winner preferred)")
+    probes = [(r["step"], r["probe_reward"]) for r in curve if "probe_reward" in r]
+    axes[2].plot([s for s, _ in probes], [v for _, v in probes], marker="o")
+    axes[2].set(xlabel="step", ylabel="mean reward", title="reward of fresh samples (new seeds)")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90, metadata={"Software": None})
+    plt.close(fig)
+    return Path(path)

@@ -1,13 +1,17 @@
-"""The preference stage's math and rewards (issue #22, in progress): Diffusion-DPO for rectified flow on a LoRA
-policy whose reference is the same module with adapters off, and the reward registry."""
+"""The preference stage (`ladd align`): Diffusion-DPO for rectified flow on a LoRA policy whose reference is the
+same module with adapters off, the reward registry, the stage's outputs and its refusals."""
+
+import json
 
 import pytest
 import torch
 
 from ladd import lora
-from ladd.align import REWARDS, dpo_loss, load_reward, noised, velocity_error
-from ladd.config import DistillConfig
-from ladd.errors import ConfigError
+from ladd.align import PASS_THROUGH, REWARDS, SUMMARY, align_stage, dpo_loss, load_reward, model_dir, noised, velocity_error
+from ladd.config import REWARDS as REWARD_NAMES, AlignConfig, DistillConfig
+from ladd.errors import ConfigError, ValidationFailed
+from ladd.io import fingerprint
+from ladd.tracking import NullTracker
 from ladd.pipeline import load_transformer
 from sd3_family import build_tiny_clip
 
@@ -94,34 +98,60 @@ def test_rewards_load_from_local_folders_and_bad_ones_fail_with_one_line(tiny_cl
         load_reward("clip", None, None)
 
 
-def test_align_student_writes_a_fused_pipeline_its_adapter_reproduces(tiny_student_dir, tiny_classifier_dir,
-                                                                       prepared_data, tmp_path):
-    from types import SimpleNamespace
+def test_reward_names_are_the_registry():
+    assert REWARD_NAMES == tuple(REWARDS)
 
-    import pandas as pd
+
+def _cfg(out, **kw):
+    return AlignConfig(**{**dict(enabled=True, out_dir=str(out), prompts=48, samples=4, steps=1, min_margin=0.0,
+                                 min_pairs=2, lora_rank=4, train_steps=3, batch_size=4, probe_prompts=8, probe_every=2,
+                                 device="cpu"), **kw})
+
+
+def test_the_aligned_student_is_a_fused_pipeline_its_adapter_reproduces(tiny_student_dir, tiny_classifier_dir,
+                                                                         prepared_data, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    from ladd.align import align_student
-
-    train = pd.read_parquet(prepared_data / "train" / "captions.parquet").head(16)
-    prompts, labels = train["prompt"].tolist(), train["label"].astype(int).tolist()
-    cfg = SimpleNamespace(reward="classifier", reward_path=None, samples=4, steps=1, min_margin=0.0, min_pairs=2,
-                          lora_rank=4, lora_targets=("attention", "feed_forward", "adaln"), train_steps=3,
-                          batch_size=4, lr=1e-3, beta=2000.0, seed=0)
-    with pytest.raises(ConfigError, match="align.min_pairs is 1000"):
-        align_student(SimpleNamespace(**{**vars(cfg), "min_pairs": 1000}), prompts, labels, tiny_student_dir,
-                      tiny_classifier_dir, tmp_path / "refused")
-    assert not (tmp_path / "refused").exists()
-    summary = align_student(cfg, prompts, labels, tiny_student_dir, tiny_classifier_dir, tmp_path / "aligned")
-    assert summary["pairs"] >= 2
+    out, reports = tmp_path / "aligned", tmp_path / "reports"
+    summary = align_stage(_cfg(out), prepared_data, tiny_classifier_dir, tiny_student_dir, reports, NullTracker())
+    assert summary["pairs"] >= 2 and summary["candidates"] == 48 * 4 and summary["lora"]["rank"] == 4
+    assert {"model_index.json", "pytorch_lora_weights.safetensors", "README.md", "align_curve.png", SUMMARY} <= \
+        {f.name for f in out.iterdir()}
+    curve = json.loads((out / SUMMARY).read_text())["curve"]
+    assert [r["step"] for r in curve if "probe_reward" in r] == [0, 2, 3] and all("loss" in r for r in curve[:3])
+    assert json.loads((reports / "align_pairs.json").read_text())["success"]
+    assert "Preference-aligned" in (out / "README.md").read_text()
+    assert model_dir(_cfg(out), tiny_student_dir) == out
     no_t5 = dict(text_encoder_3=None, tokenizer_3=None)
-    fused = StableDiffusion3Pipeline.from_pretrained(tmp_path / "aligned", **no_t5)
+    fused = StableDiffusion3Pipeline.from_pretrained(out, **no_t5)
     stock = StableDiffusion3Pipeline.from_pretrained(tiny_student_dir, **no_t5)
-    stock.load_lora_weights(tmp_path / "aligned")
+    stock.load_lora_weights(out)  # the adapter goes on the distilled student
     for steps in (1, 2, 4):
-        out = []
+        images = []
         for pipe in (fused, stock):
-            torch.manual_seed(0)
-            out.append(pipe("a handwritten digit six", num_inference_steps=steps, guidance_scale=0.0,
-                            max_sequence_length=16, generator=torch.Generator().manual_seed(1), output_type="latent").images)
-        assert (out[0] - out[1]).abs().max() <= 1e-5, steps
+            torch.manual_seed(0)  # diffusers' stochastic sampling draws its re-noising noise from the global RNG
+            images.append(pipe("a handwritten digit six", num_inference_steps=steps, guidance_scale=0.0,
+                               max_sequence_length=16, generator=torch.Generator().manual_seed(1), output_type="latent").images)
+        assert (images[0] - images[1]).abs().max() <= 1e-5, steps
+    # refusals: one line naming the key, before training; the previous output stays as it was
+    before = fingerprint(out)
+    with pytest.raises(ValidationFailed, match=r"align.min_margin \(0\) and align.min_pairs is 1000") as err:
+        align_stage(_cfg(out, min_pairs=1000), prepared_data, tiny_classifier_dir, tiny_student_dir, reports, NullTracker())
+    assert "\n" not in str(err.value)
+    wrong_kind = tmp_path / "not_clip"
+    wrong_kind.mkdir()
+    (wrong_kind / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    for path, message in ((tmp_path / "missing", "is not a CLIP model folder"), (wrong_kind, "align.reward_path")):
+        with pytest.raises(ConfigError, match=message):
+            align_stage(_cfg(out, reward="clip", reward_path=str(path)), prepared_data, tiny_classifier_dir,
+                        tiny_student_dir, reports, NullTracker())
+    assert fingerprint(out) == before
+
+
+def test_off_the_stage_passes_the_student_through(tiny_student_dir, tmp_path):
+    cfg = AlignConfig(out_dir=str(tmp_path / "aligned"))
+    assert align_stage(cfg, None, None, tiny_student_dir, tmp_path / "reports", NullTracker()) == {"enabled": False}
+    assert [f.name for f in (tmp_path / "aligned").iterdir()] == [PASS_THROUGH]
+    assert model_dir(cfg, tiny_student_dir) == tiny_student_dir
+    with pytest.raises(FileNotFoundError, match="run `ladd align` first"):
+        model_dir(_cfg(tmp_path / "aligned"), tiny_student_dir)
