@@ -59,7 +59,8 @@ def _metrics_markdown(metrics: dict) -> str:
     rows += [("teacher", metrics["teacher"])]
     rows += [(f"teacher naive {k}", r) for k, r in metrics["teacher_naive"].items()]
     rows += [(f"student {k}", r) for k, r in metrics["student"].items()]
-    columns = [k for k in ("fd", "fd_teacher", "clip_score", "accuracy", "precision", "recall")
+    rows += [(f"aligned {k}", r) for k, r in metrics.get("aligned", {}).items()]
+    columns = [k for k in ("fd", "fd_teacher", "clip_score", "accuracy", "reward", "precision", "recall")
                if any(k in r for _, r in rows)]
     floor = metrics.get("real_floor")
     floors = [f"real-vs-real FD floor {floor['fd']:.2f} ± {floor['fd_std']:.2f}"] if floor else []
@@ -74,6 +75,18 @@ def _metrics_markdown(metrics: dict) -> str:
 
     lines += [f"| {name} | {r['nfe']} | " + " | ".join(cell(r, k) for k in columns) + f" | {r['ms_per_image']:.2f} |"
               for name, r in rows]
+    return "\n".join(lines)
+
+
+def _align_markdown(report: dict) -> str:
+    """reports/align.json as a before/after table: the student and the aligned student at each step count."""
+    keys = [k for k in ("reward", "accuracy", "fd", "fd_teacher", "clip_score") if k in next(iter(report["before"].values()))]
+    lines = [f"Preference stage (DPO-LoRA, reward `{report['reward']}`): {report['num_samples']} held-out prompts, mean ± std "
+             f"over seeds {report['seeds']}", "", "| steps | " + " | ".join(f"{k} before | {k} after" for k in keys) + " |",
+             "|---|" + "---|---|" * len(keys)]
+    for steps, before in report["before"].items():
+        after = report["after"][steps]
+        lines.append(f"| {steps} | " + " | ".join(f"{r[k]:.3f} ± {r[k + '_std']:.3f}" for k in keys for r in (before, after)) + " |")
     return "\n".join(lines)
 
 
@@ -120,6 +133,15 @@ def _publish(root: Path, params: dict) -> dict:
         where["onnx"] = root / params.get("export", {}).get("out_dir", "models/onnx")
         create_markdown_artifact(key="ladd-onnx", markdown=_export_markdown(json.loads(export.read_text())),
                                  description="ONNX export: parity and latency (ladd export)")
+    align = reports / "align.json"
+    report = json.loads(align.read_text()) if align.is_file() else {}
+    if report.get("enabled"):
+        where["aligned"] = root / params.get("align", {}).get("out_dir", "models/aligned")
+        create_markdown_artifact(key="ladd-align", markdown=_align_markdown(report),
+                                 description="Preference stage: the student before and after (ladd align)")
+        if (where["aligned"] / "align_curve.png").is_file():
+            create_link_artifact(key="ladd-align-curve", link=(where["aligned"] / "align_curve.png").resolve().as_uri(),
+                                 link_text="preference stage curves (DPO loss, implicit accuracy, fresh-sample reward)")
     grid = where["grids"] / "teacher_vs_student.png"
     if grid.is_file():
         create_link_artifact(key="ladd-grid", link=grid.resolve().as_uri(), link_text="teacher vs student grid")

@@ -145,17 +145,34 @@ def pair_checks(min_pairs: int, min_margin: float) -> list:
             Check("ExpectColumnValuesToBeBetween", {"column": "margin", "min_value": min_margin})]  # NaN (unpaired) skipped
 
 
-def train_dpo(transformer, layers, weights, x_w, x_l, embeds, pooled, times: torch.Tensor, cfg, autocast,
-              probe=None, tracker=None) -> list[dict]:
+def student_time_weights(cfg, student_dir) -> list[float]:
+    """align.time_weights, or the student's training distribution over its times (distill.probs, from its
+    ladd_train_summary.json; equal weights without one): DPO moves the student where it was trained."""
+    from ladd.pipeline import read_meta
+
+    times = read_meta(student_dir)["student_times"]
+    weights = cfg.time_weights
+    if weights is None:
+        summary = Path(student_dir) / "ladd_train_summary.json"
+        weights = json.loads(summary.read_text())["config"].get("probs") if summary.is_file() else None
+        weights = weights if weights and len(weights) == len(times) else [1.0] * len(times)
+    if len(weights) != len(times):
+        raise ConfigError(f"align.time_weights must hold one weight per student time {times}, got {list(weights)}")
+    return list(weights)
+
+
+def train_dpo(transformer, layers, weights, x_w, x_l, embeds, pooled, times: torch.Tensor, time_weights: list[float],
+              cfg, autocast, probe=None, tracker=None) -> list[dict]:
     """`cfg.train_steps` AdamW steps on the LoRA `weights` with `dpo_loss` on the pairs (winner latents x_w, loser
-    x_l, their prompt's embeddings), t drawn from the student's `times`, winner and loser sharing t and eps
-    (Diffusion-DPO's pairing); the reference is the same module with the adapters off. `probe()` -> the reward of
+    x_l, their prompt's embeddings), t drawn from the student's `times` by `time_weights`, winner and loser sharing
+    t and eps (Diffusion-DPO's pairing); the reference is the same module with the adapters off. `probe()` -> the reward of
     fresh samples, every `cfg.probe_every` steps. Returns the curve rows."""
     from ladd import lora
 
     device = next(transformer.parameters()).device
     opt = torch.optim.AdamW(weights.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
+    time_weights = torch.tensor(time_weights, dtype=torch.float)
     curve = []
 
     def errors(x0, eps, t, c, p):
@@ -178,7 +195,7 @@ def train_dpo(transformer, layers, weights, x_w, x_l, embeds, pooled, times: tor
             row["probe_reward"] = probe()
         if step < cfg.train_steps:
             idx = torch.randint(len(x_w), (cfg.batch_size,), generator=gen)
-            t = times[torch.randint(len(times), (cfg.batch_size,), generator=gen)].to(device)
+            t = times[torch.multinomial(time_weights, cfg.batch_size, replacement=True, generator=gen)].to(device)
             eps = torch.randn(x_w[idx].shape, generator=gen).to(device)
             c, p = embeds[idx].to(device), pooled[idx].to(device)
             (pw, rw), (pl, rl) = (errors(x[idx].to(device), eps, t, c, p) for x in (x_w, x_l))
@@ -218,6 +235,7 @@ def align_stage(cfg, data_dir, classifier_dir, student_dir, report_dir, tracker)
     start = time.perf_counter()
     score = load_reward(cfg.reward, cfg.reward_path, classifier_dir)  # a bad reward fails before any sampling
     suffixes = lora.check_targets(student_dir, cfg.lora_targets, "align.lora_targets")
+    time_weights = student_time_weights(cfg, student_dir)
     train = load_split(Path(data_dir) / "train")
     n = min(cfg.prompts or len(train.captions), len(train.captions))
     prompts, ids = list(train.captions["prompt"][:n]), list(train.captions["id"][:n])
@@ -251,8 +269,13 @@ def align_stage(cfg, data_dir, classifier_dir, student_dir, report_dir, tracker)
                if len(keep) < cfg.min_pairs else "")
         raise ValidationFailed(f"align: {few}{e}") from None
     lora_cfg = types.SimpleNamespace(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0)
-    weights, layers = lora.add_student_adapter(pipe.transformer, lora_cfg, suffixes)
-    weights.to(device)
+    if bf16:  # the frozen base in bf16 (an 8B student: 16 GB, not 32); the adapters stay fp32
+        pipe.transformer.to(torch.bfloat16)
+    with torch.random.fork_rng(devices=[]):  # peft draws A from the global RNG: seeded here, and left as it was
+        torch.manual_seed(cfg.seed)
+        weights, layers = lora.add_student_adapter(pipe.transformer, lora_cfg, suffixes)
+    if cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and device.type == "cuda"):
+        pipe.transformer.enable_gradient_checkpointing(lora.checkpointing_func(layers))
     probe_seed = 7_777_777 + cfg.seed  # fresh noise: none of the candidates' seeds
 
     def probe():
@@ -260,7 +283,7 @@ def align_stage(cfg, data_dir, classifier_dir, student_dir, report_dir, tracker)
             return float(candidates(probe_seed, min(cfg.probe_prompts, n))[1].mean())
 
     curve = train_dpo(pipe.transformer, layers, weights, latents[keep, w], latents[keep, l], embeds[keep], pooled[keep],
-                      torch.tensor(meta["student_times"]), cfg, autocast, probe if cfg.probe_prompts else None, tracker)
+                      torch.tensor(meta["student_times"]), time_weights, cfg, autocast, probe if cfg.probe_prompts else None, tracker)
     state = {k: v.detach().cpu() for k, v in weights.state_dict().items()}
     del pipe, weights, layers, latents  # before a second copy of the student loads
     fused, adapter = lora.fused_student(student_dir, lora_cfg, suffixes, state)
@@ -271,7 +294,7 @@ def align_stage(cfg, data_dir, classifier_dir, student_dir, report_dir, tracker)
                "mean_pair_margin": float((rewards[keep, w] - rewards[keep, l]).mean()),
                "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank, "target_modules": suffixes,
                         "parameters": sum(v.numel() for v in state.values())},
-               "train_steps": cfg.train_steps, "last_loss": trained[-1]["loss"],
+               "time_weights": time_weights, "train_steps": cfg.train_steps, "last_loss": trained[-1]["loss"],
                "last_implicit_accuracy": trained[-1]["implicit_accuracy"],
                **({"probe_reward_before": probes[0], "probe_reward_after": probes[-1]} if probes else {}),
                "seconds": {"sampling": sampling_s, "total": time.perf_counter() - start}}

@@ -274,19 +274,23 @@ class AlignConfig:
     lora_rank: int = 256  # the paper's
     lora_alpha: float | None = None  # None: the rank (scale 1)
     lora_targets: tuple[str, ...] = ("attention", "feed_forward", "adaln")  # as distill.lora_targets
+    # how often DPO draws each student time; None: as distill did (its probs), the student's own time distribution
+    time_weights: tuple[float, ...] | None = None
     train_steps: int = 100
     batch_size: int = 16  # pairs per step
-    lr: float = 3e-4
+    lr: float = 1e-4
     beta: float = 2000.0  # DPO strength (Wallace et al.: 2000-5000 for SD)
     probe_prompts: int = 64  # the curve's fresh samples: this many train prompts, new seeds (0: no probe)
-    probe_every: int = 25
-    mixed_precision: str = "auto"  # auto (bf16 on CUDA) | no | bf16
+    probe_every: int = 50
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA) | no | bf16: autocast, and the frozen base weights in bf16
+    gradient_checkpointing: str = "auto"  # auto (on for CUDA) | on | off
     seed: int = 0
     device: str = "auto"
 
     def __post_init__(self):
         _choice("align.reward", self.reward, REWARDS)
         _choice("align.mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
+        _choice("align.gradient_checkpointing", self.gradient_checkpointing, ("auto", "on", "off"))
         _positive("align", samples=self.samples, steps=self.steps, min_pairs=self.min_pairs, lora_rank=self.lora_rank,
                   train_steps=self.train_steps, batch_size=self.batch_size, probe_every=self.probe_every)
         if self.samples < 2:
@@ -295,6 +299,8 @@ class AlignConfig:
             raise ConfigError("align.min_margin, prompts and probe_prompts must be >= 0, beta and lr > 0")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ConfigError(f"align.lora_alpha must be > 0 (or null: the rank), got {self.lora_alpha}")
+        if self.time_weights is not None and (min(self.time_weights) < 0 or sum(self.time_weights) <= 0):
+            raise ConfigError(f"align.time_weights must be non-negative with a positive sum, got {list(self.time_weights)}")
         if not self.lora_targets:
             raise ConfigError("align.lora_targets must name at least one group or module-name suffix")
         if self.enabled and self.reward == "clip" and not self.reward_path:

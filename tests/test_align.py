@@ -155,3 +155,40 @@ def test_off_the_stage_passes_the_student_through(tiny_student_dir, tmp_path):
     assert model_dir(cfg, tiny_student_dir) == tiny_student_dir
     with pytest.raises(FileNotFoundError, match="run `ladd align` first"):
         model_dir(_cfg(tmp_path / "aligned"), tiny_student_dir)
+
+
+def test_a_nan_reward_fails_the_pairs_suite_naming_the_record(tiny_student_dir, prepared_data, tmp_path, monkeypatch):
+    import ladd.align as align
+
+    def nan_on_third(path, classifier_dir, key):
+        def score(images, prompts, labels):
+            s = torch.rand(len(images))
+            s[2] = float("nan")
+            return s
+        return score
+
+    from ladd.data.prepare import load_split
+
+    monkeypatch.setitem(align.REWARDS, "classifier", align.Reward(nan_on_third, needs_labels=False))
+    third = load_split(prepared_data / "train").captions["id"][2]
+    with pytest.raises(ValidationFailed, match=rf"column 'finite' failed for records \['{third}'\]"):
+        align_stage(_cfg(tmp_path / "aligned", prompts=8), prepared_data, None, tiny_student_dir, tmp_path / "reports",
+                    NullTracker())
+    assert not (tmp_path / "aligned").exists()
+
+
+def test_memory_settings_keep_the_adapter(tiny_student_dir, tiny_classifier_dir, prepared_data, tmp_path):
+    """Gradient checkpointing (on for CUDA) recomputes with the adapters as they were: the same adapter as without
+    it; a bf16 base (mixed_precision bf16) trains an adapter pointing the same way as the fp32 one."""
+    from safetensors.torch import load_file
+
+    def adapter(name, **kw):
+        cfg = _cfg(tmp_path / name, prompts=16, train_steps=2, probe_prompts=0, **kw)
+        align_stage(cfg, prepared_data, tiny_classifier_dir, tiny_student_dir, tmp_path / "reports", NullTracker())
+        state = load_file(tmp_path / name / "pytorch_lora_weights.safetensors")
+        return torch.cat([state[k].flatten() for k in sorted(state) if "lora_B" in k])  # B starts at 0: the update
+
+    plain = adapter("plain", gradient_checkpointing="off")
+    torch.testing.assert_close(adapter("checkpointed", gradient_checkpointing="on"), plain, rtol=1e-4, atol=1e-7)
+    bf16 = adapter("bf16", mixed_precision="bf16")
+    assert torch.nn.functional.cosine_similarity(bf16, plain, dim=0) > 0.9

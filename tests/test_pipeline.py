@@ -9,7 +9,7 @@ from ladd.pipeline import load_pipeline, max_sequence_length
 from conftest import dvc, init_repo, run
 
 pytestmark = pytest.mark.slow
-ALL_STAGES = {"prepare", "validate", "classifier", "teacher", "synthesize", "distill", "evaluate", "export"}
+ALL_STAGES = {"prepare", "validate", "classifier", "teacher", "synthesize", "distill", "align", "evaluate", "export"}
 
 
 def ran_stages(output: str) -> set[str]:
@@ -30,7 +30,7 @@ def test_prefect_flow_then_dvc(smoke_project, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     order = stage_order(smoke_project)
     assert order[0] == "prepare" and set(order) == ALL_STAGES
-    assert order.index("validate") < order.index("teacher") < order.index("synthesize") < order.index("distill") < order.index("evaluate")
+    assert order.index("validate") < order.index("teacher") < order.index("synthesize") < order.index("distill") < order.index("align") < order.index("evaluate")
     with prefect_test_harness(server_startup_timeout=120):
         assert pipeline(str(smoke_project)) == dict.fromkeys(order, True)
         lock = (smoke_project / "dvc.lock").read_text()

@@ -27,7 +27,7 @@ from ladd.quality import FEATURE_EXTRACTORS
 from ladd.tracking import EXPERIMENT_KIND, MODEL_TRAINING, NullTracker, stage_run
 from sd3_family import build_random_inception, build_sd35_like_teacher, build_tiny_clip
 
-STAGES = {"prepare", "validate", "classifier", "teacher", "synthesize", "distill", "evaluate", "export"}
+STAGES = {"prepare", "validate", "classifier", "teacher", "synthesize", "distill", "align", "evaluate", "export"}
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -56,6 +56,14 @@ def test_settings_a_prompts_only_project_cannot_serve_fail_at_load(tmp_path):
         load(features="clip", clip_path=str(clip), seeds=[7])
     assert load(features="clip", clip_path=str(clip), seeds=[7], gate_metric="fd_teacher_same_noise")
     assert load(features="clip", clip_path=str(clip)).evaluate.gate_metric == "auto"
+    params = {"prepare": {"source": "prompts", "captions": str(prompts)}, "evaluate": {"features": "clip", "clip_path": str(clip)}}
+    with pytest.raises(ConfigError, match="align.reward: classifier scores the prompted digit, and .* has no labels"):
+        load_params(write_params(tmp_path / "params.yaml", {**params, "align": {"enabled": True}}))
+    with pytest.raises(ConfigError, match="align.reward: clip needs align.reward_path"):
+        load_params(write_params(tmp_path / "params.yaml", {**params, "align": {"enabled": True, "reward": "clip"}}))
+    with pytest.raises(ConfigError, match="align.reward_path: path does not exist"):
+        load_params(write_params(tmp_path / "params.yaml", {**params, "align": {"enabled": True, "reward": "clip",
+                                                                                "reward_path": "missing"}}))
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +142,9 @@ def _prompts_only_project(root: Path) -> Path:
     params["evaluate"].update(features="clip", clip_path="external/clip", resolution=[64, 128], teacher_steps=3,
                               few_steps=[1, 3], num_samples=0, seeds=[1, 2], gate_steps=3, grid_size=8)
     params["export"].update(steps=3, fp16=False, batch_sizes=[1, 2], latency_repeats=1)
+    # the preference stage on, with the user's CLIP as its reward
+    params["align"].update(enabled=True, reward="clip", reward_path="external/clip", samples=2, steps=3, min_margin=0.0,
+                           min_pairs=2, lora_rank=4, train_steps=2, batch_size=2, probe_prompts=4, probe_every=1)
     write_params(root / "params.yaml", params)
     for cmd in (["git", "init", "-q"], ["git", "-c", "user.email=ci@ladd", "-c", "user.name=ci", "commit", "-q",
                                         "--allow-empty", "-m", "init"], [_bin("dvc"), "init", "-q"]):
@@ -170,10 +181,20 @@ def test_a_prompts_only_project_with_its_own_teacher_runs_every_stage(tmp_path, 
         assert len(row["per_seed"]) == 2
     assert metrics["teacher"]["fd_teacher"] > 0  # the teacher against its samples of the other seed: the floor
     assert metrics["registered"]["gate_metric"] == "fd_teacher" and metrics["registered"]["promoted"]
+    # the preference stage: CLIP-rewarded pairs of the student's samples, a DPO-LoRA, scored and gated as the result
+    align = json.loads((root / "reports/align.json").read_text())
+    assert align["reward"] == "clip" and set(align["before"]) == set(align["after"]) == {"1", "3"}
+    assert all({"reward", "reward_std", "fd_teacher", "clip_score"} <= set(align["after"][k]) for k in ("1", "3"))
+    assert metrics["aligned"]["3"]["reward"] == align["after"]["3"]["reward"]
+    assert (root / "models/aligned/pytorch_lora_weights.safetensors").is_file()
+    assert json.loads((root / "reports/validation/align/align_pairs.json").read_text())["success"]
+    registered = MlflowClient(store).get_model_version("ladd-student", metrics["registered"]["version"])
+    assert registered.tags["weights"] == fingerprint(root / "models/aligned/transformer", root / "models/aligned/scheduler")
+    assert float(registered.tags["gate/fd_teacher"]) == metrics["aligned"]["3"]["fd_teacher"]
     plot_rows = json.loads((root / "reports/quality_vs_nfe.json").read_text())["rows"]
     assert all("fd_teacher" in r for r in plot_rows if r["model"] in ("student", "teacher_naive"))
     grid = Image.open(root / "reports/grids/teacher_vs_student.png")
-    assert grid.height > 3 * (64 + 2) * 3  # teacher + 2 student rows at 64 px, and the prompts under them
+    assert grid.height > 5 * (64 + 2) * 3  # teacher + 2 student + 2 aligned rows at 64 px, and the prompts under them
     # MLflow: the pipeline run carries the evaluate run's metrics (Compare works on pipeline runs), the experiment
     # opens in the model-training view
     client = MlflowClient(store)
