@@ -64,6 +64,6 @@ def test_prefect_flow_then_dvc(smoke_project, monkeypatch):
     run(["git", "-c", "user.email=ci@ladd", "-c", "user.name=ci", "commit", "-q", "-m", "smoke run"], smoke_project)
     out = dvc(smoke_project, "exp", "run", "-S", "teacher.steps=12")
     # teacher and everything downstream of it rerun; prepare, validate and classifier do not
-    assert ran_stages(out) == {"teacher", "synthesize", "distill", "evaluate", "export"}
+    assert ran_stages(out) == {"teacher", "synthesize", "distill", "align", "evaluate", "export"}
     locked = yaml.safe_load((smoke_project / "dvc.lock").read_text())["stages"]["teacher"]["params"]["params.yaml"]
     assert locked["teacher"]["steps"] == 12
