@@ -247,12 +247,12 @@ def align_stage(cfg, data_dir, classifier_dir, student_dir, report_dir, tracker)
     embeds, pooled = encode_prompts(pipe, prompts, meta["max_sequence_length"])
     embeds, pooled = embeds.cpu(), pooled.cpu()
     pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # T5-XXL alone is ~9.5 GB
-    batch = 128
 
     def candidates(seed, count):  # adapters as they are: off before training, so these are the student's
         with autocast:
             return sample_and_score(pipe.transformer, pipe.vae, meta, embeds[:count], pooled[:count], prompts[:count],
-                                    None if labels is None else labels[:count], score, seed, cfg.steps, batch)
+                                    None if labels is None else labels[:count], score, seed, cfg.steps,
+                                    cfg.sample_batch_size)
 
     sampled = [candidates(cfg.seed * cfg.samples + j, n) for j in range(cfg.samples)]
     latents, rewards = torch.stack([s[0] for s in sampled], 1), torch.stack([s[1] for s in sampled], 1)

@@ -278,6 +278,7 @@ class AlignConfig:
     time_weights: tuple[float, ...] | None = None
     train_steps: int = 100
     batch_size: int = 16  # pairs per step
+    sample_batch_size: int = 128  # candidates and probes sampled (and scored) at once; lower it for large images
     lr: float = 1e-4
     beta: float = 2000.0  # DPO strength (Wallace et al.: 2000-5000 for SD)
     probe_prompts: int = 64  # the curve's fresh samples: this many train prompts, new seeds (0: no probe)
@@ -292,7 +293,8 @@ class AlignConfig:
         _choice("align.mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
         _choice("align.gradient_checkpointing", self.gradient_checkpointing, ("auto", "on", "off"))
         _positive("align", samples=self.samples, steps=self.steps, min_pairs=self.min_pairs, lora_rank=self.lora_rank,
-                  train_steps=self.train_steps, batch_size=self.batch_size, probe_every=self.probe_every)
+                  train_steps=self.train_steps, batch_size=self.batch_size, probe_every=self.probe_every,
+                  sample_batch_size=self.sample_batch_size)
         if self.samples < 2:
             raise ConfigError(f"align.samples must be >= 2 (a pair is two candidates of one prompt), got {self.samples}")
         if self.min_margin < 0 or self.beta <= 0 or self.lr <= 0 or self.prompts < 0 or self.probe_prompts < 0:
