@@ -25,15 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from ladd.errors import ConfigError, ValidationFailed
+from ladd.variants import noise_to
 
 log = logging.getLogger(__name__)
 PASS_THROUGH = "ladd_align_disabled.json"  # the stage's whole output when align.enabled is false
 SUMMARY = "ladd_align_summary.json"
-
-
-def noised(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    t = t.view(-1, 1, 1, 1)
-    return (1 - t) * x0 + t * eps
 
 
 def velocity_error(v: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -118,9 +114,8 @@ def sample_and_score(transformer, vae, meta: dict, embeds, pooled, prompts: list
 def preference_pairs(rewards: torch.Tensor, min_margin: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per prompt (row of `rewards` [P, S]) its best and worst sample: (prompt index, winner, loser) of the pairs
     whose reward margin is at least `min_margin`."""
-    best, worst = rewards.argmax(1), rewards.argmin(1)
-    margin = rewards.gather(1, best[:, None]).squeeze(1) - rewards.gather(1, worst[:, None]).squeeze(1)
-    keep = torch.nonzero(margin >= min_margin).squeeze(1)
+    (high, best), (low, worst) = rewards.max(1), rewards.min(1)
+    keep = torch.nonzero(high - low >= min_margin).squeeze(1)
     return keep, best[keep], worst[keep]
 
 
@@ -176,7 +171,7 @@ def train_dpo(transformer, layers, weights, x_w, x_l, embeds, pooled, times: tor
     curve = []
 
     def errors(x0, eps, t, c, p):
-        x_t = noised(x0, eps, t)
+        x_t = noise_to(x0, t, eps)
 
         def v():
             with autocast:

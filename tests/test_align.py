@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from ladd import lora
-from ladd.align import PASS_THROUGH, REWARDS, SUMMARY, align_stage, dpo_loss, load_reward, model_dir, noised, velocity_error
+from ladd.align import PASS_THROUGH, REWARDS, SUMMARY, align_stage, dpo_loss, load_reward, model_dir, velocity_error
 from ladd.config import REWARDS as REWARD_NAMES, AlignConfig, DistillConfig
 from ladd.errors import ConfigError, ValidationFailed
 from ladd.io import fingerprint
 from ladd.tracking import NullTracker
+from ladd.variants import noise_to
 from ladd.pipeline import load_transformer
 from sd3_family import build_tiny_clip
 
@@ -29,7 +30,7 @@ def _policy(teacher_dir):
 
 
 def _errors(model, layers, x0, eps, t, c, p):
-    x_t = noised(x0, eps, t)
+    x_t = noise_to(x0, t, eps)
 
     def v():
         return model(hidden_states=x_t, encoder_hidden_states=c, pooled_projections=p, timestep=t * 1000).sample
