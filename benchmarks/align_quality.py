@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from ladd.align import align_stage
-from ladd.config import load_params
+from ladd.params import load_params
 from ladd.distill import distill
 from ladd.evaluate import evaluate
 from ladd.tracking import NullTracker

@@ -22,7 +22,8 @@ import numpy as np
 import yaml
 import torch
 
-from ladd.config import DISTILL_PRESETS, load_params
+from ladd.config import DISTILL_PRESETS
+from ladd.params import load_params
 from ladd.distill import distill
 from ladd.evaluate import evaluate
 from ladd.io import fingerprint

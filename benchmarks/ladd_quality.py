@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ladd.config import load_params
+from ladd.params import load_params
 from ladd.data.prepare import load_split
 from ladd.distill import distill
 from ladd.pipeline import encode_images, encode_prompts, load_pipeline, max_sequence_length

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ladd.config import load_params
+from ladd.params import load_params
 from ladd_methods import fmt, train_and_score
 from machine import describe
 

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from ladd.config import load_params
+from ladd.params import load_params
 from ladd.data.prepare import load_split
 from ladd.evaluate import summarize_seeds
 from ladd.pipeline import load_pipeline

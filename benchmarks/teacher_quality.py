@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ladd.classifier import load_classifier
-from ladd.config import load_params
+from ladd.params import load_params
 from ladd.data.prepare import load_split
 from ladd.generate import generate_latents, record_noise
 from ladd.pipeline import decode_latents, encode_prompts, latent_shape, load_pipeline, max_sequence_length

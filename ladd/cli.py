@@ -12,7 +12,8 @@ import re
 import sys
 from pathlib import Path
 
-from ladd.config import Params, load_params
+from ladd.config import Params
+from ladd.params import load_params
 from ladd.errors import ConfigError, DataError, ParityError, TeacherError, TrackingUnavailable, ValidationFailed
 
 log = logging.getLogger("ladd")

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from ladd.config import load_params
+from ladd.params import load_params
 from ladd.errors import ConfigError
 from conftest import ROOT, write_params
 

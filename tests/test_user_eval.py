@@ -18,7 +18,8 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT, SMOKE_PARAMS, write_params
-from ladd.config import FEATURES, EvaluateConfig, load_params
+from ladd.config import FEATURES, EvaluateConfig
+from ladd.params import load_params
 from ladd.errors import ConfigError
 from ladd.data.prepare import Split, load_split, write_split
 from ladd.evaluate import evaluate
