@@ -76,6 +76,7 @@ class TeacherConfig:
     text_hidden_size: int = 32
     text_max_length: int = 16
     vae_channels: tuple[int, ...] = (16, 32, 32)
+    latent_channels: int = 4  # SD3's own layout is 16 (what diffusers' inpaint pipeline needs: 16 + 1 + 16 = 33)
     vae_steps: int = 600
     vae_batch_size: int = 32
     vae_lr: float = 2e-3

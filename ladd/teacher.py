@@ -46,7 +46,7 @@ def build_tiny_pipeline(cfg: TeacherConfig, channels: int, resolution: int, word
     down = len(cfg.vae_channels) - 1
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(
-        in_channels=channels, out_channels=channels, latent_channels=4,
+        in_channels=channels, out_channels=channels, latent_channels=cfg.latent_channels,
         down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
         block_out_channels=cfg.vae_channels, layers_per_block=1, norm_num_groups=16, sample_size=resolution,
@@ -55,7 +55,8 @@ def build_tiny_pipeline(cfg: TeacherConfig, channels: int, resolution: int, word
     inner = cfg.num_heads * cfg.head_dim
     latent_size = resolution // 2**down
     transformer = SD3Transformer2DModel(
-        sample_size=latent_size, patch_size=cfg.patch_size, in_channels=4, out_channels=4,
+        sample_size=latent_size, patch_size=cfg.patch_size, in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
         num_layers=cfg.num_layers, attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads,
         joint_attention_dim=2 * h, caption_projection_dim=inner, pooled_projection_dim=2 * h,
         pos_embed_max_size=latent_size // cfg.patch_size,

@@ -1,0 +1,57 @@
+"""Inpainting groundwork (issue #23, branch): masks, the condition, and the widened teacher."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ladd.inpaint import check_mask, condition, latent_mask, random_masks, widen_transformer
+from ladd.pipeline import load_pipeline
+from sd3_family import LATENT_CHANNELS, T5_MAX_LENGTH, build_sd35_like_teacher
+
+
+def test_masks_are_boxes_or_strokes_from_their_seed():
+    masks = random_masks(list(range(200)), 32, 48)
+    assert masks.shape == (200, 1, 32, 48) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(masks[7], random_masks([7], 32, 48)[0])
+    covered = masks.mean((1, 2, 3))
+    assert covered.min() > 0.02 and covered.max() < 0.9
+    rectangles = [bool((m[0].any(1).sum() * m[0].any(0).sum()) == m.sum()) for m in masks]  # a box fills its extent
+    assert 60 < sum(rectangles) < 140
+
+
+def test_bad_masks_fail_naming_them():
+    with pytest.raises(ValueError, match=r"rec-3: mask is \(16, 16\), the image \(32, 32\)"):
+        check_mask(torch.ones(1, 1, 16, 16), (32, 32), "rec-3")
+    with pytest.raises(ValueError, match="all zeros"):
+        check_mask(torch.zeros(1, 1, 32, 32), (32, 32), "rec-4")
+    with pytest.raises(ValueError, match="all ones"):
+        check_mask(torch.ones(1, 1, 32, 32), (32, 32), "rec-5")
+
+
+def test_the_widened_teacher_is_the_base_model_whatever_the_condition(tmp_path):
+    pipe = load_pipeline(build_sd35_like_teacher(tmp_path / "sd35"))
+    base = pipe.transformer
+    wide = widen_transformer(base)
+    assert wide.config.in_channels == 2 * LATENT_CHANNELS + 1 and wide.config.out_channels == LATENT_CHANNELS
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, LATENT_CHANNELS, 8, 8, generator=g)
+    mask = latent_mask(random_masks([1, 2], 64, 64), (8, 8))
+    cond = condition(mask, torch.randn(2, LATENT_CHANNELS, 8, 8, generator=g))
+    c = torch.randn(2, 12, base.config.joint_attention_dim, generator=g)
+    p = torch.randn(2, base.config.pooled_projection_dim, generator=g)
+    t = torch.tensor([900.0, 300.0])
+    with torch.no_grad():
+        want = base(hidden_states=x, encoder_hidden_states=c, pooled_projections=p, timestep=t).sample
+        got = wide(hidden_states=torch.cat([x, cond], 1), encoder_hidden_states=c, pooled_projections=p, timestep=t).sample
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # stock diffusers runs it as an inpainting model (33 channels: the condition goes in, nothing is blended)
+    from diffusers import StableDiffusion3InpaintPipeline
+
+    inpaint = StableDiffusion3InpaintPipeline(**{**pipe.components, "transformer": wide})
+    image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    mask_image = Image.fromarray((random_masks([3], 64, 64)[0, 0].numpy() * 255).astype(np.uint8))
+    out = inpaint("a drawing of the digit two", image=image, mask_image=mask_image, num_inference_steps=2,
+                  guidance_scale=0.0, strength=1.0, height=64, width=64, max_sequence_length=T5_MAX_LENGTH,
+                  output_type="np").images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
