@@ -91,3 +91,36 @@ def widen_transformer(transformer):
     state["pos_embed.proj.weight"] = torch.cat([conv, torch.zeros(conv.shape[0], c + 1, *conv.shape[2:], dtype=conv.dtype)], 1)
     wide.load_state_dict(state)
     return wide
+
+
+@torch.no_grad()
+def inpaint_condition(vae, images: torch.Tensor, masks: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """uint8 images [N, C, H, W] and their pixel masks -> the condition channels [N, 1 + C_latent, h, w]: the mask at
+    latent resolution and the masked image's latent (posterior mean, SD3's shift and scale)."""
+    from ladd.pipeline import encode_images
+
+    masked = ((masked_images(images.float() / 127.5 - 1, masks) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    z = encode_images(vae, masked, batch_size).cpu()
+    return condition(latent_mask(masks, z.shape[-2:]), z)
+
+
+def finetune_inpaint_teacher(pipe, images: torch.Tensor, prompts: list[str], cfg, device, tracker,
+                             masks_per_image: int = 2, seed: int = 0):
+    """The base teacher widened to the inpainting layout (`widen_transformer`: it starts as the base model) and
+    fine-tuned with rectified flow on the data, each image under `masks_per_image` seeded random masks.
+    `cfg`: the TeacherConfig (steps, batch size, lr... of this fine-tune). Returns the pipeline with the EMA."""
+    from ladd.pipeline import encode_images, encode_prompts
+    from ladd.teacher import train_transformer
+
+    n, _, height, width = images.shape
+    masks = random_masks([seed * 1_000_003 + i for i in range(n * masks_per_image)], height, width)
+    repeated = images.repeat(masks_per_image, 1, 1, 1)
+    latents = encode_images(pipe.vae, images).cpu().repeat(masks_per_image, 1, 1, 1)
+    cond = inpaint_condition(pipe.vae, repeated, masks)
+    msl = cfg.max_sequence_length or cfg.text_max_length
+    embeds, pooled = encode_prompts(pipe, list(prompts) * masks_per_image, msl)
+    null_embeds, null_pooled = encode_prompts(pipe, [""], msl)
+    wide = widen_transformer(pipe.transformer)
+    pipe.transformer = train_transformer(wide, latents, embeds, pooled, null_embeds, null_pooled, cfg, device, tracker,
+                                         condition=cond)
+    return pipe

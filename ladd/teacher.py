@@ -98,15 +98,17 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg: TeacherConfig, devi
 
 def train_transformer(
     transformer: SD3Transformer2DModel, latents, embeds, pooled, null_embeds, null_pooled,
-    cfg: TeacherConfig, device, tracker,
+    cfg: TeacherConfig, device, tracker, condition: torch.Tensor | None = None,
 ) -> SD3Transformer2DModel:
     """Rectified flow (Esser et al. 2024): x_t = (1-t) x0 + t eps, regress v = eps - x0 with
-    t ~ LogitNormal(m, s); captions dropped to the empty prompt with prob. p so CFG works. Returns the EMA."""
+    t ~ LogitNormal(m, s); captions dropped to the empty prompt with prob. p so CFG works. `condition`
+    (per record, e.g. inpainting's mask and masked-image latent) is concatenated to x_t on channels. Returns the EMA."""
     transformer.to(device).train()
     ema = copy.deepcopy(transformer).eval().requires_grad_(False)
     opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     latents, embeds, pooled = latents.to(device), embeds.to(device), pooled.to(device)
+    condition = condition.to(device) if condition is not None else None
     null_embeds, null_pooled = null_embeds.to(device), null_pooled.to(device)
     for step in (bar := tqdm(range(cfg.steps), desc="teacher", mininterval=2)):
         idx = torch.randint(len(latents), (cfg.batch_size,), generator=gen).to(device)
@@ -118,6 +120,8 @@ def train_transformer(
         eps = torch.randn(x0.shape, generator=gen).to(device)
         tb = t.view(-1, 1, 1, 1)
         x_t = (1 - tb) * x0 + tb * eps
+        if condition is not None:
+            x_t = torch.cat([x_t, condition[idx]], 1)
         v = transformer(hidden_states=x_t, encoder_hidden_states=c, pooled_projections=p, timestep=t * 1000).sample
         loss = F.mse_loss(v, eps - x0)
         for g in opt.param_groups:
