@@ -18,6 +18,7 @@ def record_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
 def generate_latents(
     transformer, embeds, pooled, noise, sigmas, guidance: float = 1.0, null_embeds=None, null_pooled=None,
     sampler: str = "euler", batch_size: int = 128, seed: int = 0, progress: bool = False, path_times=(), share=(0, 1),
+    condition=None,
 ):
     """Sample latents for every row of (embeds, pooled, noise); `null_*` is the empty prompt ([1, ...]).
 
@@ -34,7 +35,8 @@ def generate_latents(
             nulls = dict(null_embeds=null_embeds.expand(n, -1, -1).to(device, dtype),
                          null_pooled=null_pooled.expand(n, -1).to(device, dtype))
         model = cfg_velocity(transformer, embeds[i : i + n].to(device, dtype), pooled[i : i + n].to(device, dtype),
-                             guidance=guidance, **nulls)
+                             guidance=guidance, **nulls,
+                             condition=None if condition is None else condition[i : i + n].to(device, dtype))
         x = noise[i : i + n].to(device, dtype)
         if sampler == "renoise":
             gen = torch.Generator(device).manual_seed(seed * 1_000_003 + i)

@@ -6,8 +6,14 @@ latent (C)] on channels, C = the VAE's latent channels; diffusers accepts in_cha
 known region back at each step, SDEdit-style) or 33 (a trained inpainting model, C = 16). The mask is 1 where
 the image is to be generated, 0 where it is kept; at latent resolution it is the pixel mask resized (nearest).
 
-Not yet: the teacher's fine-tune on random masks, synthesize/distill/evaluate with the condition, export, the
-`task` setting and params.inpaint.yaml, the tiny teacher with 16 latent channels.
+Done on this branch: seeded masks, the condition, the widened teacher (tested equal to the base whatever the
+condition), its fine-tune on random masks (a test shows it reads the condition), `teacher.latent_channels`, and
+ladd's sampler with the condition (`generate_latents(condition=...)`), equal to stock
+`StableDiffusion3InpaintPipeline` at 33 channels to 1e-5 given `masked_image_latents` (the posterior mean; the
+stock pipeline otherwise draws a posterior sample with its generator).
+Not yet: the `task` setting and params.inpaint.yaml, the teacher stage calling the fine-tune (and the tiny teacher
+at 16 latent channels, which stock diffusers needs), synthesize/distill/evaluate with the condition (masks per
+record, heads judging with the condition, error outside the mask), ONNX export, the measurements.
 """
 
 from __future__ import annotations

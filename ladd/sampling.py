@@ -40,10 +40,12 @@ def cfg_velocity(
     null_embeds: torch.Tensor | None = None,
     null_pooled: torch.Tensor | None = None,
     guidance: float = 1.0,
+    condition: torch.Tensor | None = None,
 ) -> Velocity:
     """v(x, t) of an SD3 transformer with classifier-free guidance (Ho & Salimans 2022).
 
-    Guidance applies when `guidance > 1`, as in diffusers: v = v_null + g (v_cond - v_null).
+    Guidance applies when `guidance > 1`, as in diffusers: v = v_null + g (v_cond - v_null). `condition`
+    (inpainting: mask and masked-image latent) is concatenated to x on channels, in both CFG halves as diffusers does.
     """
     use_cfg = guidance > 1.0
     if use_cfg:
@@ -52,6 +54,8 @@ def cfg_velocity(
         embeds, pooled_all = prompt_embeds, pooled
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if condition is not None:
+            x = torch.cat([x, condition.to(x.dtype)], 1)
         x_in = torch.cat([x, x]) if use_cfg else x
         timestep = (t * NUM_TRAIN_TIMESTEPS).expand(x_in.shape[0])
         v = transformer(

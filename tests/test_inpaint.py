@@ -88,3 +88,37 @@ def test_the_fine_tuned_inpainting_teacher_uses_its_condition(tiny_teacher_dir, 
         return F.mse_loss(v, eps - x0).item()
 
     assert loss(cond) < 0.9 * loss(cond.roll(1, 0))
+
+
+@pytest.mark.parametrize("steps,guidance", [(1, 0.0), (3, 2.0)])
+def test_ladds_sampler_with_the_condition_is_stock_inpaint_pipeline(tmp_path, steps, guidance):
+    """The widened SD3.5-shaped teacher (33 channels) in stock `StableDiffusion3InpaintPipeline` at strength 1
+    equals ladd's Euler sampler given the same mask and masked-image latent (1e-5)."""
+    from diffusers import StableDiffusion3InpaintPipeline
+
+    from ladd.generate import generate_latents, record_noise
+    from ladd.inpaint import masked_images
+    from ladd.pipeline import encode_prompts
+    from ladd.sampling import flow_sigmas
+
+    pipe = load_pipeline(build_sd35_like_teacher(tmp_path / "sd35"))
+    pipe.transformer = widen_transformer(pipe.transformer)
+    with torch.no_grad():  # as if fine-tuned: the condition's weights matter
+        pipe.transformer.pos_embed.proj.weight[:, LATENT_CHANNELS:] = 0.05 * torch.randn_like(
+            pipe.transformer.pos_embed.proj.weight[:, LATENT_CHANNELS:])
+    inpaint = StableDiffusion3InpaintPipeline(**pipe.components)
+    rng = np.random.default_rng(0)
+    pixels = torch.from_numpy(rng.random((1, 3, 64, 64))).float() * 2 - 1
+    mask = random_masks([4], 64, 64)
+    raw = pipe.vae.encode(masked_images(pixels, mask)).latent_dist.mean  # passed as masked_image_latents (unscaled)
+    prompt = "a drawing of the digit two"
+    stock = inpaint(prompt, image=(pixels + 1) / 2, mask_image=mask, masked_image_latents=raw, strength=1.0,
+                    num_inference_steps=steps, guidance_scale=guidance, height=64, width=64,
+                    max_sequence_length=T5_MAX_LENGTH, generator=torch.Generator().manual_seed(9), output_type="latent").images
+    shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
+    cond = condition(latent_mask(mask, (8, 8)), (raw - shift) * scale)
+    e, p = encode_prompts(pipe, [prompt], T5_MAX_LENGTH)
+    ne, np_ = encode_prompts(pipe, [""], T5_MAX_LENGTH)
+    ours = generate_latents(pipe.transformer, e, p, record_noise([9], (LATENT_CHANNELS, 8, 8)),
+                            flow_sigmas(steps, pipe.scheduler.config.shift), guidance, ne, np_, condition=cond)
+    assert (ours - stock).abs().max() <= 1e-5
