@@ -42,7 +42,7 @@ def run_classifier(p: Params, tracker) -> dict:
 def run_teacher(p: Params, tracker) -> dict:
     from ladd.teacher import teacher_stage
 
-    return {"teacher": str(teacher_stage(p.teacher, p.prepare.out_dir, p.teacher.device, tracker))}
+    return {"teacher": str(teacher_stage(p.teacher, p.prepare.out_dir, p.teacher.device, tracker, p.inpaint))}
 
 
 def run_synthesize(p: Params, tracker) -> dict:

@@ -245,6 +245,20 @@ class DistillConfig:
                               f"[{', '.join(f'{t:.10g}' for t in ladder)}], got {list(self.student_times)}")
 
 
+@dataclass(frozen=True)
+class InpaintConfig:
+    """The task: off, text-to-image; on, every stage works on inpainting (a mask and a masked image per record)."""
+
+    enabled: bool = False
+    masks_per_image: int = 2  # the teacher's fine-tune: seeded random masks (boxes, strokes) per training image
+    mask_seed: int = 0
+    teacher_steps: int = 600  # fine-tune of the widened teacher (a 33-channel teacher.pretrained skips it)
+    teacher_lr: float = 1e-3
+
+    def __post_init__(self):
+        _positive("inpaint", masks_per_image=self.masks_per_image, teacher_steps=self.teacher_steps)
+
+
 REWARDS = ("classifier", "clip")  # the keys of ladd.align.REWARDS (a test keeps them equal)
 
 
@@ -417,6 +431,7 @@ class Params:
     prepare: PrepareConfig
     validate: ValidateConfig
     classifier: ClassifierConfig
+    inpaint: InpaintConfig
     teacher: TeacherConfig
     synthesize: SynthesizeConfig
     distill: DistillConfig

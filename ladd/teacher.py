@@ -160,17 +160,42 @@ def pretrain_tiny_teacher(cfg: TeacherConfig, data_dir: str | Path, device, trac
     return pipe.to("cpu")
 
 
-def teacher_stage(cfg: TeacherConfig, data_dir: str | Path, device: str, tracker) -> Path:
-    """Write models/teacher/ atomically: a copy of `cfg.pretrained`, or the pretrained tiny teacher."""
+def teacher_stage(cfg: TeacherConfig, data_dir: str | Path, device: str, tracker, inpaint=None) -> Path:
+    """Write models/teacher/ atomically: a copy of `cfg.pretrained`, or the pretrained tiny teacher; with
+    `inpaint.enabled`, an inpainting teacher (a 33-channel `pretrained` as it is, else widened and fine-tuned)."""
     device = pick_device(device)
     if cfg.pretrained:
         log.info("teacher: loading %s (no pretraining)", cfg.pretrained)
         pipe = load_pipeline(cfg.pretrained)
     else:
         pipe = pretrain_tiny_teacher(cfg, data_dir, device, tracker)
+    if inpaint is not None and inpaint.enabled:
+        pipe = _inpainting_teacher(pipe, cfg, inpaint, data_dir, device, tracker)
     with atomic_dir(cfg.out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         msl = cfg.max_sequence_length or max_sequence_length(tmp)  # else the folder's own tokenizer length
         write_meta(tmp, max_sequence_length=msl, source=cfg.pretrained or "tiny")
     tracker.log_params({"teacher.resolved.source": cfg.pretrained or "tiny", "teacher.resolved.max_sequence_length": msl})
     return Path(cfg.out_dir)
+
+
+def _inpainting_teacher(pipe, cfg: TeacherConfig, inpaint, data_dir, device, tracker):
+    from dataclasses import replace
+
+    from ladd.errors import ConfigError
+    from ladd.inpaint import finetune_inpaint_teacher
+
+    c, latent = pipe.transformer.config.in_channels, pipe.vae.config.latent_channels
+    if c == 2 * latent + 1:
+        log.info("teacher: %s is an inpainting model already (%d input channels)", cfg.pretrained, c)
+        return pipe
+    if c != latent:
+        raise ConfigError(f"teacher.pretrained: {cfg.pretrained}'s transformer takes {c} input channels; an inpainting "
+                          f"teacher needs {latent} (text-to-image, widened here) or {2 * latent + 1}")
+    train = load_split(Path(data_dir) / "train")
+    if train.images is None:
+        raise ConfigError(f"inpaint.enabled: fine-tuning an inpainting teacher needs images, and {data_dir}/train has "
+                          "none: give a 33-channel inpainting teacher.pretrained")
+    tuned = replace(cfg, steps=inpaint.teacher_steps, lr=inpaint.teacher_lr)
+    return finetune_inpaint_teacher(pipe.to(device), train.images, list(train.captions["prompt"]), tuned, device,
+                                    tracker, inpaint.masks_per_image, inpaint.mask_seed).to("cpu")

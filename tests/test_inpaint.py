@@ -122,3 +122,31 @@ def test_ladds_sampler_with_the_condition_is_stock_inpaint_pipeline(tmp_path, st
     ours = generate_latents(pipe.transformer, e, p, record_noise([9], (LATENT_CHANNELS, 8, 8)),
                             flow_sigmas(steps, pipe.scheduler.config.shift), guidance, ne, np_, condition=cond)
     assert (ours - stock).abs().max() <= 1e-5
+
+
+def test_the_teacher_stage_builds_an_inpainting_teacher_and_refuses_odd_widths(prepared_data, tmp_path):
+    from ladd.config import InpaintConfig, TeacherConfig
+    from ladd.errors import ConfigError
+    from ladd.teacher import teacher_stage
+    from ladd.tracking import NullTracker
+
+    on = InpaintConfig(enabled=True, teacher_steps=5)
+    cfg = TeacherConfig(out_dir=str(tmp_path / "teacher"), latent_channels=16, vae_steps=5, steps=5, batch_size=16,
+                        device="cpu")
+    teacher = teacher_stage(cfg, prepared_data, "cpu", NullTracker(), on)
+    pipe = load_pipeline(teacher)
+    assert pipe.transformer.config.in_channels == 33 and pipe.vae.config.latent_channels == 16
+    # a 33-channel folder is taken as it is; a transformer of another width is refused, naming the key
+    again = teacher_stage(TeacherConfig(pretrained=str(teacher), out_dir=str(tmp_path / "again")), prepared_data, "cpu",
+                          NullTracker(), on)
+    assert load_pipeline(again).transformer.config.in_channels == 33
+    from diffusers import SD3Transformer2DModel
+
+    odd = load_pipeline(teacher)
+    odd.transformer = SD3Transformer2DModel.from_config({**dict(odd.transformer.config), "in_channels": 20})
+    odd.save_pretrained(tmp_path / "odd")
+    with pytest.raises(ConfigError, match=r"teacher.pretrained: .* takes 20 input channels; an inpainting teacher needs "
+                                          r"16 \(text-to-image, widened here\) or 33"):
+        teacher_stage(TeacherConfig(pretrained=str(tmp_path / "odd"), out_dir=str(tmp_path / "refused")), prepared_data,
+                      "cpu", NullTracker(), on)
+    assert not (tmp_path / "refused").exists()
