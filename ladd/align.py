@@ -100,7 +100,7 @@ def sample_and_score(transformer, vae, meta: dict, embeds, pooled, prompts: list
     from ladd.schedules import student_sigmas
 
     cfg = transformer.config
-    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    shape = (cfg.out_channels or cfg.in_channels, cfg.sample_size, cfg.sample_size)
     noise = record_noise([seed * 1_000_003 + i for i in range(len(prompts))], shape)
     latents = generate_latents(transformer, embeds, pooled, noise, student_sigmas(steps, meta), 1.0,
                                sampler=meta.get("sampler", "renoise"), batch_size=batch_size, seed=seed)

@@ -56,7 +56,7 @@ def run_synthesize(p: Params, tracker) -> dict:
         return validate_synthetic(synthetic_dir, p.teacher.out_dir, p.prepare.out_dir, expected,
                                   p.validate.latent_tolerance, f"{p.validate.report_dir}/synthetic")
 
-    return synthesize(p.synthesize, p.prepare.out_dir, p.teacher.out_dir, tracker, check=suite)
+    return synthesize(p.synthesize, p.prepare.out_dir, p.teacher.out_dir, tracker, check=suite, inpaint=p.inpaint)
 
 
 def run_distill(p: Params, tracker) -> dict:
@@ -79,7 +79,7 @@ def run_evaluate(p: Params, tracker) -> dict:
     from ladd.evaluate import evaluate
 
     return evaluate(p.evaluate, p.prepare.out_dir, p.classifier.out_dir, p.teacher.out_dir, p.distill.out_dir, tracker,
-                    p.align)
+                    p.align, p.inpaint)
 
 
 def run_export(p: Params, tracker) -> dict:

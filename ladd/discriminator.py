@@ -91,9 +91,13 @@ class Discriminator(nn.Module):
             for h in handles:
                 h.remove()
 
-    def features(self, x: torch.Tensor, t_hat: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor) -> list[torch.Tensor]:
+    def features(self, x: torch.Tensor, t_hat: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
+                 condition: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Image-token maps [B, D, H/p, W/p] after each chosen block of the teacher at noise level t_hat, for
-        latents x of any size the teacher accepts."""
+        latents x of any size the teacher accepts; an inpainting teacher reads x beside its `condition` (mask and
+        masked-image latent), so the heads judge the sample given what it had to fill."""
+        if condition is not None:
+            x = torch.cat([x, condition.to(x.dtype)], 1)
         grid = check_latent_size(self.teacher.config, x.shape[-2:])
         store: dict[int, torch.Tensor] = {}
         dtype = self.teacher.dtype  # a bf16 teacher takes bf16 inputs; the gradient flows back through the cast
@@ -107,5 +111,5 @@ class Discriminator(nn.Module):
         cond = torch.cat([t_emb.to(pooled.dtype), pooled], dim=1)
         return [head(f.to(cond.dtype), cond) for head, f in zip(self.heads, features)]
 
-    def forward(self, x, t_hat, embeds, pooled) -> list[torch.Tensor]:
-        return self.heads_logits(self.features(x, t_hat, embeds, pooled), t_hat, pooled)
+    def forward(self, x, t_hat, embeds, pooled, condition=None) -> list[torch.Tensor]:
+        return self.heads_logits(self.features(x, t_hat, embeds, pooled, condition), t_hat, pooled)

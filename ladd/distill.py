@@ -4,6 +4,8 @@ Student = a copy of the teacher transformer, trained at a few discrete times; di
 the frozen teacher's block features; real = teacher latents, fake = student x0_hat, both re-noised to
 t_hat before the teacher sees them. Where recipes differ (the student's input, backward simulation,
 t_hat, a regression term) the loop calls the functions of `ladd.variants` that the config names.
+An inpainting teacher (`ladd.inpaint`) brings a condition per record (mask and masked-image latent, `m` below):
+the student, the teacher's regression target and the teacher's features for the heads all see it beside x.
 Resumable from an atomic checkpoint. Under torchrun the same loop runs on every process: each trains on its
 rows of the global batch (`ladd.distributed` holds the plumbing).
 """
@@ -36,6 +38,7 @@ from ladd.distributed import (World, close_world, full_optimizer_state, full_sta
                               is_sharded, load_full_optimizer_state, load_full_state_dict, load_sharded_state, shard,
                               sharded_state, unwrap, wrap_student)
 from ladd import lora
+from ladd.inpaint import has_condition
 from ladd.io import atomic_dir, atomic_file, fingerprint, write_json
 from ladd.generate import record_noise
 from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, gan_health, heads_loss, per_row, student_loss
@@ -313,6 +316,18 @@ def build_networks(cfg: DistillConfig, teacher_dir, teacher, plan: dict, world: 
     return student, trained, adapter_layers, ema, disc, layers, opt_g, opt_d
 
 
+def _conditions(data, teacher_config, synthetic_dir) -> list[torch.Tensor]:
+    """Each bucket's condition [n, 1 + C, h, w] for an inpainting teacher; for a text-to-image one [n, 0, h, w]
+    (concatenating it is a no-op, so one code path serves both). ConfigError when data and teacher disagree."""
+    wanted = has_condition(teacher_config, teacher_config.out_channels or teacher_config.in_channels)
+    stored = [b.condition is not None for b in data.buckets]
+    if any(s != wanted for s in stored):
+        raise ConfigError(f"{synthetic_dir} was synthesized {'without' if wanted else 'with'} inpainting conditions, "
+                          f"and the teacher {'is' if wanted else 'is not'} an inpainting model: rerun `ladd synthesize` "
+                          "with this inpaint.enabled")
+    return [b.condition if wanted else b.latents.new_zeros(len(b.latents), 0, *b.latents.shape[2:]) for b in data.buckets]
+
+
 def resume_state(path: Path, modules: dict, optimizers: dict, gen: torch.Generator, world: World) -> int:
     """The checkpoint's step after loading its weights, optimisers and data RNG into place. A sharded folder: every
     rank reads its own shards (resharded to this run's layout). One file under FSDP: rank 0 alone reads the
@@ -373,6 +388,7 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     record_seeds = records["seed"].to_numpy()
     teacher_dtype = getattr(torch, plan["teacher_dtype"])
     teacher = load_transformer(teacher_dir, device, teacher_dtype).eval().requires_grad_(False)
+    conditions = _conditions(data, teacher.config, synthetic_dir)
     # text_pipe holds the text encoders to the end unless released (then None)
     embeds, pooled, prompt_index, msl, text_pipe = encode_training_prompts(teacher_dir, teacher, records,
                                                                            plan["release_text_encoders"])
@@ -410,15 +426,16 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
              cfg.student_input, cfg.backward_share, cfg.renoise_times, cfg.regression_target, cfg.regression_weight,
              cfg.regression_weight_one, f", preset {cfg.preset}" if cfg.preset else "")
 
-    def student_x0(x_t, t, c, p):
+    def student_x0(x_t, t, c, p, m):
         """x0_hat = x_t - t v (rectified flow); a LoRA student's adapters are on for this pass alone."""
         with lora.adapters(adapter_layers, on=True):
-            v = student(hidden_states=x_t, encoder_hidden_states=c, pooled_projections=p, timestep=t * 1000).sample
+            v = student(hidden_states=torch.cat([x_t, m.to(x_t.dtype)], 1), encoder_hidden_states=c,
+                        pooled_projections=p, timestep=t * 1000).sample
         return x_t - t.view(-1, 1, 1, 1) * v.float()
 
     @torch.no_grad()
-    def teacher_x0(x_t, t, c, p):
-        v = teacher(hidden_states=x_t.to(teacher_dtype), encoder_hidden_states=c.to(teacher_dtype),
+    def teacher_x0(x_t, t, c, p, m):
+        v = teacher(hidden_states=torch.cat([x_t, m], 1).to(teacher_dtype), encoder_hidden_states=c.to(teacher_dtype),
                     pooled_projections=p.to(teacher_dtype), timestep=t * 1000).sample
         return x_t - t.view(-1, 1, 1, 1) * v.float()
 
@@ -433,6 +450,7 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
         idx = torch.randint(len(bucket.records), (cfg.batch_size,), generator=gen)
         rec = bucket.records[idx]
         x0, c, p = bucket.latents[idx].to(device), embeds[prompt_index[rec]], pooled[prompt_index[rec]]
+        m = conditions[b][idx].to(device)
         k = torch.multinomial(probs, cfg.batch_size, replacement=True, generator=gen)
         t = times[k].to(device)
         start_noise = record_noise(record_seeds[rec.numpy()].tolist(), x0.shape[1:]).to(device) if trajectory is not None else None
@@ -441,14 +459,14 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
         if simulated.any():
             with autocast:
                 x_t[simulated] = backward_simulate(student_x0, k[simulated], times.to(device), c[simulated], p[simulated],
-                                                   x0[simulated], sampler_step, gen)
-        return x0[mine], c[mine], p[mine], t, x_t[mine], simulated.to(device)[mine], k.to(device)[mine]
+                                                   x0[simulated], sampler_step, gen, m[simulated])
+        return x0[mine], c[mine], p[mine], m[mine], t, x_t[mine], simulated.to(device)[mine], k.to(device)[mine]
 
     def noise(like):
         """Noise for the global batch from the shared stream; this rank's rows of it."""
         return randn((cfg.batch_size, *like.shape[1:]), gen, like)[mine]
 
-    def regression_loss(x0_hat, x0, x_t, t, c, p, simulated):
+    def regression_loss(x0_hat, x0, x_t, t, c, p, m, simulated):
         """Optional MSE of x0_hat to `regression_target`, weighted separately below t = 1 and at t = 1. An
         endpoint exists only for inputs made from x0 (never for simulated ones; at t = 1 only on a trajectory).
         Each MSE is over the selected rows of the global batch, whichever rank holds them."""
@@ -458,13 +476,14 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
             rows = rows & has_target
             per_rank = world.mean(rows.sum().float()) if world.size > 1 else None  # on every rank, rows or not
             if weight > 0 and rows.any():
-                target = regression.target(x0[rows], x_t[rows], t[rows], lambda x, tt: teacher_x0(x, tt, c[rows], p[rows]))
+                target = regression.target(x0[rows], x_t[rows], t[rows],
+                                           lambda x, tt: teacher_x0(x, tt, c[rows], p[rows], m[rows]))
                 loss = loss + weight * masked_mse(x0_hat, target, rows, per_rank)
         return loss
 
-    def judged_features(x, t_hat, eps, rows, c, p):
-        """The frozen teacher's features of the selected rows of x re-noised to t_hat."""
-        return disc.features(noise_to(x[rows], t_hat[rows], eps[rows]), t_hat[rows], c[rows], p[rows])
+    def judged_features(x, t_hat, eps, rows, c, p, m):
+        """The frozen teacher's features of the selected rows of x re-noised to t_hat (beside their condition)."""
+        return disc.features(noise_to(x[rows], t_hat[rows], eps[rows]), t_hat[rows], c[rows], p[rows], m[rows])
 
     skipped, step_times = 0, []
     for step in (bar := tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="distill", mininterval=2,
@@ -473,7 +492,7 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
         # 1-2. A batch of teacher latents and prompts; student times from the warm-up schedule, then the
         #      biased one; the student's input at those times.
         probs = torch.tensor(cfg.warmup_probs if step < cfg.warmup_steps else cfg.probs)
-        x0, c, p, t_all, x_t, simulated, k = student_batch(probs)
+        x0, c, p, m, t_all, x_t, simulated, k = student_batch(probs)
         t = t_all[mine]
         # 3. Student update: x0_hat = x_t - t v, re-noised to t_hat and judged by the heads on the frozen
         #    teacher's features (the rows whose time has an adversarial weight); the gradient flows through the
@@ -485,11 +504,11 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
         judged = weight > 0
         fake_features = None
         with autocast:
-            x0_hat = student_x0(x_t, t, c, p)
-            loss_reg = regression_loss(x0_hat, x0, x_t, t, c, p, simulated)
+            x0_hat = student_x0(x_t, t, c, p, m)
+            loss_reg = regression_loss(x0_hat, x0, x_t, t, c, p, m, simulated)
             loss_adv = x0_hat.sum() * 0
             if judged.any():
-                fake_features = judged_features(x0_hat, t_fake, eps_fake, judged, c, p)
+                fake_features = judged_features(x0_hat, t_fake, eps_fake, judged, c, p, m)
                 loss_adv = student_loss(adversarial, disc.heads_logits(fake_features, t_fake[judged], p[judged]),
                                         weight[judged], len(weight))
             loss_g = loss_adv + loss_reg
@@ -510,27 +529,27 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
             if d_step == 0:
                 fake_features, t_fk = fake_features and [f.detach() for f in fake_features], t_fake
             else:  # extra D steps see a fresh batch and fresh student samples
-                x0, c, p, t_all, x_t, _, k = student_batch(probs)
+                x0, c, p, m, t_all, x_t, _, k = student_batch(probs)
                 judged = adversarial_weights[k] > 0
                 t_fk = renoise_time(t_all, cfg.renoise_mean, cfg.renoise_std, gen)[mine]
                 eps_fake = noise(x0)
                 with torch.no_grad(), autocast:
-                    x0_hat = student_x0(x_t, t_all[mine], c, p)
-                    fake_features = judged_features(x0_hat, t_fk, eps_fake, judged, c, p) if judged.any() else None
+                    x0_hat = student_x0(x_t, t_all[mine], c, p, m)
+                    fake_features = judged_features(x0_hat, t_fk, eps_fake, judged, c, p, m) if judged.any() else None
             t_real = renoise_time(t_all, cfg.renoise_mean, cfg.renoise_std, gen)[mine] if cfg.independent_renoise else t_fk
             eps_real = noise(x0)
             real_logits = fake_logits = []
             if fake_features:
                 with autocast:
                     with torch.no_grad():
-                        real_features = judged_features(x0, t_real, eps_real, judged, c, p)
+                        real_features = judged_features(x0, t_real, eps_real, judged, c, p, m)
                     real_logits = disc.heads_logits(real_features, t_real[judged], p[judged])
                     fake_logits = disc.heads_logits(fake_features, t_fk[judged], p[judged])
                     loss_d = heads_loss(adversarial, real_logits, fake_logits)
                     if cfg.r1_weight > 0:
                         with torch.no_grad():
                             noisy = noise_to(x0, t_real, eps_real)[judged] + cfg.r1_sigma * noise(x0)[judged]
-                            feats_p = disc.features(noisy, t_real[judged], c[judged], p[judged])
+                            feats_p = disc.features(noisy, t_real[judged], c[judged], p[judged], m[judged])
                         loss_d = loss_d + cfg.r1_weight * approx_r1(real_logits, disc.heads_logits(feats_p, t_real[judged], p[judged]))
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()

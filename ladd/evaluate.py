@@ -7,7 +7,10 @@ rewards following the teacher's ODE path; neither needs real images), against th
 precision/recall, with the real-vs-real floor), by CLIP score where `evaluate.clip_path` is set, and by
 accuracy where the extractor classifies. With the preference stage on (`align.enabled`), the aligned student is
 scored beside the student (rows `aligned`, every row also by the stage's reward), `reports/align.json` holds
-the before/after table, and the gate judges and registers the aligned one. FD on a few hundred samples moves by points with the noise, so every
+the before/after table, and the gate judges and registers the aligned one. Inpainting (`inpaint.enabled`): every model
+inpaints test image i under its seeded mask (`record_masks`, stream "evaluate"; the same masks for every seed and
+model), FD and accuracy are those of the inpainted images, and `outside_mse` is the mean squared error (pixels in
+[0, 1]) to the real image where the mask keeps it; the grid's first row is the masked input. FD on a few hundred samples moves by points with the noise, so every
 figure is the mean over `seeds` with its spread (std).
 
 Under torchrun each rank samples every world-size-th batch (each exactly as one process samples it); rank 0
@@ -36,6 +39,7 @@ from ladd.data.prepare import load_split
 from ladd.distributed import World, close_world, init_world
 from ladd.gate import gate_decision, prompts_fingerprint, protocol_differences, resolve_direction, resolve_metric
 from ladd.generate import generate_latents, record_noise
+from ladd.inpaint import check_task, inpaint_condition, masked_images, record_masks
 from ladd.io import atomic_file, fingerprint, write_json
 from ladd.metrics import frechet_distance
 from ladd.pipeline import (bucket_latent_shapes, decode_latents, encode_prompts, latent_shape, load_pipeline,
@@ -46,7 +50,7 @@ from ladd.schedules import student_sigmas
 
 log = logging.getLogger(__name__)
 
-HEADLINE = ("fd", "fd_teacher", "fd_teacher_same_noise", "clip_score", "accuracy", "reward")  # the figures rows are named by, where they exist
+HEADLINE = ("fd", "fd_teacher", "fd_teacher_same_noise", "clip_score", "accuracy", "reward", "outside_mse")  # the figures rows are named by, where they exist
 ROW_KEYS = ("nfe", *(k for m in HEADLINE for k in (m, f"{m}_std")))  # quality_vs_nfe.json's columns
 EXTRACTOR_PATH_KEYS = {"classifier": "evaluate.features", "inception": "evaluate.inception_path", "clip": "evaluate.clip_path"}
 
@@ -104,33 +108,39 @@ def summarize_seeds(rows: list[dict]) -> dict:
 class _Model:
     """One sampler configuration to evaluate: a transformer, its schedule, guidance and sampler."""
 
-    def __init__(self, pipe, embeds, pooled, null_e, null_p):
+    def __init__(self, pipe, embeds, pooled, null_e, null_p, condition=None):
         self.pipe, self.embeds, self.pooled, self.null_e, self.null_p = pipe, embeds, pooled, null_e, null_p
+        self.condition = condition  # inpainting: per row, the mask and masked-image latent
 
     def run(self, noise, sigmas, guidance, sampler, batch_size, seed, world: World):
         """Images of every row on rank 0 (None on the others), and the ms per image of this rank's share."""
         start = time.perf_counter()
         lat = generate_latents(self.pipe.transformer, self.embeds, self.pooled, noise, sigmas, guidance, self.null_e,
                                self.null_p, sampler=sampler, batch_size=batch_size, seed=seed,
-                               share=(world.rank, world.size))
+                               share=(world.rank, world.size), condition=self.condition)
         images = decode_latents(self.pipe.vae, lat, batch_size) if len(lat) else lat
         ms = (time.perf_counter() - start) * 1000 / max(len(lat), 1)
         return world.gather_batches(images, len(noise), batch_size), ms
 
 
-def _load(pipe_dir, prompts, device):
+def _load(pipe_dir, prompts, device, masks=None, images=None):
+    """A pipeline folder's model with the prompts encoded; inpainting (`masks` of `images`): with the condition,
+    made with its own VAE."""
     pipe = load_pipeline(pipe_dir, device)
     msl = max_sequence_length(pipe_dir)
     e, p = encode_prompts(pipe, prompts, msl)
     ne, np_ = encode_prompts(pipe, [""], msl)
-    return _Model(pipe, e, p, ne, np_)
+    condition = None if masks is None else inpaint_condition(pipe.vae, images, masks)
+    return _Model(pipe, e, p, ne, np_, condition)
 
 
-def evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student_dir, tracker, align=None) -> dict:
-    """`align`: the AlignConfig (None or disabled: no aligned rows)."""
+def evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student_dir, tracker, align=None,
+             inpaint=None) -> dict:
+    """`align`: the AlignConfig (None or disabled: no aligned rows); `inpaint`: the InpaintConfig (enabled: the
+    models inpaint the test images)."""
     world = init_world(cfg.device)
     try:
-        return _evaluate(cfg, data_dir, classifier_dir, teacher_dir, student_dir, tracker, world, align)
+        return _evaluate(cfg, data_dir, classifier_dir, teacher_dir, student_dir, tracker, world, align, inpaint)
     finally:
         close_world(world)
 
@@ -144,7 +154,7 @@ def _extractors(cfg: EvaluateConfig, classifier_dir):
 
 
 def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student_dir, tracker, world: World,
-              align=None) -> dict:
+              align=None, inpaint=None) -> dict:
     out, device = Path(cfg.out_dir), world.device
     train, test = load_split(Path(data_dir) / "train"), load_split(Path(data_dir) / "test")
     if cfg.real_images == "required" and test.images is None:
@@ -164,10 +174,21 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
                           "evaluate.seeds needs two or more (or gate on fd_teacher_same_noise)")
     if gate_metric == "accuracy" and not (labels >= 0).any():
         raise ConfigError(f"evaluate.gate_metric: accuracy needs labelled prompts, and {data_dir}/test has none")
-    teacher = _load(teacher_dir, prompts, device)
+    masks = kept = None
+    if inpaint is not None and inpaint.enabled:
+        for pipe_dir in (teacher_dir, student_dir):
+            check_task(pipe_dir, True)
+        if test.images is None:
+            raise ConfigError(f"inpaint.enabled: {data_dir}/test has no images to inpaint (prompts only)")
+        if cfg.resolution is not None and tuple(cfg.resolution) != tuple(test.images.shape[-2:]):
+            raise ConfigError(f"evaluate.resolution: inpainting works at the test images' size "
+                              f"{list(test.images.shape[-2:])}, got {list(cfg.resolution)}: leave it null")
+        masks = record_masks("evaluate", range(n), inpaint.mask_seed, *test.images.shape[-2:])
+        kept = (masks < 0.5).float()
+    teacher = _load(teacher_dir, prompts, device, masks, test.images[:n] if masks is not None else None)
     shape = latent_shape(teacher.pipe) if cfg.resolution is None else \
         bucket_latent_shapes(teacher_dir, [cfg.resolution], "evaluate.resolution")[0]
-    student = _load(student_dir, prompts, device)
+    student = _load(student_dir, prompts, device, masks, test.images[:n] if masks is not None else None)
     if cfg.raw_student:
         from diffusers import SD3Transformer2DModel
 
@@ -221,6 +242,9 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
                 row["clip_score"] = clip.score(images, text)
             if reward is not None:
                 row["reward"] = float(reward(images, prompts, reward_labels).mean())
+            if kept is not None:  # what had to stay: the real image outside the mask
+                error = (images.float() - test.images[:n].float() / 255).pow(2) * kept
+                row["outside_mse"] = float((error.sum((1, 2, 3)) / (kept.sum((1, 2, 3)) * images.shape[1])).mean())
             if reference:
                 teacher_feats[seed] = feats
             seed_feats[seed] = feats
@@ -266,6 +290,9 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
         return {}
     # teacher (top row) vs the student at each step count, same prompts and seeds, one column per prompt
     ncol = min(grid_n, 10)
+    if masks is not None:  # the input: the test image with its hole in grey
+        holes = masked_images(test.images[:ncol].float() / 127.5 - 1, masks[:ncol]) / 2 + 0.5
+        side_by_side, labels_by_row = [holes, *side_by_side], ["masked input", *labels_by_row]
     save_grid(torch.cat([g[:ncol] for g in side_by_side]), out / "grids" / "teacher_vs_student.png", ncol=ncol,
               row_labels=labels_by_row, col_labels=prompts[:ncol])
     write_json(out / "quality_vs_nfe.json", {"rows": _plot_rows(metrics)})
@@ -285,7 +312,7 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
     if cfg.register and gate is not None:
         def rescore(pipe_dir):  # the champion's student under this evaluation's protocol (rank 0 alone)
             meta = read_meta(pipe_dir)
-            row, _ = measure(_load(pipe_dir, prompts, device), cfg.gate_steps, student_sigmas(cfg.gate_steps, meta), 0.0,
+            row, _ = measure(_load(pipe_dir, prompts, device, masks, test.images[:n] if masks is not None else None), cfg.gate_steps, student_sigmas(cfg.gate_steps, meta), 0.0,
                              meta.get("sampler", "euler"), "champion_rescored", solo=True)
             return row
 

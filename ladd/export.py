@@ -6,7 +6,10 @@ Graphs (fp32, and fp16 for GPUs), all with a dynamic batch axis:
 - transformer: one step, diffusers' argument names -> velocity;
 - vae_decoder: scaled latents -> images in [0, 1];
 - generator: noise + text embeddings (+ the sampler's re-noising draws) -> (latents, images), the
-  student's k-step sampler unrolled.
+  student's k-step sampler unrolled;
+- an inpainting student also takes `condition` [N, 1 + C, h, w] in the generator (the transformer graph takes x
+  and it concatenated), and gets `inpaint_condition`: images in [0, 1] and masks -> that condition
+  (`ladd.inpaint.inpaint_condition`: mask at latent size, the masked image's scaled latent).
 The stage fails, keeping the previous export, when ORT and PyTorch disagree by more than the tolerance.
 """
 
@@ -93,17 +96,43 @@ class FewStepGenerator(torch.nn.Module):
         self.sigmas, self.sampler = [float(s) for s in sigmas], sampler
 
     def forward(self, noise, prompt_embeds, pooled_projections, step_noise):
+        return self.sample(noise, prompt_embeds, pooled_projections, step_noise, None)
+
+    def sample(self, noise, prompt_embeds, pooled_projections, step_noise, condition):
         x, steps = noise, len(self.sigmas) - 1
         for i in range(steps):
             t, t_next = self.sigmas[i], self.sigmas[i + 1]
             timestep = torch.full_like(x[:, 0, 0, 0], t * NUM_TRAIN_TIMESTEPS)
-            v = self.velocity(x, prompt_embeds, pooled_projections, timestep)
+            x_in = x if condition is None else torch.cat([x, condition], 1)
+            v = self.velocity(x_in, prompt_embeds, pooled_projections, timestep)
             if self.sampler == "renoise":
                 x0 = x - t * v
                 x = (1 - t_next) * x0 + t_next * step_noise[i] if i < steps - 1 else x0
             else:
                 x = x + (t_next - t) * v
         return x, self.decoder(x)
+
+
+class InpaintGenerator(FewStepGenerator):
+    """The inpainting student's sampler: the condition beside x at every step (inputs: noise, condition, then the
+    text-to-image generator's, so the step noise stays last and drops out at one step)."""
+
+    def forward(self, noise, condition, prompt_embeds, pooled_projections, step_noise):
+        return self.sample(noise, prompt_embeds, pooled_projections, step_noise, condition)
+
+
+class InpaintCondition(torch.nn.Module):
+    """Images in [0, 1] and pixel masks (1: to inpaint) -> the condition channels, as `ladd.inpaint` makes them."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.scale, self.shift = vae_scaling(vae)
+
+    def forward(self, images, masks):
+        masked = (images * 2 - 1) * (masks < 0.5)
+        z = (self.vae.encode(masked).latent_dist.mean - self.shift) * self.scale
+        return torch.cat([F.interpolate(masks, size=z.shape[-2:]), z], 1)
 
 
 def export_graph(module, args: tuple, path: Path, inputs: list[str], outputs: list[str], opset: int,
@@ -142,6 +171,7 @@ def export_student(pipe, meta: dict, out: Path, cfg: ExportConfig, source: dict)
     tokenizers = {n: PromptTokenizer.from_manifest(out, t) for n, t in tokenizers_meta.items()}
 
     shape = latent_shape(pipe)
+    conditioned = pipe.transformer.config.in_channels != shape[0]
     prompts = list(cfg.prompts[:2])
     ids = _text_ids(tokenizers, prompts)
     sigmas = student_sigmas(cfg.steps, meta)
@@ -163,24 +193,46 @@ def export_student(pipe, meta: dict, out: Path, cfg: ExportConfig, source: dict)
         tick = time.perf_counter()
         export_graph(encoder, tuple(ids.values()), out / files["text_encoder"], list(ids),
                      ["prompt_embeds", "pooled_projections"], cfg.opset)
-        export_graph(Velocity(tr), (noise, embeds, pooled, torch.full((len(prompts),), 500.0, dtype=dtype)),
+        x_in, generator, generator_inputs = noise, FewStepGenerator(tr, vae, sigmas, sampler), (noise,)
+        if conditioned:
+            files["inpaint_condition"] = f"{precision}/inpaint_condition.onnx"
+            images, masks = example_inpaint_inputs(pipe, len(prompts), cfg.seed, dtype)
+            export_graph(InpaintCondition(vae), (images, masks), out / files["inpaint_condition"], ["images", "masks"],
+                         ["condition"], cfg.opset)
+            with torch.no_grad():
+                condition = InpaintCondition(vae)(images, masks)
+            x_in, generator = torch.cat([noise, condition], 1), InpaintGenerator(tr, vae, sigmas, sampler)
+            generator_inputs = (noise, condition)
+        export_graph(Velocity(tr), (x_in, embeds, pooled, torch.full((len(prompts),), 500.0, dtype=dtype)),
                      out / files["transformer"], ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"],
                      ["velocity"], cfg.opset)
         export_graph(VaeDecoder(vae), (noise,), out / files["vae_decoder"], ["latents"], ["images"], cfg.opset)
-        generator_inputs = ["noise", "prompt_embeds", "pooled_projections"] + (["step_noise"] if cfg.steps > 1 else [])
-        export_graph(FewStepGenerator(tr, vae, sigmas, sampler), (noise, embeds, pooled, step_noise), out / files["generator"],
-                     generator_inputs, ["latents", "images"], cfg.opset, batch_axis={"step_noise": 1})
+        names = ["noise", *(["condition"] if conditioned else []), "prompt_embeds", "pooled_projections"]
+        export_graph(generator, (*generator_inputs, embeds, pooled, step_noise), out / files["generator"],
+                     names + (["step_noise"] if cfg.steps > 1 else []), ["latents", "images"], cfg.opset,
+                     batch_axis={"step_noise": 1})
         log.info("exported %s graphs in %.1f s", precision, time.perf_counter() - tick)
         models[precision] = files
     manifest = {
         "format": MANIFEST_FORMAT, "opset": cfg.opset, "steps": cfg.steps, "sampler": sampler,
         "schedules": {str(k): student_sigmas(k, meta).tolist() for k in range(1, cfg.steps + 1)},
         "latent_shape": list(shape), "image_channels": pipe.vae.config.out_channels,
+        "task": "inpaint" if conditioned else "text2image",
         "tokenizers": tokenizers_meta, "models": models,
         "source": source,
     }
     write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def example_inpaint_inputs(pipe, n: int, seed: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """n seeded images in [0, 1] at the native size and their masks (`ladd.inpaint.random_masks`)."""
+    from ladd.inpaint import random_masks
+
+    c, h, w = latent_shape(pipe)
+    size = (h * pipe.vae_scale_factor, w * pipe.vae_scale_factor)
+    images = torch.rand(n, pipe.vae.config.in_channels, *size, generator=torch.Generator().manual_seed(seed))
+    return images.to(dtype), random_masks([seed + i for i in range(n)], *size).to(dtype)
 
 
 def _max_error(a, b) -> float:
@@ -206,7 +258,9 @@ def check_export(pipe, meta: dict, onnx_dir: Path, cfg: ExportConfig) -> dict:
     provider = runtime.provider
     device = torch.device("cuda" if provider != "CPUExecutionProvider" and torch.cuda.is_available() else "cpu")
     pipe = pipe.to(device)
-    generator = FewStepGenerator(pipe.transformer, pipe.vae, student_sigmas(cfg.steps, meta), runtime.manifest["sampler"]).eval()
+    conditioned = runtime.manifest.get("task") == "inpaint"
+    generator = (InpaintGenerator if conditioned else FewStepGenerator)(
+        pipe.transformer, pipe.vae, student_sigmas(cfg.steps, meta), runtime.manifest["sampler"]).eval()
     msl = int(meta.get("max_sequence_length", 256))
     report = {"provider": provider, "threads": threads, "steps": cfg.steps, "torch_device": device.type,
               "parity": {}, "latency": {}}
@@ -216,19 +270,30 @@ def check_export(pipe, meta: dict, onnx_dir: Path, cfg: ExportConfig) -> dict:
         noise, step_noise = runtime.step_noise(list(range(cfg.seed, cfg.seed + batch)), cfg.steps)
         embeds, pooled = encode_prompts(pipe, prompts, msl)
         torch_inputs = (torch.from_numpy(noise).to(device), embeds, pooled, torch.from_numpy(step_noise).to(device))
+        condition, parity = None, {}
+        if conditioned:  # the condition graph against PyTorch; the generator then takes PyTorch's condition
+            images_in, masks = example_inpaint_inputs(pipe, batch, cfg.seed + batch)
+            with torch.inference_mode():
+                cond = InpaintCondition(pipe.vae)(images_in.to(device), masks.to(device))
+            condition = cond.float().cpu().numpy()
+            parity["inpaint_condition"] = _max_error(runtime.inpaint_condition(images_in.numpy(), masks.numpy()), condition)
+            torch_inputs = (torch_inputs[0], cond, *torch_inputs[1:])
         with torch.inference_mode():
             latents, images = (x.float().cpu().numpy() for x in generator(*torch_inputs))
         embeds_np, pooled_np = embeds.float().cpu().numpy(), pooled.float().cpu().numpy()
         ort_embeds, ort_pooled = runtime.encode(prompts)
-        ort_latents, ort_images = runtime.generate_latents(embeds_np, pooled_np, noise, step_noise)
-        loop_latents, loop_images = runtime.generate_latents(embeds_np, pooled_np, noise, step_noise, unrolled=False)
+        ort_latents, ort_images = runtime.generate_latents(embeds_np, pooled_np, noise, step_noise, condition=condition)
+        loop_latents, loop_images = runtime.generate_latents(embeds_np, pooled_np, noise, step_noise, unrolled=False,
+                                                             condition=condition)
         report["parity"][str(batch)] = {
             "prompt_embeds": _max_error(ort_embeds, embeds_np), "pooled_projections": _max_error(ort_pooled, pooled_np),
             "latents": _max_error(ort_latents, latents), "images": _max_error(ort_images, images),
             "transformer_loop_latents": _max_error(loop_latents, latents), "vae_decoder_images": _max_error(loop_images, images),
+            **parity,
         }
         session = runtime.session("generator")
-        feeds = session_feeds(session, noise=noise, prompt_embeds=embeds_np, pooled_projections=pooled_np, step_noise=step_noise)
+        feeds = session_feeds(session, noise=noise, prompt_embeds=embeds_np, pooled_projections=pooled_np, step_noise=step_noise,
+                              **({"condition": condition} if conditioned else {}))
 
         def run_torch():
             with torch.inference_mode():
@@ -242,14 +307,16 @@ def check_export(pipe, meta: dict, onnx_dir: Path, cfg: ExportConfig) -> dict:
         log.info("batch %d: parity %s; torch %.2f ms, ort %.2f ms (%.2fx)", batch, report["parity"][str(batch)],
                  torch_ms, ort_ms, ort_ms / torch_ms)
         if cfg.fp16:
-            fp16 = _check_fp16(fp16, onnx_dir, cfg, threads, embeds_np, pooled_np, noise, step_noise, latents, images)
+            fp16 = _check_fp16(fp16, onnx_dir, cfg, threads, embeds_np, pooled_np, noise, step_noise, latents, images,
+                               condition)
             report["fp16"] = {k: v for k, v in fp16.items() if k != "runtime"}
     report["max_abs_error"] = max(max(p.values()) for p in report["parity"].values())
     pipe.to("cpu")
     return report
 
 
-def _check_fp16(fp16: dict, onnx_dir, cfg, threads, embeds, pooled, noise, step_noise, latents, images) -> dict:
+def _check_fp16(fp16: dict, onnx_dir, cfg, threads, embeds, pooled, noise, step_noise, latents, images,
+                condition=None) -> dict:
     """`fp16` (what earlier batch sizes found) with this batch's: the fp16 graphs' distance to the fp32 PyTorch
     result (reported, not gated: half precision's error is ~1e-2 by design) and the generator's latency; where
     its provider cannot run them, the reason (and no further try)."""
@@ -257,12 +324,13 @@ def _check_fp16(fp16: dict, onnx_dir, cfg, threads, embeds, pooled, noise, step_
         return fp16
     try:
         runtime = fp16.get("runtime") or OnnxStudent(onnx_dir, "fp16", cfg.provider, threads)
-        lat, img = runtime.generate_latents(embeds, pooled, noise, step_noise)
+        lat, img = runtime.generate_latents(embeds, pooled, noise, step_noise, condition=condition)
     except Exception as e:  # e.g. an op without a float16 kernel on the CPU provider
         log.warning("fp16 graphs did not run on %s: %s", cfg.provider, e)
         return {"provider": None, "error": str(e)[:500]}
     session = runtime.session("generator")
-    feeds = session_feeds(session, noise=noise, prompt_embeds=embeds, pooled_projections=pooled, step_noise=step_noise)
+    feeds = session_feeds(session, noise=noise, prompt_embeds=embeds, pooled_projections=pooled, step_noise=step_noise,
+                          **({"condition": condition} if condition is not None else {}))
     batch = {"latents_max_abs_error": _max_error(lat, latents), "images_max_abs_error": _max_error(img, images),
              "ort_ms": median_ms(lambda: session.run(None, feeds), cfg.latency_repeats)}
     per_batch = {**fp16.get("per_batch", {}), str(len(noise)): batch}

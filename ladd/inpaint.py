@@ -1,19 +1,11 @@
-"""Inpainting (issue #23, in progress on this branch): the masks, the condition channels, and the widening of a
-text-to-image MMDiT into the 33-channel layout `StableDiffusion3InpaintPipeline` runs.
+"""Inpainting (issue #23): the masks, the condition channels, and the widening of a text-to-image MMDiT into
+the 33-channel layout `StableDiffusion3InpaintPipeline` runs.
 
 Layout (diffusers' SD3 inpaint pipeline): the transformer's input is [noisy latent (C), mask (1), masked-image
 latent (C)] on channels, C = the VAE's latent channels; diffusers accepts in_channels 16 (then it blends the
 known region back at each step, SDEdit-style) or 33 (a trained inpainting model, C = 16). The mask is 1 where
 the image is to be generated, 0 where it is kept; at latent resolution it is the pixel mask resized (nearest).
-
-Done on this branch: seeded masks, the condition, the widened teacher (tested equal to the base whatever the
-condition), its fine-tune on random masks (a test shows it reads the condition), `teacher.latent_channels`, and
-ladd's sampler with the condition (`generate_latents(condition=...)`), equal to stock
-`StableDiffusion3InpaintPipeline` at 33 channels to 1e-5 given `masked_image_latents` (the posterior mean; the
-stock pipeline otherwise draws a posterior sample with its generator).
-Not yet: the `task` setting and params.inpaint.yaml, the teacher stage calling the fine-tune (and the tiny teacher
-at 16 latent channels, which stock diffusers needs), synthesize/distill/evaluate with the condition (masks per
-record, heads judging with the condition, error outside the mask), ONNX export, the measurements.
+Every stage draws its masks from `record_masks`: one seeded stream per stage, one mask per record id.
 """
 
 from __future__ import annotations
@@ -52,6 +44,34 @@ def random_masks(seeds: list[int], height: int, width: int) -> torch.Tensor:
                 x = min(max(x + math.cos(angle) * step, 0.0), width - 1.0)
         out.append(mask)
     return torch.stack(out)[:, None]
+
+
+MASK_STREAMS = {"teacher": 0, "synthesize": 1, "evaluate": 2}  # disjoint seeds: no stage reuses another's masks
+
+
+def record_masks(stream: str, ids, mask_seed: int, height: int, width: int) -> torch.Tensor:
+    """`random_masks` of records `ids` (non-negative ints below 2**32) in one stage's stream of `inpaint.mask_seed`."""
+    return random_masks([(mask_seed << 36) + (MASK_STREAMS[stream] << 32) + int(i) for i in ids], height, width)
+
+
+def has_condition(transformer_config, latent_channels: int) -> bool:
+    """Whether an SD3 transformer is an inpainting one: it takes the latent, mask and masked-image latent."""
+    return transformer_config.in_channels == 2 * latent_channels + 1
+
+
+def check_task(pipe_dir, enabled: bool) -> None:
+    """ConfigError unless the pipeline folder's transformer matches `inpaint.enabled` (read from its configs)."""
+    from types import SimpleNamespace
+
+    from ladd.errors import ConfigError
+    from ladd.pipeline import component_config
+
+    config = SimpleNamespace(**component_config(pipe_dir, "transformer"))
+    if has_condition(config, component_config(pipe_dir, "vae")["latent_channels"]) != enabled:
+        kind = "an inpainting" if not enabled else "a text-to-image"
+        raise ConfigError(f"inpaint.enabled is {str(enabled).lower()} but {pipe_dir} holds {kind} transformer "
+                          f"({config.in_channels} input channels): rerun the teacher stage (and those after it) "
+                          "with this inpaint.enabled")
 
 
 def check_mask(mask: torch.Tensor, image_hw: tuple[int, int], name: str) -> None:
@@ -102,11 +122,17 @@ def widen_transformer(transformer):
 @torch.no_grad()
 def inpaint_condition(vae, images: torch.Tensor, masks: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """uint8 images [N, C, H, W] and their pixel masks -> the condition channels [N, 1 + C_latent, h, w]: the mask at
-    latent resolution and the masked image's latent (posterior mean, SD3's shift and scale)."""
-    from ladd.pipeline import encode_images
+    latent resolution and the masked image's latent (posterior mean, SD3's shift and scale), as diffusers' pipeline
+    makes them (the hole is 0 in [-1, 1])."""
+    from ladd.pipeline import vae_scaling
 
-    masked = ((masked_images(images.float() / 127.5 - 1, masks) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    z = encode_images(vae, masked, batch_size).cpu()
+    scale, shift = vae_scaling(vae)
+    param = next(vae.parameters())
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = masked_images(images[i : i + batch_size].float() / 127.5 - 1, masks[i : i + batch_size])
+        out.append(((vae.encode(x.to(param.device, param.dtype)).latent_dist.mean - shift) * scale).float().cpu())
+    z = torch.cat(out)
     return condition(latent_mask(masks, z.shape[-2:]), z)
 
 
@@ -119,7 +145,7 @@ def finetune_inpaint_teacher(pipe, images: torch.Tensor, prompts: list[str], cfg
     from ladd.teacher import train_transformer
 
     n, _, height, width = images.shape
-    masks = random_masks([seed * 1_000_003 + i for i in range(n * masks_per_image)], height, width)
+    masks = record_masks("teacher", range(n * masks_per_image), seed, height, width)
     repeated = images.repeat(masks_per_image, 1, 1, 1)
     latents = encode_images(pipe.vae, images).cpu().repeat(masks_per_image, 1, 1, 1)
     cond = inpaint_condition(pipe.vae, repeated, masks)

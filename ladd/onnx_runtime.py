@@ -143,10 +143,19 @@ class OnnxStudent:
         draws = np.stack(draws, axis=1)  # [steps, N, C, H, W]
         return draws[0], draws[1:]
 
+    def inpaint_condition(self, images: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        """An inpainting student's condition from images in [0, 1] [N, C, H, W] and masks [N, 1, H, W] (1: inpaint)."""
+        session = self.session("inpaint_condition")
+        return session.run(["condition"], session_feeds(session, images=images, masks=masks))[0].astype(np.float32)
+
     def generate_latents(self, embeds, pooled, noise, step_noise, steps: int | None = None,
-                         unrolled: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(latents, images in [0, 1]) from x_1 `noise` [N, C, H, W] and `step_noise` [steps - 1, N, C, H, W].
-        `unrolled` (default: when `steps` is the exported count) picks the generator graph over the loop."""
+                         unrolled: bool | None = None, condition: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(latents, images in [0, 1]) from x_1 `noise` [N, C, H, W] and `step_noise` [steps - 1, N, C, H, W]
+        (an inpainting student: beside `condition`, from `inpaint_condition`). `unrolled` (default: when `steps`
+        is the exported count) picks the generator graph over the loop."""
+        if (self.manifest.get("task") == "inpaint") != (condition is not None):
+            raise ValueError(f"{self.dir / MANIFEST}: a {self.manifest.get('task', 'text2image')} student "
+                             f"{'needs' if condition is None else 'takes no'} condition (images and masks)")
         steps = steps or self.steps
         if unrolled is None:
             unrolled = steps == self.steps
@@ -154,7 +163,8 @@ class OnnxStudent:
             if steps != self.steps:
                 raise ValueError(f"the unrolled generator runs {self.steps} steps, not {steps}")
             session = self.session("generator")
-            feeds = session_feeds(session, noise=noise, prompt_embeds=embeds, pooled_projections=pooled, step_noise=step_noise)
+            feeds = session_feeds(session, noise=noise, prompt_embeds=embeds, pooled_projections=pooled, step_noise=step_noise,
+                                  condition=condition)
             latents, images = session.run(["latents", "images"], feeds)
             return latents.astype(np.float32), images.astype(np.float32)
         if str(steps) not in self.manifest["schedules"]:
@@ -163,7 +173,8 @@ class OnnxStudent:
         transformer, x = self.session("transformer"), noise
         for i in range(steps):
             t, t_next = sigmas[i], sigmas[i + 1]
-            feeds = session_feeds(transformer, hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
+            x_in = x if condition is None else np.concatenate([x, condition], 1)
+            feeds = session_feeds(transformer, hidden_states=x_in, encoder_hidden_states=embeds, pooled_projections=pooled,
                           timestep=np.full(len(x), t * NUM_TRAIN_TIMESTEPS, dtype=np.float32))
             v = transformer.run(["velocity"], feeds)[0].astype(np.float32)
             if self.manifest["sampler"] == "renoise":  # x0 = x_t - t v, then fresh noise to t_next (ADD/LADD)
@@ -175,11 +186,14 @@ class OnnxStudent:
         images = decoder.run(["images"], session_feeds(decoder, latents=x))[0]
         return x.astype(np.float32), images.astype(np.float32)
 
-    def __call__(self, prompts: list[str], steps: int | None = None, seeds: list[int] | None = None) -> np.ndarray:
-        """uint8 images [N, H, W, C] for `prompts`; record i uses seeds[i] (default i)."""
+    def __call__(self, prompts: list[str], steps: int | None = None, seeds: list[int] | None = None,
+                 images: np.ndarray | None = None, masks: np.ndarray | None = None) -> np.ndarray:
+        """uint8 images [N, H, W, C] for `prompts`; record i uses seeds[i] (default i). An inpainting student fills
+        `images` (float [N, C, H, W] in [0, 1]) where `masks` ([N, 1, H, W]) are 1."""
         steps = steps or self.steps
         seeds = list(range(len(prompts))) if seeds is None else seeds
         embeds, pooled = self.encode(prompts)
         noise, step_noise = self.step_noise(seeds, steps)
-        _, images = self.generate_latents(embeds, pooled, noise, step_noise, steps)
+        condition = None if images is None else self.inpaint_condition(images.astype(np.float32), masks.astype(np.float32))
+        _, images = self.generate_latents(embeds, pooled, noise, step_noise, steps, condition=condition)
         return (images.transpose(0, 2, 3, 1) * 255).round().clip(0, 255).astype(np.uint8)

@@ -110,6 +110,12 @@ def _check_across_sections(p: Params, source: str) -> None:
     if unlabelled and p.align.enabled and p.align.reward == "classifier":
         raise ConfigError(f"{source}: align.reward: classifier scores the prompted digit, and {prep.captions} has no "
                           "labels: use align.reward: clip (with align.reward_path) or a reward of ladd.align.REWARDS")
+    if p.inpaint.enabled and prep.source == "prompts":
+        raise ConfigError(f"{source}: inpaint.enabled: inpainting fills a masked image, and prepare.source is prompts "
+                          "(no images): use digits or folder (images and captions)")
+    if p.inpaint.enabled and p.align.enabled:
+        raise ConfigError(f"{source}: align.enabled: the preference stage aligns text-to-image students; with "
+                          "inpaint.enabled set it to false")
     if prep.source == "prompts":
         if e.real_images == "required":
             raise ConfigError(f"{source}: evaluate.real_images: required, but prepare.source is prompts (no real "

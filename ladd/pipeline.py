@@ -39,9 +39,9 @@ def check_sd3_folder(src: str | Path) -> dict:
     if not index.is_file():
         raise TeacherError(f"{src} is not a diffusers pipeline folder: model_index.json is missing")
     spec = json.loads(index.read_text())
-    if spec.get("_class_name") != "StableDiffusion3Pipeline":
+    if spec.get("_class_name") not in ("StableDiffusion3Pipeline", "StableDiffusion3InpaintPipeline"):
         raise TeacherError(f"{src} holds a {spec.get('_class_name')}, not an SD3-family pipeline "
-                           "(model_index.json must name StableDiffusion3Pipeline)")
+                           "(model_index.json must name StableDiffusion3Pipeline or StableDiffusion3InpaintPipeline)")
     missing = [name for name in SD3_COMPONENTS if spec.get(name) in (None, [None, None]) or not (Path(src) / name).is_dir()]
     if missing:
         raise TeacherError(f"{src} is not a complete SD3-family pipeline: missing {', '.join(f'{m}/' for m in missing)}")
@@ -113,12 +113,13 @@ def max_sequence_length(pipe_dir: str | Path) -> int:
 
 
 def latent_shape(pipe: StableDiffusion3Pipeline) -> tuple[int, int, int]:
-    """The teacher's native latent shape (C, h, w): its transformer's sample_size."""
-    size = pipe.transformer.config.sample_size
-    return (pipe.transformer.config.in_channels, size, size)
+    """The teacher's native latent shape (C, h, w): its transformer's sample_size and output channels (an
+    inpainting transformer takes more: the condition)."""
+    config = pipe.transformer.config
+    return (config.out_channels or config.in_channels, config.sample_size, config.sample_size)
 
 
-def _component_config(pipe_dir: str | Path, name: str) -> dict:
+def component_config(pipe_dir: str | Path, name: str) -> dict:
     path = Path(pipe_dir) / name / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{pipe_dir} is not an SD3-family pipeline folder: {path} is missing")
@@ -126,14 +127,14 @@ def _component_config(pipe_dir: str | Path, name: str) -> dict:
 
 
 def _vae_factor(pipe_dir: str | Path) -> int:
-    return 2 ** (len(_component_config(pipe_dir, "vae")["block_out_channels"]) - 1)  # the pipeline's vae_scale_factor
+    return 2 ** (len(component_config(pipe_dir, "vae")["block_out_channels"]) - 1)  # the pipeline's vae_scale_factor
 
 
 def bucket_latent_shapes(pipe_dir: str | Path, resolutions, key: str) -> list[tuple[int, int, int]]:
     """Latent shapes (C, h, w) of pixel resolutions (H, W) under the pipeline in `pipe_dir` (read from its
     configs, nothing loaded); ConfigError naming `key[i]` for a size the VAE and transformer cannot take."""
 
-    transformer, factor = _component_config(pipe_dir, "transformer"), _vae_factor(pipe_dir)
+    transformer, factor = component_config(pipe_dir, "transformer"), _vae_factor(pipe_dir)
     patch, limit = transformer["patch_size"], transformer.get("pos_embed_max_size")
     shapes = []
     for i, (height, width) in enumerate(resolutions):
@@ -144,13 +145,13 @@ def bucket_latent_shapes(pipe_dir: str | Path, resolutions, key: str) -> list[tu
             raise ConfigError(f"{key}[{i}]: {height}x{width} needs {height // (factor * patch)}x{width // (factor * patch)} "
                               f"patches; the teacher's pos_embed_max_size is {limit} "
                               f"(at most {limit * factor * patch} pixels a side)")
-        shapes.append((transformer["in_channels"], height // factor, width // factor))
+        shapes.append((transformer.get("out_channels") or transformer["in_channels"], height // factor, width // factor))
     return shapes
 
 
 def native_resolution(pipe_dir: str | Path) -> tuple[int, int]:
     """Pixel (H, W) of the teacher's native latent size (its transformer's sample_size)."""
-    side = _component_config(pipe_dir, "transformer")["sample_size"] * _vae_factor(pipe_dir)
+    side = component_config(pipe_dir, "transformer")["sample_size"] * _vae_factor(pipe_dir)
     return side, side
 
 

@@ -1,9 +1,10 @@
 """`ladd synthesize`: teacher latents with CFG for every training prompt (LADD sec. 3.2: the student
 trains on teacher samples only), written as sharded safetensors plus a manifest.
 
-    <out>/shard-00000.safetensors  latents [n, C, h, w], record [n], trajectory [n, K, C, h, w]
-                                   (metadata: run fingerprint); every shard holds one resolution bucket
-    <out>/records.parquet          id, prompt, label, sample, seed, bucket, shard, row
+    <out>/shard-00000.safetensors  latents [n, C, h, w], record [n], trajectory [n, K, C, h, w], condition
+                                   [n, 1 + C, h, w] (inpainting); metadata: run fingerprint; every shard holds one
+                                   resolution bucket
+    <out>/records.parquet          id, prompt, label, sample, seed, bucket, shard, row (inpainting: image)
     <out>/manifest.json            run settings and fingerprints, buckets, shard_files, shard_buckets
 
 Multi-aspect training (SD3-Turbo trains this way): each record is assigned to one of
@@ -11,6 +12,9 @@ Multi-aspect training (SD3-Turbo trains this way): each record is assigned to on
 
 `trajectory` holds the teacher's own states at `trajectory_times` on the same CFG Euler path that ends
 at `latents` (the student's times below 1): sharp (x_t, x0) pairs for trajectory distillation.
+
+Inpainting (`inpaint.enabled`): record i inpaints its training image under its seeded mask (`record_masks`,
+stream "synthesize"); the condition (mask and masked-image latent) is stored beside the teacher's latents.
 
 Record i's noise comes from seed + i, so a rerun is bit-identical. The work happens in `<out>.next/`:
 finished shards of `<out>` with the same settings are hard-linked there, the missing ones generated (each
@@ -36,10 +40,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ladd.config import SynthesizeConfig
+from ladd.config import InpaintConfig, SynthesizeConfig
+from ladd.errors import ConfigError
 from ladd.data.prepare import load_split
 from ladd.data.synthetic import bucket_resolutions, shard_fingerprint, shard_sha256, synthesis_settings
 from ladd.generate import generate_latents, record_noise
+from ladd.inpaint import check_task, inpaint_condition, record_masks
 from ladd.io import atomic_file, fingerprint, replace_dir, restore_interrupted_swap, save_tensors, write_json
 from ladd.distributed import close_world, init_world
 from ladd.pipeline import bucket_latent_shapes, encode_prompts, load_pipeline, max_sequence_length
@@ -98,26 +104,45 @@ def _stage_dir(out: Path, run: dict, run_fp: str) -> Path:
 
 
 def synthesize(cfg: SynthesizeConfig, data_dir: str | Path, teacher_dir: str | Path, tracker,
-               check: Callable[[Path], dict] | None = None) -> dict:
+               check: Callable[[Path], dict] | None = None, inpaint: InpaintConfig | None = None) -> dict:
     """Generate (or finish) the synthetic data set; `check(dir)`, the synthetic suite, runs on the finished
-    set before it replaces `cfg.out_dir`."""
+    set before it replaces `cfg.out_dir`. With `inpaint.enabled`, the teacher inpaints the training images."""
     world = init_world(cfg.device)
     try:
-        return _synthesize(cfg, data_dir, teacher_dir, tracker, check, world)
+        return _synthesize(cfg, data_dir, teacher_dir, tracker, check, world, inpaint)
     finally:
         close_world(world)
 
 
-def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, world) -> dict:
+def _inpainting_images(data_dir, resolutions) -> torch.Tensor:
+    """The training images the teacher inpaints, checked before any work: one bucket at their own resolution (the
+    masked image fixes the size)."""
+    images = load_split(Path(data_dir) / "train").images
+    if images is None:
+        raise ConfigError(f"inpaint.enabled: {data_dir}/train has no images to inpaint (prompts only)")
+    size = tuple(images.shape[-2:])
+    if len(resolutions) != 1 or tuple(resolutions[0]) != size:
+        raise ConfigError(f"synthesize.resolutions: inpainting works at the images' own size {list(size)}, got "
+                          f"{[list(r) for r in resolutions]}: set it to [{list(size)}] (or leave it empty)")
+    return images
+
+
+def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, world, inpaint=None) -> dict:
     out, device = Path(cfg.out_dir), world.device
     resolutions = bucket_resolutions(cfg, teacher_dir)
     shapes = bucket_latent_shapes(teacher_dir, resolutions, "synthesize.resolutions")  # before any work
     weights = list(cfg.resolution_weights or [1.0] * len(resolutions))
+    conditioned = inpaint is not None and inpaint.enabled
+    check_task(teacher_dir, conditioned)
+    images = _inpainting_images(data_dir, resolutions) if conditioned else None
     captions = load_split(Path(data_dir) / "train").captions
     records = synthetic_records(captions, cfg.samples_per_prompt, cfg.seed)
     records["bucket"] = assign_buckets(len(records), weights, cfg.seed)
     run = {**synthesis_settings(cfg, resolutions), "teacher": fingerprint(teacher_dir),
            "prompts": fingerprint(Path(data_dir) / "train" / "captions.parquet")}
+    if images is not None:
+        records["image"] = np.repeat(np.arange(len(captions)), cfg.samples_per_prompt)
+        run["inpaint"] = {"mask_seed": inpaint.mask_seed, "images": fingerprint(Path(data_dir) / "train" / "images.safetensors")}
     run_fp = json.dumps(run, sort_keys=True)
     shards = plan_shards(records["bucket"].to_numpy(), cfg.shard_size)
     work = out.with_name(out.name + ".next")
@@ -142,8 +167,12 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
             embeds, pooled = encode_prompts(pipe, list(chunk["prompt"]), msl)
             noise = record_noise(list(chunk["seed"]), shapes[b])
             tensors = {"record": torch.from_numpy(rows)}
+            if images is not None:
+                masks = record_masks("synthesize", chunk["seed"], inpaint.mask_seed, *images.shape[-2:])
+                tensors["condition"] = inpaint_condition(pipe.vae, images[chunk["image"].to_numpy()], masks)
             generated = generate_latents(pipe.transformer, embeds, pooled, noise, sigmas, cfg.guidance, null_e, null_p,
-                                         batch_size=cfg.batch_size, path_times=cfg.trajectory_times)
+                                         batch_size=cfg.batch_size, path_times=cfg.trajectory_times,
+                                         condition=tensors.get("condition"))
             if cfg.trajectory_times:
                 tensors["latents"], tensors["trajectory"] = generated
             else:

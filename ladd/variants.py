@@ -79,14 +79,15 @@ SAMPLER_STEPS: dict[str, SamplerStep] = {"renoise": SamplerStep(renoise_step, st
 
 @torch.no_grad()
 def backward_simulate(student_x0: Callable, step_index: torch.Tensor, times: torch.Tensor, c, p, like: torch.Tensor,
-                      sampler_step: Callable, gen: torch.Generator) -> torch.Tensor:
+                      sampler_step: Callable, gen: torch.Generator, m: torch.Tensor) -> torch.Tensor:
     """Inputs at times[step_index] made as inference makes them: fresh noise, then the current student's
-    own steps (no gradient) with `sampler_step` between them (DMD2's backward simulation)."""
+    own steps (no gradient) with `sampler_step` between them (DMD2's backward simulation); `m`: the rows'
+    condition (zero channels for text-to-image)."""
     x = randn(like.shape, gen, like)
     for k in range(int(step_index.max()) if len(step_index) else 0):
         rows = step_index > k
         t, t_next = times[k].expand(int(rows.sum())), times[k + 1].expand(int(rows.sum()))
-        x0_hat = student_x0(x[rows], t, c[rows], p[rows])
+        x0_hat = student_x0(x[rows], t, c[rows], p[rows], m[rows])
         x[rows] = sampler_step(x[rows], x0_hat, t, t_next, gen).to(x.dtype)
     return x
 

@@ -1,11 +1,12 @@
-"""Inpainting groundwork (issue #23, branch): masks, the condition, and the widened teacher."""
+"""Inpainting (issue #23): masks, the condition, the widened teacher, and a tiny inpainting chain (teacher ->
+synthesize -> distill -> evaluate -> export) that stock `StableDiffusion3InpaintPipeline` runs."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from ladd.inpaint import check_mask, condition, latent_mask, random_masks, widen_transformer
+from ladd.inpaint import check_mask, condition, latent_mask, masked_images, random_masks, widen_transformer
 from ladd.pipeline import load_pipeline
 from sd3_family import LATENT_CHANNELS, T5_MAX_LENGTH, build_sd35_like_teacher
 
@@ -124,24 +125,157 @@ def test_ladds_sampler_with_the_condition_is_stock_inpaint_pipeline(tmp_path, st
     assert (ours - stock).abs().max() <= 1e-5
 
 
-def test_the_teacher_stage_builds_an_inpainting_teacher_and_refuses_odd_widths(prepared_data, tmp_path):
-    from ladd.config import InpaintConfig, TeacherConfig
+@pytest.fixture(scope="module")
+def inpaint_chain(prepared_data, tmp_path_factory):
+    """The embedded default's inpainting chain, made tiny: a 16-latent-channel teacher widened and fine-tuned on
+    random masks, its inpainted latents synthesized, a student distilled."""
+    from conftest import DISTILL
+
+    from ladd.config import DistillConfig, InpaintConfig, SynthesizeConfig, TeacherConfig
+    from ladd.distill import distill
+    from ladd.synthesize import synthesize
+    from ladd.teacher import teacher_stage
+    from ladd.tracking import NullTracker
+
+    root = tmp_path_factory.mktemp("inpaint")
+    on = InpaintConfig(enabled=True, teacher_steps=10)
+    teacher = teacher_stage(TeacherConfig(out_dir=str(root / "teacher"), latent_channels=16, vae_steps=10, steps=10,
+                                          batch_size=16, device="cpu"), prepared_data, "cpu", NullTracker(), on)
+    syn = SynthesizeConfig(out_dir=str(root / "synthetic"), steps=2, samples_per_prompt=1, shard_size=512, batch_size=512,
+                           device="cpu")
+    synthesize(syn, prepared_data, teacher, NullTracker(), inpaint=on)
+    cfg = DistillConfig(out_dir=str(root / "student"), checkpoint=str(root / "ck.safetensors"), **DISTILL)
+    summary = distill(cfg, teacher, syn.out_dir, NullTracker())
+    return root, teacher, syn, on, summary
+
+
+def test_the_chain_stores_each_records_condition_and_trains_on_it(inpaint_chain, prepared_data):
+    from ladd.data.prepare import load_split
+    from ladd.data.synthetic import load_synthetic
+    from ladd.inpaint import inpaint_condition, record_masks
+
+    root, teacher, syn, on, summary = inpaint_chain
+    pipe = load_pipeline(teacher)
+    assert pipe.transformer.config.in_channels == 33 and pipe.vae.config.latent_channels == 16
+    data = load_synthetic(syn.out_dir)
+    bucket = data.buckets[0]
+    assert bucket.latents.shape[1:] == (16, 8, 8) and bucket.condition.shape[1:] == (17, 8, 8)
+    rec = data.records.iloc[int(bucket.records[5])]
+    image = load_split(prepared_data / "train").images[[int(rec["image"])]]
+    want = inpaint_condition(pipe.vae, image, record_masks("synthesize", [rec["seed"]], on.mask_seed, 32, 32))
+    torch.testing.assert_close(bucket.condition[5:6], want, rtol=0, atol=1e-5)
+    assert summary["skipped_updates"] == 0 and load_pipeline(root / "student").transformer.config.in_channels == 33
+
+
+def test_stock_inpaint_pipeline_runs_the_student_as_ladds_sampler(inpaint_chain, prepared_data):
+    """`StableDiffusion3InpaintPipeline.from_pretrained(student)` at strength 1, no CFG, 1/2/4 steps: the trained
+    times, and ladd's own sampler's latents (1e-5) given the same noise, mask and masked-image latent."""
+    from diffusers import StableDiffusion3InpaintPipeline
+
+    from ladd.data.prepare import load_split
+    from ladd.generate import record_noise
+    from ladd.inpaint import inpaint_condition
+    from ladd.pipeline import encode_prompts, read_meta
+    from ladd.sampling import cfg_velocity, sample_renoise
+    from ladd.schedules import student_sigmas
+
+    root = inpaint_chain[0]
+    # the tiny teacher has no T5 and no image encoder: diffusers wants those passed as None (an SD3.5 folder needs nothing)
+    stock = StableDiffusion3InpaintPipeline.from_pretrained(root / "student", text_encoder_3=None, tokenizer_3=None,
+                                                            image_encoder=None, feature_extractor=None)
+    meta = read_meta(root / "student")
+    test = load_split(prepared_data / "test")
+    image, mask = test.images[:1], random_masks([11], 32, 32)
+    prompt = test.captions["prompt"][0]
+    raw = stock.vae.encode(masked_images(image.float() / 127.5 - 1, mask)).latent_dist.mean
+    e, p = encode_prompts(stock, [prompt], 16)
+    cond = inpaint_condition(stock.vae, image, mask)
+    for steps, visited in ((4, meta["student_times"]), (2, [1.0, 0.25]), (1, [1.0])):
+        stock.scheduler.set_timesteps(steps)
+        assert stock.scheduler.timesteps.tolist() == pytest.approx([1000 * t for t in visited], abs=1e-3)
+        torch.manual_seed(0)  # diffusers' re-noising draws from the global RNG
+        ref = stock(prompt, image=image.float() / 255, mask_image=mask, masked_image_latents=raw, strength=1.0,
+                    num_inference_steps=steps, guidance_scale=0.0, max_sequence_length=16, height=32, width=32,
+                    generator=torch.Generator().manual_seed(3), output_type="latent").images
+        torch.manual_seed(0)
+        ours = sample_renoise(cfg_velocity(stock.transformer, e, p, condition=cond), record_noise([3], (16, 8, 8)),
+                              student_sigmas(steps, meta))
+        assert (ours - ref).abs().max() <= 1e-5, steps
+
+
+def test_the_chain_evaluates_and_exports(inpaint_chain, prepared_data, tiny_classifier_dir):
+    """evaluate scores the inpainted images (FD, accuracy, error outside the mask) of the teacher and the student at
+    1/2/4 steps, with a grid whose first row is the masked input; the ONNX export (condition graph and generator)
+    agrees with PyTorch and its runtime inpaints."""
+    from ladd.config import EvaluateConfig, ExportConfig
+    from ladd.evaluate import evaluate
+    from ladd.export import export_stage
+    from ladd.onnx_runtime import OnnxStudent
+    from ladd.tracking import NullTracker
+
+    root, teacher, syn, on, _ = inpaint_chain
+    cfg = EvaluateConfig(out_dir=str(root / "reports"), teacher_steps=4, few_steps=(1, 2, 4), num_samples=24,
+                         seeds=(0, 1), grid_size=10, register=False, device="cpu")
+    metrics = evaluate(cfg, prepared_data, tiny_classifier_dir, teacher, root / "student", NullTracker(), inpaint=on)
+    for row in (metrics["teacher"], *metrics["student"].values()):
+        assert {"fd", "accuracy", "outside_mse", "fd_teacher"} <= set(row) and 0 <= row["outside_mse"] < 1
+    assert (root / "reports" / "grids" / "teacher_vs_student.png").is_file()
+    result = export_stage(ExportConfig(out_dir=str(root / "onnx"), report=str(root / "export.json"), steps=2, fp16=False,
+                                       batch_sizes=(1, 3), latency_repeats=1, register=False), root / "student", NullTracker())
+    report = __import__("json").loads((root / "export.json").read_text())
+    assert result["max_abs_error"] < 1e-3 and "inpaint_condition" in report["parity"]["3"]
+    runtime = OnnxStudent(root / "onnx", provider="cpu")
+    images = np.random.default_rng(0).random((2, 1, 32, 32), dtype=np.float32)
+    masks = random_masks([1, 2], 32, 32).numpy()
+    out = runtime(["handwritten six", "handwritten two"], images=images, masks=masks)
+    assert out.shape == (2, 32, 32, 1)
+    with pytest.raises(ValueError, match="needs condition"):
+        runtime(["handwritten six"])
+
+
+def test_the_wrong_kind_of_teacher_or_data_fails_naming_the_key(inpaint_chain, prepared_data, tiny_teacher_dir, tmp_path):
+    from ladd.config import DistillConfig, SynthesizeConfig
+    from ladd.distill import distill
+    from ladd.errors import ConfigError
+    from ladd.params import load_params
+    from ladd.synthesize import synthesize
+    from ladd.tracking import NullTracker
+
+    root, teacher, syn, on, _ = inpaint_chain
+    out = tmp_path / "synthetic"
+    with pytest.raises(ConfigError, match="inpaint.enabled is true but .* holds a text-to-image transformer"):
+        synthesize(SynthesizeConfig(out_dir=str(out), steps=1, device="cpu"), prepared_data, tiny_teacher_dir,
+                   NullTracker(), inpaint=on)
+    with pytest.raises(ConfigError, match="inpaint.enabled is false but .* holds an inpainting transformer"):
+        synthesize(SynthesizeConfig(out_dir=str(out), steps=1, device="cpu"), prepared_data, teacher, NullTracker())
+    with pytest.raises(ConfigError, match="synthesize.resolutions: inpainting works at the images' own size"):
+        synthesize(SynthesizeConfig(out_dir=str(out), steps=1, resolutions=((32, 32), (16, 32)), device="cpu"),
+                   prepared_data, teacher, NullTracker(), inpaint=on)
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="synthesized with inpainting conditions, and the teacher is not"):
+        distill(DistillConfig(out_dir=str(tmp_path / "s"), checkpoint=str(tmp_path / "ck.safetensors"), steps=1,
+                              device="cpu"), tiny_teacher_dir, syn.out_dir, NullTracker())
+    params = tmp_path / "params.yaml"
+    (tmp_path / "p.csv").write_text("prompt\nhandwritten six\n")
+    params.write_text(f"prepare: {{source: prompts, captions: {tmp_path / 'p.csv'}}}\ninpaint: {{enabled: true}}\n"
+                      f"evaluate: {{features: clip, clip_path: {tmp_path}}}\n")
+    with pytest.raises(ConfigError, match="inpaint.enabled: inpainting fills a masked image, and prepare.source is prompts"):
+        load_params(params)
+
+
+def test_the_teacher_stage_refuses_odd_widths(inpaint_chain, prepared_data, tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    from ladd.config import TeacherConfig
     from ladd.errors import ConfigError
     from ladd.teacher import teacher_stage
     from ladd.tracking import NullTracker
 
-    on = InpaintConfig(enabled=True, teacher_steps=5)
-    cfg = TeacherConfig(out_dir=str(tmp_path / "teacher"), latent_channels=16, vae_steps=5, steps=5, batch_size=16,
-                        device="cpu")
-    teacher = teacher_stage(cfg, prepared_data, "cpu", NullTracker(), on)
-    pipe = load_pipeline(teacher)
-    assert pipe.transformer.config.in_channels == 33 and pipe.vae.config.latent_channels == 16
+    _, teacher, _, on, _ = inpaint_chain
     # a 33-channel folder is taken as it is; a transformer of another width is refused, naming the key
     again = teacher_stage(TeacherConfig(pretrained=str(teacher), out_dir=str(tmp_path / "again")), prepared_data, "cpu",
                           NullTracker(), on)
     assert load_pipeline(again).transformer.config.in_channels == 33
-    from diffusers import SD3Transformer2DModel
-
     odd = load_pipeline(teacher)
     odd.transformer = SD3Transformer2DModel.from_config({**dict(odd.transformer.config), "in_channels": 20})
     odd.save_pretrained(tmp_path / "odd")

@@ -105,17 +105,17 @@ def test_backward_simulation_runs_the_student_without_gradient_and_with_fresh_no
     weight = torch.nn.Parameter(torch.tensor(0.5))
     calls = []
 
-    def student_x0(x, t, c, p):
+    def student_x0(x, t, c, p, m):
         calls.append((len(x), t.tolist()))
         return weight * x  # a "student" with a parameter that would receive gradients
 
     k = torch.tensor([1, 3, 2, 1])
-    c, p, like = torch.zeros(4, 1), torch.zeros(4, 1), torch.zeros(4, 2, 8, 8)
-    a = backward_simulate(student_x0, k, times, c, p, like, SAMPLER_STEPS["renoise"].step, torch.Generator().manual_seed(0))
+    c, p, like, m = torch.zeros(4, 1), torch.zeros(4, 1), torch.zeros(4, 2, 8, 8), torch.zeros(4, 0, 8, 8)
+    a = backward_simulate(student_x0, k, times, c, p, like, SAMPLER_STEPS["renoise"].step, torch.Generator().manual_seed(0), m)
     assert not a.requires_grad
     # the student ran once per step level, on the rows that still needed it, at the sampler's times
     assert calls == [(4, [1.0] * 4), (2, [0.75] * 2), (1, [0.5])]
-    b = backward_simulate(student_x0, k, times, c, p, like, SAMPLER_STEPS["renoise"].step, torch.Generator().manual_seed(1))
+    b = backward_simulate(student_x0, k, times, c, p, like, SAMPLER_STEPS["renoise"].step, torch.Generator().manual_seed(1), m)
     assert not torch.allclose(a, b)  # fresh noise for every draw
     # re-noising: the row at 0.75 is 0.25 x0_hat + 0.75 eps, so its spread comes mostly from fresh noise
     assert 0.6 < a[0].std() < 1.0

@@ -59,12 +59,14 @@ def shard_fingerprint(path: Path) -> str | None:
 @dataclass
 class Bucket:
     """The records of one resolution: their indices into `Synthetic.records`, teacher latents x0
-    [n, C, h, w] and (when synthesized) the teacher's path states [n, K, C, h, w]."""
+    [n, C, h, w], (when synthesized) the teacher's path states [n, K, C, h, w] and (inpainting) the condition
+    [n, 1 + C, h, w] the teacher sampled under."""
 
     resolution: tuple[int, int]
     records: torch.Tensor
     latents: torch.Tensor
     trajectory: torch.Tensor | None
+    condition: torch.Tensor | None = None
 
 
 @dataclass
@@ -125,7 +127,8 @@ def load_synthetic(out_dir: str | Path) -> Synthetic:
             raise ValidationFailed(f"{out}: bucket {spec['resolution']} holds latents {list(latents.shape[1:])}, "
                                    f"{manifest_path} says {spec['latent_shape']}")
         buckets.append(Bucket(tuple(spec["resolution"]), torch.cat([s["record"] for s in mine]), latents,
-                              torch.cat([s["trajectory"] for s in mine]) if times else None))
+                              torch.cat([s["trajectory"] for s in mine]) if times else None,
+                              torch.cat([s["condition"] for s in mine]) if "condition" in mine[0] else None))
     if sum(len(b.latents) for b in buckets) != len(records):
         raise ValidationFailed(f"{out}: {sum(len(b.latents) for b in buckets)} latents but {len(records)} records "
                                f"in {out / 'records.parquet'}")

@@ -177,7 +177,7 @@ def real_latent_stats(teacher_dir: str | Path, data_dir: str | Path) -> tuple[li
 
     pipe = load_pipeline(teacher_dir)
     images = load_split(Path(data_dir) / "train").images
-    channels = pipe.transformer.config.in_channels
+    channels = pipe.transformer.config.out_channels or pipe.transformer.config.in_channels
     if images is None:
         return [0.0] * channels, [1.0] * channels
     z = encode_images(pipe.vae, images)
