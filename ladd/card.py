@@ -12,11 +12,17 @@ CARD = "README.md"
 TINY_BASE = "ladd-tiny-sd3-digits"  # the embedded default teacher, trained by `ladd teacher`
 
 
+def _pipeline_class(meta: dict) -> str:
+    return "StableDiffusion3InpaintPipeline" if meta.get("task") == "inpaint" else "StableDiffusion3Pipeline"
+
+
 def _load_snippet(meta: dict, has_t5: bool) -> str:
     extra = "" if has_t5 else ", text_encoder_3=None, tokenizer_3=None"
     steps = meta.get("default_steps", 4)
-    return (f'pipe = StableDiffusion3Pipeline.from_pretrained("path/to/student"{extra})\n'
-            f'image = pipe("a prompt", num_inference_steps={steps}, guidance_scale=0.0, '
+    # an inpainting student fills the white part of the mask (strength 1: from noise, its trained times)
+    inputs = ", image=image, mask_image=mask, strength=1.0" if meta.get("task") == "inpaint" else ""
+    return (f'pipe = {_pipeline_class(meta)}.from_pretrained("path/to/student"{extra})\n'
+            f'image = pipe("a prompt"{inputs}, num_inference_steps={steps}, guidance_scale=0.0, '
             f'max_sequence_length={meta["max_sequence_length"]}).images[0]')
 
 
@@ -119,7 +125,7 @@ the training times t = {times} at 1, 2 and {len(meta['student_times'])} steps.{s
 ## How to load
 
 ```python
-from diffusers import StableDiffusion3Pipeline
+from diffusers import {_pipeline_class(meta)}
 
 {_load_snippet(meta, has_t5)}
 ```

@@ -593,7 +593,8 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
         facts["replicas"] = f"{'student and heads' if not sharded else 'heads'} identical on {world.size} ranks"
     meta = {"max_sequence_length": msl, "source": "ladd-student", "teacher": run["teacher"],
             "base_model": read_meta(teacher_dir).get("source", str(teacher_dir)),
-            "student_times": times.tolist(), "schedule": cfg.schedule, "sampler": cfg.sampler, "default_steps": len(times)}
+            "student_times": times.tolist(), "schedule": cfg.schedule, "sampler": cfg.sampler, "default_steps": len(times),
+            "task": "inpaint" if conditions[0].shape[1] else "text2image"}
     if cfg.student == "lora":
         meta["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank, "target_modules": lora_suffixes,
                         "parameters": n_trained}

@@ -133,10 +133,14 @@ class MlflowTracker(NullTracker):
         from mlflow.models import infer_signature
         from mlflow.tracking import MlflowClient
 
+        from ladd.pipeline import read_meta
+
         previous = self.champion(name)
         existing = self.registered_version(name, identity)
         if existing is None:
             example = pd.DataFrame({"prompt": ["a handwritten digit seven"], "steps": [4], "seed": [0]})
+            if read_meta(student_dir).get("task") == "inpaint":  # the inputs an inpainting student needs besides
+                example = example.assign(**_inpaint_example(student_dir))
             signature = infer_signature(example, pd.DataFrame({"prompt": ["a handwritten digit seven"], "image_png": ["..."]}))
             info = self._mlflow.pyfunc.log_model(
                 name="student", python_model=_student_model(), artifacts={"pipeline": str(student_dir)},
@@ -304,9 +308,46 @@ def finish_pipeline_run(run_id: str, tags: dict, status: str = "FINISHED") -> No
     client.set_terminated(run_id, status)
 
 
+def _png(array) -> str:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _unpng(text: str):
+    """A base64 PNG -> uint8 tensor [1, C, H, W]."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    arr = np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
+    return torch.from_numpy(arr[..., None] if arr.ndim == 2 else arr).permute(2, 0, 1)[None].contiguous()
+
+
+def _inpaint_example(student_dir) -> dict:
+    """An inpainting student's example inputs: a grey image at its native size, a box mask in the middle."""
+    import numpy as np
+
+    from ladd.pipeline import native_resolution
+
+    h, w = native_resolution(student_dir)
+    channels = json.loads((Path(student_dir) / "vae" / "config.json").read_text())["in_channels"]
+    mask = np.zeros((h, w), np.uint8)
+    mask[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 255
+    image = np.full((h, w) if channels == 1 else (h, w, channels), 128, np.uint8)
+    return {"image_png": [_png(image)], "mask_png": [_png(mask)]}
+
+
 def _student_model():
-    """The pyfunc wrapper: prompts in, PNG images (base64) out, with ladd's few-step sampler. Built on
-    first use so importing ladd does not import mlflow."""
+    """The pyfunc wrapper: prompts in (an inpainting student: with `image_png` and `mask_png`, base64 PNGs, the
+    mask white where it fills), PNG images (base64) out, with ladd's few-step sampler. Built on first use so
+    importing ladd does not import mlflow."""
     from mlflow.pyfunc import PythonModel
 
     class StudentModel(PythonModel):
@@ -316,26 +357,29 @@ def _student_model():
             self.pipe, self.meta = load_pipeline(context.artifacts["pipeline"]), read_meta(context.artifacts["pipeline"])
 
         def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-            import base64
-            import io
-
-            from PIL import Image
-
-            from ladd.schedules import student_sigmas
             from ladd.generate import generate_latents, record_noise
+            from ladd.inpaint import check_mask, inpaint_condition
             from ladd.pipeline import decode_latents, encode_prompts, latent_shape
+            from ladd.schedules import student_sigmas
 
             out = []
-            for row in model_input.to_dict("records"):
+            for i, row in enumerate(model_input.to_dict("records")):
                 e, p = encode_prompts(self.pipe, [row["prompt"]], int(self.meta.get("max_sequence_length", 256)))
                 steps, seed = int(row.get("steps", 4)), int(row.get("seed", 0))
+                condition = None
+                if self.meta.get("task") == "inpaint":
+                    if not row.get("image_png") or not row.get("mask_png"):
+                        raise ValueError(f"an inpainting student needs image_png and mask_png (base64 PNG) beside "
+                                         f"the prompt; row {row['prompt']!r} has no {'image_png' if not row.get('image_png') else 'mask_png'}")
+                    image, mask = _unpng(row["image_png"]), (_unpng(row["mask_png"])[:, :1].float() > 127.5).float()
+                    check_mask(mask, image.shape[-2:], f"row {i} ({row['prompt']!r}) mask_png")
+                    condition = inpaint_condition(self.pipe.vae, image, mask)
                 lat = generate_latents(self.pipe.transformer, e, p, record_noise([seed], latent_shape(self.pipe)),
-                                       student_sigmas(steps, self.meta), sampler=self.meta.get("sampler", "euler"), seed=seed)
+                                       student_sigmas(steps, self.meta), sampler=self.meta.get("sampler", "euler"), seed=seed,
+                                       condition=condition)
                 img = (decode_latents(self.pipe.vae, lat)[0] * 255).round().byte()
-                arr = img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
-                buf = io.BytesIO()
-                Image.fromarray(arr).save(buf, format="PNG")
-                out.append({"prompt": row["prompt"], "image_png": base64.b64encode(buf.getvalue()).decode()})
+                out.append({"prompt": row["prompt"], "image_png": _png(img[0].numpy() if img.shape[0] == 1 else
+                                                                       img.permute(1, 2, 0).numpy())})
             return pd.DataFrame(out)
 
     return StudentModel()

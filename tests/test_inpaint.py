@@ -1,6 +1,8 @@
 """Inpainting (issue #23): masks, the condition, the widened teacher, and a tiny inpainting chain (teacher ->
 synthesize -> distill -> evaluate -> export) that stock `StableDiffusion3InpaintPipeline` runs."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -58,6 +60,7 @@ def test_the_widened_teacher_is_the_base_model_whatever_the_condition(tmp_path):
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_the_fine_tuned_inpainting_teacher_uses_its_condition(tiny_teacher_dir, prepared_data):
     """After a short fine-tune on random masks, the widened tiny teacher predicts better with the true mask and
     masked image than with another record's: it reads the new channels (which start at zero)."""
@@ -149,6 +152,7 @@ def inpaint_chain(prepared_data, tmp_path_factory):
     return root, teacher, syn, on, summary
 
 
+@pytest.mark.slow
 def test_the_chain_stores_each_records_condition_and_trains_on_it(inpaint_chain, prepared_data):
     from ladd.data.prepare import load_split
     from ladd.data.synthetic import load_synthetic
@@ -167,6 +171,7 @@ def test_the_chain_stores_each_records_condition_and_trains_on_it(inpaint_chain,
     assert summary["skipped_updates"] == 0 and load_pipeline(root / "student").transformer.config.in_channels == 33
 
 
+@pytest.mark.slow
 def test_stock_inpaint_pipeline_runs_the_student_as_ladds_sampler(inpaint_chain, prepared_data):
     """`StableDiffusion3InpaintPipeline.from_pretrained(student)` at strength 1, no CFG, 1/2/4 steps: the trained
     times, and ladd's own sampler's latents (1e-5) given the same noise, mask and masked-image latent."""
@@ -203,23 +208,47 @@ def test_stock_inpaint_pipeline_runs_the_student_as_ladds_sampler(inpaint_chain,
         assert (ours - ref).abs().max() <= 1e-5, steps
 
 
-def test_the_chain_evaluates_and_exports(inpaint_chain, prepared_data, tiny_classifier_dir):
+@pytest.mark.slow
+def test_the_chain_evaluates_registers_and_exports(inpaint_chain, prepared_data, tiny_classifier_dir, monkeypatch):
     """evaluate scores the inpainted images (FD, accuracy, error outside the mask) of the teacher and the student at
-    1/2/4 steps, with a grid whose first row is the masked input; the ONNX export (condition graph and generator)
-    agrees with PyTorch and its runtime inpaints."""
+    1/2/4 steps, with a grid whose first row is the masked input, and registers the student in a real MLflow store
+    as a model that inpaints (prompt, image, mask); the ONNX export (condition graph and generator) agrees with
+    PyTorch and its runtime inpaints."""
+    import base64
+    import io
+
+    import mlflow
+    import pandas as pd
+
     from ladd.config import EvaluateConfig, ExportConfig
     from ladd.evaluate import evaluate
     from ladd.export import export_stage
     from ladd.onnx_runtime import OnnxStudent
-    from ladd.tracking import NullTracker
+    from ladd.tracking import NullTracker, _inpaint_example, stage_run
 
     root, teacher, syn, on, _ = inpaint_chain
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     cfg = EvaluateConfig(out_dir=str(root / "reports"), teacher_steps=4, few_steps=(1, 2, 4), num_samples=24,
-                         seeds=(0, 1), grid_size=10, register=False, device="cpu")
-    metrics = evaluate(cfg, prepared_data, tiny_classifier_dir, teacher, root / "student", NullTracker(), inpaint=on)
+                         seeds=(0, 1), grid_size=10, device="cpu", model_name="ladd-inpaint")
+    with stage_run("evaluate") as tracker:
+        metrics = evaluate(cfg, prepared_data, tiny_classifier_dir, teacher, root / "student", tracker, inpaint=on)
     for row in (metrics["teacher"], *metrics["student"].values()):
         assert {"fd", "accuracy", "outside_mse", "fd_teacher"} <= set(row) and 0 <= row["outside_mse"] < 1
     assert (root / "reports" / "grids" / "teacher_vs_student.png").is_file()
+    assert metrics["registered"]["promoted"]
+    model = mlflow.pyfunc.load_model("models:/ladd-inpaint@champion")
+    example = _inpaint_example(root / "student")
+    out = model.predict(pd.DataFrame({"prompt": ["handwritten six"], "steps": [2], "seed": [0], **example}))
+    assert Image.open(io.BytesIO(base64.b64decode(out["image_png"][0]))).size == (32, 32)
+    with pytest.raises(Exception, match="needs image_png and mask_png"):
+        model.predict(pd.DataFrame({"prompt": ["handwritten six"], "steps": [2], "seed": [0], "image_png": [""], "mask_png": [""]}))
+    small = _inpaint_example(root / "student")  # a mask of another size than the image fails, naming the row
+    mask = Image.open(io.BytesIO(base64.b64decode(example["mask_png"][0]))).resize((16, 16))
+    buf = io.BytesIO()
+    mask.save(buf, format="PNG")
+    small["mask_png"] = [base64.b64encode(buf.getvalue()).decode()]
+    with pytest.raises(Exception, match=r"row 0 \('handwritten six'\) mask_png: mask is \(16, 16\), the image \(32, 32\)"):
+        model.predict(pd.DataFrame({"prompt": ["handwritten six"], "steps": [2], "seed": [0], **small}))
     result = export_stage(ExportConfig(out_dir=str(root / "onnx"), report=str(root / "export.json"), steps=2, fp16=False,
                                        batch_sizes=(1, 3), latency_repeats=1, register=False), root / "student", NullTracker())
     report = __import__("json").loads((root / "export.json").read_text())
@@ -233,6 +262,7 @@ def test_the_chain_evaluates_and_exports(inpaint_chain, prepared_data, tiny_clas
         runtime(["handwritten six"])
 
 
+@pytest.mark.slow
 def test_the_wrong_kind_of_teacher_or_data_fails_naming_the_key(inpaint_chain, prepared_data, tiny_teacher_dir, tmp_path):
     from ladd.config import DistillConfig, SynthesizeConfig
     from ladd.distill import distill
@@ -263,6 +293,7 @@ def test_the_wrong_kind_of_teacher_or_data_fails_naming_the_key(inpaint_chain, p
         load_params(params)
 
 
+@pytest.mark.slow
 def test_the_teacher_stage_refuses_odd_widths(inpaint_chain, prepared_data, tmp_path):
     from diffusers import SD3Transformer2DModel
 
@@ -284,3 +315,60 @@ def test_the_teacher_stage_refuses_odd_widths(inpaint_chain, prepared_data, tmp_
         teacher_stage(TeacherConfig(pretrained=str(tmp_path / "odd"), out_dir=str(tmp_path / "refused")), prepared_data,
                       "cpu", NullTracker(), on)
     assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.slow
+def test_a_users_sd35_inpainting_folder_and_unlabelled_images(tmp_path):
+    """A user's own 33-channel SD3.5-shaped inpainting folder (T5, dual attention) and a folder of unlabelled RGB
+    images: the teacher is taken as it is, synthesize and distill run with the condition, and stock
+    `StableDiffusion3InpaintPipeline.from_pretrained(student)` runs it with no extra argument."""
+    from conftest import DISTILL
+    from diffusers import StableDiffusion3InpaintPipeline
+
+    from ladd.config import DistillConfig, InpaintConfig, PrepareConfig, SynthesizeConfig, TeacherConfig
+    from ladd.data.prepare import prepare
+    from ladd.distill import distill
+    from ladd.synthesize import synthesize
+    from ladd.teacher import teacher_stage
+    from ladd.tracking import NullTracker
+
+    pipe = load_pipeline(build_sd35_like_teacher(tmp_path / "base"))
+    StableDiffusion3InpaintPipeline(**{**pipe.components, "transformer": widen_transformer(pipe.transformer)}) \
+        .save_pretrained(tmp_path / "users_inpainting_model")
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for i in range(12):
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    words = ["zero", "one", "two", "three"]
+    (tmp_path / "captions.csv").write_text("file,prompt\n" + "".join(f"{i}.png,a drawing of the digit {words[i % 4]}\n"
+                                                                     for i in range(12)))
+    data = tmp_path / "data"
+    prepare(PrepareConfig(source="folder", images_dir=str(tmp_path / "images"), captions=str(tmp_path / "captions.csv"),
+                          resolution=64, out_dir=str(data)))
+    on = InpaintConfig(enabled=True)
+    teacher = teacher_stage(TeacherConfig(pretrained=str(tmp_path / "users_inpainting_model"),
+                                          out_dir=str(tmp_path / "teacher")), data, "cpu", NullTracker(), on)
+    syn = SynthesizeConfig(out_dir=str(tmp_path / "synthetic"), steps=2, samples_per_prompt=2, device="cpu")
+    synthesize(syn, data, teacher, NullTracker(), inpaint=on)
+    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck.safetensors"), **DISTILL,
+                        gradient_checkpointing="all")
+    assert distill(cfg, teacher, syn.out_dir, NullTracker())["skipped_updates"] == 0
+    stock = StableDiffusion3InpaintPipeline.from_pretrained(tmp_path / "student")
+    image = Image.open(tmp_path / "images" / "0.png")
+    mask = Image.fromarray((random_masks([5], 64, 64)[0, 0].numpy() * 255).astype(np.uint8))
+    out = stock("a drawing of the digit zero", image=image, mask_image=mask, num_inference_steps=2, guidance_scale=0.0,
+                strength=1.0, height=64, width=64, max_sequence_length=T5_MAX_LENGTH, output_type="np").images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+
+
+def test_the_shipped_inpainting_params_are_params_yaml_with_the_task_switched():
+    """params.inpaint.yaml loads, and differs from params.yaml only in the task and the latent channels."""
+    from dataclasses import asdict, replace
+
+    from ladd.params import load_params
+
+    root = Path(__file__).resolve().parents[1]
+    base, inpaint = load_params(root / "params.yaml"), load_params(root / "params.inpaint.yaml")
+    assert inpaint.inpaint.enabled and inpaint.teacher.latent_channels == 16
+    same = replace(inpaint, inpaint=replace(inpaint.inpaint, enabled=False), teacher=replace(inpaint.teacher, latent_channels=4))
+    assert asdict(same) == asdict(base)
