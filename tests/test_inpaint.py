@@ -362,7 +362,8 @@ def test_a_users_sd35_inpainting_folder_and_unlabelled_images(tmp_path):
 
 
 def test_the_shipped_inpainting_params_are_params_yaml_with_the_task_switched():
-    """params.inpaint.yaml loads, and differs from params.yaml only in the task and the latent channels."""
+    """params.inpaint.yaml loads, and differs from params.yaml only in the task, the latent channels and the
+    distillation's length."""
     from dataclasses import asdict, replace
 
     from ladd.params import load_params
@@ -370,5 +371,6 @@ def test_the_shipped_inpainting_params_are_params_yaml_with_the_task_switched():
     root = Path(__file__).resolve().parents[1]
     base, inpaint = load_params(root / "params.yaml"), load_params(root / "params.inpaint.yaml")
     assert inpaint.inpaint.enabled and inpaint.teacher.latent_channels == 16
-    same = replace(inpaint, inpaint=replace(inpaint.inpaint, enabled=False), teacher=replace(inpaint.teacher, latent_channels=4))
+    same = replace(inpaint, inpaint=replace(inpaint.inpaint, enabled=False), teacher=replace(inpaint.teacher, latent_channels=4),
+                   distill=replace(inpaint.distill, steps=base.distill.steps))
     assert asdict(same) == asdict(base)
