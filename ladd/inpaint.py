@@ -134,25 +134,3 @@ def inpaint_condition(vae, images: torch.Tensor, masks: torch.Tensor, batch_size
         out.append(((vae.encode(x.to(param.device, param.dtype)).latent_dist.mean - shift) * scale).float().cpu())
     z = torch.cat(out)
     return condition(latent_mask(masks, z.shape[-2:]), z)
-
-
-def finetune_inpaint_teacher(pipe, images: torch.Tensor, prompts: list[str], cfg, device, tracker,
-                             masks_per_image: int = 2, seed: int = 0):
-    """The base teacher widened to the inpainting layout (`widen_transformer`: it starts as the base model) and
-    fine-tuned with rectified flow on the data, each image under `masks_per_image` seeded random masks.
-    `cfg`: the TeacherConfig (steps, batch size, lr... of this fine-tune). Returns the pipeline with the EMA."""
-    from ladd.pipeline import encode_images, encode_prompts
-    from ladd.teacher import train_transformer
-
-    n, _, height, width = images.shape
-    masks = record_masks("teacher", range(n * masks_per_image), seed, height, width)
-    repeated = images.repeat(masks_per_image, 1, 1, 1)
-    latents = encode_images(pipe.vae, images).cpu().repeat(masks_per_image, 1, 1, 1)
-    cond = inpaint_condition(pipe.vae, repeated, masks)
-    msl = cfg.max_sequence_length or cfg.text_max_length
-    embeds, pooled = encode_prompts(pipe, list(prompts) * masks_per_image, msl)
-    null_embeds, null_pooled = encode_prompts(pipe, [""], msl)
-    wide = widen_transformer(pipe.transformer)
-    pipe.transformer = train_transformer(wide, latents, embeds, pooled, null_embeds, null_pooled, cfg, device, tracker,
-                                         condition=cond)
-    return pipe

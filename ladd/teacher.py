@@ -19,6 +19,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from ladd.config import TeacherConfig
 from ladd.data.prepare import load_split, prompt_vocabulary
+from ladd.inpaint import inpaint_condition, record_masks, widen_transformer
 from ladd.io import atomic_dir
 from ladd.pipeline import encode_images, encode_prompts, load_pipeline, max_sequence_length, pick_device, write_meta
 from ladd.tokenizer import write_clip_tokenizer
@@ -183,8 +184,6 @@ def _inpainting_teacher(pipe, cfg: TeacherConfig, inpaint, data_dir, device, tra
     from dataclasses import replace
 
     from ladd.errors import ConfigError
-    from ladd.inpaint import finetune_inpaint_teacher
-
     c, latent = pipe.transformer.config.in_channels, pipe.vae.config.latent_channels
     if c == 2 * latent + 1:
         log.info("teacher: %s is an inpainting model already (%d input channels)", cfg.pretrained, c)
@@ -199,3 +198,22 @@ def _inpainting_teacher(pipe, cfg: TeacherConfig, inpaint, data_dir, device, tra
     tuned = replace(cfg, steps=inpaint.teacher_steps, lr=inpaint.teacher_lr)
     return finetune_inpaint_teacher(pipe.to(device), train.images, list(train.captions["prompt"]), tuned, device,
                                     tracker, inpaint.masks_per_image, inpaint.mask_seed).to("cpu")
+
+
+def finetune_inpaint_teacher(pipe, images: torch.Tensor, prompts: list[str], cfg, device, tracker,
+                             masks_per_image: int = 2, seed: int = 0):
+    """The base teacher widened to the inpainting layout (`widen_transformer`: it starts as the base model) and
+    fine-tuned with rectified flow on the data, each image under `masks_per_image` seeded random masks.
+    `cfg`: the TeacherConfig (steps, batch size, lr... of this fine-tune). Returns the pipeline with the EMA."""
+    n, _, height, width = images.shape
+    masks = record_masks("teacher", range(n * masks_per_image), seed, height, width)
+    repeated = images.repeat(masks_per_image, 1, 1, 1)
+    latents = encode_images(pipe.vae, images).cpu().repeat(masks_per_image, 1, 1, 1)
+    cond = inpaint_condition(pipe.vae, repeated, masks)
+    msl = cfg.max_sequence_length or cfg.text_max_length
+    embeds, pooled = encode_prompts(pipe, list(prompts) * masks_per_image, msl)
+    null_embeds, null_pooled = encode_prompts(pipe, [""], msl)
+    wide = widen_transformer(pipe.transformer)
+    pipe.transformer = train_transformer(wide, latents, embeds, pooled, null_embeds, null_pooled, cfg, device, tracker,
+                                         condition=cond)
+    return pipe

@@ -68,7 +68,8 @@ def test_the_fine_tuned_inpainting_teacher_uses_its_condition(tiny_teacher_dir, 
 
     from ladd.config import TeacherConfig
     from ladd.data.prepare import load_split
-    from ladd.inpaint import finetune_inpaint_teacher, inpaint_condition
+    from ladd.inpaint import inpaint_condition
+    from ladd.teacher import finetune_inpaint_teacher
     from ladd.pipeline import encode_images, encode_prompts
     from ladd.tracking import NullTracker
 
