@@ -220,6 +220,7 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
         "clip_weights": fingerprint(cfg.clip_path) if cfg.clip_path else None,
         "real_images": fingerprint(Path(data_dir) / "test" / "images.safetensors") if use_real else None,
         "teacher": fingerprint(Path(teacher_dir) / "transformer"),
+        **({"inpaint_mask_seed": inpaint.mask_seed} if masks is not None else {}),  # text-to-image protocols unchanged
     }
     metrics: dict = {"num_samples": n, "seeds": list(cfg.seeds), "features": cfg.features, "protocol": protocol}
     if use_real and world.main:
@@ -312,8 +313,13 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
     if cfg.register and gate is not None:
         def rescore(pipe_dir):  # the champion's student under this evaluation's protocol (rank 0 alone)
             meta = read_meta(pipe_dir)
-            row, _ = measure(_load(pipe_dir, prompts, device, masks, test.images[:n] if masks is not None else None), cfg.gate_steps, student_sigmas(cfg.gate_steps, meta), 0.0,
-                             meta.get("sampler", "euler"), "champion_rescored", solo=True)
+            if (meta.get("task") == "inpaint") != (masks is not None):  # inpainting and text-to-image never compare
+                kind = "an inpainting" if masks is None else "a text-to-image"
+                raise ConfigError(f"evaluate.model_name: {cfg.model_name}'s champion is {kind} student and this one is "
+                                  "not: register it under another evaluate.model_name")
+            row, _ = measure(_load(pipe_dir, prompts, device, masks, test.images[:n] if masks is not None else None),
+                             cfg.gate_steps, student_sigmas(cfg.gate_steps, meta), 0.0, meta.get("sampler", "euler"),
+                             "champion_rescored", solo=True)
             return row
 
         registered = _register(cfg, gate, gate_metric, protocol, final_dir, tracker, rescore)

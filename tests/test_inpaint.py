@@ -210,13 +210,15 @@ def test_stock_inpaint_pipeline_runs_the_student_as_ladds_sampler(inpaint_chain,
 
 
 @pytest.mark.slow
-def test_the_chain_evaluates_registers_and_exports(inpaint_chain, prepared_data, tiny_classifier_dir, monkeypatch):
+def test_the_chain_evaluates_registers_and_exports(inpaint_chain, prepared_data, tiny_classifier_dir, tiny_teacher_dir,
+                                                   tiny_student_dir, monkeypatch):
     """evaluate scores the inpainted images (FD, accuracy, error outside the mask) of the teacher and the student at
     1/2/4 steps, with a grid whose first row is the masked input, and registers the student in a real MLflow store
     as a model that inpaints (prompt, image, mask); the ONNX export (condition graph and generator) agrees with
     PyTorch and its runtime inpaints."""
     import base64
     import io
+    from dataclasses import replace
 
     import mlflow
     import pandas as pd
@@ -237,6 +239,13 @@ def test_the_chain_evaluates_registers_and_exports(inpaint_chain, prepared_data,
         assert {"fd", "accuracy", "outside_mse", "fd_teacher"} <= set(row) and 0 <= row["outside_mse"] < 1
     assert (root / "reports" / "grids" / "teacher_vs_student.png").is_file()
     assert metrics["registered"]["promoted"]
+    # a text-to-image student under the same name is never compared with the inpainting champion
+    from ladd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ladd-inpaint's champion is an inpainting student and this one is not"):
+        with stage_run("evaluate") as tracker:
+            evaluate(replace(cfg, out_dir=str(root / "t2i"), few_steps=(4,), num_samples=8, teacher_steps=2), prepared_data,
+                     tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, tracker)
     model = mlflow.pyfunc.load_model("models:/ladd-inpaint@champion")
     example = _inpaint_example(root / "student")
     out = model.predict(pd.DataFrame({"prompt": ["handwritten six"], "steps": [2], "seed": [0], **example}))
