@@ -319,7 +319,7 @@ def build_networks(cfg: DistillConfig, teacher_dir, teacher, plan: dict, world: 
 def _conditions(data, teacher_config, synthetic_dir) -> list[torch.Tensor]:
     """Each bucket's condition [n, 1 + C, h, w] for an inpainting teacher; for a text-to-image one [n, 0, h, w]
     (concatenating it is a no-op, so one code path serves both). ConfigError when data and teacher disagree."""
-    wanted = has_condition(teacher_config, teacher_config.out_channels or teacher_config.in_channels)
+    wanted = has_condition(teacher_config.in_channels, teacher_config.out_channels or teacher_config.in_channels)
     stored = [b.condition is not None for b in data.buckets]
     if any(s != wanted for s in stored):
         raise ConfigError(f"{synthetic_dir} was synthesized {'without' if wanted else 'with'} inpainting conditions, "

@@ -174,7 +174,7 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
                           "evaluate.seeds needs two or more (or gate on fd_teacher_same_noise)")
     if gate_metric == "accuracy" and not (labels >= 0).any():
         raise ConfigError(f"evaluate.gate_metric: accuracy needs labelled prompts, and {data_dir}/test has none")
-    masks = kept = None
+    masks = kept = inpainted = None  # inpainting: the test images' masks, where they keep the image, the images
     if inpaint is not None and inpaint.enabled:
         for pipe_dir in (teacher_dir, student_dir):
             check_task(pipe_dir, True)
@@ -184,11 +184,11 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
             raise ConfigError(f"evaluate.resolution: inpainting works at the test images' size "
                               f"{list(test.images.shape[-2:])}, got {list(cfg.resolution)}: leave it null")
         masks = record_masks("evaluate", range(n), inpaint.mask_seed, *test.images.shape[-2:])
-        kept = (masks < 0.5).float()
-    teacher = _load(teacher_dir, prompts, device, masks, test.images[:n] if masks is not None else None)
+        kept, inpainted = (masks < 0.5).float(), test.images[:n]
+    teacher = _load(teacher_dir, prompts, device, masks, inpainted)
     shape = latent_shape(teacher.pipe) if cfg.resolution is None else \
         bucket_latent_shapes(teacher_dir, [cfg.resolution], "evaluate.resolution")[0]
-    student = _load(student_dir, prompts, device, masks, test.images[:n] if masks is not None else None)
+    student = _load(student_dir, prompts, device, masks, inpainted)
     if cfg.raw_student:
         from diffusers import SD3Transformer2DModel
 
@@ -244,7 +244,7 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
             if reward is not None:
                 row["reward"] = float(reward(images, prompts, reward_labels).mean())
             if kept is not None:  # what had to stay: the real image outside the mask
-                error = (images.float() - test.images[:n].float() / 255).pow(2) * kept
+                error = (images.float() - inpainted.float() / 255).pow(2) * kept
                 row["outside_mse"] = float((error.sum((1, 2, 3)) / (kept.sum((1, 2, 3)) * images.shape[1])).mean())
             if reference:
                 teacher_feats[seed] = feats
@@ -317,7 +317,7 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
                 kind = "an inpainting" if masks is None else "a text-to-image"
                 raise ConfigError(f"evaluate.model_name: {cfg.model_name}'s champion is {kind} student and this one is "
                                   "not: register it under another evaluate.model_name")
-            row, _ = measure(_load(pipe_dir, prompts, device, masks, test.images[:n] if masks is not None else None),
+            row, _ = measure(_load(pipe_dir, prompts, device, masks, inpainted),
                              cfg.gate_steps, student_sigmas(cfg.gate_steps, meta), 0.0, meta.get("sampler", "euler"),
                              "champion_rescored", solo=True)
             return row

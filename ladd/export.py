@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ladd.config import ExportConfig
 from ladd.schedules import student_sigmas
 from ladd.errors import ParityError
+from ladd.inpaint import condition_of, has_condition, random_masks
 from ladd.io import atomic_dir, fingerprint, write_json
 from ladd.onnx_runtime import MANIFEST, NUM_TRAIN_TIMESTEPS, OnnxStudent, PromptTokenizer, session_feeds
 from ladd.pipeline import encode_prompts, latent_shape, load_pipeline, read_meta, vae_scaling
@@ -122,17 +123,14 @@ class InpaintGenerator(FewStepGenerator):
 
 
 class InpaintCondition(torch.nn.Module):
-    """Images in [0, 1] and pixel masks (1: to inpaint) -> the condition channels, as `ladd.inpaint` makes them."""
+    """Images in [0, 1] and pixel masks (1: to inpaint) -> the condition channels (`ladd.inpaint.condition_of`)."""
 
     def __init__(self, vae):
         super().__init__()
         self.vae = vae
-        self.scale, self.shift = vae_scaling(vae)
 
     def forward(self, images, masks):
-        masked = (images * 2 - 1) * (masks < 0.5)
-        z = (self.vae.encode(masked).latent_dist.mean - self.shift) * self.scale
-        return torch.cat([F.interpolate(masks, size=z.shape[-2:]), z], 1)
+        return condition_of(self.vae, images, masks)
 
 
 def export_graph(module, args: tuple, path: Path, inputs: list[str], outputs: list[str], opset: int,
@@ -171,7 +169,7 @@ def export_student(pipe, meta: dict, out: Path, cfg: ExportConfig, source: dict)
     tokenizers = {n: PromptTokenizer.from_manifest(out, t) for n, t in tokenizers_meta.items()}
 
     shape = latent_shape(pipe)
-    conditioned = pipe.transformer.config.in_channels != shape[0]
+    conditioned = has_condition(pipe.transformer.config.in_channels, shape[0])
     prompts = list(cfg.prompts[:2])
     ids = _text_ids(tokenizers, prompts)
     sigmas = student_sigmas(cfg.steps, meta)
@@ -227,8 +225,6 @@ def export_student(pipe, meta: dict, out: Path, cfg: ExportConfig, source: dict)
 
 def example_inpaint_inputs(pipe, n: int, seed: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """n seeded images in [0, 1] at the native size and their masks (`ladd.inpaint.random_masks`)."""
-    from ladd.inpaint import random_masks
-
     c, h, w = latent_shape(pipe)
     size = (h * pipe.vae_scale_factor, w * pipe.vae_scale_factor)
     images = torch.rand(n, pipe.vae.config.in_channels, *size, generator=torch.Generator().manual_seed(seed))
@@ -293,7 +289,7 @@ def check_export(pipe, meta: dict, onnx_dir: Path, cfg: ExportConfig) -> dict:
         }
         session = runtime.session("generator")
         feeds = session_feeds(session, noise=noise, prompt_embeds=embeds_np, pooled_projections=pooled_np, step_noise=step_noise,
-                              **({"condition": condition} if conditioned else {}))
+                              condition=condition)
 
         def run_torch():
             with torch.inference_mode():
@@ -330,7 +326,7 @@ def _check_fp16(fp16: dict, onnx_dir, cfg, threads, embeds, pooled, noise, step_
         return {"provider": None, "error": str(e)[:500]}
     session = runtime.session("generator")
     feeds = session_feeds(session, noise=noise, prompt_embeds=embeds, pooled_projections=pooled, step_noise=step_noise,
-                          **({"condition": condition} if condition is not None else {}))
+                          condition=condition)
     batch = {"latents_max_abs_error": _max_error(lat, latents), "images_max_abs_error": _max_error(img, images),
              "ort_ms": median_ms(lambda: session.run(None, feeds), cfg.latency_repeats)}
     per_batch = {**fp16.get("per_batch", {}), str(len(noise)): batch}

@@ -54,23 +54,21 @@ def record_masks(stream: str, ids, mask_seed: int, height: int, width: int) -> t
     return random_masks([(mask_seed << 36) + (MASK_STREAMS[stream] << 32) + int(i) for i in ids], height, width)
 
 
-def has_condition(transformer_config, latent_channels: int) -> bool:
+def has_condition(in_channels: int, latent_channels: int) -> bool:
     """Whether an SD3 transformer is an inpainting one: it takes the latent, mask and masked-image latent."""
-    return transformer_config.in_channels == 2 * latent_channels + 1
+    return in_channels == 2 * latent_channels + 1
 
 
 def check_task(pipe_dir, enabled: bool) -> None:
     """ConfigError unless the pipeline folder's transformer matches `inpaint.enabled` (read from its configs)."""
-    from types import SimpleNamespace
-
     from ladd.errors import ConfigError
     from ladd.pipeline import component_config
 
-    config = SimpleNamespace(**component_config(pipe_dir, "transformer"))
-    if has_condition(config, component_config(pipe_dir, "vae")["latent_channels"]) != enabled:
+    in_channels = component_config(pipe_dir, "transformer")["in_channels"]
+    if has_condition(in_channels, component_config(pipe_dir, "vae")["latent_channels"]) != enabled:
         kind = "an inpainting" if not enabled else "a text-to-image"
         raise ConfigError(f"inpaint.enabled is {str(enabled).lower()} but {pipe_dir} holds {kind} transformer "
-                          f"({config.in_channels} input channels): rerun the teacher stage (and those after it) "
+                          f"({in_channels} input channels): rerun the teacher stage (and those after it) "
                           "with this inpaint.enabled")
 
 
@@ -119,18 +117,21 @@ def widen_transformer(transformer):
     return wide
 
 
-@torch.no_grad()
-def inpaint_condition(vae, images: torch.Tensor, masks: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """uint8 images [N, C, H, W] and their pixel masks -> the condition channels [N, 1 + C_latent, h, w]: the mask at
-    latent resolution and the masked image's latent (posterior mean, SD3's shift and scale), as diffusers' pipeline
-    makes them (the hole is 0 in [-1, 1])."""
+def condition_of(vae, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] [N, C, H, W] and their pixel masks -> the condition channels [N, 1 + C_latent, h, w]: the mask
+    at latent resolution and the masked image's latent (posterior mean, SD3's shift and scale), as diffusers' pipeline
+    makes them (the hole is 0 in [-1, 1]). Traceable: the ONNX export's `inpaint_condition` graph is this."""
     from ladd.pipeline import vae_scaling
 
     scale, shift = vae_scaling(vae)
+    z = (vae.encode(masked_images(images * 2 - 1, masks)).latent_dist.mean - shift) * scale
+    return condition(latent_mask(masks, z.shape[-2:]).to(z.dtype), z)
+
+
+@torch.no_grad()
+def inpaint_condition(vae, images: torch.Tensor, masks: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """`condition_of` uint8 images, in batches on the VAE's device; float32 on the CPU."""
     param = next(vae.parameters())
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = masked_images(images[i : i + batch_size].float() / 127.5 - 1, masks[i : i + batch_size])
-        out.append(((vae.encode(x.to(param.device, param.dtype)).latent_dist.mean - shift) * scale).float().cpu())
-    z = torch.cat(out)
-    return condition(latent_mask(masks, z.shape[-2:]), z)
+    return torch.cat([condition_of(vae, (images[i : i + batch_size].float() / 255).to(param.device, param.dtype),
+                                   masks[i : i + batch_size].to(param.device, param.dtype)).float().cpu()
+                      for i in range(0, len(images), batch_size)])

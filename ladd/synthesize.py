@@ -114,10 +114,9 @@ def synthesize(cfg: SynthesizeConfig, data_dir: str | Path, teacher_dir: str | P
         close_world(world)
 
 
-def _inpainting_images(data_dir, resolutions) -> torch.Tensor:
+def _inpainting_images(images, data_dir, resolutions) -> torch.Tensor:
     """The training images the teacher inpaints, checked before any work: one bucket at their own resolution (the
     masked image fixes the size)."""
-    images = load_split(Path(data_dir) / "train").images
     if images is None:
         raise ConfigError(f"inpaint.enabled: {data_dir}/train has no images to inpaint (prompts only)")
     size = tuple(images.shape[-2:])
@@ -134,8 +133,9 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
     weights = list(cfg.resolution_weights or [1.0] * len(resolutions))
     conditioned = inpaint is not None and inpaint.enabled
     check_task(teacher_dir, conditioned)
-    images = _inpainting_images(data_dir, resolutions) if conditioned else None
-    captions = load_split(Path(data_dir) / "train").captions
+    train = load_split(Path(data_dir) / "train")
+    images = _inpainting_images(train.images, data_dir, resolutions) if conditioned else None
+    captions = train.captions
     records = synthetic_records(captions, cfg.samples_per_prompt, cfg.seed)
     records["bucket"] = assign_buckets(len(records), weights, cfg.seed)
     run = {**synthesis_settings(cfg, resolutions), "teacher": fingerprint(teacher_dir),

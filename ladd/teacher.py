@@ -19,7 +19,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from ladd.config import TeacherConfig
 from ladd.data.prepare import load_split, prompt_vocabulary
-from ladd.inpaint import inpaint_condition, record_masks, widen_transformer
+from ladd.inpaint import has_condition, inpaint_condition, record_masks, widen_transformer
 from ladd.io import atomic_dir
 from ladd.pipeline import encode_images, encode_prompts, load_pipeline, max_sequence_length, pick_device, write_meta
 from ladd.tokenizer import write_clip_tokenizer
@@ -185,7 +185,7 @@ def _inpainting_teacher(pipe, cfg: TeacherConfig, inpaint, data_dir, device, tra
 
     from ladd.errors import ConfigError
     c, latent = pipe.transformer.config.in_channels, pipe.vae.config.latent_channels
-    if c == 2 * latent + 1:
+    if has_condition(c, latent):
         log.info("teacher: %s is an inpainting model already (%d input channels)", cfg.pretrained, c)
         return pipe
     if c != latent:
