@@ -13,13 +13,9 @@ rows of the global batch (`ladd.distributed` holds the plumbing).
 from __future__ import annotations
 
 import copy
-import csv
-import io
-import itertools
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,21 +25,21 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
 from ladd.card import write_model_card
-from ladd.checkpoint import (load_checkpoint, load_sharded_checkpoint, read_checkpoint_meta, save_checkpoint,
-                             save_sharded_checkpoint)
+from ladd.checkpoint import save_checkpoint, save_sharded_checkpoint
 from ladd.config import DistillConfig
+from ladd.curve import curve_path, curve_row, read_curve, write_curve
 from ladd.errors import ConfigError
 from ladd.discriminator import Discriminator, default_feature_layers
 from ladd.distributed import (World, close_world, full_optimizer_state, full_state_dict, full_tensor, init_world,
-                              is_sharded, load_full_optimizer_state, load_full_state_dict, load_sharded_state, shard,
-                              sharded_state, unwrap, wrap_student)
+                              shard, sharded_state, unwrap, wrap_student)
 from ladd import lora
 from ladd.inpaint import has_condition
-from ladd.io import atomic_dir, atomic_file, fingerprint, write_json
+from ladd.io import atomic_dir, fingerprint, write_json
 from ladd.generate import record_noise
-from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, gan_health, heads_loss, per_row, student_loss
+from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, gan_health, heads_loss, student_loss
 from ladd.pipeline import encode_prompts, load_pipeline, load_transformer, max_sequence_length, read_meta, write_meta
 from ladd.plots import plot_curves
+from ladd.resume import resume_point_on_rank0, resume_state, sharded_checkpoint_path
 from ladd.schedules import SCHEDULER_FLAGS, few_step_times
 from ladd.data.synthetic import Bucket, check_finite, load_synthetic
 from ladd.training import update_ema
@@ -51,16 +47,6 @@ from ladd.variants import (REGRESSION_TARGETS, RENOISE_TIMES, SAMPLER_STEPS, STU
                            masked_mse, noise_to, randn)
 
 log = logging.getLogger(__name__)
-CURVE_FIELDS = ("step", "loss_d", "loss_g", "loss_adv", "loss_reg", "logits_real", "logits_fake", "grad_norm_g",
-                "skipped")
-
-
-def curve_fields(heads: int, times: int) -> list[str]:
-    """The curve CSV's columns: losses, logits per head, and the heads' loss and real - fake gap per student time."""
-    return [*CURVE_FIELDS, *(f"logits_{kind}_h{i}" for i in range(heads) for kind in ("real", "fake")),
-            *(f"{kind}_t{k}" for k in range(times) for kind in ("loss_d", "gap"))]
-
-
 def student_times(cfg: DistillConfig) -> torch.Tensor:
     """The training times, exactly as the saved student's diffusers schedule computes them."""
     return torch.tensor(few_step_times(cfg.schedule, len(cfg.student_times), cfg.student_times[-1]), dtype=torch.float32)
@@ -85,99 +71,6 @@ def _run_fingerprint(cfg: DistillConfig, teacher_dir, synthetic_dir) -> dict:
     return json.loads(json.dumps(run))  # as stored in the checkpoint (tuples become lists)
 
 
-def sharded_checkpoint_path(cfg: DistillConfig) -> Path:
-    """Where FSDP runs write their sharded checkpoint: a folder beside `distill.checkpoint`."""
-    return Path(cfg.checkpoint).with_suffix(".dcp")
-
-
-def _resume_point_on_rank0(cfg: DistillConfig, run: dict, world: World) -> Path | None:
-    """The checkpoint to resume (`_resumable`), decided by rank 0 alone (it may move files) and told to every rank:
-    the newer of `distill.checkpoint` and the sharded folder, so a run may change strategy and world size."""
-    verdict = None
-    if world.main:
-        try:
-            found = [p for p in (Path(cfg.checkpoint), sharded_checkpoint_path(cfg)) if p.exists()]
-            newest = max(found, key=lambda p: p.stat().st_mtime, default=None)
-            verdict = newest if newest is not None and _resumable(newest, cfg, run) else None
-        except ConfigError as e:
-            verdict = e
-    verdict = world.broadcast(verdict)
-    if isinstance(verdict, ConfigError):
-        raise verdict
-    return verdict
-
-
-def _resumable(path: Path, cfg: DistillConfig, run: dict) -> bool:
-    """Whether the checkpoint at `path` is this run's to resume. One written for other settings or data is not
-    (training starts over); an unreadable one is moved aside to `<name>.corrupt`; one past `distill.steps` is an
-    error (resuming it would train nothing and relabel its weights)."""
-    try:
-        saved_step, saved_run = read_checkpoint_meta(path)
-    except Exception as e:  # torn or foreign file (the writer is atomic, so not ours mid-write)
-        aside = path.with_name(path.name + ".corrupt")
-        os.replace(path, aside)
-        log.warning("distill: checkpoint %s is unreadable (%s): moved to %s, starting from step 0", path, e, aside)
-        return False
-    if saved_run != run:  # kept aside, never overwritten: it may be the only copy of a long run
-        aside = next(p for n in itertools.count(1) if not (p := path.with_name(f"{path.name}.stale-{n}")).exists())
-        os.replace(path, aside)
-        changed = ", ".join(k for k in sorted(set(run) | set(saved_run)) if run.get(k) != saved_run.get(k))
-        log.warning("distill: %s was written for other settings or data (%s): moved to %s, starting from step 0",
-                    path, changed, aside)
-        return False
-    if saved_step > cfg.steps:
-        raise ConfigError(f"distill.steps is {cfg.steps} but {path} is at step {saved_step}: raise distill.steps, or "
-                          "move the checkpoint away to train from step 0")
-    return True
-
-
-@torch.no_grad()
-def _curve_values(world: World, adversarial, heads: int, times: int, k, real_logits, fake_logits, loss_g, loss_adv,
-                  loss_reg, grad_norm_g) -> dict:
-    """One curve row, over every rank's rows: the losses, the mean real and fake logits (per head too), and per
-    student time the heads' loss and real - fake gap (NaN where no judged row had that time). Sums and counts
-    are reduced, so ranks with more judged rows weigh more."""
-    n = torch.tensor(float(len(k)))
-    if len(k):
-        real = [r.mean(1).float() for r in real_logits]
-        fake = [f.mean(1).float() for f in fake_logits]
-        row_loss = per_row(adversarial.real, real_logits).float() + per_row(adversarial.fake, fake_logits).float()
-        row_gap = torch.stack(real).mean(0) - torch.stack(fake).mean(0)
-        at = [k == j for j in range(times)]
-        sums = [row_loss.sum(), *(x.sum() for pair in zip(real, fake) for x in pair),
-                *(x for m in at for x in (row_loss[m].sum(), row_gap[m].sum(), m.sum().float()))]
-    else:
-        sums = [torch.tensor(0.0)] * (1 + 2 * heads + 3 * times)
-    sums = world.mean(torch.stack([torch.as_tensor(x, dtype=torch.float32).cpu().reshape(()) for x in [n, *sums]]))
-    plain = world.mean(torch.stack([v.detach().float().cpu().reshape(()) for v in (loss_g, loss_adv, loss_reg, grad_norm_g)]))
-    n, loss_sum, heads_sums, time_sums = sums[0], sums[1], sums[2:2 + 2 * heads], sums[2 + 2 * heads:]
-
-    def ratio(a, b):
-        return float(a / b) if b > 0 else math.nan
-
-    row = dict(zip(("loss_g", "loss_adv", "loss_reg", "grad_norm_g"), plain.tolist()))
-    row["loss_d"] = ratio(loss_sum, n)  # the heads' adversarial loss alone (R1 apart): comparable with chance
-    for i in range(heads):
-        row[f"logits_real_h{i}"], row[f"logits_fake_h{i}"] = ratio(heads_sums[2 * i], n), ratio(heads_sums[2 * i + 1], n)
-    row["logits_real"] = sum(row[f"logits_real_h{i}"] for i in range(heads)) / heads
-    row["logits_fake"] = sum(row[f"logits_fake_h{i}"] for i in range(heads)) / heads
-    for j in range(times):
-        loss_j, gap_j, n_j = time_sums[3 * j: 3 * j + 3]
-        row[f"loss_d_t{j}"], row[f"gap_t{j}"] = ratio(loss_j, n_j), ratio(gap_j, n_j)
-    return row
-
-
-def _curve_path(cfg: DistillConfig) -> Path:
-    return Path(cfg.checkpoint).with_suffix(".curve.csv")
-
-
-def _read_curve(path: Path, before_step: int) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(path.open())]
-    return [{**row, "step": int(row["step"])} for row in rows if row["step"] < before_step]  # "step" stays an int
-
-
 def trajectory_states(bucket: Bucket, stored_times: list[float], times: torch.Tensor) -> torch.Tensor:
     """A bucket's stored teacher path states at the student's times below 1, [n, len(times) - 1, C, h, w]."""
     columns = []
@@ -189,15 +82,6 @@ def trajectory_states(bucket: Bucket, stored_times: list[float], times: torch.Te
                               "times below 1 and rerun synthesize")
         columns.append(match[0])
     return bucket.trajectory[:, columns]
-
-
-def _write_curve(path: Path, rows: list[dict], heads: int, times: int) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=curve_fields(heads, times))
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_file(path) as tmp:
-        tmp.write_text(buf.getvalue())
 
 
 def save_student(teacher_dir, student_ema, student_raw, cfg: DistillConfig, meta: dict, summary: dict,
@@ -248,7 +132,7 @@ def save_run(cfg: DistillConfig, teacher_dir, trained, ema, world: World, meta: 
         save_student(teacher_dir, ema_out.to("cpu"), raw_out.to("cpu"), cfg, meta, summary, adapter, lora_suffixes)
         write_json(run_report_path(cfg), facts)
         health = summary["gan_health"]
-        curves_png = plot_curves(curve, heads, _curve_path(cfg).with_suffix(".png"), health["summary"],
+        curves_png = plot_curves(curve, heads, curve_path(cfg).with_suffix(".png"), health["summary"],
                                  health.get("chance_loss"), meta["student_times"])
         tracker.log_metrics({f"distill/health/{k}": v for k, v in health.items() if isinstance(v, (int, float))})
         tracker.set_tags({"distill.gan_health": health["status"]})
@@ -328,33 +212,6 @@ def _conditions(data, teacher_config, synthetic_dir) -> list[torch.Tensor]:
     return [b.condition if wanted else b.latents.new_zeros(len(b.latents), 0, *b.latents.shape[2:]) for b in data.buckets]
 
 
-def resume_state(path: Path, modules: dict, optimizers: dict, gen: torch.Generator, world: World) -> int:
-    """The checkpoint's step after loading its weights, optimisers and data RNG into place. A sharded folder: every
-    rank reads its own shards (resharded to this run's layout). One file under FSDP: rank 0 alone reads the
-    student, EMA and their optimiser, and scatters them."""
-    if path.is_dir():  # the student, EMA and their optimiser in shards, resharded to this run's layout
-        start, states, opt_states = load_checkpoint(path, ["disc"], ["opt_d"], {"data": gen})
-        (student, opt_g), ema = optimizers["opt_g"], modules["ema"]
-        shards = {"student": sharded_state(student), "ema": sharded_state(ema), "opt_g": sharded_state(student, opt_g)}
-        load_sharded_checkpoint(path, shards)
-        load_sharded_state(student, shards["student"])
-        load_sharded_state(ema, shards["ema"])
-        load_sharded_state(student, shards["opt_g"], opt_g)
-        load_full_state_dict(modules["disc"], states["disc"])
-        load_full_optimizer_state(modules["disc"], optimizers["opt_d"][1], opt_states["opt_d"])
-    else:
-        sharded = any(is_sharded(m) for m in modules.values())
-        start, states, opt_states = load_checkpoint(
-            path, list(modules) if world.main or not sharded else ["disc"],
-            list(optimizers) if world.main or not sharded else ["opt_d"], {"data": gen})
-        for name, module in modules.items():
-            load_full_state_dict(module, states.get(name, {}))
-        for name, (module, opt) in optimizers.items():
-            load_full_optimizer_state(module, opt, opt_states.get(name, {}))
-    log.info("distill: resuming from %s at step %d", path, start)
-    return start
-
-
 def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: World) -> dict:
     device = world.device
     if world.size > 1 and cfg.parallel == "none":
@@ -380,7 +237,7 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     check_finite(data, synthetic_dir)
     # before training: a checkpoint past distill.steps is an error; one of other settings moves aside only now,
     # once the data is known good (a failing run changes no file)
-    resume = _resume_point_on_rank0(cfg, run, world)
+    resume = resume_point_on_rank0(cfg, run, world)
     records = data.records
     trajectories = [trajectory_states(b, data.trajectory_times, times) if student_input.reads_path else None
                     for b in data.buckets]
@@ -414,9 +271,9 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
             if world.main:
                 save_checkpoint(cfg.checkpoint, step, states, opt_states, {"data": gen}, meta=run)
         if world.main:
-            _write_curve(_curve_path(cfg), curve, len(layers), len(times))
+            write_curve(curve_path(cfg), curve, len(layers), len(times))
 
-    curve = _read_curve(_curve_path(cfg), start)
+    curve = read_curve(curve_path(cfg), start)
     tracker.log_params({"distill.resolved.feature_layers": layers, "distill.resolved.student_times": times.tolist(),
                         **{f"distill.resolved.{k}": v for k, v in plan.items()}})
     n_trained = sum(p.numel() for p in trained.parameters())  # a DTensor shard counts its whole parameter
@@ -564,7 +421,7 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
         # 5. Bookkeeping: curves (per head and per student time too, over every rank's rows) through the tracker,
         #    atomic checkpoint (weights, optimisers, EMA, RNG, step) from rank 0.
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            row = {"step": step, **_curve_values(world, adversarial, len(layers), len(times), k[judged], real_logits,
+            row = {"step": step, **curve_row(world, adversarial, len(layers), len(times), k[judged], real_logits,
                                                  fake_logits, loss_g, loss_adv, loss_reg, grad_norm_g),
                    "skipped": skipped}
             curve.append(row)
