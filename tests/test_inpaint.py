@@ -330,8 +330,9 @@ def test_the_teacher_stage_refuses_odd_widths(inpaint_chain, prepared_data, tmp_
 @pytest.mark.slow
 def test_a_users_sd35_inpainting_folder_and_unlabelled_images(tmp_path):
     """A user's own 33-channel SD3.5-shaped inpainting folder (T5, dual attention) and a folder of unlabelled RGB
-    images: the teacher is taken as it is, synthesize and distill run with the condition, and stock
-    `StableDiffusion3InpaintPipeline.from_pretrained(student)` runs it with no extra argument."""
+    images: the teacher is taken as it is, synthesize and distill run with the condition, stock
+    `StableDiffusion3InpaintPipeline.from_pretrained(student)` runs it with no extra argument, evaluate scores it
+    with the user's CLIP (no labels: no accuracy) and the export inpaints in ORT."""
     from conftest import DISTILL
     from diffusers import StableDiffusion3InpaintPipeline
 
@@ -347,11 +348,11 @@ def test_a_users_sd35_inpainting_folder_and_unlabelled_images(tmp_path):
         .save_pretrained(tmp_path / "users_inpainting_model")
     rng = np.random.default_rng(0)
     (tmp_path / "images").mkdir()
-    for i in range(12):
+    for i in range(40):
         Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / "images" / f"{i}.png")
     words = ["zero", "one", "two", "three"]
     (tmp_path / "captions.csv").write_text("file,prompt\n" + "".join(f"{i}.png,a drawing of the digit {words[i % 4]}\n"
-                                                                     for i in range(12)))
+                                                                     for i in range(40)))
     data = tmp_path / "data"
     prepare(PrepareConfig(source="folder", images_dir=str(tmp_path / "images"), captions=str(tmp_path / "captions.csv"),
                           resolution=64, out_dir=str(data)))
@@ -369,6 +370,21 @@ def test_a_users_sd35_inpainting_folder_and_unlabelled_images(tmp_path):
     out = stock("a drawing of the digit zero", image=image, mask_image=mask, num_inference_steps=2, guidance_scale=0.0,
                 strength=1.0, height=64, width=64, max_sequence_length=T5_MAX_LENGTH, output_type="np").images
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+    from ladd.config import EvaluateConfig, ExportConfig
+    from ladd.evaluate import evaluate
+    from ladd.export import export_stage
+    from sd3_family import build_tiny_clip
+
+    clip = build_tiny_clip(tmp_path / "clip", image_size=64)
+    metrics = evaluate(EvaluateConfig(out_dir=str(tmp_path / "reports"), features="clip", clip_path=str(clip),
+                                      teacher_steps=2, few_steps=(1, 2), seeds=(0, 1), register=False, device="cpu"),
+                       data, None, teacher, tmp_path / "student", NullTracker(), inpaint=on)
+    assert {"fd", "fd_teacher", "clip_score", "outside_mse"} <= set(metrics["student"]["1"])
+    assert "accuracy" not in metrics["student"]["1"]
+    result = export_stage(ExportConfig(out_dir=str(tmp_path / "onnx"), report=str(tmp_path / "export.json"), steps=2,
+                                       fp16=False, batch_sizes=(2,), latency_repeats=1, register=False),
+                          tmp_path / "student", NullTracker())
+    assert result["max_abs_error"] < 1e-3
 
 
 def test_the_shipped_inpainting_params_are_params_yaml_with_the_task_switched():
