@@ -22,12 +22,12 @@ import torch
 from ladd.params import load_params
 from ladd.data.prepare import load_split
 from ladd.evaluate import summarize_seeds
-from ladd.pipeline import load_pipeline
+from ladd.pipeline import load_pipeline, max_sequence_length
 from ladd.quality import embed, load_classifier_features, score_features
 from machine import describe
 
 
-def edit(pipe, images, prompts, strength, steps, guidance, seed, batch=128):
+def edit(pipe, images, prompts, strength, steps, guidance, seed, msl, batch=128):
     from diffusers import StableDiffusion3Img2ImgPipeline
 
     img2img = StableDiffusion3Img2ImgPipeline(**pipe.components)
@@ -39,7 +39,7 @@ def edit(pipe, images, prompts, strength, steps, guidance, seed, batch=128):
         gens = [torch.Generator().manual_seed(seed * 1_000_003 + i + j) for j in range(n)]
         out.append(img2img(prompts[i : i + batch], image=images[i : i + batch], strength=strength,
                            num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                           max_sequence_length=16, output_type="pt").images.float())
+                           max_sequence_length=msl, output_type="pt").images.float())
     return torch.cat(out)
 
 
@@ -69,7 +69,7 @@ def main():
             per_seed = []
             for seed in seeds:
                 start = time.perf_counter()
-                out = edit(pipe, images, prompts, strength, steps, guidance, seed)
+                out = edit(pipe, images, prompts, strength, steps, guidance, seed, max_sequence_length(params.teacher.out_dir))
                 ms = (time.perf_counter() - start) * 1000 / len(out)
                 feats, logits = embed(classifier, out)
                 scores = score_features(feats, logits, targets, real)

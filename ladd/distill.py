@@ -42,7 +42,7 @@ from ladd.plots import plot_curves
 from ladd.resume import resume_point_on_rank0, resume_state, sharded_checkpoint_path
 from ladd.schedules import SCHEDULER_FLAGS, few_step_times
 from ladd.data.synthetic import Bucket, check_finite, load_synthetic
-from ladd.training import update_ema
+from ladd.training import adamw, update_ema
 from ladd.variants import (REGRESSION_TARGETS, RENOISE_TIMES, SAMPLER_STEPS, STUDENT_INPUTS, backward_simulate,
                            masked_mse, noise_to, randn)
 
@@ -195,8 +195,8 @@ def build_networks(cfg: DistillConfig, teacher_dir, teacher, plan: dict, world: 
     layers = list(cfg.feature_layers or default_feature_layers(teacher.config.num_layers))
     disc = Discriminator(teacher, layers, cfg.head_channels, truncate=plan["truncate_teacher"]).to(device)
     world.copy_from_rank0(disc)  # the replicated heads start equal (their init is seeded the same on every rank)
-    opt_g = torch.optim.AdamW(trained.parameters(), lr=cfg.lr_g, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.lr_d, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt_g = adamw(trained.parameters(), lr=cfg.lr_g, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt_d = adamw(disc.parameters(), lr=cfg.lr_d, betas=cfg.betas, weight_decay=cfg.weight_decay)
     return student, trained, adapter_layers, ema, disc, layers, opt_g, opt_d
 
 

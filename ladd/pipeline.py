@@ -104,10 +104,22 @@ def max_sequence_length(pipe_dir: str | Path) -> int:
     meta = read_meta(pipe_dir)
     if "max_sequence_length" in meta:
         return int(meta["max_sequence_length"])
+    lengths = []
     for name in ("tokenizer_3", "tokenizer"):
         path = Path(pipe_dir) / name / "tokenizer_config.json"
-        length = json.loads(path.read_text()).get("model_max_length", 1e30) if path.is_file() else 1e30
-        if length < 1e6:  # transformers writes a huge sentinel when a tokenizer has no limit
+        lengths.append(json.loads(path.read_text()).get("model_max_length") if path.is_file() else None)
+    return _first_limit(lengths)
+
+
+def tokenizer_sequence_length(pipe: StableDiffusion3Pipeline) -> int:
+    """`max_sequence_length`'s rule for a loaded pipeline without ladd.json: its T5 tokenizer's length, else its
+    CLIP tokenizer's, else diffusers' default."""
+    return _first_limit([getattr(pipe.tokenizer_3, "model_max_length", None), getattr(pipe.tokenizer, "model_max_length", None)])
+
+
+def _first_limit(lengths) -> int:
+    for length in lengths:
+        if length is not None and length < 1e6:  # transformers writes a huge sentinel when a tokenizer has no limit
             return int(length)
     return DEFAULT_MAX_SEQUENCE_LENGTH
 

@@ -21,9 +21,9 @@ from ladd.config import TeacherConfig
 from ladd.data.prepare import load_split, prompt_vocabulary
 from ladd.inpaint import has_condition, inpaint_condition, record_masks, widen_transformer
 from ladd.io import atomic_dir
-from ladd.pipeline import encode_images, encode_prompts, load_pipeline, max_sequence_length, pick_device, write_meta
+from ladd.pipeline import encode_images, encode_prompts, load_pipeline, pick_device, tokenizer_sequence_length, write_meta
 from ladd.tokenizer import write_clip_tokenizer
-from ladd.training import update_ema, warmup_cosine
+from ladd.training import adamw, update_ema, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,15 @@ def _text_encoder(tokenizer, hidden: int, max_length: int, seed: int) -> CLIPTex
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     return CLIPTextModelWithProjection(config).eval().requires_grad_(False)
+
+
+def t5_slot_length(cfg: TeacherConfig, pipe: StableDiffusion3Pipeline) -> int:
+    """The T5 slot's length the teacher trains and samples with: `max_sequence_length`; else the tiny teacher's 1
+    (it has no T5, so every slot position holds the same zero vector: one carries what 16 do, and 16 made every
+    transformer pass 1.5x slower); else the pipeline's own tokenizers' length."""
+    if cfg.max_sequence_length:
+        return cfg.max_sequence_length
+    return tokenizer_sequence_length(pipe) if cfg.pretrained else 1
 
 
 def build_tiny_pipeline(cfg: TeacherConfig, channels: int, resolution: int, words: list[str]) -> StableDiffusion3Pipeline:
@@ -74,7 +83,7 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg: TeacherConfig, devi
     """Reconstruction (MSE) + a small KL term; then set SD3's latent shift/scale from the data so the
     scaled latents the MMDiT sees have zero mean and unit variance."""
     vae.to(device).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    opt = adamw(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     for step in (bar := tqdm(range(cfg.vae_steps), desc="vae", mininterval=2)):
         idx = torch.randint(len(images), (cfg.vae_batch_size,), generator=gen)
@@ -106,7 +115,7 @@ def train_transformer(
     (per record, e.g. inpainting's mask and masked-image latent) is concatenated to x_t on channels. Returns the EMA."""
     transformer.to(device).train()
     ema = copy.deepcopy(transformer).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = adamw(transformer.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     latents, embeds, pooled = latents.to(device), embeds.to(device), pooled.to(device)
     condition = condition.to(device) if condition is not None else None
@@ -150,7 +159,7 @@ def pretrain_tiny_teacher(cfg: TeacherConfig, data_dir: str | Path, device, trac
     timings["vae_s"] = time.perf_counter() - start
     pipe.to(device)
     latents = encode_images(pipe.vae, train.images)
-    msl = cfg.max_sequence_length or cfg.text_max_length  # no T5: the CLIP length
+    msl = t5_slot_length(cfg, pipe)
     embeds, pooled = encode_prompts(pipe, list(train.captions["prompt"]), msl)
     null_embeds, null_pooled = encode_prompts(pipe, [""], msl)
     start = time.perf_counter()
@@ -174,7 +183,7 @@ def teacher_stage(cfg: TeacherConfig, data_dir: str | Path, device: str, tracker
         pipe = _inpainting_teacher(pipe, cfg, inpaint, data_dir, device, tracker)
     with atomic_dir(cfg.out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        msl = cfg.max_sequence_length or max_sequence_length(tmp)  # else the folder's own tokenizer length
+        msl = t5_slot_length(cfg, pipe)
         write_meta(tmp, max_sequence_length=msl, source=cfg.pretrained or "tiny")
     tracker.log_params({"teacher.resolved.source": cfg.pretrained or "tiny", "teacher.resolved.max_sequence_length": msl})
     return Path(cfg.out_dir)
@@ -210,7 +219,7 @@ def finetune_inpaint_teacher(pipe, images: torch.Tensor, prompts: list[str], cfg
     repeated = images.repeat(masks_per_image, 1, 1, 1)
     latents = encode_images(pipe.vae, images).cpu().repeat(masks_per_image, 1, 1, 1)
     cond = inpaint_condition(pipe.vae, repeated, masks)
-    msl = cfg.max_sequence_length or cfg.text_max_length
+    msl = t5_slot_length(cfg, pipe)
     embeds, pooled = encode_prompts(pipe, list(prompts) * masks_per_image, msl)
     null_embeds, null_pooled = encode_prompts(pipe, [""], msl)
     wide = widen_transformer(pipe.transformer)

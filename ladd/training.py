@@ -5,6 +5,15 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
+
+
+def adamw(params, **kwargs) -> torch.optim.AdamW:
+    """AdamW as one fused kernel over all parameters (on the CPU ~3x faster than the per-tensor loop, which
+    at the embedded default's 122 small tensors is 7% of a training step); FSDP's DTensor shards keep the
+    default implementation."""
+    params = list(params)
+    return torch.optim.AdamW(params, fused=not any(isinstance(p, DTensor) for p in params), **kwargs)
 
 
 def warmup_cosine(step: int, total: int, warmup: int = 100) -> float:

@@ -48,7 +48,7 @@ def test_features_stop_after_the_last_hooked_block(tiny_teacher_dir):
     teacher = pipe.transformer.eval().requires_grad_(False)
     ran = []
     hooks = [b.register_forward_hook(lambda *_, i=i: ran.append(i)) for i, b in enumerate(teacher.transformer_blocks)]
-    e, p = encode_prompts(pipe, ["handwritten one", "handwritten two"], 16)
+    e, p = encode_prompts(pipe, ["handwritten one", "handwritten two"], max_sequence_length(tiny_teacher_dir))
     x, t = torch.randn(2, *latent_shape(pipe)), torch.tensor([0.3, 0.8])
     disc = Discriminator(teacher, [2, 0])
     assert disc.layers == [0, 2]
@@ -75,7 +75,7 @@ def test_student_gradient_flows_through_frozen_teacher(tiny_teacher_dir):
     student = copy.deepcopy(teacher).requires_grad_(True)
     disc = Discriminator(teacher, default_feature_layers(teacher.config.num_layers))
     assert {id(p) for p in disc.parameters()}.isdisjoint(id(p) for p in teacher.parameters())
-    e, p = encode_prompts(pipe, ["handwritten one", "handwritten two"], 16)
+    e, p = encode_prompts(pipe, ["handwritten one", "handwritten two"], max_sequence_length(tiny_teacher_dir))
     x_t = torch.randn(2, *latent_shape(pipe))
     t = torch.ones(2)
     x0_hat = x_t - student(hidden_states=x_t, encoder_hidden_states=e, pooled_projections=p, timestep=t * 1000).sample

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from ladd.inpaint import check_mask, condition, latent_mask, masked_images, random_masks, widen_transformer
-from ladd.pipeline import load_pipeline
+from ladd.pipeline import load_pipeline, max_sequence_length
 from sd3_family import LATENT_CHANNELS, T5_MAX_LENGTH, build_sd35_like_teacher
 
 
@@ -81,7 +81,7 @@ def test_the_fine_tuned_inpainting_teacher_uses_its_condition(tiny_teacher_dir, 
     held = load_split(prepared_data / "test")
     x0 = encode_images(pipe.vae, held.images[:128])
     cond = inpaint_condition(pipe.vae, held.images[:128], random_masks(list(range(10_000, 10_128)), 32, 32))
-    e, p = encode_prompts(pipe, list(held.captions["prompt"][:128]), 16)
+    e, p = encode_prompts(pipe, list(held.captions["prompt"][:128]), max_sequence_length(tiny_teacher_dir))
     g = torch.Generator().manual_seed(0)
     eps, t = torch.randn(x0.shape, generator=g), torch.full((128,), 0.9)
     x_t = 0.1 * x0 + 0.9 * eps
@@ -194,14 +194,14 @@ def test_stock_inpaint_pipeline_runs_the_student_as_ladds_sampler(inpaint_chain,
     image, mask = test.images[:1], random_masks([11], 32, 32)
     prompt = test.captions["prompt"][0]
     raw = stock.vae.encode(masked_images(image.float() / 127.5 - 1, mask)).latent_dist.mean
-    e, p = encode_prompts(stock, [prompt], 16)
+    e, p = encode_prompts(stock, [prompt], meta["max_sequence_length"])
     cond = inpaint_condition(stock.vae, image, mask)
     for steps, visited in ((4, meta["student_times"]), (2, [1.0, 0.25]), (1, [1.0])):
         stock.scheduler.set_timesteps(steps)
         assert stock.scheduler.timesteps.tolist() == pytest.approx([1000 * t for t in visited], abs=1e-3)
         torch.manual_seed(0)  # diffusers' re-noising draws from the global RNG
         ref = stock(prompt, image=image.float() / 255, mask_image=mask, masked_image_latents=raw, strength=1.0,
-                    num_inference_steps=steps, guidance_scale=0.0, max_sequence_length=16, height=32, width=32,
+                    num_inference_steps=steps, guidance_scale=0.0, max_sequence_length=meta["max_sequence_length"], height=32, width=32,
                     generator=torch.Generator().manual_seed(3), output_type="latent").images
         torch.manual_seed(0)
         ours = sample_renoise(cfg_velocity(stock.transformer, e, p, condition=cond), record_noise([3], (16, 8, 8)),

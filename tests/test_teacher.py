@@ -18,10 +18,10 @@ def test_tiny_teacher_folder_is_a_diffusers_pipeline(tiny_teacher_dir):
     index = json.loads((tiny_teacher_dir / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusion3Pipeline"
     assert index["text_encoder_3"] == [None, None]
-    assert read_meta(tiny_teacher_dir) == {"max_sequence_length": 16, "source": "tiny"}
+    assert read_meta(tiny_teacher_dir) == {"max_sequence_length": 1, "source": "tiny"}
     # the documented plain diffusers call
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_teacher_dir, text_encoder_3=None, tokenizer_3=None)
-    out = pipe("a handwritten digit two", num_inference_steps=3, guidance_scale=3.0, max_sequence_length=16,
+    out = pipe("a handwritten digit two", num_inference_steps=3, guidance_scale=3.0, max_sequence_length=1,
                generator=torch.Generator().manual_seed(0))
     assert out.images[0].size == (32, 32)
 
@@ -32,8 +32,8 @@ def test_save_reload_round_trip(tiny_teacher_dir, tmp_path):
     a.save_pretrained(tmp_path / "copy")
     b = load_pipeline(tmp_path / "copy")
     prompts = ["handwritten nine", "an image of the number 1"]
-    ea, pa = encode_prompts(a, prompts, 16)
-    eb, pb = encode_prompts(b, prompts, 16)
+    ea, pa = encode_prompts(a, prompts, 1)
+    eb, pb = encode_prompts(b, prompts, 1)
     assert torch.equal(ea, eb) and torch.equal(pa, pb)
     x = initial_noise(2, latent_shape(a), torch.Generator().manual_seed(0))
     t = torch.tensor(0.7)
