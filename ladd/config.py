@@ -143,7 +143,7 @@ class DistillConfig:
     student_input: str = "trajectory"  # noised (teacher latent + fresh noise: LADD) | trajectory (teacher's path states)
     backward_share: float = 0.0  # share of t < 1 inputs made by the student's own earlier steps (DMD2)
     renoise_times: str = "logit_normal"  # discriminator times: logit_normal (LADD) | tied (t < 1: below the student's t)
-    renoise_mean: float = 0.0  # t_hat ~ LogitNormal(m, s) before the discriminator (LADD: m = 1, s = 1)
+    renoise_mean: float = -0.25  # t_hat ~ LogitNormal(m, s) before the discriminator (LADD: m = 1, s = 1)
     renoise_std: float = 1.0
     independent_renoise: bool = False  # draw t_hat separately for real and fake
     adversarial_weight: float = 1.0  # the student's adversarial loss (LADD: 1; 0: regression only)
@@ -151,8 +151,8 @@ class DistillConfig:
     regression_weight: float = 30.0  # MSE of x0_hat to regression_target on t < 1 inputs (LADD: 0)
     regression_weight_one: float = 10.0  # the same at t = 1 (with trajectory inputs: noise -> its teacher latent)
     regression_target: str = "endpoint"  # endpoint (the latent the input came from) | teacher (teacher's x0 prediction)
-    feature_layers: tuple[int, ...] | None = None  # teacher blocks for heads; None: 4 spread over the depth
-    head_channels: int = 128
+    feature_layers: tuple[int, ...] | None = (-2, -1)  # teacher blocks with a head (negative: from the top); None: 4 spread
+    head_channels: int = 64
     loss: str = "hinge"  # hinge | nonsaturating
     d_steps_per_g: int = 1
     lr_g: float = 3e-5

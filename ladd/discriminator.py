@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 from diffusers.models.embeddings import get_timestep_embedding
 
+from ladd.errors import ConfigError
+
 
 def check_latent_size(config, size) -> tuple[int, int]:
     """The token grid (H/p, W/p) of latents of `size` (H, W); ValueError when the transformer cannot take them."""
@@ -30,6 +32,17 @@ def default_feature_layers(num_layers: int, count: int = 4) -> list[int]:
     """`count` blocks spread evenly over the depth, always including the last."""
     count = min(count, num_layers)
     return sorted({round((i + 1) * num_layers / count) - 1 for i in range(count)})
+
+
+def resolve_feature_layers(setting, num_layers: int) -> list[int]:
+    """The blocks that get a head: `setting`, where a negative index counts from the top as in Python ([-2, -1]:
+    the two deepest blocks of any teacher); None: `default_feature_layers`."""
+    if setting is None:
+        return default_feature_layers(num_layers)
+    if not setting or any(not -num_layers <= i < num_layers for i in setting):
+        raise ConfigError(f"distill.feature_layers: {list(setting)} must name blocks of the teacher's {num_layers} "
+                          f"(0 to {num_layers - 1}, or -{num_layers} to -1 from the top)")
+    return [i % num_layers for i in setting]
 
 
 class DiscriminatorHead(nn.Module):
@@ -63,7 +76,8 @@ class Discriminator(nn.Module):
         self._teacher = [teacher]
         self.layers = sorted(set(layers))  # hooks fire in block order; heads follow the same order
         if not self.layers or max(self.layers) >= cfg.num_layers or min(self.layers) < 0:
-            raise ValueError(f"feature layers {self.layers} must lie in [0, {cfg.num_layers - 1}]")
+            raise ValueError(f"feature layers {self.layers} must lie in [0, {cfg.num_layers - 1}] (or count from the top: "
+                             f"[-{cfg.num_layers}, -1])")
         self.t_embed_dim = t_embed_dim
         # blocks above the deepest hooked one cannot change the features: skip them (diffusers' skip_layers)
         self.skip = list(range(max(self.layers) + 1, cfg.num_layers)) if truncate else None

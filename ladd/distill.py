@@ -29,7 +29,7 @@ from ladd.checkpoint import save_checkpoint, save_sharded_checkpoint
 from ladd.config import DistillConfig
 from ladd.curve import curve_path, curve_row, read_curve, write_curve
 from ladd.errors import ConfigError
-from ladd.discriminator import Discriminator, default_feature_layers
+from ladd.discriminator import Discriminator, resolve_feature_layers
 from ladd.distributed import (World, close_world, full_optimizer_state, full_state_dict, full_tensor, init_world,
                               shard, sharded_state, unwrap, wrap_student)
 from ladd import lora
@@ -192,7 +192,7 @@ def build_networks(cfg: DistillConfig, teacher_dir, teacher, plan: dict, world: 
         trained = student
     if sharded:
         ema = shard(ema, world)  # the EMA keeps the student's shards: its update stays local
-    layers = list(cfg.feature_layers or default_feature_layers(teacher.config.num_layers))
+    layers = resolve_feature_layers(cfg.feature_layers, teacher.config.num_layers)
     disc = Discriminator(teacher, layers, cfg.head_channels, truncate=plan["truncate_teacher"]).to(device)
     world.copy_from_rank0(disc)  # the replicated heads start equal (their init is seeded the same on every rank)
     opt_g = adamw(trained.parameters(), lr=cfg.lr_g, betas=cfg.betas, weight_decay=cfg.weight_decay)

@@ -4,7 +4,7 @@ params.yaml's section, so the paper's recipe (and every other compared one) is o
 
 _PAPER_LADD = dict(adversarial_weight=1.0, adversarial_time_weights=None, student_input="noised", backward_share=0.0,
                    renoise_times="logit_normal", renoise_mean=1.0, renoise_std=1.0, regression_weight=0.0,
-                   regression_weight_one=0.0, regression_target="endpoint")
+                   regression_weight_one=0.0, regression_target="endpoint", feature_layers=None)
 DISTILL_PRESETS: dict[str, dict] = {
     # params.yaml's recipe without its adversarial term (regression alone): what the adversarial loss buys
     "no_adversarial": {"adversarial_weight": 0.0},

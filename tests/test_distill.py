@@ -12,7 +12,7 @@ import torch
 
 from ladd.config import DISTILL_PRESETS, DistillConfig
 from ladd.errors import ConfigError
-from ladd.discriminator import Discriminator, default_feature_layers
+from ladd.discriminator import Discriminator, default_feature_layers, resolve_feature_layers
 from ladd.distill import distill
 from ladd.schedules import student_sigmas
 from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, heads_loss, per_row
@@ -39,6 +39,11 @@ def test_default_feature_layers_spread_over_depth():
     assert default_feature_layers(4) == [0, 1, 2, 3]
     assert default_feature_layers(24) == [5, 11, 17, 23]
     assert default_feature_layers(2) == [0, 1]
+    assert resolve_feature_layers(None, 24) == [5, 11, 17, 23]
+    assert resolve_feature_layers([-2, -1], 24) == [22, 23] and resolve_feature_layers([-2, 3], 4) == [2, 3]
+    for bad in ([4], [-5], []):
+        with pytest.raises(ConfigError, match=r"distill.feature_layers: .* the teacher's 4 \(0 to 3, or -4 to -1"):
+            resolve_feature_layers(bad, 4)
 
 
 def test_features_stop_after_the_last_hooked_block(tiny_teacher_dir):

@@ -11,6 +11,7 @@ import torch
 from ladd.config import DISTILL_PRESETS, DistillConfig
 from ladd.errors import ConfigError
 from ladd.distill import distill, student_times, trajectory_states
+from ladd.discriminator import resolve_feature_layers
 from ladd.generate import record_noise
 from ladd.losses import ADVERSARIAL_LOSSES, gan_health, per_row, student_loss
 from ladd.pipeline import encode_prompts, latent_shape, load_pipeline, max_sequence_length
@@ -132,7 +133,7 @@ def _curve(out: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("variant, extra, regression", [
-    (None, {}, True),  # the default: trajectory inputs, regression at every step, renoise_mean 0
+    (None, {}, True),  # the default: trajectory inputs, regression at every step, heads on the two deepest blocks
     ("ladd", {}, False),
     ("trajectory", {"regression_weight_one": 1.0}, True),
     ("backward", {"backward_share": 1.0}, False),
@@ -155,9 +156,11 @@ def test_each_variant_trains(variant, extra, regression, tiny_teacher_dir, tiny_
         assert any(r["loss_reg"] > 0 for r in curve) and all(r["loss_reg"] >= 0 for r in curve)
     else:
         assert all(r["loss_reg"] == 0 and r["loss_g"] == r["loss_adv"] for r in curve)
-    assert {"logits_real_h0", "logits_fake_h3"} <= set(curve[0])
+    # the default's heads: the two deepest blocks; the paper's presets: 4 spread over the depth
+    heads = len(resolve_feature_layers(DISTILL_PRESETS.get(variant, {}).get("feature_layers", cfg.feature_layers), 4))
+    assert {"logits_real_h0", f"logits_fake_h{heads - 1}"} <= set(curve[0])
     health = json.loads((tmp_path / "student" / "ladd_train_summary.json").read_text())["gan_health"]
-    assert health["status"] in ("ok", "partial", "chance", "d_wins") and len(health["logit_gap_per_head"]) == 4
+    assert health["status"] in ("ok", "partial", "chance", "d_wins") and len(health["logit_gap_per_head"]) == heads
     assert (tmp_path / "ck.curve.png").stat().st_size > 1000
     teacher = load_pipeline(tiny_teacher_dir).transformer
     student = load_pipeline(tmp_path / "student").transformer
