@@ -388,8 +388,8 @@ def test_a_users_sd35_inpainting_folder_and_unlabelled_images(tmp_path):
 
 
 def test_the_shipped_inpainting_params_are_params_yaml_with_the_task_switched():
-    """params.inpaint.yaml loads, and differs from params.yaml only in the task, the latent channels and the
-    distillation's length."""
+    """params.inpaint.yaml loads, and differs from params.yaml only in the task, the latent channels, the
+    distillation's length and the discriminator heads (README: Inpainting students)."""
     from dataclasses import asdict, replace
 
     from ladd.params import load_params
@@ -398,5 +398,6 @@ def test_the_shipped_inpainting_params_are_params_yaml_with_the_task_switched():
     base, inpaint = load_params(root / "params.yaml"), load_params(root / "params.inpaint.yaml")
     assert inpaint.inpaint.enabled and inpaint.teacher.latent_channels == 16
     same = replace(inpaint, inpaint=replace(inpaint.inpaint, enabled=False), teacher=replace(inpaint.teacher, latent_channels=4),
-                   distill=replace(inpaint.distill, steps=base.distill.steps))
+                   distill=replace(inpaint.distill, steps=base.distill.steps, renoise_mean=base.distill.renoise_mean,
+                                   feature_layers=base.distill.feature_layers, head_channels=base.distill.head_channels))
     assert asdict(same) == asdict(base)
