@@ -76,8 +76,7 @@ class Discriminator(nn.Module):
         self._teacher = [teacher]
         self.layers = sorted(set(layers))  # hooks fire in block order; heads follow the same order
         if not self.layers or max(self.layers) >= cfg.num_layers or min(self.layers) < 0:
-            raise ValueError(f"feature layers {self.layers} must lie in [0, {cfg.num_layers - 1}] (or count from the top: "
-                             f"[-{cfg.num_layers}, -1])")
+            raise ValueError(f"feature layers {self.layers} must lie in [0, {cfg.num_layers - 1}]")
         self.t_embed_dim = t_embed_dim
         # blocks above the deepest hooked one cannot change the features: skip them (diffusers' skip_layers)
         self.skip = list(range(max(self.layers) + 1, cfg.num_layers)) if truncate else None
