@@ -61,6 +61,7 @@ def main():
     classifier = load_classifier_features(params.classifier.out_dir)
     real = embed(classifier, images)[0]
     student, teacher = load_pipeline(params.distill.out_dir), load_pipeline(params.teacher.out_dir)
+    msl = max_sequence_length(params.teacher.out_dir)
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
     for strength in [float(s) for s in args.strengths.split(",")]:
@@ -69,7 +70,7 @@ def main():
             per_seed = []
             for seed in seeds:
                 start = time.perf_counter()
-                out = edit(pipe, images, prompts, strength, steps, guidance, seed, max_sequence_length(params.teacher.out_dir))
+                out = edit(pipe, images, prompts, strength, steps, guidance, seed, msl)
                 ms = (time.perf_counter() - start) * 1000 / len(out)
                 feats, logits = embed(classifier, out)
                 scores = score_features(feats, logits, targets, real)

@@ -21,7 +21,8 @@ from ladd.config import TeacherConfig
 from ladd.data.prepare import load_split, prompt_vocabulary
 from ladd.inpaint import has_condition, inpaint_condition, record_masks, widen_transformer
 from ladd.io import atomic_dir
-from ladd.pipeline import encode_images, encode_prompts, load_pipeline, pick_device, tokenizer_sequence_length, write_meta
+from ladd.pipeline import (encode_images, encode_prompts, load_pipeline, max_sequence_length, pick_device,
+                           tokenizer_sequence_length, write_meta)
 from ladd.tokenizer import write_clip_tokenizer
 from ladd.training import adamw, update_ema, warmup_cosine
 
@@ -41,10 +42,13 @@ def _text_encoder(tokenizer, hidden: int, max_length: int, seed: int) -> CLIPTex
 def t5_slot_length(cfg: TeacherConfig, pipe: StableDiffusion3Pipeline) -> int:
     """The T5 slot's length the teacher trains and samples with: `max_sequence_length`; else the tiny teacher's 1
     (it has no T5, so every slot position holds the same zero vector: one carries what 16 do, and 16 made every
-    transformer pass 1.5x slower); else the pipeline's own tokenizers' length."""
+    transformer pass 1.5x slower); else a local folder's own (its ladd.json first: a ladd-made teacher's slot
+    differs from its tokenizer's), or a hub pipeline's tokenizers' length."""
     if cfg.max_sequence_length:
         return cfg.max_sequence_length
-    return tokenizer_sequence_length(pipe) if cfg.pretrained else 1
+    if not cfg.pretrained:
+        return 1
+    return max_sequence_length(cfg.pretrained) if Path(cfg.pretrained).is_dir() else tokenizer_sequence_length(pipe)
 
 
 def build_tiny_pipeline(cfg: TeacherConfig, channels: int, resolution: int, words: list[str]) -> StableDiffusion3Pipeline:
