@@ -108,6 +108,7 @@ class SynthesizeConfig:
     trajectory_times: tuple[float, ...] = (0.7934400439, 0.4565599561, 0.25)  # teacher path states stored for trajectory distillation
     resolutions: tuple[tuple[int, ...], ...] | None = None  # [height, width] pixel buckets; None: the teacher's native size
     resolution_weights: tuple[float, ...] | None = None  # share of the records per bucket (None: equal)
+    storage_dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on the CPU) | float32 | bfloat16 | float16
     seed: int = 0
     device: str = "auto"
 
@@ -120,6 +121,7 @@ class SynthesizeConfig:
             if len(self.resolution_weights) != n or min(self.resolution_weights) <= 0:
                 raise ConfigError(f"synthesize.resolution_weights must be {n} positive numbers (one per resolution), "
                                   f"got {list(self.resolution_weights)}")
+        _choice("synthesize.storage_dtype", self.storage_dtype, ("auto", "float32", "bfloat16", "float16"))
         if not all(0 < t < 1 for t in self.trajectory_times):
             raise ConfigError(f"synthesize.trajectory_times must lie in (0, 1), got {list(self.trajectory_times)}")
         _positive("synthesize", steps=self.steps, samples_per_prompt=self.samples_per_prompt,
@@ -166,12 +168,12 @@ class DistillConfig:
     sampler: str = "renoise"  # few-step sampling of the student: renoise (ADD/LADD) | euler
     checkpoint_every: int = 100
     log_every: int = 10
+    prefetch: int = 4  # batches read ahead of the loop by a background thread
     # memory habits of a 2-8B teacher ("auto": on for CUDA, off on the CPU)
     gradient_checkpointing: str = "auto"  # auto | off | student | all (student and the frozen teacher's forward)
     mixed_precision: str = "auto"  # auto | no | bf16: autocast of the forward passes; student weights stay fp32
     teacher_dtype: str = "auto"  # auto | float32 | bfloat16: the frozen teacher's weights
     ema_on_cpu: bool = False  # keep the EMA copy in CPU memory (updated from the device every step)
-    release_text_encoders: bool = True  # encode the prompts once, then free the text encoders and the VAE
     truncate_teacher: bool = True  # skip the teacher's blocks above the deepest hooked one
     parallel: str = "ddp"  # none | ddp | fsdp: how the student spans launch.nproc_per_node x nnodes processes
     student: str = "full"  # full (every weight trains) | lora (peft adapters on the teacher's own weights)

@@ -28,7 +28,7 @@ from ladd.card import write_model_card
 from ladd.checkpoint import save_checkpoint, save_sharded_checkpoint
 from ladd.config import DistillConfig
 from ladd.curve import curve_path, curve_row, read_curve, write_curve
-from ladd.errors import ConfigError
+from ladd.errors import ConfigError, StaleInput
 from ladd.discriminator import Discriminator, resolve_feature_layers
 from ladd.distributed import (World, close_world, full_optimizer_state, full_state_dict, full_tensor, init_world,
                               shard, sharded_state, unwrap, wrap_student)
@@ -37,11 +37,12 @@ from ladd.inpaint import has_condition
 from ladd.io import atomic_dir, fingerprint, write_json
 from ladd.generate import record_noise
 from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, gan_health, heads_loss, student_loss
-from ladd.pipeline import encode_prompts, load_pipeline, load_transformer, max_sequence_length, read_meta, write_meta
+from ladd.pipeline import load_pipeline, load_transformer, max_sequence_length, read_meta, write_meta
 from ladd.plots import plot_curves
 from ladd.resume import resume_point_on_rank0, resume_state, sharded_checkpoint_path
 from ladd.schedules import SCHEDULER_FLAGS, few_step_times
-from ladd.data.synthetic import Bucket, check_finite, load_synthetic
+from ladd.data.batches import BucketBatches, Prefetcher
+from ladd.data.synthetic import SyntheticSet
 from ladd.training import adamw, update_ema
 from ladd.variants import (REGRESSION_TARGETS, RENOISE_TIMES, SAMPLER_STEPS, STUDENT_INPUTS, backward_simulate,
                            masked_mse, noise_to, randn)
@@ -58,21 +59,21 @@ def memory_plan(cfg: DistillConfig, device: torch.device) -> dict:
     return {"gradient_checkpointing": ("all" if cuda else "off") if cfg.gradient_checkpointing == "auto" else cfg.gradient_checkpointing,
             "mixed_precision": ("bf16" if cuda else "no") if cfg.mixed_precision == "auto" else cfg.mixed_precision,
             "teacher_dtype": ("bfloat16" if cuda else "float32") if cfg.teacher_dtype == "auto" else cfg.teacher_dtype,
-            "ema_on_cpu": cfg.ema_on_cpu, "release_text_encoders": cfg.release_text_encoders,
+            "ema_on_cpu": cfg.ema_on_cpu,
             "truncate_teacher": cfg.truncate_teacher}
 
 
 def _run_fingerprint(cfg: DistillConfig, teacher_dir, synthetic_dir) -> dict:
     """What a checkpoint must match to be resumed (training length and bookkeeping may change)."""
     skip = {"out_dir", "checkpoint", "steps", "checkpoint_every", "log_every", "device", "ema_on_cpu",
-            "release_text_encoders", "gradient_checkpointing", "truncate_teacher", "parallel"}
+            "prefetch", "gradient_checkpointing", "truncate_teacher", "parallel"}
     run = {k: v for k, v in asdict(cfg).items() if k not in skip}
     run = {**run, "teacher": fingerprint(teacher_dir), "synthetic": fingerprint(Path(synthetic_dir) / "manifest.json")}
     return json.loads(json.dumps(run))  # as stored in the checkpoint (tuples become lists)
 
 
-def trajectory_states(bucket: Bucket, stored_times: list[float], times: torch.Tensor) -> torch.Tensor:
-    """A bucket's stored teacher path states at the student's times below 1, [n, len(times) - 1, C, h, w]."""
+def trajectory_columns(stored_times: list[float], times: torch.Tensor) -> list[int]:
+    """Which of the stored teacher path states are the student's times below 1 (in order)."""
     columns = []
     for t in times[1:].tolist():
         match = [i for i, s in enumerate(stored_times) if abs(s - t) < 1e-6]
@@ -81,7 +82,29 @@ def trajectory_states(bucket: Bucket, stored_times: list[float], times: torch.Te
                               f"synthetic data holds {stored_times}: set synthesize.trajectory_times to the student's "
                               "times below 1 and rerun synthesize")
         columns.append(match[0])
-    return bucket.trajectory[:, columns]
+    return columns
+
+
+def check_synthetic(data: SyntheticSet, teacher_fingerprint: str, teacher_dir, teacher_config) -> bool:
+    """Before any work: the synthetic set was made by this teacher (its latents, and the text embeddings distill
+    reads instead of running text encoders, at the teacher's T5 length and widths), for the teacher's task.
+    Returns whether records carry an inpainting condition."""
+    made = data.manifest["run"]
+    if made["teacher"] != teacher_fingerprint:
+        raise StaleInput(f"{data.manifest_path} was synthesized by another teacher ({made['teacher']}; "
+                         f"{teacher_dir} is {teacher_fingerprint}): rerun `ladd synthesize`")
+    msl, text = max_sequence_length(teacher_dir), data.text
+    widths = (teacher_config.joint_attention_dim, teacher_config.pooled_projection_dim)
+    if text["max_sequence_length"] != msl or (text["prompt_embeds"][-1], text["pooled_prompt_embeds"][-1]) != widths:
+        raise StaleInput(f"{data.manifest_path}: its text embeddings are [{', '.join(map(str, text['prompt_embeds']))}] "
+                         f"at T5 length {text['max_sequence_length']}, the teacher's are [.., {widths[0]}] at "
+                         f"{msl} (teacher.max_sequence_length): rerun `ladd synthesize`")
+    wanted = has_condition(teacher_config.in_channels, teacher_config.out_channels or teacher_config.in_channels)
+    if ("condition" in data.manifest["record_tensors"]) != wanted:
+        raise ConfigError(f"{data.out} was synthesized {'without' if wanted else 'with'} inpainting conditions, "
+                          f"and the teacher {'is' if wanted else 'is not'} an inpainting model: rerun `ladd synthesize` "
+                          "with this inpaint.enabled")
+    return wanted
 
 
 def save_student(teacher_dir, student_ema, student_raw, cfg: DistillConfig, meta: dict, summary: dict,
@@ -150,23 +173,6 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
         close_world(world)
 
 
-def encode_training_prompts(teacher_dir, teacher, records, release: bool) -> tuple:
-    """Every distinct prompt encoded once with the teacher's text encoders (records index into them). With
-    `release` the encoders (T5-XXL alone is ~9.5 GB) go before the student is loaded; the VAE never loads.
-    Returns (embeds, pooled, prompt index per record, max sequence length, the pipeline while kept)."""
-    device = next(teacher.parameters()).device
-    pipe = load_pipeline(teacher_dir, device, teacher.dtype, transformer=teacher, vae=None)
-    msl = max_sequence_length(teacher_dir)
-    prompts = list(dict.fromkeys(records["prompt"]))
-    embeds, pooled = (e.float() for e in encode_prompts(pipe, prompts, msl))
-    if release:
-        pipe = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    prompt_index = torch.tensor(records["prompt"].map({p: i for i, p in enumerate(prompts)}).to_numpy())
-    return embeds, pooled, prompt_index, msl, pipe
-
-
 def build_networks(cfg: DistillConfig, teacher_dir, teacher, plan: dict, world: World, lora_suffixes) -> tuple:
     """The student, wrapped for DDP or FSDP, and what of it trains: a copy of the teacher with fp32 master weights
     (all of them train), or with `student: lora` the teacher's own module with adapters (only they train; their
@@ -200,18 +206,6 @@ def build_networks(cfg: DistillConfig, teacher_dir, teacher, plan: dict, world: 
     return student, trained, adapter_layers, ema, disc, layers, opt_g, opt_d
 
 
-def _conditions(data, teacher_config, synthetic_dir) -> list[torch.Tensor]:
-    """Each bucket's condition [n, 1 + C, h, w] for an inpainting teacher; for a text-to-image one [n, 0, h, w]
-    (concatenating it is a no-op, so one code path serves both). ConfigError when data and teacher disagree."""
-    wanted = has_condition(teacher_config.in_channels, teacher_config.out_channels or teacher_config.in_channels)
-    stored = [b.condition is not None for b in data.buckets]
-    if any(s != wanted for s in stored):
-        raise ConfigError(f"{synthetic_dir} was synthesized {'without' if wanted else 'with'} inpainting conditions, "
-                          f"and the teacher {'is' if wanted else 'is not'} an inpainting model: rerun `ladd synthesize` "
-                          "with this inpaint.enabled")
-    return [b.condition if wanted else b.latents.new_zeros(len(b.latents), 0, *b.latents.shape[2:]) for b in data.buckets]
-
-
 def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: World) -> dict:
     device = world.device
     if world.size > 1 and cfg.parallel == "none":
@@ -233,22 +227,18 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     # a LoRA target that matches no layer fails here, on the teacher's config alone
     lora_suffixes = lora.check_targets(teacher_dir, cfg.lora_targets) if cfg.student == "lora" else None
     run = _run_fingerprint(cfg, teacher_dir, synthetic_dir)
-    data = load_synthetic(synthetic_dir)
-    check_finite(data, synthetic_dir)
+    data = SyntheticSet(synthetic_dir)  # the manifest and a few records columns; every shard stat-ed, none read
+    reads_path = student_input.reads_path
+    columns = trajectory_columns(data.trajectory_times, times) if reads_path else None
+    teacher_dtype = getattr(torch, plan["teacher_dtype"])
+    teacher = load_transformer(teacher_dir, device, teacher_dtype).eval().requires_grad_(False)
+    inpainting = check_synthetic(data, run["teacher"], teacher_dir, teacher.config)
     # before training: a checkpoint past distill.steps is an error; one of other settings moves aside only now,
     # once the data is known good (a failing run changes no file)
     resume = resume_point_on_rank0(cfg, run, world)
-    records = data.records
-    trajectories = [trajectory_states(b, data.trajectory_times, times) if student_input.reads_path else None
-                    for b in data.buckets]
-    bucket_sizes = torch.tensor([len(b.records) for b in data.buckets], dtype=torch.float64)
-    record_seeds = records["seed"].to_numpy()
-    teacher_dtype = getattr(torch, plan["teacher_dtype"])
-    teacher = load_transformer(teacher_dir, device, teacher_dtype).eval().requires_grad_(False)
-    conditions = _conditions(data, teacher.config, synthetic_dir)
-    # text_pipe holds the text encoders to the end unless released (then None)
-    embeds, pooled, prompt_index, msl, text_pipe = encode_training_prompts(teacher_dir, teacher, records,
-                                                                           plan["release_text_encoders"])
+    batches = BucketBatches([b.records for b in data.buckets], cfg.batch_size, cfg.seed)
+    # the rows of each global batch this rank reads: its own, or all where it simulates the whole batch's inputs
+    loaded = slice(0, cfg.batch_size) if world.size > 1 and cfg.backward_share > 0 else mine
     student, trained, adapter_layers, ema, disc, layers, opt_g, opt_d = build_networks(cfg, teacher_dir, teacher, plan,
                                                                                        world, lora_suffixes)
     adversarial = ADVERSARIAL_LOSSES[cfg.loss]
@@ -277,8 +267,8 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     tracker.log_params({"distill.resolved.feature_layers": layers, "distill.resolved.student_times": times.tolist(),
                         **{f"distill.resolved.{k}": v for k, v in plan.items()}})
     n_trained = sum(p.numel() for p in trained.parameters())  # a DTensor shard counts its whole parameter
-    log.info("distill: %d records in %d resolution buckets %s; memory: %s; %s student, %.3g M trained parameters",
-             len(records), len(data.buckets), [list(b.resolution) for b in data.buckets], plan, cfg.student, n_trained / 1e6)
+    log.info("distill: %d records in %d resolution buckets %s, read from %s as it trains; memory: %s; %s student, "
+             "%.3g M trained parameters", len(data), len(data.buckets), synthetic_dir, [list(b.resolution) for b in data.buckets], plan, cfg.student, n_trained / 1e6)
     log.info("distill: %s inputs, backward share %.2f, %s re-noising, regression %s x%g (t = 1: x%g)%s",
              cfg.student_input, cfg.backward_share, cfg.renoise_times, cfg.regression_target, cfg.regression_weight,
              cfg.regression_weight_one, f", preset {cfg.preset}" if cfg.preset else "")
@@ -296,28 +286,40 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
                     pooled_projections=p.to(teacher_dtype), timestep=t * 1000).sample
         return x_t - t.view(-1, 1, 1, 1) * v.float()
 
+    def read_batch(position: int) -> dict:
+        """The global batch at `position` (BucketBatches), this rank's `loaded` rows of it, read from the shards
+        (in the prefetch thread)."""
+        _, records = batches[position]
+        batch = data.read(records[loaded], trajectory=reads_path)
+        if reads_path:
+            batch["trajectory"] = batch["trajectory"][:, columns]
+        return {k: v.pin_memory() for k, v in batch.items()} if device.type == "cuda" else batch
+
     def student_batch(probs):
         """Phases 1-2 for the global batch, then this rank's rows of it: teacher latents x0 of one resolution
-        bucket (drawn by its share of the records) with their prompts (LADD's "real" data), student step
-        indices k from the (warm-up) probabilities, t = times[k], and the student's input x_t there
-        (`student_input`); a `backward_share` of the t < 1 rows instead get the current student's own earlier
-        steps (simulated for the global batch on every rank, so every rank runs the student equally often)."""
-        b = int(torch.multinomial(bucket_sizes, 1, generator=gen)) if len(data.buckets) > 1 else 0
-        bucket, trajectory = data.buckets[b], trajectories[b]
-        idx = torch.randint(len(bucket.records), (cfg.batch_size,), generator=gen)
-        rec = bucket.records[idx]
-        x0, c, p = bucket.latents[idx].to(device), embeds[prompt_index[rec]], pooled[prompt_index[rec]]
-        m = conditions[b][idx].to(device)
+        bucket with their prompts' stored embeddings (LADD's "real" data), student step indices k from the
+        (warm-up) probabilities, t = times[k], and the student's input x_t there (`student_input`); a
+        `backward_share` of the t < 1 rows instead get the current student's own earlier steps (simulated for the
+        global batch on every rank, so every rank runs the student equally often)."""
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
+        x0, c, p = batch["latents"], batch["prompt_embeds"], batch["pooled_prompt_embeds"]
+        m = batch["condition"] if inpainting else x0.new_zeros(len(x0), 0, *x0.shape[2:])
+        own = slice(mine.start - loaded.start, mine.stop - loaded.start)  # this rank's rows among those read
         k = torch.multinomial(probs, cfg.batch_size, replacement=True, generator=gen)
         t = times[k].to(device)
-        start_noise = record_noise(record_seeds[rec.numpy()].tolist(), x0.shape[1:]).to(device) if trajectory is not None else None
-        x_t = student_input.make(x0, t, k.to(device), start_noise, trajectory[idx].to(device) if trajectory is not None else None, gen)
+        start_noise = record_noise(batch["seed"][own].tolist(), x0.shape[1:]).to(device) if reads_path else None
+        eps = noise(x0) if student_input.fresh_noise else None
+        x_t = student_input.make(x0[own], t[mine], k[mine].to(device), start_noise,
+                                 batch["trajectory"][own] if reads_path else None, eps)
         simulated = (k > 0) & (torch.rand(cfg.batch_size, generator=gen) < cfg.backward_share)
-        if simulated.any():
+        if simulated.any():  # `loaded` holds every simulated row (all rows wherever this runs on several ranks)
+            rows = torch.nonzero(simulated).flatten().to(device) - loaded.start
             with autocast:
-                x_t[simulated] = backward_simulate(student_x0, k[simulated], times.to(device), c[simulated], p[simulated],
-                                                   x0[simulated], sampler_step, gen, m[simulated])
-        return x0[mine], c[mine], p[mine], m[mine], t, x_t[mine], simulated.to(device)[mine], k.to(device)[mine]
+                x_sim = backward_simulate(student_x0, k[simulated], times.to(device), c[rows], p[rows], x0[rows],
+                                          sampler_step, gen, m[rows])
+            keep = (rows >= own.start) & (rows < own.stop)
+            x_t[rows[keep] - own.start] = x_sim[keep]
+        return x0[own], c[own], p[own], m[own], t, x_t, simulated.to(device)[mine], k.to(device)[mine]
 
     def noise(like):
         """Noise for the global batch from the shared stream; this rank's rows of it."""
@@ -343,94 +345,101 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
         return disc.features(noise_to(x[rows], t_hat[rows], eps[rows]), t_hat[rows], c[rows], p[rows], m[rows])
 
     skipped, step_times = 0, []
-    for step in (bar := tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="distill", mininterval=2,
-                             disable=not world.main)):
-        tick = time.perf_counter()
-        # 1-2. A batch of teacher latents and prompts; student times from the warm-up schedule, then the
-        #      biased one; the student's input at those times.
-        probs = torch.tensor(cfg.warmup_probs if step < cfg.warmup_steps else cfg.probs)
-        x0, c, p, m, t_all, x_t, simulated, k = student_batch(probs)
-        t = t_all[mine]
-        # 3. Student update: x0_hat = x_t - t v, re-noised to t_hat and judged by the heads on the frozen
-        #    teacher's features (the rows whose time has an adversarial weight); the gradient flows through the
-        #    teacher's forward pass into x0_hat. Plus the optional regression term.
-        disc.requires_grad_(False)
-        t_fake = renoise_time(t_all, cfg.renoise_mean, cfg.renoise_std, gen)[mine]
-        eps_fake = noise(x0)
-        weight = adversarial_weights[k]
-        judged = weight > 0
-        fake_features = None
-        with autocast:
-            x0_hat = student_x0(x_t, t, c, p, m)
-            loss_reg = regression_loss(x0_hat, x0, x_t, t, c, p, m, simulated)
-            loss_adv = x0_hat.sum() * 0
-            if judged.any():
-                fake_features = judged_features(x0_hat, t_fake, eps_fake, judged, c, p, m)
-                loss_adv = student_loss(adversarial, disc.heads_logits(fake_features, t_fake[judged], p[judged]),
-                                        weight[judged], len(weight))
-            loss_g = loss_adv + loss_reg
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()  # DDP / FSDP average the student's gradient over the ranks here
-        grad_norm_g = full_tensor(torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip))
-        if torch.isfinite(grad_norm_g):
-            opt_g.step()
-            update_ema(ema, unwrap(trained), cfg.ema_decay)
-        else:
-            skipped += 1
-        # 4. Discriminator update(s): real = teacher latents, fake = x0_hat, both re-noised (same t_hat
-        #    unless independent_renoise); teacher features need no graph, only the heads train. The first
-        #    D step reuses the G step's fake features, detached: the same x0_hat and t_hat it would draw,
-        #    one teacher forward fewer per step.
-        disc.requires_grad_(True)
-        for d_step in range(cfg.d_steps_per_g):
-            if d_step == 0:
-                fake_features, t_fk = fake_features and [f.detach() for f in fake_features], t_fake
-            else:  # extra D steps see a fresh batch and fresh student samples
-                x0, c, p, m, t_all, x_t, _, k = student_batch(probs)
-                judged = adversarial_weights[k] > 0
-                t_fk = renoise_time(t_all, cfg.renoise_mean, cfg.renoise_std, gen)[mine]
-                eps_fake = noise(x0)
-                with torch.no_grad(), autocast:
-                    x0_hat = student_x0(x_t, t_all[mine], c, p, m)
-                    fake_features = judged_features(x0_hat, t_fk, eps_fake, judged, c, p, m) if judged.any() else None
-            t_real = renoise_time(t_all, cfg.renoise_mean, cfg.renoise_std, gen)[mine] if cfg.independent_renoise else t_fk
-            eps_real = noise(x0)
-            real_logits = fake_logits = []
-            if fake_features:
-                with autocast:
-                    with torch.no_grad():
-                        real_features = judged_features(x0, t_real, eps_real, judged, c, p, m)
-                    real_logits = disc.heads_logits(real_features, t_real[judged], p[judged])
-                    fake_logits = disc.heads_logits(fake_features, t_fk[judged], p[judged])
-                    loss_d = heads_loss(adversarial, real_logits, fake_logits)
-                    if cfg.r1_weight > 0:
-                        with torch.no_grad():
-                            noisy = noise_to(x0, t_real, eps_real)[judged] + cfg.r1_sigma * noise(x0)[judged]
-                            feats_p = disc.features(noisy, t_real[judged], c[judged], p[judged], m[judged])
-                        loss_d = loss_d + cfg.r1_weight * approx_r1(real_logits, disc.heads_logits(feats_p, t_real[judged], p[judged]))
-                opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
-            else:  # no judged row on this rank: zero gradients, so the ranks' heads stay equal
-                opt_d.zero_grad(set_to_none=True)
-            world.average_gradients(disc.parameters())  # the heads are replicated on every rank
-            if torch.isfinite(torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)):
-                opt_d.step()
+    # batches are read ahead in a thread; each step takes d_steps_per_g of them, so a resumed run reads on from the
+    # position its step implies (BucketBatches is a pure function of it)
+    stream = Prefetcher(read_batch, start * cfg.d_steps_per_g, cfg.prefetch)
+    try:
+        for step in (bar := tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="distill", mininterval=2,
+                                 disable=not world.main)):
+            tick = time.perf_counter()
+            # 1-2. A batch of teacher latents and prompts; student times from the warm-up schedule, then the
+            #      biased one; the student's input at those times.
+            probs = torch.tensor(cfg.warmup_probs if step < cfg.warmup_steps else cfg.probs)
+            x0, c, p, m, t_all, x_t, simulated, k = student_batch(probs)
+            t = t_all[mine]
+            # 3. Student update: x0_hat = x_t - t v, re-noised to t_hat and judged by the heads on the frozen
+            #    teacher's features (the rows whose time has an adversarial weight); the gradient flows through the
+            #    teacher's forward pass into x0_hat. Plus the optional regression term.
+            disc.requires_grad_(False)
+            t_fake = renoise_time(t_all, cfg.renoise_mean, cfg.renoise_std, gen)[mine]
+            eps_fake = noise(x0)
+            weight = adversarial_weights[k]
+            judged = weight > 0
+            fake_features = None
+            with autocast:
+                x0_hat = student_x0(x_t, t, c, p, m)
+                loss_reg = regression_loss(x0_hat, x0, x_t, t, c, p, m, simulated)
+                loss_adv = x0_hat.sum() * 0
+                if judged.any():
+                    fake_features = judged_features(x0_hat, t_fake, eps_fake, judged, c, p, m)
+                    loss_adv = student_loss(adversarial, disc.heads_logits(fake_features, t_fake[judged], p[judged]),
+                                            weight[judged], len(weight))
+                loss_g = loss_adv + loss_reg
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()  # DDP / FSDP average the student's gradient over the ranks here
+            grad_norm_g = full_tensor(torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip))
+            if torch.isfinite(grad_norm_g):
+                opt_g.step()
+                update_ema(ema, unwrap(trained), cfg.ema_decay)
             else:
                 skipped += 1
-        step_times.append(time.perf_counter() - tick)
-        # 5. Bookkeeping: curves (per head and per student time too, over every rank's rows) through the tracker,
-        #    atomic checkpoint (weights, optimisers, EMA, RNG, step) from rank 0.
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            row = {"step": step, **curve_row(world, adversarial, len(layers), len(times), k[judged], real_logits,
-                                                 fake_logits, loss_g, loss_adv, loss_reg, grad_norm_g),
-                   "skipped": skipped}
-            curve.append(row)
-            tracker.log_metrics({f"distill/{name}": v for name, v in row.items() if name != "step" and math.isfinite(v)},
-                                step=step)
-            bar.set_postfix(d=f"{row['loss_d']:.3f}", g=f"{row['loss_adv']:.3f}", real=f"{row['logits_real']:.2f}",
-                            fake=f"{row['logits_fake']:.2f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
-            save_state(step + 1)
+            # 4. Discriminator update(s): real = teacher latents, fake = x0_hat, both re-noised (same t_hat
+            #    unless independent_renoise); teacher features need no graph, only the heads train. The first
+            #    D step reuses the G step's fake features, detached: the same x0_hat and t_hat it would draw,
+            #    one teacher forward fewer per step.
+            disc.requires_grad_(True)
+            for d_step in range(cfg.d_steps_per_g):
+                if d_step == 0:
+                    fake_features, t_fk = fake_features and [f.detach() for f in fake_features], t_fake
+                else:  # extra D steps see a fresh batch and fresh student samples
+                    x0, c, p, m, t_all, x_t, _, k = student_batch(probs)
+                    judged = adversarial_weights[k] > 0
+                    t_fk = renoise_time(t_all, cfg.renoise_mean, cfg.renoise_std, gen)[mine]
+                    eps_fake = noise(x0)
+                    with torch.no_grad(), autocast:
+                        x0_hat = student_x0(x_t, t_all[mine], c, p, m)
+                        fake_features = judged_features(x0_hat, t_fk, eps_fake, judged, c, p, m) if judged.any() else None
+                t_real = renoise_time(t_all, cfg.renoise_mean, cfg.renoise_std, gen)[mine] if cfg.independent_renoise else t_fk
+                eps_real = noise(x0)
+                real_logits = fake_logits = []
+                if fake_features:
+                    with autocast:
+                        with torch.no_grad():
+                            real_features = judged_features(x0, t_real, eps_real, judged, c, p, m)
+                        real_logits = disc.heads_logits(real_features, t_real[judged], p[judged])
+                        fake_logits = disc.heads_logits(fake_features, t_fk[judged], p[judged])
+                        loss_d = heads_loss(adversarial, real_logits, fake_logits)
+                        if cfg.r1_weight > 0:
+                            with torch.no_grad():
+                                noisy = noise_to(x0, t_real, eps_real)[judged] + cfg.r1_sigma * noise(x0)[judged]
+                                feats_p = disc.features(noisy, t_real[judged], c[judged], p[judged], m[judged])
+                            loss_d = loss_d + cfg.r1_weight * approx_r1(real_logits, disc.heads_logits(feats_p, t_real[judged], p[judged]))
+                    opt_d.zero_grad(set_to_none=True)
+                    loss_d.backward()
+                else:  # no judged row on this rank: zero gradients, so the ranks' heads stay equal
+                    opt_d.zero_grad(set_to_none=True)
+                world.average_gradients(disc.parameters())  # the heads are replicated on every rank
+                if torch.isfinite(torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)):
+                    opt_d.step()
+                else:
+                    skipped += 1
+            step_times.append(time.perf_counter() - tick)
+            # 5. Bookkeeping: curves (per head and per student time too, over every rank's rows) through the tracker,
+            #    atomic checkpoint (weights, optimisers, EMA, RNG, step) from rank 0.
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                row = {"step": step, **curve_row(world, adversarial, len(layers), len(times), k[judged], real_logits,
+                                                     fake_logits, loss_g, loss_adv, loss_reg, grad_norm_g),
+                       "skipped": skipped}
+                curve.append(row)
+                tracker.log_metrics({f"distill/{name}": v for name, v in row.items() if name != "step" and math.isfinite(v)},
+                                    step=step)
+                bar.set_postfix(d=f"{row['loss_d']:.3f}", g=f"{row['loss_adv']:.3f}", real=f"{row['logits_real']:.2f}",
+                                fake=f"{row['logits_fake']:.2f}")
+            if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
+                save_state(step + 1)
+    finally:  # the reader thread and the open shards go with the loop, however it ends
+        stream.close()
+        data.close()
 
     # 6. GAN health over the last quarter of training; what the weights are (versioned with the student) apart
     #    from how this run went (timings, device, resume: a cache-free report beside the checkpoint).
@@ -448,10 +457,10 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
         if not sharded:
             world.check_replicas(unwrap(student))
         facts["replicas"] = f"{'student and heads' if not sharded else 'heads'} identical on {world.size} ranks"
-    meta = {"max_sequence_length": msl, "source": "ladd-student", "teacher": run["teacher"],
+    meta = {"max_sequence_length": data.text["max_sequence_length"], "source": "ladd-student", "teacher": run["teacher"],
             "base_model": read_meta(teacher_dir).get("source", str(teacher_dir)),
             "student_times": times.tolist(), "schedule": cfg.schedule, "sampler": cfg.sampler, "default_steps": len(times),
-            "task": "inpaint" if conditions[0].shape[1] else "text2image"}
+            "task": "inpaint" if inpainting else "text2image"}
     if cfg.student == "lora":
         meta["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank, "target_modules": lora_suffixes,
                         "parameters": n_trained}

@@ -4,8 +4,16 @@ trains on teacher samples only), written as sharded safetensors plus a manifest.
     <out>/shard-00000.safetensors  latents [n, C, h, w], record [n], trajectory [n, K, C, h, w], condition
                                    [n, 1 + C, h, w] (inpainting); metadata: run fingerprint; every shard holds one
                                    resolution bucket
-    <out>/records.parquet          id, prompt, label, sample, seed, bucket, shard, row (inpainting: image)
-    <out>/manifest.json            run settings and fingerprints, buckets, shard_files, shard_buckets
+    <out>/embeds-00000.safetensors prompt_embeds [m, L, D], pooled_prompt_embeds [m, P]: the teacher's text
+                                   embeddings of `shard_size` distinct prompts in first-seen order, computed once; the
+                                   teacher samples from these rows and distill reads them, so it needs no text encoder
+    <out>/records.parquet          id, prompt, label, sample, seed, bucket, shard, row, prompt_index, a CRC-32 per
+                                   stored row (crc_latents, crc_trajectory, ..., crc_prompt_embeds) (inpainting: image)
+    <out>/manifest.json            run settings and fingerprints, buckets, shard and embedding files with their
+                                   sha256 and byte sizes, the text embeddings' shapes and T5 length
+
+Floating-point tensors are stored as `storage_dtype` (auto: bfloat16 when the teacher runs on CUDA, whose
+distill computes in bf16 anyway; float32 on the CPU): bf16 halves the disk and the reads.
 
 Multi-aspect training (SD3-Turbo trains this way): each record is assigned to one of
 `resolutions` by a weighted draw from the seed, the same for a record whatever the data set's size.
@@ -38,12 +46,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ladd.config import InpaintConfig, SynthesizeConfig
 from ladd.errors import ConfigError
 from ladd.data.prepare import load_split
-from ladd.data.synthetic import bucket_resolutions, shard_fingerprint, shard_sha256, synthesis_settings
+from ladd.data.synthetic import (PROMPT_TENSORS, RECORD_TENSORS, STORAGE_DTYPES, ShardFile, bucket_resolutions,
+                                 file_sha256, row_checksums, shard_fingerprint, synthesis_settings)
 from ladd.generate import generate_latents, record_noise
 from ladd.inpaint import check_task, inpaint_condition, record_masks
 from ladd.io import atomic_file, fingerprint, replace_dir, restore_interrupted_swap, save_tensors, write_json
@@ -93,7 +103,7 @@ def _stage_dir(out: Path, run: dict, run_fp: str) -> Path:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     write_json(run_file, run)
-    for shard in sorted(out.glob("shard-*.safetensors")):
+    for shard in sorted([*out.glob("shard-*.safetensors"), *out.glob("embeds-*.safetensors")]):
         target = work / shard.name
         if not target.exists() and shard_fingerprint(shard) == run_fp:
             try:
@@ -126,6 +136,29 @@ def _inpainting_images(images, data_dir, resolutions) -> torch.Tensor:
     return images
 
 
+def storage_dtype(name: str, device: torch.device) -> torch.dtype:
+    """synthesize.storage_dtype resolved: auto is bfloat16 on CUDA (distill's bf16 autocast reads no more than that)
+    and float32 on the CPU (where distill computes in fp32)."""
+    return STORAGE_DTYPES[("bfloat16" if device.type == "cuda" else "float32") if name == "auto" else name]
+
+
+def read_prompt_rows(work: Path, prompt_index: np.ndarray, per_shard: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_embeds, pooled) of these prompts, read from the embedding shards (the rows the teacher samples from
+    and distill reads: one source of truth for both)."""
+    parts: dict[str, list] = {n: [] for n in PROMPT_TENSORS}
+    files, rows = prompt_index // per_shard, prompt_index % per_shard
+    order = []
+    for f in np.unique(files):
+        picked = np.flatnonzero(files == f)
+        shard = ShardFile(work / f"embeds-{f:05d}.safetensors")
+        for name in PROMPT_TENSORS:
+            parts[name].append(shard.read_rows(name, rows[picked])[0])
+        shard.close()
+        order.append(picked)
+    back = torch.from_numpy(np.argsort(np.concatenate(order)))
+    return tuple(torch.cat(parts[n])[back] for n in PROMPT_TENSORS)
+
+
 def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, world, inpaint=None) -> dict:
     out, device = Path(cfg.out_dir), world.device
     resolutions = bucket_resolutions(cfg, teacher_dir)
@@ -138,33 +171,51 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
     captions = train.captions
     records = synthetic_records(captions, cfg.samples_per_prompt, cfg.seed)
     records["bucket"] = assign_buckets(len(records), weights, cfg.seed)
-    run = {**synthesis_settings(cfg, resolutions), "teacher": fingerprint(teacher_dir),
-           "prompts": fingerprint(Path(data_dir) / "train" / "captions.parquet")}
+    codes, prompts = pd.factorize(records["prompt"])  # distinct prompts in first-seen order
+    records["prompt_index"] = codes.astype(np.int64)
+    dtype = storage_dtype(cfg.storage_dtype, device)
+    run = {**synthesis_settings(cfg, resolutions), "storage_dtype": str(dtype).removeprefix("torch."),
+           "teacher": fingerprint(teacher_dir), "prompts": fingerprint(Path(data_dir) / "train" / "captions.parquet")}
     if images is not None:
         records["image"] = np.repeat(np.arange(len(captions)), cfg.samples_per_prompt)
         run["inpaint"] = {"mask_seed": inpaint.mask_seed, "images": fingerprint(Path(data_dir) / "train" / "images.safetensors")}
     run_fp = json.dumps(run, sort_keys=True)
     shards = plan_shards(records["bucket"].to_numpy(), cfg.shard_size)
+    embed_shards = [(k, np.arange(s, min(s + cfg.shard_size, len(prompts)))) for k, s in
+                    enumerate(range(0, len(prompts), cfg.shard_size))]
     work = out.with_name(out.name + ".next")
     missing = None
     if world.main:  # rank 0 stages the folder and lists the missing shards, before any rank writes one
         _stage_dir(out, run, run_fp)
-        missing = [k for k, _, _ in shards if shard_fingerprint(work / f"shard-{k:05d}.safetensors") != run_fp]
+        missing = [f"embeds-{k:05d}" for k, _ in embed_shards
+                   if shard_fingerprint(work / f"embeds-{k:05d}.safetensors") != run_fp]
+        missing += [f"shard-{k:05d}" for k, _, _ in shards if shard_fingerprint(work / f"shard-{k:05d}.safetensors") != run_fp]
     missing = set(world.broadcast(missing))
-    todo = [(k, b, rows) for k, b, rows in shards if k in missing]
+    todo = [(k, b, rows) for k, b, rows in shards if f"shard-{k:05d}" in missing]
+    embeds_todo = [(k, rows) for k, rows in embed_shards if f"embeds-{k:05d}" in missing]
 
     pipe = load_pipeline(teacher_dir, device)
     msl = max_sequence_length(teacher_dir)
     null_e, null_p = encode_prompts(pipe, [""], msl)
     sigmas = flow_sigmas(cfg.steps, pipe.scheduler.config.shift)
-    log.info("synthesize: %d records in %d shards over %d resolution buckets %s, %d shards to generate (%d steps, "
-             "CFG %.1f) on %d processes", len(records), len(shards), len(resolutions), resolutions, len(todo), cfg.steps,
-             cfg.guidance, world.size)
+    log.info("synthesize: %d records of %d prompts in %d shards over %d resolution buckets %s, %d shards and %d of %d "
+             "text-embedding shards to generate (%d steps, CFG %.1f, stored as %s) on %d processes", len(records),
+             len(prompts), len(shards), len(resolutions), resolutions, len(todo), len(embeds_todo), len(embed_shards),
+             cfg.steps, cfg.guidance, dtype, world.size)
+    # 1. The text embeddings, once per distinct prompt; the stored rows are what the teacher samples from below
+    for k, rows in tqdm(embeds_todo[world.rank :: world.size], desc="synthesize: text", unit="shard",
+                        disable=not world.main):
+        embeds, pooled = encode_prompts(pipe, list(prompts[rows]), msl, batch_size=cfg.batch_size)
+        with atomic_file(work / f"embeds-{k:05d}.safetensors") as tmp:
+            save_tensors({"prompt_embeds": embeds.to(dtype).cpu().contiguous(),
+                          "pooled_prompt_embeds": pooled.to(dtype).cpu().contiguous()}, tmp, metadata={"run": run_fp})
+    world.barrier()  # every embedding shard written before any rank reads one
+    # 2. The teacher's latents (and path states, and the inpainting condition) per shard
     mine = todo[world.rank :: world.size]
     with tqdm(total=sum(len(r) for *_, r in mine), desc="synthesize", unit="latent", disable=not world.main) as bar:
         for k, b, rows in mine:
             chunk = records.iloc[rows]
-            embeds, pooled = encode_prompts(pipe, list(chunk["prompt"]), msl)
+            embeds, pooled = read_prompt_rows(work, chunk["prompt_index"].to_numpy(), cfg.shard_size)
             noise = record_noise(list(chunk["seed"]), shapes[b])
             tensors = {"record": torch.from_numpy(rows)}
             if images is not None:
@@ -178,31 +229,64 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
             else:
                 tensors["latents"] = generated
             with atomic_file(work / f"shard-{k:05d}.safetensors") as tmp:
-                save_tensors({name: t.contiguous() for name, t in tensors.items()}, tmp, metadata={"run": run_fp})
+                save_tensors({name: (t.to(dtype) if t.is_floating_point() else t).contiguous()
+                              for name, t in tensors.items()}, tmp, metadata={"run": run_fp})
             bar.update(len(rows))
     world.barrier()  # every shard written
-    summary = {"records": len(records), "shards": len(shards), "generated_shards": len(todo), "buckets": len(resolutions)}
+    summary = {"records": len(records), "shards": len(shards), "generated_shards": len(todo), "buckets": len(resolutions),
+               "prompts": len(prompts)}
     if not world.main:
         return summary
-    unfinished = [k for k, _, _ in shards if shard_fingerprint(work / f"shard-{k:05d}.safetensors") != run_fp]
+    names = [f"embeds-{k:05d}" for k, _ in embed_shards] + [f"shard-{k:05d}" for k, _, _ in shards]
+    unfinished = [n for n in names if shard_fingerprint(work / f"{n}.safetensors") != run_fp]
     if unfinished:  # a rank that ended without an error but did not write its share
-        raise RuntimeError(f"{work}: shards {unfinished} were not written; run `ladd synthesize` again")
-    for k, _, rows in shards:
-        records.loc[rows, "shard"], records.loc[rows, "row"] = k, np.arange(len(rows))
-    records = records.astype({"shard": "int64", "row": "int64"})
+        raise RuntimeError(f"{work}: {unfinished} were not written; run `ladd synthesize` again")
+    stored = _record_checksums(work, records, shards, embed_shards)
     with atomic_file(work / "records.parquet") as tmp:
         records.to_parquet(tmp, index=False)
     counts = np.bincount(records["bucket"], minlength=len(resolutions))
     buckets = [{"resolution": list(r), "latent_shape": list(shape), "weight": w, "records": int(n)}
                for r, shape, w, n in zip(resolutions, shapes, weights, counts)]
+    shard_files = [f"shard-{k:05d}.safetensors" for k, _, _ in shards]
+    embed_files = [f"embeds-{k:05d}.safetensors" for k, _ in embed_shards]
+    first = ShardFile(work / embed_files[0])
+    text = {"max_sequence_length": msl, "prompt_embeds": first.specs["prompt_embeds"]["shape"][1:],
+            "pooled_prompt_embeds": first.specs["pooled_prompt_embeds"]["shape"][1:]}
+    first.close()
     # content only (no counts of this run's work): rerunning with nothing to do rewrites the same file
-    write_json(work / "manifest.json", {"run": run, "buckets": buckets, "trajectory_times": list(cfg.trajectory_times),
-                               "shard_files": [f"shard-{k:05d}.safetensors" for k, _, _ in shards],
-                               "shard_sha256": [shard_sha256(work / f"shard-{k:05d}.safetensors") for k, _, _ in shards],
-                               "shard_buckets": [b for _, b, _ in shards], "records": len(records)})
+    write_json(work / "manifest.json", {
+        "run": run, "buckets": buckets, "trajectory_times": list(cfg.trajectory_times), "records": len(records),
+        "record_tensors": stored, "shard_files": shard_files, "shard_buckets": [b for _, b, _ in shards],
+        "shard_sha256": [file_sha256(work / f) for f in shard_files],
+        "shard_bytes": [(work / f).stat().st_size for f in shard_files],
+        "embed_files": embed_files, "embed_shard_size": cfg.shard_size, "prompts": len(prompts), "text": text,
+        "embed_sha256": [file_sha256(work / f) for f in embed_files],
+        "embed_bytes": [(work / f).stat().st_size for f in embed_files]})
     if check is not None:
         summary |= check(work)  # a failing suite raises here: `<out>` is untouched, the work kept for a look
     replace_dir(work, out)
     (out / "run.json").unlink()  # after the swap: a kill before it leaves `.next` resumable
     tracker.log_metrics({"synthesize/records": len(records), "synthesize/generated_shards": len(todo)})
     return summary
+
+
+def _record_checksums(work: Path, records: pd.DataFrame, shards, embed_shards) -> list[str]:
+    """Each record's shard and row, and a CRC-32 of each stored row (what distill checks a row against when it
+    reads it), into `records`, one shard in memory at a time; the names of the record tensors stored."""
+    stored: list[str] = []
+    for k, _, rows in shards:
+        tensors = load_file(work / f"shard-{k:05d}.safetensors")
+        records.loc[rows, "shard"], records.loc[rows, "row"] = k, np.arange(len(rows))
+        stored = [n for n in RECORD_TENSORS if n in tensors]
+        for name in stored:
+            records.loc[rows, f"crc_{name}"] = row_checksums(tensors[name])
+    prompt_crc = {n: np.zeros(int(records["prompt_index"].max()) + 1, dtype=np.int64) for n in PROMPT_TENSORS}
+    for k, rows in embed_shards:
+        tensors = load_file(work / f"embeds-{k:05d}.safetensors")
+        for name in PROMPT_TENSORS:
+            prompt_crc[name][rows] = row_checksums(tensors[name])
+    for name in PROMPT_TENSORS:
+        records[f"crc_{name}"] = prompt_crc[name][records["prompt_index"].to_numpy()]
+    records[["shard", "row", *(f"crc_{n}" for n in stored)]] = \
+        records[["shard", "row", *(f"crc_{n}" for n in stored)]].astype("int64")
+    return stored

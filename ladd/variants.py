@@ -32,12 +32,12 @@ def randn(shape, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
 
 # --- the student's input at its time t ------------------------------------------------------------
 
-def noised_input(x0, t, step_index, record_noise, trajectory, gen):
-    """LADD: the teacher latent noised to t with fresh noise (pure noise at t = 1)."""
-    return noise_to(x0, t, randn(x0.shape, gen, x0))
+def noised_input(x0, t, step_index, record_noise, trajectory, eps):
+    """LADD: the teacher latent noised to t with fresh noise `eps` (pure noise at t = 1)."""
+    return noise_to(x0, t, eps)
 
 
-def trajectory_input(x0, t, step_index, record_noise, trajectory, gen):
+def trajectory_input(x0, t, step_index, record_noise, trajectory, eps):
     """The teacher's own path state at t (its starting noise at t = 1): x0 is its sharp endpoint."""
     x_t = record_noise.clone()
     lower = step_index > 0
@@ -47,12 +47,13 @@ def trajectory_input(x0, t, step_index, record_noise, trajectory, gen):
 
 
 class StudentInput(NamedTuple):
-    make: Callable  # (x0, t, step_index, record_noise, trajectory, gen) -> x_t
-    reads_path: bool  # needs the teacher's stored path states (synthesize.trajectory_times)
+    make: Callable  # (x0, t, step_index, record_noise, trajectory, eps) -> x_t
+    reads_path: bool  # needs the teacher's stored path states (synthesize.trajectory_times) and each record's noise
+    fresh_noise: bool  # needs `eps`, fresh noise for its rows (drawn from the run's stream only then)
 
 
-STUDENT_INPUTS: dict[str, StudentInput] = {"noised": StudentInput(noised_input, reads_path=False),
-                                           "trajectory": StudentInput(trajectory_input, reads_path=True)}
+STUDENT_INPUTS: dict[str, StudentInput] = {"noised": StudentInput(noised_input, reads_path=False, fresh_noise=True),
+                                           "trajectory": StudentInput(trajectory_input, reads_path=True, fresh_noise=False)}
 
 
 # --- backward simulation (DMD2) -------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 
 from ladd.config import DISTILL_PRESETS, DistillConfig
 from ladd.errors import ConfigError
-from ladd.distill import distill, student_times, trajectory_states
+from ladd.distill import distill, student_times, trajectory_columns
 from ladd.discriminator import resolve_feature_layers
 from ladd.generate import record_noise
 from ladd.losses import ADVERSARIAL_LOSSES, gan_health, per_row, student_loss
@@ -87,7 +87,7 @@ def test_synthesize_stores_the_teacher_path_that_ends_at_each_latent(tiny_synthe
     torch.testing.assert_close(path.stacked()[0], data.trajectory[i], rtol=0, atol=1e-5)
     # the student's times must be stored; a mismatch is one clear error naming the settings
     with pytest.raises(ConfigError, match="synthesize.trajectory_times"):
-        trajectory_states(data.buckets[0], data.trajectory_times, torch.tensor([1.0, 0.6]))
+        trajectory_columns(data.trajectory_times, torch.tensor([1.0, 0.6]))
 
 
 def test_trajectory_inputs_are_the_stored_teacher_states():
@@ -95,7 +95,7 @@ def test_trajectory_inputs_are_the_stored_teacher_states():
     noise = torch.randn(4, 2, 3, 3)
     trajectory = torch.randn(4, 3, 2, 3, 3)
     k = torch.tensor([0, 1, 2, 3])
-    x_t = trajectory_input(x0, torch.tensor([1.0, 0.75, 0.5, 0.25]), k, noise, trajectory, torch.Generator())
+    x_t = trajectory_input(x0, torch.tensor([1.0, 0.75, 0.5, 0.25]), k, noise, trajectory, None)
     assert torch.equal(x_t[0], noise[0])  # t = 1: the record's own starting noise
     for row in (1, 2, 3):
         assert torch.equal(x_t[row], trajectory[row, row - 1])

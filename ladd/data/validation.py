@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from ladd.data.prepare import SPLITS, load_split
-from ladd.data.synthetic import load_synthetic
+from ladd.data.synthetic import iter_shards
 from ladd.errors import ValidationFailed
 from ladd.io import atomic_file, write_json
 
@@ -187,10 +187,11 @@ def real_latent_stats(teacher_dir: str | Path, data_dir: str | Path) -> tuple[li
 def validate_synthetic(synthetic_dir: str | Path, teacher_dir: str | Path, data_dir: str | Path,
                        expected_count: int, tolerance: float, report_dir: str | Path) -> dict:
 
-    data = load_synthetic(synthetic_dir)
     mean, std = real_latent_stats(teacher_dir, data_dir)
     manifest = json.loads((Path(synthetic_dir) / "manifest.json").read_text())
-    frame = pd.concat([latent_frame(b.latents, data.records.iloc[b.records.numpy()], tuple(spec["latent_shape"]))
-                       for b, spec in zip(data.buckets, manifest["buckets"])], ignore_index=True)
+    records = pd.read_parquet(Path(synthetic_dir) / "records.parquet", columns=["id", "sample"])
+    frame = pd.concat([latent_frame(shard["latents"], records.iloc[shard["record"].numpy()],
+                                    tuple(manifest["buckets"][b]["latent_shape"]))
+                       for b, shard in iter_shards(synthetic_dir)], ignore_index=True)  # a shard in memory at a time
     checks = latent_checks(expected_count, mean, std, tolerance)
     return {"synthetic": run_suite("synthetic", frame, checks, report_dir)["success"]}
