@@ -89,16 +89,15 @@ def check_synthetic(data: SyntheticSet, teacher_fingerprint: str, teacher_dir, t
     """Before any work: the synthetic set was made by this teacher (its latents, and the text embeddings distill
     reads instead of running text encoders, at the teacher's T5 length and widths), for the teacher's task.
     Returns whether records carry an inpainting condition."""
-    made = data.manifest["run"]
-    if made["teacher"] != teacher_fingerprint:
-        raise StaleInput(f"{data.manifest_path} was synthesized by another teacher ({made['teacher']}; "
-                         f"{teacher_dir} is {teacher_fingerprint}): rerun `ladd synthesize`")
     msl, text = max_sequence_length(teacher_dir), data.text
     widths = (teacher_config.joint_attention_dim, teacher_config.pooled_projection_dim)
     if text["max_sequence_length"] != msl or (text["prompt_embeds"][-1], text["pooled_prompt_embeds"][-1]) != widths:
         raise StaleInput(f"{data.manifest_path}: its text embeddings are [{', '.join(map(str, text['prompt_embeds']))}] "
                          f"at T5 length {text['max_sequence_length']}, the teacher's are [.., {widths[0]}] at "
                          f"{msl} (teacher.max_sequence_length): rerun `ladd synthesize`")
+    if data.manifest["run"]["teacher"] != teacher_fingerprint:
+        raise StaleInput(f"{data.manifest_path} was synthesized by another teacher ({data.manifest['run']['teacher']}; "
+                         f"{teacher_dir} is {teacher_fingerprint}): rerun `ladd synthesize`")
     wanted = has_condition(teacher_config.in_channels, teacher_config.out_channels or teacher_config.in_channels)
     if ("condition" in data.manifest["record_tensors"]) != wanted:
         raise ConfigError(f"{data.out} was synthesized {'without' if wanted else 'with'} inpainting conditions, "

@@ -135,30 +135,54 @@ def _shard(project: Path, k: int) -> Path:
     return project / "data" / "synthetic" / f"shard-{k:05d}.safetensors"
 
 
-def _rewrite_shard(project: Path, k: int, change: Callable[[dict], None], run: str | None = None,
-                   keep_manifest: bool = False) -> None:
+def _next_read(project: Path) -> tuple[int, int]:
+    """(shard, row) of the first record distill reads once it resumes from the project's checkpoint at step 4:
+    the synthetic data is checked as it is read, so the faults below sit where the next batch reads."""
+    from ladd.data.batches import BucketBatches
+    from ladd.data.synthetic import SyntheticSet
+
+    data = SyntheticSet(project / "data" / "synthetic")
+    _, records = BucketBatches([b.records for b in data.buckets], DISTILL["batch_size"], 0)[DISTILL["steps"]]
+    shard, row = data.columns.iloc[records[0]][["shard", "row"]]
+    return int(shard), int(row)
+
+
+def _faulty_shard(project: Path, change: Callable[[dict, int], None], run: str | None = None,
+                  keep_manifest: bool = False) -> None:
+    """Rewrite the shard the resumed run reads next (`change(tensors, row)`), and give distill steps to train."""
     from safetensors import safe_open
 
+    from ladd.data.synthetic import RECORD_TENSORS, file_sha256, row_checksums
+
+    edit_params(project, "distill", steps=DISTILL["steps"] + 2)
+    k, row = _next_read(project)
     path = _shard(project, k)
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
     tensors = load_file(path)
-    change(tensors)
+    change(tensors, row)
     save_file(tensors, path, metadata={"run": run or metadata["run"]})
-    if not keep_manifest:  # as a synthesize run would have written it: the manifest's hash is the new file's
-        manifest_path = project / "data" / "synthetic" / "manifest.json"
-        manifest = json.loads(manifest_path.read_text())
-        manifest["shard_sha256"][k] = hashlib.sha256(path.read_bytes()).hexdigest()
-        manifest_path.write_text(json.dumps(manifest))
+    if not keep_manifest:  # as a synthesize run would have written it: the manifest's and the records' sums are the new file's
+        synthetic = project / "data" / "synthetic"
+        manifest = json.loads((synthetic / "manifest.json").read_text())
+        manifest["shard_sha256"][k], manifest["shard_bytes"][k] = file_sha256(path), path.stat().st_size
+        (synthetic / "manifest.json").write_text(json.dumps(manifest))
+        records = pd.read_parquet(synthetic / "records.parquet")
+        rows = (records["shard"] == k).to_numpy()
+        for name in RECORD_TENSORS:
+            if name in tensors:
+                records.loc[rows, f"crc_{name}"] = np.array(row_checksums(tensors[name]))[records.loc[rows, "row"]]
+        records.to_parquet(synthetic / "records.parquet", index=False)
 
 
-def _nan_at(tensors):
-    tensors["latents"][3, 0, 2, 2] = float("nan")
+def _nan_at(tensors, row):
+    tensors["latents"][row, 0, 2, 2] = float("nan")
 
 
 def _nan_record(project: Path) -> str:
-    record = pd.read_parquet(project / "data" / "synthetic" / "records.parquet").query("shard == 1 and row == 3").iloc[0]
-    return f"{record['id']}#0 \\(shard-00001\\)"
+    k, row = _next_read(project)
+    record = pd.read_parquet(project / "data" / "synthetic" / "records.parquet").query(f"shard == {k} and row == {row}").iloc[0]
+    return f"{record['id']}#0 \\(shard-{k:05d}\\)"
 
 
 def _write(path: Path, text: str) -> None:
@@ -397,13 +421,14 @@ FAULTS = {
     "teacher/hub_unreachable": Fault("teacher", _offline_hub_id, 5,
                                      r"cannot load someone/no-such-model from the Hub or its local cache", child=True),
     # synthetic data: distill refuses it (exit 3 or 4) naming the file and records
-    "synthetic/nan_latent": Fault("distill", lambda p: _rewrite_shard(p, 1, _nan_at), 3,
+    "synthetic/nan_latent": Fault("distill", lambda p: _faulty_shard(p, _nan_at), 3,
                                   lambda p: rf"1 synthetic latents are not finite, e.g. records {_nan_record(p)}"),
-    "synthetic/foreign_shard": Fault("distill", lambda p: _rewrite_shard(p, 0, lambda t: None, run="another run"), 3,
-                                     r"shard-00000.safetensors was not written by the run .*manifest.json describes"),
-    "synthetic/bytes_changed": Fault("distill", lambda p: _rewrite_shard(p, 1, _nan_at, keep_manifest=True), 3,
-                                     r"the content of shard-00001.safetensors no longer matches its sha256 in "
-                                     r".*manifest.json"),
+    "synthetic/foreign_shard": Fault("distill", lambda p: _faulty_shard(p, lambda t, r: None, run="another run"), 3,
+                                     lambda p: rf"shard-{_next_read(p)[0]:05d}.safetensors was not written by the run "
+                                               r".*manifest.json describes"),
+    "synthetic/bytes_changed": Fault("distill", lambda p: _faulty_shard(p, _nan_at, keep_manifest=True), 3,
+                                     lambda p: rf"the content of shard-{_next_read(p)[0]:05d}.safetensors no longer "
+                                               r"matches its sha256 in .*manifest.json"),
     "synthetic/made_with_other_settings": Fault("distill", lambda p: edit_params(p, "synthesize", guidance=3.5), 4,
                                                 r"data/synthetic was made with other synthesize settings than "
                                                 r"params.yaml's \(guidance: [\d.]+ -> 3.5\): run `ladd synthesize` first"),
