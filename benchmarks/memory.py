@@ -9,6 +9,12 @@ frozen teacher, discriminator heads — and whether that fits an 80 GB GPU; then
 (`distill.student: lora`), which add adapters to the teacher's own bf16 weights instead of copying them.
 Static only: activations, the CUDA context and allocator slack come on top. Units are GB = 1e9 bytes throughout.
 
+The data: a last table adds what the training data costs at scale, for SD3.5-medium and -large at 1024² with
+100k prompts x 4 samples: disk for the synthetic set (latents and 3 teacher path states per record, a text
+embedding per distinct prompt, the records table), host RAM per rank (the records columns distill reads, the
+epoch's shuffled order, the batches read ahead) and GPU memory per rank (the batch, cast to fp32 there; no text
+encoder is resident: synthesize stored the embeddings), beside the static memory of the full and LoRA students.
+
 --measure (CUDA only): a randomly initialised SD3.5-medium-shaped student (fp32 + AdamW) beside a bf16
 teacher copy; peak `torch.cuda.max_memory_allocated()` and step time of one student forward/backward +
 AdamW step at 512² and 1024², batch 1 and 4, with and without gradient checkpointing.
@@ -210,6 +216,45 @@ def measure(config: dict) -> list[dict]:
     return rows
 
 
+DATA = {"prompts": 100_000, "samples": 4, "resolution": 1024, "path_states": 3, "stored_bytes": 2,  # bf16
+        "batch_per_rank": 4, "prefetch": DistillConfig().prefetch}
+RECORD_COLUMNS = 5 + 2 + 2  # int64 columns distill reads: bucket, shard, row, seed, prompt_index, a CRC per tensor
+TABLE_BYTES_PER_RECORD = 16 * 8  # records.parquet on disk, about: those columns plus id, prompt (dictionary), label
+T5_XXL_GB, CLIPS_GB = 4.76e9 * 2 / GB, 0.8e9 * 2 / GB  # bf16: what encoding per batch would keep resident
+
+
+def data_footprint(config: dict, d: dict = DATA) -> dict:
+    """Disk, host RAM per rank and GPU memory per rank of the training data (GB), as ladd stores and streams it."""
+    side = d["resolution"] // 8  # the VAE's factor
+    record = (1 + d["path_states"]) * config["in_channels"] * side * side * d["stored_bytes"]
+    prompt = (TEXT_TOKENS * config["joint_attention_dim"] + config["pooled_projection_dim"]) * d["stored_bytes"]
+    records = d["prompts"] * d["samples"]
+    in_flight = (d["prefetch"] + 2) * d["batch_per_rank"] * (record + prompt)  # queued, being read, being trained on
+    return {"records": records, "record_mb": record / 1e6, "prompt_mb": prompt / 1e6,
+            "disk_latents": records * record / GB, "disk_embeddings": d["prompts"] * prompt / GB,
+            "disk_table": records * TABLE_BYTES_PER_RECORD / GB,
+            "host_per_rank": (records * (RECORD_COLUMNS + 1) * 8 + in_flight) / GB,  # + 1: the epoch's order
+            "gpu_per_rank": d["batch_per_rank"] * (record + prompt) * 4 / d["stored_bytes"] / GB,
+            "text_encoders_if_encoded": T5_XXL_GB + CLIPS_GB}
+
+
+def data_table(results: dict) -> str:
+    d = DATA
+    cols = ["model", "student", "synthetic latents + paths (GB disk)", "text embeddings (GB disk)", "records table (GB)",
+            "host RAM / rank (GB)", "data on GPU / rank (GB)", "static / GPU (GB)", "total / GPU (GB)"]
+    lines = [f"{d['prompts']:,} prompts x {d['samples']} samples at {d['resolution']}², {d['path_states']} path states, "
+             f"stored bf16; {d['batch_per_rank']} records per rank, {d['prefetch']} batches read ahead", "",
+             "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for name in ("SD3.5-medium", "SD3.5-large"):
+        r, f = results[name], results[name]["data"]
+        full = "fsdp2x8" if not r["settings"]["bf16-teacher"]["fits"] else "bf16-teacher"
+        for label, static in (("full, FSDP2 over 8 GPUs" if full == "fsdp2x8" else "full, bf16 teacher",
+                               r["settings"][full]["total_gpu"]), ("LoRA r64, every group", r["lora"]["all/r64"]["total_gpu"])):
+            lines.append(f"| {name} | {label} | {f['disk_latents']:.0f} | {f['disk_embeddings']:.0f} | {f['disk_table']:.3f} | "
+                         f"{f['host_per_rank']:.2f} | {f['gpu_per_rank']:.3f} | {static:.2f} | {static + f['gpu_per_rank']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", help="also write the numbers to this path")
@@ -221,7 +266,8 @@ def main(argv=None) -> dict:
         n = count(config)
         results[name] = {**n, "settings": {s.key: footprint(n, s) for s in SETTINGS},
                          "lora": {f"{key}/r{rank}": lora_footprint(n, lora_params(config, rank, targets))
-                                  for key, targets in LORA_TARGETS.items() for rank in LORA_RANKS}}
+                                  for key, targets in LORA_TARGETS.items() for rank in LORA_RANKS},
+                         "data": data_footprint(config)}
     print("\nStatic memory of a LADD distillation run, GB (1e9 bytes) per GPU; activations not included. "
           "Buffers: one fp32 copy (the positional-embedding table), counted in every model copy in its dtype.")
     print(table(results))
@@ -233,8 +279,11 @@ def main(argv=None) -> dict:
     print("\nLoRA students (distill.student: lora): the teacher's own weights in bf16 "
           "serve the student (adapters on) and the teacher (adapters off), no second copy; GB per GPU, static.\n")
     print(lora_table(results))
-    print("\nNot resident: the text encoders are released once prompts are encoded (T5-XXL alone is ~4.76 B "
-          "params, ~9.5 GB in bf16; CLIP-L and OpenCLIP-bigG ~0.8 B more). VAE, CUDA context not counted.")
+    print("\nNot resident: the text encoders. synthesize stored each prompt's embedding, so distill loads none "
+          f"(encoding per batch would keep T5-XXL, ~4.76 B params, {T5_XXL_GB:.1f} GB in bf16, and CLIP-L + OpenCLIP-bigG, "
+          f"{CLIPS_GB:.1f} GB, on every GPU). VAE, CUDA context not counted.")
+    print("\nThe data at scale (benchmarks/scale.py measures the streaming on a CPU):\n")
+    print(data_table(results))
 
     measured = None
     if args.measure:

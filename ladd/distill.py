@@ -39,7 +39,7 @@ from ladd.generate import record_noise
 from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, gan_health, heads_loss, student_loss
 from ladd.pipeline import load_pipeline, load_transformer, max_sequence_length, read_meta, write_meta
 from ladd.plots import plot_curves
-from ladd.resume import resume_point_on_rank0, resume_state, sharded_checkpoint_path
+from ladd.resume import move_aside, resume_point_on_rank0, resume_state, sharded_checkpoint_path
 from ladd.schedules import SCHEDULER_FLAGS, few_step_times
 from ladd.data.batches import BucketBatches, Prefetcher
 from ladd.data.synthetic import SyntheticSet
@@ -206,7 +206,7 @@ def build_networks(cfg: DistillConfig, teacher_dir, teacher, plan: dict, world: 
 
 
 def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: World) -> dict:
-    device = world.device
+    started, device = time.perf_counter(), world.device
     if world.size > 1 and cfg.parallel == "none":
         raise ConfigError(f"distill.parallel is none but torchrun started {world.size} processes: use ddp or fsdp")
     mine = world.rows(cfg.batch_size)  # this rank's rows of every global batch (all of them in one process)
@@ -232,9 +232,9 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     teacher_dtype = getattr(torch, plan["teacher_dtype"])
     teacher = load_transformer(teacher_dir, device, teacher_dtype).eval().requires_grad_(False)
     inpainting = check_synthetic(data, run["teacher"], teacher_dir, teacher.config)
-    # before training: a checkpoint past distill.steps is an error; one of other settings moves aside only now,
-    # once the data is known good (a failing run changes no file)
-    resume = resume_point_on_rank0(cfg, run, world)
+    # before training: a checkpoint past distill.steps is an error; one of other settings moves aside when this
+    # run writes its first checkpoint (a run failing before that changes no file)
+    resume, asides = resume_point_on_rank0(cfg, run, world)
     batches = BucketBatches([b.records for b in data.buckets], cfg.batch_size, cfg.seed)
     # the rows of each global batch this rank reads: its own, or all where it simulates the whole batch's inputs
     loaded = slice(0, cfg.batch_size) if world.size > 1 and cfg.backward_share > 0 else mine
@@ -249,6 +249,8 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     def save_state(step: int) -> None:
         """Under FSDP, a sharded checkpoint (every rank writes its shards, collective); else gathered and written
         from rank 0 as one file."""
+        if world.main:
+            move_aside(asides)  # another run's checkpoint, kept whole, only now that this run writes its own
         if sharded:
             save_sharded_checkpoint(sharded_checkpoint_path(cfg), step,
                                     {"student": sharded_state(student), "ema": sharded_state(ema),
@@ -300,7 +302,8 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
         (warm-up) probabilities, t = times[k], and the student's input x_t there (`student_input`); a
         `backward_share` of the t < 1 rows instead get the current student's own earlier steps (simulated for the
         global batch on every rank, so every rank runs the student equally often)."""
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}  # as stored (bf16 on a GPU)
+        batch = {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}
         x0, c, p = batch["latents"], batch["prompt_embeds"], batch["pooled_prompt_embeds"]
         m = batch["condition"] if inpainting else x0.new_zeros(len(x0), 0, *x0.shape[2:])
         own = slice(mine.start - loaded.start, mine.stop - loaded.start)  # this rank's rows among those read
@@ -343,7 +346,7 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
         """The frozen teacher's features of the selected rows of x re-noised to t_hat (beside their condition)."""
         return disc.features(noise_to(x[rows], t_hat[rows], eps[rows]), t_hat[rows], c[rows], p[rows], m[rows])
 
-    skipped, step_times = 0, []
+    skipped, step_times, to_first_step = 0, [], time.perf_counter() - started
     # batches are read ahead in a thread; each step takes d_steps_per_g of them, so a resumed run reads on from the
     # position its step implies (BucketBatches is a pure function of it)
     stream = Prefetcher(read_batch, start * cfg.d_steps_per_g, cfg.prefetch)
@@ -447,6 +450,7 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     summary = {"steps": cfg.steps, "skipped_updates": skipped, "gan_health": health}
     steady = step_times[min(5, len(step_times) - 1):] if step_times else []
     facts = {"resumed_from": start, "sec_per_step": sum(steady) / len(steady) if steady else math.nan,
+             "seconds_to_first_step": to_first_step,
              "device": device.type, "world_size": world.size, "parallel": cfg.parallel if world.size > 1 else "none",
              "trained_parameters": n_trained}
     if device.type == "cuda":  # this rank's peak: weights, optimiser states, activations, allocator slack excluded

@@ -24,15 +24,18 @@ def sharded_checkpoint_path(cfg: DistillConfig) -> Path:
     return Path(cfg.checkpoint).with_suffix(".dcp")
 
 
-def resume_point_on_rank0(cfg: DistillConfig, run: dict, world: World) -> Path | None:
-    """The checkpoint to resume (`resumable`), decided by rank 0 alone (it may move files) and told to every rank:
-    the newer of `distill.checkpoint` and the sharded folder, so a run may change strategy and world size."""
+def resume_point_on_rank0(cfg: DistillConfig, run: dict, world: World) -> tuple[Path | None, list[tuple[Path, Path]]]:
+    """The checkpoint to resume (`resumable`), decided by rank 0 alone and told to every rank: the newer of
+    `distill.checkpoint` and the sharded folder, so a run may change strategy and world size. Also the moves
+    aside (source, target) of checkpoints that are not this run's: `move_aside` makes them when the run writes
+    its first checkpoint, so a run that fails before that changes no file."""
     verdict = None
     if world.main:
         try:
             found = [p for p in (Path(cfg.checkpoint), sharded_checkpoint_path(cfg)) if p.exists()]
             newest = max(found, key=lambda p: p.stat().st_mtime, default=None)
-            verdict = newest if newest is not None and resumable(newest, cfg, run) else None
+            aside = resumable(newest, cfg, run) if newest is not None else None
+            verdict = (newest if newest is not None and aside is None else None, [aside] if aside else [])
         except ConfigError as e:
             verdict = e
     verdict = world.broadcast(verdict)
@@ -41,28 +44,36 @@ def resume_point_on_rank0(cfg: DistillConfig, run: dict, world: World) -> Path |
     return verdict
 
 
-def resumable(path: Path, cfg: DistillConfig, run: dict) -> bool:
-    """Whether the checkpoint at `path` is this run's to resume. One written for other settings or data is not
-    (training starts over); an unreadable one is moved aside to `<name>.corrupt`; one past `distill.steps` is an
-    error (resuming it would train nothing and relabel its weights)."""
+def move_aside(moves: list[tuple[Path, Path]]) -> None:
+    """Make the moves `resume_point_on_rank0` decided (rank 0, before writing the first checkpoint), once."""
+    while moves:
+        source, target = moves.pop()
+        if source.exists():
+            os.replace(source, target)
+
+
+def resumable(path: Path, cfg: DistillConfig, run: dict) -> tuple[Path, Path] | None:
+    """None when the checkpoint at `path` is this run's to resume; else where it moves aside. One written for other
+    settings or data is not (training starts over; it is kept as `<name>.stale-N`, never overwritten: it may be the
+    only copy of a long run); an unreadable one goes to `<name>.corrupt`; one past `distill.steps` is an error
+    (resuming it would train nothing and relabel its weights)."""
     try:
         saved_step, saved_run = read_checkpoint_meta(path)
     except Exception as e:  # torn or foreign file (the writer is atomic, so not ours mid-write)
         aside = path.with_name(path.name + ".corrupt")
-        os.replace(path, aside)
-        log.warning("distill: checkpoint %s is unreadable (%s): moved to %s, starting from step 0", path, e, aside)
-        return False
-    if saved_run != run:  # kept aside, never overwritten: it may be the only copy of a long run
+        log.warning("distill: checkpoint %s is unreadable (%s): moved to %s at this run's first checkpoint, starting "
+                    "from step 0", path, e, aside)
+        return path, aside
+    if saved_run != run:
         aside = next(p for n in itertools.count(1) if not (p := path.with_name(f"{path.name}.stale-{n}")).exists())
-        os.replace(path, aside)
         changed = ", ".join(k for k in sorted(set(run) | set(saved_run)) if run.get(k) != saved_run.get(k))
-        log.warning("distill: %s was written for other settings or data (%s): moved to %s, starting from step 0",
-                    path, changed, aside)
-        return False
+        log.warning("distill: %s was written for other settings or data (%s): moved to %s at this run's first "
+                    "checkpoint, starting from step 0", path, changed, aside)
+        return path, aside
     if saved_step > cfg.steps:
         raise ConfigError(f"distill.steps is {cfg.steps} but {path} is at step {saved_step}: raise distill.steps, or "
                           "move the checkpoint away to train from step 0")
-    return True
+    return None
 
 
 def resume_state(path: Path, modules: dict, optimizers: dict, gen: torch.Generator, world: World) -> int:

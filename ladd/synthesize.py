@@ -174,7 +174,7 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
     codes, prompts = pd.factorize(records["prompt"])  # distinct prompts in first-seen order
     records["prompt_index"] = codes.astype(np.int64)
     dtype = storage_dtype(cfg.storage_dtype, device)
-    run = {**synthesis_settings(cfg, resolutions), "storage_dtype": str(dtype).removeprefix("torch."),
+    run = {**synthesis_settings(cfg, resolutions), "stored_dtype": str(dtype).removeprefix("torch."),
            "teacher": fingerprint(teacher_dir), "prompts": fingerprint(Path(data_dir) / "train" / "captions.parquet")}
     if images is not None:
         records["image"] = np.repeat(np.arange(len(captions)), cfg.samples_per_prompt)

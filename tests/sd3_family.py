@@ -41,18 +41,19 @@ def t5_tokenizer(words: list[str], model_max_length: int = T5_MAX_LENGTH) -> T5T
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
-def _clip(tokenizer, hidden: int, seed: int) -> CLIPTextModelWithProjection:
+def _clip(tokenizer, hidden: int, seed: int, layers: int = 2, intermediate: int | None = None) -> CLIPTextModelWithProjection:
     torch.manual_seed(seed)
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers,
         num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length, projection_dim=hidden,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     return CLIPTextModelWithProjection(config).eval()
 
 
-def build_sd35_like_teacher(out_dir: Path, *, sample_size: int = 8, seed: int = 0,
-                            words: list[str] | None = None) -> Path:
+def build_sd35_like_teacher(out_dir: Path, *, sample_size: int = 8, seed: int = 0, words: list[str] | None = None,
+                            clip_dims: tuple[int, int] = (16, 32), t5_dim: int = 64, clip_max_length: int = CLIP_MAX_LENGTH,
+                            t5_max_length: int = T5_MAX_LENGTH, text_layers: int = 2, text_ff: int | None = None) -> Path:
     """Save a tiny random SD3.5-medium-shaped `StableDiffusion3Pipeline` to `out_dir` and return it.
 
     `sample_size` is the latent side (images are `8 * sample_size` pixels; height and width must be multiples
@@ -61,9 +62,9 @@ def build_sd35_like_teacher(out_dir: Path, *, sample_size: int = 8, seed: int = 
     """
     words = prompt_vocabulary() if words is None else words
     with tempfile.TemporaryDirectory() as tmp:
-        clip_tok = write_clip_tokenizer(Path(tmp), words, CLIP_MAX_LENGTH)
-    t5_tok = t5_tokenizer(words)
-    clip_dims, joint = (16, 32), 64
+        clip_tok = write_clip_tokenizer(Path(tmp), words, clip_max_length)
+    t5_tok = t5_tokenizer(words, t5_max_length)
+    joint = t5_dim
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(
@@ -82,14 +83,14 @@ def build_sd35_like_teacher(out_dir: Path, *, sample_size: int = 8, seed: int = 
     )
     torch.manual_seed(seed + 2)
     t5 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_tok), d_model=joint, d_kv=16, d_ff=2 * joint, num_layers=2, num_heads=2,
+        vocab_size=len(t5_tok), d_model=joint, d_kv=16, d_ff=text_ff or 2 * joint, num_layers=text_layers, num_heads=2,
         relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
         pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id, decoder_start_token_id=t5_tok.pad_token_id,
     )).eval()
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        text_encoder=_clip(clip_tok, clip_dims[0], seed + 3), tokenizer=clip_tok,
-        text_encoder_2=_clip(clip_tok, clip_dims[1], seed + 4), tokenizer_2=copy.deepcopy(clip_tok),
+        text_encoder=_clip(clip_tok, clip_dims[0], seed + 3, text_layers, text_ff), tokenizer=clip_tok,
+        text_encoder_2=_clip(clip_tok, clip_dims[1], seed + 4, text_layers, text_ff), tokenizer_2=copy.deepcopy(clip_tok),
         text_encoder_3=t5, tokenizer_3=t5_tok,
     )
     out_dir = Path(out_dir)

@@ -135,27 +135,30 @@ def _shard(project: Path, k: int) -> Path:
     return project / "data" / "synthetic" / f"shard-{k:05d}.safetensors"
 
 
-def _next_read(project: Path) -> tuple[int, int]:
-    """(shard, row) of the first record distill reads once it resumes from the project's checkpoint at step 4:
-    the synthetic data is checked as it is read, so the faults below sit where the next batch reads."""
+def _next_read(project: Path, position: int = DISTILL["steps"]) -> tuple[int, int]:
+    """(shard, row) of the first record of batch `position` (by default the one distill reads once it resumes from
+    the project's checkpoint at step 4): the synthetic data is checked as it is read, so the faults below sit
+    where the next batch reads."""
     from ladd.data.batches import BucketBatches
     from ladd.data.synthetic import SyntheticSet
 
     data = SyntheticSet(project / "data" / "synthetic")
-    _, records = BucketBatches([b.records for b in data.buckets], DISTILL["batch_size"], 0)[DISTILL["steps"]]
+    _, records = BucketBatches([b.records for b in data.buckets], DISTILL["batch_size"], 0)[position]
     shard, row = data.columns.iloc[records[0]][["shard", "row"]]
     return int(shard), int(row)
 
 
 def _faulty_shard(project: Path, change: Callable[[dict, int], None], run: str | None = None,
                   keep_manifest: bool = False) -> None:
-    """Rewrite the shard the resumed run reads next (`change(tensors, row)`), and give distill steps to train."""
+    """Rewrite the shard distill reads next (`change(tensors, row)`), and give it steps to train. Written as
+    synthesize would write it (the manifest's and the records' sums of the new file), it is a new data set: the
+    checkpoint is another data set's, and the run starts at batch 0; else it resumes at batch 4."""
     from safetensors import safe_open
 
     from ladd.data.synthetic import RECORD_TENSORS, file_sha256, row_checksums
 
     edit_params(project, "distill", steps=DISTILL["steps"] + 2)
-    k, row = _next_read(project)
+    k, row = _next_read(project, DISTILL["steps"] if keep_manifest else 0)
     path = _shard(project, k)
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
@@ -180,7 +183,7 @@ def _nan_at(tensors, row):
 
 
 def _nan_record(project: Path) -> str:
-    k, row = _next_read(project)
+    k, row = _next_read(project, 0)
     record = pd.read_parquet(project / "data" / "synthetic" / "records.parquet").query(f"shard == {k} and row == {row}").iloc[0]
     return f"{record['id']}#0 \\(shard-{k:05d}\\)"
 
@@ -424,7 +427,7 @@ FAULTS = {
     "synthetic/nan_latent": Fault("distill", lambda p: _faulty_shard(p, _nan_at), 3,
                                   lambda p: rf"1 synthetic latents are not finite, e.g. records {_nan_record(p)}"),
     "synthetic/foreign_shard": Fault("distill", lambda p: _faulty_shard(p, lambda t, r: None, run="another run"), 3,
-                                     lambda p: rf"shard-{_next_read(p)[0]:05d}.safetensors was not written by the run "
+                                     lambda p: rf"shard-{_next_read(p, 0)[0]:05d}.safetensors was not written by the run "
                                                r".*manifest.json describes"),
     "synthetic/bytes_changed": Fault("distill", lambda p: _faulty_shard(p, _nan_at, keep_manifest=True), 3,
                                      lambda p: rf"the content of shard-{_next_read(p)[0]:05d}.safetensors no longer "
@@ -445,11 +448,12 @@ FAULTS = {
     "checkpoint/steps_below_it": Fault("distill", lambda p: edit_params(p, "distill", steps=2), 2,
                                        rf"distill.steps is 2 but {CHECKPOINT} is at step 4"),
     "checkpoint/torn": Fault("distill", lambda p: _tear(p / CHECKPOINT), 0,
-                             rf"checkpoint {CHECKPOINT} is unreadable .*moved to {CHECKPOINT}.corrupt, starting from step 0",
+                             rf"checkpoint {CHECKPOINT} is unreadable .*moved to {CHECKPOINT}.corrupt at this run's first "
+                             r"checkpoint, starting from step 0",
                              recovered=_restarted_after_moving_the_torn_checkpoint, child=True),
     "checkpoint/other_settings": Fault("distill", lambda p: edit_params(p, "distill", lr_g=2e-5), 0,
                                        rf"{CHECKPOINT} was written for other settings or data \(lr_g\): moved to "
-                                       rf"{CHECKPOINT}.stale-1, starting from step 0",
+                                       rf"{CHECKPOINT}.stale-1 at this run's first checkpoint, starting from step 0",
                                        recovered=_started_over_for_new_settings, child=True),
     "checkpoint/another_run_is_writing_it": Fault("distill", lambda p: _another_run_holds(p / CHECKPOINT), 8,
                                                   rf"{CHECKPOINT} is being written by another run \(pid 4242,"),

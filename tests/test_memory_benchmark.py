@@ -59,3 +59,14 @@ def test_lora_rows_count_what_peft_adds_and_fit_sd35_large_in_24_gb(tmp_path):
     # one bf16 base copy: far below the full student's static memory in its recommended setting
     assert large["all/r64"]["base"] == pytest.approx((out["SD3.5-large"]["params"] + out["SD3.5-large"]["buffers"]) * 2 / 1e9)
     assert out["SD3.5-medium"]["lora"]["all/r64"]["total_gpu"] < out["SD3.5-medium"]["settings"]["bf16-teacher"]["total_gpu"] / 4
+
+
+def test_the_plan_counts_the_data_and_a_lora_sd35_large_still_fits_24_gb(tmp_path, capsys):
+    out = load().main(["--json", str(tmp_path / "memory.json")])["models"]
+    data = out["SD3.5-large"]["data"]
+    assert data["prompt_mb"] == pytest.approx((333 * 4096 + 2048) * 2 / 1e6)  # [77 + 256, 4096] + pooled, bf16
+    assert data["record_mb"] == pytest.approx(4 * 16 * 128 * 128 * 2 / 1e6)  # x0 and 3 path states at 1024²
+    assert data["disk_embeddings"] == pytest.approx(100_000 * data["prompt_mb"] / 1e3)
+    assert data["gpu_per_rank"] < 0.1 and data["host_per_rank"] < 1  # O(batch), and a few int columns per record
+    assert out["SD3.5-large"]["lora"]["all/r64"]["total_gpu"] + data["gpu_per_rank"] <= 24
+    assert "| SD3.5-large | LoRA r64, every group | 839 | 273 |" in capsys.readouterr().out

@@ -213,7 +213,7 @@ class SyntheticSet:
         return result
 
     def read(self, records: np.ndarray, trajectory: bool = True) -> dict:
-        """The records' tensors as float32, from their shards: `latents` [n, C, h, w], `trajectory` [n, K, C, h, w]
+        """The records' tensors in their stored dtype (a GPU run moves bf16 and casts there), from their shards: `latents` [n, C, h, w], `trajectory` [n, K, C, h, w]
         (with `trajectory`, where stored), `condition` [n, 1 + C, h, w] (inpainting), `prompt_embeds` [n, L, D],
         `pooled_prompt_embeds` [n, P] (each distinct prompt read once), `seed` [n]. ValidationFailed naming the
         records whose bytes changed or whose latents are not finite."""
@@ -234,7 +234,6 @@ class SyntheticSet:
         text = self._read(prompts // per, prompts % per, {n: cols[f"crc_{n}"].to_numpy()[first] for n in PROMPT_TENSORS}, "embed",
                           lambda bad: records[first[bad]])
         batch.update({k: v[torch.from_numpy(inverse)] for k, v in text.items()})
-        batch = {k: v.float() for k, v in batch.items()}
         batch["seed"] = torch.from_numpy(cols["seed"].to_numpy())
         return batch
 
