@@ -218,7 +218,7 @@ def measure(config: dict) -> list[dict]:
 
 DATA = {"prompts": 100_000, "samples": 4, "resolution": 1024, "path_states": 3, "stored_bytes": 2,  # bf16
         "batch_per_rank": 4, "prefetch": DistillConfig().prefetch}
-RECORD_COLUMNS = 5 + 2 + 2  # int64 columns distill reads: bucket, shard, row, seed, prompt_index, a CRC per tensor
+RECORD_BYTES = 8 + 4 * 4 + 4 * 4  # the columns distill holds: seed (int64); bucket, shard, row, prompt_index; 4 CRC-32s
 TABLE_BYTES_PER_RECORD = 16 * 8  # records.parquet on disk, about: those columns plus id, prompt (dictionary), label
 T5_XXL_GB, CLIPS_GB = 4.76e9 * 2 / GB, 0.8e9 * 2 / GB  # bf16: what encoding per batch would keep resident
 
@@ -233,7 +233,7 @@ def data_footprint(config: dict, d: dict = DATA) -> dict:
     return {"records": records, "record_mb": record / 1e6, "prompt_mb": prompt / 1e6,
             "disk_latents": records * record / GB, "disk_embeddings": d["prompts"] * prompt / GB,
             "disk_table": records * TABLE_BYTES_PER_RECORD / GB,
-            "host_per_rank": (records * (RECORD_COLUMNS + 1) * 8 + in_flight) / GB,  # + 1: the epoch's order
+            "host_per_rank": (records * (RECORD_BYTES + 8) + in_flight) / GB,  # + 8: the epoch's shuffled order
             "gpu_per_rank": d["batch_per_rank"] * (record + prompt) * 4 / d["stored_bytes"] / GB,
             "text_encoders_if_encoded": T5_XXL_GB + CLIPS_GB}
 

@@ -118,6 +118,45 @@ def stage(root: Path, name: str, code_root: Path = ROOT) -> dict:
     return child(["-m", "ladd.cli", name, "--no-tracking"], root, code_root)
 
 
+def million_records(work: Path, records: int = 1_000_000, samples: int = 4, shard_size: int = 1024) -> dict:
+    """A records table and manifest as synthesize writes them for 1M records (250k prompts x 4): their size on
+    disk, and the time to load the table whole and distill's columns of it."""
+    import hashlib
+
+    import numpy as np
+
+    from ladd.data.synthetic import READ_COLUMNS
+
+    rng = np.random.default_rng(0)
+    n_prompts = records // samples
+    prompt_index = np.repeat(np.arange(n_prompts), samples)
+    table = pd.DataFrame({"id": np.repeat([f"p{i}" for i in range(n_prompts)], samples),
+                          "prompt": np.repeat([" ".join(rng.choice(WORDS, 8)) for _ in range(n_prompts)], samples),
+                          "label": -1, "sample": np.tile(np.arange(samples), n_prompts), "seed": np.arange(records),
+                          "bucket": 0, "shard": np.arange(records) // shard_size, "row": np.arange(records) % shard_size,
+                          "prompt_index": prompt_index,
+                          **{f"crc_{n}": rng.integers(0, 2**32, records) for n in
+                             ("latents", "trajectory", "prompt_embeds", "pooled_prompt_embeds")}})
+    path = work / "records.parquet"
+    table.to_parquet(path, index=False)
+    shards, embeds = -(-records // shard_size), -(-n_prompts // shard_size)
+    digest = hashlib.sha256(b"").hexdigest()
+    manifest = {"shard_files": [f"shard-{k:05d}.safetensors" for k in range(shards)], "shard_sha256": [digest] * shards,
+                "shard_bytes": [1 << 30] * shards, "shard_buckets": [0] * shards,
+                "embed_files": [f"embeds-{k:05d}.safetensors" for k in range(embeds)],
+                "embed_sha256": [digest] * embeds, "embed_bytes": [1 << 30] * embeds}
+    (work / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    start = time.perf_counter()
+    pd.read_parquet(path)
+    whole = time.perf_counter() - start
+    start = time.perf_counter()
+    columns = pd.read_parquet(path, columns=READ_COLUMNS + ["crc_latents", "crc_trajectory"])
+    read = time.perf_counter() - start
+    return {"records": records, "table_mb": path.stat().st_size / 1e6, "manifest_kb": (work / "manifest.json").stat().st_size / 1e3,
+            "load_whole_s": whole, "load_distill_columns_s": read,
+            "distill_columns_mb": columns.memory_usage(index=False).sum() / 1e6}
+
+
 def measure(work: Path, teacher: Path, clip: Path, n: int, code_root: Path = ROOT, full: bool = True) -> dict:
     root = project(work / f"{code_root.name}-n{n}", teacher, n, clip, current=code_root == ROOT)
     for name in ("prepare", "teacher"):
@@ -159,6 +198,7 @@ def main(argv=None) -> dict:
         bare = child([__file__, "--bare-sampling", first["root"]], Path(first["root"]))["seconds"]
         synth = first["synthesize"]["seconds"]
         old = measure(work, teacher, clip, sizes[0], args.against.resolve(), full=False) if args.against else None
+        million = million_records(work)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -177,7 +217,10 @@ def main(argv=None) -> dict:
     print(f"\npeak RSS at N={sizes[-1]} over N={sizes[0]}: distill {distill_ratio:.3f}, evaluate {evaluate_ratio:.3f}")
     print(f"synthesize at N={sizes[0]}: bare teacher work (load, encode, sample; nothing stored) {bare:.1f} s, the stage "
           f"{synth:.1f} s, each a process from its start: throughput ratio {bare / synth:.2f}")
-    out = {"machine": describe(), "rows": rows, "distill_rss_ratio": distill_ratio, "evaluate_rss_ratio": evaluate_ratio,
+    print(f"records table of {million['records']:,} records: {million['table_mb']:.0f} MB on disk, loads whole in "
+          f"{million['load_whole_s']:.1f} s, distill's columns in {million['load_distill_columns_s']:.2f} s "
+          f"({million['distill_columns_mb']:.0f} MB in memory); manifest {million['manifest_kb']:.0f} KB")
+    out = {"machine": describe(), "rows": rows, "million_records": million, "distill_rss_ratio": distill_ratio, "evaluate_rss_ratio": evaluate_ratio,
            "bare_sampling_seconds": bare}
     if old is not None:
         ratio = old["sec_per_step"] / first["sec_per_step"]

@@ -89,6 +89,11 @@ def check_synthetic(data: SyntheticSet, teacher_fingerprint: str, teacher_dir, t
     """Before any work: the synthetic set was made by this teacher (its latents, and the text embeddings distill
     reads instead of running text encoders, at the teacher's T5 length and widths), for the teacher's task.
     Returns whether records carry an inpainting condition."""
+    wanted = has_condition(teacher_config.in_channels, teacher_config.out_channels or teacher_config.in_channels)
+    if ("condition" in data.manifest["record_tensors"]) != wanted:
+        raise ConfigError(f"{data.out} was synthesized {'without' if wanted else 'with'} inpainting conditions, "
+                          f"and the teacher {'is' if wanted else 'is not'} an inpainting model: rerun `ladd synthesize` "
+                          "with this inpaint.enabled")
     msl, text = max_sequence_length(teacher_dir), data.text
     widths = (teacher_config.joint_attention_dim, teacher_config.pooled_projection_dim)
     if text["max_sequence_length"] != msl or (text["prompt_embeds"][-1], text["pooled_prompt_embeds"][-1]) != widths:
@@ -98,11 +103,6 @@ def check_synthetic(data: SyntheticSet, teacher_fingerprint: str, teacher_dir, t
     if data.manifest["run"]["teacher"] != teacher_fingerprint:
         raise StaleInput(f"{data.manifest_path} was synthesized by another teacher ({data.manifest['run']['teacher']}; "
                          f"{teacher_dir} is {teacher_fingerprint}): rerun `ladd synthesize`")
-    wanted = has_condition(teacher_config.in_channels, teacher_config.out_channels or teacher_config.in_channels)
-    if ("condition" in data.manifest["record_tensors"]) != wanted:
-        raise ConfigError(f"{data.out} was synthesized {'without' if wanted else 'with'} inpainting conditions, "
-                          f"and the teacher {'is' if wanted else 'is not'} an inpainting model: rerun `ladd synthesize` "
-                          "with this inpaint.enabled")
     return wanted
 
 

@@ -198,8 +198,8 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
     msl = max_sequence_length(teacher_dir)
     null_e, null_p = encode_prompts(pipe, [""], msl)
     sigmas = flow_sigmas(cfg.steps, pipe.scheduler.config.shift)
-    log.info("synthesize: %d records of %d prompts in %d shards over %d resolution buckets %s, %d shards and %d of %d "
-             "text-embedding shards to generate (%d steps, CFG %.1f, stored as %s) on %d processes", len(records),
+    log.info("synthesize: %d records of %d prompts in %d shards over %d resolution buckets %s, %d shards to generate "
+             "and %d of %d of text embeddings (%d steps, CFG %.1f, stored as %s) on %d processes", len(records),
              len(prompts), len(shards), len(resolutions), resolutions, len(todo), len(embeds_todo), len(embed_shards),
              cfg.steps, cfg.guidance, dtype, world.size)
     # 1. The text embeddings, once per distinct prompt; the stored rows are what the teacher samples from below

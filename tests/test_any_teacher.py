@@ -253,7 +253,7 @@ def test_sd35_shaped_lora_student_loads_onto_its_teacher(sd35_chain, tmp_path):
 
 
 @pytest.mark.parametrize("setting", [dict(gradient_checkpointing="all"), dict(truncate_teacher=False),
-                                     dict(release_text_encoders=False), dict(ema_on_cpu=True),
+                                     dict(prefetch=1), dict(ema_on_cpu=True),
                                      dict(teacher_dtype="bfloat16"), dict(mixed_precision="bf16")])
 def test_memory_settings_leave_the_tiny_run_unchanged(setting, tiny_teacher_dir, tiny_synthetic, tmp_path):
     """Each memory setting against the all-off fp32 run: equal weights, or (bf16) equal up to bf16 rounding;

@@ -148,7 +148,10 @@ class SyntheticSet:
                                        "after synthesize wrote it): delete it and rerun `ladd synthesize`")
         self.run_fp = json.dumps(manifest["run"], sort_keys=True)
         stored = [f"crc_{n}" for n in RECORD_TENSORS if n in manifest["record_tensors"]]
-        self.columns = pd.read_parquet(self.out / "records.parquet", columns=READ_COLUMNS + stored)
+        columns = pd.read_parquet(self.out / "records.parquet", columns=READ_COLUMNS + stored)
+        # 4 bytes where 4 hold them (CRC-32s, shard and row numbers): the one table held whole, 36 B a record
+        self.columns = columns.astype({**{c: "int32" for c in ("bucket", "shard", "row", "prompt_index")},
+                                       **{c: "uint32" for c in columns if c.startswith("crc_")}})
         if len(self.columns) != manifest["records"]:
             raise ValidationFailed(f"{self.out}: {self.out / 'records.parquet'} holds {len(self.columns)} records, "
                                    f"{self.manifest_path} says {manifest['records']}")
