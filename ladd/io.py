@@ -115,6 +115,7 @@ def save_tensors(tensors: dict, path: str | Path, metadata: dict | None = None) 
         if "I/O error" not in str(e):
             raise
         raise OSError(f"cannot write {path}: {e}") from None
+    os.chmod(path, 0o666 & ~_umask())  # a large file is written anew (0600): the modes the user's umask gives
 
 
 def _builtin(value):

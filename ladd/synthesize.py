@@ -10,7 +10,10 @@ trains on teacher samples only), written as sharded safetensors plus a manifest.
     <out>/records.parquet          id, prompt, label, sample, seed, bucket, shard, row, prompt_index, a CRC-32 per
                                    stored row (crc_latents, crc_trajectory, ..., crc_prompt_embeds) (inpainting: image)
     <out>/manifest.json            run settings and fingerprints, buckets, shard and embedding files with their
-                                   sha256 and byte sizes, the text embeddings' shapes and T5 length
+                                   byte sizes, the text embeddings' shapes and T5 length
+
+Each shard's header also holds its rows' CRC-32s (computed from the tensors before writing), from which the
+records table is assembled without reading any shard back.
 
 Floating-point tensors are stored as `storage_dtype` (auto: bfloat16 when the teacher runs on CUDA, whose
 distill computes in bf16 anyway; float32 on the CPU): bf16 halves the disk and the reads.
@@ -46,14 +49,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ladd.config import InpaintConfig, SynthesizeConfig
 from ladd.errors import ConfigError
 from ladd.data.prepare import load_split
 from ladd.data.synthetic import (PROMPT_TENSORS, RECORD_TENSORS, STORAGE_DTYPES, ShardFile, bucket_resolutions,
-                                 file_sha256, row_checksums, shard_fingerprint, synthesis_settings)
+                                 row_checksums, shard_fingerprint, synthesis_settings)
 from ladd.generate import generate_latents, record_noise
 from ladd.inpaint import check_task, inpaint_condition, record_masks
 from ladd.io import atomic_file, fingerprint, replace_dir, restore_interrupted_swap, save_tensors, write_json
@@ -206,9 +208,8 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
     for k, rows in tqdm(embeds_todo[world.rank :: world.size], desc="synthesize: text", unit="shard",
                         disable=not world.main):
         embeds, pooled = encode_prompts(pipe, list(prompts[rows]), msl, batch_size=cfg.batch_size)
-        with atomic_file(work / f"embeds-{k:05d}.safetensors") as tmp:
-            save_tensors({"prompt_embeds": embeds.to(dtype).cpu().contiguous(),
-                          "pooled_prompt_embeds": pooled.to(dtype).cpu().contiguous()}, tmp, metadata={"run": run_fp})
+        save_shard(work / f"embeds-{k:05d}.safetensors", {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled},
+                   dtype, run_fp)
     world.barrier()  # every embedding shard written before any rank reads one
     # 2. The teacher's latents (and path states, and the inpainting condition) per shard
     mine = todo[world.rank :: world.size]
@@ -228,9 +229,7 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
                 tensors["latents"], tensors["trajectory"] = generated
             else:
                 tensors["latents"] = generated
-            with atomic_file(work / f"shard-{k:05d}.safetensors") as tmp:
-                save_tensors({name: (t.to(dtype) if t.is_floating_point() else t).contiguous()
-                              for name, t in tensors.items()}, tmp, metadata={"run": run_fp})
+            save_shard(work / f"shard-{k:05d}.safetensors", tensors, dtype, run_fp)
             bar.update(len(rows))
     world.barrier()  # every shard written
     summary = {"records": len(records), "shards": len(shards), "generated_shards": len(todo), "buckets": len(resolutions),
@@ -257,10 +256,8 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
     write_json(work / "manifest.json", {
         "run": run, "buckets": buckets, "trajectory_times": list(cfg.trajectory_times), "records": len(records),
         "record_tensors": stored, "shard_files": shard_files, "shard_buckets": [b for _, b, _ in shards],
-        "shard_sha256": [file_sha256(work / f) for f in shard_files],
         "shard_bytes": [(work / f).stat().st_size for f in shard_files],
         "embed_files": embed_files, "embed_shard_size": cfg.shard_size, "prompts": len(prompts), "text": text,
-        "embed_sha256": [file_sha256(work / f) for f in embed_files],
         "embed_bytes": [(work / f).stat().st_size for f in embed_files]})
     if check is not None:
         summary |= check(work)  # a failing suite raises here: `<out>` is untouched, the work kept for a look
@@ -270,21 +267,32 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
     return summary
 
 
+def save_shard(path: Path, tensors: dict, dtype: torch.dtype, run_fp: str) -> None:
+    """Write a shard atomically: floating tensors as `dtype`, and in its header the run it belongs to and each row's
+    CRC-32 of every tensor but `record` (what the records table is assembled from, and distill checks rows by)."""
+    tensors = {name: (t.to(dtype) if t.is_floating_point() else t).cpu().contiguous() for name, t in tensors.items()}
+    sums = {f"crc_{name}": json.dumps(row_checksums(t)) for name, t in tensors.items() if name != "record"}
+    with atomic_file(path) as tmp:
+        save_tensors(tensors, tmp, metadata={"run": run_fp, **sums})
+
+
 def _record_checksums(work: Path, records: pd.DataFrame, shards, embed_shards) -> list[str]:
-    """Each record's shard and row, and a CRC-32 of each stored row (what distill checks a row against when it
-    reads it), into `records`, one shard in memory at a time; the names of the record tensors stored."""
+    """Each record's shard and row, and each stored row's CRC-32 from its shard's header (no shard read back),
+    into `records`; the names of the record tensors stored."""
     stored: list[str] = []
     for k, _, rows in shards:
-        tensors = load_file(work / f"shard-{k:05d}.safetensors")
+        header = ShardFile(work / f"shard-{k:05d}.safetensors")
+        header.close()
         records.loc[rows, "shard"], records.loc[rows, "row"] = k, np.arange(len(rows))
-        stored = [n for n in RECORD_TENSORS if n in tensors]
+        stored = [n for n in RECORD_TENSORS if header.has(n)]
         for name in stored:
-            records.loc[rows, f"crc_{name}"] = row_checksums(tensors[name])
+            records.loc[rows, f"crc_{name}"] = json.loads(header.metadata[f"crc_{name}"])
     prompt_crc = {n: np.zeros(int(records["prompt_index"].max()) + 1, dtype=np.int64) for n in PROMPT_TENSORS}
     for k, rows in embed_shards:
-        tensors = load_file(work / f"embeds-{k:05d}.safetensors")
+        header = ShardFile(work / f"embeds-{k:05d}.safetensors")
+        header.close()
         for name in PROMPT_TENSORS:
-            prompt_crc[name][rows] = row_checksums(tensors[name])
+            prompt_crc[name][rows] = json.loads(header.metadata[f"crc_{name}"])
     for name in PROMPT_TENSORS:
         records[f"crc_{name}"] = prompt_crc[name][records["prompt_index"].to_numpy()]
     records[["shard", "row", *(f"crc_{n}" for n in stored)]] = \

@@ -148,7 +148,8 @@ def test_a_changed_or_vanished_shard_is_named_when_read(many_shards, tmp_path):
     blob[start + row * row_bytes] ^= 0xFF  # one flipped bit pattern in record 100's latent, same size
     path.write_bytes(bytes(blob))
     data.read(np.array([101 if data.columns.iloc[101]["shard"] != shard else 0]))  # other rows still read
-    with pytest.raises(ValidationFailed, match=rf"the content of shard-{shard:05d}.safetensors no longer matches .*"
+    with pytest.raises(ValidationFailed, match=rf"the content of shard-{shard:05d}.safetensors no longer matches its "
+                                               rf"checksums in .*records.parquet .*"
                                                rf"records .*#0 \(shard-{shard:05d}\)"):
         data.read(np.array([5, 100]))
     (copy / "embeds-00001.safetensors").unlink()  # gone after distill started: named when first needed

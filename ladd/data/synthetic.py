@@ -8,7 +8,6 @@ record. `load_synthetic` reads a small set whole (tests, and the synthetic suite
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -58,15 +57,6 @@ def check_settings(out_dir: str | Path, settings: dict) -> None:
     if changed:
         raise StaleInput(f"{out_dir} was made with other synthesize settings than params.yaml's ({'; '.join(changed)}): "
                          "run `ladd synthesize` first")
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB chunks (O(1) memory)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def row_checksums(tensor: torch.Tensor) -> list[int]:
@@ -143,9 +133,9 @@ class SyntheticSet:
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing (listed in {self.manifest_path}): rerun `ladd synthesize`")
             if size is not None and path.stat().st_size != size:
-                raise ValidationFailed(f"{self.out}: the content of {name} no longer matches its sha256 in "
-                                       f"{self.manifest_path} ({path.stat().st_size} bytes, written as {size}: changed "
-                                       "after synthesize wrote it): delete it and rerun `ladd synthesize`")
+                raise ValidationFailed(f"{self.out}: the content of {name} no longer matches what {self.manifest_path} "
+                                       f"lists ({path.stat().st_size} bytes, written as {size}: changed after "
+                                       "synthesize wrote it): delete it and rerun `ladd synthesize`")
         self.run_fp = json.dumps(manifest["run"], sort_keys=True)
         stored = [f"crc_{n}" for n in RECORD_TENSORS if n in manifest["record_tensors"]]
         columns = pd.read_parquet(self.out / "records.parquet", columns=READ_COLUMNS + stored)
@@ -205,9 +195,9 @@ class SyntheticSet:
                 crc = np.array([zlib.crc32(p) for p in parts], dtype=np.int64)
                 bad = picked[crc != expected[picked]]
                 if len(bad):
-                    raise ValidationFailed(f"{self.out}: the content of {name} no longer matches its sha256 in "
-                                           f"{self.manifest_path} (changed after synthesize wrote it; e.g. records "
-                                           f"{self.describe(who(bad))}): delete it and rerun `ladd synthesize`")
+                    raise ValidationFailed(f"{self.out}: the content of {name} no longer matches its checksums in "
+                                           f"{self.out / 'records.parquet'} (changed after synthesize wrote it; e.g. "
+                                           f"records {self.describe(who(bad))}): delete it and rerun `ladd synthesize`")
                 out.setdefault(tensor, []).append((picked, values))
         result = {}
         for tensor, pieces in out.items():  # back into the asked order

@@ -173,14 +173,16 @@ def validate_data(data_dir: str | Path, resolution: int, classes: int, max_promp
 def real_latent_stats(teacher_dir: str | Path, data_dir: str | Path) -> tuple[list[float], list[float]]:
     """Per-channel mean of per-image latent means/stds of the real train images under the teacher's VAE
     (scaled space); (0, 1) per channel when the data set has no images (SD3's shift/scale normalise)."""
-    from ladd.pipeline import encode_images, load_pipeline
+    from diffusers import AutoencoderKL
 
-    pipe = load_pipeline(teacher_dir)
+    from ladd.pipeline import component_config, encode_images
+
     images = load_split(Path(data_dir) / "train").images
-    channels = pipe.transformer.config.out_channels or pipe.transformer.config.in_channels
-    if images is None:
+    config = component_config(teacher_dir, "transformer")
+    channels = config.get("out_channels") or config["in_channels"]
+    if images is None:  # no VAE to load (nor the text encoders a pipeline would bring)
         return [0.0] * channels, [1.0] * channels
-    z = encode_images(pipe.vae, images)
+    z = encode_images(AutoencoderKL.from_pretrained(Path(teacher_dir) / "vae"), images)
     return z.mean((2, 3)).mean(0).tolist(), z.std((2, 3)).mean(0).tolist()
 
 
