@@ -144,6 +144,15 @@ def storage_dtype(name: str, device: torch.device) -> torch.dtype:
     return STORAGE_DTYPES[("bfloat16" if device.type == "cuda" else "float32") if name == "auto" else name]
 
 
+EMBED_SHARD_BYTES = 256 * 2**20
+
+
+def embed_shard_size(null_e: torch.Tensor, null_p: torch.Tensor, dtype: torch.dtype, shard_size: int) -> int:
+    """Prompts per embedding shard: `shard_size`, fewer where their embeddings would pass EMBED_SHARD_BYTES."""
+    per_prompt = (null_e[0].numel() + null_p[0].numel()) * torch.empty(0, dtype=dtype).element_size()
+    return max(1, min(shard_size, EMBED_SHARD_BYTES // per_prompt))
+
+
 def read_prompt_rows(work: Path, prompt_index: np.ndarray, per_shard: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt_embeds, pooled) of these prompts, read from the embedding shards (the rows the teacher samples from
     and distill reads: one source of truth for both)."""
@@ -183,8 +192,13 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
         run["inpaint"] = {"mask_seed": inpaint.mask_seed, "images": fingerprint(Path(data_dir) / "train" / "images.safetensors")}
     run_fp = json.dumps(run, sort_keys=True)
     shards = plan_shards(records["bucket"].to_numpy(), cfg.shard_size)
-    embed_shards = [(k, np.arange(s, min(s + cfg.shard_size, len(prompts)))) for k, s in
-                    enumerate(range(0, len(prompts), cfg.shard_size))]
+    pipe = load_pipeline(teacher_dir, device)
+    msl = max_sequence_length(teacher_dir)
+    null_e, null_p = encode_prompts(pipe, [""], msl)
+    # an embedding shard is written whole: at most EMBED_SHARD_BYTES (SD3.5: 2.7 MB a prompt in bf16, 93 a shard)
+    per_embed_shard = embed_shard_size(null_e, null_p, dtype, cfg.shard_size)
+    embed_shards = [(k, np.arange(s, min(s + per_embed_shard, len(prompts)))) for k, s in
+                    enumerate(range(0, len(prompts), per_embed_shard))]
     work = out.with_name(out.name + ".next")
     missing = None
     if world.main:  # rank 0 stages the folder and lists the missing shards, before any rank writes one
@@ -196,9 +210,6 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
     todo = [(k, b, rows) for k, b, rows in shards if f"shard-{k:05d}" in missing]
     embeds_todo = [(k, rows) for k, rows in embed_shards if f"embeds-{k:05d}" in missing]
 
-    pipe = load_pipeline(teacher_dir, device)
-    msl = max_sequence_length(teacher_dir)
-    null_e, null_p = encode_prompts(pipe, [""], msl)
     sigmas = flow_sigmas(cfg.steps, pipe.scheduler.config.shift)
     log.info("synthesize: %d records of %d prompts in %d shards over %d resolution buckets %s, %d shards to generate "
              "and %d of %d of text embeddings (%d steps, CFG %.1f, stored as %s) on %d processes", len(records),
@@ -207,7 +218,11 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
     # 1. The text embeddings, once per distinct prompt; the stored rows are what the teacher samples from below
     for k, rows in tqdm(embeds_todo[world.rank :: world.size], desc="synthesize: text", unit="shard",
                         disable=not world.main):
-        embeds, pooled = encode_prompts(pipe, list(prompts[rows]), msl, batch_size=cfg.batch_size)
+        embeds = torch.empty(len(rows), *null_e.shape[1:], dtype=dtype)  # filled a batch at a time
+        pooled = torch.empty(len(rows), *null_p.shape[1:], dtype=dtype)
+        for i in range(0, len(rows), cfg.batch_size):
+            e, p = encode_prompts(pipe, list(prompts[rows[i:i + cfg.batch_size]]), msl, batch_size=cfg.batch_size)
+            embeds[i:i + len(e)], pooled[i:i + len(e)] = e.to(dtype).cpu(), p.to(dtype).cpu()
         save_shard(work / f"embeds-{k:05d}.safetensors", {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled},
                    dtype, run_fp)
     world.barrier()  # every embedding shard written before any rank reads one
@@ -215,20 +230,23 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
     mine = todo[world.rank :: world.size]
     with tqdm(total=sum(len(r) for *_, r in mine), desc="synthesize", unit="latent", disable=not world.main) as bar:
         for k, b, rows in mine:
-            chunk = records.iloc[rows]
-            embeds, pooled = read_prompt_rows(work, chunk["prompt_index"].to_numpy(), cfg.shard_size)
-            noise = record_noise(list(chunk["seed"]), shapes[b])
-            tensors = {"record": torch.from_numpy(rows)}
-            if images is not None:
-                masks = record_masks("synthesize", chunk["seed"], inpaint.mask_seed, *images.shape[-2:])
-                tensors["condition"] = inpaint_condition(pipe.vae, images[chunk["image"].to_numpy()], masks)
-            generated = generate_latents(pipe.transformer, embeds, pooled, noise, sigmas, cfg.guidance, null_e, null_p,
-                                         batch_size=cfg.batch_size, path_times=cfg.trajectory_times,
-                                         condition=tensors.get("condition"))
-            if cfg.trajectory_times:
-                tensors["latents"], tensors["trajectory"] = generated
-            else:
-                tensors["latents"] = generated
+            parts = []
+            for i in range(0, len(rows), cfg.batch_size):  # a batch's embeddings in memory at a time
+                chunk = records.iloc[rows[i:i + cfg.batch_size]]
+                embeds, pooled = read_prompt_rows(work, chunk["prompt_index"].to_numpy(), per_embed_shard)
+                part = {}
+                if images is not None:
+                    masks = record_masks("synthesize", chunk["seed"], inpaint.mask_seed, *images.shape[-2:])
+                    part["condition"] = inpaint_condition(pipe.vae, images[chunk["image"].to_numpy()], masks)
+                generated = generate_latents(pipe.transformer, embeds, pooled, record_noise(list(chunk["seed"]), shapes[b]),
+                                             sigmas, cfg.guidance, null_e, null_p, batch_size=cfg.batch_size,
+                                             path_times=cfg.trajectory_times, condition=part.get("condition"))
+                if cfg.trajectory_times:
+                    part["latents"], part["trajectory"] = generated
+                else:
+                    part["latents"] = generated
+                parts.append(part)
+            tensors = {"record": torch.from_numpy(rows), **{n: torch.cat([q[n] for q in parts]) for n in parts[0]}}
             save_shard(work / f"shard-{k:05d}.safetensors", tensors, dtype, run_fp)
             bar.update(len(rows))
     world.barrier()  # every shard written
@@ -257,7 +275,7 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
         "run": run, "buckets": buckets, "trajectory_times": list(cfg.trajectory_times), "records": len(records),
         "record_tensors": stored, "shard_files": shard_files, "shard_buckets": [b for _, b, _ in shards],
         "shard_bytes": [(work / f).stat().st_size for f in shard_files],
-        "embed_files": embed_files, "embed_shard_size": cfg.shard_size, "prompts": len(prompts), "text": text,
+        "embed_files": embed_files, "embed_shard_size": per_embed_shard, "prompts": len(prompts), "text": text,
         "embed_bytes": [(work / f).stat().st_size for f in embed_files]})
     if check is not None:
         summary |= check(work)  # a failing suite raises here: `<out>` is untouched, the work kept for a look
