@@ -90,25 +90,55 @@ def load_reward(name: str, path: str | Path | None, classifier_dir, key: str = "
     return REWARDS[name].load(path, classifier_dir, key)
 
 
+class _Rows:
+    """Rows [start, start + len(rows)) of a sequence whose other rows are not held (only slicing and len)."""
+
+    def __init__(self, rows: torch.Tensor, start: int):
+        self.rows, self.start = rows, start
+
+    def __len__(self) -> int:
+        return self.start + len(self.rows)
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        return self.rows[index.start - self.start : index.stop - self.start]
+
+
+def generate_batch(transformer, start: int, embeds, pooled, noise, sigmas, batch_size: int, condition=None, **kwargs):
+    """`ladd.generate.generate_latents` on the one batch of rows [start, start + len(noise)) (`start` a multiple of
+    `batch_size`), sampled exactly as among all the rows: generate_latents seeds a batch's `renoise` noise by its first
+    row's index, so the batch is handed over at its own rows (and `share` starts there); no other row need exist.
+    (A first-row argument to generate_latents, added to that seed, would make `_Rows` unnecessary.)"""
+    from ladd.generate import generate_latents
+
+    def at(rows):
+        return None if rows is None else _Rows(rows, start)
+
+    return generate_latents(transformer, at(embeds), at(pooled), at(noise), sigmas, batch_size=batch_size,
+                            share=(start // batch_size, 1), condition=at(condition), **kwargs)
+
+
 @torch.no_grad()
-def sample_and_score(transformer, vae, meta: dict, embeds, pooled, prompts: list[str], labels, score, seed: int,
-                     steps: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_and_score(transformer, vae, meta: dict, encode, prompts: list[str], labels, score, seed: int, steps: int,
+                     batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One candidate per prompt from the student at `steps` steps (its schedule and sampler), record i from seed
-    `seed * 1_000_003 + i`, scored batch by batch (no image is kept): (latents on the CPU, rewards [P])."""
-    from ladd.generate import generate_latents, record_noise
+    `seed * 1_000_003 + i`, batch by batch: its prompts encoded (`encode(prompts)` -> (embeds, pooled)), sampled,
+    decoded and scored (no image or embedding is kept): (latents on the CPU, rewards [P])."""
+    from ladd.generate import record_noise
     from ladd.pipeline import decode_latents
     from ladd.schedules import student_sigmas
 
     cfg = transformer.config
     shape = (cfg.out_channels or cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    noise = record_noise([seed * 1_000_003 + i for i in range(len(prompts))], shape)
-    latents = generate_latents(transformer, embeds, pooled, noise, student_sigmas(steps, meta), 1.0,
-                               sampler=meta.get("sampler", "renoise"), batch_size=batch_size, seed=seed)
-    rewards = []
+    sigmas = student_sigmas(steps, meta)
+    latents, rewards = [], []
     for i in range(0, len(prompts), batch_size):
-        images = decode_latents(vae, latents[i : i + batch_size], batch_size).cpu()
-        rewards.append(score(images, prompts[i : i + batch_size], None if labels is None else labels[i : i + batch_size]))
-    return latents, torch.cat(rewards).float().cpu()
+        batch = prompts[i : i + batch_size]
+        noise = record_noise([seed * 1_000_003 + j for j in range(i, i + len(batch))], shape)
+        latents.append(generate_batch(transformer, i, *encode(batch), noise, sigmas, batch_size,
+                                      sampler=meta.get("sampler", "renoise"), seed=seed))
+        images = decode_latents(vae, latents[-1], batch_size).cpu()
+        rewards.append(score(images, batch, None if labels is None else labels[i : i + batch_size]))
+    return torch.cat(latents), torch.cat(rewards).float().cpu()
 
 
 def preference_pairs(rewards: torch.Tensor, min_margin: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -156,12 +186,13 @@ def student_time_weights(cfg, student_dir) -> list[float]:
     return list(weights)
 
 
-def train_dpo(transformer, layers, weights, x_w, x_l, embeds, pooled, times: torch.Tensor, time_weights: list[float],
-              cfg, autocast, probe=None, tracker=None) -> list[dict]:
+def train_dpo(transformer, layers, weights, x_w, x_l, prompts: list[str], encode, times: torch.Tensor,
+              time_weights: list[float], cfg, autocast, probe=None, tracker=None) -> list[dict]:
     """`cfg.train_steps` AdamW steps on the LoRA `weights` with `dpo_loss` on the pairs (winner latents x_w, loser
-    x_l, their prompt's embeddings), t drawn from the student's `times` by `time_weights`, winner and loser sharing
-    t and eps (Diffusion-DPO's pairing); the reference is the same module with the adapters off. `probe()` -> the reward of
-    fresh samples, every `cfg.probe_every` steps. Returns the curve rows."""
+    x_l, their `prompts`, a step's encoded by `encode(prompts)` -> (embeds, pooled)), t drawn from the student's `times`
+    by `time_weights`, winner and loser sharing t and eps (Diffusion-DPO's pairing); the reference is the same module
+    with the adapters off. `probe()` -> the reward of fresh samples, every `cfg.probe_every` steps. Returns the curve
+    rows."""
     from ladd import lora
 
     device = next(transformer.parameters()).device
@@ -192,7 +223,7 @@ def train_dpo(transformer, layers, weights, x_w, x_l, embeds, pooled, times: tor
             idx = torch.randint(len(x_w), (cfg.batch_size,), generator=gen)
             t = times[torch.multinomial(time_weights, cfg.batch_size, replacement=True, generator=gen)].to(device)
             eps = torch.randn(x_w[idx].shape, generator=gen).to(device)
-            c, p = embeds[idx].to(device), pooled[idx].to(device)
+            c, p = (e.to(device) for e in encode([prompts[k] for k in idx.tolist()]))
             (pw, rw), (pl, rl) = (errors(x[idx].to(device), eps, t, c, p) for x in (x_w, x_l))
             loss, accuracy = dpo_loss(pw, pl, rw, rl, cfg.beta)
             opt.zero_grad(set_to_none=True)
@@ -239,13 +270,16 @@ def align_stage(cfg, data_dir, classifier_dir, student_dir, report_dir, tracker)
     bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     pipe, meta = load_pipeline(student_dir, device), read_meta(student_dir)
-    embeds, pooled = encode_prompts(pipe, prompts, meta["max_sequence_length"])
-    embeds, pooled = embeds.cpu(), pooled.cpu()
-    pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # T5-XXL alone is ~9.5 GB
+
+    # prompts are encoded batch by batch, when sampled or trained on: all at once, an SD3.5 student's embeddings
+    # take 5.5 MB a prompt (10^5 prompts: 550 GB); the text encoders stay loaded for it
+    def encode(batch):
+        with torch.autocast(device.type, enabled=False):  # in full precision, as the pipeline encodes them
+            return encode_prompts(pipe, batch, meta["max_sequence_length"])
 
     def candidates(seed, count):  # adapters as they are: off before training, so these are the student's
         with autocast:
-            return sample_and_score(pipe.transformer, pipe.vae, meta, embeds[:count], pooled[:count], prompts[:count],
+            return sample_and_score(pipe.transformer, pipe.vae, meta, encode, prompts[:count],
                                     None if labels is None else labels[:count], score, seed, cfg.steps,
                                     cfg.sample_batch_size)
 
@@ -277,7 +311,8 @@ def align_stage(cfg, data_dir, classifier_dir, student_dir, report_dir, tracker)
         with lora.adapters(layers, on=True):
             return float(candidates(probe_seed, min(cfg.probe_prompts, n))[1].mean())
 
-    curve = train_dpo(pipe.transformer, layers, weights, latents[keep, w], latents[keep, l], embeds[keep], pooled[keep],
+    curve = train_dpo(pipe.transformer, layers, weights, latents[keep, w], latents[keep, l],
+                      [prompts[k] for k in keep.tolist()], encode,
                       torch.tensor(meta["student_times"]), time_weights, cfg, autocast, probe if cfg.probe_prompts else None, tracker)
     state = {k: v.detach().cpu() for k, v in weights.state_dict().items()}
     del pipe, weights, layers, latents  # before a second copy of the student loads

@@ -13,8 +13,10 @@ model), FD and accuracy are those of the inpainted images, and `outside_mse` is 
 [0, 1]) to the real image where the mask keeps it; the grid's first row is the masked input. FD on a few hundred samples moves by points with the noise, so every
 figure is the mean over `seeds` with its spread (std).
 
-Under torchrun each rank samples every world-size-th batch (each exactly as one process samples it); rank 0
-gathers the images, scores them and writes everything."""
+Memory grows with the batch, not with the number of prompts: each batch of `batch_size` rows is encoded, sampled,
+decoded and scored in turn, and only its features (and logits, and per-image figures) are kept, with the images
+of the grid. Under torchrun each rank samples every world-size-th batch (each exactly as one process samples it);
+rank 0 gathers the features, scores them and writes everything."""
 
 from __future__ import annotations
 
@@ -24,21 +26,20 @@ import tempfile
 import textwrap
 import time
 from dataclasses import replace
-from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ladd.align import REWARDS, load_reward, model_dir
+from ladd.align import REWARDS, generate_batch, load_reward, model_dir
 from ladd.card import write_model_card
 from ladd.config import EvaluateConfig
 from ladd.errors import ConfigError
 from ladd.data.prepare import load_split
 from ladd.distributed import World, close_world, init_world
 from ladd.gate import gate_decision, prompts_fingerprint, protocol_differences, resolve_direction, resolve_metric
-from ladd.generate import generate_latents, record_noise
+from ladd.generate import record_noise
 from ladd.inpaint import check_task, inpaint_condition, masked_images, record_masks
 from ladd.io import atomic_file, fingerprint, write_json
 from ladd.metrics import frechet_distance
@@ -51,6 +52,7 @@ from ladd.schedules import student_sigmas
 log = logging.getLogger(__name__)
 
 HEADLINE = ("fd", "fd_teacher", "fd_teacher_same_noise", "clip_score", "accuracy", "reward", "outside_mse")  # the figures rows are named by, where they exist
+FIGURES = ("feats", "logits", "clip_score", "reward", "outside_mse", "grid")  # what evaluate keeps of a batch
 ROW_KEYS = ("nfe", *(k for m in HEADLINE for k in (m, f"{m}_std")))  # quality_vs_nfe.json's columns
 EXTRACTOR_PATH_KEYS = {"classifier": "evaluate.features", "inception": "evaluate.inception_path", "clip": "evaluate.clip_path"}
 
@@ -106,32 +108,26 @@ def summarize_seeds(rows: list[dict]) -> dict:
 
 
 class _Model:
-    """One sampler configuration to evaluate: a transformer, its schedule, guidance and sampler."""
+    """One model to evaluate: a transformer (the pipeline's, unless given) with the VAE and text encoders of `pipe`."""
 
-    def __init__(self, pipe, embeds, pooled, null_e, null_p, condition=None):
-        self.pipe, self.embeds, self.pooled, self.null_e, self.null_p = pipe, embeds, pooled, null_e, null_p
-        self.condition = condition  # inpainting: per row, the mask and masked-image latent
+    def __init__(self, pipe, msl: int, transformer=None):
+        self.pipe, self.msl = pipe, msl
+        self.transformer = pipe.transformer if transformer is None else transformer
+        self.null_e, self.null_p = encode_prompts(pipe, [""], msl)
 
-    def run(self, noise, sigmas, guidance, sampler, batch_size, seed, world: World):
-        """Images of every row on rank 0 (None on the others), and the ms per image of this rank's share."""
-        start = time.perf_counter()
-        lat = generate_latents(self.pipe.transformer, self.embeds, self.pooled, noise, sigmas, guidance, self.null_e,
-                               self.null_p, sampler=sampler, batch_size=batch_size, seed=seed,
-                               share=(world.rank, world.size), condition=self.condition)
-        images = decode_latents(self.pipe.vae, lat, batch_size) if len(lat) else lat
-        ms = (time.perf_counter() - start) * 1000 / max(len(lat), 1)
-        return world.gather_batches(images, len(noise), batch_size), ms
+    def encode(self, prompts: list[str]):
+        return encode_prompts(self.pipe, prompts, self.msl)
+
+    def sample(self, start, embeds, pooled, noise, sigmas, guidance, sampler, batch_size, seed, condition=None):
+        """Images (on the CPU) of the batch of rows [start, start + len(noise)), as when sampled among all rows."""
+        lat = generate_batch(self.transformer, start, embeds, pooled, noise, sigmas, batch_size, condition,
+                             guidance=guidance, null_embeds=self.null_e, null_pooled=self.null_p, sampler=sampler,
+                             seed=seed)
+        return decode_latents(self.pipe.vae, lat, batch_size).cpu()
 
 
-def _load(pipe_dir, prompts, device, masks=None, images=None):
-    """A pipeline folder's model with the prompts encoded; inpainting (`masks` of `images`): with the condition,
-    made with its own VAE."""
-    pipe = load_pipeline(pipe_dir, device)
-    msl = max_sequence_length(pipe_dir)
-    e, p = encode_prompts(pipe, prompts, msl)
-    ne, np_ = encode_prompts(pipe, [""], msl)
-    condition = None if masks is None else inpaint_condition(pipe.vae, images, masks)
-    return _Model(pipe, e, p, ne, np_, condition)
+def _load(pipe_dir, device) -> _Model:
+    return _Model(load_pipeline(pipe_dir, device), max_sequence_length(pipe_dir))
 
 
 def evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student_dir, tracker, align=None,
@@ -174,8 +170,8 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
                           "evaluate.seeds needs two or more (or gate on fd_teacher_same_noise)")
     if gate_metric == "accuracy" and not (labels >= 0).any():
         raise ConfigError(f"evaluate.gate_metric: accuracy needs labelled prompts, and {data_dir}/test has none")
-    masks = kept = inpainted = None  # inpainting: the test images' masks, where they keep the image, the images
-    if inpaint is not None and inpaint.enabled:
+    inpainting = inpaint is not None and inpaint.enabled  # every model inpaints test image i under record i's mask
+    if inpainting:
         for pipe_dir in (teacher_dir, student_dir):
             check_task(pipe_dir, True)
         if test.images is None:
@@ -183,31 +179,25 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
         if cfg.resolution is not None and tuple(cfg.resolution) != tuple(test.images.shape[-2:]):
             raise ConfigError(f"evaluate.resolution: inpainting works at the test images' size "
                               f"{list(test.images.shape[-2:])}, got {list(cfg.resolution)}: leave it null")
-        masks = record_masks("evaluate", range(n), inpaint.mask_seed, *test.images.shape[-2:])
-        kept, inpainted = (masks < 0.5).float(), test.images[:n]
-    teacher = _load(teacher_dir, prompts, device, masks, inpainted)
+    teacher = _load(teacher_dir, device)
     shape = latent_shape(teacher.pipe) if cfg.resolution is None else \
         bucket_latent_shapes(teacher_dir, [cfg.resolution], "evaluate.resolution")[0]
-    student = _load(student_dir, prompts, device, masks, inpainted)
+    student = _load(student_dir, device)
     if cfg.raw_student:
         from diffusers import SD3Transformer2DModel
 
-        student.pipe.transformer = SD3Transformer2DModel.from_pretrained(Path(student_dir) / "ladd_raw_transformer").to(device)
+        student.transformer = SD3Transformer2DModel.from_pretrained(Path(student_dir) / "ladd_raw_transformer").to(device)
     student_meta = read_meta(student_dir)
     if aligned_dir is not None:  # its own transformer; text encoders and VAE are the student's
-        aligned = _Model(SimpleNamespace(transformer=load_transformer(aligned_dir, device), vae=student.pipe.vae),
-                         student.embeds, student.pooled, student.null_e, student.null_p)
+        aligned = _Model(student.pipe, student.msl, load_transformer(aligned_dir, device))
     for k in cfg.few_steps:
         untrained = [t for t in student_sigmas(k, student_meta)[:-1].tolist()
                      if min(abs(t - s) for s in student_meta.get("student_times", [1.0])) > 1e-6]
         if untrained:
             log.warning("the student's %d-step schedule visits times it was not trained at: %s", k, untrained)
     shift = teacher.pipe.scheduler.config.shift
-    # record i of seed s starts from seed s * 1_000_003 + i: the seeds' noises never overlap
-    noises = {seed: record_noise([seed * 1_000_003 + i for i in range(n)], shape) for seed in cfg.seeds}
     grid_n = min(cfg.grid_size, n)
     real = embed(extractor, test.images.float() / 255)[0] if use_real and world.main else None
-    text = clip.text_embeds(prompts) if clip is not None and world.main else None
     reward_labels = labels.tolist() if reward is not None and REWARDS[align.reward].needs_labels else None
     teacher_feats: dict[int, torch.Tensor] = {}  # seed -> the many-step teacher's sample features: fd_teacher's reference
     reference_guidance = cfg.guidance if cfg.reference_guidance is None else cfg.reference_guidance
@@ -220,7 +210,7 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
         "clip_weights": fingerprint(cfg.clip_path) if cfg.clip_path else None,
         "real_images": fingerprint(Path(data_dir) / "test" / "images.safetensors") if use_real else None,
         "teacher": fingerprint(Path(teacher_dir) / "transformer"),
-        **({"inpaint_mask_seed": inpaint.mask_seed} if masks is not None else {}),  # text-to-image protocols unchanged
+        **({"inpaint_mask_seed": inpaint.mask_seed} if inpainting else {}),  # text-to-image protocols unchanged
     }
     metrics: dict = {"num_samples": n, "seeds": list(cfg.seeds), "features": cfg.features, "protocol": protocol}
     if use_real and world.main:
@@ -230,31 +220,63 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
         """The row of one sampler configuration: every seed sampled and scored, its first seed's images (saved as
         grids/<name>.png unless `solo`); `reference`: its features are fd_teacher's reference."""
         on = replace(world, rank=0, size=1) if solo else world
+        kept = {seed: {} for seed in cfg.seeds}  # seed -> figure -> this rank's per-batch tensors, in batch order
+        seconds, sampled = dict.fromkeys(cfg.seeds, 0.0), 0
+        for start in range(on.rank * cfg.batch_size, n, on.size * cfg.batch_size):
+            rows = range(start, min(start + cfg.batch_size, n))
+            batch = prompts[start : rows.stop]
+            embeds, pooled = model.encode(batch)  # once for every seed; not timed (ms_per_image is the sampler's)
+            text = clip.text_embeds(batch) if clip is not None else None
+            condition = None
+            if inpainting:
+                masks = record_masks("evaluate", rows, inpaint.mask_seed, *test.images.shape[-2:])
+                condition = inpaint_condition(model.pipe.vae, test.images[start : rows.stop], masks)
+                outside, original = (masks < 0.5).float(), test.images[start : rows.stop].float() / 255
+            for seed in cfg.seeds:
+                # record i of seed s starts from seed s * 1_000_003 + i: the seeds' noises never overlap
+                noise = record_noise([seed * 1_000_003 + i for i in rows], shape)
+                tick = time.perf_counter()
+                images = model.sample(start, embeds, pooled, noise, sigmas, guidance, sampler, cfg.batch_size, seed,
+                                      condition)
+                seconds[seed] += time.perf_counter() - tick
+                got = dict(zip(("feats", "logits"), embed(extractor, images)))
+                if clip is not None:  # per image; clip_score is their mean
+                    got["clip_score"] = (100 * (clip.image_embeds(images) * text).sum(-1)).clamp(min=0)
+                if reward is not None:
+                    got["reward"] = reward(images, batch,
+                                           None if reward_labels is None else reward_labels[start : rows.stop])
+                if inpainting:  # what had to stay: the real image outside the mask
+                    error = (images.float() - original).pow(2) * outside
+                    got["outside_mse"] = error.sum((1, 2, 3)) / (outside.sum((1, 2, 3)) * images.shape[1])
+                if seed == cfg.seeds[0] and (start == 0 or start < grid_n):  # rank 0 always has one (grid_n may be 0)
+                    got["grid"] = images[: grid_n - start]
+                for k, v in got.items():
+                    if v is not None:
+                        kept[seed].setdefault(k, []).append(v.float())
+            sampled += len(rows)
         per_seed, first, seed_feats = [], None, {}
-        for seed, noise in noises.items():
-            images, ms = model.run(noise, sigmas, guidance, sampler, cfg.batch_size, seed, on)
+        for seed in cfg.seeds:
+            # every rank joins each gather, even one with no batch (rank 0 has batch 0: it holds every figure there is)
+            got = {k: on.gather_batches(torch.cat(kept[seed][k]) if k in kept[seed] else torch.empty(0),
+                                        grid_n if k == "grid" else n, cfg.batch_size) for k in FIGURES}
             if not on.main:
                 continue
-            feats, logits = embed(extractor, images)
-            row = {"ms_per_image": ms, **score_features(feats, logits, labels, real)}
+            got = {k: v for k, v in got.items() if k in kept[seed]}
+            feats = got["feats"]
+            row = {"ms_per_image": seconds[seed] * 1000 / max(sampled, 1),
+                   **score_features(feats, got.get("logits"), labels, real)}
             if seed in teacher_feats and not reference:
                 row["fd_teacher_same_noise"] = frechet_distance(teacher_feats[seed].numpy(), feats.numpy())
-            if clip is not None:
-                row["clip_score"] = clip.score(images, text)
-            if reward is not None:
-                row["reward"] = float(reward(images, prompts, reward_labels).mean())
-            if kept is not None:  # what had to stay: the real image outside the mask
-                error = (images.float() - inpainted.float() / 255).pow(2) * kept
-                row["outside_mse"] = float((error.sum((1, 2, 3)) / (kept.sum((1, 2, 3)) * images.shape[1])).mean())
+            row.update({k: float(got[k].mean()) for k in ("clip_score", "reward", "outside_mse") if k in got})
             if reference:
                 teacher_feats[seed] = feats
             seed_feats[seed] = feats
             per_seed.append(row)
-            first = images[:grid_n] if first is None else first
+            first = got["grid"] if first is None else first
         if not on.main:
             return {}, None
-        if len(noises) > 1:  # fd_teacher: against the teacher's samples of the next seed (other noise, same prompts)
-            seeds = list(noises)
+        if len(cfg.seeds) > 1:  # fd_teacher: against the teacher's samples of the next seed (other noise, same prompts)
+            seeds = list(cfg.seeds)
             for i, r in enumerate(per_seed):
                 other = teacher_feats[seeds[(i + 1) % len(seeds)]]
                 r["fd_teacher"] = frechet_distance(other.numpy(), seed_feats[seeds[i]].numpy())
@@ -291,8 +313,9 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
         return {}
     # teacher (top row) vs the student at each step count, same prompts and seeds, one column per prompt
     ncol = min(grid_n, 10)
-    if masks is not None:  # the input: the test image with its hole in grey
-        holes = masked_images(test.images[:ncol].float() / 127.5 - 1, masks[:ncol]) / 2 + 0.5
+    if inpainting:  # the input: the test image with its hole in grey
+        masks = record_masks("evaluate", range(ncol), inpaint.mask_seed, *test.images.shape[-2:])
+        holes = masked_images(test.images[:ncol].float() / 127.5 - 1, masks) / 2 + 0.5
         side_by_side, labels_by_row = [holes, *side_by_side], ["masked input", *labels_by_row]
     save_grid(torch.cat([g[:ncol] for g in side_by_side]), out / "grids" / "teacher_vs_student.png", ncol=ncol,
               row_labels=labels_by_row, col_labels=prompts[:ncol])
@@ -313,13 +336,12 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
     if cfg.register and gate is not None:
         def rescore(pipe_dir):  # the champion's student under this evaluation's protocol (rank 0 alone)
             meta = read_meta(pipe_dir)
-            if (meta.get("task") == "inpaint") != (masks is not None):  # inpainting and text-to-image never compare
-                kind = "an inpainting" if masks is None else "a text-to-image"
+            if (meta.get("task") == "inpaint") != inpainting:  # inpainting and text-to-image never compare
+                kind = "an inpainting" if not inpainting else "a text-to-image"
                 raise ConfigError(f"evaluate.model_name: {cfg.model_name}'s champion is {kind} student and this one is "
                                   "not: register it under another evaluate.model_name")
-            row, _ = measure(_load(pipe_dir, prompts, device, masks, inpainted),
-                             cfg.gate_steps, student_sigmas(cfg.gate_steps, meta), 0.0, meta.get("sampler", "euler"),
-                             "champion_rescored", solo=True)
+            row, _ = measure(_load(pipe_dir, device), cfg.gate_steps, student_sigmas(cfg.gate_steps, meta), 0.0,
+                             meta.get("sampler", "euler"), "champion_rescored", solo=True)
             return row
 
         registered = _register(cfg, gate, gate_metric, protocol, final_dir, tracker, rescore)

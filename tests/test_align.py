@@ -103,6 +103,27 @@ def test_reward_names_are_the_registry():
     assert REWARD_NAMES == tuple(REWARDS)
 
 
+def test_a_batch_sampled_alone_is_that_batch_among_all_rows(tiny_student_dir):
+    """`generate_batch` (align's candidates, evaluate's rows): one batch handed over with only its own embeddings and
+    noise samples exactly as `generate_latents` samples it among every row, the renoise sampler's fresh noise (seeded
+    by the batch's first row) included."""
+    from ladd.align import generate_batch
+    from ladd.generate import generate_latents, record_noise
+    from ladd.pipeline import encode_prompts, latent_shape, load_pipeline, read_meta
+    from ladd.schedules import student_sigmas
+
+    pipe, meta = load_pipeline(tiny_student_dir), read_meta(tiny_student_dir)
+    e, p = encode_prompts(pipe, [f"a handwritten digit {d}" for d in range(10)], meta["max_sequence_length"])
+    noise, sigmas = record_noise(list(range(10)), latent_shape(pipe)), student_sigmas(2, meta)
+    whole = generate_latents(pipe.transformer, e, p, noise, sigmas, sampler="renoise", batch_size=4, seed=3)
+    parts = [generate_batch(pipe.transformer, i, e[i : i + 4], p[i : i + 4], noise[i : i + 4], sigmas, 4,
+                            sampler="renoise", seed=3) for i in (0, 4, 8)]
+    assert torch.equal(torch.cat(parts), whole)
+    alone = generate_latents(pipe.transformer, e[4:8], p[4:8], noise[4:8], sigmas, sampler="renoise", batch_size=4,
+                             seed=3)
+    assert not torch.equal(alone, parts[1])  # the batch as rows 0..3: other re-noising
+
+
 def _cfg(out, **kw):
     return AlignConfig(**{**dict(enabled=True, out_dir=str(out), prompts=48, samples=4, steps=1, min_margin=0.0,
                                  min_pairs=2, lora_rank=4, train_steps=3, batch_size=4, probe_prompts=8, probe_every=2,

@@ -63,3 +63,43 @@ def test_seeds_must_be_distinct():
         EvaluateConfig(seeds=(1, 1, 2))
     with pytest.raises(ConfigError, match="evaluate.seeds"):
         EvaluateConfig(seeds=())
+
+
+def test_memory_is_a_batchs_prompts_at_a_time_and_the_figures_do_not_depend_on_it(
+        prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, tmp_path, monkeypatch):
+    """Memory grows with evaluate.batch_size, not with the number of prompts: no more than a batch of prompts is
+    encoded at once (nor its noise drawn); batches of 4 score what one batch of 12 scores (the text encoder's sums
+    aside: its batches differ), the renoise student and a grid spanning batches included."""
+    import ladd.evaluate as ev
+
+    sizes = {"encode": [], "noise": []}
+    real_encode, real_noise = ev.encode_prompts, ev.record_noise
+
+    def encode_prompts(pipe, prompts, *args):
+        sizes["encode"].append(len(prompts))
+        return real_encode(pipe, prompts, *args)
+
+    def record_noise(seeds, shape):
+        sizes["noise"].append(len(seeds))
+        return real_noise(seeds, shape)
+
+    monkeypatch.setattr(ev, "encode_prompts", encode_prompts)
+    monkeypatch.setattr(ev, "record_noise", record_noise)
+
+    def run(batch_size):
+        cfg = EvaluateConfig(out_dir=str(tmp_path / str(batch_size)), teacher_steps=2, few_steps=(1,), num_samples=12,
+                             batch_size=batch_size, grid_size=6, device="cpu", seeds=(1, 2), register=False)
+        return evaluate(cfg, prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, NullTracker())
+
+    batched = run(4)
+    assert max(sizes["encode"]) == max(sizes["noise"]) == 4
+    assert len(sizes["noise"]) == 3 * 2 * 3  # batches x seeds x rows (teacher, naive teacher, student)
+    whole = run(12)
+    for a, b in ((batched["teacher"], whole["teacher"]), (batched["student"]["1"], whole["student"]["1"]),
+                 (batched["teacher_naive"]["1"], whole["teacher_naive"]["1"])):
+        assert a["accuracy"] == b["accuracy"]
+        for key in ("fd", "fd_teacher", "precision", "recall"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    for name in ("student_1.png", "teacher_vs_student.png"):
+        grids = [np.asarray(Image.open(tmp_path / str(bs) / "grids" / name)).astype(int) for bs in (4, 12)]
+        assert grids[0].shape == grids[1].shape and np.abs(grids[0] - grids[1]).max() <= 1
