@@ -168,7 +168,7 @@ class DistillConfig:
     sampler: str = "renoise"  # few-step sampling of the student: renoise (ADD/LADD) | euler
     checkpoint_every: int = 100
     log_every: int = 10
-    prefetch: int = 4  # batches read ahead of the loop by a background thread
+    prefetch: int | None = None  # batches read ahead of the loop by a background thread; None: 4 on CUDA, 0 on the CPU
     # memory habits of a 2-8B teacher ("auto": on for CUDA, off on the CPU)
     gradient_checkpointing: str = "auto"  # auto | off | student | all (student and the frozen teacher's forward)
     mixed_precision: str = "auto"  # auto | no | bf16: autocast of the forward passes; student weights stay fp32
@@ -204,6 +204,8 @@ class DistillConfig:
             raise ConfigError("distill.ema_on_cpu does not combine with parallel: fsdp (the EMA is sharded like the "
                               "student already)")
         _positive("distill", steps=self.steps, d_steps_per_g=self.d_steps_per_g, checkpoint_every=self.checkpoint_every)
+        if self.prefetch is not None and self.prefetch < 0:
+            raise ConfigError(f"distill.prefetch must be 0 or more batches (null: by device), got {self.prefetch}")
         _choice("distill.student", self.student, ("full", "lora"))
         if self.student == "lora":
             _positive("distill", lora_rank=self.lora_rank)

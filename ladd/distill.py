@@ -349,7 +349,8 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     skipped, step_times, to_first_step = 0, [], time.perf_counter() - started
     # batches are read ahead in a thread; each step takes d_steps_per_g of them, so a resumed run reads on from the
     # position its step implies (BucketBatches is a pure function of it)
-    stream = Prefetcher(read_batch, start * cfg.d_steps_per_g, cfg.prefetch)
+    stream = Prefetcher(read_batch, start * cfg.d_steps_per_g,
+                        cfg.prefetch if cfg.prefetch is not None else 4 if device.type == "cuda" else 0)
     try:
         for step in (bar := tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="distill", mininterval=2,
                                  disable=not world.main)):

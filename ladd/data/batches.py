@@ -8,8 +8,10 @@ one bucket's, and buckets come by their share of the records. Every rank compute
 reads only its rows of it, so ranks' shares are disjoint and the order does not depend on the world size; a run
 resumed at position p reads what an uninterrupted one reads from p.
 
-`Prefetcher` reads the next batches in a background thread while the loop trains on the current one (reads are
-`pread`s and tensor copies, which release the GIL); an error in it is raised where the loop takes that batch.
+`Prefetcher` reads the next batches in a background thread while the loop trains on the current one (on a GPU,
+where the loop mostly waits on the device); an error in it is raised where the loop takes that batch. On the
+CPU the loop reads each batch itself: a reader thread beside torch's own CPU threads made the embedded default's
+step 1.9x slower (0.092 against 0.048 s), reading in the loop costs 2 ms of its ~50.
 """
 
 from __future__ import annotations
@@ -52,13 +54,16 @@ class BucketBatches:
 
 
 class Prefetcher:
-    """`produce(position)` for start, start + 1, ... computed up to `depth` ahead in a thread; next() in order."""
+    """`produce(position)` for start, start + 1, ... computed up to `depth` ahead in a thread; next() in order.
+    `depth` 0: each computed when asked, in the caller's thread."""
 
     def __init__(self, produce: Callable[[int], object], start: int, depth: int = 2):
+        self._produce, self._position, self._thread = produce, start, None
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(produce, start), daemon=True, name="ladd-prefetch")
-        self._thread.start()
+        if depth > 0:
+            self._thread = threading.Thread(target=self._run, args=(produce, start), daemon=True, name="ladd-prefetch")
+            self._thread.start()
 
     def _run(self, produce, position: int) -> None:
         while not self._stop.is_set():
@@ -77,6 +82,9 @@ class Prefetcher:
             position += 1
 
     def __next__(self):
+        if self._thread is None:
+            self._position += 1
+            return self._produce(self._position - 1)
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
@@ -84,4 +92,5 @@ class Prefetcher:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=30)
+        if self._thread is not None:
+            self._thread.join(timeout=30)

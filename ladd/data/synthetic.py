@@ -145,7 +145,8 @@ class SyntheticSet:
         if len(self.columns) != manifest["records"]:
             raise ValidationFailed(f"{self.out}: {self.out / 'records.parquet'} holds {len(self.columns)} records, "
                                    f"{self.manifest_path} says {manifest['records']}")
-        bucket = self.columns["bucket"].to_numpy()
+        self.arrays = {name: self.columns[name].to_numpy() for name in self.columns}  # what a batch indexes
+        bucket = self.arrays["bucket"]
         self.buckets = [BucketSpec(tuple(b["resolution"]), tuple(b["latent_shape"]), np.flatnonzero(bucket == i))
                         for i, b in enumerate(manifest["buckets"])]
         self.trajectory_times: list[float] = manifest.get("trajectory_times", [])
@@ -211,10 +212,10 @@ class SyntheticSet:
         `pooled_prompt_embeds` [n, P] (each distinct prompt read once), `seed` [n]. ValidationFailed naming the
         records whose bytes changed or whose latents are not finite."""
         records = np.asarray(records)
-        cols = self.columns.iloc[records]
+        cols = {name: values[records] for name, values in self.arrays.items()}
         names = [n for n in RECORD_TENSORS if f"crc_{n}" in cols and (trajectory or n != "trajectory")]
-        batch = self._read(cols["shard"].to_numpy(), cols["row"].to_numpy(),
-                           {n: cols[f"crc_{n}"].to_numpy() for n in names}, "shard", lambda bad: records[bad])
+        batch = self._read(cols["shard"], cols["row"], {n: cols[f"crc_{n}"] for n in names}, "shard",
+                           lambda bad: records[bad])
         finite = torch.isfinite(batch["latents"].float().flatten(1)).all(1)
         if "trajectory" in batch:
             finite &= torch.isfinite(batch["trajectory"].float().flatten(1)).all(1)
@@ -222,12 +223,12 @@ class SyntheticSet:
             bad = records[(~finite).numpy()]
             raise ValidationFailed(f"{self.out}: {len(bad)} synthetic latents are not finite, e.g. records "
                                    f"{self.describe(bad)}: rerun `ladd synthesize` (delete those shards)")
-        prompts, first, inverse = np.unique(cols["prompt_index"].to_numpy(), return_index=True, return_inverse=True)
+        prompts, first, inverse = np.unique(cols["prompt_index"], return_index=True, return_inverse=True)
         per = self.manifest["embed_shard_size"]
-        text = self._read(prompts // per, prompts % per, {n: cols[f"crc_{n}"].to_numpy()[first] for n in PROMPT_TENSORS}, "embed",
+        text = self._read(prompts // per, prompts % per, {n: cols[f"crc_{n}"][first] for n in PROMPT_TENSORS}, "embed",
                           lambda bad: records[first[bad]])
         batch.update({k: v[torch.from_numpy(inverse)] for k, v in text.items()})
-        batch["seed"] = torch.from_numpy(cols["seed"].to_numpy())
+        batch["seed"] = torch.from_numpy(cols["seed"])
         return batch
 
     def close(self) -> None:
