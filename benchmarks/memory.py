@@ -217,7 +217,7 @@ def measure(config: dict) -> list[dict]:
 
 
 DATA = {"prompts": 100_000, "samples": 4, "resolution": 1024, "path_states": 3, "stored_bytes": 2,  # bf16
-        "batch_per_rank": 4, "prefetch": DistillConfig().prefetch}
+        "batch_per_rank": 4, "prefetch": 4}  # distill.prefetch on CUDA
 RECORD_BYTES = 8 + 4 * 4 + 4 * 4  # the columns distill holds: seed (int64); bucket, shard, row, prompt_index; 4 CRC-32s
 TABLE_BYTES_PER_RECORD = 16 * 8  # records.parquet on disk, about: those columns plus id, prompt (dictionary), label
 T5_XXL_GB, CLIPS_GB = 4.76e9 * 2 / GB, 0.8e9 * 2 / GB  # bf16: what encoding per batch would keep resident
