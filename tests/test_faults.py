@@ -140,11 +140,11 @@ def _next_read(project: Path, position: int = DISTILL["steps"]) -> tuple[int, in
     the project's checkpoint at step 4): the synthetic data is checked as it is read, so the faults below sit
     where the next batch reads."""
     from ladd.data.batches import BucketBatches
-    from ladd.data.synthetic import SyntheticSet
 
-    data = SyntheticSet(project / "data" / "synthetic")
-    _, records = BucketBatches([b.records for b in data.buckets], DISTILL["batch_size"], 0)[position]
-    shard, row = data.columns.iloc[records[0]][["shard", "row"]]
+    table = pd.read_parquet(project / "data" / "synthetic" / "records.parquet", columns=["bucket", "shard", "row"])
+    buckets = [np.flatnonzero(table["bucket"].to_numpy() == b) for b in range(int(table["bucket"].max()) + 1)]
+    _, records = BucketBatches(buckets, DISTILL["batch_size"], 0)[position]
+    shard, row = table.iloc[records[0]][["shard", "row"]]
     return int(shard), int(row)
 
 
