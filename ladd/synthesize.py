@@ -12,8 +12,8 @@ trains on teacher samples only), written as sharded safetensors plus a manifest.
     <out>/manifest.json            run settings and fingerprints, buckets, shard and embedding files with their
                                    byte sizes, the text embeddings' shapes and T5 length
 
-Each shard's header also holds its rows' CRC-32s (computed from the tensors before writing), from which the
-records table is assembled without reading any shard back.
+Each shard also holds its rows' CRC-32s (`crc_<tensor>`, computed before writing), from which the records table
+is assembled without reading the data back.
 
 Floating-point tensors are stored as `storage_dtype` (auto: bfloat16 when the teacher runs on CUDA, whose
 distill computes in bf16 anyway; float32 on the CPU): bf16 halves the disk and the reads.
@@ -286,31 +286,34 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
 
 
 def save_shard(path: Path, tensors: dict, dtype: torch.dtype, run_fp: str) -> None:
-    """Write a shard atomically: floating tensors as `dtype`, and in its header the run it belongs to and each row's
-    CRC-32 of every tensor but `record` (what the records table is assembled from, and distill checks rows by)."""
+    """Write a shard atomically: floating tensors as `dtype`, in its header the run it belongs to, and beside each
+    tensor but `record` its rows' CRC-32s `crc_<name>` (what the records table is assembled from, and distill checks
+    rows by)."""
     tensors = {name: (t.to(dtype) if t.is_floating_point() else t).cpu().contiguous() for name, t in tensors.items()}
-    sums = {f"crc_{name}": json.dumps(row_checksums(t)) for name, t in tensors.items() if name != "record"}
+    # as tensors, not header metadata: safetensors writes a header's metadata keys in no fixed order, and a rerun
+    # must write the same bytes
+    sums = {f"crc_{name}": torch.tensor(row_checksums(t), dtype=torch.int64) for name, t in tensors.items() if name != "record"}
     with atomic_file(path) as tmp:
-        save_tensors(tensors, tmp, metadata={"run": run_fp, **sums})
+        save_tensors({**tensors, **sums}, tmp, metadata={"run": run_fp})
 
 
 def _record_checksums(work: Path, records: pd.DataFrame, shards, embed_shards) -> list[str]:
-    """Each record's shard and row, and each stored row's CRC-32 from its shard's header (no shard read back),
+    """Each record's shard and row, and each stored row's CRC-32 from its shard's `crc_` tensors (nothing else read),
     into `records`; the names of the record tensors stored."""
     stored: list[str] = []
     for k, _, rows in shards:
-        header = ShardFile(work / f"shard-{k:05d}.safetensors")
-        header.close()
+        shard = ShardFile(work / f"shard-{k:05d}.safetensors")
         records.loc[rows, "shard"], records.loc[rows, "row"] = k, np.arange(len(rows))
-        stored = [n for n in RECORD_TENSORS if header.has(n)]
+        stored = [n for n in RECORD_TENSORS if shard.has(n)]
         for name in stored:
-            records.loc[rows, f"crc_{name}"] = json.loads(header.metadata[f"crc_{name}"])
+            records.loc[rows, f"crc_{name}"] = shard.read_rows(f"crc_{name}", np.arange(len(rows)))[0].numpy()
+        shard.close()
     prompt_crc = {n: np.zeros(int(records["prompt_index"].max()) + 1, dtype=np.int64) for n in PROMPT_TENSORS}
     for k, rows in embed_shards:
-        header = ShardFile(work / f"embeds-{k:05d}.safetensors")
-        header.close()
+        shard = ShardFile(work / f"embeds-{k:05d}.safetensors")
         for name in PROMPT_TENSORS:
-            prompt_crc[name][rows] = json.loads(header.metadata[f"crc_{name}"])
+            prompt_crc[name][rows] = shard.read_rows(f"crc_{name}", np.arange(len(rows)))[0].numpy()
+        shard.close()
     for name in PROMPT_TENSORS:
         records[f"crc_{name}"] = prompt_crc[name][records["prompt_index"].to_numpy()]
     records[["shard", "row", *(f"crc_{n}" for n in stored)]] = \
