@@ -169,6 +169,7 @@ def measure(work: Path, teacher: Path, clip: Path, n: int, code_root: Path = ROO
         row["evaluate"] = stage(root, "evaluate", code_root)
         synthetic = root / "data" / "synthetic"
         row["synthetic_gb"] = sum(f.stat().st_size for f in synthetic.iterdir()) / 1e9
+        shutil.rmtree(synthetic)  # 2.7 MB a prompt: the next N needs the disk
     row["root"] = str(root)
     return row
 
