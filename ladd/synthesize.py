@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from ladd.config import InpaintConfig, SynthesizeConfig
 from ladd.errors import ConfigError
 from ladd.data.prepare import load_split
-from ladd.data.synthetic import (PROMPT_TENSORS, RECORD_TENSORS, STORAGE_DTYPES, ShardFile, bucket_resolutions,
+from ladd.data.synthetic import (PROMPT_TENSORS, RECORD_TENSORS, STORAGE_DTYPES, ShardFile, bucket_resolutions, gather_rows,
                                  row_checksums, shard_fingerprint, synthesis_settings)
 from ladd.generate import generate_latents, record_noise
 from ladd.inpaint import check_task, inpaint_condition, record_masks
@@ -156,18 +156,19 @@ def embed_shard_size(null_e: torch.Tensor, null_p: torch.Tensor, dtype: torch.dt
 def read_prompt_rows(work: Path, prompt_index: np.ndarray, per_shard: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt_embeds, pooled) of these prompts, read from the embedding shards (the rows the teacher samples from
     and distill reads: one source of truth for both)."""
-    parts: dict[str, list] = {n: [] for n in PROMPT_TENSORS}
-    files, rows = prompt_index // per_shard, prompt_index % per_shard
-    order = []
-    for f in np.unique(files):
-        picked = np.flatnonzero(files == f)
-        shard = ShardFile(work / f"embeds-{f:05d}.safetensors")
-        for name in PROMPT_TENSORS:
-            parts[name].append(shard.read_rows(name, rows[picked])[0])
-        shard.close()
-        order.append(picked)
-    back = torch.from_numpy(np.argsort(np.concatenate(order)))
-    return tuple(torch.cat(parts[n])[back] for n in PROMPT_TENSORS)
+    opened: dict[int, ShardFile] = {}
+
+    def shard_of(f: int) -> ShardFile:
+        if f not in opened:
+            opened[f] = ShardFile(work / f"embeds-{f:05d}.safetensors")
+        return opened[f]
+
+    try:
+        rows = gather_rows(shard_of, prompt_index // per_shard, prompt_index % per_shard, list(PROMPT_TENSORS))
+    finally:
+        for shard in opened.values():
+            shard.close()
+    return tuple(rows[n] for n in PROMPT_TENSORS)
 
 
 def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, world, inpaint=None) -> dict:

@@ -104,6 +104,27 @@ class ShardFile:
         os.close(self.fd)
 
 
+def gather_rows(shard_of, files: np.ndarray, rows: np.ndarray, names: list[str], check=None) -> dict:
+    """Rows (files[i], rows[i]), in that order, of each named tensor the shards hold: each file's rows read
+    together from `shard_of(file)` (an open ShardFile); `check(file name, tensor, positions, row bytes)` may refuse
+    them."""
+    out: dict[str, list] = {}
+    for f in np.unique(files):
+        picked = np.flatnonzero(files == f)
+        shard = shard_of(int(f))
+        for tensor in names:
+            if shard.has(tensor):
+                values, parts = shard.read_rows(tensor, rows[picked])
+                if check is not None:
+                    check(shard.path.name, tensor, picked, parts)
+                out.setdefault(tensor, []).append((picked, values))
+    result = {}
+    for tensor, pieces in out.items():  # back into the asked order
+        order = np.concatenate([p for p, _ in pieces])
+        result[tensor] = torch.cat([v for _, v in pieces])[torch.from_numpy(np.argsort(order))]
+    return result
+
+
 @dataclass(frozen=True)
 class BucketSpec:
     """One resolution bucket: its pixel size, latent shape [C, h, w], and the indices of its records."""
@@ -182,29 +203,16 @@ class SyntheticSet:
         return ", ".join(f"{r.id}#{r.sample} (shard-{r.shard:05d})" for r in table.itertuples())
 
     def _read(self, files: np.ndarray, rows: np.ndarray, sums: dict, what: str, who) -> dict:
-        """The rows (files[i], rows[i]) in order of each tensor in `sums` (name -> CRC-32 per row) that the files
-        hold, each row checked against its sum; `who(positions)` gives the records to name on a mismatch."""
-        out: dict[str, list] = {}
-        for f in np.unique(files):
-            picked = np.flatnonzero(files == f)
-            name = self.manifest[f"{what}_files"][f]
-            shard = self._file(name)
-            for tensor, expected in sums.items():
-                if not shard.has(tensor):
-                    continue
-                values, parts = shard.read_rows(tensor, rows[picked])
-                crc = np.array([zlib.crc32(p) for p in parts], dtype=np.int64)
-                bad = picked[crc != expected[picked]]
-                if len(bad):
-                    raise ValidationFailed(f"{self.out}: the content of {name} no longer matches its checksums in "
-                                           f"{self.out / 'records.parquet'} (changed after synthesize wrote it; e.g. "
-                                           f"records {self.describe(who(bad))}): delete it and rerun `ladd synthesize`")
-                out.setdefault(tensor, []).append((picked, values))
-        result = {}
-        for tensor, pieces in out.items():  # back into the asked order
-            order = np.concatenate([p for p, _ in pieces])
-            result[tensor] = torch.cat([v for _, v in pieces])[torch.from_numpy(np.argsort(order))]
-        return result
+        """`gather_rows` from this set's open shards, each row checked against `sums` (tensor name -> CRC-32 per
+        row); `who(positions)` gives the records to name on a mismatch."""
+        def check(name, tensor, picked, parts):
+            bad = picked[np.array([zlib.crc32(p) for p in parts], dtype=np.int64) != sums[tensor][picked]]
+            if len(bad):
+                raise ValidationFailed(f"{self.out}: the content of {name} no longer matches its checksums in "
+                                       f"{self.out / 'records.parquet'} (changed after synthesize wrote it; e.g. "
+                                       f"records {self.describe(who(bad))}): delete it and rerun `ladd synthesize`")
+
+        return gather_rows(lambda f: self._file(self.manifest[f"{what}_files"][f]), files, rows, list(sums), check)
 
     def read(self, records: np.ndarray, trajectory: bool = True) -> dict:
         """The records' tensors in their stored dtype (a GPU run moves bf16 and casts there), from their shards: `latents` [n, C, h, w], `trajectory` [n, K, C, h, w]
