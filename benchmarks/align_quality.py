@@ -56,7 +56,7 @@ def main():
     student, distill_s = Path(args.student or out / "student"), float("nan")
     if not args.student:
         start = time.perf_counter()
-        distill(replace(params.distill, out_dir=str(student), checkpoint=str(out / "distill.safetensors"), device="cpu"),
+        distill(replace(params.distill, out_dir=str(student), checkpoint=str(out / "distill.safetensors"), report_dir=str(out), device="cpu"),
                 params.teacher.out_dir, params.synthesize.out_dir, NullTracker())
         distill_s = time.perf_counter() - start
         (out / "distill.safetensors").unlink(missing_ok=True)  # no resume of this run by the next

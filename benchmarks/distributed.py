@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_row(nproc: int, parallel: str, out: Path) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["distill"].update(out_dir=str(out / "student"), checkpoint=str(out / "distill.safetensors"),
+    params["distill"].update(out_dir=str(out / "student"), checkpoint=str(out / "distill.safetensors"), report_dir=str(out),
                              parallel=parallel if nproc > 1 else "none")
     params["evaluate"].update(out_dir=str(out / "reports"), register=False)
     params["launch"].update(nproc_per_node=nproc, stages=["distill"])
@@ -41,7 +41,7 @@ def run_row(nproc: int, parallel: str, out: Path) -> dict:
                        env=env, check=True)
         seconds[stage] = time.perf_counter() - start
     summary = json.loads((out / "student" / "ladd_train_summary.json").read_text())
-    summary |= json.loads((out / "distill.run.json").read_text())  # timings, processes: beside the checkpoint
+    summary |= json.loads((out / "distill.json").read_text())  # timings, processes: distill.report_dir
     metrics = json.loads((out / "reports" / "metrics.json").read_text())
     return {"processes": summary["world_size"], "parallel": summary["parallel"], "sec_per_step": summary["sec_per_step"],
             "distill_s": seconds["distill"], "health": summary["gan_health"]["status"],

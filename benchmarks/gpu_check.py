@@ -191,7 +191,7 @@ def main(argv=None) -> dict:
             for batch in size["batches"]:
                 clock = time.perf_counter()
                 run = out / f"{student}{res}b{batch}"
-                cfg = DistillConfig(out_dir=str(run / "student"), checkpoint=str(run / "ck.safetensors"), steps=size["steps"],
+                cfg = DistillConfig(out_dir=str(run / "student"), checkpoint=str(run / "ck.safetensors"), report_dir=str(run), steps=size["steps"],
                                     batch_size=batch, warmup_steps=0, checkpoint_every=10_000, log_every=1,
                                     device=device.type, student=student, lora_rank=size["lora_rank"],
                                     lr_g=3e-4 if student == "lora" else 3e-5, **memory)
@@ -221,7 +221,7 @@ def main(argv=None) -> dict:
         if not args.dry_run else teacher
     res = size["resolutions"][0]
     if not args.dry_run:
-        cfg = DistillConfig(out_dir=str(out / "small" / "student"), checkpoint=str(out / "small" / "ck.safetensors"),
+        cfg = DistillConfig(out_dir=str(out / "small" / "student"), checkpoint=str(out / "small" / "ck.safetensors"), report_dir=str(out / "small"),
                             steps=2, batch_size=2, warmup_steps=0, device="cuda", **memory)
         distill(cfg, small_teacher, synthetic[res], NullTracker())
         kept = out / "small" / "student"

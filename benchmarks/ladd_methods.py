@@ -40,7 +40,7 @@ def train_and_score(params, name: str, steps: int, out: Path, overrides: dict | 
     label = name + "".join(f"+{k}={v}" for k, v in (overrides or {}).items())
     out = out / label
     cfg = replace(params.distill, preset=preset, steps=steps, device="cpu", out_dir=str(out / "student"),
-                  checkpoint=str(out / "distill.safetensors"))
+                  checkpoint=str(out / "distill.safetensors"), report_dir=str(out))
     if overrides:
         cfg = replace(cfg, preset=None, **{**(DISTILL_PRESETS[preset] if preset else {}), **overrides})
     settings = {**json.loads(json.dumps(asdict(cfg))), "teacher": fingerprint(params.teacher.out_dir),

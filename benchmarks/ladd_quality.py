@@ -50,7 +50,7 @@ def ladd_step_seconds(params, steps: int) -> float:
     tmp = Path(tempfile.mkdtemp())
     # no warm-up: the timed steps draw student times as most of a run does (the warm-up draws no t = 1 rows,
     # which the heads judge)
-    cfg = replace(params.distill, steps=steps + 5, out_dir=str(tmp / "student"), checkpoint=str(tmp / "ck.safetensors"),
+    cfg = replace(params.distill, steps=steps + 5, out_dir=str(tmp / "student"), checkpoint=str(tmp / "ck.safetensors"), report_dir=str(tmp),
                   checkpoint_every=10_000, device="cpu", warmup_steps=0)
     summary = distill(cfg, params.teacher.out_dir, params.synthesize.out_dir, NullTracker())
     shutil.rmtree(tmp)

@@ -18,7 +18,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from ladd.errors import Busy
 from ladd.io import atomic_file, exclusive, fingerprint
-from ladd.tracking import PARENT_ENV, finish_pipeline_run, masked_uri, run_page, start_pipeline_run, tracking_uri
+from ladd.tracking import (PARENT_ENV, default_tracking_uri, finish_pipeline_run, masked_uri, run_page,
+                           start_pipeline_run, tracking_uri)
 
 
 def stage_order(repo: Path) -> list[str]:
@@ -119,13 +120,13 @@ def _publish(root: Path, params: dict) -> dict:
         create_markdown_artifact(key="ladd-metrics", markdown=_metrics_markdown(json.loads(where["metrics"].read_text())),
                                  description="Quality vs steps (ladd evaluate)")
     train_summary = where["student"] / "ladd_train_summary.json"
-    checkpoint = root / Path(params.get("distill", {}).get("checkpoint", "models/checkpoints/distill.safetensors"))
-    run_report = checkpoint.with_suffix(".run.json")
+    distill_reports = root / params.get("distill", {}).get("report_dir", "reports")
+    run_report = distill_reports / "distill.json"
     if train_summary.is_file():
         run = json.loads(run_report.read_text()) if run_report.is_file() else {}
         create_markdown_artifact(key="ladd-distill", markdown=_distill_markdown(json.loads(train_summary.read_text()), run),
                                  description="Distillation: GAN health and cost (ladd distill)")
-    curves = checkpoint.with_suffix(".curve.png")
+    curves = distill_reports / "distill_curve.png"
     if curves.is_file():
         create_link_artifact(key="ladd-curves", link=curves.resolve().as_uri(), link_text="distillation curves (per-head logits)")
     export = root / params.get("export", {}).get("report", "reports/export.json")
@@ -173,7 +174,7 @@ def _pipeline(root: Path, params_file: str) -> dict[str, bool]:
             shutil.copyfile(source, tmp)
     params = yaml.safe_load((root / "params.yaml").read_text()) or {}
     # one store for the flow and every stage process: the repo's SQLite file unless a server is set
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", default_tracking_uri(root))
     run_id = None
     if os.environ.get("LADD_TRACKING", "1") != "0":  # fails fast when a tracking server is unreachable
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()

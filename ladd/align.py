@@ -257,6 +257,7 @@ def align_stage(cfg, data_dir, classifier_dir, student_dir, report_dir, tracker)
         with atomic_dir(out) as tmp:
             write_json(tmp / PASS_THROUGH, {"enabled": False, "note": "align.enabled is false: evaluate and export use "
                                             "the distilled student"})
+        write_json(Path(report_dir) / "align_pairs.json", {"suite": "align_pairs", "enabled": False})  # DVC's output
         return {"enabled": False}
     start = time.perf_counter()
     score = load_reward(cfg.reward, cfg.reward_path, classifier_dir)  # a bad reward fails before any sampling

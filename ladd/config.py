@@ -131,7 +131,8 @@ class SynthesizeConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     out_dir: str = "models/student"
-    checkpoint: str = "models/checkpoints/distill.safetensors"
+    checkpoint: str = "models/checkpoints/distill.safetensors"  # the resume point: no DVC output (never pushed)
+    report_dir: str = "reports"  # distill.json (how the run went) and distill_curve.csv/.png: small, kept in git
     preset: str | None = None  # a key of DISTILL_PRESETS; its settings replace those it names
     steps: int = 500
     batch_size: int = 64

@@ -1,5 +1,6 @@
 """The distillation curve: one row per logged step (losses, logits per head, the heads' loss and real - fake gap per
-student time), kept in a CSV beside the checkpoint so a resumed run continues it."""
+student time), kept in a CSV in the report folder (kept by DVC across a
+rerun, `persist`) so a run resumed from its checkpoint continues it."""
 
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ def curve_row(world: World, adversarial, heads: int, times: int, k, real_logits,
 
 
 def curve_path(cfg: DistillConfig) -> Path:
-    return Path(cfg.checkpoint).with_suffix(".curve.csv")
+    """reports/distill_curve.csv (its image beside it, .png): DVC plots it; kept in git with the run report."""
+    return Path(cfg.report_dir) / "distill_curve.csv"
 
 
 def read_curve(path: Path, before_step: int) -> list[dict]:

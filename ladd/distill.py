@@ -65,7 +65,7 @@ def memory_plan(cfg: DistillConfig, device: torch.device) -> dict:
 
 def _run_fingerprint(cfg: DistillConfig, teacher_dir, synthetic_dir) -> dict:
     """What a checkpoint must match to be resumed (training length and bookkeeping may change)."""
-    skip = {"out_dir", "checkpoint", "steps", "checkpoint_every", "log_every", "device", "ema_on_cpu",
+    skip = {"out_dir", "checkpoint", "report_dir", "steps", "checkpoint_every", "log_every", "device", "ema_on_cpu",
             "prefetch", "gradient_checkpointing", "truncate_teacher", "parallel"}
     run = {k: v for k, v in asdict(cfg).items() if k not in skip}
     run = {**run, "teacher": fingerprint(teacher_dir), "synthetic": fingerprint(Path(synthetic_dir) / "manifest.json")}
@@ -131,8 +131,9 @@ def save_student(teacher_dir, student_ema, student_raw, cfg: DistillConfig, meta
 
 
 def run_report_path(cfg: DistillConfig) -> Path:
-    """How the last run went (timings, device, processes, resume): beside the checkpoint, outside the student."""
-    return Path(cfg.checkpoint).with_suffix(".run.json")
+    """How the last run went (timings, device, processes, resume): a small report DVC reads as metrics, kept in
+    git beside the curve, outside the student's hash."""
+    return Path(cfg.report_dir) / "distill.json"
 
 
 def save_run(cfg: DistillConfig, teacher_dir, trained, ema, world: World, meta: dict, summary: dict, facts: dict,

@@ -38,7 +38,8 @@ from ladd.config import EvaluateConfig
 from ladd.errors import ConfigError
 from ladd.data.prepare import load_split
 from ladd.distributed import World, close_world, init_world
-from ladd.gate import gate_decision, prompts_fingerprint, protocol_differences, resolve_direction, resolve_metric
+from ladd.gate import (evaluation_tags, evaluations, gate_decision, prompts_fingerprint, protocol_differences, protocol_id,
+                       resolve_direction, resolve_metric)
 from ladd.generate import record_noise
 from ladd.inpaint import check_task, inpaint_condition, masked_images, record_masks
 from ladd.io import atomic_file, fingerprint, write_json
@@ -358,43 +359,65 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
 
 
 def _register(cfg: EvaluateConfig, gate: dict, metric: str, protocol: dict, student_dir, tracker, rescore) -> dict | None:
-    """The champion gate on the student at gate_steps: compare with the champion's figures when its protocol is
-    this one; otherwise re-score the champion under this protocol (gate_rescore) or refuse to promote."""
+    """The champion gate on the student at gate_steps. A registered version is one set of weights: their version
+    (registered the first time they are evaluated) gets this protocol's figures and the gate's decision under it,
+    beside those of other protocols. The champion's own weights are kept, never promoted over themselves."""
     candidate = {k: gate[k] for k in HEADLINE if k in gate}
-    # what makes a version: these weights under this protocol (a rerun or a retry finds it, and its decision)
-    identity = {"weights": fingerprint(Path(student_dir) / "transformer", Path(student_dir) / "scheduler"),
-                "protocol": protocol}
-    existing = tracker.registered_version(cfg.model_name, identity)
-    if existing is not None and {"promoted", "rejected"} & set(existing["tags"]):
-        promoted = "promoted" in existing["tags"]
-        log.info("%s version %s holds these weights under this protocol already: kept as it is", cfg.model_name,
-                 existing["version"])
-        return {"version": existing["version"], "promoted": promoted,
-                "reason": existing["tags"]["promoted" if promoted else "rejected"], "previous_champion": None,
-                "gate_metric": metric, "champion_rescored": None, "already_registered": True}
-    direction = resolve_direction(cfg.gate_direction, metric)
-    champion, rescored = tracker.champion(cfg.model_name), None
-    champion_metrics = champion["metrics"] if champion else None
-    differences = protocol_differences(protocol, champion["protocol"]) if champion else []
-    if differences and cfg.gate_rescore:
-        log.info("champion %s version %s was evaluated under another protocol (%s): re-scoring it under this one",
-                 cfg.model_name, champion["version"], "; ".join(differences))
+    name, pid = cfg.model_name, protocol_id(protocol)
+    identity = {"weights": fingerprint(Path(student_dir) / "transformer", Path(student_dir) / "scheduler")}
+    existing, champion = tracker.registered_version(name, identity), tracker.champion(name)
+    is_champion = existing is not None and champion is not None and champion["version"] == existing["version"]
+    result = {"protocol_id": pid, "gate_metric": metric, "champion_rescored": None, "already_registered": False,
+              "previous_champion": champion["version"] if champion and not is_champion else None}
+    recorded = evaluations(existing["tags"]).get(pid) if existing else None
+    if recorded and recorded["decision"]:  # a rerun or a retry: this evaluation is on its version already
+        log.info("%s version %s holds these weights and their figures under this protocol already: kept as it is",
+                 name, existing["version"])
+        return {**result, "version": existing["version"], "promoted": recorded["decision"] == "promoted",
+                "champion": is_champion, "reason": recorded["reason"], "already_registered": True}
+    if is_champion:
+        decision, reason = "kept", "the champion's own weights, evaluated under another protocol: its figures are added"
+    else:
+        promote, reason, result["champion_rescored"] = _against_champion(cfg, candidate, metric, protocol, champion,
+                                                                         tracker, rescore)
+        decision = "promoted" if promote else "rejected"
+    version = tracker.register_student(student_dir, name, identity)
+    if version is None:  # no tracking store
+        return None
+    latest = {decision: reason} if decision != "kept" else {}  # the version's last verdict, as the UI lists tags
+    tracker.tag_version(name, version, {**evaluation_tags(protocol, candidate, (decision, reason)), **latest},
+                        remove=tuple({"promoted", "rejected"} - set(latest)) if latest else ())
+    if decision == "promoted":
+        tracker.promote(name, version)
+    return {**result, "version": version, "promoted": decision == "promoted", "champion": decision != "rejected",
+            "reason": reason}
+
+
+def _against_champion(cfg: EvaluateConfig, candidate: dict, metric: str, protocol: dict, champion: dict | None, tracker,
+                      rescore) -> tuple[bool, str, dict | None]:
+    """(promote, reason, the champion's re-scored figures or None): the candidate against the champion's figures
+    under this protocol, read from its version, else measured now and kept on it (gate_rescore), else refused."""
+    held = evaluations(champion["tags"]) if champion else {}
+    figures = held[protocol_id(protocol)]["metrics"] if protocol_id(protocol) in held else None
+    rescored = None
+    if champion is not None and figures is None:
+        if not cfg.gate_rescore:
+            nearest = min((e["protocol"] for e in held.values()), default=None,
+                          key=lambda p: len(protocol_differences(protocol, p)))
+            return False, (f"not compared: champion version {champion['version']} was evaluated under another protocol "
+                           f"({'; '.join(protocol_differences(protocol, nearest))}); evaluate.gate_rescore: true "
+                           "re-scores it"), None
+        log.info("champion %s version %s has no figures under this protocol: re-scoring it", cfg.model_name,
+                 champion["version"])
         with tempfile.TemporaryDirectory() as tmp:
             row = rescore(tracker.download_model(cfg.model_name, champion["version"], tmp))
-        champion_metrics = rescored = {k: row[k] for k in HEADLINE if k in row}
-    if differences and not cfg.gate_rescore:
-        promote, reason = False, (f"not compared: champion version {champion['version']} was evaluated under another "
-                                  f"protocol ({'; '.join(differences)}); evaluate.gate_rescore: true re-scores it")
-    else:
-        promote, reason = gate_decision(candidate, champion_metrics, metric, direction, cfg.gate_tolerance,
-                                        cfg.gate_max_accuracy_drop)
-        if rescored is not None:
-            reason += f" (champion version {champion['version']} re-scored under this protocol)"
-    registered = tracker.register_student(student_dir, cfg.model_name, identity, {**candidate, "protocol": protocol},
-                                          promote, reason)
-    if registered is not None:
-        registered.update(gate_metric=metric, champion_rescored=rescored)
-    return registered
+        figures = rescored = {k: row[k] for k in HEADLINE if k in row}
+        tracker.tag_version(cfg.model_name, champion["version"], evaluation_tags(protocol, figures))
+    promote, reason = gate_decision(candidate, figures, metric, resolve_direction(cfg.gate_direction, metric),
+                                    cfg.gate_tolerance, cfg.gate_max_accuracy_drop)
+    if rescored is not None:
+        reason += f" (champion version {champion['version']} re-scored under this protocol)"
+    return promote, reason, rescored
 
 
 def _label(name: str, row: dict) -> str:

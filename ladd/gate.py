@@ -1,7 +1,11 @@
 """The champion gate: a candidate's figures are compared with a champion's only when both were measured under
 the same evaluation protocol (prompt set, sample count, seeds, resolution, step counts, extractor and the
 fingerprints of its weights and of the references). Pure functions: evaluate.py asks the tracker for the
-champion, re-scores it when the protocols differ, and registers the decision."""
+champion, re-scores it when it has no figures under this protocol, and records the decision.
+
+A registered version is one set of weights; each protocol it was evaluated under leaves its figures on it as
+model-version tags keyed by the protocol's id: `gate/<id>/protocol` (the protocol, JSON), `gate/<id>/<metric>`
+and `gate/<id>/decision` (the gate's verdict under that protocol, for a candidate)."""
 
 from __future__ import annotations
 
@@ -15,6 +19,39 @@ GATE_DIRECTIONS = {"fd": "lower", "fd_teacher": "lower", "fd_teacher_same_noise"
 
 def prompts_fingerprint(prompts: list[str]) -> str:
     return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
+
+
+def protocol_id(protocol: dict) -> str:
+    """A short, stable name of an evaluation protocol (the key of its figures on a model version)."""
+    return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def evaluation_tags(protocol: dict, figures: dict, decision: tuple[str, str] | None = None) -> dict:
+    """The model-version tags of one evaluation: the protocol, its figures and, for a candidate, the gate's
+    (decision, reason): decision `promoted`, `rejected`, or `kept` (the champion's own weights)."""
+    pid = protocol_id(protocol)
+    tags = {f"gate/{pid}/protocol": json.dumps(protocol, sort_keys=True),
+            **{f"gate/{pid}/{k}": repr(float(v)) for k, v in figures.items()}}
+    if decision is not None:
+        tags[f"gate/{pid}/decision"], tags[f"gate/{pid}/reason"] = decision
+    return tags
+
+
+def evaluations(tags: dict) -> dict:
+    """{protocol id: {"protocol", "metrics", "decision", "reason"}}, read back from a version's tags."""
+    found: dict = {}
+    for key, value in tags.items():
+        parts = key.split("/")
+        if len(parts) != 3 or parts[0] != "gate":
+            continue
+        entry = found.setdefault(parts[1], {"protocol": None, "metrics": {}, "decision": None, "reason": None})
+        if parts[2] == "protocol":
+            entry["protocol"] = json.loads(value)
+        elif parts[2] in ("decision", "reason"):
+            entry[parts[2]] = value
+        else:
+            entry["metrics"][parts[2]] = float(value)
+    return found
 
 
 def protocol_differences(candidate: dict, champion: dict | None) -> list[str]:

@@ -1,8 +1,10 @@
 """The only module that imports mlflow. Stages log through a `Tracker`; `NullTracker` does nothing.
 
-Default store: SQLite in the working directory (`sqlite:///mlflow.db`); `MLFLOW_TRACKING_URI` points
-it at a server, which is checked before any work starts. A stage run nests under the pipeline's run
-when `LADD_PARENT_RUN_ID` is set (the Prefect flow sets it), so one pipeline execution is one run.
+Default store: the project's SQLite file, `mlflow.db` in the project folder by absolute path, whatever directory
+a stage runs in: a DVC experiment run in a temporary workspace (`dvc exp run --temp`, `--queue`) logs to the
+store of the project it came from, tagged with the experiment's name and commit. `MLFLOW_TRACKING_URI` points it
+at a server, which is checked before any work starts. A stage run nests under the pipeline's run when
+`LADD_PARENT_RUN_ID` is set (the Prefect flow sets it), so one pipeline execution is one run.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import base64
 import contextlib
 import json
 import os
+import subprocess
 import time
 import urllib.error
 import urllib.parse
@@ -22,7 +25,6 @@ import pandas as pd
 from ladd.errors import TrackingUnavailable
 from ladd.io import fingerprint
 
-DEFAULT_URI = "sqlite:///mlflow.db"
 EXPERIMENT = "ladd"
 PARENT_ENV = "LADD_PARENT_RUN_ID"
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
@@ -40,9 +42,10 @@ class NullTracker:
         raise FileNotFoundError(f"no tracking store to download {name} version {version} from")
     def registered_version(self, name: str, identity: dict) -> dict | None:
         return None
-    def register_student(self, student_dir, name: str, identity: dict, gate_tags: dict, promote: bool,
-                         reason: str) -> dict | None:
+    def register_student(self, student_dir, name: str, identity: dict) -> str | None:
         return None
+    def tag_version(self, name: str, version: str, tags: dict, remove: tuple = ()) -> None: ...
+    def promote(self, name: str, version: str) -> None: ...
     def log_onnx_student(self, onnx_dir, generator_file: str, name: str) -> dict | None:
         return None
 
@@ -80,7 +83,7 @@ class MlflowTracker(NullTracker):
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
     def champion(self, name: str) -> dict | None:
-        """The version holding `name`'s `champion` alias: {version, metrics (its gate/* tags), protocol}."""
+        """The version holding `name`'s `champion` alias: {version, tags}."""
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
@@ -93,10 +96,7 @@ class MlflowTracker(NullTracker):
             # anything else (a server error, no permission) must not let a candidate through without the gate
             raise TrackingUnavailable(f"cannot read the champion of {name} from {masked_uri(tracking_uri())}: "
                                       f"{e.message.splitlines()[0]}") from None
-        tags = version.tags
-        metrics = {k.removeprefix("gate/"): float(v) for k, v in tags.items() if k.startswith("gate/") and k != "gate/protocol"}
-        protocol = json.loads(tags["gate/protocol"]) if "gate/protocol" in tags else None
-        return {"version": str(version.version), "metrics": metrics, "protocol": protocol}
+        return {"version": str(version.version), "tags": dict(version.tags)}
 
     def download_model(self, name: str, version: str, dst: str | Path) -> Path:
         """The student pipeline folder of a registered version, downloaded under `dst`."""
@@ -108,7 +108,7 @@ class MlflowTracker(NullTracker):
 
     def registered_version(self, name: str, identity: dict) -> dict | None:
         """The newest version of `name` whose tags hold every `identity` entry (what was registered: the weights'
-        fingerprint and the evaluation protocol): {version, tags}, or None."""
+        fingerprint): {version, tags}, or None."""
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
@@ -125,42 +125,46 @@ class MlflowTracker(NullTracker):
         v = max(mine, key=lambda v: int(v.version))
         return {"version": str(v.version), "tags": dict(v.tags)}
 
-    def register_student(self, student_dir, name: str, identity: dict, gate_tags: dict, promote: bool,
-                         reason: str) -> dict:
-        """Register the student pipeline (a pyfunc model) as a version of `name` once per `identity`: a rerun
-        finds that version and completes what is missing (gate tags, decision, alias) instead of adding one.
-        The `champion` alias moves to it if `promote`; otherwise it is tagged with why not."""
+    def register_student(self, student_dir, name: str, identity: dict) -> str:
+        """The version of `name` that holds `identity` (the weights' fingerprint): the student pipeline registered
+        as a pyfunc model where no version does yet, else the existing one. The identity tags come with the
+        version itself, so a kill after registering leaves a version the next run finds."""
         from mlflow.models import infer_signature
-        from mlflow.tracking import MlflowClient
 
         from ladd.pipeline import read_meta
 
-        previous = self.champion(name)
         existing = self.registered_version(name, identity)
-        if existing is None:
-            example = pd.DataFrame({"prompt": ["a handwritten digit seven"], "steps": [4], "seed": [0]})
-            if read_meta(student_dir).get("task") == "inpaint":  # the inputs an inpainting student needs besides
-                example = example.assign(**_inpaint_example(student_dir))
-            signature = infer_signature(example, pd.DataFrame({"prompt": ["a handwritten digit seven"], "image_png": ["..."]}))
-            info = self._mlflow.pyfunc.log_model(
-                name="student", python_model=_student_model(), artifacts={"pipeline": str(student_dir)},
-                signature=signature, input_example=example,
-                pip_requirements=["ladd", "torch", "diffusers", "transformers", "pandas", "pillow"],
-            )
-            # the identity tags come with the version itself: a kill after this line leaves a version a rerun finds
-            version = str(self._mlflow.register_model(info.model_uri, name, tags={k: _tag(v) for k, v in identity.items()}).version)
-        else:
-            version = existing["version"]
+        if existing is not None:
+            return existing["version"]
+        example = pd.DataFrame({"prompt": ["a handwritten digit seven"], "steps": [4], "seed": [0]})
+        if read_meta(student_dir).get("task") == "inpaint":  # the inputs an inpainting student needs besides
+            example = example.assign(**_inpaint_example(student_dir))
+        signature = infer_signature(example, pd.DataFrame({"prompt": ["a handwritten digit seven"], "image_png": ["..."]}))
+        info = self._mlflow.pyfunc.log_model(
+            name="student", python_model=_student_model(), artifacts={"pipeline": str(student_dir)},
+            signature=signature, input_example=example,
+            pip_requirements=["ladd", "torch", "diffusers", "transformers", "pandas", "pillow"],
+        )
+        tags = {k: _tag(v) for k, v in identity.items()}
+        return str(self._mlflow.register_model(info.model_uri, name, tags=tags).version)
+
+    def tag_version(self, name: str, version: str, tags: dict, remove: tuple = ()) -> None:
+        """Set `tags` on a model version; drop those of `remove` it holds."""
+        from mlflow.tracking import MlflowClient
+
         client = MlflowClient()
-        for k, v in gate_tags.items():
-            client.set_model_version_tag(name, version, f"gate/{k}", _tag(v))
-        if promote:
-            client.set_registered_model_alias(name, "champion", version)
-            client.set_model_version_tag(name, version, "promoted", reason)
-        else:
-            client.set_model_version_tag(name, version, "rejected", reason)
-        return {"version": version, "promoted": promote, "reason": reason,
-                "previous_champion": previous["version"] if previous else None}
+        for k, v in tags.items():
+            client.set_model_version_tag(name, version, k, _tag(v))
+        held = client.get_model_version(name, version).tags if remove else {}
+        for k in remove:
+            if k in held:
+                client.delete_model_version_tag(name, version, k)
+
+    def promote(self, name: str, version: str) -> None:
+        """Move `name`'s `champion` alias to `version`."""
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient().set_registered_model_alias(name, "champion", version)
 
     def log_onnx_student(self, onnx_dir, generator_file: str, name: str) -> dict:
         """Log the unrolled generator graph as an MLflow onnx-flavour model (the whole export folder beside it
@@ -190,8 +194,33 @@ class MlflowTracker(NullTracker):
         return {"model_uri": f"models:/{name}/{version}", "version": version}
 
 
+def project_dir(start: str | Path | None = None) -> Path:
+    """The project folder whose store a stage logs to: `start` (default: the working directory, which `ladd` sets
+    to its params file's folder). DVC runs every stage with DVC_ROOT set to the root of the repository the run
+    belongs to, and in an experiment's temporary copy of it (.dvc/tmp/exps/...) to the original's: the same
+    folder there."""
+    here = Path(start or Path.cwd()).resolve()
+    root = os.environ.get("DVC_ROOT")
+    repo = next((d for d in (here, *here.parents) if (d / ".dvc").is_dir()), None) if root else None
+    return Path(root).resolve() / here.relative_to(repo) if repo else here
+
+
+def default_tracking_uri(start: str | Path | None = None) -> str:
+    return f"sqlite:///{project_dir(start) / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def provenance_tags() -> dict:
+    """Where a stage run comes from: the git commit of the working tree and, under `dvc exp run`, the experiment's
+    name and baseline commit (DVC sets them), so a sweep compares in MLflow as in `dvc exp show`."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    tags = {"mlflow.source.git.commit": commit} if commit else {}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags |= {"dvc.experiment": os.environ["DVC_EXP_NAME"], "dvc.baseline": os.environ.get("DVC_EXP_BASELINE_REV", "")}
+    return tags
 
 
 def as_tracking_unavailable(error: Exception) -> TrackingUnavailable | None:
@@ -279,7 +308,8 @@ def stage_run(stage: str, enabled: bool = True):
     with contextlib.ExitStack() as stack:
         if parent:
             stack.enter_context(mlflow.start_run(run_id=parent))
-        run = stack.enter_context(mlflow.start_run(run_name=stage, nested=bool(parent), tags={"ladd.stage": stage}))
+        run = stack.enter_context(mlflow.start_run(run_name=stage, nested=bool(parent),
+                                                   tags={"ladd.stage": stage, **provenance_tags()}))
         yield MlflowTracker(mlflow, run)
 
 

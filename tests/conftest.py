@@ -97,7 +97,7 @@ def tiny_student_dir(tiny_teacher_dir, tiny_synthetic, tmp_path_factory) -> Path
     from ladd.tracking import NullTracker
 
     out = tmp_path_factory.mktemp("student")
-    cfg = DistillConfig(out_dir=str(out / "student"), checkpoint=str(out / "ck.safetensors"), steps=4, batch_size=4,
+    cfg = DistillConfig(out_dir=str(out / "student"), checkpoint=str(out / "ck.safetensors"), report_dir=str(out), steps=4, batch_size=4,
                         warmup_steps=2, device="cpu")
     distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
     return out / "student"
@@ -117,7 +117,7 @@ def tiny_classifier_dir(prepared_data, tmp_path_factory) -> Path:
 # A finished tiny project (test_faults, test_distributed): the distill settings that made its checkpoint.
 DISTILL = dict(steps=4, batch_size=4, warmup_steps=2, checkpoint_every=2, log_every=1, device="cpu")
 CHECKPOINT = "models/checkpoints/distill.safetensors"
-RUN_REPORT = "models/checkpoints/distill.run.json"  # how the last distill run went (beside the checkpoint)
+RUN_REPORT = "reports/distill.json"  # how the last distill run went (distill.report_dir)
 
 
 @pytest.fixture(scope="session")
@@ -132,10 +132,10 @@ def finished_project(prepared_data, tiny_teacher_dir, tiny_synthetic, tmp_path_f
     shutil.copytree(prepared_data, root / "data" / "prepared")
     shutil.copytree(tiny_teacher_dir, root / "models" / "teacher")
     shutil.copytree(tiny_synthetic.out_dir, root / "data" / "synthetic")
-    cfg = DistillConfig(out_dir=str(root / "models" / "student"), checkpoint=str(root / CHECKPOINT), **DISTILL)
+    cfg = DistillConfig(out_dir=str(root / "models" / "student"), checkpoint=str(root / CHECKPOINT), report_dir=str(root / "reports"), **DISTILL)
     distill(cfg, root / "models" / "teacher", root / "data" / "synthetic", NullTracker())
     params = {**SMOKE_PARAMS, "synthesize": {**asdict(replace(tiny_synthetic, out_dir="data/synthetic")), "device": "cpu"},
-              "distill": {**asdict(replace(cfg, out_dir="models/student", checkpoint=CHECKPOINT))}}
+              "distill": {**asdict(replace(cfg, out_dir="models/student", checkpoint=CHECKPOINT, report_dir="reports"))}}
     params = json.loads(json.dumps(params))  # tuples as lists
     params["prepare"]["out_dir"], params["teacher"]["out_dir"] = "data/prepared", "models/teacher"
     write_params(root / "params.yaml", params)

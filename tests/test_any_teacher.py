@@ -128,7 +128,7 @@ def test_buckets_synthesize_resume_and_distill(bucketed_synthetic, tiny_teacher_
     for name, tensors in before.items():
         assert all(torch.equal(tensors[k], v) for k, v in load_file(out / name).items())
     # distill draws each batch from one bucket; the student pipeline samples non-square sizes
-    dcfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck.safetensors"), **DISTILL)
+    dcfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck.safetensors"), report_dir=str(tmp_path), **DISTILL)
     result = distill(dcfg, tiny_teacher_dir, out, NullTracker())
     assert result["steps"] == 4 and result["skipped_updates"] == 0
     student = StableDiffusion3Pipeline.from_pretrained(tmp_path / "student", text_encoder_3=None, tokenizer_3=None)
@@ -182,7 +182,7 @@ def sd35_chain(tmp_path_factory):
     syn = SynthesizeConfig(out_dir=str(root / "synthetic"), steps=3, samples_per_prompt=1, guidance=2.0,
                            resolutions=((64, 128), (128, 64)), trajectory_times=(0.5, 0.25), device="cpu")
     synthesize(syn, data, teacher, NullTracker())
-    cfg = DistillConfig(out_dir=str(root / "student"), checkpoint=str(root / "ck.safetensors"), **DISTILL,
+    cfg = DistillConfig(out_dir=str(root / "student"), checkpoint=str(root / "ck.safetensors"), report_dir=str(root), **DISTILL,
                         student_times=(1.0, 0.5, 0.25), schedule="exponential", probs=(0.5, 0.25, 0.25), warmup_probs=(0.0, 0.5, 0.5),
                         gradient_checkpointing="all", ema_on_cpu=True)
     summary = distill(cfg, teacher, syn.out_dir, NullTracker())
@@ -230,7 +230,7 @@ def test_sd35_shaped_lora_student_loads_onto_its_teacher(sd35_chain, tmp_path):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     root, teacher, syn, _ = sd35_chain
-    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck.safetensors"), **DISTILL,
+    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck.safetensors"), report_dir=str(tmp_path), **DISTILL,
                         student_times=(1.0, 0.5, 0.25), schedule="exponential", probs=(0.5, 0.25, 0.25),
                         warmup_probs=(0.0, 0.5, 0.5), gradient_checkpointing="all", student="lora", lora_rank=4,
                         lora_targets=("attention", "feed_forward", "adaln"), lr_g=1e-3, ema_decay=0.5)
@@ -262,10 +262,10 @@ def test_memory_settings_leave_the_tiny_run_unchanged(setting, tiny_teacher_dir,
                          teacher_dtype="float32", truncate_teacher=True)
 
     def run(cfg, name):
-        cfg = replace(cfg, out_dir=str(tmp_path / name), checkpoint=str(tmp_path / f"{name}.safetensors"))
+        cfg = replace(cfg, out_dir=str(tmp_path / name), checkpoint=str(tmp_path / f"{name}.safetensors"), report_dir=str(tmp_path / f"{name}_reports"))
         distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
         raw = SD3Transformer2DModel.from_pretrained(tmp_path / name / "ladd_raw_transformer")
-        return dict(raw.named_parameters()), pd.read_csv(tmp_path / f"{name}.curve.csv")
+        return dict(raw.named_parameters()), pd.read_csv(tmp_path / f"{name}_reports" / "distill_curve.csv")
 
     (ref, ref_curve), (got, curve) = run(base, "base"), run(replace(base, **setting), "setting")
     teacher = dict(SD3Transformer2DModel.from_pretrained(tiny_teacher_dir, subfolder="transformer").named_parameters())

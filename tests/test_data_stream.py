@@ -123,7 +123,7 @@ def test_distill_start_reads_no_shard_and_a_step_reads_only_its_rows(many_shards
     assert opened == []  # manifest, records columns and a stat per file: no shard opened
     from ladd.distill import distill
 
-    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck.safetensors"), steps=2,
+    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck.safetensors"), report_dir=str(tmp_path), steps=2,
                         batch_size=4, warmup_steps=1, prefetch=1, device="cpu")
     distill(cfg, tiny_teacher_dir, many_shards, NullTracker())
     manifest = json.loads((many_shards / "manifest.json").read_text())
@@ -168,7 +168,7 @@ def test_embeddings_of_another_t5_length_are_refused_before_training(many_shards
     shutil.copytree(tiny_teacher_dir, teacher)
     meta = json.loads((teacher / "ladd.json").read_text())
     (teacher / "ladd.json").write_text(json.dumps({**meta, "max_sequence_length": 4}))
-    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck.safetensors"), steps=2,
+    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck.safetensors"), report_dir=str(tmp_path), steps=2,
                         batch_size=4, device="cpu")
     with pytest.raises(StaleInput, match=r"manifest.json: its text embeddings are \[17, 64\] at T5 length 1, the "
                                          r"teacher's are \[.., 64\] at 4 \(teacher.max_sequence_length\)"):

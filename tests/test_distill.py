@@ -123,7 +123,7 @@ SMOKE_DISTILL = dict(steps=24, batch_size=4, warmup_steps=4, checkpoint_every=4,
 
 
 def test_distilled_student_is_a_diffusers_pipeline(tiny_teacher_dir, tiny_synthetic, tmp_path):
-    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck.safetensors"),
+    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck.safetensors"), report_dir=str(tmp_path),
                         **{**SMOKE_DISTILL, "steps": 8})
     summary = distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
     assert summary["steps"] == 8 and summary["skipped_updates"] == 0
@@ -167,7 +167,7 @@ def test_mse_to_teacher_keeps_the_student_near_the_teacher_below_t1(tiny_teacher
 
     def drift(**overrides):
         out = tmp_path / str(len(list(tmp_path.iterdir())))
-        cfg = DistillConfig(out_dir=str(out / "student"), checkpoint=str(out / "ck.safetensors"),
+        cfg = DistillConfig(out_dir=str(out / "student"), checkpoint=str(out / "ck.safetensors"), report_dir=str(out),
                             **{**SMOKE_DISTILL, **DISTILL_PRESETS["ladd"], "steps": 6, "lr_g": 1e-3, "ema_decay": 0.0,
                                "warmup_probs": [0.0, 0.0, 0.5, 0.5], "probs": [0.0, 0.0, 0.5, 0.5], **overrides})
         distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())

@@ -44,7 +44,7 @@ def _ladd(root: Path, stage: str = "distill", **popen) -> subprocess.CompletedPr
 def _summary(root: Path) -> dict:
     """The student's training summary with the run report beside the checkpoint (processes, resume, timings)."""
     return {**json.loads((root / "models" / "student" / "ladd_train_summary.json").read_text()),
-            **json.loads((root / "models" / "checkpoints" / "run.run.json").read_text())}  # beside `run.safetensors`
+            **json.loads((root / "reports" / "distill.json").read_text())}
 
 
 def _transformer(root: Path, sub: str = WEIGHTS) -> dict:
@@ -85,7 +85,7 @@ def test_two_processes_compute_the_one_process_update(parallel, one_process, fin
     print(f"{parallel}: update error vs one process {error:.2e}")
     assert error < 1e-3
     assert _update_error(_transformer(root, "transformer"), _transformer(one_process, "transformer"), teacher) < 1e-3
-    curve = (root / "models" / "checkpoints" / "run.curve.csv").read_text().splitlines()
+    curve = (root / "reports" / "distill_curve.csv").read_text().splitlines()
     assert len(curve) == STEPS + 1
     if parallel == "ddp":
         return

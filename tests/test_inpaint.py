@@ -148,7 +148,7 @@ def inpaint_chain(prepared_data, tmp_path_factory):
     syn = SynthesizeConfig(out_dir=str(root / "synthetic"), steps=2, samples_per_prompt=1, shard_size=512, batch_size=512,
                            device="cpu")
     synthesize(syn, prepared_data, teacher, NullTracker(), inpaint=on)
-    cfg = DistillConfig(out_dir=str(root / "student"), checkpoint=str(root / "ck.safetensors"), **DISTILL)
+    cfg = DistillConfig(out_dir=str(root / "student"), checkpoint=str(root / "ck.safetensors"), report_dir=str(root), **DISTILL)
     summary = distill(cfg, teacher, syn.out_dir, NullTracker())
     return root, teacher, syn, on, summary
 
@@ -293,7 +293,7 @@ def test_the_wrong_kind_of_teacher_or_data_fails_naming_the_key(inpaint_chain, p
                    prepared_data, teacher, NullTracker(), inpaint=on)
     assert not out.exists()
     with pytest.raises(ConfigError, match="synthesized with inpainting conditions, and the teacher is not"):
-        distill(DistillConfig(out_dir=str(tmp_path / "s"), checkpoint=str(tmp_path / "ck.safetensors"), steps=1,
+        distill(DistillConfig(out_dir=str(tmp_path / "s"), checkpoint=str(tmp_path / "ck.safetensors"), report_dir=str(tmp_path), steps=1,
                               device="cpu"), tiny_teacher_dir, syn.out_dir, NullTracker())
     params = tmp_path / "params.yaml"
     (tmp_path / "p.csv").write_text("prompt\nhandwritten six\n")
@@ -361,7 +361,7 @@ def test_a_users_sd35_inpainting_folder_and_unlabelled_images(tmp_path):
                                           out_dir=str(tmp_path / "teacher")), data, "cpu", NullTracker(), on)
     syn = SynthesizeConfig(out_dir=str(tmp_path / "synthetic"), steps=2, samples_per_prompt=2, device="cpu")
     synthesize(syn, data, teacher, NullTracker(), inpaint=on)
-    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck.safetensors"), **DISTILL,
+    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck.safetensors"), report_dir=str(tmp_path), **DISTILL,
                         gradient_checkpointing="all")
     assert distill(cfg, teacher, syn.out_dir, NullTracker())["skipped_updates"] == 0
     stock = StableDiffusion3InpaintPipeline.from_pretrained(tmp_path / "student")

@@ -4,15 +4,17 @@ champion alias; the gate both promoting and rejecting."""
 import base64
 import io
 import json
+import shutil
 import socket
+from dataclasses import replace
 
 import pandas as pd
 import pytest
 from PIL import Image
 
 from ladd.config import EvaluateConfig
-from ladd.evaluate import evaluate
-from ladd.gate import gate_decision
+from ladd.evaluate import _register, evaluate
+from ladd.gate import evaluations, gate_decision, protocol_id
 from ladd.tracking import check_tracking_server, stage_run
 from conftest import start_mlflow_server
 
@@ -65,8 +67,10 @@ def test_evaluate_against_real_server(mlflow_server, monkeypatch, prepared_data,
     with stage_run("evaluate") as tracker:
         metrics = evaluate(cfg, prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, tracker)
         run_id = tracker.run.info.run_id
-    assert metrics["registered"] == {"version": "1", "promoted": True, "reason": "no champion yet", "previous_champion": None,
-                                     "gate_metric": "fd", "champion_rescored": None}
+    pid = protocol_id(metrics["protocol"])
+    assert metrics["registered"] == {"version": "1", "promoted": True, "champion": True, "reason": "no champion yet",
+                                     "previous_champion": None, "gate_metric": "fd", "champion_rescored": None,
+                                     "already_registered": False, "protocol_id": pid}
 
     client = MlflowClient(mlflow_server)
     run = client.get_run(run_id)
@@ -80,8 +84,8 @@ def test_evaluate_against_real_server(mlflow_server, monkeypatch, prepared_data,
     assert "grids/teacher_vs_student.png" in {a.path for a in client.list_artifacts(run_id, "grids")}
     version = client.get_model_version_by_alias("ladd-student-test", "champion")
     assert str(version.version) == "1" and version.run_id == run_id
-    assert float(version.tags["gate/fd"]) == pytest.approx(metrics["student"]["4"]["fd"])
-    assert json.loads(version.tags["gate/protocol"])["seeds"] == list(cfg.seeds)
+    assert float(version.tags[f"gate/{pid}/fd"]) == pytest.approx(metrics["student"]["4"]["fd"])
+    assert json.loads(version.tags[f"gate/{pid}/protocol"])["seeds"] == list(cfg.seeds)
 
     # the registered model generates images from prompts
     model = mlflow.pyfunc.load_model("models:/ladd-student-test@champion")
@@ -94,22 +98,33 @@ def test_evaluate_against_real_server(mlflow_server, monkeypatch, prepared_data,
         again = evaluate(cfg, prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, tracker)
     assert again["registered"]["version"] == "1" and again["registered"]["already_registered"]
     assert again["registered"]["promoted"] and again["registered"]["reason"] == "no champion yet"
-    assert [v.version for v in client.search_model_versions("name = 'ladd-student-test'")] == ["1"]
-
-    # the gate: a worse candidate is tagged with the reason and the alias stays; a better one takes it
-    champion_fd = metrics["student"]["4"]["fd"]
+    # the same weights under another protocol: still version 1, the champion, with a second set of figures
+    other = replace(cfg, seeds=(7,), out_dir=str(tmp_path / "reports-other"))
     with stage_run("evaluate") as tracker:
-        stored = tracker.champion("ladd-student-test")
-        assert stored["version"] == "1" and stored["metrics"]["fd"] == pytest.approx(champion_fd)
-        assert stored["protocol"] == metrics["protocol"]
+        moved = evaluate(other, prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, tracker)
+    assert moved["registered"]["version"] == "1" and moved["registered"]["champion"]
+    assert not moved["registered"]["promoted"] and "own weights" in moved["registered"]["reason"]
+    assert [v.version for v in client.search_model_versions("name = 'ladd-student-test'")] == ["1"]
+    held = evaluations(client.get_model_version("ladd-student-test", "1").tags)
+    assert {k: e["metrics"]["fd"] for k, e in held.items()} == pytest.approx(
+        {pid: metrics["student"]["4"]["fd"], protocol_id(moved["protocol"]): moved["student"]["4"]["fd"]})
+    assert held[pid]["decision"] == "promoted" and held[protocol_id(moved["protocol"])]["decision"] == "kept"
 
-        def register(candidate):  # stands for another student: its own identity
-            promote, reason = gate_decision(candidate, tracker.champion("ladd-student-test")["metrics"], "fd", "lower", 0.0, 0.01)
-            return tracker.register_student(tiny_student_dir, "ladd-student-test", {"weights": f"candidate-{candidate['fd']}"},
-                                            candidate, promote, reason)
+    # the gate: a worse candidate (other weights) is tagged with the reason and the alias stays; a better one takes
+    # it, each compared with the champion's figures under their protocol (no re-scoring: rescore is None)
+    champion_fd = metrics["student"]["4"]["fd"]
 
-        rejected = register({"fd": champion_fd + 50, "accuracy": 1.0})
-        promoted = register({"fd": champion_fd - 1, "accuracy": 1.0})
+    def candidate(name):  # the same pipeline with one more file: another weights fingerprint
+        folder = tmp_path / name
+        shutil.copytree(tiny_student_dir, folder)
+        (folder / "transformer" / "candidate.txt").write_text(name)
+        return folder
+
+    with stage_run("evaluate") as tracker:
+        rejected = _register(cfg, {"fd": champion_fd + 50, "accuracy": 1.0}, "fd", metrics["protocol"],
+                             candidate("worse"), tracker, rescore=None)
+        promoted = _register(cfg, {"fd": champion_fd - 1, "accuracy": 1.0}, "fd", metrics["protocol"],
+                             candidate("better"), tracker, rescore=None)
     assert rejected["version"] == "2" and not rejected["promoted"] and rejected["previous_champion"] == "1"
     assert "worse than the champion's" in client.get_model_version("ladd-student-test", "2").tags["rejected"]
     assert promoted["version"] == "3" and promoted["promoted"]

@@ -93,34 +93,47 @@ def test_fid_with_the_libraries_inception_from_a_local_file(few_digits, tiny_tea
 @pytest.mark.slow
 def test_the_gate_never_compares_figures_from_different_protocols(prepared_data, tiny_classifier_dir, tiny_teacher_dir,
                                                                    tiny_student_dir, tmp_path, monkeypatch):
-    """A champion evaluated with 2 seeds; a candidate with 1 other seed: the champion is re-scored under the
-    candidate's protocol (its own figure on that seed, not its stored 2-seed mean), or, with gate_rescore off,
-    the candidate is refused with the reason."""
+    """A champion evaluated with 2 seeds; a candidate (other weights' fingerprint) with 1 other seed: the champion
+    is re-scored under the candidate's protocol (its own figure on that seed, not its stored 2-seed mean), and
+    those figures stay on its version; with gate_rescore off, a candidate under a third protocol is refused with
+    the reason."""
     from mlflow.tracking import MlflowClient
+
+    from ladd.gate import evaluations
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "ladd-gate")
 
-    def run(seeds, **kw):
+    def candidate(name):  # the same weights in another folder with one more file: registered as another student
+        folder = tmp_path / name
+        shutil.copytree(tiny_student_dir, folder)
+        (folder / "transformer" / "candidate.txt").write_text(name)
+        return folder
+
+    def run(seeds, student=tiny_student_dir, **kw):
         cfg = EvaluateConfig(out_dir=str(tmp_path / f"reports{seeds}"), teacher_steps=2, few_steps=(4,), num_samples=8,
                              grid_size=4, device="cpu", seeds=seeds, model_name="gate-test", **kw)
         with stage_run("evaluate") as tracker:
-            return evaluate(cfg, prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, tracker)
+            return evaluate(cfg, prepared_data, tiny_classifier_dir, tiny_teacher_dir, student, tracker)
 
     first = run((1, 2))
     assert first["registered"]["promoted"] and first["registered"]["champion_rescored"] is None
-    second = run((3,))  # the same student, evaluated on another seed
+    second = run((3,), candidate("second"))  # the same weights as the champion, evaluated on another seed
     rescored = second["registered"]["champion_rescored"]
     assert rescored is not None and "re-scored under this protocol" in second["registered"]["reason"]
     assert rescored["fd"] == pytest.approx(second["student"]["4"]["fd"])  # measured now, under seed 3
     assert rescored["fd"] != pytest.approx(first["student"]["4"]["fd"])  # not the stored 2-seed figure
-    assert second["registered"]["promoted"]  # the same weights score the same: no worse
-    third = run((5,), gate_rescore=False)
+    assert second["registered"]["promoted"] and second["registered"]["version"] == "2"  # no worse
+    client = MlflowClient(store)
+    held = evaluations(client.get_model_version("gate-test", "1").tags)  # the re-scored figures stay on version 1
+    assert held[second["registered"]["protocol_id"]]["metrics"]["fd"] == pytest.approx(rescored["fd"])
+    assert held[first["registered"]["protocol_id"]]["metrics"]["fd"] == pytest.approx(first["student"]["4"]["fd"])
+    third = run((5,), candidate("third"), gate_rescore=False)
     assert not third["registered"]["promoted"]
-    reason = MlflowClient(store).get_model_version("gate-test", third["registered"]["version"]).tags["rejected"]
+    reason = client.get_model_version("gate-test", third["registered"]["version"]).tags["rejected"]
     assert "another protocol" in reason and "seeds: [3] -> [5]" in reason
-    assert str(MlflowClient(store).get_model_version_by_alias("gate-test", "champion").version) == "2"
+    assert str(client.get_model_version_by_alias("gate-test", "champion").version) == "2"
 
 
 def _prompts_only_project(root: Path) -> Path:
@@ -191,7 +204,8 @@ def test_a_prompts_only_project_with_its_own_teacher_runs_every_stage(tmp_path, 
     assert json.loads((root / "reports/validation/align/align_pairs.json").read_text())["success"]
     registered = MlflowClient(store).get_model_version("ladd-student", metrics["registered"]["version"])
     assert registered.tags["weights"] == fingerprint(root / "models/aligned/transformer", root / "models/aligned/scheduler")
-    assert float(registered.tags["gate/fd_teacher"]) == metrics["aligned"]["3"]["fd_teacher"]
+    pid = metrics["registered"]["protocol_id"]
+    assert float(registered.tags[f"gate/{pid}/fd_teacher"]) == metrics["aligned"]["3"]["fd_teacher"]
     plot_rows = json.loads((root / "reports/quality_vs_nfe.json").read_text())["rows"]
     assert all("fd_teacher" in r for r in plot_rows if r["model"] in ("student", "teacher_naive"))
     grid = Image.open(root / "reports/grids/teacher_vs_student.png")

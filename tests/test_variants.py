@@ -145,12 +145,12 @@ def test_each_variant_trains(variant, extra, regression, tiny_teacher_dir, tiny_
     variants report theirs; per-head logits and GAN health are recorded."""
     from dataclasses import replace
 
-    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck.safetensors"), **SMOKE,
+    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck.safetensors"), report_dir=str(tmp_path), **SMOKE,
                         preset=variant)
     if extra:
         cfg = replace(cfg, preset=None, **{**DISTILL_PRESETS[variant], **extra})
     summary = distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
-    curve = _curve(tmp_path / "ck.curve.csv")
+    curve = _curve(tmp_path / "distill_curve.csv")
     assert len(curve) == SMOKE["steps"] and summary["skipped_updates"] == 0
     if regression:
         assert any(r["loss_reg"] > 0 for r in curve) and all(r["loss_reg"] >= 0 for r in curve)
@@ -161,7 +161,7 @@ def test_each_variant_trains(variant, extra, regression, tiny_teacher_dir, tiny_
     assert {"logits_real_h0", f"logits_fake_h{heads - 1}"} <= set(curve[0])
     health = json.loads((tmp_path / "student" / "ladd_train_summary.json").read_text())["gan_health"]
     assert health["status"] in ("ok", "partial", "chance", "d_wins") and len(health["logit_gap_per_head"]) == heads
-    assert (tmp_path / "ck.curve.png").stat().st_size > 1000
+    assert (tmp_path / "distill_curve.png").stat().st_size > 1000
     teacher = load_pipeline(tiny_teacher_dir).transformer
     student = load_pipeline(tmp_path / "student").transformer
     assert any(not torch.equal(a, b) for a, b in zip(teacher.parameters(), student.parameters()))
@@ -173,10 +173,10 @@ def test_adversarial_weight_zero_gives_the_student_the_regression_gradient_alone
     adversarial loss is 0, and GAN health says the heads were off."""
     def run(name, weight, **heads):
         out = tmp_path / name
-        cfg = DistillConfig(out_dir=str(out / "student"), checkpoint=str(out / "ck.safetensors"), **SMOKE,
+        cfg = DistillConfig(out_dir=str(out / "student"), checkpoint=str(out / "ck.safetensors"), report_dir=str(out), **SMOKE,
                             adversarial_weight=weight, **heads)
         summary = distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
-        return summary, _curve(out / "ck.curve.csv"), list(load_pipeline(out / "student").transformer.parameters())
+        return summary, _curve(out / "distill_curve.csv"), list(load_pipeline(out / "student").transformer.parameters())
 
     other_heads = {"head_channels": 32, "feature_layers": (1, 2), "lr_d": 1e-2}
     (summary, curve, student), (_, _, student_other) = run("off", 0.0), run("off_other", 0.0, **other_heads)
@@ -191,11 +191,11 @@ def test_adversarial_weight_zero_gives_the_student_the_regression_gradient_alone
 def test_adversarial_time_weights_judge_only_the_times_they_weigh(tiny_teacher_dir, tiny_synthetic, tmp_path):
     """Weights (0, 0, 1, 0): the heads judge (and the curve and GAN health report) student time 2 alone."""
     out = tmp_path / "t2"
-    cfg = DistillConfig(out_dir=str(out / "student"), checkpoint=str(out / "ck.safetensors"),
+    cfg = DistillConfig(out_dir=str(out / "student"), checkpoint=str(out / "ck.safetensors"), report_dir=str(out),
                         **{**SMOKE, "steps": 8, "batch_size": 16}, adversarial_time_weights=(0.0, 0.0, 1.0, 0.0),
                         warmup_probs=(0.25, 0.25, 0.25, 0.25), probs=(0.25, 0.25, 0.25, 0.25))
     summary = distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
-    curve = _curve(out / "ck.curve.csv")
+    curve = _curve(out / "distill_curve.csv")
     assert all(math.isnan(r[f"gap_t{k}"]) and math.isnan(r[f"loss_d_t{k}"]) for r in curve for k in (0, 1, 3))
     judged = [r for r in curve if not math.isnan(r["gap_t2"])]
     assert judged and all(r["loss_d_t2"] == pytest.approx(r["loss_d"], rel=1e-5) for r in judged)
@@ -228,7 +228,7 @@ def test_trajectory_regression_pulls_t_below_1_onto_the_teacher_endpoints(tiny_t
 
     def endpoint_error(weight):
         out = tmp_path / str(weight)
-        cfg = DistillConfig(out_dir=str(out / "student"), checkpoint=str(out / "ck.safetensors"),
+        cfg = DistillConfig(out_dir=str(out / "student"), checkpoint=str(out / "ck.safetensors"), report_dir=str(out),
                             **{**SMOKE, "steps": 20, "batch_size": 16}, preset="trajectory")
         distill(replace(cfg, preset=None, regression_weight=weight, lr_g=1e-3, ema_decay=0.0, probs=(0.0, 0.0, 1.0, 0.0),
                         warmup_probs=(0.0, 0.0, 1.0, 0.0)), tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())

@@ -1,0 +1,165 @@
+"""A team shares one project, with real git, DVC (a local remote) and the project's default MLflow store: what one
+person pushes another pulls and finds up to date; DVC experiments (in the workspace, `--temp`, and queued, two at
+once) rerun only the stages their change touches, list their metrics in `dvc exp show`, and log to the project's
+own store, tagged with their names; the same student evaluated under several protocols is one registered version."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT, SMOKE_PARAMS, init_repo, write_params
+
+pytestmark = pytest.mark.slow
+BIN = os.path.dirname(sys.executable)
+HEADLINE = {"student.1.fd", "student.4.fd", "student.4.fd_teacher", "teacher.fd", "teacher.accuracy",
+            "student.4.accuracy"}
+
+
+def sh(cmd: list[str], cwd, **env) -> str:
+    """A command with tracking on and no MLFLOW_TRACKING_URI: every stage logs to the project's default store."""
+    environ = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    environ |= {"PATH": f"{BIN}:{os.environ['PATH']}", "LADD_TRACKING": "1", **env}
+    proc = subprocess.run(cmd, cwd=cwd, env=environ, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{cmd} failed in {cwd}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+def dvc(cwd, *args, **env) -> str:
+    return sh([os.path.join(BIN, "dvc"), *args], cwd, **env)
+
+
+def git(cwd, *args) -> str:
+    return sh(["git", "-c", "user.email=ci@ladd", "-c", "user.name=ci", *args], cwd)
+
+
+def ran_stages(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
+def store_runs(project) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    return client.search_runs([client.get_experiment_by_name("ladd").experiment_id], max_results=1000)
+
+
+def flat(metrics: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in metrics.items():
+        out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+@pytest.fixture(scope="module")
+def pushed(tmp_path_factory):
+    """One person's finished smoke project: `dvc repro`, then commit and `dvc push` to the project's remote."""
+    base = tmp_path_factory.mktemp("team")
+    project = base / "alice"
+    project.mkdir()
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, project / name)
+    shutil.copytree(ROOT / "ladd", project / "ladd", ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(project / "params.yaml", SMOKE_PARAMS)
+    init_repo(project)
+    dvc(project, "remote", "add", "-d", "shared", str(base / "remote"))
+    ran = ran_stages(dvc(project, "repro"))
+    assert ran == set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", "a finished run")
+    dvc(project, "push")
+    return base, project
+
+
+def test_a_clone_and_pull_finds_nothing_to_run(pushed):
+    """git clone + dvc pull: `dvc status` is clean and `dvc repro` runs no stage (the student is not retrained)."""
+    base, alice = pushed
+    assert "nothing to commit" in git(alice, "status")  # every output is in git or in DVC's cache: none left over
+    git(base, "clone", "-q", str(alice), "bob")
+    bob = base / "bob"
+    dvc(bob, "pull")
+    assert "Data and pipelines are up to date" in dvc(bob, "status")
+    out = dvc(bob, "repro")
+    assert ran_stages(out) == set() and "Data and pipelines are up to date" in out
+    assert json.loads((bob / "reports" / "metrics.json").read_text()) == json.loads((alice / "reports" / "metrics.json").read_text())
+
+
+def test_experiments_rerun_only_what_they_change_and_log_to_the_project_store(pushed):
+    """An `evaluate.seeds` change in the workspace, with --temp, and two queued and run two at once: each runs
+    evaluate alone; `dvc exp show` lists every headline metric of each; each experiment's evaluate run is in the
+    project's store with its name; the student, evaluated under four protocols, is one registered version."""
+    from mlflow.tracking import MlflowClient
+
+    from ladd.gate import evaluations
+
+    _, project = pushed
+    before = len(store_runs(project))
+    assert ran_stages(dvc(project, "exp", "run", "-n", "ws-seeds", "-S", "evaluate.seeds=[11,12]")) == {"evaluate"}
+    assert ran_stages(dvc(project, "exp", "run", "--temp", "-n", "temp-seeds", "-S", "evaluate.seeds=[13,14]")) == {"evaluate"}
+    for name, seeds in (("queued-a", "[15,16]"), ("queued-b", "[17,18]")):
+        dvc(project, "exp", "run", "--queue", "-n", name, "-S", f"evaluate.seeds={seeds}")
+    dvc(project, "exp", "run", "--run-all", "-j", "2")  # two experiments writing to one SQLite store at once
+    for name in ("queued-a", "queued-b"):
+        assert ran_stages(dvc(project, "queue", "logs", name)) == {"evaluate"}, name
+
+    names = {"ws-seeds", "temp-seeds", "queued-a", "queued-b"}
+    shown = json.loads(dvc(project, "exp", "show", "--json"))
+    found = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp["revs"]:
+                if rev.get("name") in names:
+                    found[rev["name"]] = flat(rev["data"]["metrics"]["reports/metrics.json"]["data"])
+    assert set(found) == names
+    for name, metrics in found.items():
+        assert HEADLINE <= set(metrics), (name, HEADLINE - set(metrics))
+    assert len({found[n]["student.4.fd"] for n in names}) == 4  # four protocols, four figures
+    diff = dvc(project, "exp", "diff", "queued-a", "queued-b")
+    assert "student.4.fd" in diff and "evaluate.seeds" in diff
+
+    runs = store_runs(project)
+    assert len(runs) - before == 4  # one evaluate run per experiment, none lost
+    tagged = {r.data.tags.get("dvc.experiment"): r for r in runs if r.data.tags.get("dvc.experiment")}
+    assert set(tagged) == names and {r.data.tags["ladd.stage"] for r in tagged.values()} == {"evaluate"}
+    head = git(project, "rev-parse", "HEAD").strip()
+    assert all(r.data.tags["mlflow.source.git.commit"] == head for r in tagged.values())
+    for name, run in tagged.items():
+        assert run.data.metrics["student/4/fd"] == pytest.approx(found[name]["student.4.fd"])
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    versions = client.search_model_versions("name = 'ladd-student'")
+    assert [str(v.version) for v in versions] == ["1"]
+    held = evaluations(versions[0].tags)
+    assert len(held) == 5 and sorted(e["decision"] for e in held.values()) == ["kept"] * 4 + ["promoted"]
+    champion = client.get_model_version_by_alias("ladd-student", "champion")
+    assert str(champion.version) == "1"
+
+
+def test_a_pull_missing_an_object_fails_and_the_stage_names_what_is_missing(pushed):
+    """A remote that lost the synthetic set's manifest: `dvc pull` fails with DVC's error, and `ladd distill`
+    refuses to start in one line naming the missing file (exit 4), before any work."""
+    base, alice = pushed
+    remote = base / "remote-damaged"
+    shutil.copytree(base / "remote", remote)
+    lock = yaml.safe_load((alice / "dvc.lock").read_text())["stages"]["synthesize"]["outs"]
+    listing = next(o["md5"] for o in lock if o["path"] == "data/synthetic")  # the directory's .dir object
+    files = json.loads((remote / "files" / "md5" / listing[:2] / listing[2:]).read_text())
+    manifest = next(f["md5"] for f in files if f["relpath"] == "manifest.json")
+    (remote / "files" / "md5" / manifest[:2] / manifest[2:]).unlink()
+    git(base, "clone", "-q", str(alice), "carol")
+    carol = base / "carol"
+    dvc(carol, "remote", "modify", "--local", "shared", "url", str(remote))
+    environ = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    pull = subprocess.run([os.path.join(BIN, "dvc"), "pull"], cwd=carol, env=environ, capture_output=True, text=True)
+    assert pull.returncode != 0 and "failed to pull" in (pull.stdout + pull.stderr).lower(), pull.stdout + pull.stderr
+    stage = subprocess.run([sys.executable, "-m", "ladd.cli", "distill", "--no-tracking"], cwd=carol, env=environ,
+                           capture_output=True, text=True)
+    lines = [line for line in stage.stderr.splitlines() if line.startswith("ladd distill: ")]
+    assert stage.returncode == 4 and len(lines) == 1 and "manifest.json is missing" in lines[0], stage.stderr[-2000:]
+    assert "Traceback" not in stage.stderr
