@@ -163,7 +163,8 @@ def measure(work: Path, teacher: Path, clip: Path, n: int, code_root: Path = ROO
     for name in ("prepare", "teacher"):
         stage(root, name, code_root)
     row = {"n": n, "synthesize": stage(root, "synthesize", code_root), "distill": stage(root, "distill", code_root)}
-    report = json.loads((root / "reports" / "distill.json").read_text())
+    report_path = root / "reports" / "distill.json"  # an older checkout (--against) wrote it beside the checkpoint
+    report = json.loads((report_path if report_path.is_file() else root / "models/checkpoints/distill.run.json").read_text())
     row["sec_per_step"], row["seconds_to_first_step"] = report["sec_per_step"], report.get("seconds_to_first_step")
     if full:
         row["evaluate"] = stage(root, "evaluate", code_root)

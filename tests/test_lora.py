@@ -172,7 +172,7 @@ def test_lora_on_a_bf16_base_with_checkpointing_tracks_the_fp32_run(tiny_teacher
     """The memory habits of a large teacher: a bf16 base (the teacher's own dtype), bf16 autocast and gradient
     checkpointing of the shared module. The adapters stay fp32 and move as in the fp32 run, up to bf16 rounding."""
     def run(name, **memory):
-        cfg = DistillConfig(out_dir=str(tmp_path / name), checkpoint=str(tmp_path / f"{name}.safetensors"), report_dir=str(tmp_path / f"{checkpoint}_reports"),
+        cfg = DistillConfig(out_dir=str(tmp_path / name), checkpoint=str(tmp_path / f"{name}.safetensors"), report_dir=str(tmp_path / f"{name}_reports"),
                             **LORA, **SMOKE, **memory)
         distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
         with safe_open(str(tmp_path / f"{name}.safetensors"), "pt") as f:
