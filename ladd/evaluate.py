@@ -381,7 +381,7 @@ def _register(cfg: EvaluateConfig, gate: dict, metric: str, protocol: dict, stud
         promote, reason, result["champion_rescored"] = _against_champion(cfg, candidate, metric, protocol, champion,
                                                                          tracker, rescore)
         decision = "promoted" if promote else "rejected"
-    version = tracker.register_student(student_dir, name, identity)
+    version = existing["version"] if existing else tracker.register_student(student_dir, name, identity)
     if version is None:  # no tracking store
         return None
     latest = {decision: reason} if decision != "kept" else {}  # the version's last verdict, as the UI lists tags

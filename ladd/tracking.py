@@ -126,16 +126,13 @@ class MlflowTracker(NullTracker):
         return {"version": str(v.version), "tags": dict(v.tags)}
 
     def register_student(self, student_dir, name: str, identity: dict) -> str:
-        """The version of `name` that holds `identity` (the weights' fingerprint): the student pipeline registered
-        as a pyfunc model where no version does yet, else the existing one. The identity tags come with the
-        version itself, so a kill after registering leaves a version the next run finds."""
+        """Register the student pipeline (a pyfunc model) as a new version of `name`, tagged with `identity` (the
+        weights' fingerprint). The tags come with the version itself, so a kill after registering leaves a version
+        that `registered_version` finds."""
         from mlflow.models import infer_signature
 
         from ladd.pipeline import read_meta
 
-        existing = self.registered_version(name, identity)
-        if existing is not None:
-            return existing["version"]
         example = pd.DataFrame({"prompt": ["a handwritten digit seven"], "steps": [4], "seed": [0]})
         if read_meta(student_dir).get("task") == "inpaint":  # the inputs an inpainting student needs besides
             example = example.assign(**_inpaint_example(student_dir))
