@@ -1,6 +1,6 @@
 """The distillation curve: one row per logged step (losses, logits per head, the heads' loss and real - fake gap per
-student time), kept in a CSV in the report folder (kept by DVC across a
-rerun, `persist`) so a run resumed from its checkpoint continues it."""
+student time), kept in a CSV in the report folder (DVC keeps it across a rerun: `persist`) so a run resumed from its
+checkpoint continues it."""
 
 from __future__ import annotations
 

@@ -213,7 +213,10 @@ def tracking_uri() -> str:
 def provenance_tags() -> dict:
     """Where a stage run comes from: the git commit of the working tree and, under `dvc exp run`, the experiment's
     name and baseline commit (DVC sets them), so a sweep compares in MLflow as in `dvc exp show`."""
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:  # no git on this machine (a container, say): the run goes on without the tag
+        commit = ""
     tags = {"mlflow.source.git.commit": commit} if commit else {}
     if os.environ.get("DVC_EXP_NAME"):
         tags |= {"dvc.experiment": os.environ["DVC_EXP_NAME"], "dvc.baseline": os.environ.get("DVC_EXP_BASELINE_REV", "")}
