@@ -280,10 +280,25 @@ def check_tracking_server(uri: str | None = None, timeout: float = 5.0) -> None:
                                   "MLFLOW_TRACKING_URI, or pass --no-tracking") from None
 
 
+def _drop_half_migrated_tables(db: Path) -> None:
+    """A run killed while MLflow creates or migrates a new SQLite store leaves alembic's `_alembic_tmp_*` copy of a
+    table behind, and every later migration fails on it. The schema version is stamped only after a step, so
+    dropping the copy lets MLflow redo that step."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db, timeout=60)) as conn:
+        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table' AND name LIKE '\\_alembic\\_tmp\\_%' ESCAPE '\\'")]
+        for table in names:
+            conn.execute(f'DROP TABLE "{table}"')
+        conn.commit()
+
+
 def _mlflow():
     import mlflow
 
     uri, name = tracking_uri(), os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+    if uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).is_file():
+        _drop_half_migrated_tables(Path(uri.removeprefix("sqlite:///")))
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
         # artifacts beside the database (MLflow's default is ./mlruns of whichever process creates the experiment)
