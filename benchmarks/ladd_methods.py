@@ -33,11 +33,14 @@ from machine import describe
 EVALUATION_CODE = [Path(__file__).resolve().parents[1] / "ladd" / f for f in ("evaluate.py", "quality.py", "metrics.py")]
 
 
-def train_and_score(params, name: str, steps: int, out: Path, overrides: dict | None = None) -> dict:
-    """Distill with preset `name` (`default`: none) plus `overrides`, then evaluate; cached in out/<label>: the
-    student while its settings hold, the scores while the evaluation settings and code hold."""
+def train_and_score(params, name: str, steps: int, out: Path, overrides: dict | None = None, split: str = "val",
+                    evaluate_overrides: dict | None = None) -> dict:
+    """Distill with preset `name` (`default`: none) plus `overrides`, then evaluate on `split` (val: choosing;
+    test: reporting); cached in out/<label>: the student while its settings hold, each split's scores while the
+    evaluation settings and code hold."""
     preset = name if name in DISTILL_PRESETS else None
-    label = name + "".join(f"+{k}={v}" for k, v in (overrides or {}).items())
+    label = name + "".join(f"+{k}={v}" for k, v in sorted((overrides or {}).items())) + \
+        (f"+steps={steps}" if steps != params.distill.steps else "")
     out = out / label
     cfg = replace(params.distill, preset=preset, steps=steps, device="cpu", out_dir=str(out / "student"),
                   checkpoint=str(out / "distill.safetensors"), report_dir=str(out))
@@ -45,9 +48,10 @@ def train_and_score(params, name: str, steps: int, out: Path, overrides: dict | 
         cfg = replace(cfg, preset=None, **{**(DISTILL_PRESETS[preset] if preset else {}), **overrides})
     settings = {**json.loads(json.dumps(asdict(cfg))), "teacher": fingerprint(params.teacher.out_dir),
                 "synthetic": fingerprint(Path(params.synthesize.out_dir) / "manifest.json")}
-    ecfg = replace(params.evaluate, out_dir=str(out / "reports"), register=False, device="cpu")
+    ecfg = replace(params.evaluate, out_dir=str(out / f"reports.{split}"), register=False, device="cpu", split=split,
+                   **(evaluate_overrides or {}))
     scoring = {"evaluate": json.loads(json.dumps(asdict(ecfg))), "code": fingerprint(*EVALUATION_CODE)}
-    trained, result_path = out / "train.json", out / "result.json"
+    trained, result_path = out / "train.json", out / f"result.{split}.json"
     train = json.loads(trained.read_text()) if trained.is_file() else None
     if not train or train["settings"] != settings:
         shutil.rmtree(out, ignore_errors=True)
@@ -75,7 +79,9 @@ def rank_agreement(results: list[dict]) -> str:
     rows = [(r["name"], k, r["metrics"]["student"][k]) for r in results for k in steps]
     naive = [("naive teacher", k, results[0]["metrics"]["teacher_naive"][k]) for k in steps]
     lines = []
-    for key in ("fd_teacher", "fd_teacher_same_noise"):
+    for key in ("fd_teacher", "fd_teacher_same_noise", "fd_reference", "fd_reference_same_noise"):
+        if key not in rows[0][2]:
+            continue
         for label, subset in (("recipes", rows), ("recipes + naive teacher", rows + naive)):
             rho, p = spearmanr([r["fd"] for *_, r in subset], [r[key] for *_, r in subset])
             lines.append(f"Spearman rank correlation of {key} with fd over the {len(subset)} ({label}, step count) rows: "
@@ -114,31 +120,33 @@ def health(h: dict) -> str:
 
 def table(results: list[dict]) -> str:
     first = results[0]["metrics"]
-    teacher, naive, floor = first["teacher"], first["teacher_naive"], first["real_floor"]
-    reference = first.get("reference", teacher)  # fd_teacher's reference samples (the teacher at its own CFG)
+    teacher, naive, floor, reference = first["teacher"], first["teacher_naive"], first["real_floor"], first.get("reference")
     steps = sorted(first["student"], key=int)
-    lines = [f"{first['num_samples']} held-out prompts x {len(first['seeds'])} seeds; mean ± std over seeds. "
-             f"Real-vs-real floor FD {fmt(floor, 'fd')}; FD-T's reference: the teacher at {reference['steps']} steps, "
-             f"CFG {reference['guidance']:g} (FD {fmt(reference, 'fd')}; its own floor FD-T {fmt(reference, 'fd_teacher')}); "
-             f"teacher {teacher['steps']} steps CFG {teacher['guidance']:g}: FD {fmt(teacher, 'fd')}, FD-T "
-             f"{fmt(teacher, 'fd_teacher')}, accuracy {teacher['accuracy']:.3f}; naive teacher FD "
+    ref = (f"reference teacher (CFG {reference['guidance']:g}): FD {fmt(reference, 'fd')}, its own floor FD-ref "
+           f"{fmt(reference, 'fd_reference')}; ") if reference else ""
+    lines = [f"{first['num_samples']} prompts of the {first.get('split', 'test')} split x {len(first['seeds'])} seeds; mean ± std "
+             f"over seeds. Real-vs-real floor FD {fmt(floor, 'fd')}; {ref}"
+             f"teacher distilled from ({teacher['steps']} steps, CFG {teacher['guidance']:g}): FD {fmt(teacher, 'fd')}, "
+             f"its own floor FD-T {fmt(teacher, 'fd_teacher')}, accuracy {teacher['accuracy']:.3f}; naive teacher FD "
              + ", ".join(f"@{k} {naive[k]['fd']:.1f}" for k in steps), ""]
-    head = ["variant", *[f"FD@{k}" for k in steps], *[f"FD-T@{k}" for k in steps], *[f"acc@{k}" for k in steps], f"prec@{steps[-1]}",
-            f"rec@{steps[-1]}", "s/step", *[f"FD@{k}/T" for k in steps], *[f"FD@{k}/naive" for k in steps[:-1]], "heads"]
+    extra = [f"FD-ref@{steps[-1]}"] if reference else []
+    head = ["variant", *[f"FD@{k}" for k in steps], *[f"FD-T@{k}" for k in steps], *extra, *[f"acc@{k}" for k in steps],
+            f"prec@{steps[-1]}", f"rec@{steps[-1]}", "s/step", *[f"FD@{k}/T" for k in steps],
+            *[f"FD@{k}/naive" for k in steps[:-1]], "heads"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         s, last = r["metrics"]["student"], r["metrics"]["student"][steps[-1]]
         cells = [r["name"], *[fmt(s[k], "fd") for k in steps], *[fmt(s[k], "fd_teacher") for k in steps],
-                 *[f"{s[k]['accuracy']:.3f}" for k in steps],
+                 *([fmt(last, "fd_reference")] if reference else []), *[f"{s[k]['accuracy']:.3f}" for k in steps],
                  f"{last['precision']:.3f}", f"{last['recall']:.3f}", f"{r['train']['sec_per_step']:.3f}",
                  *[f"{s[k]['fd'] / teacher['fd']:.2f}" for k in steps],
                  *[f"{s[k]['fd'] / naive[k]['fd']:.2f}" for k in steps[:-1]],
                  health(r['train']['gan_health'])]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "FD-T@k: FD of the student's k-step samples to the reference teacher's samples of the same prompts "
-              "under another seed (no real images); FD@k/T: student FD at k steps over the teacher's (targets: @1 <= 1.00, @2 <= 0.95, @4 <= 0.88); "
-              "FD@k/naive: over the naive teacher at k steps; heads: GAN health of the discriminator "
-              "over the last quarter (its loss below chance, in %)."]
+    lines += ["", "FD-T@k (the field's FID-T): FD of the student's k-step samples to the samples of the teacher it was "
+              "distilled from, same prompts, another seed (no real images); FD-ref: the same against the reference "
+              "teacher; FD@k/T: student FD at k steps over that teacher's; FD@k/naive: over the naive teacher at k "
+              "steps; heads: GAN health of the discriminator over the last quarter (its loss below chance, in %)."]
     return "\n".join(lines)
 
 
@@ -149,6 +157,8 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="distillation steps per variant (default: distill.steps)")
     ap.add_argument("--out", default="reports/methods")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--split", choices=("val", "test"), default="val",
+                    help="held-out split scored: val (choosing settings) or test (reporting the chosen ones, once)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a distill setting (YAML value) over every variant's, e.g. --set ema_decay=0.995; repeatable")
     args = ap.parse_args()
@@ -159,9 +169,9 @@ def main():
     results = []
     for name in args.variants.split(","):
         print(f"== {name}", flush=True)
-        results.append(train_and_score(params, name, args.steps or params.distill.steps, out, overrides))
+        results.append(train_and_score(params, name, args.steps or params.distill.steps, out, overrides, args.split))
     text = describe() + "\n\n" + table(results) + "\n\n" + paired_difference(results) + "\n\n" + rank_agreement(results)
-    (out / "table.md").write_text(text + "\n")
+    (out / f"table.{args.split}.md").write_text(text + "\n")
     print(text)
 
 

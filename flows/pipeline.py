@@ -56,17 +56,19 @@ def repro_stage(repo: Path, stage: str, parent_run_id: str | None = None) -> boo
 
 
 def _metrics_markdown(metrics: dict) -> str:
-    rows = [("teacher, fd_teacher's reference", metrics["reference"])] if "reference" in metrics else []
-    rows += [("teacher", metrics["teacher"])]
+    rows = [(f"reference teacher (CFG {metrics['reference']['guidance']:g})", metrics["reference"])] \
+        if "reference" in metrics else []
+    rows += [(f"teacher distilled from (CFG {metrics['teacher']['guidance']:g})", metrics["teacher"])]
     rows += [(f"teacher naive {k}", r) for k, r in metrics["teacher_naive"].items()]
     rows += [(f"student {k}", r) for k, r in metrics["student"].items()]
     rows += [(f"aligned {k}", r) for k, r in metrics.get("aligned", {}).items()]
-    columns = [k for k in ("fd", "fd_teacher", "clip_score", "accuracy", "reward", "precision", "recall")
+    columns = [k for k in ("fd", "fd_teacher", "fd_reference", "clip_score", "accuracy", "reward", "precision", "recall")
                if any(k in r for _, r in rows)]
     floor = metrics.get("real_floor")
     floors = [f"real-vs-real FD floor {floor['fd']:.2f} ± {floor['fd_std']:.2f}"] if floor else []
-    lines = [f"{metrics['num_samples']} held-out prompts; mean ± std over seeds {metrics['seeds']}; "
-             f"{metrics.get('features', 'classifier')} features. " + "; ".join(floors), "",
+    lines = [f"{metrics['num_samples']} held-out prompts ({metrics.get('split', 'test')} split); mean ± std over seeds "
+             f"{metrics['seeds']}; {metrics.get('features', 'classifier')} features; fd_teacher (FID-T) against the "
+             "teacher distilled from, fd_reference against the reference teacher. " + "; ".join(floors), "",
              "| model | NFE | " + " | ".join(columns) + " | ms/image |", "|---|---|" + "---|" * len(columns) + "---|"]
 
     def cell(r, k):

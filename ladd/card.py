@@ -64,26 +64,39 @@ fused into the transformer above. The adapter alone is `pytorch_lora_weights.saf
 """
 
 
-COLUMNS = {"fd": "FD", "fd_teacher": "FD vs teacher", "clip_score": "CLIP score", "accuracy": "accuracy"}
+COLUMNS = {"fd": "FD", "fd_teacher": "FID-T", "fd_reference": "FD vs reference", "clip_score": "CLIP score",
+           "accuracy": "accuracy"}
 
 
 def _evaluation(metrics: dict | None) -> str:
     if not metrics:
         return "Not evaluated yet: `ladd evaluate` writes its table here.\n"
-    t = metrics["teacher"]
-    keys = [k for k in COLUMNS if k in t or any(k in r for r in metrics["student"].values())]
-    floors = [f"real-vs-real FD floor {metrics['real_floor']['fd']:.1f}"] if "real_floor" in metrics else []
-    lines = [f"`ladd evaluate` on {metrics['num_samples']} held-out prompts, mean ± std over "
-             f"{len(metrics['seeds'])} sampling seeds; FD on {metrics.get('features', 'classifier')} features, against the "
-             f"real test images and against the {t['steps']}-step teacher's samples of another seed (its own row: the floor)"
-             + (f" ({'; '.join(floors)})" if floors else "") + ".", "",
-             "| model | steps | guidance | " + " | ".join(COLUMNS[k] for k in keys) + " |", "|---|---|---|" + "---|" * len(keys)]
+    t, ref = metrics["teacher"], metrics.get("reference")
+    rows = [r for r in (ref, t, *metrics["student"].values(), *metrics.get("aligned", {}).values()) if r]
+    keys = [k for k in COLUMNS if any(k in r for r in rows)]
+    split = metrics.get("split", "test")
+    where = ", ".join(f"{r['resolution'][0]}x{r['resolution'][1]} ({r['share']:.0%})" for r in metrics.get("resolutions", []))
+    said = [f"`ladd evaluate` on {metrics['num_samples']} held-out prompts (the {split} split), mean ± std over "
+            f"{len(metrics['seeds'])} sampling seeds, FD on {metrics.get('features', 'classifier')} features"
+            + (f", sampled at {where}" if where else "") + "."]
+    if "fd" in keys:
+        floor = f" (real-vs-real floor {metrics['real_floor']['fd']:.1f})" if "real_floor" in metrics else ""
+        said.append(f"FD: against the real {split} images{floor}.")
+    said.append(f"FID-T: against the samples of the teacher the student was distilled from ({t['steps']} steps, CFG "
+                f"{t['guidance']:g}), of another seed; the teacher's own row is its floor.")
+    if ref:
+        said.append(f"FD vs reference: against the same teacher at CFG {ref['guidance']:g} (the reference row), "
+                    "another seed; the reference's own row is its floor.")
+    lines = [" ".join(said), "", "| model | steps | guidance | " + " | ".join(COLUMNS[k] for k in keys) + " |",
+             "|---|---|---|" + "---|" * len(keys)]
 
     def cells(r):
         return " | ".join(f"{r[k]:.3f}" if k == "accuracy" else f"{r[k]:.1f} ± {r[k + '_std']:.1f}" if k in r else "–"
                           for k in keys)
 
-    lines.append(f"| teacher | {t['steps']} | {t['guidance']:g} | {cells(t)} |")
+    if ref:
+        lines.append(f"| reference teacher | {ref['steps']} | {ref['guidance']:g} | {cells(ref)} |")
+    lines.append(f"| teacher (distilled from) | {t['steps']} | {t['guidance']:g} | {cells(t)} |")
     for k, r in metrics["student"].items():
         lines.append(f"| **student** | {k} | 0 | {cells(r)} |")
     for k, r in metrics.get("aligned", {}).items():

@@ -20,7 +20,8 @@ def must_exist(default=None):
 class PrepareConfig:
     source: str = "digits"  # digits | folder | prompts
     resolution: int = 32
-    test_fraction: float = 0.2
+    test_fraction: float = 0.2  # held out for the figures reported
+    val_fraction: float = 0.15  # held out for choosing settings (evaluate.split: val); 0: no val split
     seed: int = 0
     images_dir: str | None = must_exist()  # source=folder: image files named in the captions table
     captions: str | None = must_exist()  # source=folder|prompts: csv or parquet table
@@ -36,6 +37,9 @@ class PrepareConfig:
             raise ConfigError("prepare.source=prompts needs prepare.captions (a prompts table)")
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"prepare.test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0 <= self.val_fraction < 1 or self.test_fraction + self.val_fraction >= 1:
+            raise ConfigError(f"prepare.val_fraction must be in [0, 1) and leave a train split beside test_fraction "
+                              f"{self.test_fraction}, got {self.val_fraction}")
         if self.encoding != "auto":
             import codecs
 
@@ -71,7 +75,7 @@ class ClassifierConfig:
 class TeacherConfig:
     pretrained: str | None = None  # local dir or hub id of any SD3-family pipeline; skips pretraining
     out_dir: str = "models/teacher"
-    max_sequence_length: int | None = None  # T5 slot length; None: 1 for the tiny teacher (no T5), else the folder's
+    max_sequence_length: int | None = None  # T5 slot length; None: 1 for the tiny teacher (no T5), else ladd.json's, else 256
     # tiny embedded teacher
     text_hidden_size: int = 32
     text_max_length: int = 16
@@ -224,6 +228,10 @@ class DistillConfig:
             raise ConfigError(f"distill.backward_share must be in [0, 1], got {self.backward_share}")
         if self.adversarial_weight < 0:
             raise ConfigError(f"distill.adversarial_weight must be >= 0, got {self.adversarial_weight}")
+        if self.lr_d <= 0 and self.adversarial_weight > 0:
+            raise ConfigError(f"distill.lr_d: {self.lr_d:g} with distill.adversarial_weight: {self.adversarial_weight:g} "
+                              "trains the student against frozen random heads: give lr_d > 0, or set "
+                              "adversarial_weight: 0 (regression alone)")
         if self.adversarial_time_weights is not None and (len(self.adversarial_time_weights) != len(self.student_times)
                                                           or min(self.adversarial_time_weights) < 0):
             raise ConfigError(f"distill.adversarial_time_weights must be {len(self.student_times)} non-negative numbers "
@@ -320,32 +328,51 @@ class AlignConfig:
 
 
 FEATURES = ("classifier", "inception", "clip")  # the keys of ladd.quality.FEATURE_EXTRACTORS (a test keeps them equal)
+GATE_METRICS = ("auto", "fd", "fd_teacher", "fd_teacher_same_noise", "fd_reference", "fd_reference_same_noise",
+                "clip_score", "accuracy")
+
+
+def resolve_features(setting: str, labelled_images: bool, clip_path: str | None, inception_path: str | None) -> str:
+    """evaluate.features `auto`: the classifier where the data has labelled images (it is trained on them), else CLIP
+    where evaluate.clip_path is set, else Inception where evaluate.inception_path is; else ConfigError naming them."""
+    if setting != "auto":
+        return setting
+    if labelled_images:
+        return "classifier"
+    if clip_path:
+        return "clip"
+    if inception_path:
+        return "inception"
+    raise ConfigError("evaluate.features: auto finds no extractor for data without labelled images: set "
+                      "evaluate.clip_path (a local CLIP folder) or evaluate.inception_path (FID Inception-v3 weights)")
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
     out_dir: str = "reports"
-    teacher_steps: int = 28
-    guidance: float = 2.0  # the teacher's CFG, default and naive few-step runs alike
-    # the CFG of the many-step teacher samples that fd_teacher measures against (None: `guidance`, the field's FID-T).
-    # A lower one, where the teacher's samples lie closest to the data, makes fd_teacher rank models as real FD does
+    split: str = "test"  # the held-out split scored: val (to choose settings) | test (to report, once)
+    teacher_steps: int | None = None  # the teacher row's steps; None: those of the teacher the student learnt from
+    guidance: float | None = None  # its CFG (and the naive few-step rows'); None: that teacher's (synthesize.guidance)
+    # fd_teacher is always against that teacher's samples (the field's FID-T). A CFG here adds the teacher at it as
+    # a row of its own, and fd_reference / fd_reference_same_noise against its samples on every row
     reference_guidance: float | None = None
     few_steps: tuple[int, ...] = (1, 2, 4)
-    num_samples: int = 0  # held-out prompts to sample (0: the whole test split)
+    num_samples: int = 0  # held-out prompts to sample (0: the whole split)
     raw_student: bool = False  # evaluate the raw student weights instead of the EMA
     batch_size: int = 128
     grid_size: int = 50
     seeds: tuple[int, ...] = (1234, 1235, 1236)  # every figure is the mean over these sampling seeds, with its spread
     device: str = "auto"
-    resolution: tuple[int, ...] | None = None  # [height, width] in pixels to sample at; None: the teacher's native size
-    features: str = "classifier"  # FD extractor: classifier (labelled data) | inception (FID) | clip (ladd.quality)
+    # [height, width] in pixels to sample at; None: the buckets the student was distilled on (each, share-weighted)
+    resolution: tuple[int, ...] | None = None
+    features: str = "auto"  # FD extractor: auto (resolve_features) | classifier (labelled data) | inception (FID) | clip
     inception_path: str | None = must_exist()  # local FID Inception-v3 weights file (features: inception)
     clip_path: str | None = must_exist()  # local CLIP folder: clip_score on every row (and features: clip)
-    real_images: str = "auto"  # FD/precision/recall against the real test images: auto (where the data has them) | required | off
+    real_images: str = "auto"  # FD/precision/recall against the real held-out images: auto (where the data has them) | required | off
     register: bool = True  # log the student as an MLflow model and register it (with tracking on)
     model_name: str = "ladd-student"
     gate_steps: int = 4  # the champion gate compares the student at this step count
-    gate_metric: str = "auto"  # auto (fd with real images, else fd_teacher) | fd | fd_teacher | fd_teacher_same_noise | clip_score | accuracy
+    gate_metric: str = "auto"  # auto (fd with real images, else fd_teacher) | one of GATE_METRICS
     gate_direction: str = "auto"  # auto (the metric's own: lower FD, higher CLIP score/accuracy) | lower | higher
     gate_tolerance: float = 0.0  # how much worse than the champion's the gated metric may be, in its units
     gate_max_accuracy_drop: float = 0.01  # 1 point (where both have an accuracy)
@@ -354,11 +381,13 @@ class EvaluateConfig:
     def __post_init__(self):
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"evaluate.seeds must be distinct integers (>= 3 for a spread), got {list(self.seeds)}")
-        _choice("evaluate.features", self.features, FEATURES)
+        _choice("evaluate.split", self.split, ("val", "test"))
+        _choice("evaluate.features", self.features, ("auto", *FEATURES))
         _choice("evaluate.real_images", self.real_images, ("auto", "required", "off"))
-        _choice("evaluate.gate_metric", self.gate_metric, ("auto", "fd", "fd_teacher", "fd_teacher_same_noise", "clip_score",
-                                                           "accuracy"))
+        _choice("evaluate.gate_metric", self.gate_metric, GATE_METRICS)
         _choice("evaluate.gate_direction", self.gate_direction, ("auto", "lower", "higher"))
+        if self.teacher_steps is not None:
+            _positive("evaluate", teacher_steps=self.teacher_steps)
         if self.features == "inception" and not self.inception_path:
             raise ConfigError("evaluate.features: inception needs evaluate.inception_path (a local FID Inception-v3 "
                               "weights file, e.g. weights-inception-2015-12-05-6726825d.pth)")
@@ -366,10 +395,14 @@ class EvaluateConfig:
             raise ConfigError("evaluate.features: clip needs evaluate.clip_path (a local CLIP model folder)")
         if self.gate_metric == "clip_score" and not self.clip_path:
             raise ConfigError("evaluate.gate_metric: clip_score needs evaluate.clip_path (a local CLIP model folder)")
-        if self.gate_metric == "fd_teacher" and len(self.seeds) < 2:
-            raise ConfigError("evaluate.gate_metric: fd_teacher compares with the teacher's samples of another seed: "
-                              "evaluate.seeds needs two or more (or gate on fd_teacher_same_noise)")
-        if self.gate_metric == "accuracy" and self.features != "classifier":
+        if self.gate_metric.startswith("fd_reference") and self.reference_guidance is None:
+            raise ConfigError(f"evaluate.gate_metric: {self.gate_metric} is measured against the teacher at "
+                              "evaluate.reference_guidance, which is not set")
+        for metric in ("fd_teacher", "fd_reference"):
+            if self.gate_metric == metric and len(self.seeds) < 2:
+                raise ConfigError(f"evaluate.gate_metric: {metric} compares with the teacher's samples of another seed: "
+                                  f"evaluate.seeds needs two or more (or gate on {metric}_same_noise)")
+        if self.gate_metric == "accuracy" and self.features not in ("classifier", "auto"):
             raise ConfigError(f"evaluate.gate_metric: accuracy needs evaluate.features: classifier, got {self.features!r}")
         if self.resolution is not None and (len(self.resolution) != 2 or min(self.resolution) < 1):
             raise ConfigError(f"evaluate.resolution must be [height, width] in pixels, got {list(self.resolution)}")

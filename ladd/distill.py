@@ -465,7 +465,11 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     meta = {"max_sequence_length": data.text["max_sequence_length"], "source": "ladd-student", "teacher": run["teacher"],
             "base_model": read_meta(teacher_dir).get("source", str(teacher_dir)),
             "student_times": times.tolist(), "schedule": cfg.schedule, "sampler": cfg.sampler, "default_steps": len(times),
-            "task": "inpaint" if inpainting else "text2image"}
+            "task": "inpaint" if inpainting else "text2image",
+            # what evaluate measures against and where: the teacher of the synthetic data, its resolution buckets
+            "distillation_teacher": {"guidance": data.manifest["run"]["guidance"], "steps": data.manifest["run"]["steps"]},
+            "buckets": [{"resolution": b["resolution"], "share": b["records"] / data.manifest["records"]}
+                        for b in data.manifest["buckets"]]}
     if cfg.student == "lora":
         meta["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank, "target_modules": lora_suffixes,
                         "parameters": n_trained}

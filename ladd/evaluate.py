@@ -1,17 +1,21 @@
-"""`ladd evaluate`: the quality-vs-steps table. Teacher at its default (many steps, CFG), the teacher
-sampled naively at few steps, the student at few steps (no CFG); same held-out prompts, same per-record
-noise, same batch size for the timings. Every row is scored against the many-step teacher's samples on the
-same prompts (`fd_teacher`, against the teacher's samples of another seed: a distance between distributions,
-whose floor is the teacher's own row; `fd_teacher_same_noise`, against those of the same noise, which also
-rewards following the teacher's ODE path; neither needs real images), against the real test images where the data has them (`fd`,
-precision/recall, with the real-vs-real floor), by CLIP score where `evaluate.clip_path` is set, and by
-accuracy where the extractor classifies. With the preference stage on (`align.enabled`), the aligned student is
+"""`ladd evaluate`: the quality-vs-steps table on the held-out split `evaluate.split` (val to choose settings, test
+to report). The teacher the student was distilled from (its synthetic data's CFG and steps), that teacher sampled
+naively at few steps, and the student at few steps (no CFG); same prompts, same per-record noise, same batch size
+for the timings. Every row is scored against that teacher's many-step samples on the same prompts: `fd_teacher`
+(the field's FID-T; against the samples of another seed, a distance between distributions whose floor is the
+teacher's own row) and `fd_teacher_same_noise` (against those of the same noise, which also rewards following the
+teacher's ODE path); neither needs real images. With `evaluate.reference_guidance` set to another CFG, the
+teacher at that CFG is a row of its own and every row also gets `fd_reference` and `fd_reference_same_noise`
+against it. Where the data has real images: `fd`, precision/recall, with the real-vs-real floor; CLIP score
+where `evaluate.clip_path` is set; accuracy where the extractor classifies. A student distilled on several
+resolution buckets is sampled at each (rows per bucket under `buckets`; the headline figures are the
+share-weighted means). With the preference stage on (`align.enabled`), the aligned student is
 scored beside the student (rows `aligned`, every row also by the stage's reward), `reports/align.json` holds
 the before/after table, and the gate judges and registers the aligned one. Inpainting (`inpaint.enabled`): every model
 inpaints test image i under its seeded mask (`record_masks`, stream "evaluate"; the same masks for every seed and
 model), FD and accuracy are those of the inpainted images, and `outside_mse` is the mean squared error (pixels in
-[0, 1]) to the real image where the mask keeps it; the grid's first row is the masked input. FD on a few hundred samples moves by points with the noise, so every
-figure is the mean over `seeds` with its spread (std).
+[0, 1]) to the real image where the mask keeps it; the grid's first row is the masked input. FD on a few hundred
+samples moves by points with the noise, so every figure is the mean over `seeds` with its spread (std).
 
 Memory grows with the batch, not with the number of prompts: each batch of `batch_size` rows is encoded, sampled,
 decoded and scored in turn, and only its features (and logits, and per-image figures) are kept, with the images
@@ -34,7 +38,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ladd.align import REWARDS, generate_batch, load_reward, model_dir
 from ladd.card import write_model_card
-from ladd.config import EvaluateConfig
+from ladd.config import EvaluateConfig, resolve_features
 from ladd.errors import ConfigError
 from ladd.data.prepare import load_split
 from ladd.distributed import World, close_world, init_world
@@ -44,15 +48,16 @@ from ladd.generate import record_noise
 from ladd.inpaint import check_task, inpaint_condition, masked_images, record_masks
 from ladd.io import atomic_file, fingerprint, write_json
 from ladd.metrics import frechet_distance
-from ladd.pipeline import (bucket_latent_shapes, decode_latents, encode_prompts, latent_shape, load_pipeline,
-                           load_transformer, max_sequence_length, native_resolution, read_meta)
+from ladd.pipeline import (bucket_latent_shapes, decode_latents, encode_prompts, load_pipeline, load_transformer,
+                           max_sequence_length, native_resolution, read_meta)
 from ladd.quality import FEATURE_EXTRACTORS, embed, load_clip, real_floor, score_features
 from ladd.sampling import flow_sigmas
 from ladd.schedules import student_sigmas
 
 log = logging.getLogger(__name__)
 
-HEADLINE = ("fd", "fd_teacher", "fd_teacher_same_noise", "clip_score", "accuracy", "reward", "outside_mse")  # the figures rows are named by, where they exist
+HEADLINE = ("fd", "fd_teacher", "fd_teacher_same_noise", "fd_reference", "fd_reference_same_noise", "clip_score",
+            "accuracy", "reward", "outside_mse")  # the figures rows are named by, where they exist
 FIGURES = ("feats", "logits", "clip_score", "reward", "outside_mse", "grid")  # what evaluate keeps of a batch
 ROW_KEYS = ("nfe", *(k for m in HEADLINE for k in (m, f"{m}_std")))  # quality_vs_nfe.json's columns
 EXTRACTOR_PATH_KEYS = {"classifier": "evaluate.features", "inception": "evaluate.inception_path", "clip": "evaluate.clip_path"}
@@ -142,53 +147,88 @@ def evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student
         close_world(world)
 
 
-def _extractors(cfg: EvaluateConfig, classifier_dir):
+def _extractors(cfg: EvaluateConfig, features: str, classifier_dir):
     """(FD extractor, its weights' path, CLIP scorer or None), loaded and checked before any sampling."""
-    path = {"classifier": classifier_dir, "inception": cfg.inception_path, "clip": cfg.clip_path}[cfg.features]
-    extractor = FEATURE_EXTRACTORS[cfg.features](path, EXTRACTOR_PATH_KEYS[cfg.features])
-    clip = extractor if cfg.features == "clip" else (load_clip(cfg.clip_path) if cfg.clip_path else None)
+    path = {"classifier": classifier_dir, "inception": cfg.inception_path, "clip": cfg.clip_path}[features]
+    extractor = FEATURE_EXTRACTORS[features](path, EXTRACTOR_PATH_KEYS[features])
+    clip = extractor if features == "clip" else (load_clip(cfg.clip_path) if cfg.clip_path else None)
     return extractor, path, clip
+
+
+def _buckets(cfg: EvaluateConfig, student_meta: dict, teacher_dir, held_out, inpainting: bool) -> list[tuple[tuple[int, int], float]]:
+    """The (pixel size, share) pairs to evaluate at: `evaluate.resolution` when set; else the buckets the student
+    was distilled on, with their shares of the records (a multi-aspect student is scored where it was trained);
+    else the teacher's native size. Inpainting works at the held-out images' size."""
+    if inpainting:
+        return [(tuple(held_out.images.shape[-2:]), 1.0)]
+    if cfg.resolution is not None:
+        return [(tuple(cfg.resolution), 1.0)]
+    trained = [(tuple(b["resolution"]), float(b["share"])) for b in student_meta.get("buckets", [])]
+    return trained or [(native_resolution(teacher_dir), 1.0)]
+
+
+def _distillation_teacher(cfg: EvaluateConfig, student_meta: dict) -> tuple[float, int]:
+    """(CFG, steps) of the teacher row: evaluate.guidance / teacher_steps, else the teacher the student learnt from
+    (its synthetic data's, in its ladd.json), whose samples fd_teacher (the field's FID-T) measures against."""
+    learnt = student_meta.get("distillation_teacher", {})
+    guidance = cfg.guidance if cfg.guidance is not None else learnt.get("guidance")
+    steps = cfg.teacher_steps if cfg.teacher_steps is not None else learnt.get("steps")
+    if guidance is None or steps is None:
+        raise ConfigError("evaluate.guidance / evaluate.teacher_steps: the student's ladd.json does not say which teacher "
+                          "it was distilled from (an older student): set both")
+    for key, ours, theirs in (("guidance", guidance, learnt.get("guidance")), ("teacher_steps", steps, learnt.get("steps"))):
+        if theirs is not None and ours != theirs:
+            log.warning("evaluate.%s %s differs from the teacher the student was distilled from (%s): fd_teacher is "
+                        "then not FID-T against its own teacher", key, ours, theirs)
+    return float(guidance), int(steps)
 
 
 def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student_dir, tracker, world: World,
               align=None, inpaint=None) -> dict:
     out, device = Path(cfg.out_dir), world.device
-    train, test = load_split(Path(data_dir) / "train"), load_split(Path(data_dir) / "test")
+    split_dir = Path(data_dir) / cfg.split
+    if not split_dir.is_dir():
+        raise ConfigError(f"evaluate.split: {cfg.split}, and {split_dir} does not exist (prepare.val_fraction: 0 writes "
+                          "no val split)")
+    train, test = load_split(Path(data_dir) / "train"), load_split(split_dir)  # `test`: the held-out split scored
     if cfg.real_images == "required" and test.images is None:
-        raise ConfigError(f"evaluate.real_images: required, but {data_dir}/test has no images (prompts only)")
+        raise ConfigError(f"evaluate.real_images: required, but {split_dir} has no images (prompts only)")
     use_real = cfg.real_images != "off" and test.images is not None
-    extractor, extractor_path, clip = _extractors(cfg, classifier_dir)
+    features = resolve_features(cfg.features, test.images is not None and bool((test.labels >= 0).all()),
+                                cfg.clip_path, cfg.inception_path)
+    extractor, extractor_path, clip = _extractors(cfg, features, classifier_dir)
     aligned_dir = model_dir(align, student_dir) if align is not None and align.enabled else None
     reward = load_reward(align.reward, align.reward_path, classifier_dir) if aligned_dir else None
     n = min(cfg.num_samples, len(test.captions)) if cfg.num_samples > 0 else len(test.captions)
     prompts, labels = list(test.captions["prompt"][:n]), test.labels[:n]
     gate_metric = resolve_metric(cfg.gate_metric, use_real)
     if gate_metric == "fd" and not use_real:
-        raise ConfigError(f"evaluate.gate_metric: fd needs real images, and {data_dir}/test has none (or "
+        raise ConfigError(f"evaluate.gate_metric: fd needs real images, and {split_dir} has none (or "
                           "evaluate.real_images is off): use fd_teacher")
-    if gate_metric == "fd_teacher" and len(cfg.seeds) < 2:
-        raise ConfigError("evaluate.gate_metric: fd_teacher compares with the teacher's samples of another seed: "
-                          "evaluate.seeds needs two or more (or gate on fd_teacher_same_noise)")
+    if gate_metric in ("fd_teacher", "fd_reference") and len(cfg.seeds) < 2:
+        raise ConfigError(f"evaluate.gate_metric: {gate_metric} compares with the teacher's samples of another seed: "
+                          f"evaluate.seeds needs two or more (or gate on {gate_metric}_same_noise)")
     if gate_metric == "accuracy" and not (labels >= 0).any():
-        raise ConfigError(f"evaluate.gate_metric: accuracy needs labelled prompts, and {data_dir}/test has none")
+        raise ConfigError(f"evaluate.gate_metric: accuracy needs labelled prompts, and {split_dir} has none")
     inpainting = inpaint is not None and inpaint.enabled  # every model inpaints test image i under record i's mask
     if inpainting:
         for pipe_dir in (teacher_dir, student_dir):
             check_task(pipe_dir, True)
         if test.images is None:
-            raise ConfigError(f"inpaint.enabled: {data_dir}/test has no images to inpaint (prompts only)")
+            raise ConfigError(f"inpaint.enabled: {split_dir} has no images to inpaint (prompts only)")
         if cfg.resolution is not None and tuple(cfg.resolution) != tuple(test.images.shape[-2:]):
             raise ConfigError(f"evaluate.resolution: inpainting works at the test images' size "
                               f"{list(test.images.shape[-2:])}, got {list(cfg.resolution)}: leave it null")
+    student_meta = read_meta(student_dir)
+    guidance, teacher_steps = _distillation_teacher(cfg, student_meta)
+    buckets = _buckets(cfg, student_meta, teacher_dir, test, inpainting)
+    shapes = bucket_latent_shapes(teacher_dir, [r for r, _ in buckets], "evaluate.resolution")
     teacher = _load(teacher_dir, device)
-    shape = latent_shape(teacher.pipe) if cfg.resolution is None else \
-        bucket_latent_shapes(teacher_dir, [cfg.resolution], "evaluate.resolution")[0]
     student = _load(student_dir, device)
     if cfg.raw_student:
         from diffusers import SD3Transformer2DModel
 
         student.transformer = SD3Transformer2DModel.from_pretrained(Path(student_dir) / "ladd_raw_transformer").to(device)
-    student_meta = read_meta(student_dir)
     if aligned_dir is not None:  # its own transformer; text encoders and VAE are the student's
         aligned = _Model(student.pipe, student.msl, load_transformer(aligned_dir, device))
     for k in cfg.few_steps:
@@ -200,27 +240,32 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
     grid_n = min(cfg.grid_size, n)
     real = embed(extractor, test.images.float() / 255)[0] if use_real and world.main else None
     reward_labels = labels.tolist() if reward is not None and REWARDS[align.reward].needs_labels else None
-    teacher_feats: dict[int, torch.Tensor] = {}  # seed -> the many-step teacher's sample features: fd_teacher's reference
-    reference_guidance = cfg.guidance if cfg.reference_guidance is None else cfg.reference_guidance
+    # the many-step teachers' sample features, {role: {(bucket, seed): features}}: fd_teacher's reference (the teacher
+    # the student learnt from) and, when evaluate.reference_guidance differs from its CFG, fd_reference's
+    references: dict[str, dict] = {}
+    reference_guidance = None if cfg.reference_guidance in (None, guidance) else cfg.reference_guidance
     protocol = None if not world.main else {  # fingerprints read every weight file: rank 0 alone uses them
         "prompts": prompts_fingerprint(prompts), "num_samples": n, "seeds": list(cfg.seeds),
-        "resolution": list(cfg.resolution or native_resolution(teacher_dir)),
-        "gate_steps": cfg.gate_steps, "teacher_steps": cfg.teacher_steps, "guidance": cfg.guidance,
-        **({"reference_guidance": cfg.reference_guidance} if reference_guidance != cfg.guidance else {}),
-        "features": cfg.features, "features_weights": fingerprint(extractor_path),
+        **({"resolution": list(buckets[0][0])} if len(buckets) == 1 else
+           {"resolutions": [list(r) for r, _ in buckets], "resolution_shares": [s for _, s in buckets]}),
+        "gate_steps": cfg.gate_steps, "teacher_steps": teacher_steps, "guidance": guidance,
+        **({"reference_guidance": reference_guidance} if reference_guidance is not None else {}),
+        **({"split": cfg.split} if cfg.split != "test" else {}),  # test protocols read as before
+        "features": features, "features_weights": fingerprint(extractor_path),
         "clip_weights": fingerprint(cfg.clip_path) if cfg.clip_path else None,
-        "real_images": fingerprint(Path(data_dir) / "test" / "images.safetensors") if use_real else None,
+        "real_images": fingerprint(split_dir / "images.safetensors") if use_real else None,
         "teacher": fingerprint(Path(teacher_dir) / "transformer"),
         **({"inpaint_mask_seed": inpaint.mask_seed} if inpainting else {}),  # text-to-image protocols unchanged
     }
-    metrics: dict = {"num_samples": n, "seeds": list(cfg.seeds), "features": cfg.features, "protocol": protocol}
+    metrics: dict = {"split": cfg.split, "num_samples": n, "seeds": list(cfg.seeds), "features": features,
+                     "resolutions": [{"resolution": list(r), "share": s} for r, s in buckets], "protocol": protocol}
     if use_real and world.main:
         metrics["real_floor"] = summarize_seeds([real_floor(extractor, train, test, n, seed, real) for seed in cfg.seeds])
 
-    def measure(model, steps, sigmas, guidance, sampler, name, reference=False, solo=False):
-        """The row of one sampler configuration: every seed sampled and scored, its first seed's images (saved as
-        grids/<name>.png unless `solo`); `reference`: its features are fd_teacher's reference."""
-        on = replace(world, rank=0, size=1) if solo else world
+    def bucket_rows(model, b, sigmas, guidance, sampler, role, on):
+        """Every seed of one configuration sampled at bucket `b` and scored: (per-seed figures, the first seed's
+        grid images); ([], None) on ranks other than the main one."""
+        shape = shapes[b]
         kept = {seed: {} for seed in cfg.seeds}  # seed -> figure -> this rank's per-batch tensors, in batch order
         seconds, sampled = dict.fromkeys(cfg.seeds, 0.0), 0
         for start in range(on.rank * cfg.batch_size, n, on.size * cfg.batch_size):
@@ -263,44 +308,65 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
             if not on.main:
                 continue
             got = {k: v for k, v in got.items() if k in kept[seed]}
-            feats = got["feats"]
+            seed_feats[seed] = got["feats"]
             row = {"ms_per_image": seconds[seed] * 1000 / max(sampled, 1),
-                   **score_features(feats, got.get("logits"), labels, real)}
-            if seed in teacher_feats and not reference:
-                row["fd_teacher_same_noise"] = frechet_distance(teacher_feats[seed].numpy(), feats.numpy())
+                   **score_features(got["feats"], got.get("logits"), labels, real)}
             row.update({k: float(got[k].mean()) for k in ("clip_score", "reward", "outside_mse") if k in got})
-            if reference:
-                teacher_feats[seed] = feats
-            seed_feats[seed] = feats
             per_seed.append(row)
             first = got["grid"] if first is None else first
         if not on.main:
+            return [], None
+        if role is not None:
+            references[role].update({(b, seed): f for seed, f in seed_feats.items()})
+        seeds = list(cfg.seeds)
+        for name, feats_of in references.items():
+            for i, (seed, r) in enumerate(zip(seeds, per_seed)):
+                if name != role:  # against the same noise: also rewards following that teacher's ODE path
+                    r[f"fd_{name}_same_noise"] = frechet_distance(feats_of[(b, seed)].numpy(), seed_feats[seed].numpy())
+                if len(seeds) > 1:  # against the next seed's samples (other noise, same prompts); its own row: the floor
+                    other = feats_of[(b, seeds[(i + 1) % len(seeds)])]
+                    r[f"fd_{name}"] = frechet_distance(other.numpy(), seed_feats[seed].numpy())
+        return per_seed, first
+
+    def measure(model, steps, sigmas, guidance, sampler, name, role=None, solo=False):
+        """The row of one sampler configuration: every seed at every bucket sampled and scored, and its first seed's
+        images at the first bucket (saved as grids/<name>.png unless `solo`); `role`: teacher or reference, whose
+        features fd_<role> measures against. With several buckets, each figure is the share-weighted mean over
+        them, seed by seed, and the row keeps each bucket's own under `buckets`."""
+        on = replace(world, rank=0, size=1) if solo else world
+        if role is not None:
+            references[role] = {}
+        per_bucket, first = [], None
+        for b in range(len(buckets)):
+            per_seed, grid = bucket_rows(model, b, sigmas, guidance, sampler, role, on)
+            per_bucket.append(per_seed)
+            first = grid if first is None else first
+        if not on.main:
             return {}, None
-        if len(cfg.seeds) > 1:  # fd_teacher: against the teacher's samples of the next seed (other noise, same prompts)
-            seeds = list(cfg.seeds)
-            for i, r in enumerate(per_seed):
-                other = teacher_feats[seeds[(i + 1) % len(seeds)]]
-                r["fd_teacher"] = frechet_distance(other.numpy(), seed_feats[seeds[i]].numpy())
-        row = {"steps": steps, "guidance": guidance, "nfe": steps * (2 if guidance > 1 else 1), **summarize_seeds(per_seed)}
+        shares = np.array([s for _, s in buckets]) / sum(s for _, s in buckets)
+        mixed = [{k: float(sum(w * rows[i][k] for w, rows in zip(shares, per_bucket))) for k in per_bucket[0][i]}
+                 for i in range(len(cfg.seeds))]
+        row = {"steps": steps, "guidance": guidance, "nfe": steps * (2 if guidance > 1 else 1), **summarize_seeds(mixed)}
+        if len(buckets) > 1:
+            row["buckets"] = {f"{h}x{w}": summarize_seeds(rows) for ((h, w), _), rows in zip(buckets, per_bucket)}
         if not solo:
             save_grid(first, out / "grids" / f"{name}.png")
         log.info("%s: %s (%d seeds)", name, ", ".join(f"{k} {row[k]:.3f} ± {row[f'{k}_std']:.3f}" for k in HEADLINE
-                                                       if k in row), len(per_seed))
+                                                       if k in row), len(cfg.seeds))
         return row, first
 
-    many_steps = flow_sigmas(cfg.teacher_steps, shift)
-    if reference_guidance != cfg.guidance:  # fd_teacher's reference: the teacher at its own CFG; its floor row
-        metrics["reference"], _ = measure(teacher, cfg.teacher_steps, many_steps, reference_guidance, "euler",
-                                          f"reference_{cfg.teacher_steps}", reference=True)
-    metrics["teacher"], teacher_imgs = measure(teacher, cfg.teacher_steps, many_steps, cfg.guidance, "euler",
-                                               f"teacher_{cfg.teacher_steps}",
-                                               reference=reference_guidance == cfg.guidance)
+    many_steps = flow_sigmas(teacher_steps, shift)
+    if reference_guidance is not None:  # fd_reference's teacher: the same one at another CFG; its own row first
+        metrics["reference"], _ = measure(teacher, teacher_steps, many_steps, reference_guidance, "euler",
+                                          f"reference_{teacher_steps}", role="reference")
+    metrics["teacher"], teacher_imgs = measure(teacher, teacher_steps, many_steps, guidance, "euler",
+                                               f"teacher_{teacher_steps}", role="teacher")
     metrics["teacher_naive"], metrics["student"] = {}, {}
     if aligned_dir is not None:
         metrics["aligned"] = {}
-    side_by_side, labels_by_row = [teacher_imgs], [_label(f"teacher, {cfg.teacher_steps} steps, CFG {cfg.guidance:g}", metrics["teacher"])]
+    side_by_side, labels_by_row = [teacher_imgs], [_label(f"teacher, {teacher_steps} steps, CFG {guidance:g}", metrics["teacher"])]
     for k in cfg.few_steps:
-        metrics["teacher_naive"][str(k)], _ = measure(teacher, k, flow_sigmas(k, shift), cfg.guidance, "euler", f"teacher_naive_{k}")
+        metrics["teacher_naive"][str(k)], _ = measure(teacher, k, flow_sigmas(k, shift), guidance, "euler", f"teacher_naive_{k}")
         metrics["student"][str(k)], imgs = measure(student, k, student_sigmas(k, student_meta), 0.0,
                                                    student_meta.get("sampler", "euler"), f"student_{k}")
         side_by_side.append(imgs)

@@ -13,8 +13,8 @@ import hashlib
 import json
 
 # the gated metric -> which way is better
-GATE_DIRECTIONS = {"fd": "lower", "fd_teacher": "lower", "fd_teacher_same_noise": "lower", "clip_score": "higher",
-                   "accuracy": "higher"}
+GATE_DIRECTIONS = {"fd": "lower", "fd_teacher": "lower", "fd_teacher_same_noise": "lower", "fd_reference": "lower",
+                   "fd_reference_same_noise": "lower", "clip_score": "higher", "accuracy": "higher"}
 
 
 def prompts_fingerprint(prompts: list[str]) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from ladd.config import Params
+from ladd.config import Params, resolve_features
 from ladd.errors import ConfigError, DataError
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Params)
@@ -107,6 +107,10 @@ def _check_across_sections(p: Params, source: str) -> None:
         raise ConfigError(f"{source}: evaluate.features: classifier needs labelled images, and {prep.captions} has none "
                           "(prompts only, or no 'label' column): set evaluate.features to inception (with "
                           "evaluate.inception_path) or clip (with evaluate.clip_path)")
+    try:  # auto: the classifier for labelled images, else the CLIP or Inception weights given
+        resolve_features(e.features, not unlabelled, e.clip_path, e.inception_path)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err} ({prep.captions} has no labelled images)") from None
     if unlabelled and p.align.enabled and p.align.reward == "classifier":
         raise ConfigError(f"{source}: align.reward: classifier scores the prompted digit, and {prep.captions} has no "
                           "labels: use align.reward: clip (with align.reward_path) or a reward of ladd.align.REWARDS")

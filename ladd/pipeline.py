@@ -99,29 +99,10 @@ def write_meta(pipe_dir: str | Path, **meta) -> None:
 
 
 def max_sequence_length(pipe_dir: str | Path) -> int:
-    """The T5 slot length of a pipeline folder: ladd.json's, else its T5 tokenizer's model_max_length, else its
-    CLIP tokenizer's (a teacher without T5 gets zeros in that slot), else diffusers' default."""
-    meta = read_meta(pipe_dir)
-    if "max_sequence_length" in meta:
-        return int(meta["max_sequence_length"])
-    lengths = []
-    for name in ("tokenizer_3", "tokenizer"):
-        path = Path(pipe_dir) / name / "tokenizer_config.json"
-        lengths.append(json.loads(path.read_text()).get("model_max_length") if path.is_file() else None)
-    return _first_limit(lengths)
-
-
-def tokenizer_sequence_length(pipe: StableDiffusion3Pipeline) -> int:
-    """`max_sequence_length`'s rule for a loaded pipeline without ladd.json: its T5 tokenizer's length, else its
-    CLIP tokenizer's, else diffusers' default."""
-    return _first_limit([getattr(pipe.tokenizer_3, "model_max_length", None), getattr(pipe.tokenizer, "model_max_length", None)])
-
-
-def _first_limit(lengths) -> int:
-    for length in lengths:
-        if length is not None and length < 1e6:  # transformers writes a huge sentinel when a tokenizer has no limit
-            return int(length)
-    return DEFAULT_MAX_SEQUENCE_LENGTH
+    """The T5 slot length of a pipeline folder: its ladd.json's (a ladd-made folder), else diffusers' SD3 default
+    (256), whatever its T5 tokenizer allows (an SD3.5 folder's says 512: twice the text tokens in every transformer
+    pass, for a length the stock pipeline never uses unless asked)."""
+    return int(read_meta(pipe_dir).get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))
 
 
 def latent_shape(pipe: StableDiffusion3Pipeline) -> tuple[int, int, int]:

@@ -21,8 +21,8 @@ from ladd.config import TeacherConfig
 from ladd.data.prepare import load_split, prompt_vocabulary
 from ladd.inpaint import has_condition, inpaint_condition, record_masks, widen_transformer
 from ladd.io import atomic_dir
-from ladd.pipeline import (encode_images, encode_prompts, load_pipeline, max_sequence_length, pick_device,
-                           tokenizer_sequence_length, write_meta)
+from ladd.pipeline import (DEFAULT_MAX_SEQUENCE_LENGTH, encode_images, encode_prompts, load_pipeline, max_sequence_length, pick_device,
+                           write_meta)
 from ladd.tokenizer import write_clip_tokenizer
 from ladd.training import adamw, update_ema, warmup_cosine
 
@@ -39,16 +39,15 @@ def _text_encoder(tokenizer, hidden: int, max_length: int, seed: int) -> CLIPTex
     return CLIPTextModelWithProjection(config).eval().requires_grad_(False)
 
 
-def t5_slot_length(cfg: TeacherConfig, pipe: StableDiffusion3Pipeline) -> int:
+def t5_slot_length(cfg: TeacherConfig) -> int:
     """The T5 slot's length the teacher trains and samples with: `max_sequence_length`; else the tiny teacher's 1
     (it has no T5, so every slot position holds the same zero vector: one carries what 16 do, and 16 made every
-    transformer pass 1.5x slower); else a local folder's own (its ladd.json first: a ladd-made teacher's slot
-    differs from its tokenizer's), or a hub pipeline's tokenizers' length."""
+    transformer pass 1.5x slower); else a ladd-made folder's own (its ladd.json), else diffusers' default 256."""
     if cfg.max_sequence_length:
         return cfg.max_sequence_length
     if not cfg.pretrained:
         return 1
-    return max_sequence_length(cfg.pretrained) if Path(cfg.pretrained).is_dir() else tokenizer_sequence_length(pipe)
+    return max_sequence_length(cfg.pretrained) if Path(cfg.pretrained).is_dir() else DEFAULT_MAX_SEQUENCE_LENGTH
 
 
 def build_tiny_pipeline(cfg: TeacherConfig, channels: int, resolution: int, words: list[str]) -> StableDiffusion3Pipeline:
@@ -163,7 +162,7 @@ def pretrain_tiny_teacher(cfg: TeacherConfig, data_dir: str | Path, device, trac
     timings["vae_s"] = time.perf_counter() - start
     pipe.to(device)
     latents = encode_images(pipe.vae, train.images)
-    msl = t5_slot_length(cfg, pipe)
+    msl = t5_slot_length(cfg)
     embeds, pooled = encode_prompts(pipe, list(train.captions["prompt"]), msl)
     null_embeds, null_pooled = encode_prompts(pipe, [""], msl)
     start = time.perf_counter()
@@ -187,8 +186,10 @@ def teacher_stage(cfg: TeacherConfig, data_dir: str | Path, device: str, tracker
         pipe = _inpainting_teacher(pipe, cfg, inpaint, data_dir, device, tracker)
     with atomic_dir(cfg.out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        msl = t5_slot_length(cfg, pipe)
+        msl = t5_slot_length(cfg)
         write_meta(tmp, max_sequence_length=msl, source=cfg.pretrained or "tiny")
+    log.info("teacher: T5 slot of %d tokens (%s)", msl, "teacher.max_sequence_length" if cfg.max_sequence_length else
+             "the tiny teacher's" if not cfg.pretrained else "the folder's ladd.json, else diffusers' default")
     tracker.log_params({"teacher.resolved.source": cfg.pretrained or "tiny", "teacher.resolved.max_sequence_length": msl})
     return Path(cfg.out_dir)
 
@@ -223,7 +224,7 @@ def finetune_inpaint_teacher(pipe, images: torch.Tensor, prompts: list[str], cfg
     repeated = images.repeat(masks_per_image, 1, 1, 1)
     latents = encode_images(pipe.vae, images).cpu().repeat(masks_per_image, 1, 1, 1)
     cond = inpaint_condition(pipe.vae, repeated, masks)
-    msl = t5_slot_length(cfg, pipe)
+    msl = t5_slot_length(cfg)
     embeds, pooled = encode_prompts(pipe, list(prompts) * masks_per_image, msl)
     null_embeds, null_pooled = encode_prompts(pipe, [""], msl)
     wide = widen_transformer(pipe.transformer)

@@ -16,7 +16,7 @@ from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
 from ladd.errors import ConfigError, TeacherError
-from ladd.config import DistillConfig, ExportConfig, PrepareConfig, SynthesizeConfig, TeacherConfig
+from ladd.config import DistillConfig, EvaluateConfig, ExportConfig, PrepareConfig, SynthesizeConfig, TeacherConfig
 from ladd.data.prepare import prepare
 from ladd.discriminator import Discriminator
 from ladd.distill import distill
@@ -28,7 +28,7 @@ from ladd.data.synthetic import load_synthetic
 from ladd.synthesize import synthesize
 from ladd.teacher import teacher_stage
 from ladd.tracking import NullTracker
-from sd3_family import T5_MAX_LENGTH, VAE_SCALE, VAE_SHIFT, build_sd35_like_teacher
+from sd3_family import T5_MAX_LENGTH, VAE_SCALE, VAE_SHIFT, build_sd35_like_teacher, build_tiny_clip
 
 DISTILL = dict(steps=4, batch_size=4, warmup_steps=2, checkpoint_every=2, log_every=1, device="cpu")
 
@@ -178,7 +178,8 @@ def sd35_chain(tmp_path_factory):
     pd.DataFrame({"prompt": [f"a drawing of the digit {w}" for w in ("zero", "one", "two", "three")] * 10}).to_csv(prompts)
     data = root / "data"
     prepare(PrepareConfig(source="prompts", captions=str(prompts), out_dir=str(data)))
-    teacher = teacher_stage(TeacherConfig(pretrained=str(source), out_dir=str(root / "teacher")), data, "cpu", NullTracker())
+    teacher = teacher_stage(TeacherConfig(pretrained=str(source), out_dir=str(root / "teacher"),
+                                          max_sequence_length=T5_MAX_LENGTH), data, "cpu", NullTracker())
     syn = SynthesizeConfig(out_dir=str(root / "synthetic"), steps=3, samples_per_prompt=1, guidance=2.0,
                            resolutions=((64, 128), (128, 64)), trajectory_times=(0.5, 0.25), device="cpu")
     synthesize(syn, data, teacher, NullTracker())
@@ -205,6 +206,34 @@ def test_sd35_shaped_teacher_settings_come_from_its_folder(sd35_chain):
                          flow_sigmas(syn.steps, 3.0), syn.guidance, ne, np_)
     torch.testing.assert_close(x[0], bucket.latents[0], rtol=0, atol=1e-5)
     assert summary["skipped_updates"] == 0
+
+
+def test_a_two_bucket_student_is_evaluated_at_each_bucket(sd35_chain):
+    """Distilled on 64x128 and 128x64 only: evaluate samples at both (never at the teacher's square 64x64), keeps
+    each bucket's rows, and its headline is their share-weighted mean; the protocol records both. Prompts only,
+    features auto: the CLIP folder given."""
+    import numpy as np
+
+    from ladd.evaluate import evaluate
+
+    root, teacher, syn, summary = sd35_chain
+    meta = read_meta(root / "student")
+    assert [b["resolution"] for b in meta["buckets"]] == [[64, 128], [128, 64]]
+    shares = [b["share"] for b in meta["buckets"]]
+    assert sum(shares) == pytest.approx(1.0)
+    clip = build_tiny_clip(root / "clip", words=["a", "drawing", "of", "the", "digit", "zero", "one", "two", "three"])
+    cfg = EvaluateConfig(out_dir=str(root / "eval"), clip_path=str(clip), few_steps=(1,), seeds=(1, 2), grid_size=2,
+                         device="cpu", register=False)
+    m = evaluate(cfg, root / "data", None, teacher, root / "student", NullTracker())
+    assert m["features"] == "clip" and m["protocol"]["resolutions"] == [[64, 128], [128, 64]]
+    assert m["protocol"]["resolution_shares"] == shares and "resolution" not in m["protocol"]
+    for row in (m["teacher"], m["student"]["1"]):
+        assert set(row["buckets"]) == {"64x128", "128x64"}
+        for key in ("fd_teacher", "clip_score"):
+            mixed = sum(w * row["buckets"][b][key] for w, b in zip(shares, ("64x128", "128x64")))
+            assert row[key] == pytest.approx(mixed) and np.isfinite(row[key])
+    assert m["student"]["1"]["buckets"]["64x128"]["fd_teacher"] != m["student"]["1"]["buckets"]["128x64"]["fd_teacher"]
+    assert "64x128 (" in (root / "student" / "README.md").read_text()
 
 
 def test_sd35_shaped_student_runs_in_stock_diffusers_and_exports(sd35_chain):

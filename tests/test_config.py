@@ -52,3 +52,24 @@ def test_cli_config_error_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert "unknown key teacher.stepz" in proc.stderr and str(params) in proc.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_frozen_heads_with_an_adversarial_loss_are_refused(tmp_path):
+    """lr_d <= 0 leaves the heads at their random start while the student is trained against them."""
+    for lr_d in (0, -1e-3):
+        with pytest.raises(ConfigError) as err:
+            load_params(write_params(tmp_path / "p.yaml", {"distill": {"lr_d": lr_d}}))
+        assert "distill.lr_d" in str(err.value) and "distill.adversarial_weight" in str(err.value)
+        assert "\n" not in str(err.value)
+    assert load_params(write_params(tmp_path / "p.yaml", {"distill": {"lr_d": 0, "adversarial_weight": 0}}))
+
+
+def test_features_auto_picks_the_extractor_the_data_allows():
+    from ladd.config import resolve_features
+
+    assert resolve_features("auto", True, "clip", "inception") == "classifier"
+    assert resolve_features("auto", False, "clip", "inception") == "clip"
+    assert resolve_features("auto", False, None, "inception") == "inception"
+    assert resolve_features("inception", True, None, "x") == "inception"
+    with pytest.raises(ConfigError, match=r"evaluate.clip_path .* or evaluate.inception_path"):
+        resolve_features("auto", False, None, None)

@@ -86,3 +86,23 @@ def test_pretrained_teacher_with_t5_takes_the_same_path(t5_pipeline_dir, tmp_pat
                generator=torch.Generator().manual_seed(4), output_type="latent").images
     assert (ours - ref).abs().max() <= 1e-5
     assert decode_latents(pipe.vae, ours).shape == (1, 3, 16, 16)
+
+
+def test_a_folder_without_ladd_json_gets_diffusers_t5_length(t5_pipeline_dir, tmp_path, caplog):
+    """Its T5 tokenizer may allow more (an SD3.5 folder says 512): the slot is diffusers' default 256 unless
+    teacher.max_sequence_length says otherwise, and the stage logs the length it chose."""
+    import logging
+
+    from ladd.pipeline import DEFAULT_MAX_SEQUENCE_LENGTH
+    from ladd.teacher import t5_slot_length
+
+    assert DEFAULT_MAX_SEQUENCE_LENGTH == 256
+    assert max_sequence_length(t5_pipeline_dir) == 256
+    assert t5_slot_length(TeacherConfig(pretrained=str(t5_pipeline_dir))) == 256
+    assert t5_slot_length(TeacherConfig(pretrained=str(t5_pipeline_dir), max_sequence_length=77)) == 77
+    assert t5_slot_length(TeacherConfig()) == 1  # the tiny teacher: no T5
+    with caplog.at_level(logging.INFO, logger="ladd.teacher"):
+        out = teacher_stage(TeacherConfig(pretrained=str(t5_pipeline_dir), out_dir=str(tmp_path / "t")), tmp_path, "cpu",
+                            NullTracker())
+    assert read_meta(out)["max_sequence_length"] == 256 == max_sequence_length(out)
+    assert "T5 slot of 256 tokens" in caplog.text

@@ -26,7 +26,7 @@ from ladd.evaluate import evaluate
 from ladd.io import fingerprint
 from ladd.quality import FEATURE_EXTRACTORS
 from ladd.tracking import EXPERIMENT_KIND, MODEL_TRAINING, NullTracker, stage_run
-from sd3_family import build_random_inception, build_sd35_like_teacher, build_tiny_clip
+from sd3_family import T5_MAX_LENGTH, build_random_inception, build_sd35_like_teacher, build_tiny_clip
 
 STAGES = {"prepare", "validate", "classifier", "teacher", "synthesize", "distill", "align", "evaluate", "export"}
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -46,7 +46,13 @@ def test_settings_a_prompts_only_project_cannot_serve_fail_at_load(tmp_path):
         return load_params(write_params(tmp_path / "params.yaml", params))
 
     with pytest.raises(ConfigError, match="evaluate.features: classifier needs labelled images"):
+        load(features="classifier")
+    # auto (the default): no labelled images, so the CLIP or Inception weights given, else one line naming both keys
+    with pytest.raises(ConfigError) as err:
         load()
+    assert "evaluate.clip_path" in str(err.value) and "evaluate.inception_path" in str(err.value)
+    assert "\n" not in str(err.value) and str(prompts) in str(err.value)
+    assert load(clip_path=str(clip)).evaluate.features == "auto"
     with pytest.raises(ConfigError, match="evaluate.real_images: required, but prepare.source is prompts"):
         load(features="clip", clip_path=str(clip), real_images="required")
     with pytest.raises(ConfigError, match="evaluate.gate_metric: fd is measured against real images"):
@@ -149,7 +155,7 @@ def _prompts_only_project(root: Path) -> Path:
     params = json.loads(json.dumps(SMOKE_PARAMS))
     params["prepare"].update(source="prompts", captions="prompts.csv")
     params["validate"].update(classes=0)
-    params["teacher"].update(pretrained="external/sd35")
+    params["teacher"].update(pretrained="external/sd35", max_sequence_length=T5_MAX_LENGTH)
     params["synthesize"].update(resolutions=[[64, 128], [128, 64]], trajectory_times=[0.5, 0.25], steps=3)
     params["distill"].update(student_times=[1.0, 0.5, 0.25], schedule="exponential", probs=[0.5, 0.25, 0.25],
                              warmup_probs=[0.0, 0.5, 0.5], adversarial_time_weights=[1.0, 0.0, 0.0])

@@ -1,5 +1,5 @@
 """`ladd prepare`: the built-in UCI digits, a user's image folder + captions table, or a prompts table,
-written as train/test splits:
+written as train / val / test splits (settings are chosen on val, figures reported on test):
 
     <out>/<split>/captions.parquet   id, prompt, label (-1 when unknown)
     <out>/<split>/images.safetensors images uint8 [N, C, H, W], labels int64 [N]  (not for prompt-only data)
@@ -35,7 +35,7 @@ DIGIT_TEMPLATES = (
     "handwritten {word}",
     "an image of the number {digit}",
 )
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -182,10 +182,25 @@ def load_folder(images_dir: str, captions_path: str, resolution: int, encoding: 
     return captions, torch.stack(images)
 
 
-def split_indices(n: int, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    perm = np.random.default_rng(seed).permutation(n)
-    n_test = max(1, int(round(n * test_fraction)))
-    return {"test": np.sort(perm[:n_test]), "train": np.sort(perm[n_test:])}
+def split_indices(n: int, test_fraction: float, val_fraction: float, seed: int,
+                  groups: pd.Series | None = None) -> dict[str, np.ndarray]:
+    """Record indices of each split, drawn by seed. With `groups` (a prompt per record) whole groups are drawn,
+    `test_fraction` and `val_fraction` of the distinct ones, so that no prompt is in two splits; without, records
+    are. The test split is drawn first, so adding a val split leaves it as it was."""
+    keys = np.arange(n) if groups is None else pd.factorize(groups, sort=True)[0]
+    units = np.unique(keys)
+    perm = np.random.default_rng(seed).permutation(len(units))
+    n_test = max(1, int(round(len(units) * test_fraction)))
+    n_val = max(1, int(round(len(units) * val_fraction))) if val_fraction > 0 else 0
+    what = "records" if groups is None else "distinct prompts"
+    if n_test + n_val >= len(units):
+        raise DataError(f"prepare: {len(units)} {what} cannot fill train, val ({val_fraction:g}) and test "
+                        f"({test_fraction:g}): give more data or lower prepare.test_fraction / prepare.val_fraction")
+    chosen = {"test": units[perm[:n_test]], "val": units[perm[n_test:n_test + n_val]],
+              "train": units[perm[n_test + n_val:]]}
+    if not n_val:  # prepare.val_fraction: 0, no val split written
+        del chosen["val"]
+    return {name: np.flatnonzero(np.isin(keys, unit_keys)) for name, unit_keys in chosen.items()}
 
 
 def write_split(split_dir: Path, split: Split) -> None:
@@ -220,8 +235,11 @@ def prepare(cfg: PrepareConfig) -> dict:
         captions = _prompt_table(read_table(cfg.captions, cfg.encoding), cfg.captions)
     log.info("prepare: %d records from %s", len(captions), cfg.source)
     summary = {"source": cfg.source, "resolution": cfg.resolution}
+    # the built-in digits' prompts are 50 templates, each on dozens of images: split by image; a user's table by
+    # its distinct prompts (a duplicated prompt in two splits would score training data as held out)
+    groups = None if cfg.source == "digits" else captions["prompt"]
     with atomic_dir(cfg.out_dir) as tmp:
-        for name, idx in split_indices(len(captions), cfg.test_fraction, cfg.seed).items():
+        for name, idx in split_indices(len(captions), cfg.test_fraction, cfg.val_fraction, cfg.seed, groups).items():
             split = Split(captions.iloc[idx].reset_index(drop=True), None if images is None else images[idx])
             write_split(tmp / name, split)
             summary[name] = len(idx)

@@ -157,6 +157,8 @@ def validate_data(data_dir: str | Path, resolution: int, classes: int, max_promp
             failures.append(str(e))
 
     for split_name in SPLITS:
+        if split_name == "val" and not (Path(data_dir) / "val").is_dir():  # prepare.val_fraction: 0
+            continue
         split = load_split(Path(data_dir) / split_name)
         suite(f"prompts_{split_name}", split.captions, prompt_checks(max_prompt_length, max_duplicate_share))
         if split.images is not None:
