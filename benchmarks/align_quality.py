@@ -46,6 +46,8 @@ def main():
     ap.add_argument("--set", action="append", default=[], help="align.KEY=VALUE over params.yaml's align section")
     ap.add_argument("--out", default="reports/align_bench")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--split", choices=("val", "test"), default="val",
+                    help="val to choose align's settings, test to report the chosen ones (once)")
     ap.add_argument("--student", default=None, help="an existing student instead of distilling one (no time ratio)")
     ap.add_argument("--quick", action="store_true", help="exploring: a 1-step teacher row (unused here), steps 1 and 4")
     args = ap.parse_args()
@@ -68,7 +70,8 @@ def main():
         summary = align_stage(cfg, params.prepare.out_dir, params.classifier.out_dir, student, out / f"validation_{seed}",
                               NullTracker())
         align_s = time.perf_counter() - start
-        ecfg = replace(params.evaluate, out_dir=str(out / f"reports_{seed}"), register=False, device="cpu", **quick)
+        ecfg = replace(params.evaluate, out_dir=str(out / f"reports_{seed}"), register=False, device="cpu", split=args.split,
+                       **quick)
         evaluate(ecfg, params.prepare.out_dir, params.classifier.out_dir, params.teacher.out_dir, student, NullTracker(), cfg)
         report = json.loads((out / f"reports_{seed}" / "align.json").read_text())
         runs.append({"seed": seed, "seconds": align_s, "summary": summary, "report": report})

@@ -37,22 +37,25 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="distillation steps per row (default: distill.steps)")
     ap.add_argument("--out", default="reports/methods")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--split", choices=("val", "test"), default="val",
+                    help="val to choose (a rank, an lr), test to report the chosen ones")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     params = load_params(args.params)
     steps, out = args.steps or params.distill.steps, Path(args.out)
     targets = {"lora_targets": args.targets.split(",")} if args.targets else {}
-    rows = [("full", train_and_score(params, "default", steps, out))]
+    rows = [("full", train_and_score(params, "default", steps, out, split=args.split))]
     for rank in (int(r) for r in args.ranks.split(",")):
         print(f"== LoRA rank {rank}", flush=True)
         rows.append((f"LoRA r={rank}", train_and_score(params, "default", steps, out,
-                                                       {"student": "lora", "lora_rank": rank, "lr_g": args.lr_g, **targets})))
+                                                       {"student": "lora", "lora_rank": rank, "lr_g": args.lr_g, **targets},
+                                                       args.split)))
     full = rows[0][1]["metrics"]["student"]
     ks = sorted(full, key=int)
     teacher = rows[0][1]["metrics"]["teacher"]
     head = ["student", "trained params", "lr_g", "s/step", *[f"FD@{k}" for k in ks], *[f"acc@{k}" for k in ks],
             *[f"FD@{k}/full" for k in ks], *[f"LoRA - full @{k} (paired)" for k in ks]]
-    lines = [f"{steps} steps each; {rows[0][1]['metrics']['num_samples']} held-out prompts x "
+    lines = [f"{steps} steps each; {rows[0][1]['metrics']['num_samples']} {args.split} prompts x "
              f"{len(rows[0][1]['metrics']['seeds'])} seeds, mean ± std over seeds; teacher {teacher['steps']} steps "
              f"CFG {teacher['guidance']:g}: FD {fmt(teacher, 'fd')}, accuracy {teacher['accuracy']:.3f}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -66,7 +69,7 @@ def main():
     lines += ["", "Targets: at some rank FD@4/full <= 1.05 and FD@1/full <= 1.10. Paired: LoRA FD minus full FD per "
               "sampling seed (same noise), mean ± std; negative: LoRA better. s/step: this run's machine, steady state."]
     text = describe() + "\n\n" + "\n".join(lines)
-    (out / "lora.md").write_text(text + "\n")
+    (out / f"lora.{args.split}.md").write_text(text + "\n")
     print(text)
 
 

@@ -80,7 +80,7 @@ def test_prefetcher_keeps_order_and_raises_a_reader_error_where_its_batch_is_tak
 
 @pytest.fixture(scope="module")
 def many_shards(tiny_synthetic, tiny_teacher_dir, prepared_data, tmp_path_factory):
-    """The tiny data set in shards of 32 records (45 latent shards; its 60 distinct prompts in 2 of text
+    """The tiny data set in shards of 32 records (37 latent shards; its 50 distinct prompts in 2 of text
     embeddings)."""
     from ladd.synthesize import synthesize
 
@@ -96,7 +96,7 @@ def test_stored_rows_read_back_as_synthesized(many_shards, tiny_synthetic, tiny_
 
     whole = load_synthetic(tiny_synthetic.out_dir)
     data = SyntheticSet(many_shards)
-    records = np.array([700, 3, 1200, 3, 64])
+    records = np.array([700, 3, 1100, 3, 64])
     batch = data.read(records)
     assert torch.equal(batch["latents"], whole.latents[records])
     assert torch.equal(batch["trajectory"], whole.trajectory[records])
@@ -128,8 +128,8 @@ def test_distill_start_reads_no_shard_and_a_step_reads_only_its_rows(many_shards
     distill(cfg, tiny_teacher_dir, many_shards, NullTracker())
     manifest = json.loads((many_shards / "manifest.json").read_text())
     # 2 steps of 4 records, read ahead by one queued batch and one waiting to be queued: 16 records' shards at
-    # most, of 45
-    assert len(manifest["shard_files"]) == 45 and len(manifest["embed_files"]) == 2
+    # most, of 37
+    assert len(manifest["shard_files"]) == 37 and len(manifest["embed_files"]) == 2
     latent_shards = {name for name in opened if name.startswith("shard-")}
     assert 0 < len(latent_shards) <= (2 + 1 + 1) * 4 and len(opened) == len(set(opened)), opened  # each opened once
 

@@ -492,7 +492,11 @@ FAULTS = {
         "evaluate", lambda p: edit_params(p, "evaluate", features="clip", clip_path=_clip_folder(p, crop_size=48)), 2,
         r"evaluate.clip_path: .*clip does not load as a CLIP model: .*Input image size \(48\*48\)"),
     "evaluate/classifier_on_prompts_only": Fault(
-        "evaluate", lambda p: _prompts_only(p), 2, r"evaluate.features: classifier needs labelled images, and .*prompts.csv"),
+        "evaluate", lambda p: _prompts_only(p, features="classifier"), 2,
+        r"evaluate.features: classifier needs labelled images, and .*prompts.csv"),
+    "evaluate/no_extractor_for_prompts_only": Fault(
+        "evaluate", lambda p: _prompts_only(p), 2,
+        r"evaluate.features: auto finds no extractor .*evaluate.clip_path .*evaluate.inception_path"),
     "evaluate/real_image_fid_on_prompts_only": Fault(
         "evaluate", lambda p: _prompts_only(p, features="clip", clip_path=_clip_folder(p), real_images="required"), 2,
         r"evaluate.real_images: required, but prepare.source is prompts"),
@@ -722,7 +726,7 @@ def test_16_bit_greyscale_pngs_keep_their_values(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     Image.fromarray(np.round(ramp * 65535).astype(np.uint16)).save(images / "deep.png")
-    pd.DataFrame({"file": ["deep.png"] * 10, "caption": ["a ramp"] * 10}).to_csv(tmp_path / "captions.csv")
+    pd.DataFrame({"file": ["deep.png"] * 10, "caption": [f"a ramp {i}" for i in range(10)]}).to_csv(tmp_path / "captions.csv")
     out = tmp_path / "prepared"
     prepare(PrepareConfig(source="folder", images_dir=str(images), captions=str(tmp_path / "captions.csv"),
                           resolution=32, out_dir=str(out)))
