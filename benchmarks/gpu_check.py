@@ -43,6 +43,7 @@ from ladd.config import DistillConfig, ExportConfig, PrepareConfig, SynthesizeCo
 from ladd.data.prepare import prepare  # noqa: E402
 from ladd.distill import distill  # noqa: E402
 from ladd.export import export_stage  # noqa: E402
+from ladd.pipeline import write_meta  # noqa: E402
 from ladd.synthesize import synthesize  # noqa: E402
 from ladd.tokenizer import write_clip_tokenizer  # noqa: E402
 from ladd.tracking import NullTracker  # noqa: E402
@@ -90,6 +91,7 @@ def build_teacher(out: Path, transformer: dict, clip: tuple, t5: int, clip_token
     if torch.device(device).type == "cuda":
         pipe.transformer.to(torch.bfloat16)
     pipe.save_pretrained(out / "teacher", safe_serialization=True)
+    write_meta(out / "teacher", max_sequence_length=t5_tokens, source="gpu_check")  # the T5 slot the FLOPs count
     shutil.rmtree(out / "_tok")
     return out / "teacher"
 
