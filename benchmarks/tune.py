@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -77,9 +78,16 @@ def search(params, base: str, space: dict, out: Path) -> tuple[dict, list[dict]]
             print(f"   objective {objective(tried[key]):.3f}", flush=True)
         return tried[key]
 
+    start = replace(params.distill, preset=None if base == "default" else base)  # the base's own settings
+
+    def same(a, b):  # lists and tuples alike (feature_layers)
+        return json.dumps(a) == json.dumps(b)
+
     best = {}
     for key, values in space.items():
         for value in values:
+            if same(value, best.get(key, getattr(start, key))):
+                continue  # the best so far already has it
             candidate = {**best, key: value}
             if better(result(candidate), result(best)):
                 best = candidate
