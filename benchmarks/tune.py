@@ -60,7 +60,10 @@ def better(candidate: dict, best: dict) -> bool:
 
 
 def run(params, base: str, overrides: dict, out: Path, split: str, evaluate_overrides=None) -> dict:
-    settings = dict(overrides)  # over the preset's (train_and_score applies it)
+    start = replace(params.distill, preset=None if base == "default" else base)
+    # over the preset's (train_and_score applies it); a value the base has already names the same student
+    overrides = {k: v for k, v in overrides.items() if json.dumps(v) != json.dumps(getattr(start, k))}
+    settings = dict(overrides)
     steps = settings.pop("steps", params.distill.steps)
     name = base if not overrides else base + "".join(f"+{k}={v}" for k, v in sorted(overrides.items()))
     result = train_and_score(params, base, steps, out, settings or None, split, evaluate_overrides)

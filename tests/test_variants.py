@@ -135,6 +135,7 @@ def _curve(out: Path) -> list[dict]:
 @pytest.mark.parametrize("variant, extra, regression", [
     (None, {}, True),  # the default: trajectory inputs, regression at every step, heads on the two deepest blocks
     ("ladd", {}, False),
+    ("ladd_tuned", {}, False),  # the paper's recipe at its val-chosen settings: heads on the two shallowest blocks
     ("trajectory", {"regression_weight_one": 1.0}, True),
     ("backward", {"backward_share": 1.0}, False),
     ("tied_times", {}, False),
