@@ -135,12 +135,15 @@ def main():
 
 
 def spearman(results: list[dict]) -> str:
-    """Rank correlation of each teacher-referenced FD with real FD over every (model, step count) test row."""
+    """Rank correlation of each teacher-referenced FD with real FD over every (distinct student, step count) test
+    row."""
     from scipy.stats import spearmanr
 
+    distinct = {json.dumps(r["settings"], sort_keys=True): r for r in results}  # an arm may be the chosen itself
+    results = list(distinct.values())
     rows = [r["metrics"]["student"][k] for r in results for k in r["metrics"]["student"]]
     lines = []
-    for key in ("fd_teacher", "fd_reference"):
+    for key in ("fd_teacher", "fd_reference", "fd_teacher_same_noise", "fd_reference_same_noise"):
         if all(key in row for row in rows):
             rho, p = spearmanr([row["fd"] for row in rows], [row[key] for row in rows])
             lines.append(f"Spearman of {key} with FD over {len(rows)} test rows ({len(results)} students x step counts): "
