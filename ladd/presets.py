@@ -19,7 +19,7 @@ DISTILL_PRESETS: dict[str, dict] = {
     "tied_times": {**_PAPER_LADD, "renoise_times": "tied"},
     # half the t < 1 inputs come from the student's own earlier steps (DMD2's backward simulation)
     "backward": {**_PAPER_LADD, "backward_share": 0.5},
-    # params.yaml's recipe on a LoRA student: adapters start at zero and want ~30x full's lr (README: LoRA students)
+    # params.yaml's recipe on a LoRA student: adapters start at zero and want a higher lr than full's (README: LoRA students)
     "lora": {"student": "lora", "lr_g": 1e-3},
     # t < 1 predictions anchored to the frozen teacher's one-step x0 prediction at the same input
     "teacher_anchor": {**_PAPER_LADD, "regression_weight": 1.0, "regression_target": "teacher"},
