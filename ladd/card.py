@@ -7,9 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ladd.io import atomic_file
+from ladd.schedules import trained_step_counts
 
 CARD = "README.md"
 TINY_BASE = "ladd-tiny-sd3-digits"  # the embedded default teacher, trained by `ladd teacher`
+
+
+# diffusers' SD3 pipelines call scheduler.step without their `generator`, so the student's re-noising between steps
+# (stochastic_sampling) draws from torch's global RNG: `generator=` alone gives other images at 2 and 4 steps
+SEED_LINE = "torch.manual_seed(0)  # the seed of the image: the re-noising between steps draws from torch's global RNG"
 
 
 def _pipeline_class(meta: dict) -> str:
@@ -22,6 +28,7 @@ def _load_snippet(meta: dict, has_t5: bool) -> str:
     # an inpainting student fills the white part of the mask (strength 1: from noise, its trained times)
     inputs = ", image=image, mask_image=mask, strength=1.0" if meta.get("task") == "inpaint" else ""
     return (f'pipe = {_pipeline_class(meta)}.from_pretrained("path/to/student"{extra})\n'
+            f'{SEED_LINE}\n'
             f'image = pipe("a prompt"{inputs}, num_inference_steps={steps}, guidance_scale=0.0, '
             f'max_sequence_length={meta["max_sequence_length"]}).images[0]')
 
@@ -40,11 +47,13 @@ parameters), fused into the transformer above and also saved on its own as `pyto
 at the wrong times.
 
 ```python
+import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 pipe = StableDiffusion3Pipeline.from_pretrained("path/to/teacher"{extra})
 pipe.load_lora_weights("path/to/student")
 pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("path/to/student", subfolder="scheduler")
+{SEED_LINE}
 image = pipe("a prompt", num_inference_steps={meta.get('default_steps', 4)}, guidance_scale=0.0, max_sequence_length={meta["max_sequence_length"]}).images[0]
 ```
 """
@@ -138,12 +147,15 @@ the training times t = {times} at 1, 2 and {len(meta['student_times'])} steps.{s
 ## How to load
 
 ```python
+import torch
 from diffusers import {_pipeline_class(meta)}
 
 {_load_snippet(meta, has_t5)}
 ```
 
-Any `num_inference_steps` works; the trained ones give the best results. Loading prints that the scheduler
+The same seed gives the same image. Seed torch itself, as above: the pipeline passes its `generator=` to the
+starting noise only, and the student's scheduler re-noises between steps from torch's global RNG.
+Any `num_inference_steps` works; the trained ones ({", ".join(map(str, trained_step_counts(meta)))}) give the best results. Loading prints that the scheduler
 config's `sigma_min`/`sigma_max` "will be ignored": diffusers reads them anyway (they set the schedule's ends).
 {_lora_section(meta, has_t5)}{_aligned_section(meta)}
 ## Training

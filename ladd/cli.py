@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+from dataclasses import asdict
 import logging
 import os
 import re
@@ -63,6 +64,7 @@ def run_distill(p: Params, tracker) -> dict:
     from ladd.data.synthetic import bucket_resolutions, check_settings, synthesis_settings
     from ladd.distill import distill
 
+    tracker.log_datasets(p.prepare.out_dir, {"train": "training"})
     resolutions = bucket_resolutions(p.synthesize, p.teacher.out_dir)
     check_settings(p.synthesize.out_dir, synthesis_settings(p.synthesize, resolutions))  # not data of older settings
     return distill(p.distill, p.teacher.out_dir, p.synthesize.out_dir, tracker)
@@ -78,6 +80,7 @@ def run_align(p: Params, tracker) -> dict:
 def run_evaluate(p: Params, tracker) -> dict:
     from ladd.evaluate import evaluate
 
+    tracker.log_datasets(p.prepare.out_dir, {"train": "training", p.evaluate.split: "evaluation"})
     return evaluate(p.evaluate, p.prepare.out_dir, p.classifier.out_dir, p.teacher.out_dir, p.distill.out_dir, tracker,
                     p.align, p.inpaint)
 
@@ -86,7 +89,7 @@ def run_export(p: Params, tracker) -> dict:
     from ladd.align import model_dir
     from ladd.export import export_stage
 
-    return export_stage(p.export, model_dir(p.align, p.distill.out_dir), tracker)
+    return export_stage(p.export, model_dir(p.align, p.distill.out_dir), tracker, asdict(p.serve))
 
 
 # the output a second run of the stage would interleave with: held (flock) for the whole stage, on rank 0
@@ -116,12 +119,14 @@ STAGES = {
 
 
 def generate_main(argv: list[str]) -> int:
-    """`ladd generate --onnx DIR --prompt ...`: PNGs from the exported student, onnxruntime only."""
+    """`ladd generate --onnx DIR --prompt ...`: PNGs from the exported student, onnxruntime only, under the request
+    rules of the served models (`ladd.serving`)."""
     parser = argparse.ArgumentParser(prog="ladd generate", description="generate images with the ONNX student")
     parser.add_argument("--onnx", default="models/onnx", help="export folder (default: models/onnx)")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the exported count)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first image (the next ones count up)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the student's)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the first image, the next ones count up (default: a fresh one, printed)")
     parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     parser.add_argument("--provider", choices=["auto", "cpu", "cuda", "tensorrt"], default="auto")
     parser.add_argument("--out", default="samples", help="output folder for the PNGs (default: samples)")
@@ -130,20 +135,26 @@ def generate_main(argv: list[str]) -> int:
     from PIL import Image
 
     from ladd.onnx_runtime import OnnxStudent
+    from ladd.serving import RequestError
 
     try:
         student = OnnxStudent(args.onnx, args.precision, args.provider)
-        images = student(args.prompt, args.steps, [args.seed + i for i in range(len(args.prompt))])
+        seeds = None if args.seed is None else [args.seed + i for i in range(len(args.prompt))]
+        request = student.request(args.prompt, args.steps, seeds)
+        images = student.run(request)
+    except RequestError as e:
+        print(f"ladd generate: {e}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError) as e:
         print(f"ladd generate: {e}", file=sys.stderr)
         return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for i, (prompt, image) in enumerate(zip(args.prompt, images)):
+    for i, (prompt, seed, image) in enumerate(zip(request.prompts, request.seeds, images)):
         slug = re.sub(r"[^\w-]+", "_", prompt, flags=re.ASCII).strip("_")[:60]  # no `/` or `..` from a prompt
         path = out / f"{i:03d}_{slug}.png"
         Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
-        print(path)
+        print(f"{path}\tseed {seed}\tsteps {request.steps}")
     log.info("%d images on %s", len(images), student.provider)
     return 0
 
@@ -212,11 +223,9 @@ def _main(argv: list[str] | None = None) -> int:
 
     tracking = not args.no_tracking and os.environ.get("LADD_TRACKING", "1") != "0" and rank == 0
     try:  # a failure propagates through the MLflow run, which ends FAILED
-        with stage_run(args.stage, enabled=tracking) as tracker:
+        with stage_run(args.stage, enabled=tracking, model_config=asdict(params.serve)) as tracker:
             section = getattr(params, args.stage, None)
             if section is not None:
-                from dataclasses import asdict
-
                 tracker.log_params({f"{args.stage}.{k}": v for k, v in asdict(section).items()})
             with exclusive(LOCKED_OUTPUTS[args.stage](params)) if rank == 0 else contextlib.nullcontext():
                 result = STAGES[args.stage](params, tracker)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from ladd.errors import ConfigError
 from ladd.presets import DISTILL_PRESETS
 from ladd.schedules import STUDENT_SCHEDULES, few_step_times
+from ladd.serving import LIMITS
 
 
 def must_exist(default=None):
@@ -416,6 +417,7 @@ DIGIT_PROMPTS = ("a handwritten digit zero", "the number 1 written by hand", "a 
 @dataclass(frozen=True)
 class ExportConfig:
     out_dir: str = "models/onnx"
+    single_file_dir: str = "models/single_file"  # the transformer (and LoRA) in SD3's original layout + scheduler.json
     report: str = "reports/export.json"
     steps: int = 4  # step count of the unrolled generator graph (the runtime loops the one-step graph for fewer)
     opset: int = 18
@@ -441,6 +443,18 @@ class ExportConfig:
             raise ConfigError("export.prompts must hold at least one prompt")
         if self.tolerance <= 0:
             raise ConfigError(f"export.tolerance must be > 0, got {self.tolerance}")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The request limits of the served student: the registered MLflow models (evaluate's and export's), the ONNX
+    export's runtime and `ladd generate` (`ladd.serving`)."""
+
+    max_prompts: int = LIMITS["max_prompts"]  # prompts in one request
+    max_prompt_chars: int = LIMITS["max_prompt_chars"]  # characters in one prompt
+
+    def __post_init__(self):
+        _positive("serve", max_prompts=self.max_prompts, max_prompt_chars=self.max_prompt_chars)
 
 
 @dataclass(frozen=True)
@@ -476,6 +490,7 @@ class Params:
     align: AlignConfig
     evaluate: EvaluateConfig
     export: ExportConfig
+    serve: ServeConfig
     launch: LaunchConfig
 
 

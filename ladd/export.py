@@ -10,6 +10,8 @@ Graphs (fp32, and fp16 for GPUs), all with a dynamic batch axis:
 - an inpainting student also takes `condition` [N, 1 + C, h, w] in the generator (the transformer graph takes x
   and it concatenated), and gets `inpaint_condition`: images in [0, 1] and masks -> that condition
   (`ladd.inpaint.inpaint_condition`: mask at latent size, the masked image's scaled latent).
+Beside them, in `single_file_dir`, the transformer (and a LoRA student's adapter) in SD3's original key layout
+with the sampling settings (`ladd.single_file`), for ComfyUI and Forge.
 The stage fails, keeping the previous export, when ORT and PyTorch disagree by more than the tolerance.
 """
 
@@ -28,12 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from ladd.config import ExportConfig
-from ladd.schedules import student_sigmas
+from ladd.schedules import student_sigmas, trained_step_counts
 from ladd.errors import ParityError
 from ladd.inpaint import condition_of, has_condition, random_masks
 from ladd.io import atomic_dir, fingerprint, write_json
 from ladd.onnx_runtime import MANIFEST, NUM_TRAIN_TIMESTEPS, OnnxStudent, PromptTokenizer, session_feeds
 from ladd.pipeline import encode_prompts, latent_shape, load_pipeline, read_meta, vae_scaling
+from ladd.single_file import write_single_file_exports
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +155,10 @@ def _text_ids(tokenizers: dict, prompts: list[str]) -> dict[str, torch.Tensor]:
     return {TEXT_INPUTS[name]: torch.from_numpy(tok(prompts)) for name, tok in tokenizers.items()}
 
 
-def export_student(pipe, meta: dict, out: Path, cfg: ExportConfig, source: dict) -> dict:
-    """Write every graph, the tokenizers and the manifest into `out`; returns the manifest."""
+def export_student(pipe, meta: dict, out: Path, cfg: ExportConfig, source: dict, limits: dict | None = None) -> dict:
+    """Write every graph, the tokenizers and the manifest into `out` (with the request rules of `ladd.serving`: the
+    student's trained step counts and `limits`); returns the manifest."""
+    trained = trained_step_counts(meta)
     msl = int(meta.get("max_sequence_length", 256))
     tok_max = pipe.tokenizer.model_max_length
     names = ["tokenizer", "tokenizer_2"] + (["tokenizer_3"] if pipe.text_encoder_3 is not None else [])
@@ -213,8 +218,11 @@ def export_student(pipe, meta: dict, out: Path, cfg: ExportConfig, source: dict)
         models[precision] = files
     manifest = {
         "format": MANIFEST_FORMAT, "opset": cfg.opset, "steps": cfg.steps, "sampler": sampler,
-        "schedules": {str(k): student_sigmas(k, meta).tolist() for k in range(1, cfg.steps + 1)},
+        "schedules": {str(k): student_sigmas(k, meta).tolist() for k in range(1, max(cfg.steps, *trained) + 1)},
+        "trained_steps": trained, "default_steps": int(meta.get("default_steps", cfg.steps)),
         "latent_shape": list(shape), "image_channels": pipe.vae.config.out_channels,
+        "image_size": [shape[1] * pipe.vae_scale_factor, shape[2] * pipe.vae_scale_factor],
+        "limits": dict(limits or {}),
         "task": "inpaint" if conditioned else "text2image",
         "tokenizers": tokenizers_meta, "models": models,
         "source": source,
@@ -334,20 +342,23 @@ def _check_fp16(fp16: dict, onnx_dir, cfg, threads, embeds, pooled, noise, step_
             **{k: max(b[k] for b in per_batch.values()) for k in ("latents_max_abs_error", "images_max_abs_error")}}
 
 
-def export_stage(cfg: ExportConfig, student_dir: str | Path, tracker) -> dict:
+def export_stage(cfg: ExportConfig, student_dir: str | Path, tracker, limits: dict | None = None) -> dict:
     """Export, check, and only then replace `cfg.out_dir`, write the report and log/register the model."""
     torch.manual_seed(cfg.seed)
     pipe = load_pipeline(student_dir, "cpu")
     meta = read_meta(student_dir)
     source = {"student_dir": str(student_dir), "fingerprint": fingerprint(student_dir)}
     with atomic_dir(cfg.out_dir) as tmp:
-        manifest = export_student(pipe, meta, tmp, cfg, source)
+        manifest = export_student(pipe, meta, tmp, cfg, source, limits)
         report = check_export(pipe, meta, tmp, cfg)
         if report["max_abs_error"] > cfg.tolerance:
             worst = {b: max(p, key=p.get) for b, p in report["parity"].items()}
             raise ParityError(f"ONNX Runtime and PyTorch disagree: max abs error {report['max_abs_error']:.3g} > "
                               f"export.tolerance {cfg.tolerance:g} (worst output per batch size: {worst}); "
                               f"{cfg.out_dir} and {cfg.report} are left as they were")
+    with atomic_dir(cfg.single_file_dir) as tmp:  # for ComfyUI / Forge: SD3's original key layout
+        report["single_file"] = write_single_file_exports(student_dir, tmp)
+    log.info("wrote %s: %s", cfg.single_file_dir, ", ".join(report["single_file"]))
     report["bytes"] = {f: (Path(cfg.out_dir) / f).stat().st_size for files in manifest["models"].values() for f in files.values()}
     report["config"] = asdict(cfg)
     write_json(cfg.report, report)
@@ -355,7 +366,7 @@ def export_stage(cfg: ExportConfig, student_dir: str | Path, tracker) -> dict:
                          **{f"export/{k}/batch{b}": v for b, row in report["latency"].items() for k, v in row.items()}})
     tracker.log_artifact(cfg.report)
     if cfg.register:
-        registered = tracker.log_onnx_student(cfg.out_dir, manifest["models"]["fp32"]["generator"], cfg.model_name)
+        registered = tracker.log_onnx_student(cfg.out_dir, cfg.model_name)
         if registered:
             log.info("logged the ONNX student to MLflow: %s", registered)
     return {"max_abs_error": report["max_abs_error"], "provider": report["provider"], "latency": report["latency"]}

@@ -18,11 +18,12 @@ def record_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
 def generate_latents(
     transformer, embeds, pooled, noise, sigmas, guidance: float = 1.0, null_embeds=None, null_pooled=None,
     sampler: str = "euler", batch_size: int = 128, seed: int = 0, progress: bool = False, path_times=(), share=(0, 1),
-    condition=None,
+    condition=None, step_noise=None,
 ):
     """Sample latents for every row of (embeds, pooled, noise); `null_*` is the empty prompt ([1, ...]).
 
-    `seed` drives the re-noising noise of the `renoise` sampler (per batch, in order). With `path_times`
+    `seed` drives the re-noising noise of the `renoise` sampler (per batch, in order), unless `step_noise`
+    [steps - 1, N, ...] gives each record's draws (`ladd.serving.seeded_draws`). With `path_times`
     (euler only) returns (latents, the Euler path at those times [N, len(path_times), ...]). `share=(r, w)`:
     only every w-th batch from the r-th (rank r of w), each exactly as a single process computes it."""
     param = next(transformer.parameters())
@@ -38,7 +39,9 @@ def generate_latents(
                              guidance=guidance, **nulls,
                              condition=None if condition is None else condition[i : i + n].to(device, dtype))
         x = noise[i : i + n].to(device, dtype)
-        if sampler == "renoise":
+        if sampler == "renoise" and step_noise is not None:
+            x = SAMPLERS[sampler](model, x, sigmas.to(device), step_noise=step_noise[:, i : i + n])
+        elif sampler == "renoise":
             gen = torch.Generator(device).manual_seed(seed * 1_000_003 + i)
             x = SAMPLERS[sampler](model, x, sigmas.to(device), generator=gen)
         elif path_times:

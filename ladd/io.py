@@ -141,6 +141,33 @@ def fingerprint(*paths: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def file_md5(path: str | Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dvc_md5(path: str | Path) -> str:
+    """The hash DVC 3 gives `path` (what dvc.lock records for it), computed without DVC: a file's md5; a folder's,
+    the md5 of its files' sorted JSON list [{"md5", "relpath"}] and ".dir". Files are read a chunk at a time."""
+    path = Path(path)
+    return dvc_md5s(path)[""] if path.is_dir() else file_md5(path)
+
+
+def dvc_md5s(folder: str | Path) -> dict[str, str]:
+    """`dvc_md5` of a folder ("") and of each folder directly in it (by name), each file read once."""
+    folder = Path(folder)
+    files = {f.relative_to(folder).as_posix(): file_md5(f) for f in folder.rglob("*") if f.is_file()}
+
+    def digest(prefix: str) -> str:
+        entries = [{"md5": md5, "relpath": rel[len(prefix):]} for rel, md5 in sorted(files.items()) if rel.startswith(prefix)]
+        return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+    return {"": digest(""), **{d.name: digest(d.name + "/") for d in folder.iterdir() if d.is_dir()}}
+
+
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
          (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # UTF-32 LE starts like UTF-16 LE
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ladd.serving import LIMITS, Request, check_request, seeded_draws
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -136,12 +138,9 @@ class OnnxStudent:
         return embeds.astype(np.float32), pooled.astype(np.float32)
 
     def step_noise(self, seeds: list[int], steps: int) -> tuple[np.ndarray, np.ndarray]:
-        """x_1 and the re-noising draws for each record from its own seed (numpy's generator: the same seed
-        gives different noise than the PyTorch sampler)."""
-        shape = tuple(self.manifest["latent_shape"])
-        draws = [np.random.default_rng(s).standard_normal((steps, *shape), dtype=np.float32) for s in seeds]
-        draws = np.stack(draws, axis=1)  # [steps, N, C, H, W]
-        return draws[0], draws[1:]
+        """x_1 and the re-noising draws for each record from its own seed (`ladd.serving.seeded_draws`: the
+        served PyTorch student draws the same)."""
+        return seeded_draws(seeds, steps, tuple(self.manifest["latent_shape"]))
 
     def inpaint_condition(self, images: np.ndarray, masks: np.ndarray) -> np.ndarray:
         """An inpainting student's condition from images in [0, 1] [N, C, H, W] and masks [N, 1, H, W] (1: inpaint)."""
@@ -186,14 +185,32 @@ class OnnxStudent:
         images = decoder.run(["images"], session_feeds(decoder, latents=x))[0]
         return x.astype(np.float32), images.astype(np.float32)
 
+    @property
+    def meta(self) -> dict:
+        """What the request rules read: the trained step counts (an older export: every scheduled one), the
+        default steps, the task and the export's request limits."""
+        m = self.manifest
+        return {"trained_steps": m.get("trained_steps") or sorted(map(int, m["schedules"])),
+                "default_steps": m.get("default_steps", m["steps"]), "task": m.get("task", "text2image"),
+                **m.get("limits", {})}
+
+    def request(self, prompts, steps=None, seeds=None, **limits) -> Request:
+        """`ladd.serving.check_request` under this export's rules (`limits` override its max_prompts, max_prompt_chars)."""
+        meta = self.meta
+        rules = {k: int(meta.get(k, v)) for k, v in LIMITS.items()} | limits
+        return check_request(prompts, steps, seeds, trained_steps=meta["trained_steps"],
+                             default_steps=int(meta["default_steps"]), **rules)
+
+    def run(self, request: Request, images: np.ndarray | None = None, masks: np.ndarray | None = None) -> np.ndarray:
+        """uint8 images [N, H, W, C] for a checked request. An inpainting student fills `images` (float
+        [N, C, H, W] in [0, 1]) where `masks` ([N, 1, H, W]) are 1."""
+        embeds, pooled = self.encode(request.prompts)
+        noise, step_noise = self.step_noise(request.seeds, request.steps)
+        condition = None if images is None else self.inpaint_condition(images.astype(np.float32), masks.astype(np.float32))
+        _, out = self.generate_latents(embeds, pooled, noise, step_noise, request.steps, condition=condition)
+        return (out.transpose(0, 2, 3, 1) * 255).round().clip(0, 255).astype(np.uint8)
+
     def __call__(self, prompts: list[str], steps: int | None = None, seeds: list[int] | None = None,
                  images: np.ndarray | None = None, masks: np.ndarray | None = None) -> np.ndarray:
-        """uint8 images [N, H, W, C] for `prompts`; record i uses seeds[i] (default i). An inpainting student fills
-        `images` (float [N, C, H, W] in [0, 1]) where `masks` ([N, 1, H, W]) are 1."""
-        steps = steps or self.steps
-        seeds = list(range(len(prompts))) if seeds is None else seeds
-        embeds, pooled = self.encode(prompts)
-        noise, step_noise = self.step_noise(seeds, steps)
-        condition = None if images is None else self.inpaint_condition(images.astype(np.float32), masks.astype(np.float32))
-        _, images = self.generate_latents(embeds, pooled, noise, step_noise, steps, condition=condition)
-        return (images.transpose(0, 2, 3, 1) * 255).round().clip(0, 255).astype(np.uint8)
+        """uint8 images [N, H, W, C] for `prompts` (record i: seeds[i], default a fresh seed), checked as a request."""
+        return self.run(self.request(prompts, steps, seeds), images, masks)

@@ -108,17 +108,21 @@ class EulerPath:
 @torch.no_grad()
 def sample_renoise(
     model: Velocity, x: torch.Tensor, sigmas: torch.Tensor, generator: torch.Generator | None = None,
-    disable: bool = True,
+    disable: bool = True, step_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Few-step sampling of ADD/LADD students: x0 = x_t - t v, then re-noise to the next t with fresh noise.
 
     This is the distribution the student trains on at t < 1 (clean latent + independent noise), and the
-    same update as diffusers' FlowMatchEulerDiscreteScheduler(stochastic_sampling=True).
+    same update as diffusers' FlowMatchEulerDiscreteScheduler(stochastic_sampling=True). `step_noise`
+    [len(sigmas) - 2, *x.shape] gives the draws instead of `generator` (the last step, to t = 0, needs none).
     """
     for i in trange(len(sigmas) - 1, disable=disable, desc="renoise"):
         t, t_next = sigmas[i], sigmas[i + 1]
         x0 = x.to(torch.float32) - t * model(x, t)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if step_noise is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        else:
+            noise = step_noise[i].to(x.device, x.dtype) if i < len(step_noise) else torch.zeros_like(x)
         x = ((1 - t_next) * x0 + t_next * noise).to(x.dtype)
     return x
 

@@ -50,3 +50,14 @@ def student_sigmas(steps: int, student_meta: dict) -> torch.Tensor:
     times = student_meta.get("student_times", [1.0])
     return torch.tensor([*few_step_times(student_meta.get("schedule", "exponential"), steps, min(times)), 0.0],
                         dtype=torch.float32)
+
+
+def trained_step_counts(student_meta: dict) -> list[int]:
+    """The step counts k <= n whose k-step schedule visits only times the student trained at (1, 2 and n for n
+    training times): the counts a served student accepts. A folder ladd did not make: 1 to its default steps."""
+    if "student_times" not in student_meta:
+        return list(range(1, int(student_meta.get("default_steps", 4)) + 1))
+    times = student_meta["student_times"]
+    schedule = student_meta.get("schedule", "exponential")
+    return [k for k in range(1, len(times) + 1)
+            if all(any(abs(t - s) < 1e-4 for s in times) for t in few_step_times(schedule, k, min(times)))]

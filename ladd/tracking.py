@@ -36,6 +36,7 @@ class NullTracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_summary(self, metrics: dict) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
+    def log_datasets(self, data_dir, contexts: dict[str, str]) -> None: ...
     def champion(self, name: str) -> dict | None:
         return None
     def download_model(self, name: str, version: str, dst: str | Path) -> Path:
@@ -46,13 +47,13 @@ class NullTracker:
         return None
     def tag_version(self, name: str, version: str, tags: dict, remove: tuple = ()) -> None: ...
     def promote(self, name: str, version: str) -> None: ...
-    def log_onnx_student(self, onnx_dir, generator_file: str, name: str) -> dict | None:
+    def log_onnx_student(self, onnx_dir, name: str) -> dict | None:
         return None
 
 
 class MlflowTracker(NullTracker):
-    def __init__(self, mlflow, run):
-        self._mlflow, self.run = mlflow, run
+    def __init__(self, mlflow, run, model_config: dict | None = None):
+        self._mlflow, self.run, self.model_config = mlflow, run, model_config  # model_config: the serve limits
 
     def log_params(self, params: dict) -> None:
         self._mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
@@ -82,6 +83,24 @@ class MlflowTracker(NullTracker):
     def set_tags(self, tags: dict) -> None:
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
+    def log_datasets(self, data_dir, contexts: dict[str, str]) -> None:
+        """The splits of `data_dir` as the run's MLflow datasets ({split: context}, e.g. train: training), each named
+        by its path and identified by the hash DVC gives it; tagged with the hash of the whole folder, the one
+        dvc.lock records for the prepare stage's output. Hashes only: nothing is loaded."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.types import ColSpec, Schema
+
+        from ladd.io import dvc_md5s
+
+        hashes = dvc_md5s(data_dir)
+        for split, context in contexts.items():
+            path = Path(data_dir) / split
+            dataset = MetaDataset(resolve_dataset_source(str(path.resolve())), name=f"{Path(data_dir).name}/{split}",
+                                  digest=hashes[split], schema=Schema([ColSpec("string", "prompt")]))
+            self._mlflow.log_input(dataset, context=context, tags={"dvc.md5": hashes[split], "dvc.out": str(data_dir),
+                                                                   "dvc.out.md5": hashes[""]})
+
     def champion(self, name: str) -> dict | None:
         """The version holding `name`'s `champion` alias: {version, tags}."""
         from mlflow.exceptions import MlflowException
@@ -103,8 +122,10 @@ class MlflowTracker(NullTracker):
         import yaml
 
         local = Path(self._mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst)))
-        spec = yaml.safe_load((local / "MLmodel").read_text())  # artifacts keep their source folder's name
-        return local / spec["flavors"]["python_function"]["artifacts"]["pipeline"]["path"]
+        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+        if "artifacts" in flavor:  # a version logged as a pickled PythonModel (before ladd.serving)
+            return local / flavor["artifacts"]["pipeline"]["path"]
+        return local / flavor["data"]
 
     def registered_version(self, name: str, identity: dict) -> dict | None:
         """The newest version of `name` whose tags hold every `identity` entry (what was registered: the weights'
@@ -126,24 +147,33 @@ class MlflowTracker(NullTracker):
         return {"version": str(v.version), "tags": dict(v.tags)}
 
     def register_student(self, student_dir, name: str, identity: dict) -> str:
-        """Register the student pipeline (a pyfunc model) as a new version of `name`, tagged with `identity` (the
-        weights' fingerprint). The tags come with the version itself, so a kill after registering leaves a version
-        that `registered_version` finds."""
-        from mlflow.models import infer_signature
-
-        from ladd.pipeline import read_meta
-
-        example = pd.DataFrame({"prompt": ["a handwritten digit seven"], "steps": [4], "seed": [0]})
-        if read_meta(student_dir).get("task") == "inpaint":  # the inputs an inpainting student needs besides
-            example = example.assign(**_inpaint_example(student_dir))
-        signature = infer_signature(example, pd.DataFrame({"prompt": ["a handwritten digit seven"], "image_png": ["..."]}))
-        info = self._mlflow.pyfunc.log_model(
-            name="student", python_model=_student_model(), artifacts={"pipeline": str(student_dir)},
-            signature=signature, input_example=example,
-            pip_requirements=["ladd", "torch", "diffusers", "transformers", "pandas", "pillow"],
-        )
+        """Register the student pipeline (a pyfunc model: `ladd.serving`) as a new version of `name`, tagged with
+        `identity` (the weights' fingerprint). The tags come with the version itself, so a kill after registering
+        leaves a version that `registered_version` finds."""
+        info = self._log_served("student", student_dir)
         tags = {k: _tag(v) for k, v in identity.items()}
         return str(self._mlflow.register_model(info.model_uri, name, tags=tags).version)
+
+    def _log_served(self, artifact_name: str, folder):
+        """`folder` (a student pipeline or an ONNX export) as a self-contained pyfunc model: ladd's own code travels
+        inside it (code_paths, found before any installed ladd), its requirements are public packages pinned to
+        the versions here, and `mlflow models serve` with any environment manager builds and serves it."""
+        import shutil
+        import tempfile
+
+        from mlflow.models import ModelSignature
+
+        from ladd.serving import request_schema, response_schema, served_example, served_requirements
+
+        onnx = (Path(folder) / "manifest.json").is_file()
+        with tempfile.TemporaryDirectory() as tmp:
+            code = Path(tmp) / "ladd"
+            shutil.copytree(Path(__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))
+            return self._mlflow.pyfunc.log_model(
+                name=artifact_name, loader_module="ladd.serving", data_path=str(folder), code_paths=[str(code)],
+                model_config=self.model_config or None, pip_requirements=served_requirements("onnx" if onnx else "torch"),
+                signature=ModelSignature(request_schema(folder), response_schema()), input_example=served_example(folder),
+            )
 
     def tag_version(self, name: str, version: str, tags: dict, remove: tuple = ()) -> None:
         """Set `tags` on a model version; drop those of `remove` it holds."""
@@ -163,30 +193,14 @@ class MlflowTracker(NullTracker):
 
         MlflowClient().set_registered_model_alias(name, "champion", version)
 
-    def log_onnx_student(self, onnx_dir, generator_file: str, name: str) -> dict:
-        """Log the unrolled generator graph as an MLflow onnx-flavour model (the whole export folder beside it
-        under `onnx/`), registered as a version of `name`."""
-        import onnx
-        from mlflow.models import ModelSignature
-        from mlflow.types import Schema, TensorSpec
-
+    def log_onnx_student(self, onnx_dir, name: str) -> dict:
+        """Log the ONNX export as a self-contained pyfunc model (prompts in, PNGs out, onnxruntime only: no
+        PyTorch), registered as a version of `name`."""
         identity = {"onnx": fingerprint(onnx_dir)}
         existing = self.registered_version(name, identity)
         if existing is not None:  # this export is registered already (a rerun or a retry)
-            self._mlflow.log_artifacts(str(onnx_dir), "onnx")
             return {"model_uri": f"models:/{name}/{existing['version']}", "version": existing["version"]}
-        model = onnx.load(str(Path(onnx_dir) / generator_file))
-
-        def schema(values):
-            return Schema([TensorSpec(onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type),
-                                      tuple(d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim),
-                                      v.name) for v in values])
-
-        info = self._mlflow.onnx.log_model(
-            model, name="student_onnx", signature=ModelSignature(schema(model.graph.input), schema(model.graph.output)),
-            onnx_execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
-        )
-        self._mlflow.log_artifacts(str(onnx_dir), "onnx")
+        info = self._log_served("student_onnx", onnx_dir)
         version = str(self._mlflow.register_model(info.model_uri, name, tags=identity).version)
         return {"model_uri": f"models:/{name}/{version}", "version": version}
 
@@ -312,8 +326,9 @@ def _mlflow():
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, enabled: bool = True):
-    """An MLflow run for one stage (nested under LADD_PARENT_RUN_ID if set), or a NullTracker."""
+def stage_run(stage: str, enabled: bool = True, model_config: dict | None = None):
+    """An MLflow run for one stage (nested under LADD_PARENT_RUN_ID if set), or a NullTracker. `model_config`: the
+    request limits (params' `serve`) of the models it logs."""
     if not enabled:
         yield NullTracker()
         return
@@ -325,7 +340,7 @@ def stage_run(stage: str, enabled: bool = True):
             stack.enter_context(mlflow.start_run(run_id=parent))
         run = stack.enter_context(mlflow.start_run(run_name=stage, nested=bool(parent),
                                                    tags={"ladd.stage": stage, **provenance_tags()}))
-        yield MlflowTracker(mlflow, run)
+        yield MlflowTracker(mlflow, run, model_config)
 
 
 def start_pipeline_run(params: dict, tags: dict) -> str:
@@ -351,80 +366,3 @@ def finish_pipeline_run(run_id: str, tags: dict, status: str = "FINISHED") -> No
     for k, v in tags.items():
         client.set_tag(run_id, k, str(v))
     client.set_terminated(run_id, status)
-
-
-def _png(array) -> str:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _unpng(text: str):
-    """A base64 PNG -> uint8 tensor [1, C, H, W]."""
-    import io
-
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    arr = np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
-    return torch.from_numpy(arr[..., None] if arr.ndim == 2 else arr).permute(2, 0, 1)[None].contiguous()
-
-
-def _inpaint_example(student_dir) -> dict:
-    """An inpainting student's example inputs: a grey image at its native size, a box mask in the middle."""
-    import numpy as np
-
-    from ladd.pipeline import native_resolution
-
-    h, w = native_resolution(student_dir)
-    channels = json.loads((Path(student_dir) / "vae" / "config.json").read_text())["in_channels"]
-    mask = np.zeros((h, w), np.uint8)
-    mask[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 255
-    image = np.full((h, w) if channels == 1 else (h, w, channels), 128, np.uint8)
-    return {"image_png": [_png(image)], "mask_png": [_png(mask)]}
-
-
-def _student_model():
-    """The pyfunc wrapper: prompts in (an inpainting student: with `image_png` and `mask_png`, base64 PNGs, the
-    mask white where it fills), PNG images (base64) out, with ladd's few-step sampler. Built on first use so
-    importing ladd does not import mlflow."""
-    from mlflow.pyfunc import PythonModel
-
-    class StudentModel(PythonModel):
-        def load_context(self, context):
-            from ladd.pipeline import load_pipeline, read_meta
-
-            self.pipe, self.meta = load_pipeline(context.artifacts["pipeline"]), read_meta(context.artifacts["pipeline"])
-
-        def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-            from ladd.generate import generate_latents, record_noise
-            from ladd.inpaint import check_mask, inpaint_condition
-            from ladd.pipeline import decode_latents, encode_prompts, latent_shape
-            from ladd.schedules import student_sigmas
-
-            out = []
-            for i, row in enumerate(model_input.to_dict("records")):
-                e, p = encode_prompts(self.pipe, [row["prompt"]], int(self.meta.get("max_sequence_length", 256)))
-                steps, seed = int(row.get("steps", 4)), int(row.get("seed", 0))
-                condition = None
-                if self.meta.get("task") == "inpaint":
-                    if not row.get("image_png") or not row.get("mask_png"):
-                        raise ValueError(f"an inpainting student needs image_png and mask_png (base64 PNG) beside "
-                                         f"the prompt; row {row['prompt']!r} has no {'image_png' if not row.get('image_png') else 'mask_png'}")
-                    image, mask = _unpng(row["image_png"]), (_unpng(row["mask_png"])[:, :1].float() > 127.5).float()
-                    check_mask(mask, image.shape[-2:], f"row {i} ({row['prompt']!r}) mask_png")
-                    condition = inpaint_condition(self.pipe.vae, image, mask)
-                lat = generate_latents(self.pipe.transformer, e, p, record_noise([seed], latent_shape(self.pipe)),
-                                       student_sigmas(steps, self.meta), sampler=self.meta.get("sampler", "euler"), seed=seed,
-                                       condition=condition)
-                img = (decode_latents(self.pipe.vae, lat)[0] * 255).round().byte()
-                out.append({"prompt": row["prompt"], "image_png": _png(img[0].numpy() if img.shape[0] == 1 else
-                                                                       img.permute(1, 2, 0).numpy())})
-            return pd.DataFrame(out)
-
-    return StudentModel()

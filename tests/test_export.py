@@ -1,5 +1,7 @@
 """ONNX export of a tiny student, run through real onnxruntime sessions on the CPU."""
 
+import base64
+import io
 import json
 import logging
 import os
@@ -9,7 +11,9 @@ import sys
 
 import numpy as np
 import onnx
+import pandas as pd
 import pytest
+from PIL import Image
 import torch
 
 from ladd.config import ExportConfig
@@ -125,12 +129,12 @@ def test_failed_parity_keeps_previous_export_and_registers_nothing(exported, tin
     with stage_run("export") as tracker:
         export_stage(cfg, tiny_student_dir, tracker)
     (version,) = client.search_model_versions("name='ladd-student-onnx'")
-    assert "onnx" in mlflow.models.get_model_info(f"models:/ladd-student-onnx/{version.version}").flavors
+    info = mlflow.models.get_model_info(f"models:/ladd-student-onnx/{version.version}")
+    assert info.flavors["python_function"]["loader_module"] == "ladd.serving"
     model = mlflow.pyfunc.load_model(f"models:/ladd-student-onnx/{version.version}")
+    out = model.predict(pd.DataFrame({"prompt": ["handwritten three", "handwritten six"], "seed": [0, 1], "steps": [2, 2]}))
     runtime = OnnxStudent(out_dir, provider="cpu")
-    embeds, pooled = runtime.encode(["handwritten three", "handwritten six"])
-    noise, step_noise = runtime.step_noise([0, 1], runtime.steps)
-    inputs = {"noise": noise, "prompt_embeds": embeds, "pooled_projections": pooled, "step_noise": step_noise}
-    out = model.predict(inputs)
-    np.testing.assert_allclose(out["images"], runtime.generate_latents(embeds, pooled, noise, step_noise)[1], atol=1e-5)
+    expected = runtime(["handwritten three", "handwritten six"], 2, [0, 1])
+    for b64, image in zip(out["image_png"], expected):
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(b64)))), image[..., 0])
     assert json.loads(report.read_text())["max_abs_error"] <= 1e-3

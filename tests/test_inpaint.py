@@ -227,7 +227,8 @@ def test_the_chain_evaluates_registers_and_exports(inpaint_chain, prepared_data,
     from ladd.evaluate import evaluate
     from ladd.export import export_stage
     from ladd.onnx_runtime import OnnxStudent
-    from ladd.tracking import NullTracker, _inpaint_example, stage_run
+    from ladd.serving import inpaint_example
+    from ladd.tracking import NullTracker, stage_run
 
     root, teacher, syn, on, _ = inpaint_chain
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
@@ -247,17 +248,17 @@ def test_the_chain_evaluates_registers_and_exports(inpaint_chain, prepared_data,
             evaluate(replace(cfg, out_dir=str(root / "t2i"), few_steps=(4,), num_samples=8, teacher_steps=2), prepared_data,
                      tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, tracker)
     model = mlflow.pyfunc.load_model("models:/ladd-inpaint@champion")
-    example = _inpaint_example(root / "student")
+    example = inpaint_example(root / "student")
     out = model.predict(pd.DataFrame({"prompt": ["handwritten six"], "steps": [2], "seed": [0], **example}))
     assert Image.open(io.BytesIO(base64.b64decode(out["image_png"][0]))).size == (32, 32)
-    with pytest.raises(Exception, match="needs image_png and mask_png"):
+    with pytest.raises(Exception, match=r"image_png\[0\]: an inpainting student needs image_png and mask_png"):
         model.predict(pd.DataFrame({"prompt": ["handwritten six"], "steps": [2], "seed": [0], "image_png": [""], "mask_png": [""]}))
-    small = _inpaint_example(root / "student")  # a mask of another size than the image fails, naming the row
+    small = inpaint_example(root / "student")  # a mask of another size than the image fails, naming the row
     mask = Image.open(io.BytesIO(base64.b64decode(example["mask_png"][0]))).resize((16, 16))
     buf = io.BytesIO()
     mask.save(buf, format="PNG")
     small["mask_png"] = [base64.b64encode(buf.getvalue()).decode()]
-    with pytest.raises(Exception, match=r"row 0 \('handwritten six'\) mask_png: mask is \(16, 16\), the image \(32, 32\)"):
+    with pytest.raises(Exception, match=r"mask_png\[0\]: mask is \(16, 16\), the image \(32, 32\)"):
         model.predict(pd.DataFrame({"prompt": ["handwritten six"], "steps": [2], "seed": [0], **small}))
     result = export_stage(ExportConfig(out_dir=str(root / "onnx"), report=str(root / "export.json"), steps=2, fp16=False,
                                        batch_sizes=(1, 3), latency_repeats=1, register=False), root / "student", NullTracker())

@@ -52,6 +52,14 @@ def test_prefect_flow_then_dvc(smoke_project, monkeypatch):
         return {r.data.tags["ladd.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id}
 
     assert stages_under(first) == ALL_STAGES and stages_under(noop) == set()
+    # the Datasets panel: what distill trained on and evaluate scored, each with the hash DVC locked for it
+    prepared = next(o for o in yaml.safe_load(lock)["stages"]["prepare"]["outs"] if o["path"] == "data/prepared")
+    for stage, expected in (("distill", {"prepared/train": "training"}),
+                            ("evaluate", {"prepared/train": "training", "prepared/test": "evaluation"})):
+        (ran,) = [r for r in runs if r.data.tags.get("ladd.stage") == stage and r.data.tags.get("mlflow.parentRunId") == first.info.run_id]
+        inputs = client.get_run(ran.info.run_id).inputs.dataset_inputs
+        assert {i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"] for i in inputs} == expected
+        assert {t.value for i in inputs for t in i.tags if t.key == "dvc.out.md5"} == {prepared["md5"]}
     assert str(client.get_model_version_by_alias("ladd-student", "champion").version) == "1"
     assert [str(v.version) for v in client.search_model_versions("name='ladd-student-onnx'")] == ["1"]
     assert json.loads((smoke_project / "reports" / "export.json").read_text())["max_abs_error"] <= 1e-3

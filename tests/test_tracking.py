@@ -129,3 +129,31 @@ def test_evaluate_against_real_server(mlflow_server, monkeypatch, prepared_data,
     assert "worse than the champion's" in client.get_model_version("ladd-student-test", "2").tags["rejected"]
     assert promoted["version"] == "3" and promoted["promoted"]
     assert str(client.get_model_version_by_alias("ladd-student-test", "champion").version) == "3"
+
+
+def test_datasets_carry_the_hash_dvc_gives_them(prepared_data, tmp_path, monkeypatch):
+    """A run's MLflow datasets are the splits it used, each with the hash real DVC gives that folder (`dvc add` in a
+    git repo), tagged with the hash of the whole prepared folder."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from conftest import dvc, init_repo
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    init_repo(repo)
+    shutil.copytree(prepared_data, repo / "prepared")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    with stage_run("evaluate") as tracker:
+        tracker.log_datasets(repo / "prepared", {"train": "training", "test": "evaluation"})
+        run_id = tracker.run.info.run_id
+    inputs = MlflowClient(store).get_run(run_id).inputs.dataset_inputs
+    dvc(repo, "add", "prepared")
+    whole = yaml.safe_load((repo / "prepared.dvc").read_text())["outs"][0]["md5"]
+    for split in ("train", "test"):
+        (found,) = [i for i in inputs if i.dataset.name == f"prepared/{split}"]
+        shutil.copytree(prepared_data / split, repo / split)
+        dvc(repo, "add", split)
+        assert found.dataset.digest == yaml.safe_load((repo / f"{split}.dvc").read_text())["outs"][0]["md5"]
+        assert {t.key: t.value for t in found.tags}["dvc.out.md5"] == whole
