@@ -228,7 +228,7 @@ def main(argv=None) -> dict:
         distill(cfg, small_teacher, synthetic[res], NullTracker())
         kept = out / "small" / "student"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # eager fp32 as the reference
-    export_stage(ExportConfig(out_dir=str(out / "onnx"), report=str(out / "export.json"), steps=4,
+    export_stage(ExportConfig(out_dir=str(out / "onnx"), single_file_dir=str(out / "single_file"), report=str(out / "export.json"), steps=4,
                                        fp16=True, batch_sizes=size["ort_batches"], latency_repeats=5,
                                        tolerance=5e-2, provider="cpu" if args.dry_run else "cuda", register=False,
                                        prompts=tuple(PROMPTS)), kept, NullTracker())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 import time
 import warnings
 from dataclasses import asdict
@@ -34,7 +35,7 @@ from ladd.schedules import student_sigmas, trained_step_counts
 from ladd.errors import ParityError
 from ladd.inpaint import condition_of, has_condition, random_masks
 from ladd.io import atomic_dir, fingerprint, write_json
-from ladd.onnx_runtime import MANIFEST, NUM_TRAIN_TIMESTEPS, OnnxStudent, PromptTokenizer, session_feeds
+from ladd.onnx_runtime import MANIFEST, NUM_TRAIN_TIMESTEPS, RUNTIME_SETTINGS, OnnxStudent, PromptTokenizer, session_feeds
 from ladd.pipeline import encode_prompts, latent_shape, load_pipeline, read_meta, vae_scaling
 from ladd.single_file import write_single_file_exports
 
@@ -350,15 +351,17 @@ def export_stage(cfg: ExportConfig, student_dir: str | Path, tracker, limits: di
     source = {"student_dir": str(student_dir), "fingerprint": fingerprint(student_dir)}
     with atomic_dir(cfg.out_dir) as tmp:
         manifest = export_student(pipe, meta, tmp, cfg, source, limits)
+        if (Path(cfg.out_dir) / RUNTIME_SETTINGS).is_file():  # each machine's measured settings outlive a re-export
+            shutil.copy2(Path(cfg.out_dir) / RUNTIME_SETTINGS, tmp / RUNTIME_SETTINGS)
         report = check_export(pipe, meta, tmp, cfg)
         if report["max_abs_error"] > cfg.tolerance:
             worst = {b: max(p, key=p.get) for b, p in report["parity"].items()}
             raise ParityError(f"ONNX Runtime and PyTorch disagree: max abs error {report['max_abs_error']:.3g} > "
                               f"export.tolerance {cfg.tolerance:g} (worst output per batch size: {worst}); "
                               f"{cfg.out_dir} and {cfg.report} are left as they were")
-    with atomic_dir(cfg.single_file_dir) as tmp:  # for ComfyUI / Forge: SD3's original key layout
-        report["single_file"] = write_single_file_exports(student_dir, tmp)
-    log.info("wrote %s: %s", cfg.single_file_dir, ", ".join(report["single_file"]))
+        with atomic_dir(cfg.single_file_dir) as single:  # for ComfyUI / Forge: SD3's original key layout
+            report["single_file"] = write_single_file_exports(student_dir, single)
+        log.info("wrote %s: %s", cfg.single_file_dir, ", ".join(report["single_file"]))
     report["bytes"] = {f: (Path(cfg.out_dir) / f).stat().st_size for files in manifest["models"].values() for f in files.values()}
     report["config"] = asdict(cfg)
     write_json(cfg.report, report)

@@ -75,10 +75,47 @@ def open_session(path: str | Path, provider: str = "auto", threads: int = 0,
     return session
 
 
+RUNTIME_SETTINGS = "runtime_settings.json"  # per machine: what benchmarks/onnx_latency.py measured fastest there
+DEFAULT_SETTINGS = {"threads": 0, "optimization": "all", "io_binding": False}
+
+
+def machine_key(provider: str = "auto") -> str:
+    """This machine as runtime settings are keyed: CPU model, logical cores, onnxruntime version and the provider a
+    session would ask for first (the timings, and so the best settings, move with each)."""
+    import os
+    import platform
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    return f"{model} x{os.cpu_count()} / onnxruntime {ort.__version__} / {requested_providers(provider)[0]}"
+
+
+def tuned_settings(onnx_dir: str | Path, provider: str = "auto") -> dict:
+    """The settings measured fastest on this machine for this export ({} when none were measured here)."""
+    path = Path(onnx_dir) / RUNTIME_SETTINGS
+    machines = json.loads(path.read_text()).get("machines", {}) if path.is_file() else {}
+    return machines.get(machine_key(provider), {}).get("settings", {})
+
+
 def session_feeds(session: ort.InferenceSession, **arrays) -> dict:
     """The arrays the session's graph takes, each cast to its input dtype (the fp16 variant takes float16)."""
     dtypes = {i.name: np.float16 if i.type == "tensor(float16)" else None for i in session.get_inputs()}
     return {k: (v.astype(dtypes[k]) if dtypes[k] is not None else v) for k, v in arrays.items() if k in dtypes}
+
+
+def run_session(session: ort.InferenceSession, outputs: list[str], feeds: dict, io_binding: bool = False) -> list:
+    """session.run, or through I/O binding: inputs copied to the provider's device once, outputs left where the
+    provider puts them and copied back at the end (on a GPU: no per-call host staging)."""
+    if not io_binding:
+        return session.run(outputs, feeds)
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_cpu_input(name, value)
+    for name in outputs:
+        binding.bind_output(name)
+    session.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()
 
 
 class PromptTokenizer:
@@ -103,8 +140,10 @@ class OnnxStudent:
     """The exported student: prompts -> images. The unrolled graph runs the exported step count; other
     step counts (those in the manifest's schedules) loop the one-step transformer graph."""
 
-    def __init__(self, onnx_dir: str | Path, precision: str = "fp32", provider: str = "auto", threads: int = 0,
-                 optimization: str = "all"):
+    def __init__(self, onnx_dir: str | Path, precision: str = "fp32", provider: str = "auto", threads: int | None = None,
+                 optimization: str | None = None, io_binding: bool | None = None):
+        """`threads`, `optimization`, `io_binding`: None takes what benchmarks/onnx_latency.py measured fastest on
+        this machine (`runtime_settings.json` in the export), else ORT's defaults (all cores, every optimisation)."""
         self.dir = Path(onnx_dir)
         manifest_path = self.dir / MANIFEST
         if not manifest_path.is_file():
@@ -114,7 +153,13 @@ class OnnxStudent:
             raise ValueError(f"{manifest_path}: no {precision!r} models (has {', '.join(self.manifest['models'])})")
         self.files = self.manifest["models"][precision]
         self.tokenizers = {name: PromptTokenizer.from_manifest(self.dir, t) for name, t in self.manifest["tokenizers"].items()}
-        self._open = lambda name: open_session(self.dir / self.files[name], provider, threads, optimization)
+        asked = {"threads": threads, "optimization": optimization, "io_binding": io_binding}
+        tuned = tuned_settings(self.dir, provider)
+        self.settings = {k: v if v is not None else tuned.get(k, DEFAULT_SETTINGS[k]) for k, v in asked.items()}
+        if tuned:
+            log.info("%s: runtime settings measured on this machine: %s", self.dir / RUNTIME_SETTINGS, self.settings)
+        self._open = lambda name: open_session(self.dir / self.files[name], provider, self.settings["threads"],
+                                               self.settings["optimization"])
         self._sessions: dict[str, ort.InferenceSession] = {}
 
     def session(self, name: str) -> ort.InferenceSession:
@@ -164,7 +209,7 @@ class OnnxStudent:
             session = self.session("generator")
             feeds = session_feeds(session, noise=noise, prompt_embeds=embeds, pooled_projections=pooled, step_noise=step_noise,
                                   condition=condition)
-            latents, images = session.run(["latents", "images"], feeds)
+            latents, images = run_session(session, ["latents", "images"], feeds, self.settings["io_binding"])
             return latents.astype(np.float32), images.astype(np.float32)
         if str(steps) not in self.manifest["schedules"]:
             raise ValueError(f"{self.dir / MANIFEST}: no schedule for {steps} steps (have {', '.join(self.manifest['schedules'])})")

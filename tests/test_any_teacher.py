@@ -247,7 +247,7 @@ def test_sd35_shaped_student_runs_in_stock_diffusers_and_exports(sd35_chain):
         images = student("a drawing of the digit two", height=64, width=128, num_inference_steps=steps,
                          guidance_scale=0.0, max_sequence_length=T5_MAX_LENGTH, output_type="np").images
         assert images.shape == (1, 64, 128, 3) and torch.isfinite(torch.from_numpy(images)).all()
-    result = export_stage(ExportConfig(out_dir=str(root / "onnx"), report=str(root / "export.json"), steps=3, fp16=False,
+    result = export_stage(ExportConfig(out_dir=str(root / "onnx"), single_file_dir=str(root / "single_file"), report=str(root / "export.json"), steps=3, fp16=False,
                                        batch_sizes=(1, 2), latency_repeats=1, register=False), root / "student", NullTracker())
     assert result["max_abs_error"] < 1e-3
     assert "input_ids_3" in json.loads((root / "onnx" / "manifest.json").read_text())["tokenizers"]["tokenizer_3"]["input"]

@@ -24,6 +24,7 @@ from ladd.onnx_runtime import OnnxStudent, open_session
 from ladd.pipeline import encode_prompts, load_pipeline, read_meta
 from ladd.sampling import cfg_velocity, sample_renoise
 from ladd.tracking import NullTracker, stage_run
+from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["a handwritten digit seven", "handwritten three", "an image of the number 4", "a drawing of the digit two",
@@ -33,7 +34,7 @@ PROMPTS = ["a handwritten digit seven", "handwritten three", "an image of the nu
 @pytest.fixture(scope="module")
 def exported(tiny_student_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
-    cfg = ExportConfig(out_dir=str(out / "onnx"), report=str(out / "export.json"), batch_sizes=(1, 3), latency_repeats=2)
+    cfg = ExportConfig(out_dir=str(out / "onnx"), single_file_dir=str(out / "single_file"), report=str(out / "export.json"), batch_sizes=(1, 3), latency_repeats=2)
     summary = export_stage(cfg, tiny_student_dir, NullTracker())
     return cfg, summary
 
@@ -120,7 +121,7 @@ def test_failed_parity_keeps_previous_export_and_registers_nothing(exported, tin
     before = sorted(p.name for p in out_dir.rglob("*"))
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    cfg = ExportConfig(out_dir=str(out_dir), report=str(report), fp16=False, batch_sizes=(2,), latency_repeats=1)
+    cfg = ExportConfig(out_dir=str(out_dir), single_file_dir=str(tmp_path / "single_file"), report=str(report), fp16=False, batch_sizes=(2,), latency_repeats=1)
     with pytest.raises(ParityError, match="export.tolerance"), stage_run("export") as tracker:
         export_stage(ExportConfig(**{**cfg.__dict__, "tolerance": 1e-9}), tiny_student_dir, tracker)
     assert sorted(p.name for p in out_dir.rglob("*")) == before and report.read_text() == "{}"
@@ -138,3 +139,34 @@ def test_failed_parity_keeps_previous_export_and_registers_nothing(exported, tin
     for b64, image in zip(out["image_png"], expected):
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(b64)))), image[..., 0])
     assert json.loads(report.read_text())["max_abs_error"] <= 1e-3
+
+
+def test_runtime_settings_measured_on_this_machine_are_used(exported, tiny_student_dir, tmp_path):
+    """benchmarks/onnx_latency.py measures the settings and writes the fastest under this machine's key;
+    OnnxStudent opens its sessions with them (another machine's entry is ignored), with the same images."""
+    import onnxruntime as ort
+
+    from ladd.onnx_runtime import RUNTIME_SETTINGS, machine_key
+
+    cfg, _ = exported
+    onnx_dir = shutil.copytree(cfg.out_dir, tmp_path / "onnx")
+    out = subprocess.run([sys.executable, "benchmarks/onnx_latency.py", "--onnx", str(onnx_dir), "--student",
+                          str(tiny_student_dir), "--batch-sizes", "1", "2", "--repeats", "1"],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    assert "chosen for" in out.stdout and "ORT / eager" in out.stdout
+    held = json.loads((onnx_dir / RUNTIME_SETTINGS).read_text())["machines"]
+    assert set(held[machine_key("cpu")]["measured"]) == {"1", "2"}
+    held[machine_key("cpu")]["settings"] = {"threads": 1, "optimization": "basic", "io_binding": True}
+    held["another CPU x64 / onnxruntime 0 / CPUExecutionProvider"] = {"settings": {"threads": 7}}
+    (onnx_dir / RUNTIME_SETTINGS).write_text(json.dumps({"machines": held}))
+    tuned, plain = OnnxStudent(onnx_dir, provider="cpu"), OnnxStudent(cfg.out_dir, provider="cpu")
+    assert tuned.settings == {"threads": 1, "optimization": "basic", "io_binding": True}
+    options = tuned.session("generator").get_session_options()
+    assert options.intra_op_num_threads == 1 and options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    assert plain.settings == {"threads": 0, "optimization": "all", "io_binding": False}
+    np.testing.assert_allclose(tuned(["handwritten six"], 4, [3]).astype(int), plain(["handwritten six"], 4, [3]).astype(int), atol=1)
+    # a re-export keeps every machine's settings
+    export_stage(ExportConfig(**{**cfg.__dict__, "out_dir": str(onnx_dir), "report": str(tmp_path / "r.json"),
+                                 "single_file_dir": str(tmp_path / "single"), "fp16": False, "batch_sizes": (1,)}),
+                 tiny_student_dir, NullTracker())
+    assert json.loads((onnx_dir / RUNTIME_SETTINGS).read_text())["machines"] == held

@@ -260,7 +260,7 @@ def test_the_chain_evaluates_registers_and_exports(inpaint_chain, prepared_data,
     small["mask_png"] = [base64.b64encode(buf.getvalue()).decode()]
     with pytest.raises(Exception, match=r"mask_png\[0\]: mask is \(16, 16\), the image \(32, 32\)"):
         model.predict(pd.DataFrame({"prompt": ["handwritten six"], "steps": [2], "seed": [0], **small}))
-    result = export_stage(ExportConfig(out_dir=str(root / "onnx"), report=str(root / "export.json"), steps=2, fp16=False,
+    result = export_stage(ExportConfig(out_dir=str(root / "onnx"), single_file_dir=str(root / "single_file"), report=str(root / "export.json"), steps=2, fp16=False,
                                        batch_sizes=(1, 3), latency_repeats=1, register=False), root / "student", NullTracker())
     report = __import__("json").loads((root / "export.json").read_text())
     assert result["max_abs_error"] < 1e-3 and "inpaint_condition" in report["parity"]["3"]
@@ -382,7 +382,7 @@ def test_a_users_sd35_inpainting_folder_and_unlabelled_images(tmp_path):
                        data, None, teacher, tmp_path / "student", NullTracker(), inpaint=on)
     assert {"fd", "fd_teacher", "clip_score", "outside_mse"} <= set(metrics["student"]["1"])
     assert "accuracy" not in metrics["student"]["1"]
-    result = export_stage(ExportConfig(out_dir=str(tmp_path / "onnx"), report=str(tmp_path / "export.json"), steps=2,
+    result = export_stage(ExportConfig(out_dir=str(tmp_path / "onnx"), single_file_dir=str(tmp_path / "single_file"), report=str(tmp_path / "export.json"), steps=2,
                                        fp16=False, batch_sizes=(2,), latency_repeats=1, register=False),
                           tmp_path / "student", NullTracker())
     assert result["max_abs_error"] < 1e-3

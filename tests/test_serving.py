@@ -167,7 +167,7 @@ def test_the_served_image_equals_ladd_generates(served, tiny_student_dir, tmp_pa
 
     url, _ = served
     onnx_dir = tmp_path / "onnx"
-    export_stage(ExportConfig(out_dir=str(onnx_dir), report=str(tmp_path / "export.json"), fp16=False, batch_sizes=(1,),
+    export_stage(ExportConfig(out_dir=str(onnx_dir), single_file_dir=str(tmp_path / "single_file"), report=str(tmp_path / "export.json"), fp16=False, batch_sizes=(1,),
                               latency_repeats=1, register=False), tiny_student_dir, NullTracker())
     ladd = Path(sys.executable).parent / "ladd"
     for steps in (1, 2, 4):
