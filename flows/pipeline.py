@@ -134,6 +134,7 @@ def _publish(root: Path, params: dict) -> dict:
     export = root / params.get("export", {}).get("report", "reports/export.json")
     if export.is_file():
         where["onnx"] = root / params.get("export", {}).get("out_dir", "models/onnx")
+        where["single_file"] = root / params.get("export", {}).get("single_file_dir", "models/single_file")
         create_markdown_artifact(key="ladd-onnx", markdown=_export_markdown(json.loads(export.read_text())),
                                  description="ONNX export: parity and latency (ladd export)")
     align = reports / "align.json"

@@ -170,3 +170,21 @@ def test_runtime_settings_measured_on_this_machine_are_used(exported, tiny_stude
                                  "single_file_dir": str(tmp_path / "single"), "fp16": False, "batch_sizes": (1,)}),
                  tiny_student_dir, NullTracker())
     assert json.loads((onnx_dir / RUNTIME_SETTINGS).read_text())["machines"] == held
+
+
+def test_the_runtime_holds_requests_to_the_served_rules(exported, tiny_student_dir):
+    """OnnxStudent (and so `ladd generate`) refuses what a served model refuses: steps the student did not train at,
+    more prompts than the export's limit, a seed out of range; a prompt alone gets the default steps."""
+    from ladd.schedules import trained_step_counts
+    from ladd.serving import RequestError
+
+    cfg, _ = exported
+    runtime = OnnxStudent(cfg.out_dir, provider="cpu")
+    assert runtime.meta["trained_steps"] == trained_step_counts(read_meta(tiny_student_dir)) == [1, 2, 4]
+    assert runtime.request(["a seven"]).steps == read_meta(tiny_student_dir)["default_steps"]
+    for kwargs, field in (({"steps": 3}, "steps: 3"), ({"seeds": [-5]}, r"seed\[0\]: -5")):
+        with pytest.raises(RequestError, match=field):
+            runtime(["a seven"], **kwargs)
+    with pytest.raises(RequestError, match="prompt: 17 prompts in one request; this model serves at most 16"):
+        runtime(["a seven"] * 17)
+    assert runtime.request(["a seven"] * 17, max_prompts=32).steps == 4
