@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--student", default="models/student")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts to try (default: 1 and every core)")
+    parser.add_argument("--optimizations", nargs="+", default=["basic", "extended", "all"], help="graph optimisation levels")
+    parser.add_argument("--no-fp16", action="store_true", help="skip the fp16 reference row")
     parser.add_argument("--no-write", action="store_true", help="measure only; leave runtime_settings.json as it is")
     args = parser.parse_args()
     print(describe(), flush=True)
@@ -58,9 +61,9 @@ def main() -> None:
     generator = FewStepGenerator(pipe.transformer, pipe.vae, student_sigmas(steps, meta), runtime.manifest["sampler"]).eval()
     prompts = list(ExportConfig().prompts)
     cores = os.cpu_count() or 1
-    thread_counts = sorted({1, cores})
+    thread_counts = sorted(set(args.threads or (1, cores)))
     candidates = [{"threads": t, "optimization": level, "io_binding": binding}
-                  for t, level, binding in itertools.product(thread_counts, ("basic", "extended", "all"), (False, True))]
+                  for t, level, binding in itertools.product(thread_counts, args.optimizations, (False, True))]
     torch_rows, ort_rows, fp16_rows, batches = {}, {}, {}, {}  # batch -> {threads: ms}, [ms per candidate], ms, feeds
     for batch in args.batch_sizes:
         batch_prompts = [prompts[i % len(prompts)] for i in range(batch)]
@@ -84,7 +87,7 @@ def main() -> None:
             feed = session_feeds(session, **feeds)
             ort_rows[batch].append(median_ms(lambda: run_session(session, ["latents", "images"], feed, c["io_binding"]),
                                              args.repeats))
-    if "fp16" in files:  # for reference: half precision has no fast CPU kernels
+    if "fp16" in files and not args.no_fp16:  # for reference: half precision has no fast CPU kernels
         session = open_session(f"{args.onnx}/{files['fp16']['generator']}", "cpu", cores, "all")
         for batch, feeds in batches.items():
             feed = session_feeds(session, **feeds)

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from ladd.errors import ConfigError
 from ladd.presets import DISTILL_PRESETS
 from ladd.schedules import STUDENT_SCHEDULES, few_step_times
-from ladd.serving import LIMITS
 
 
 def must_exist(default=None):
@@ -450,8 +449,8 @@ class ServeConfig:
     """The request limits of the served student: the registered MLflow models (evaluate's and export's), the ONNX
     export's runtime and `ladd generate` (`ladd.serving`)."""
 
-    max_prompts: int = LIMITS["max_prompts"]  # prompts in one request
-    max_prompt_chars: int = LIMITS["max_prompt_chars"]  # characters in one prompt
+    max_prompts: int = 16  # prompts in one request
+    max_prompt_chars: int = 2000  # characters in one prompt (the tokenizers keep 77 CLIP / max_sequence_length T5 tokens)
 
     def __post_init__(self):
         _positive("serve", max_prompts=self.max_prompts, max_prompt_chars=self.max_prompt_chars)

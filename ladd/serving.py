@@ -20,13 +20,15 @@ import json
 import math
 import numbers
 import secrets
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ladd.config import ServeConfig
+
 MAX_SEED = 2**32 - 1
-LIMITS = {"max_prompts": 16, "max_prompt_chars": 2000}  # a model's defaults; `serve` in params.yaml sets them
+LIMITS = asdict(ServeConfig())  # a model's defaults; `serve` in params.yaml sets them
 
 
 class RequestError(ValueError):
@@ -172,7 +174,9 @@ def torch_generate(student_dir):
     from ladd.pipeline import decode_latents, encode_prompts, latent_shape, load_pipeline, pick_device, read_meta
     from ladd.schedules import student_sigmas
 
-    pipe, meta = load_pipeline(student_dir, pick_device()), read_meta(student_dir)
+    device = pick_device()  # bf16 on a GPU: a 2-8B student's serving copy in half the memory
+    pipe = load_pipeline(student_dir, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    meta = read_meta(student_dir)
 
     def generate(request: Request, inpaint) -> np.ndarray:
         embeds, pooled = encode_prompts(pipe, request.prompts, int(meta.get("max_sequence_length", 256)))
@@ -252,18 +256,6 @@ def inpaint_example(folder) -> dict:
     mask = np.zeros((h, w), np.uint8)
     mask[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 255
     return {"image_png": [png(np.full((h, w, c), 128, np.uint8))], "mask_png": [png(mask)]}
-
-
-def served_example(folder):
-    import pandas as pd
-
-    example = pd.DataFrame({"prompt": ["a handwritten digit seven"], "steps": [served_default_steps(folder)], "seed": [0]})
-    return example.assign(**inpaint_example(folder)) if inpainting(folder) else example
-
-
-def served_default_steps(folder) -> int:
-    meta = served_meta(folder)
-    return int(meta.get("default_steps", meta.get("steps", 4)))
 
 
 # what each served model imports (ladd's own code travels in the model): pinned to the versions installed here, by

@@ -163,7 +163,7 @@ class MlflowTracker(NullTracker):
 
         from mlflow.models import ModelSignature
 
-        from ladd.serving import request_schema, response_schema, served_example, served_requirements
+        from ladd.serving import request_schema, response_schema, served_requirements
 
         onnx = (Path(folder) / "manifest.json").is_file()
         with tempfile.TemporaryDirectory() as tmp:
@@ -172,7 +172,9 @@ class MlflowTracker(NullTracker):
             return self._mlflow.pyfunc.log_model(
                 name=artifact_name, loader_module="ladd.serving", data_path=str(folder), code_paths=[str(code)],
                 model_config=self.model_config or None, pip_requirements=served_requirements("onnx" if onnx else "torch"),
-                signature=ModelSignature(request_schema(folder), response_schema()), input_example=served_example(folder),
+                # no input_example: MLflow would load and run a second copy of the student to check it, here,
+                # beside the evaluated ones (a 2-8B student twice in memory); the signature says the columns
+                signature=ModelSignature(request_schema(folder), response_schema()),
             )
 
     def tag_version(self, name: str, version: str, tags: dict, remove: tuple = ()) -> None:
