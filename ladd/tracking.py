@@ -309,10 +309,31 @@ def _drop_half_migrated_tables(db: Path) -> None:
         conn.commit()
 
 
+def _create_store(db: Path) -> None:
+    """A new SQLite store, made whole beside `db` and only then linked into place: a run killed while MLflow
+    creates and migrates the tables (~100 steps, none of them undone by a kill) leaves no half-made store behind,
+    only a temp file. A store another process linked first wins."""
+    import tempfile
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{db.name}.", suffix=".tmp", dir=db.parent)
+    os.close(fd)
+    try:
+        SqlAlchemyStore(f"sqlite:///{tmp}", (db.resolve().parent / "mlruns").as_uri()).engine.dispose()
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, db)
+    finally:
+        os.unlink(tmp)
+
+
 def _mlflow():
     import mlflow
 
     uri, name = tracking_uri(), os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        _create_store(Path(uri.removeprefix("sqlite:///")))
     if uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).is_file():
         _drop_half_migrated_tables(Path(uri.removeprefix("sqlite:///")))
     mlflow.set_tracking_uri(uri)

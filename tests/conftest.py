@@ -104,6 +104,19 @@ def tiny_student_dir(tiny_teacher_dir, tiny_synthetic, tmp_path_factory) -> Path
 
 
 @pytest.fixture(scope="session")
+def exported(tiny_student_dir, tmp_path_factory):
+    """`ladd export` of the tiny student (fp32 and fp16 graphs, the single files): (ExportConfig, summary)."""
+    from ladd.config import ExportConfig
+    from ladd.export import export_stage
+    from ladd.tracking import NullTracker
+
+    out = tmp_path_factory.mktemp("export")
+    cfg = ExportConfig(out_dir=str(out / "onnx"), single_file_dir=str(out / "single_file"), report=str(out / "export.json"),
+                       batch_sizes=(1, 3), latency_repeats=2)
+    return cfg, export_stage(cfg, tiny_student_dir, NullTracker())
+
+
+@pytest.fixture(scope="session")
 def tiny_classifier_dir(prepared_data, tmp_path_factory) -> Path:
     from ladd.classifier import classifier_stage
     from ladd.config import ClassifierConfig

@@ -31,14 +31,6 @@ PROMPTS = ["a handwritten digit seven", "handwritten three", "an image of the nu
            "the number 1 written by hand and a very long tail that the CLIP tokenizer has to truncate away"]
 
 
-@pytest.fixture(scope="module")
-def exported(tiny_student_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export")
-    cfg = ExportConfig(out_dir=str(out / "onnx"), single_file_dir=str(out / "single_file"), report=str(out / "export.json"), batch_sizes=(1, 3), latency_repeats=2)
-    summary = export_stage(cfg, tiny_student_dir, NullTracker())
-    return cfg, summary
-
-
 def test_report_and_graphs(exported):
     cfg, summary = exported
     report = json.loads(open(cfg.report).read())

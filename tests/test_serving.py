@@ -158,20 +158,14 @@ def test_the_served_model_answers_prompts_and_refuses_bad_requests(served):
 
 
 @pytest.mark.slow
-def test_the_served_image_equals_ladd_generates(served, tiny_student_dir, tmp_path):
+def test_the_served_image_equals_ladd_generates(served, exported, tmp_path):
     """The served PyTorch student and `ladd generate` on the ONNX export draw the same noise from a seed: the same
     image (to the export's parity: at most one grey level apart)."""
-    from ladd.config import ExportConfig
-    from ladd.export import export_stage
-    from ladd.tracking import NullTracker
-
     url, _ = served
-    onnx_dir = tmp_path / "onnx"
-    export_stage(ExportConfig(out_dir=str(onnx_dir), single_file_dir=str(tmp_path / "single_file"), report=str(tmp_path / "export.json"), fp16=False, batch_sizes=(1,),
-                              latency_repeats=1, register=False), tiny_student_dir, NullTracker())
+    onnx_dir = exported[0].out_dir
     ladd = Path(sys.executable).parent / "ladd"
     for steps in (1, 2, 4):
-        out = subprocess.run([str(ladd), "generate", "--onnx", str(onnx_dir), "--prompt", "handwritten three", "--seed", "7",
+        out = subprocess.run([str(ladd), "generate", "--onnx", onnx_dir, "--prompt", "handwritten three", "--seed", "7",
                               "--steps", str(steps), "--provider", "cpu", "--out", str(tmp_path / f"s{steps}")],
                              capture_output=True, text=True, check=True)
         path, seed, _ = out.stdout.strip().split("\t")
@@ -181,6 +175,6 @@ def test_the_served_image_equals_ladd_generates(served, tiny_student_dir, tmp_pa
         generated = np.asarray(Image.open(path)).astype(int)
         assert np.abs(served_image - generated).max() <= 1, steps
 
-    refused = subprocess.run([str(ladd), "generate", "--onnx", str(onnx_dir), "--prompt", "x", "--steps", "3"],
+    refused = subprocess.run([str(ladd), "generate", "--onnx", onnx_dir, "--prompt", "x", "--steps", "3"],
                              capture_output=True, text=True)
     assert refused.returncode == 2 and "steps: 3 is not one of the student's trained step counts [1, 2, 4]" in refused.stderr
