@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import textwrap
 import time
 from dataclasses import replace
@@ -42,11 +41,11 @@ from ladd.config import EvaluateConfig, resolve_features
 from ladd.errors import ConfigError
 from ladd.data.prepare import load_split
 from ladd.distributed import World, close_world, init_world
-from ladd.gate import (evaluation_tags, evaluations, gate_decision, prompts_fingerprint, protocol_differences, protocol_id,
-                       resolve_direction, resolve_metric)
+from ladd.gate import prompts_fingerprint, resolve_metric
 from ladd.generate import record_noise
 from ladd.inpaint import check_task, inpaint_condition, masked_images, record_masks
 from ladd.io import atomic_file, fingerprint, write_json
+from ladd.registry import open_registry, register_and_gate
 from ladd.metrics import frechet_distance
 from ladd.pipeline import (bucket_latent_shapes, decode_latents, encode_prompts, load_pipeline, load_transformer,
                            max_sequence_length, native_resolution, read_meta)
@@ -409,9 +408,10 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
                                   "not: register it under another evaluate.model_name")
             row, _ = measure(_load(pipe_dir, device), cfg.gate_steps, student_sigmas(cfg.gate_steps, meta), 0.0,
                              meta.get("sampler", "euler"), "champion_rescored", solo=True)
-            return row
+            return {k: row[k] for k in HEADLINE if k in row}
 
-        registered = _register(cfg, gate, gate_metric, protocol, final_dir, tracker, rescore)
+        candidate = {k: gate[k] for k in HEADLINE if k in gate}
+        registered = register_and_gate(cfg, candidate, gate_metric, protocol, final_dir, open_registry(tracker), rescore)
         if registered:
             log.info("registered %s version %s: %s (%s)", cfg.model_name, registered["version"],
                      "champion" if registered["promoted"] else "rejected", registered["reason"])
@@ -422,68 +422,6 @@ def _evaluate(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, studen
     tracker.log_artifact(out / "align.json")
     tracker.log_artifact(out / "grids", "grids")
     return metrics
-
-
-def _register(cfg: EvaluateConfig, gate: dict, metric: str, protocol: dict, student_dir, tracker, rescore) -> dict | None:
-    """The champion gate on the student at gate_steps. A registered version is one set of weights: their version
-    (registered the first time they are evaluated) gets this protocol's figures and the gate's decision under it,
-    beside those of other protocols. The champion's own weights are kept, never promoted over themselves."""
-    candidate = {k: gate[k] for k in HEADLINE if k in gate}
-    name, pid = cfg.model_name, protocol_id(protocol)
-    identity = {"weights": fingerprint(Path(student_dir) / "transformer", Path(student_dir) / "scheduler")}
-    existing, champion = tracker.registered_version(name, identity), tracker.champion(name)
-    is_champion = existing is not None and champion is not None and champion["version"] == existing["version"]
-    result = {"protocol_id": pid, "gate_metric": metric, "champion_rescored": None, "already_registered": False,
-              "previous_champion": champion["version"] if champion and not is_champion else None}
-    recorded = evaluations(existing["tags"]).get(pid) if existing else None
-    if recorded and recorded["decision"]:  # a rerun or a retry: this evaluation is on its version already
-        log.info("%s version %s holds these weights and their figures under this protocol already: kept as it is",
-                 name, existing["version"])
-        return {**result, "version": existing["version"], "promoted": recorded["decision"] == "promoted",
-                "champion": is_champion, "reason": recorded["reason"], "already_registered": True}
-    if is_champion:
-        decision, reason = "kept", "the champion's own weights, evaluated under another protocol: its figures are added"
-    else:
-        promote, reason, result["champion_rescored"] = _against_champion(cfg, candidate, metric, protocol, champion,
-                                                                         tracker, rescore)
-        decision = "promoted" if promote else "rejected"
-    version = existing["version"] if existing else tracker.register_student(student_dir, name, identity)
-    if version is None:  # no tracking store
-        return None
-    latest = {decision: reason} if decision != "kept" else {}  # the version's last verdict, as the UI lists tags
-    tracker.tag_version(name, version, {**evaluation_tags(protocol, candidate, (decision, reason)), **latest},
-                        remove=tuple({"promoted", "rejected"} - set(latest)) if latest else ())
-    if decision == "promoted":
-        tracker.promote(name, version)
-    return {**result, "version": version, "promoted": decision == "promoted", "champion": decision != "rejected",
-            "reason": reason}
-
-
-def _against_champion(cfg: EvaluateConfig, candidate: dict, metric: str, protocol: dict, champion: dict | None, tracker,
-                      rescore) -> tuple[bool, str, dict | None]:
-    """(promote, reason, the champion's re-scored figures or None): the candidate against the champion's figures
-    under this protocol, read from its version, else measured now and kept on it (gate_rescore), else refused."""
-    held = evaluations(champion["tags"]) if champion else {}
-    figures = held[protocol_id(protocol)]["metrics"] if protocol_id(protocol) in held else None
-    rescored = None
-    if champion is not None and figures is None:
-        if not cfg.gate_rescore:
-            nearest = min((e["protocol"] for e in held.values()), default=None,
-                          key=lambda p: len(protocol_differences(protocol, p)))
-            return False, (f"not compared: champion version {champion['version']} was evaluated under another protocol "
-                           f"({'; '.join(protocol_differences(protocol, nearest))}); evaluate.gate_rescore: true "
-                           "re-scores it"), None
-        log.info("champion %s version %s has no figures under this protocol: re-scoring it", cfg.model_name,
-                 champion["version"])
-        with tempfile.TemporaryDirectory() as tmp:
-            row = rescore(tracker.download_model(cfg.model_name, champion["version"], tmp))
-        figures = rescored = {k: row[k] for k in HEADLINE if k in row}
-        tracker.tag_version(cfg.model_name, champion["version"], evaluation_tags(protocol, figures))
-    promote, reason = gate_decision(candidate, figures, metric, resolve_direction(cfg.gate_direction, metric),
-                                    cfg.gate_tolerance, cfg.gate_max_accuracy_drop)
-    if rescored is not None:
-        reason += f" (champion version {champion['version']} re-scored under this protocol)"
-    return promote, reason, rescored
 
 
 def _label(name: str, row: dict) -> str:

@@ -36,6 +36,7 @@ from ladd.errors import ParityError
 from ladd.inpaint import condition_of, has_condition, random_masks
 from ladd.io import atomic_dir, fingerprint, write_json
 from ladd.onnx_runtime import MANIFEST, NUM_TRAIN_TIMESTEPS, RUNTIME_SETTINGS, OnnxStudent, PromptTokenizer, session_feeds
+from ladd.registry import open_registry
 from ladd.pipeline import encode_prompts, latent_shape, load_pipeline, read_meta, vae_scaling
 from ladd.single_file import write_single_file_exports
 
@@ -369,7 +370,7 @@ def export_stage(cfg: ExportConfig, student_dir: str | Path, tracker, limits: di
                          **{f"export/{k}/batch{b}": v for b, row in report["latency"].items() for k, v in row.items()}})
     tracker.log_artifact(cfg.report)
     if cfg.register:
-        registered = tracker.log_onnx_student(cfg.out_dir, cfg.model_name)
+        registered = open_registry(tracker).log_onnx_student(cfg.out_dir, cfg.model_name)
         if registered:
             log.info("logged the ONNX student to MLflow: %s", registered)
     return {"max_abs_error": report["max_abs_error"], "provider": report["provider"], "latency": report["latency"]}

@@ -1,6 +1,6 @@
 """The champion gate: a candidate's figures are compared with a champion's only when both were measured under
 the same evaluation protocol (prompt set, sample count, seeds, resolution, step counts, extractor and the
-fingerprints of its weights and of the references). Pure functions: evaluate.py asks the tracker for the
+fingerprints of its weights and of the references). Pure functions: `ladd.registry` asks the store for the
 champion, re-scores it when it has no figures under this protocol, and records the decision.
 
 A registered version is one set of weights; each protocol it was evaluated under leaves its figures on it as

@@ -223,22 +223,6 @@ def inpainting(folder) -> bool:
     return served_meta(folder).get("task") == "inpaint"
 
 
-def request_schema(folder):
-    """The MLflow input schema: prompt, and optional steps and seed (an inpainting student: image_png, mask_png)."""
-    from mlflow.types import ColSpec, Schema
-
-    extra = [ColSpec("string", "image_png"), ColSpec("string", "mask_png")] if inpainting(folder) else []
-    return Schema([ColSpec("string", "prompt"), ColSpec("long", "steps", required=False),
-                   ColSpec("long", "seed", required=False), *extra])
-
-
-def response_schema():
-    from mlflow.types import ColSpec, Schema
-
-    return Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("long", "steps"),
-                   ColSpec("string", "image_png")])
-
-
 def image_size(folder) -> tuple[int, int, int]:
     """(channels, H, W) of the images a folder's student takes and makes at its native size."""
     folder = Path(folder)

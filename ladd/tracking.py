@@ -1,4 +1,5 @@
-"""The only module that imports mlflow. Stages log through a `Tracker`; `NullTracker` does nothing.
+"""Runs, metrics, artifacts and datasets in MLflow (the model registry is `ladd.registry`; the two are the only
+modules that import mlflow). Stages log through a `Tracker`; `NullTracker` does nothing.
 
 Default store: the project's SQLite file, `mlflow.db` in the project folder by absolute path, whatever directory
 a stage runs in: a DVC experiment run in a temporary workspace (`dvc exp run --temp`, `--queue`) logs to the
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import os
 import subprocess
 import time
@@ -23,7 +23,6 @@ from pathlib import Path
 import pandas as pd
 
 from ladd.errors import TrackingUnavailable
-from ladd.io import fingerprint
 
 EXPERIMENT = "ladd"
 PARENT_ENV = "LADD_PARENT_RUN_ID"
@@ -37,18 +36,6 @@ class NullTracker:
     def log_summary(self, metrics: dict) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
     def log_datasets(self, data_dir, contexts: dict[str, str]) -> None: ...
-    def champion(self, name: str) -> dict | None:
-        return None
-    def download_model(self, name: str, version: str, dst: str | Path) -> Path:
-        raise FileNotFoundError(f"no tracking store to download {name} version {version} from")
-    def registered_version(self, name: str, identity: dict) -> dict | None:
-        return None
-    def register_student(self, student_dir, name: str, identity: dict) -> str | None:
-        return None
-    def tag_version(self, name: str, version: str, tags: dict, remove: tuple = ()) -> None: ...
-    def promote(self, name: str, version: str) -> None: ...
-    def log_onnx_student(self, onnx_dir, name: str) -> dict | None:
-        return None
 
 
 class MlflowTracker(NullTracker):
@@ -100,111 +87,6 @@ class MlflowTracker(NullTracker):
                                   digest=hashes[split], schema=Schema([ColSpec("string", "prompt")]))
             self._mlflow.log_input(dataset, context=context, tags={"dvc.md5": hashes[split], "dvc.out": str(data_dir),
                                                                    "dvc.out.md5": hashes[""]})
-
-    def champion(self, name: str) -> dict | None:
-        """The version holding `name`'s `champion` alias: {version, tags}."""
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
-
-        try:
-            version = MlflowClient().get_model_version_by_alias(name, "champion")
-        except MlflowException as e:
-            if e.error_code == "RESOURCE_DOES_NOT_EXIST" or (e.error_code == "INVALID_PARAMETER_VALUE"
-                                                             and "alias champion not found" in e.message):
-                return None  # no such model, or no champion yet
-            # anything else (a server error, no permission) must not let a candidate through without the gate
-            raise TrackingUnavailable(f"cannot read the champion of {name} from {masked_uri(tracking_uri())}: "
-                                      f"{e.message.splitlines()[0]}") from None
-        return {"version": str(version.version), "tags": dict(version.tags)}
-
-    def download_model(self, name: str, version: str, dst: str | Path) -> Path:
-        """The student pipeline folder of a registered version, downloaded under `dst`."""
-        import yaml
-
-        local = Path(self._mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst)))
-        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
-        if "artifacts" in flavor:  # a version logged as a pickled PythonModel (before ladd.serving)
-            return local / flavor["artifacts"]["pipeline"]["path"]
-        return local / flavor["data"]
-
-    def registered_version(self, name: str, identity: dict) -> dict | None:
-        """The newest version of `name` whose tags hold every `identity` entry (what was registered: the weights'
-        fingerprint): {version, tags}, or None."""
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient()
-        try:
-            versions = client.search_model_versions(f"name = '{name}'")
-        except MlflowException as e:
-            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise TrackingUnavailable(f"cannot list the versions of {name} in {masked_uri(tracking_uri())}: {e}") from None
-            return None
-        mine = [v for v in versions if all(v.tags.get(k) == _tag(x) for k, x in identity.items())]
-        if not mine:
-            return None
-        v = max(mine, key=lambda v: int(v.version))
-        return {"version": str(v.version), "tags": dict(v.tags)}
-
-    def register_student(self, student_dir, name: str, identity: dict) -> str:
-        """Register the student pipeline (a pyfunc model: `ladd.serving`) as a new version of `name`, tagged with
-        `identity` (the weights' fingerprint). The tags come with the version itself, so a kill after registering
-        leaves a version that `registered_version` finds."""
-        info = self._log_served("student", student_dir)
-        tags = {k: _tag(v) for k, v in identity.items()}
-        return str(self._mlflow.register_model(info.model_uri, name, tags=tags).version)
-
-    def _log_served(self, artifact_name: str, folder):
-        """`folder` (a student pipeline or an ONNX export) as a self-contained pyfunc model: ladd's own code travels
-        inside it (code_paths, found before any installed ladd), its requirements are public packages pinned to
-        the versions here, and `mlflow models serve` with any environment manager builds and serves it."""
-        import shutil
-        import tempfile
-
-        from mlflow.models import ModelSignature
-
-        from ladd.serving import request_schema, response_schema, served_requirements
-
-        onnx = (Path(folder) / "manifest.json").is_file()
-        with tempfile.TemporaryDirectory() as tmp:
-            code = Path(tmp) / "ladd"
-            shutil.copytree(Path(__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))
-            return self._mlflow.pyfunc.log_model(
-                name=artifact_name, loader_module="ladd.serving", data_path=str(folder), code_paths=[str(code)],
-                model_config=self.model_config or None, pip_requirements=served_requirements("onnx" if onnx else "torch"),
-                # no input_example: MLflow would load and run a second copy of the student to check it, here,
-                # beside the evaluated ones (a 2-8B student twice in memory); the signature says the columns
-                signature=ModelSignature(request_schema(folder), response_schema()),
-            )
-
-    def tag_version(self, name: str, version: str, tags: dict, remove: tuple = ()) -> None:
-        """Set `tags` on a model version; drop those of `remove` it holds."""
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient()
-        for k, v in tags.items():
-            client.set_model_version_tag(name, version, k, _tag(v))
-        held = client.get_model_version(name, version).tags if remove else {}
-        for k in remove:
-            if k in held:
-                client.delete_model_version_tag(name, version, k)
-
-    def promote(self, name: str, version: str) -> None:
-        """Move `name`'s `champion` alias to `version`."""
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient().set_registered_model_alias(name, "champion", version)
-
-    def log_onnx_student(self, onnx_dir, name: str) -> dict:
-        """Log the ONNX export as a self-contained pyfunc model (prompts in, PNGs out, onnxruntime only: no
-        PyTorch), registered as a version of `name`."""
-        identity = {"onnx": fingerprint(onnx_dir)}
-        existing = self.registered_version(name, identity)
-        if existing is not None:  # this export is registered already (a rerun or a retry)
-            return {"model_uri": f"models:/{name}/{existing['version']}", "version": existing["version"]}
-        info = self._log_served("student_onnx", onnx_dir)
-        version = str(self._mlflow.register_model(info.model_uri, name, tags=identity).version)
-        return {"model_uri": f"models:/{name}/{version}", "version": version}
 
 
 def project_dir(start: str | Path | None = None) -> Path:
@@ -259,10 +141,6 @@ def as_tracking_unavailable(error: Exception) -> TrackingUnavailable | None:
         return None
     return TrackingUnavailable(f"the MLflow tracking server {masked_uri(uri)} stopped answering during the stage; the "
                                "local outputs written so far are kept: restart it and run the same command again")
-
-
-def _tag(value) -> str:
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
 def masked_uri(uri: str) -> str:

@@ -91,13 +91,14 @@ def served(tiny_student_dir, tmp_path_factory):
     """The student logged as the evaluate stage logs it (limits: 4 prompts of at most 200 characters), copied out of
     the store into a folder of its own and served by `mlflow models serve` with MLflow's default environment
     manager (virtualenv: a new environment from the model's requirements.txt, which names no ladd) from that folder."""
+    from ladd.registry import open_registry
     from ladd.tracking import stage_run
 
     root = tmp_path_factory.mktemp("served")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     try:
         with stage_run("evaluate", model_config={"max_prompts": 4, "max_prompt_chars": 200}) as tracker:
-            info = tracker._log_served("student", tiny_student_dir)
+            info = open_registry(tracker).log_served("student", tiny_student_dir)
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
     model = next(root.rglob(f"models/{info.model_id}/artifacts"))
