@@ -428,7 +428,7 @@ class ExportConfig:
     provider: str = "auto"  # auto (TensorRT if installed -> CUDA -> CPU) | cpu | cuda | tensorrt
     prompts: tuple[str, ...] = DIGIT_PROMPTS  # inputs of the parity and latency checks (cycled)
     seed: int = 0
-    register: bool = True  # log the ONNX generator to MLflow (onnx flavour) and register it (with tracking on)
+    register: bool = True  # log the ONNX student to MLflow (a self-contained pyfunc model) and register it (with tracking on)
     model_name: str = "ladd-student-onnx"
 
     def __post_init__(self):
