@@ -204,6 +204,8 @@ def sampling_settings(student_dir: str | Path) -> dict:
         "sigmas": student_sigmas(steps, meta).tolist(), "shift": scheduler.get("shift", 1.0),
         "guidance_scale": 0.0, "comfyui_cfg": 1.0,  # no classifier-free guidance: one pass per step
         "max_sequence_length": max_sequence_length(student_dir), "base_model": meta.get("base_model"),
+        # what lora_sd3 goes on: an aligned student's DPO adapter on the distilled student, a LoRA student's on its teacher
+        "lora_base": "the distilled student it was aligned from" if "aligned" in meta else meta.get("base_model"),
         "scheduler_config": scheduler,
     }
 

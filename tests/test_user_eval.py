@@ -5,6 +5,8 @@ that never compares figures measured under different protocols."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import shutil
@@ -232,6 +234,17 @@ def test_a_prompts_only_project_with_its_own_teacher_runs_every_stage(tmp_path, 
     assert {"grids", "metrics.json"} <= {a.path for a in client.list_artifacts(evaluate_run.info.run_id)}
     locked = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     assert set(locked) == STAGES
+    # the Datasets panel names the prompts-only splits; the registered (aligned, T5) student answers a prompt alone
+    inputs = client.get_run(evaluate_run.info.run_id).inputs.dataset_inputs
+    assert {i.dataset.name for i in inputs} == {"prepared/train", "prepared/test"}
+    import mlflow
+
+    answer = mlflow.pyfunc.load_model("models:/ladd-student@champion").predict(pd.DataFrame({"prompt": ["a red circle"]}))
+    default_steps = json.loads((root / "models/aligned/ladd.json").read_text())["default_steps"]
+    assert answer["steps"][0] == default_steps and Image.open(io.BytesIO(base64.b64decode(answer["image_png"][0]))).width > 0
+    # the single files: the aligned student's transformer and its DPO adapter, with what the adapter goes on
+    settings = json.loads((root / "models/single_file/scheduler.json").read_text())
+    assert (root / "models/single_file/lora_sd3.safetensors").is_file() and "aligned from" in settings["lora_base"]
 
 
 def _order(root: Path) -> list[str]:
