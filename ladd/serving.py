@@ -140,7 +140,8 @@ class ServedStudent:
         from ladd.schedules import trained_step_counts
 
         self.generate, self.inpaint = generate, meta.get("task") == "inpaint"
-        self.rules = {"trained_steps": trained_step_counts(meta), "default_steps": int(meta.get("default_steps", 4)),
+        trained = meta.get("trained_steps") or trained_step_counts(meta)  # an ONNX export lists them
+        self.rules = {"trained_steps": trained, "default_steps": int(meta.get("default_steps", 4)),
                       **LIMITS, **{k: int(v) for k, v in (config or {}).items() if k in LIMITS}}
 
     def predict(self, model_input, params=None):

@@ -134,6 +134,8 @@ def test_failed_parity_keeps_previous_export_and_registers_nothing(exported, tin
     expected = runtime(["handwritten three", "handwritten six"], 2, [0, 1])
     for b64, image in zip(out["image_png"], expected):
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(b64)))), image[..., 0])
+    with pytest.raises(Exception, match=r"steps: 3 is not one of the student's trained step counts \[1, 2, 4\]"):
+        model.predict(pd.DataFrame({"prompt": ["handwritten three"], "steps": [3]}))
     assert json.loads(report.read_text())["max_abs_error"] <= 1e-3
 
 
