@@ -149,15 +149,10 @@ def file_md5(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def dvc_md5(path: str | Path) -> str:
-    """The hash DVC 3 gives `path` (what dvc.lock records for it), computed without DVC: a file's md5; a folder's,
-    the md5 of its files' sorted JSON list [{"md5", "relpath"}] and ".dir". Files are read a chunk at a time."""
-    path = Path(path)
-    return dvc_md5s(path)[""] if path.is_dir() else file_md5(path)
-
-
 def dvc_md5s(folder: str | Path) -> dict[str, str]:
-    """`dvc_md5` of a folder ("") and of each folder directly in it (by name), each file read once."""
+    """The hash DVC 3 gives `folder` ("", what dvc.lock records for it) and each folder directly in it (by name),
+    computed without DVC: the md5 of the folder's files' sorted JSON list [{"md5", "relpath"}], and ".dir". Each
+    file is read once, a chunk at a time."""
     folder = Path(folder)
     files = {f.relative_to(folder).as_posix(): file_md5(f) for f in folder.rglob("*") if f.is_file()}
 
