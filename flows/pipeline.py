@@ -4,6 +4,7 @@ each stage runs as `dvc repro --single-item <stage>`, so dvc.lock and the cache 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,8 +17,10 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from ladd.errors import Busy
+from ladd.errors import Busy, ConfigError, DataError
 from ladd.io import atomic_file, exclusive, fingerprint
+from ladd.params import load_params
+from ladd.schedules import check_student_times
 from ladd.tracking import (PARENT_ENV, default_tracking_uri, finish_pipeline_run, masked_uri, run_page,
                            start_pipeline_run, tracking_uri)
 
@@ -163,6 +166,14 @@ def pipeline(repo: str = ".", params_file: str = "params.yaml") -> dict[str, boo
         return _pipeline(root, params_file)
 
 
+def check_settings(root: Path, params_file: Path) -> None:
+    """Every setting, before the first stage: `ladd`'s own load (paths relative to `root`) and distill's check of
+    its times against their schedule, which `ladd distill` would only make after the teacher has trained."""
+    with contextlib.chdir(root):
+        distill = load_params(params_file).distill
+    check_student_times(distill.schedule, distill.student_times)
+
+
 def one_run(root: Path):
     """The workspace's flow lock: one flow run at a time (each `dvc repro --single-item` releases DVC's own lock
     between stages, so two flows would interleave their stages)."""
@@ -175,6 +186,7 @@ def _pipeline(root: Path, params_file: str) -> dict[str, bool]:
         print(f"using {source} as {root / 'params.yaml'}")
         with atomic_file(root / "params.yaml") as tmp:  # a kill mid-copy leaves the previous params.yaml whole
             shutil.copyfile(source, tmp)
+    check_settings(root, root / "params.yaml")
     params = yaml.safe_load((root / "params.yaml").read_text()) or {}
     # one store for the flow and every stage process: the repo's SQLite file unless a server is set
     os.environ.setdefault("MLFLOW_TRACKING_URI", default_tracking_uri(root))
@@ -204,10 +216,12 @@ def _pipeline(root: Path, params_file: str) -> dict[str, bool]:
 
 
 if __name__ == "__main__":
-    try:  # refused at once, in one line (exit 8), before Prefect starts its server; the flow takes the lock itself
-        with one_run(Path(sys.argv[1] if len(sys.argv) > 1 else ".").resolve()):
+    repo = Path(sys.argv[1] if len(sys.argv) > 1 else ".").resolve()
+    try:  # refused at once, in one line, before Prefect starts its server; the flow takes the lock itself
+        with one_run(repo):
             pass
-    except Busy as e:
+        check_settings(repo, repo / (sys.argv[2] if len(sys.argv) > 2 else "params.yaml"))
+    except (Busy, ConfigError, DataError) as e:  # exit codes as `ladd`'s (README: When something goes wrong)
         print(f"ladd pipeline: {e}", file=sys.stderr)
-        sys.exit(8)
+        sys.exit(next(code for kind, code in {Busy: 8, ConfigError: 2, DataError: 3}.items() if isinstance(e, kind)))
     pipeline(*sys.argv[1:])

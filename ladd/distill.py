@@ -40,7 +40,7 @@ from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, gan_health, heads_loss, s
 from ladd.pipeline import load_pipeline, load_transformer, max_sequence_length, read_meta, write_meta
 from ladd.plots import plot_curves
 from ladd.resume import move_aside, resume_point_on_rank0, resume_state, sharded_checkpoint_path
-from ladd.schedules import SCHEDULER_FLAGS, few_step_times
+from ladd.schedules import SCHEDULER_FLAGS, check_student_times, few_step_times
 from ladd.data.batches import BucketBatches, Prefetcher
 from ladd.data.synthetic import SyntheticSet
 from ladd.training import adamw, update_ema
@@ -166,6 +166,7 @@ def save_run(cfg: DistillConfig, teacher_dir, trained, ema, world: World, meta: 
 
 
 def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Path, tracker) -> dict:
+    check_student_times(cfg.schedule, cfg.student_times)
     world = init_world(cfg.device)
     try:
         return _distill(cfg, teacher_dir, synthetic_dir, tracker, world)

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ladd.errors import ConfigError
+
 if TYPE_CHECKING:
     import torch
 
@@ -40,6 +42,17 @@ def few_step_times(schedule: str, n: int, t_min: float) -> list[float]:
     if n == 1:
         return [1.0]
     return [float(t) for t in STUDENT_SCHEDULES[schedule](n, t_min).astype(np.float32)]
+
+
+def check_student_times(schedule: str, student_times) -> None:
+    """`distill.student_times` must be `schedule`'s n times from 1 to their last value, so that the saved student's
+    diffusers scheduler visits them. Checked when distill starts (and by the pipeline flow before its first stage),
+    not at config load: the stages before distill never run this file."""
+    ladder = few_step_times(schedule, len(student_times), student_times[-1])
+    if any(abs(a - b) > 1e-6 for a, b in zip(student_times, ladder)):
+        raise ConfigError(f"distill.student_times must be the {schedule} schedule's times from 1 to their last value, "
+                          f"so that the saved student's diffusers scheduler visits them: use "
+                          f"[{', '.join(f'{t:.10g}' for t in ladder)}], got {list(student_times)}")
 
 
 def student_sigmas(steps: int, student_meta: dict) -> torch.Tensor:

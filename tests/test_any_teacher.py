@@ -16,7 +16,7 @@ from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
 from ladd.errors import ConfigError, TeacherError
-from ladd.config import DistillConfig, EvaluateConfig, ExportConfig, PrepareConfig, SynthesizeConfig, TeacherConfig
+from ladd.config import STUDENT_SCHEDULE_NAMES, DistillConfig, EvaluateConfig, ExportConfig, PrepareConfig, SynthesizeConfig, TeacherConfig
 from ladd.data.prepare import prepare
 from ladd.discriminator import Discriminator
 from ladd.distill import distill
@@ -24,6 +24,7 @@ from ladd.export import export_stage
 from ladd.generate import generate_latents, record_noise
 from ladd.pipeline import encode_prompts, load_pipeline, max_sequence_length, read_meta
 from ladd.sampling import flow_sigmas
+from ladd.schedules import STUDENT_SCHEDULES, check_student_times
 from ladd.data.synthetic import load_synthetic
 from ladd.synthesize import synthesize
 from ladd.teacher import teacher_stage
@@ -311,10 +312,12 @@ def test_memory_settings_leave_the_tiny_run_unchanged(setting, tiny_teacher_dir,
 
 
 def test_student_times_must_be_their_schedules():
-    """Times stock diffusers cannot visit (the paper's evenly spaced ones) fail at config load with the ladder."""
+    """Times stock diffusers cannot visit (the paper's evenly spaced ones) fail when distill starts, with the ladder
+    (the flow checks them before its first stage; test_faults: `ladd distill` exits 2)."""
     with pytest.raises(ConfigError, match=r"beta schedule's times .* use \[1, 0.7934400439, 0.4565599561, 0.25\]"):
-        DistillConfig(student_times=(1.0, 0.75, 0.5, 0.25))
+        check_student_times("beta", DistillConfig(student_times=(1.0, 0.75, 0.5, 0.25)).student_times)
     with pytest.raises(ConfigError, match=r"use \[1, 0.629960537, 0.3968502581, 0.25\]"):
-        DistillConfig(student_times=(1.0, 0.75, 0.5, 0.25), schedule="exponential")
+        check_student_times("exponential", (1.0, 0.75, 0.5, 0.25))
     two = DistillConfig(student_times=(1.0, 0.25), schedule="exponential", probs=(0.5, 0.5), warmup_probs=(0.5, 0.5))
-    assert two.student_times == (1.0, 0.25)
+    check_student_times(two.schedule, two.student_times)
+    assert set(STUDENT_SCHEDULES) == set(STUDENT_SCHEDULE_NAMES)  # config's names are the schedules there are

@@ -29,7 +29,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ladd.checkpoint import read_checkpoint_meta
+from flows.pipeline import _pipeline
 from ladd.config import PrepareConfig
+from ladd.errors import ConfigError
 from ladd.data.prepare import load_split, prepare
 from ladd.io import atomic_dir, atomic_file
 from conftest import CHECKPOINT, DISTILL, ROOT, RUN_REPORT, edit_params
@@ -543,7 +545,6 @@ def test_planted_fault(name, project, monkeypatch, capfd):
 
 def test_debug_gives_the_traceback(project, monkeypatch):
     from ladd.cli import main
-    from ladd.errors import ConfigError
 
     edit_params(project, "distill", steps=2)
     monkeypatch.chdir(project)
@@ -606,6 +607,21 @@ def test_a_second_flow_run_in_the_workspace_is_refused(project):
     assert len(lines) == 1 and lines[0].startswith(f"ladd pipeline: another ladd pipeline is running in {project} "
                                                    "(pid 4242,"), proc.stderr
     assert (project / "params.yaml").read_bytes() == params  # nothing copied over it
+
+
+def test_the_flow_checks_every_setting_before_its_first_stage(smoke_project):
+    """Times off their schedule are distill's check (its module is not the early stages' code): the flow makes it
+    before Prefect starts, so a bad edit never costs a teacher run."""
+    project = smoke_project
+    edit_params(project, "distill", student_times=[1.0, 0.6, 0.3, 0.25])
+    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", str(project)], cwd=ROOT, capture_output=True,
+                          text=True)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("ladd pipeline: distill.student_times must be the beta schedule's times"), lines
+    with pytest.raises(ConfigError, match="student_times"):  # and a deployment's flow run, inside Prefect
+        _pipeline(project, "params.yaml")
+    assert not (project / "dvc.lock").exists() and not (project / "data" / "prepared").exists()
 
 
 # --- interruptions at a random point -------------------------------------------------------------------------------
