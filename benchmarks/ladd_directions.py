@@ -26,12 +26,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-
-from ladd.params import load_params
-from ladd.tracking import NullTracker
 from ladd_methods import fmt, health, train_and_score
 from machine import describe
 from tune import objective, run
+
+from ladd.params import load_params
+from ladd.tracking import NullTracker
 
 
 def real_latent_data(params, out: Path) -> Path:
@@ -39,9 +39,9 @@ def real_latent_data(params, out: Path) -> Path:
     prompt, its teacher sampler replaced by the VAE encoding of record i's image (records are the train rows in
     order, record i's seed is synthesize.seed + i); each stored path state is that latent noised to the state's
     time with the record's own noise, as a flow path from it."""
-    import ladd.synthesize as synth
     from diffusers import AutoencoderKL
 
+    import ladd.synthesize as synth
     from ladd.data.prepare import load_split
     from ladd.pipeline import encode_images
 
@@ -96,8 +96,10 @@ def main():
     chosen = json.loads((tuning / "chosen.json").read_text())["chosen"]
     lower = best_tried(tuning, "renoise_mean", lambda m: m is not None and m < 1.0)["renoise_mean"]
     # the distillation loss's weight, chosen on val
-    with_mse = min(({**chosen, "regression_weight": w} for w in (1.0, 10.0)),
-                   key=lambda o: objective(run(params, "ladd", o, tuning, "val")))
+    with_mse = min(
+        ({**chosen, "regression_weight": w} for w in (1.0, 10.0)),
+        key=lambda o: objective(run(params, "ladd", o, tuning, "val")),
+    )
     arms = {
         "chosen (teacher-synthetic data)": chosen,
         "renoise_mean 1 (the paper's)": {**chosen, "renoise_mean": 1.0},
@@ -113,18 +115,27 @@ def main():
     settings = dict(chosen)
     steps = settings.pop("steps", params.distill.steps)
     results["chosen, real data (VAE latents of the train images)"] = train_and_score(
-        real_params, "ladd", steps, out / "real", settings or None, "test")
+        real_params, "ladd", steps, out / "real", settings or None, "test"
+    )
     first = next(iter(results.values()))["metrics"]
     t, ref = first["teacher"], first.get("reference")
-    lines = [describe(), "", f"ladd preset + val-chosen {chosen}; test split, {first['num_samples']} prompts x "
-             f"{len(first['seeds'])} seeds. Teacher distilled from: FD {fmt(t, 'fd')}"
-             + (f"; reference teacher (CFG {ref['guidance']:g}): FD {fmt(ref, 'fd')}" if ref else ""), "",
-             "| arm | FD@1 | FD@2 | FD@4 | FID-T@4 | acc@4 | recall@4 | heads |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        describe(),
+        "",
+        f"ladd preset + val-chosen {chosen}; test split, {first['num_samples']} prompts x "
+        f"{len(first['seeds'])} seeds. Teacher distilled from: FD {fmt(t, 'fd')}"
+        + (f"; reference teacher (CFG {ref['guidance']:g}): FD {fmt(ref, 'fd')}" if ref else ""),
+        "",
+        "| arm | FD@1 | FD@2 | FD@4 | FID-T@4 | acc@4 | recall@4 | heads |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
         s = r["metrics"]["student"]
-        lines.append(f"| {name} | {fmt(s['1'], 'fd')} | {fmt(s['2'], 'fd')} | {fmt(s['4'], 'fd')} | "
-                     f"{fmt(s['4'], 'fd_teacher')} | {s['4']['accuracy']:.3f} | {s['4']['recall']:.3f} | "
-                     f"{health(r['train']['gan_health'])} |")
+        lines.append(
+            f"| {name} | {fmt(s['1'], 'fd')} | {fmt(s['2'], 'fd')} | {fmt(s['4'], 'fd')} | "
+            f"{fmt(s['4'], 'fd_teacher')} | {s['4']['accuracy']:.3f} | {s['4']['recall']:.3f} | "
+            f"{health(r['train']['gan_health'])} |"
+        )
     rows = [r for r in results.values()]
     if args.methods:
         rows += [json.loads(p.read_text()) for p in Path(args.methods).glob("*/result.test.json")]
@@ -146,8 +157,10 @@ def spearman(results: list[dict]) -> str:
     for key in ("fd_teacher", "fd_reference", "fd_teacher_same_noise", "fd_reference_same_noise"):
         if all(key in row for row in rows):
             rho, p = spearmanr([row["fd"] for row in rows], [row[key] for row in rows])
-            lines.append(f"Spearman of {key} with FD over {len(rows)} test rows ({len(results)} students x step counts): "
-                         f"{rho:.3f} (p = {p:.1e})")
+            lines.append(
+                f"Spearman of {key} with FD over {len(rows)} test rows ({len(results)} students x step counts): "
+                f"{rho:.3f} (p = {p:.1e})"
+            )
     return "\n".join(lines)
 
 

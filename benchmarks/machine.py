@@ -11,8 +11,10 @@ def describe() -> str:
     import torch
 
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 platform.processor() or "unknown CPU")
+    model = next(
+        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+        platform.processor() or "unknown CPU",
+    )
     simd = "AVX-512" if "avx512f" in info else "AVX2 only" if "avx2" in info else "no AVX2"
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"Machine: {model} ({simd}){gpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"

@@ -45,20 +45,46 @@ TEXT_TOKENS = 77 + 256  # CLIP tokens + T5 tokens at diffusers' default max_sequ
 # transformer/config.json of each release (the architecture keys; `_class_name`/`_diffusers_version` dropped)
 CONFIGS = {
     "SD3-medium": {  # stabilityai/stable-diffusion-3-medium-diffusers
-        "attention_head_dim": 64, "caption_projection_dim": 1536, "in_channels": 16, "joint_attention_dim": 4096,
-        "num_attention_heads": 24, "num_layers": 24, "out_channels": 16, "patch_size": 2,
-        "pooled_projection_dim": 2048, "pos_embed_max_size": 192, "sample_size": 128,
+        "attention_head_dim": 64,
+        "caption_projection_dim": 1536,
+        "in_channels": 16,
+        "joint_attention_dim": 4096,
+        "num_attention_heads": 24,
+        "num_layers": 24,
+        "out_channels": 16,
+        "patch_size": 2,
+        "pooled_projection_dim": 2048,
+        "pos_embed_max_size": 192,
+        "sample_size": 128,
     },
     "SD3.5-medium": {  # stabilityai/stable-diffusion-3.5-medium: MMDiT-X, a second image attention in blocks 0-12
-        "attention_head_dim": 64, "caption_projection_dim": 1536, "dual_attention_layers": list(range(13)),
-        "in_channels": 16, "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 24,
-        "out_channels": 16, "patch_size": 2, "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
-        "qk_norm": "rms_norm", "sample_size": 128,
+        "attention_head_dim": 64,
+        "caption_projection_dim": 1536,
+        "dual_attention_layers": list(range(13)),
+        "in_channels": 16,
+        "joint_attention_dim": 4096,
+        "num_attention_heads": 24,
+        "num_layers": 24,
+        "out_channels": 16,
+        "patch_size": 2,
+        "pooled_projection_dim": 2048,
+        "pos_embed_max_size": 384,
+        "qk_norm": "rms_norm",
+        "sample_size": 128,
     },
     "SD3.5-large": {  # stabilityai/stable-diffusion-3.5-large
-        "attention_head_dim": 64, "caption_projection_dim": 2432, "in_channels": 16, "joint_attention_dim": 4096,
-        "num_attention_heads": 38, "num_layers": 38, "out_channels": 16, "patch_size": 2,
-        "pooled_projection_dim": 2048, "pos_embed_max_size": 192, "qk_norm": "rms_norm", "sample_size": 128,
+        "attention_head_dim": 64,
+        "caption_projection_dim": 2432,
+        "in_channels": 16,
+        "joint_attention_dim": 4096,
+        "num_attention_heads": 38,
+        "num_layers": 38,
+        "out_channels": 16,
+        "patch_size": 2,
+        "pooled_projection_dim": 2048,
+        "pos_embed_max_size": 192,
+        "qk_norm": "rms_norm",
+        "sample_size": 128,
     },
 }
 
@@ -87,7 +113,10 @@ SETTINGS = [
 ]
 HEAD_BYTES = 4 + 4 + 8  # heads train in fp32 with AdamW and are tiny: replicated on every GPU
 LORA_RANKS = (64, 256)
-LORA_TARGETS = {"attention": ("attention",), "all": DistillConfig().lora_targets}  # diffusers' usual set; ladd's default
+LORA_TARGETS = {
+    "attention": ("attention",),
+    "all": DistillConfig().lora_targets,
+}  # diffusers' usual set; ladd's default
 LORA_BYTES = 4 + 4 + 8 + 4  # per adapter parameter: fp32 weight, gradient, AdamW's two states, EMA
 LORA_GPU_GB = 24  # a LoRA student of SD3.5-large should fit a 24 GB card's static budget
 
@@ -97,8 +126,10 @@ def count(config: dict) -> dict:
     with torch.device("meta"):
         model = SD3Transformer2DModel(**config)
         inner = config["num_attention_heads"] * config["attention_head_dim"]
-        heads = [DiscriminatorHead(inner, T_EMBED_DIM + config["pooled_projection_dim"], HEAD_CHANNELS)
-                 for _ in default_feature_layers(config["num_layers"])]
+        heads = [
+            DiscriminatorHead(inner, T_EMBED_DIM + config["pooled_projection_dim"], HEAD_CHANNELS)
+            for _ in default_feature_layers(config["num_layers"])
+        ]
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "buffers": sum(b.numel() for b in model.buffers()),
@@ -112,28 +143,46 @@ def lora_params(config: dict, rank: int, targets) -> int:
     with torch.device("meta"):
         model = SD3Transformer2DModel(**config)
     suffixes = target_suffixes(model, targets)
-    return sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes))
+    return sum(
+        rank * (m.in_features + m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes)
+    )
 
 
 def lora_footprint(n: dict, adapters: int) -> dict:
     """GB per GPU of a LoRA student: one bf16 base (student and teacher), fp32 adapters with their gradients,
     AdamW states and EMA, the heads."""
-    gb = {"base": (n["params"] + n["buffers"]) * 2 / GB, "adapters": adapters * LORA_BYTES / GB,
-          "heads": n["head_params"] * HEAD_BYTES / GB}
+    gb = {
+        "base": (n["params"] + n["buffers"]) * 2 / GB,
+        "adapters": adapters * LORA_BYTES / GB,
+        "heads": n["head_params"] * HEAD_BYTES / GB,
+    }
     gb["total_gpu"] = sum(gb.values())
     return {**gb, "adapter_params": adapters, "fits_24": gb["total_gpu"] <= LORA_GPU_GB}
 
 
 def lora_table(results: dict) -> str:
-    cols = ["model", "targets", "LoRA rank", "adapter params (M)", "bf16 base (GB)", "adapters + grads + AdamW + EMA (GB)",
-            "heads (GB)", "total / GPU (GB)", f"fits {LORA_GPU_GB} GB"]
+    cols = [
+        "model",
+        "targets",
+        "LoRA rank",
+        "adapter params (M)",
+        "bf16 base (GB)",
+        "adapters + grads + AdamW + EMA (GB)",
+        "heads (GB)",
+        "total / GPU (GB)",
+        f"fits {LORA_GPU_GB} GB",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for name, r in results.items():
         for key, f in r["lora"].items():
             targets, rank = key.split("/r")
-            lines.append(f"| {name} | {', '.join(LORA_TARGETS[targets])} | {rank} | {f['adapter_params'] / 1e6:.1f} | {f['base']:.2f} | {f['adapters']:.2f} | "
-                         f"{f['heads']:.3f} | {f['total_gpu']:.2f} | {'yes' if f['fits_24'] else 'no'} |")
+            lines.append(
+                f"| {name} | {', '.join(LORA_TARGETS[targets])} | {rank} | {f['adapter_params'] / 1e6:.1f} | "
+                f"{f['base']:.2f} | {f['adapters']:.2f} | "
+                f"{f['heads']:.3f} | {f['total_gpu']:.2f} | {'yes' if f['fits_24'] else 'no'} |"
+            )
     return "\n".join(lines)
 
 
@@ -156,15 +205,40 @@ def footprint(n: dict, s: Setting) -> dict:
 
 
 def table(results: dict) -> str:
-    cols = ["model", "setting", "params (B)", "buffers (GB)", "student", "grads", "AdamW", "EMA", "teacher",
-            "heads", "total / GPU", "CPU RAM", f"fits {GPU_GB} GB"]
+    cols = [
+        "model",
+        "setting",
+        "params (B)",
+        "buffers (GB)",
+        "student",
+        "grads",
+        "AdamW",
+        "EMA",
+        "teacher",
+        "heads",
+        "total / GPU",
+        "CPU RAM",
+        f"fits {GPU_GB} GB",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for name, r in results.items():
         for s in SETTINGS:
             f = r["settings"][s.key]
             nums = [f[k] for k in ("student", "grads", "optimiser", "ema", "teacher", "heads", "total_gpu", "cpu")]
-            lines.append("| " + " | ".join([name, s.label, f"{r['params'] / 1e9:.2f}", f"{r['buffers'] * 4 / GB:.2f}",
-                                            *(f"{x:.2f}" for x in nums), "yes" if f["fits"] else "no"]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        name,
+                        s.label,
+                        f"{r['params'] / 1e9:.2f}",
+                        f"{r['buffers'] * 4 / GB:.2f}",
+                        *(f"{x:.2f}" for x in nums),
+                        "yes" if f["fits"] else "no",
+                    ]
+                )
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -216,8 +290,15 @@ def measure(config: dict) -> list[dict]:
     return rows
 
 
-DATA = {"prompts": 100_000, "samples": 4, "resolution": 1024, "path_states": 3, "stored_bytes": 2,  # bf16
-        "batch_per_rank": 4, "prefetch": 4}  # distill.prefetch on CUDA
+DATA = {
+    "prompts": 100_000,
+    "samples": 4,
+    "resolution": 1024,
+    "path_states": 3,
+    "stored_bytes": 2,  # bf16
+    "batch_per_rank": 4,
+    "prefetch": 4,
+}  # distill.prefetch on CUDA
 RECORD_BYTES = 8 + 4 * 4 + 4 * 4  # the columns distill holds: seed (int64); bucket, shard, row, prompt_index; 4 CRC-32s
 TABLE_BYTES_PER_RECORD = 16 * 8  # records.parquet on disk, about: those columns plus id, prompt (dictionary), label
 T5_XXL_GB, CLIPS_GB = 4.76e9 * 2 / GB, 0.8e9 * 2 / GB  # bf16: what encoding per batch would keep resident
@@ -230,28 +311,54 @@ def data_footprint(config: dict, d: dict = DATA) -> dict:
     prompt = (TEXT_TOKENS * config["joint_attention_dim"] + config["pooled_projection_dim"]) * d["stored_bytes"]
     records = d["prompts"] * d["samples"]
     in_flight = (d["prefetch"] + 2) * d["batch_per_rank"] * (record + prompt)  # queued, being read, being trained on
-    return {"records": records, "record_mb": record / 1e6, "prompt_mb": prompt / 1e6,
-            "disk_latents": records * record / GB, "disk_embeddings": d["prompts"] * prompt / GB,
-            "disk_table": records * TABLE_BYTES_PER_RECORD / GB,
-            "host_per_rank": (records * (RECORD_BYTES + 8) + in_flight) / GB,  # + 8: the epoch's shuffled order
-            "gpu_per_rank": d["batch_per_rank"] * (record + prompt) * 4 / d["stored_bytes"] / GB,
-            "text_encoders_if_encoded": T5_XXL_GB + CLIPS_GB}
+    return {
+        "records": records,
+        "record_mb": record / 1e6,
+        "prompt_mb": prompt / 1e6,
+        "disk_latents": records * record / GB,
+        "disk_embeddings": d["prompts"] * prompt / GB,
+        "disk_table": records * TABLE_BYTES_PER_RECORD / GB,
+        "host_per_rank": (records * (RECORD_BYTES + 8) + in_flight) / GB,  # + 8: the epoch's shuffled order
+        "gpu_per_rank": d["batch_per_rank"] * (record + prompt) * 4 / d["stored_bytes"] / GB,
+        "text_encoders_if_encoded": T5_XXL_GB + CLIPS_GB,
+    }
 
 
 def data_table(results: dict) -> str:
     d = DATA
-    cols = ["model", "student", "synthetic latents + paths (GB disk)", "text embeddings (GB disk)", "records table (GB)",
-            "host RAM / rank (GB)", "data on GPU / rank (GB)", "static / GPU (GB)", "total / GPU (GB)"]
-    lines = [f"{d['prompts']:,} prompts x {d['samples']} samples at {d['resolution']}², {d['path_states']} path states, "
-             f"stored bf16; {d['batch_per_rank']} records per rank, {d['prefetch']} batches read ahead", "",
-             "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    cols = [
+        "model",
+        "student",
+        "synthetic latents + paths (GB disk)",
+        "text embeddings (GB disk)",
+        "records table (GB)",
+        "host RAM / rank (GB)",
+        "data on GPU / rank (GB)",
+        "static / GPU (GB)",
+        "total / GPU (GB)",
+    ]
+    lines = [
+        f"{d['prompts']:,} prompts x {d['samples']} samples at {d['resolution']}², {d['path_states']} path states, "
+        f"stored bf16; {d['batch_per_rank']} records per rank, {d['prefetch']} batches read ahead",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "|".join("---" for _ in cols) + "|",
+    ]
     for name in ("SD3.5-medium", "SD3.5-large"):
         r, f = results[name], results[name]["data"]
         full = "fsdp2x8" if not r["settings"]["bf16-teacher"]["fits"] else "bf16-teacher"
-        for label, static in (("full, FSDP2 over 8 GPUs" if full == "fsdp2x8" else "full, bf16 teacher",
-                               r["settings"][full]["total_gpu"]), ("LoRA r64, every group", r["lora"]["all/r64"]["total_gpu"])):
-            lines.append(f"| {name} | {label} | {f['disk_latents']:.0f} | {f['disk_embeddings']:.0f} | {f['disk_table']:.3f} | "
-                         f"{f['host_per_rank']:.2f} | {f['gpu_per_rank']:.3f} | {static:.2f} | {static + f['gpu_per_rank']:.2f} |")
+        for label, static in (
+            (
+                "full, FSDP2 over 8 GPUs" if full == "fsdp2x8" else "full, bf16 teacher",
+                r["settings"][full]["total_gpu"],
+            ),
+            ("LoRA r64, every group", r["lora"]["all/r64"]["total_gpu"]),
+        ):
+            lines.append(
+                f"| {name} | {label} | {f['disk_latents']:.0f} | {f['disk_embeddings']:.0f} | {f['disk_table']:.3f} | "
+                f"{f['host_per_rank']:.2f} | {f['gpu_per_rank']:.3f} | {static:.2f} | "
+                f"{static + f['gpu_per_rank']:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -264,24 +371,41 @@ def main(argv=None) -> dict:
     results = {}
     for name, config in CONFIGS.items():
         n = count(config)
-        results[name] = {**n, "settings": {s.key: footprint(n, s) for s in SETTINGS},
-                         "lora": {f"{key}/r{rank}": lora_footprint(n, lora_params(config, rank, targets))
-                                  for key, targets in LORA_TARGETS.items() for rank in LORA_RANKS},
-                         "data": data_footprint(config)}
-    print("\nStatic memory of a LADD distillation run, GB (1e9 bytes) per GPU; activations not included. "
-          "Buffers: one fp32 copy (the positional-embedding table), counted in every model copy in its dtype.")
+        results[name] = {
+            **n,
+            "settings": {s.key: footprint(n, s) for s in SETTINGS},
+            "lora": {
+                f"{key}/r{rank}": lora_footprint(n, lora_params(config, rank, targets))
+                for key, targets in LORA_TARGETS.items()
+                for rank in LORA_RANKS
+            },
+            "data": data_footprint(config),
+        }
+    print(
+        "\nStatic memory of a LADD distillation run, GB (1e9 bytes) per GPU; activations not included. "
+        "Buffers: one fp32 copy (the positional-embedding table), counted in every model copy in its dtype."
+    )
     print(table(results))
     heads = next(iter(results.values()))["heads"]
-    print(f"\nHeads: {heads} DiscriminatorHead per model (fp32 + AdamW, {HEAD_BYTES} B/param). "
-          "Student: fp32 master weights (bf16 autocast for compute), gradients fp32, AdamW 2 fp32 states.")
-    print("FSDP2 row: student, gradients, AdamW and EMA parameters sharded over 8 GPUs (buffers replicated); "
-          "teacher and heads replicated.")
-    print("\nLoRA students (distill.student: lora): the teacher's own weights in bf16 "
-          "serve the student (adapters on) and the teacher (adapters off), no second copy; GB per GPU, static.\n")
+    print(
+        f"\nHeads: {heads} DiscriminatorHead per model (fp32 + AdamW, {HEAD_BYTES} B/param). "
+        "Student: fp32 master weights (bf16 autocast for compute), gradients fp32, AdamW 2 fp32 states."
+    )
+    print(
+        "FSDP2 row: student, gradients, AdamW and EMA parameters sharded over 8 GPUs (buffers replicated); "
+        "teacher and heads replicated."
+    )
+    print(
+        "\nLoRA students (distill.student: lora): the teacher's own weights in bf16 "
+        "serve the student (adapters on) and the teacher (adapters off), no second copy; GB per GPU, static.\n"
+    )
     print(lora_table(results))
-    print("\nNot resident: the text encoders. synthesize stored each prompt's embedding, so distill loads none "
-          f"(encoding per batch would keep T5-XXL, ~4.76 B params, {T5_XXL_GB:.1f} GB in bf16, and CLIP-L + OpenCLIP-bigG, "
-          f"{CLIPS_GB:.1f} GB, on every GPU). VAE, CUDA context not counted.")
+    print(
+        "\nNot resident: the text encoders. synthesize stored each prompt's embedding, so distill loads none "
+        f"(encoding per batch would keep T5-XXL, ~4.76 B params, {T5_XXL_GB:.1f} GB in bf16, "
+        "and CLIP-L + OpenCLIP-bigG, "
+        f"{CLIPS_GB:.1f} GB, on every GPU). VAE, CUDA context not counted."
+    )
     print("\nThe data at scale (benchmarks/scale.py measures the streaming on a CPU):\n")
     print(data_table(results))
 
@@ -289,20 +413,32 @@ def main(argv=None) -> dict:
     if args.measure:
         if torch.cuda.is_available():
             measured = measure(CONFIGS["SD3.5-medium"])
-            print(f"\nMeasured on {torch.cuda.get_device_name()}: random SD3.5-medium, student fp32 + AdamW, "
-                  f"bf16 teacher resident, bf16 autocast, {TEXT_TOKENS} text tokens; student forward/backward + step")
-            print("| resolution | batch | grad. checkpointing | static predicted (GB) | peak allocated (GB) | step (s) |")
+            print(
+                f"\nMeasured on {torch.cuda.get_device_name()}: random SD3.5-medium, student fp32 + AdamW, "
+                f"bf16 teacher resident, bf16 autocast, {TEXT_TOKENS} text tokens; student forward/backward + step"
+            )
+            print(
+                "| resolution | batch | grad. checkpointing | static predicted (GB) | peak allocated (GB) | step (s) |"
+            )
             print("|---|---|---|---|---|---|")
             for r in measured:
                 peak = "OOM" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
                 sec = "-" if r["step_s"] is None else f"{r['step_s']:.3f}"
-                print(f"| {r['resolution']}² | {r['batch']} | {'yes' if r['checkpointing'] else 'no'} | "
-                      f"{r['static_gb']:.2f} | {peak} | {sec} |")
+                print(
+                    f"| {r['resolution']}² | {r['batch']} | {'yes' if r['checkpointing'] else 'no'} | "
+                    f"{r['static_gb']:.2f} | {peak} | {sec} |"
+                )
         else:
             print("\n--measure skipped: no CUDA GPU (torch.cuda.is_available() is False).")
 
-    out = {"unit": "GB (1e9 bytes)", "gpu_gb": GPU_GB, "static_only": True, "models": results,
-           "settings": {s.key: s.label for s in SETTINGS}, "measured": measured}
+    out = {
+        "unit": "GB (1e9 bytes)",
+        "gpu_gb": GPU_GB,
+        "static_only": True,
+        "models": results,
+        "settings": {s.key: s.label for s in SETTINGS},
+        "measured": measured,
+    }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))

@@ -18,13 +18,13 @@ import time
 
 import numpy as np
 import torch
+from machine import describe
 
-from ladd.params import load_params
 from ladd.data.prepare import load_split
 from ladd.evaluate import summarize_seeds
+from ladd.params import load_params
 from ladd.pipeline import load_pipeline, max_sequence_length
 from ladd.quality import embed, load_classifier_features, score_features
-from machine import describe
 
 
 def edit(pipe, images, prompts, strength, steps, guidance, seed, msl, batch=128):
@@ -37,9 +37,18 @@ def edit(pipe, images, prompts, strength, steps, guidance, seed, msl, batch=128)
     for i in range(0, len(images), batch):
         n = len(images[i : i + batch])
         gens = [torch.Generator().manual_seed(seed * 1_000_003 + i + j) for j in range(n)]
-        out.append(img2img(prompts[i : i + batch], image=images[i : i + batch], strength=strength,
-                           num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                           max_sequence_length=msl, output_type="pt").images.float())
+        out.append(
+            img2img(
+                prompts[i : i + batch],
+                image=images[i : i + batch],
+                strength=strength,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=gens,
+                max_sequence_length=msl,
+                output_type="pt",
+            ).images.float()
+        )
     return torch.cat(out)
 
 
@@ -65,8 +74,10 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
     for strength in [float(s) for s in args.strengths.split(",")]:
-        for name, pipe, steps, guidance in (("student", student, args.steps, 0.0),
-                                            ("teacher", teacher, params.evaluate.teacher_steps, params.evaluate.guidance)):
+        for name, pipe, steps, guidance in (
+            ("student", student, args.steps, 0.0),
+            ("teacher", teacher, params.evaluate.teacher_steps, params.evaluate.guidance),
+        ):
             per_seed = []
             for seed in seeds:
                 start = time.perf_counter()
@@ -83,10 +94,16 @@ def main():
     print("| model | strength | steps run | accuracy of the new digit | FD vs real | ms/image |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['strength']:g} | {r['steps']} | {r['accuracy'] * 100:.1f} ± {r['accuracy_std'] * 100:.1f} | "
-              f"{r['fd']:.1f} ± {r['fd_std']:.1f} | {r['ms_per_image']:.2f} |")
+        print(
+            f"| {r['model']} | {r['strength']:g} | {r['steps']} | "
+            f"{r['accuracy'] * 100:.1f} ± {r['accuracy_std'] * 100:.1f} | "
+            f"{r['fd']:.1f} ± {r['fd_std']:.1f} | {r['ms_per_image']:.2f} |"
+        )
     unedited = score_features(real, embed(classifier, images)[1], targets, real)
-    print(f"\nthe unedited images: accuracy of the new digit {unedited['accuracy'] * 100:.1f}, FD {np.round(unedited['fd'], 1)}")
+    print(
+        f"\nthe unedited images: accuracy of the new digit {unedited['accuracy'] * 100:.1f}, "
+        f"FD {np.round(unedited['fd'], 1)}"
+    )
 
 
 if __name__ == "__main__":

@@ -18,17 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import describe
 
 from ladd.classifier import load_classifier
-from ladd.params import load_params
 from ladd.data.prepare import load_split
 from ladd.generate import generate_latents, record_noise
+from ladd.params import load_params
 from ladd.pipeline import decode_latents, encode_prompts, latent_shape, load_pipeline, max_sequence_length
 from ladd.quality import real_features, real_floor, score_images
 from ladd.sampling import flow_sigmas
 from ladd.teacher import teacher_stage
 from ladd.tracking import NullTracker
-from machine import describe
 
 
 def main():
@@ -69,19 +69,31 @@ def main():
         per_seed, start = [], time.perf_counter()
         for seed in args.seeds:  # evaluate's noise: record i of seed s from s * 1_000_003 + i
             noise = record_noise([seed * 1_000_003 + i for i in range(n)], latent_shape(pipe))
-            lat = generate_latents(pipe.transformer, embeds, pooled, noise,
-                                   flow_sigmas(steps, pipe.scheduler.config.shift), g, null_e, null_p)
+            lat = generate_latents(
+                pipe.transformer,
+                embeds,
+                pooled,
+                noise,
+                flow_sigmas(steps, pipe.scheduler.config.shift),
+                g,
+                null_e,
+                null_p,
+            )
             per_seed.append(score_images(classifier, decode_latents(pipe.vae, lat), test.labels, real))
         ms = (time.perf_counter() - start) * 1000 / (n * len(args.seeds))
         rows.append((f"teacher {steps} steps", steps, g, per_seed, ms))
-    print(f"\n{n} {args.split} prompts, seeds {args.seeds}: mean ± std over seeds; FD on the classifier's penultimate "
-          f"features vs the real {args.split} images")
+    print(
+        f"\n{n} {args.split} prompts, seeds {args.seeds}: mean ± std over seeds; FD on the classifier's penultimate "
+        f"features vs the real {args.split} images"
+    )
     print(f"{'model':28s} {'steps':>5s} {'cfg':>5s} {'FD':>13s} {'acc':>6s} {'prec':>6s} {'recall':>6s} {'ms/img':>7s}")
     for name, steps, g, per_seed, ms in rows:
         m = {k: np.array([r[k] for r in per_seed if k in r]) for k in ("fd", "accuracy", "precision", "recall")}
         cell = {k: f"{v.mean():6.3f}" if len(v) else "     -" for k, v in m.items()}
-        print(f"{name:28s} {steps!s:>5s} {g!s:>5s} {m['fd'].mean():6.1f} ± {m['fd'].std(ddof=1):4.1f} {cell['accuracy']} "
-              f"{cell['precision']} {cell['recall']} {ms:7.2f}")
+        print(
+            f"{name:28s} {steps!s:>5s} {g!s:>5s} {m['fd'].mean():6.1f} ± {m['fd'].std(ddof=1):4.1f} {cell['accuracy']} "
+            f"{cell['precision']} {cell['recall']} {ms:7.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -22,17 +22,25 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-
-from ladd.params import load_params
 from ladd_methods import fmt, health, train_and_score
 from machine import describe
+
+from ladd.params import load_params
 
 SPACES = {  # the values each setting takes, tried in this order
     # the paper's recipe: every knob the default's own selection had, and the discriminator's
     # (d_steps_per_g 5: NVlabs/FastGen's LADD updates the student every 5th step; steps 1000: twice the budget)
-    "ladd": {"lr_d": [1e-4, 3e-4, 1e-3], "lr_g": [1e-5, 3e-5, 1e-4], "renoise_mean": [1.0, 0.5, 0.0, -0.5],
-             "renoise_std": [1.0, 0.5], "head_channels": [64, 128], "feature_layers": [None, [-2, -1], [0, 1]],
-             "ema_decay": [0.99, 0.996, 0.999], "d_steps_per_g": [1, 5], "steps": [500, 1000]},
+    "ladd": {
+        "lr_d": [1e-4, 3e-4, 1e-3],
+        "lr_g": [1e-5, 3e-5, 1e-4],
+        "renoise_mean": [1.0, 0.5, 0.0, -0.5],
+        "renoise_std": [1.0, 0.5],
+        "head_channels": [64, 128],
+        "feature_layers": [None, [-2, -1], [0, 1]],
+        "ema_decay": [0.99, 0.996, 0.999],
+        "d_steps_per_g": [1, 5],
+        "steps": [500, 1000],
+    },
     # the default's own knobs, chosen again on val
     "default": {"lr_g": [1e-5, 3e-5, 1e-4], "ema_decay": [0.995, 0.996, 0.997], "renoise_mean": [-0.25, 0.5, 1.0]},
 }
@@ -49,7 +57,9 @@ def seed_objectives(result: dict) -> np.ndarray:
     every setting is sampled from the same noise."""
     m = result["metrics"]
     one, four, teacher = (m["student"]["1"]["per_seed"], m["student"]["4"]["per_seed"], m["teacher"]["per_seed"])
-    return np.array([max(a["fd"] / (1.05 * t["fd"]), b["fd"] / (1.10 * t["fd"])) for a, b, t in zip(one, four, teacher)])
+    return np.array(
+        [max(a["fd"] / (1.05 * t["fd"]), b["fd"] / (1.10 * t["fd"])) for a, b, t in zip(one, four, teacher)]
+    )
 
 
 def better(candidate: dict, best: dict) -> bool:
@@ -98,13 +108,31 @@ def search(params, base: str, space: dict, out: Path) -> tuple[dict, list[dict]]
 
 
 def rows(results: list[dict], steps=("1", "2", "4")) -> str:
-    head = ["settings", *[f"FD@{k}" for k in steps], *[f"FID-T@{k}" for k in steps], f"acc@{steps[-1]}", "objective", "heads"]
+    head = [
+        "settings",
+        *[f"FD@{k}" for k in steps],
+        *[f"FID-T@{k}" for k in steps],
+        f"acc@{steps[-1]}",
+        "objective",
+        "heads",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         s = r["metrics"]["student"]
-        lines.append("| " + " | ".join([r["name"], *[fmt(s[k], "fd") for k in steps], *[fmt(s[k], "fd_teacher") for k in steps],
-                                        f"{s[steps[-1]]['accuracy']:.3f}", f"{objective(r):.3f}",
-                                        health(r["train"]["gan_health"])]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["name"],
+                    *[fmt(s[k], "fd") for k in steps],
+                    *[fmt(s[k], "fd_teacher") for k in steps],
+                    f"{s[steps[-1]]['accuracy']:.3f}",
+                    f"{objective(r):.3f}",
+                    health(r["train"]["gan_health"]),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -115,8 +143,13 @@ def main():
     ap.add_argument("--space", default=None, help=f"one of {list(SPACES)} (default: --base's, else ladd's)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--report", action="store_true", help="then score the chosen settings on test")
-    ap.add_argument("--arm", action="append", default=[], metavar="NAME:KEY=VALUE,...",
-                    help="with --report: the chosen settings with these changed, also on test (YAML values)")
+    ap.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="with --report: the chosen settings with these changed, also on test (YAML values)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -125,9 +158,14 @@ def main():
     space = SPACES[args.space or (args.base if args.base in SPACES else "ladd")]
     best, tried = search(params, args.base, space, out)
     teacher = tried[0]["metrics"]["teacher"]
-    text = [describe(), "", f"{args.base}: {len(tried)} settings on val ({tried[0]['metrics']['num_samples']} prompts x "
-            f"{len(tried[0]['metrics']['seeds'])} seeds; teacher FD {fmt(teacher, 'fd')}); chosen: {best or '(as it is)'}",
-            "", rows(sorted(tried, key=objective))]
+    text = [
+        describe(),
+        "",
+        f"{args.base}: {len(tried)} settings on val ({tried[0]['metrics']['num_samples']} prompts x "
+        f"{len(tried[0]['metrics']['seeds'])} seeds; teacher FD {fmt(teacher, 'fd')}); chosen: {best or '(as it is)'}",
+        "",
+        rows(sorted(tried, key=objective)),
+    ]
     if args.report:
         reported = [{**run(params, args.base, best, out, "test"), "name": f"chosen: {best or args.base}"}]
         for arm in args.arm:
@@ -136,9 +174,14 @@ def main():
             reported.append({**run(params, args.base, {**best, **change}, out, "test"), "name": label})
         t = reported[0]["metrics"]["teacher"]
         ref = reported[0]["metrics"].get("reference")
-        text += ["", f"on test ({reported[0]['metrics']['num_samples']} prompts x {len(reported[0]['metrics']['seeds'])} "
-                 f"seeds): teacher FD {fmt(t, 'fd')}" + (f", reference teacher (CFG {ref['guidance']:g}) FD {fmt(ref, 'fd')}" if ref else ""),
-                 "", rows(reported)]
+        text += [
+            "",
+            f"on test ({reported[0]['metrics']['num_samples']} prompts x {len(reported[0]['metrics']['seeds'])} "
+            f"seeds): teacher FD {fmt(t, 'fd')}"
+            + (f", reference teacher (CFG {ref['guidance']:g}) FD {fmt(ref, 'fd')}" if ref else ""),
+            "",
+            rows(reported),
+        ]
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text("\n".join(text) + "\n")
     (out / "chosen.json").write_text(json.dumps({"base": args.base, "chosen": best}, indent=2) + "\n")

@@ -21,8 +21,15 @@ from ladd.errors import Busy, ConfigError, DataError
 from ladd.io import atomic_file, exclusive, fingerprint
 from ladd.params import load_params
 from ladd.schedules import check_student_times
-from ladd.tracking import (PARENT_ENV, default_tracking_uri, finish_pipeline_run, masked_uri, run_page,
-                           start_pipeline_run, tracking_uri)
+from ladd.tracking import (
+    PARENT_ENV,
+    default_tracking_uri,
+    finish_pipeline_run,
+    masked_uri,
+    run_page,
+    start_pipeline_run,
+    tracking_uri,
+)
 
 
 def stage_order(repo: Path) -> list[str]:
@@ -47,8 +54,14 @@ def repro_stage(repo: Path, stage: str, parent_run_id: str | None = None) -> boo
     if parent_run_id:  # the stage's MLflow run nests under this pipeline execution's run
         env[PARENT_ENV] = parent_run_id
     output = []
-    with subprocess.Popen([_dvc(), "repro", "--single-item", stage], cwd=repo, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+    with subprocess.Popen(
+        [_dvc(), "repro", "--single-item", stage],
+        cwd=repo,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    ) as proc:
         for line in proc.stdout:  # streamed, so long stages log as they go
             output.append(line)
             if line.strip():
@@ -59,57 +72,93 @@ def repro_stage(repo: Path, stage: str, parent_run_id: str | None = None) -> boo
 
 
 def _metrics_markdown(metrics: dict) -> str:
-    rows = [(f"reference teacher (CFG {metrics['reference']['guidance']:g})", metrics["reference"])] \
-        if "reference" in metrics else []
+    rows = (
+        [(f"reference teacher (CFG {metrics['reference']['guidance']:g})", metrics["reference"])]
+        if "reference" in metrics
+        else []
+    )
     rows += [(f"teacher distilled from (CFG {metrics['teacher']['guidance']:g})", metrics["teacher"])]
     rows += [(f"teacher naive {k}", r) for k, r in metrics["teacher_naive"].items()]
     rows += [(f"student {k}", r) for k, r in metrics["student"].items()]
     rows += [(f"aligned {k}", r) for k, r in metrics.get("aligned", {}).items()]
-    columns = [k for k in ("fd", "fd_teacher", "fd_reference", "clip_score", "accuracy", "reward", "precision", "recall")
-               if any(k in r for _, r in rows)]
+    columns = [
+        k
+        for k in ("fd", "fd_teacher", "fd_reference", "clip_score", "accuracy", "reward", "precision", "recall")
+        if any(k in r for _, r in rows)
+    ]
     floor = metrics.get("real_floor")
     floors = [f"real-vs-real FD floor {floor['fd']:.2f} ± {floor['fd_std']:.2f}"] if floor else []
-    lines = [f"{metrics['num_samples']} held-out prompts ({metrics.get('split', 'test')} split); mean ± std over seeds "
-             f"{metrics['seeds']}; {metrics.get('features', 'classifier')} features; fd_teacher (FID-T) against the "
-             "teacher distilled from, fd_reference against the reference teacher. " + "; ".join(floors), "",
-             "| model | NFE | " + " | ".join(columns) + " | ms/image |", "|---|---|" + "---|" * len(columns) + "---|"]
+    lines = [
+        f"{metrics['num_samples']} held-out prompts ({metrics.get('split', 'test')} split); mean ± std over seeds "
+        f"{metrics['seeds']}; {metrics.get('features', 'classifier')} features; fd_teacher (FID-T) against the "
+        "teacher distilled from, fd_reference against the reference teacher. " + "; ".join(floors),
+        "",
+        "| model | NFE | " + " | ".join(columns) + " | ms/image |",
+        "|---|---|" + "---|" * len(columns) + "---|",
+    ]
 
     def cell(r, k):
         if k not in r:
             return "–"
         return f"{r[k]:.3f}" if k in ("precision", "recall") else f"{r[k]:.2f} ± {r[k + '_std']:.2f}"
 
-    lines += [f"| {name} | {r['nfe']} | " + " | ".join(cell(r, k) for k in columns) + f" | {r['ms_per_image']:.2f} |"
-              for name, r in rows]
+    lines += [
+        f"| {name} | {r['nfe']} | " + " | ".join(cell(r, k) for k in columns) + f" | {r['ms_per_image']:.2f} |"
+        for name, r in rows
+    ]
     return "\n".join(lines)
 
 
 def _align_markdown(report: dict) -> str:
     """reports/align.json as a before/after table: the student and the aligned student at each step count."""
-    keys = [k for k in ("reward", "accuracy", "fd", "fd_teacher", "clip_score") if k in next(iter(report["before"].values()))]
-    lines = [f"Preference stage (DPO-LoRA, reward `{report['reward']}`): {report['num_samples']} held-out prompts, mean ± std "
-             f"over seeds {report['seeds']}", "", "| steps | " + " | ".join(f"{k} before | {k} after" for k in keys) + " |",
-             "|---|" + "---|---|" * len(keys)]
+    keys = [
+        k
+        for k in ("reward", "accuracy", "fd", "fd_teacher", "clip_score")
+        if k in next(iter(report["before"].values()))
+    ]
+    lines = [
+        f"Preference stage (DPO-LoRA, reward `{report['reward']}`): {report['num_samples']} held-out prompts, "
+        "mean ± std "
+        f"over seeds {report['seeds']}",
+        "",
+        "| steps | " + " | ".join(f"{k} before | {k} after" for k in keys) + " |",
+        "|---|" + "---|---|" * len(keys),
+    ]
     for steps, before in report["before"].items():
         after = report["after"][steps]
-        lines.append(f"| {steps} | " + " | ".join(f"{r[k]:.3f} ± {r[k + '_std']:.3f}" for k in keys for r in (before, after)) + " |")
+        lines.append(
+            f"| {steps} | "
+            + " | ".join(f"{r[k]:.3f} ± {r[k + '_std']:.3f}" for k in keys for r in (before, after))
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def _distill_markdown(summary: dict, run: dict) -> str:
     health = summary.get("gan_health", {})
-    flag = {"ok": "", "off": "", "partial": "**Warning: the heads separate real from fake at some student times only.** "
-            }.get(health.get("status"), "**Warning: the adversarial part did not work.** ")
+    flag = {
+        "ok": "",
+        "off": "",
+        "partial": "**Warning: the heads separate real from fake at some student times only.** ",
+    }.get(health.get("status"), "**Warning: the adversarial part did not work.** ")
     cost = f", {run['sec_per_step'] * 1000:.0f} ms/step on {run['device']} x {run['world_size']}" if run else ""
-    return (f"{flag}GAN health: {health.get('summary', 'not recorded')}\n\n"
-            f"{summary['steps']} steps{cost}, {summary['skipped_updates']} skipped updates.")
+    return (
+        f"{flag}GAN health: {health.get('summary', 'not recorded')}\n\n"
+        f"{summary['steps']} steps{cost}, {summary['skipped_updates']} skipped updates."
+    )
 
 
 def _export_markdown(report: dict) -> str:
-    lines = [f"Max abs error ORT vs PyTorch: {report['max_abs_error']:.2e} on {report['provider']}", "",
-             "| batch | torch ms | ORT ms | ratio |", "|---|---|---|---|"]
-    lines += [f"| {b} | {r['torch_ms']:.2f} | {r['ort_ms']:.2f} | {r['ort_ms'] / r['torch_ms']:.2f} |"
-              for b, r in report["latency"].items()]
+    lines = [
+        f"Max abs error ORT vs PyTorch: {report['max_abs_error']:.2e} on {report['provider']}",
+        "",
+        "| batch | torch ms | ORT ms | ratio |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {b} | {r['torch_ms']:.2f} | {r['ort_ms']:.2f} | {r['ort_ms'] / r['torch_ms']:.2f} |"
+        for b, r in report["latency"].items()
+    ]
     return "\n".join(lines)
 
 
@@ -122,33 +171,50 @@ def _publish(root: Path, params: dict) -> dict:
         "grids": reports / "grids",
     }
     if where["metrics"].is_file():
-        create_markdown_artifact(key="ladd-metrics", markdown=_metrics_markdown(json.loads(where["metrics"].read_text())),
-                                 description="Quality vs steps (ladd evaluate)")
+        create_markdown_artifact(
+            key="ladd-metrics",
+            markdown=_metrics_markdown(json.loads(where["metrics"].read_text())),
+            description="Quality vs steps (ladd evaluate)",
+        )
     train_summary = where["student"] / "ladd_train_summary.json"
     distill_reports = root / params.get("distill", {}).get("report_dir", "reports")
     run_report = distill_reports / "distill.json"
     if train_summary.is_file():
         run = json.loads(run_report.read_text()) if run_report.is_file() else {}
-        create_markdown_artifact(key="ladd-distill", markdown=_distill_markdown(json.loads(train_summary.read_text()), run),
-                                 description="Distillation: GAN health and cost (ladd distill)")
+        create_markdown_artifact(
+            key="ladd-distill",
+            markdown=_distill_markdown(json.loads(train_summary.read_text()), run),
+            description="Distillation: GAN health and cost (ladd distill)",
+        )
     curves = distill_reports / "distill_curve.png"
     if curves.is_file():
-        create_link_artifact(key="ladd-curves", link=curves.resolve().as_uri(), link_text="distillation curves (per-head logits)")
+        create_link_artifact(
+            key="ladd-curves", link=curves.resolve().as_uri(), link_text="distillation curves (per-head logits)"
+        )
     export = root / params.get("export", {}).get("report", "reports/export.json")
     if export.is_file():
         where["onnx"] = root / params.get("export", {}).get("out_dir", "models/onnx")
         where["single_file"] = root / params.get("export", {}).get("single_file_dir", "models/single_file")
-        create_markdown_artifact(key="ladd-onnx", markdown=_export_markdown(json.loads(export.read_text())),
-                                 description="ONNX export: parity and latency (ladd export)")
+        create_markdown_artifact(
+            key="ladd-onnx",
+            markdown=_export_markdown(json.loads(export.read_text())),
+            description="ONNX export: parity and latency (ladd export)",
+        )
     align = reports / "align.json"
     report = json.loads(align.read_text()) if align.is_file() else {}
     if report.get("enabled"):
         where["aligned"] = root / params.get("align", {}).get("out_dir", "models/aligned")
-        create_markdown_artifact(key="ladd-align", markdown=_align_markdown(report),
-                                 description="Preference stage: the student before and after (ladd align)")
+        create_markdown_artifact(
+            key="ladd-align",
+            markdown=_align_markdown(report),
+            description="Preference stage: the student before and after (ladd align)",
+        )
         if (where["aligned"] / "align_curve.png").is_file():
-            create_link_artifact(key="ladd-align-curve", link=(where["aligned"] / "align_curve.png").resolve().as_uri(),
-                                 link_text="preference stage curves (DPO loss, implicit accuracy, fresh-sample reward)")
+            create_link_artifact(
+                key="ladd-align-curve",
+                link=(where["aligned"] / "align_curve.png").resolve().as_uri(),
+                link_text="preference stage curves (DPO loss, implicit accuracy, fresh-sample reward)",
+            )
     grid = where["grids"] / "teacher_vs_student.png"
     if grid.is_file():
         create_link_artifact(key="ladd-grid", link=grid.resolve().as_uri(), link_text="teacher vs student grid")
@@ -200,17 +266,23 @@ def _pipeline(root: Path, params_file: str) -> dict[str, bool]:
         status = "FINISHED"
     finally:
         if run_id:
-            data = {f"data_fingerprint.{k}": fingerprint(root / params[k]["out_dir"])
-                    for k in ("prepare", "synthesize") if (root / params.get(k, {}).get("out_dir", "-")).exists()}
+            data = {
+                f"data_fingerprint.{k}": fingerprint(root / params[k]["out_dir"])
+                for k in ("prepare", "synthesize")
+                if (root / params.get(k, {}).get("out_dir", "-")).exists()
+            }
             finish_pipeline_run(run_id, data, status)
     rows = "\n".join(f"| {s} | {'ran' if r else 'up to date'} |" for s, r in ran.items())
     create_markdown_artifact(key="ladd-stages", markdown=f"| stage | result |\n|---|---|\n{rows}\n")
     where = _publish(root, params)
     if run_id:
         where["mlflow"] = f"{masked_uri(tracking_uri())} run {run_id}, UI page {run_page(run_id)}"
-        create_markdown_artifact(key="ladd-mlflow-run", markdown=f"MLflow run `{run_id}` in `{masked_uri(tracking_uri())}`: page "
-                                 f"`{run_page(run_id)}` of the UI (`mlflow ui --backend-store-uri sqlite:///mlflow.db "
-                                 "--host 127.0.0.1` for the default store)")
+        create_markdown_artifact(
+            key="ladd-mlflow-run",
+            markdown=f"MLflow run `{run_id}` in `{masked_uri(tracking_uri())}`: page "
+            f"`{run_page(run_id)}` of the UI (`mlflow ui --backend-store-uri sqlite:///mlflow.db "
+            "--host 127.0.0.1` for the default store)",
+        )
     print("\n".join(["ladd pipeline finished:"] + [f"  {k:8s} {v}" for k, v in where.items()]))
     return ran
 

@@ -17,8 +17,9 @@ import json
 import logging
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import pandas as pd
 import torch
@@ -37,8 +38,9 @@ def velocity_error(v: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torc
     return (v.float() - (eps - x0)).pow(2).flatten(1).mean(1)
 
 
-def dpo_loss(policy_w: torch.Tensor, policy_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
-             beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def dpo_loss(
+    policy_w: torch.Tensor, policy_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(the loss, the implicit reward accuracy: the share of pairs where the policy already prefers the winner)
     from per-pair velocity errors of winner (w) and loser (l) under the policy and the reference."""
     margin = (policy_w - ref_w) - (policy_l - ref_l)
@@ -47,6 +49,7 @@ def dpo_loss(policy_w: torch.Tensor, policy_l: torch.Tensor, ref_w: torch.Tensor
 
 class Reward(NamedTuple):
     """`load(path, classifier_dir, key)` -> score(images in [0, 1] [B, 3, H, W], prompts, labels) -> [B]."""
+
     load: Callable
     needs_labels: bool
 
@@ -60,6 +63,7 @@ def _classifier_reward(path, classifier_dir, key):
     def score(images, prompts, labels):
         logits = model(images)[1]  # (features, logits)
         return logits.softmax(-1).gather(1, torch.as_tensor(labels).view(-1, 1)).squeeze(1).float()
+
     return score
 
 
@@ -73,6 +77,7 @@ def _clip_reward(path, classifier_dir, key):
     @torch.no_grad()
     def score(images, prompts, labels):
         return 100 * (clip.image_embeds(images) * clip.text_embeds(list(prompts))).sum(-1)
+
     return score
 
 
@@ -113,13 +118,23 @@ def generate_batch(transformer, start: int, embeds, pooled, noise, sigmas, batch
     def at(rows):
         return None if rows is None else _Rows(rows, start)
 
-    return generate_latents(transformer, at(embeds), at(pooled), at(noise), sigmas, batch_size=batch_size,
-                            share=(start // batch_size, 1), condition=at(condition), **kwargs)
+    return generate_latents(
+        transformer,
+        at(embeds),
+        at(pooled),
+        at(noise),
+        sigmas,
+        batch_size=batch_size,
+        share=(start // batch_size, 1),
+        condition=at(condition),
+        **kwargs,
+    )
 
 
 @torch.no_grad()
-def sample_and_score(transformer, vae, meta: dict, encode, prompts: list[str], labels, score, seed: int, steps: int,
-                     batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_and_score(
+    transformer, vae, meta: dict, encode, prompts: list[str], labels, score, seed: int, steps: int, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One candidate per prompt from the student at `steps` steps (its schedule and sampler), record i from seed
     `seed * 1_000_003 + i`, batch by batch: its prompts encoded (`encode(prompts)` -> (embeds, pooled)), sampled,
     decoded and scored (no image or embedding is kept): (latents on the CPU, rewards [P])."""
@@ -134,8 +149,18 @@ def sample_and_score(transformer, vae, meta: dict, encode, prompts: list[str], l
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i : i + batch_size]
         noise = record_noise([seed * 1_000_003 + j for j in range(i, i + len(batch))], shape)
-        latents.append(generate_batch(transformer, i, *encode(batch), noise, sigmas, batch_size,
-                                      sampler=meta.get("sampler", "renoise"), seed=seed))
+        latents.append(
+            generate_batch(
+                transformer,
+                i,
+                *encode(batch),
+                noise,
+                sigmas,
+                batch_size,
+                sampler=meta.get("sampler", "renoise"),
+                seed=seed,
+            )
+        )
         images = decode_latents(vae, latents[-1], batch_size).cpu()
         rewards.append(score(images, batch, None if labels is None else labels[i : i + batch_size]))
     return torch.cat(latents), torch.cat(rewards).float().cpu()
@@ -149,15 +174,22 @@ def preference_pairs(rewards: torch.Tensor, min_margin: float) -> tuple[torch.Te
     return keep, best[keep], worst[keep]
 
 
-def pairs_frame(ids, prompts: list[str], rewards: torch.Tensor, keep, w, l) -> pd.DataFrame:
+def pairs_frame(ids, prompts: list[str], rewards: torch.Tensor, keep, winner, loser) -> pd.DataFrame:
     """One row per prompt: its candidates' rewards (finite?), and for the pairs kept the winner's and loser's."""
-    frame = pd.DataFrame({"id": [str(i) for i in ids], "prompt": prompts,
-                          "finite": torch.isfinite(rewards).all(1).tolist(), "paired": 0,
-                          "reward_winner": float("nan"), "reward_loser": float("nan")})
+    frame = pd.DataFrame(
+        {
+            "id": [str(i) for i in ids],
+            "prompt": prompts,
+            "finite": torch.isfinite(rewards).all(1).tolist(),
+            "paired": 0,
+            "reward_winner": float("nan"),
+            "reward_loser": float("nan"),
+        }
+    )
     k = keep.tolist()
     frame.loc[k, "paired"] = 1
-    frame.loc[k, "reward_winner"] = rewards[keep, w].tolist()
-    frame.loc[k, "reward_loser"] = rewards[keep, l].tolist()
+    frame.loc[k, "reward_winner"] = rewards[keep, winner].tolist()
+    frame.loc[k, "reward_loser"] = rewards[keep, loser].tolist()
     frame["margin"] = frame["reward_winner"] - frame["reward_loser"]
     return frame
 
@@ -165,9 +197,11 @@ def pairs_frame(ids, prompts: list[str], rewards: torch.Tensor, keep, w, l) -> p
 def pair_checks(min_pairs: int, min_margin: float) -> list:
     from ladd.data.validation import Check
 
-    return [Check("ExpectColumnValuesToBeInSet", {"column": "finite", "value_set": [True]}),  # no NaN reward
-            Check("ExpectColumnSumToBeBetween", {"column": "paired", "min_value": min_pairs}),  # enough pairs
-            Check("ExpectColumnValuesToBeBetween", {"column": "margin", "min_value": min_margin})]  # NaN (unpaired) skipped
+    return [
+        Check("ExpectColumnValuesToBeInSet", {"column": "finite", "value_set": [True]}),  # no NaN reward
+        Check("ExpectColumnSumToBeBetween", {"column": "paired", "min_value": min_pairs}),  # enough pairs
+        Check("ExpectColumnValuesToBeBetween", {"column": "margin", "min_value": min_margin}),
+    ]  # NaN (unpaired) skipped
 
 
 def student_time_weights(cfg, student_dir) -> list[float]:
@@ -186,8 +220,21 @@ def student_time_weights(cfg, student_dir) -> list[float]:
     return list(weights)
 
 
-def train_dpo(transformer, layers, weights, x_w, x_l, prompts: list[str], encode, times: torch.Tensor,
-              time_weights: list[float], cfg, autocast, probe=None, tracker=None) -> list[dict]:
+def train_dpo(
+    transformer,
+    layers,
+    weights,
+    x_w,
+    x_l,
+    prompts: list[str],
+    encode,
+    times: torch.Tensor,
+    time_weights: list[float],
+    cfg,
+    autocast,
+    probe=None,
+    tracker=None,
+) -> list[dict]:
     """`cfg.train_steps` AdamW steps on the LoRA `weights` with `dpo_loss` on the pairs (winner latents x_w, loser
     x_l, their `prompts`, a step's encoded by `encode(prompts)` -> (embeds, pooled)), t drawn from the student's `times`
     by `time_weights`, winner and loser sharing t and eps (Diffusion-DPO's pairing); the reference is the same module
@@ -206,8 +253,9 @@ def train_dpo(transformer, layers, weights, x_w, x_l, prompts: list[str], encode
 
         def v():
             with autocast:
-                return transformer(hidden_states=x_t, encoder_hidden_states=c, pooled_projections=p,
-                                   timestep=t * 1000).sample
+                return transformer(
+                    hidden_states=x_t, encoder_hidden_states=c, pooled_projections=p, timestep=t * 1000
+                ).sample
 
         with lora.adapters(layers, on=True):
             policy = velocity_error(v(), x0, eps)
@@ -235,8 +283,14 @@ def train_dpo(transformer, layers, weights, x_w, x_l, prompts: list[str], encode
         if tracker is not None:
             tracker.log_metrics({f"align/{k}": v for k, v in row.items() if k != "step"}, step=step)
         if step % max(1, cfg.train_steps // 10) == 0 and "loss" in row:
-            log.info("align step %d/%d: DPO loss %.4f, implicit accuracy %.2f%s", step, cfg.train_steps, row["loss"],
-                     row["implicit_accuracy"], f", fresh-sample reward {row['probe_reward']:.4f}" if "probe_reward" in row else "")
+            log.info(
+                "align step %d/%d: DPO loss %.4f, implicit accuracy %.2f%s",
+                step,
+                cfg.train_steps,
+                row["loss"],
+                row["implicit_accuracy"],
+                f", fresh-sample reward {row['probe_reward']:.4f}" if "probe_reward" in row else "",
+            )
     return curve
 
 
@@ -255,8 +309,10 @@ def align_stage(cfg, data_dir, classifier_dir, student_dir, report_dir, tracker)
     out = Path(cfg.out_dir)
     if not cfg.enabled:
         with atomic_dir(out) as tmp:
-            write_json(tmp / PASS_THROUGH, {"enabled": False, "note": "align.enabled is false: evaluate and export use "
-                                            "the distilled student"})
+            write_json(
+                tmp / PASS_THROUGH,
+                {"enabled": False, "note": "align.enabled is false: evaluate and export use the distilled student"},
+            )
         write_json(Path(report_dir) / "align_pairs.json", {"suite": "align_pairs", "enabled": False})  # DVC's output
         return {"enabled": False}
     start = time.perf_counter()
@@ -280,23 +336,46 @@ def align_stage(cfg, data_dir, classifier_dir, student_dir, report_dir, tracker)
 
     def candidates(seed, count):  # adapters as they are: off before training, so these are the student's
         with autocast:
-            return sample_and_score(pipe.transformer, pipe.vae, meta, encode, prompts[:count],
-                                    None if labels is None else labels[:count], score, seed, cfg.steps,
-                                    cfg.sample_batch_size)
+            return sample_and_score(
+                pipe.transformer,
+                pipe.vae,
+                meta,
+                encode,
+                prompts[:count],
+                None if labels is None else labels[:count],
+                score,
+                seed,
+                cfg.steps,
+                cfg.sample_batch_size,
+            )
 
     sampled = [candidates(cfg.seed * cfg.samples + j, n) for j in range(cfg.samples)]
     latents, rewards = torch.stack([s[0] for s in sampled], 1), torch.stack([s[1] for s in sampled], 1)
     sampling_s = time.perf_counter() - start
-    keep, w, l = preference_pairs(rewards, cfg.min_margin)
-    log.info("align: %d candidates (%d prompts x %d), mean reward %.4f; %d pairs with margin >= %g", rewards.numel(), n,
-             cfg.samples, float(rewards.nanmean()), len(keep), cfg.min_margin)
+    keep, winner, loser = preference_pairs(rewards, cfg.min_margin)
+    log.info(
+        "align: %d candidates (%d prompts x %d), mean reward %.4f; %d pairs with margin >= %g",
+        rewards.numel(),
+        n,
+        cfg.samples,
+        float(rewards.nanmean()),
+        len(keep),
+        cfg.min_margin,
+    )
     try:
-        run_suite("align_pairs", pairs_frame(ids, prompts, rewards, keep, w, l), pair_checks(cfg.min_pairs, cfg.min_margin),
-                  report_dir)
+        run_suite(
+            "align_pairs",
+            pairs_frame(ids, prompts, rewards, keep, winner, loser),
+            pair_checks(cfg.min_pairs, cfg.min_margin),
+            report_dir,
+        )
     except ValidationFailed as e:
-        few = (f"{len(keep)} of {n} prompts give a pair with a reward margin >= align.min_margin ({cfg.min_margin:g}) and "
-               f"align.min_pairs is {cfg.min_pairs}: lower the margin, or raise align.samples or align.prompts; "
-               if len(keep) < cfg.min_pairs else "")
+        few = (
+            f"{len(keep)} of {n} prompts give a pair with a reward margin >= align.min_margin ({cfg.min_margin:g}) and "
+            f"align.min_pairs is {cfg.min_pairs}: lower the margin, or raise align.samples or align.prompts; "
+            if len(keep) < cfg.min_pairs
+            else ""
+        )
         raise ValidationFailed(f"align: {few}{e}") from None
     lora_cfg = types.SimpleNamespace(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0)
     if bf16:  # the frozen base in bf16 (an 8B student: 16 GB, not 32); the adapters stay fp32
@@ -312,33 +391,62 @@ def align_stage(cfg, data_dir, classifier_dir, student_dir, report_dir, tracker)
         with lora.adapters(layers, on=True):
             return float(candidates(probe_seed, min(cfg.probe_prompts, n))[1].mean())
 
-    curve = train_dpo(pipe.transformer, layers, weights, latents[keep, w], latents[keep, l],
-                      [prompts[k] for k in keep.tolist()], encode,
-                      torch.tensor(meta["student_times"]), time_weights, cfg, autocast, probe if cfg.probe_prompts else None, tracker)
+    curve = train_dpo(
+        pipe.transformer,
+        layers,
+        weights,
+        latents[keep, winner],
+        latents[keep, loser],
+        [prompts[k] for k in keep.tolist()],
+        encode,
+        torch.tensor(meta["student_times"]),
+        time_weights,
+        cfg,
+        autocast,
+        probe if cfg.probe_prompts else None,
+        tracker,
+    )
     state = {k: v.detach().cpu() for k, v in weights.state_dict().items()}
-    del pipe, weights, layers, latents  # before a second copy of the student loads
+    pipe = weights = layers = latents = None  # dropped before a second copy of the student loads
     fused, adapter = lora.fused_student(student_dir, lora_cfg, suffixes, state)
     trained = [r for r in curve if "loss" in r]
     probes = [r["probe_reward"] for r in curve if "probe_reward" in r]
-    summary = {"reward": cfg.reward, "prompts": n, "candidates": int(rewards.numel()),
-               "mean_candidate_reward": float(rewards.nanmean()), "pairs": len(keep),
-               "mean_pair_margin": float((rewards[keep, w] - rewards[keep, l]).mean()),
-               "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank, "target_modules": suffixes,
-                        "parameters": sum(v.numel() for v in state.values())},
-               "time_weights": time_weights, "train_steps": cfg.train_steps, "last_loss": trained[-1]["loss"],
-               "last_implicit_accuracy": trained[-1]["implicit_accuracy"],
-               **({"probe_reward_before": probes[0], "probe_reward_after": probes[-1]} if probes else {}),
-               "seconds": {"sampling": sampling_s, "total": time.perf_counter() - start}}
+    summary = {
+        "reward": cfg.reward,
+        "prompts": n,
+        "candidates": int(rewards.numel()),
+        "mean_candidate_reward": float(rewards.nanmean()),
+        "pairs": len(keep),
+        "mean_pair_margin": float((rewards[keep, winner] - rewards[keep, loser]).mean()),
+        "lora": {
+            "rank": cfg.lora_rank,
+            "alpha": cfg.lora_alpha or cfg.lora_rank,
+            "target_modules": suffixes,
+            "parameters": sum(v.numel() for v in state.values()),
+        },
+        "time_weights": time_weights,
+        "train_steps": cfg.train_steps,
+        "last_loss": trained[-1]["loss"],
+        "last_implicit_accuracy": trained[-1]["implicit_accuracy"],
+        **({"probe_reward_before": probes[0], "probe_reward_after": probes[-1]} if probes else {}),
+        "seconds": {"sampling": sampling_s, "total": time.perf_counter() - start},
+    }
     aligned = load_pipeline(student_dir, transformer=fused)
     student_meta = {k: v for k, v in meta.items() if k != "lora"}  # its LoRA (on the teacher) is not this folder's
-    aligned_meta = {**student_meta, "source": "ladd-aligned", "aligned": {k: summary[k] for k in
-                    ("reward", "pairs", "train_steps", "lora")}, "aligned_from": str(student_dir)}
+    aligned_meta = {
+        **student_meta,
+        "source": "ladd-aligned",
+        "aligned": {k: summary[k] for k in ("reward", "pairs", "train_steps", "lora")},
+        "aligned_from": str(student_dir),
+    }
     with atomic_dir(out) as tmp:
         aligned.save_pretrained(tmp, safe_serialization=True)
         lora.save_adapter(tmp, adapter, lora_cfg, suffixes)
         write_meta(tmp, **aligned_meta)
         write_json(tmp / SUMMARY, {**summary, "curve": curve, "config": dataclasses.asdict(cfg)})
-        plot_align_curve(curve, tmp / "align_curve.png", f"DPO-LoRA on the student: {len(keep)} pairs, reward {cfg.reward}")
+        plot_align_curve(
+            curve, tmp / "align_curve.png", f"DPO-LoRA on the student: {len(keep)} pairs, reward {cfg.reward}"
+        )
         train_summary = Path(student_dir) / "ladd_train_summary.json"
         write_model_card(tmp, aligned_meta, json.loads(train_summary.read_text()) if train_summary.is_file() else {})
     tracker.log_summary({f"align/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})

@@ -27,10 +27,12 @@ def _load_snippet(meta: dict, has_t5: bool) -> str:
     steps = meta.get("default_steps", 4)
     # an inpainting student fills the white part of the mask (strength 1: from noise, its trained times)
     inputs = ", image=image, mask_image=mask, strength=1.0" if meta.get("task") == "inpaint" else ""
-    return (f'pipe = {_pipeline_class(meta)}.from_pretrained("path/to/student"{extra})\n'
-            f'{SEED_LINE}\n'
-            f'image = pipe("a prompt"{inputs}, num_inference_steps={steps}, guidance_scale=0.0, '
-            f'max_sequence_length={meta["max_sequence_length"]}).images[0]')
+    return (
+        f'pipe = {_pipeline_class(meta)}.from_pretrained("path/to/student"{extra})\n'
+        f"{SEED_LINE}\n"
+        f'image = pipe("a prompt"{inputs}, num_inference_steps={steps}, guidance_scale=0.0, '
+        f"max_sequence_length={meta['max_sequence_length']}).images[0]"
+    )
 
 
 def _lora_section(meta: dict, has_t5: bool) -> str:
@@ -41,7 +43,7 @@ def _lora_section(meta: dict, has_t5: bool) -> str:
     return f"""
 ### As a LoRA on the teacher
 
-The student is a LoRA (rank {lora['rank']}, alpha {lora['alpha']:g}, on {', '.join(lora['target_modules'])}; {lora['parameters']:,}
+The student is a LoRA (rank {lora["rank"]}, alpha {lora["alpha"]:g}, on {", ".join(lora["target_modules"])}; {lora["parameters"]:,}
 parameters), fused into the transformer above and also saved on its own as `pytorch_lora_weights.safetensors`
 (EMA weights). Loaded onto the teacher, it needs this folder's scheduler too: with the teacher's it samples
 at the wrong times.
@@ -54,7 +56,7 @@ pipe = StableDiffusion3Pipeline.from_pretrained("path/to/teacher"{extra})
 pipe.load_lora_weights("path/to/student")
 pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("path/to/student", subfolder="scheduler")
 {SEED_LINE}
-image = pipe("a prompt", num_inference_steps={meta.get('default_steps', 4)}, guidance_scale=0.0, max_sequence_length={meta["max_sequence_length"]}).images[0]
+image = pipe("a prompt", num_inference_steps={meta.get("default_steps", 4)}, guidance_scale=0.0, max_sequence_length={meta["max_sequence_length"]}).images[0]
 ```
 """
 
@@ -66,15 +68,20 @@ def _aligned_section(meta: dict) -> str:
     return f"""
 ### Preference-aligned (`ladd align`)
 
-This is the distilled student after a DPO-LoRA (rank {a['lora']['rank']}, {a['lora']['parameters']:,} parameters,
-{a['train_steps']} steps on {a['pairs']} best-vs-worst pairs of its own samples scored by the `{a['reward']}` reward),
+This is the distilled student after a DPO-LoRA (rank {a["lora"]["rank"]}, {a["lora"]["parameters"]:,} parameters,
+{a["train_steps"]} steps on {a["pairs"]} best-vs-worst pairs of its own samples scored by the `{a["reward"]}` reward),
 fused into the transformer above. The adapter alone is `pytorch_lora_weights.safetensors`: loaded with
 `pipe.load_lora_weights("path/to/aligned")` onto the distilled student (not the teacher) it gives this pipeline.
 """
 
 
-COLUMNS = {"fd": "FD", "fd_teacher": "FID-T", "fd_reference": "FD vs reference", "clip_score": "CLIP score",
-           "accuracy": "accuracy"}
+COLUMNS = {
+    "fd": "FD",
+    "fd_teacher": "FID-T",
+    "fd_reference": "FD vs reference",
+    "clip_score": "CLIP score",
+    "accuracy": "accuracy",
+}
 
 
 def _evaluation(metrics: dict | None) -> str:
@@ -84,24 +91,38 @@ def _evaluation(metrics: dict | None) -> str:
     rows = [r for r in (ref, t, *metrics["student"].values(), *metrics.get("aligned", {}).values()) if r]
     keys = [k for k in COLUMNS if any(k in r for r in rows)]
     split = metrics.get("split", "test")
-    where = ", ".join(f"{r['resolution'][0]}x{r['resolution'][1]} ({r['share']:.0%})" for r in metrics.get("resolutions", []))
-    said = [f"`ladd evaluate` on {metrics['num_samples']} held-out prompts (the {split} split), mean ± std over "
-            f"{len(metrics['seeds'])} sampling seeds, FD on {metrics.get('features', 'classifier')} features"
-            + (f", sampled at {where}" if where else "") + "."]
+    where = ", ".join(
+        f"{r['resolution'][0]}x{r['resolution'][1]} ({r['share']:.0%})" for r in metrics.get("resolutions", [])
+    )
+    said = [
+        f"`ladd evaluate` on {metrics['num_samples']} held-out prompts (the {split} split), mean ± std over "
+        f"{len(metrics['seeds'])} sampling seeds, FD on {metrics.get('features', 'classifier')} features"
+        + (f", sampled at {where}" if where else "")
+        + "."
+    ]
     if "fd" in keys:
         floor = f" (real-vs-real floor {metrics['real_floor']['fd']:.1f})" if "real_floor" in metrics else ""
         said.append(f"FD: against the real {split} images{floor}.")
-    said.append(f"FID-T: against the samples of the teacher the student was distilled from ({t['steps']} steps, CFG "
-                f"{t['guidance']:g}), of another seed; the teacher's own row is its floor.")
+    said.append(
+        f"FID-T: against the samples of the teacher the student was distilled from ({t['steps']} steps, CFG "
+        f"{t['guidance']:g}), of another seed; the teacher's own row is its floor."
+    )
     if ref:
-        said.append(f"FD vs reference: against the same teacher at CFG {ref['guidance']:g} (the reference row), "
-                    "another seed; the reference's own row is its floor.")
-    lines = [" ".join(said), "", "| model | steps | guidance | " + " | ".join(COLUMNS[k] for k in keys) + " |",
-             "|---|---|---|" + "---|" * len(keys)]
+        said.append(
+            f"FD vs reference: against the same teacher at CFG {ref['guidance']:g} (the reference row), "
+            "another seed; the reference's own row is its floor."
+        )
+    lines = [
+        " ".join(said),
+        "",
+        "| model | steps | guidance | " + " | ".join(COLUMNS[k] for k in keys) + " |",
+        "|---|---|---|" + "---|" * len(keys),
+    ]
 
     def cells(r):
-        return " | ".join(f"{r[k]:.3f}" if k == "accuracy" else f"{r[k]:.1f} ± {r[k + '_std']:.1f}" if k in r else "–"
-                          for k in keys)
+        return " | ".join(
+            f"{r[k]:.3f}" if k == "accuracy" else f"{r[k]:.1f} ± {r[k + '_std']:.1f}" if k in r else "–" for k in keys
+        )
 
     if ref:
         lines.append(f"| reference teacher | {ref['steps']} | {ref['guidance']:g} | {cells(ref)} |")
@@ -133,16 +154,16 @@ tags:
 - stable-diffusion-3
 inference:
   parameters:
-    num_inference_steps: {meta.get('default_steps', 4)}
+    num_inference_steps: {meta.get("default_steps", 4)}
     guidance_scale: 0.0
 ---
 
 # Few-step student of {base} (LADD)
 
 Distilled with Latent Adversarial Diffusion Distillation (Sauer et al. 2024) by the `ladd`
-pipeline. It samples in 1 to {len(meta['student_times'])} steps without classifier-free guidance. Its
-scheduler ({schedule} sigmas from 1 to {min(meta['student_times']):.3g}, re-noising between steps) visits
-the training times t = {times} at 1, 2 and {len(meta['student_times'])} steps.{scipy}
+pipeline. It samples in 1 to {len(meta["student_times"])} steps without classifier-free guidance. Its
+scheduler ({schedule} sigmas from 1 to {min(meta["student_times"]):.3g}, re-noising between steps) visits
+the training times t = {times} at 1, 2 and {len(meta["student_times"])} steps.{scipy}
 
 ## How to load
 
@@ -160,8 +181,8 @@ config's `sigma_min`/`sigma_max` "will be ignored": diffusers reads them anyway 
 {_lora_section(meta, has_t5)}{_aligned_section(meta)}
 ## Training
 
-{summary.get('steps', '?')} steps ({meta.get('sampler', 'renoise')} sampler), GAN health
-`{summary.get('gan_health', {}).get('status', '?')}`; full settings in `ladd_train_summary.json`, the raw
+{summary.get("steps", "?")} steps ({meta.get("sampler", "renoise")} sampler), GAN health
+`{summary.get("gan_health", {}).get("status", "?")}`; full settings in `ladd_train_summary.json`, the raw
 (non-EMA) weights in `ladd_raw_transformer/`.
 
 ## Evaluation

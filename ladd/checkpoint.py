@@ -47,8 +47,14 @@ def _optimizer_state(tensors: dict, meta: dict, prefix: str) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(path: str | Path, step: int, states: dict[str, dict], optimizers: dict[str, dict],
-                    generators: dict[str, torch.Generator], meta: dict) -> None:
+def save_checkpoint(
+    path: str | Path,
+    step: int,
+    states: dict[str, dict],
+    optimizers: dict[str, dict],
+    generators: dict[str, torch.Generator],
+    meta: dict,
+) -> None:
     """`states`: module state dicts by name; `optimizers`: optimiser state dicts by name."""
     tensors, opt_meta = {}, {}
     for name, sd in states.items():
@@ -74,8 +80,9 @@ def read_checkpoint_meta(path: str | Path) -> tuple[int, dict]:
     return int(header["step"]), json.loads(header["meta"])
 
 
-def load_checkpoint(path: str | Path, states: list[str], optimizers: list[str],
-                    generators: dict[str, torch.Generator]) -> tuple[int, dict, dict]:
+def load_checkpoint(
+    path: str | Path, states: list[str], optimizers: list[str], generators: dict[str, torch.Generator]
+) -> tuple[int, dict, dict]:
     """(step, the named module and optimiser state dicts) saved by `save_checkpoint`, reading only those; RNG
     states are restored in place. For a sharded checkpoint: its replicated part."""
     path = Path(path) / REPLICATED if Path(path).is_dir() else path
@@ -83,8 +90,9 @@ def load_checkpoint(path: str | Path, states: list[str], optimizers: list[str],
     with safe_open(str(path), "pt") as f:
         header = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(wanted)}
-    module_states = {name: {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
-                     for name in states}
+    module_states = {
+        name: {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")} for name in states
+    }
     opt_meta = json.loads(header["optimizers"])
     optimizer_states = {name: _optimizer_state(tensors, opt_meta[name], name) for name in optimizers}
     torch.set_rng_state(tensors["rng.torch"])
@@ -95,8 +103,16 @@ def load_checkpoint(path: str | Path, states: list[str], optimizers: list[str],
     return int(header["step"]), module_states, optimizer_states
 
 
-def save_sharded_checkpoint(path: str | Path, step: int, sharded: dict[str, dict], states: dict[str, dict],
-                            optimizers: dict[str, dict], generators: dict[str, torch.Generator], meta: dict, world) -> None:
+def save_sharded_checkpoint(
+    path: str | Path,
+    step: int,
+    sharded: dict[str, dict],
+    states: dict[str, dict],
+    optimizers: dict[str, dict],
+    generators: dict[str, torch.Generator],
+    meta: dict,
+    world,
+) -> None:
     """Collective. `sharded`: this rank's state dicts (DTensor shards) by name, written by every rank at once;
     the rest as `save_checkpoint` writes it, by rank 0. The folder replaces the previous one when all is written."""
     import torch.distributed.checkpoint as dcp

@@ -24,15 +24,28 @@ log = logging.getLogger(__name__)
 
 
 class DigitClassifier(nn.Module):
-    def __init__(self, channels: int = 1, resolution: int = 16, num_classes: int = 10, width: int = 32, features: int = 128):
+    def __init__(
+        self, channels: int = 1, resolution: int = 16, num_classes: int = 10, width: int = 32, features: int = 128
+    ):
         super().__init__()
-        self.config = dict(channels=channels, resolution=resolution, num_classes=num_classes, width=width, features=features)
+        self.config = dict(
+            channels=channels, resolution=resolution, num_classes=num_classes, width=width, features=features
+        )
         w = width
         self.body = nn.Sequential(
-            nn.Conv2d(1, w, 3, padding=1), nn.GELU(), nn.Conv2d(w, w, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.GELU(), nn.Flatten(),
-            nn.Linear(2 * w * (resolution // 4) ** 2, features), nn.GELU(),
+            nn.Conv2d(1, w, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(w, w, 3, padding=1),
+            nn.GELU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.GELU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            nn.GELU(),
+            nn.Flatten(),
+            nn.Linear(2 * w * (resolution // 4) ** 2, features),
+            nn.GELU(),
         )
         self.head = nn.Linear(features, num_classes)
 
@@ -76,7 +89,9 @@ def classify(model: DigitClassifier, images: torch.Tensor, batch_size: int = 512
     return torch.cat(feats), (None if logits[0] is None else torch.cat(logits))
 
 
-def train_classifier(images: torch.Tensor, labels: torch.Tensor, cfg: ClassifierConfig, device, tracker) -> DigitClassifier:
+def train_classifier(
+    images: torch.Tensor, labels: torch.Tensor, cfg: ClassifierConfig, device, tracker
+) -> DigitClassifier:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = DigitClassifier(images.shape[1], num_classes=int(labels.max()) + 1).to(device)
@@ -122,11 +137,15 @@ def classifier_stage(cfg: ClassifierConfig, data_dir: str | Path, tracker) -> di
     `not_applicable.json` saying why, so the stage graph and dvc.lock stay one and honest."""
     train, test = load_split(Path(data_dir) / "train"), load_split(Path(data_dir) / "test")
     if train.images is None or (train.labels < 0).any():
-        reason = (f"{data_dir}/train has {'no images' if train.images is None else 'images without labels'}: "
-                  "a digit classifier needs labelled images; evaluate uses evaluate.features instead")
+        reason = (
+            f"{data_dir}/train has {'no images' if train.images is None else 'images without labels'}: "
+            "a digit classifier needs labelled images; evaluate uses evaluate.features instead"
+        )
         log.info("classifier: not applicable (%s)", reason)
         with atomic_dir(Path(cfg.out_dir)) as tmp:
-            (tmp / NOT_APPLICABLE).write_text(json.dumps({"status": "not applicable", "reason": reason}, indent=2) + "\n")
+            (tmp / NOT_APPLICABLE).write_text(
+                json.dumps({"status": "not applicable", "reason": reason}, indent=2) + "\n"
+            )
         return {"status": "not applicable", "reason": reason}
     model = train_classifier(train.images, train.labels, cfg, pick_device(cfg.device), tracker).cpu()
     _, logits = classify(model, test.images.float() / 255)

@@ -6,16 +6,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-from dataclasses import asdict
 import logging
 import os
 import re
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from ladd.config import Params
-from ladd.params import load_params
 from ladd.errors import ConfigError, DataError, ParityError, TeacherError, TrackingUnavailable, ValidationFailed
+from ladd.params import load_params
 
 log = logging.getLogger("ladd")
 
@@ -30,8 +30,14 @@ def run_validate(p: Params, tracker) -> dict:
     from ladd.data.validation import validate_data
 
     v = p.validate
-    return validate_data(p.prepare.out_dir, p.prepare.resolution, v.classes, v.max_prompt_length,
-                         v.max_duplicate_share, f"{v.report_dir}/data")
+    return validate_data(
+        p.prepare.out_dir,
+        p.prepare.resolution,
+        v.classes,
+        v.max_prompt_length,
+        v.max_duplicate_share,
+        f"{v.report_dir}/data",
+    )
 
 
 def run_classifier(p: Params, tracker) -> dict:
@@ -47,15 +53,21 @@ def run_teacher(p: Params, tracker) -> dict:
 
 
 def run_synthesize(p: Params, tracker) -> dict:
-    from ladd.data.validation import validate_synthetic
     from ladd.data.prepare import load_split
+    from ladd.data.validation import validate_synthetic
     from ladd.synthesize import synthesize
 
     expected = len(load_split(f"{p.prepare.out_dir}/train").captions) * p.synthesize.samples_per_prompt
 
     def suite(synthetic_dir):  # on the finished set, before it replaces the previous one
-        return validate_synthetic(synthetic_dir, p.teacher.out_dir, p.prepare.out_dir, expected,
-                                  p.validate.latent_tolerance, f"{p.validate.report_dir}/synthetic")
+        return validate_synthetic(
+            synthetic_dir,
+            p.teacher.out_dir,
+            p.prepare.out_dir,
+            expected,
+            p.validate.latent_tolerance,
+            f"{p.validate.report_dir}/synthetic",
+        )
 
     return synthesize(p.synthesize, p.prepare.out_dir, p.teacher.out_dir, tracker, check=suite, inpaint=p.inpaint)
 
@@ -73,16 +85,25 @@ def run_distill(p: Params, tracker) -> dict:
 def run_align(p: Params, tracker) -> dict:
     from ladd.align import align_stage
 
-    return align_stage(p.align, p.prepare.out_dir, p.classifier.out_dir, p.distill.out_dir,
-                       f"{p.validate.report_dir}/align", tracker)
+    return align_stage(
+        p.align, p.prepare.out_dir, p.classifier.out_dir, p.distill.out_dir, f"{p.validate.report_dir}/align", tracker
+    )
 
 
 def run_evaluate(p: Params, tracker) -> dict:
     from ladd.evaluate import evaluate
 
     tracker.log_datasets(p.prepare.out_dir, {"train": "training", p.evaluate.split: "evaluation"})
-    return evaluate(p.evaluate, p.prepare.out_dir, p.classifier.out_dir, p.teacher.out_dir, p.distill.out_dir, tracker,
-                    p.align, p.inpaint)
+    return evaluate(
+        p.evaluate,
+        p.prepare.out_dir,
+        p.classifier.out_dir,
+        p.teacher.out_dir,
+        p.distill.out_dir,
+        tracker,
+        p.align,
+        p.inpaint,
+    )
 
 
 def run_export(p: Params, tracker) -> dict:
@@ -125,8 +146,12 @@ def generate_main(argv: list[str]) -> int:
     parser.add_argument("--onnx", default="models/onnx", help="export folder (default: models/onnx)")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the student's)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="seed of the first image, the next ones count up (default: a fresh one, printed)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the first image, the next ones count up (default: a fresh one, printed)",
+    )
     parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     parser.add_argument("--provider", choices=["auto", "cpu", "cuda", "tensorrt"], default="auto")
     parser.add_argument("--out", default="samples", help="output folder for the PNGs (default: samples)")
@@ -181,10 +206,12 @@ def _main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # transformers names the torchvision it falls back without on every import: an expected failure stays one line
     logging.getLogger("transformers.utils.import_utils").addFilter(
-        lambda record: "requires torchvision (not installed)" not in record.getMessage())
+        lambda record: "requires torchvision (not installed)" not in record.getMessage()
+    )
     rank = int(os.environ.get("RANK", 0))  # under torchrun: only rank 0 logs progress and tracks
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     params_file = Path(args.params).resolve()
     if params_file.is_file():  # the paths inside a params file are relative to its folder, wherever ladd runs
         os.chdir(params_file.parent)
@@ -208,8 +235,16 @@ def _main(argv: list[str] | None = None) -> int:
 
     # expected failures: one line on stderr and an exit code per kind (README: When something goes wrong);
     # anything else is a bug and keeps its traceback (exit 1)
-    exit_codes = {ConfigError: 2, ValidationFailed: 3, DataError: 3, FileNotFoundError: 4, TeacherError: 5,
-                  ParityError: 6, TrackingUnavailable: 7, OSError: 8}  # first match wins: OSError after its subclass
+    exit_codes = {
+        ConfigError: 2,
+        ValidationFailed: 3,
+        DataError: 3,
+        FileNotFoundError: 4,
+        TeacherError: 5,
+        ParityError: 6,
+        TrackingUnavailable: 7,
+        OSError: 8,
+    }  # first match wins: OSError after its subclass
     expected = tuple(exit_codes) if not args.debug else ()
 
     def fail(stage: str, e: Exception) -> int:
@@ -235,9 +270,12 @@ def _main(argv: list[str] | None = None) -> int:
 
         known = as_tracking_unavailable(e) or e  # a server lost mid-stage: exit 7, not an I/O error (8) or a bug
         if isinstance(e, torch.cuda.OutOfMemoryError) and not args.debug:
-            print(f"ladd {args.stage}: out of GPU memory ({str(e).splitlines()[0][:160]}): lower the stage's batch_size; "
-                  "for distill also gradient_checkpointing: all, mixed_precision: bf16, ema_on_cpu: true, or more "
-                  "processes with parallel: fsdp (README: Memory settings)", file=sys.stderr)
+            print(
+                f"ladd {args.stage}: out of GPU memory ({str(e).splitlines()[0][:160]}): lower the stage's batch_size; "
+                "for distill also gradient_checkpointing: all, mixed_precision: bf16, ema_on_cpu: true, or more "
+                "processes with parallel: fsdp (README: Memory settings)",
+                file=sys.stderr,
+            )
             return 9
         if isinstance(known, expected):
             return fail(args.stage, known)
@@ -246,8 +284,12 @@ def _main(argv: list[str] | None = None) -> int:
             return 1
         raise
     except KeyboardInterrupt:  # SIGINT: every output is written atomically, so nothing half-done is left
-        print(f"ladd {args.stage}: interrupted; finished work (synthetic shards in <out>.next, the last distill checkpoint) is "
-              "kept: run the same command to go on", file=sys.stderr)
+        print(
+            f"ladd {args.stage}: interrupted; finished work (synthetic shards in <out>.next, the last distill "
+            "checkpoint) is "
+            "kept: run the same command to go on",
+            file=sys.stderr,
+        )
         return 130
     log.info("%s done: %s", args.stage, json.dumps(result, default=str))
     return 0

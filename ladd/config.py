@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from ladd.errors import ConfigError
 from ladd.presets import DISTILL_PRESETS
 
-
 # the keys of ladd.schedules.STUDENT_SCHEDULES (a test keeps them equal): config stays free of the schedule math,
 # so editing the student's schedule leaves the stages before distill up to date
 STUDENT_SCHEDULE_NAMES = ("exponential", "beta")
@@ -42,16 +41,20 @@ class PrepareConfig:
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"prepare.test_fraction must be in (0, 1), got {self.test_fraction}")
         if not 0 <= self.val_fraction < 1 or self.test_fraction + self.val_fraction >= 1:
-            raise ConfigError(f"prepare.val_fraction must be in [0, 1) and leave a train split beside test_fraction "
-                              f"{self.test_fraction}, got {self.val_fraction}")
+            raise ConfigError(
+                f"prepare.val_fraction must be in [0, 1) and leave a train split beside test_fraction "
+                f"{self.test_fraction}, got {self.val_fraction}"
+            )
         if self.encoding != "auto":
             import codecs
 
             try:
                 codecs.lookup(self.encoding)
             except LookupError:
-                raise ConfigError(f"prepare.encoding: {self.encoding!r} is not a text encoding Python knows "
-                                  "(auto, utf-8, latin-1, cp1252, utf-16...)") from None
+                raise ConfigError(
+                    f"prepare.encoding: {self.encoding!r} is not a text encoding Python knows "
+                    "(auto, utf-8, latin-1, cp1252, utf-16...)"
+                ) from None
         if self.max_image_pixels < 1:
             raise ConfigError(f"prepare.max_image_pixels must be positive, got {self.max_image_pixels}")
 
@@ -79,7 +82,9 @@ class ClassifierConfig:
 class TeacherConfig:
     pretrained: str | None = None  # local dir or hub id of any SD3-family pipeline; skips pretraining
     out_dir: str = "models/teacher"
-    max_sequence_length: int | None = None  # T5 slot length; None: 1 for the tiny teacher (no T5), else ladd.json's, else 256
+    max_sequence_length: int | None = (
+        None  # T5 slot length; None: 1 for the tiny teacher (no T5), else ladd.json's, else 256
+    )
     # tiny embedded teacher
     text_hidden_size: int = 32
     text_max_length: int = 16
@@ -113,8 +118,14 @@ class SynthesizeConfig:
     samples_per_prompt: int = 4
     shard_size: int = 1024
     batch_size: int = 256
-    trajectory_times: tuple[float, ...] = (0.7934400439, 0.4565599561, 0.25)  # teacher path states stored for trajectory distillation
-    resolutions: tuple[tuple[int, ...], ...] | None = None  # [height, width] pixel buckets; None: the teacher's native size
+    trajectory_times: tuple[float, ...] = (
+        0.7934400439,
+        0.4565599561,
+        0.25,
+    )  # teacher path states stored for trajectory distillation
+    resolutions: tuple[tuple[int, ...], ...] | None = (
+        None  # [height, width] pixel buckets; None: the teacher's native size
+    )
     resolution_weights: tuple[float, ...] | None = None  # share of the records per bucket (None: equal)
     storage_dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on the CPU) | float32 | bfloat16 | float16
     seed: int = 0
@@ -127,13 +138,20 @@ class SynthesizeConfig:
         if self.resolution_weights is not None:
             n = len(self.resolutions or ((0, 0),))
             if len(self.resolution_weights) != n or min(self.resolution_weights) <= 0:
-                raise ConfigError(f"synthesize.resolution_weights must be {n} positive numbers (one per resolution), "
-                                  f"got {list(self.resolution_weights)}")
+                raise ConfigError(
+                    f"synthesize.resolution_weights must be {n} positive numbers (one per resolution), "
+                    f"got {list(self.resolution_weights)}"
+                )
         _choice("synthesize.storage_dtype", self.storage_dtype, ("auto", "float32", "bfloat16", "float16"))
         if not all(0 < t < 1 for t in self.trajectory_times):
             raise ConfigError(f"synthesize.trajectory_times must lie in (0, 1), got {list(self.trajectory_times)}")
-        _positive("synthesize", steps=self.steps, samples_per_prompt=self.samples_per_prompt,
-                  shard_size=self.shard_size, batch_size=self.batch_size)
+        _positive(
+            "synthesize",
+            steps=self.steps,
+            samples_per_prompt=self.samples_per_prompt,
+            shard_size=self.shard_size,
+            batch_size=self.batch_size,
+        )
 
 
 @dataclass(frozen=True)
@@ -151,9 +169,13 @@ class DistillConfig:
     warmup_steps: int = 100
     warmup_probs: tuple[float, ...] = (0.0, 0.0, 0.5, 0.5)
     probs: tuple[float, ...] = (0.7, 0.1, 0.1, 0.1)
-    student_input: str = "trajectory"  # noised (teacher latent + fresh noise: LADD) | trajectory (teacher's path states)
+    student_input: str = (
+        "trajectory"  # noised (teacher latent + fresh noise: LADD) | trajectory (teacher's path states)
+    )
     backward_share: float = 0.0  # share of t < 1 inputs made by the student's own earlier steps (DMD2)
-    renoise_times: str = "logit_normal"  # discriminator times: logit_normal (LADD) | tied (t < 1: below the student's t)
+    renoise_times: str = (
+        "logit_normal"  # discriminator times: logit_normal (LADD) | tied (t < 1: below the student's t)
+    )
     renoise_mean: float = -0.25  # t_hat ~ LogitNormal(m, s) before the discriminator (LADD: m = 1, s = 1)
     renoise_std: float = 1.0
     independent_renoise: bool = False  # draw t_hat separately for real and fake
@@ -162,7 +184,10 @@ class DistillConfig:
     regression_weight: float = 30.0  # MSE of x0_hat to regression_target on t < 1 inputs (LADD: 0)
     regression_weight_one: float = 10.0  # the same at t = 1 (with trajectory inputs: noise -> its teacher latent)
     regression_target: str = "endpoint"  # endpoint (the latent the input came from) | teacher (teacher's x0 prediction)
-    feature_layers: tuple[int, ...] | None = (-2, -1)  # teacher blocks with a head (negative: from the top); None: 4 spread
+    feature_layers: tuple[int, ...] | None = (
+        -2,
+        -1,
+    )  # teacher blocks with a head (negative: from the top); None: 4 spread
     head_channels: int = 64
     loss: str = "hinge"  # hinge | nonsaturating
     d_steps_per_g: int = 1
@@ -189,7 +214,8 @@ class DistillConfig:
     lora_rank: int = 64
     lora_alpha: float | None = None  # None: the rank (scale 1)
     lora_dropout: float = 0.0
-    # groups of ladd/lora.py or module-name suffixes; attention alone left FD@4 1.22x full's here (README: LoRA students)
+    # groups of ladd/lora.py or module-name suffixes; attention alone left FD@4 1.22x full's here
+    # (README: LoRA students)
     lora_targets: tuple[str, ...] = ("attention", "feed_forward", "adaln")
     seed: int = 0
     device: str = "auto"
@@ -210,8 +236,9 @@ class DistillConfig:
         _choice("distill.schedule", self.schedule, STUDENT_SCHEDULE_NAMES)
         _choice("distill.parallel", self.parallel, ("none", "ddp", "fsdp"))
         if self.parallel == "fsdp" and self.ema_on_cpu:
-            raise ConfigError("distill.ema_on_cpu does not combine with parallel: fsdp (the EMA is sharded like the "
-                              "student already)")
+            raise ConfigError(
+                "distill.ema_on_cpu does not combine with parallel: fsdp (the EMA is sharded like the student already)"
+            )
         _positive("distill", steps=self.steps, d_steps_per_g=self.d_steps_per_g, checkpoint_every=self.checkpoint_every)
         if self.prefetch is not None and self.prefetch < 0:
             raise ConfigError(f"distill.prefetch must be 0 or more batches (null: by device), got {self.prefetch}")
@@ -219,42 +246,57 @@ class DistillConfig:
         if self.student == "lora":
             _positive("distill", lora_rank=self.lora_rank)
             if self.parallel == "fsdp":
-                raise ConfigError("distill.student: lora does not combine with distill.parallel: fsdp (the base weights "
-                                  "are frozen and the adapters small: use ddp)")
+                raise ConfigError(
+                    "distill.student: lora does not combine with distill.parallel: fsdp (the base weights "
+                    "are frozen and the adapters small: use ddp)"
+                )
             if not 0 <= self.lora_dropout < 1:
                 raise ConfigError(f"distill.lora_dropout must be in [0, 1), got {self.lora_dropout}")
             if self.lora_alpha is not None and self.lora_alpha <= 0:
                 raise ConfigError(f"distill.lora_alpha must be > 0 (or null: the rank), got {self.lora_alpha}")
             if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
-                raise ConfigError(f"distill.lora_targets must be a non-empty list of groups or module-name suffixes, "
-                                  f"got {list(self.lora_targets)}")
+                raise ConfigError(
+                    f"distill.lora_targets must be a non-empty list of groups or module-name suffixes, "
+                    f"got {list(self.lora_targets)}"
+                )
         if not 0 <= self.backward_share <= 1:
             raise ConfigError(f"distill.backward_share must be in [0, 1], got {self.backward_share}")
         if self.adversarial_weight < 0:
             raise ConfigError(f"distill.adversarial_weight must be >= 0, got {self.adversarial_weight}")
         if self.lr_d <= 0 and self.adversarial_weight > 0:
-            raise ConfigError(f"distill.lr_d: {self.lr_d:g} with distill.adversarial_weight: {self.adversarial_weight:g} "
-                              "trains the student against frozen random heads: give lr_d > 0, or set "
-                              "adversarial_weight: 0 (regression alone)")
-        if self.adversarial_time_weights is not None and (len(self.adversarial_time_weights) != len(self.student_times)
-                                                          or min(self.adversarial_time_weights) < 0):
-            raise ConfigError(f"distill.adversarial_time_weights must be {len(self.student_times)} non-negative numbers "
-                              f"(one per student time {list(self.student_times)}), got {list(self.adversarial_time_weights)}; "
-                              "null: 1 at every time")
+            raise ConfigError(
+                f"distill.lr_d: {self.lr_d:g} with distill.adversarial_weight: {self.adversarial_weight:g} "
+                "trains the student against frozen random heads: give lr_d > 0, or set "
+                "adversarial_weight: 0 (regression alone)"
+            )
+        if self.adversarial_time_weights is not None and (
+            len(self.adversarial_time_weights) != len(self.student_times) or min(self.adversarial_time_weights) < 0
+        ):
+            raise ConfigError(
+                f"distill.adversarial_time_weights must be {len(self.student_times)} non-negative numbers "
+                f"(one per student time {list(self.student_times)}), got {list(self.adversarial_time_weights)}; "
+                "null: 1 at every time"
+            )
         if min(self.regression_weight, self.regression_weight_one) < 0:
             raise ConfigError("distill.regression_weight and regression_weight_one must be >= 0")
         if self.regression_weight_one > 0 and self.student_input == "noised" and self.regression_target == "endpoint":
-            raise ConfigError("distill.regression_weight_one needs student_input: trajectory (or regression_target: "
-                              "teacher): at t = 1 a noised input is fresh noise, paired with no teacher latent")
+            raise ConfigError(
+                "distill.regression_weight_one needs student_input: trajectory (or regression_target: "
+                "teacher): at t = 1 a noised input is fresh noise, paired with no teacher latent"
+            )
         if self.batch_size < 2:
-            raise ConfigError(f"distill.batch_size must be >= 2 (got {self.batch_size}): the hinge loss degenerates at 1")
+            raise ConfigError(
+                f"distill.batch_size must be >= 2 (got {self.batch_size}): the hinge loss degenerates at 1"
+            )
         n = len(self.student_times)
         for key in ("warmup_probs", "probs"):
             probs = getattr(self, key)
             if len(probs) != n or abs(sum(probs) - 1) > 1e-6 or min(probs) < 0:
                 raise ConfigError(f"distill.{key} must be {n} non-negative numbers summing to 1, got {list(probs)}")
         if not all(0 < t <= 1 for t in self.student_times) or self.student_times[0] != 1.0:
-            raise ConfigError(f"distill.student_times must start at 1.0 and lie in (0, 1], got {list(self.student_times)}")
+            raise ConfigError(
+                f"distill.student_times must start at 1.0 and lie in (0, 1], got {list(self.student_times)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -281,7 +323,9 @@ class AlignConfig:
 
     enabled: bool = False
     out_dir: str = "models/aligned"
-    reward: str = "classifier"  # classifier (p of the prompted digit: labelled data) | clip (CLIP score) | ladd.align.REWARDS
+    reward: str = (
+        "classifier"  # classifier (p of the prompted digit: labelled data) | clip (CLIP score) | ladd.align.REWARDS
+    )
     reward_path: str | None = must_exist()  # the reward model's local folder (clip: a CLIP folder; classifier: none)
     prompts: int = 0  # training prompts, the first of the train split (0: all)
     samples: int = 4  # candidates per prompt
@@ -309,17 +353,29 @@ class AlignConfig:
         _choice("align.reward", self.reward, REWARDS)
         _choice("align.mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
         _choice("align.gradient_checkpointing", self.gradient_checkpointing, ("auto", "on", "off"))
-        _positive("align", samples=self.samples, steps=self.steps, min_pairs=self.min_pairs, lora_rank=self.lora_rank,
-                  train_steps=self.train_steps, batch_size=self.batch_size, probe_every=self.probe_every,
-                  sample_batch_size=self.sample_batch_size)
+        _positive(
+            "align",
+            samples=self.samples,
+            steps=self.steps,
+            min_pairs=self.min_pairs,
+            lora_rank=self.lora_rank,
+            train_steps=self.train_steps,
+            batch_size=self.batch_size,
+            probe_every=self.probe_every,
+            sample_batch_size=self.sample_batch_size,
+        )
         if self.samples < 2:
-            raise ConfigError(f"align.samples must be >= 2 (a pair is two candidates of one prompt), got {self.samples}")
+            raise ConfigError(
+                f"align.samples must be >= 2 (a pair is two candidates of one prompt), got {self.samples}"
+            )
         if self.min_margin < 0 or self.beta <= 0 or self.lr <= 0 or self.prompts < 0 or self.probe_prompts < 0:
             raise ConfigError("align.min_margin, prompts and probe_prompts must be >= 0, beta and lr > 0")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ConfigError(f"align.lora_alpha must be > 0 (or null: the rank), got {self.lora_alpha}")
         if self.time_weights is not None and (min(self.time_weights) < 0 or sum(self.time_weights) <= 0):
-            raise ConfigError(f"align.time_weights must be non-negative with a positive sum, got {list(self.time_weights)}")
+            raise ConfigError(
+                f"align.time_weights must be non-negative with a positive sum, got {list(self.time_weights)}"
+            )
         if not self.lora_targets:
             raise ConfigError("align.lora_targets must name at least one group or module-name suffix")
         if self.enabled and self.reward == "clip" and not self.reward_path:
@@ -327,8 +383,16 @@ class AlignConfig:
 
 
 FEATURES = ("classifier", "inception", "clip")  # the keys of ladd.quality.FEATURE_EXTRACTORS (a test keeps them equal)
-GATE_METRICS = ("auto", "fd", "fd_teacher", "fd_teacher_same_noise", "fd_reference", "fd_reference_same_noise",
-                "clip_score", "accuracy")
+GATE_METRICS = (
+    "auto",
+    "fd",
+    "fd_teacher",
+    "fd_teacher_same_noise",
+    "fd_reference",
+    "fd_reference_same_noise",
+    "clip_score",
+    "accuracy",
+)
 
 
 def resolve_features(setting: str, labelled_images: bool, clip_path: str | None, inception_path: str | None) -> str:
@@ -342,8 +406,10 @@ def resolve_features(setting: str, labelled_images: bool, clip_path: str | None,
         return "clip"
     if inception_path:
         return "inception"
-    raise ConfigError("evaluate.features: auto finds no extractor for data without labelled images: set "
-                      "evaluate.clip_path (a local CLIP folder) or evaluate.inception_path (FID Inception-v3 weights)")
+    raise ConfigError(
+        "evaluate.features: auto finds no extractor for data without labelled images: set "
+        "evaluate.clip_path (a local CLIP folder) or evaluate.inception_path (FID Inception-v3 weights)"
+    )
 
 
 @dataclass(frozen=True)
@@ -364,10 +430,14 @@ class EvaluateConfig:
     device: str = "auto"
     # [height, width] in pixels to sample at; None: the buckets the student was distilled on (each, share-weighted)
     resolution: tuple[int, ...] | None = None
-    features: str = "auto"  # FD extractor: auto (resolve_features) | classifier (labelled data) | inception (FID) | clip
+    features: str = (
+        "auto"  # FD extractor: auto (resolve_features) | classifier (labelled data) | inception (FID) | clip
+    )
     inception_path: str | None = must_exist()  # local FID Inception-v3 weights file (features: inception)
     clip_path: str | None = must_exist()  # local CLIP folder: clip_score on every row (and features: clip)
-    real_images: str = "auto"  # FD/precision/recall against the real held-out images: auto (where the data has them) | required | off
+    real_images: str = (
+        "auto"  # FD/precision/recall against the real held-out images: auto (where the data has them) | required | off
+    )
     register: bool = True  # log the student as an MLflow model and register it (with tracking on)
     model_name: str = "ladd-student"
     gate_steps: int = 4  # the champion gate compares the student at this step count
@@ -388,28 +458,45 @@ class EvaluateConfig:
         if self.teacher_steps is not None:
             _positive("evaluate", teacher_steps=self.teacher_steps)
         if self.features == "inception" and not self.inception_path:
-            raise ConfigError("evaluate.features: inception needs evaluate.inception_path (a local FID Inception-v3 "
-                              "weights file, e.g. weights-inception-2015-12-05-6726825d.pth)")
+            raise ConfigError(
+                "evaluate.features: inception needs evaluate.inception_path (a local FID Inception-v3 "
+                "weights file, e.g. weights-inception-2015-12-05-6726825d.pth)"
+            )
         if self.features == "clip" and not self.clip_path:
             raise ConfigError("evaluate.features: clip needs evaluate.clip_path (a local CLIP model folder)")
         if self.gate_metric == "clip_score" and not self.clip_path:
             raise ConfigError("evaluate.gate_metric: clip_score needs evaluate.clip_path (a local CLIP model folder)")
         if self.gate_metric.startswith("fd_reference") and self.reference_guidance is None:
-            raise ConfigError(f"evaluate.gate_metric: {self.gate_metric} is measured against the teacher at "
-                              "evaluate.reference_guidance, which is not set")
+            raise ConfigError(
+                f"evaluate.gate_metric: {self.gate_metric} is measured against the teacher at "
+                "evaluate.reference_guidance, which is not set"
+            )
         for metric in ("fd_teacher", "fd_reference"):
             if self.gate_metric == metric and len(self.seeds) < 2:
-                raise ConfigError(f"evaluate.gate_metric: {metric} compares with the teacher's samples of another seed: "
-                                  f"evaluate.seeds needs two or more (or gate on {metric}_same_noise)")
+                raise ConfigError(
+                    f"evaluate.gate_metric: {metric} compares with the teacher's samples of another seed: "
+                    f"evaluate.seeds needs two or more (or gate on {metric}_same_noise)"
+                )
         if self.gate_metric == "accuracy" and self.features not in ("classifier", "auto"):
-            raise ConfigError(f"evaluate.gate_metric: accuracy needs evaluate.features: classifier, got {self.features!r}")
+            raise ConfigError(
+                f"evaluate.gate_metric: accuracy needs evaluate.features: classifier, got {self.features!r}"
+            )
         if self.resolution is not None and (len(self.resolution) != 2 or min(self.resolution) < 1):
             raise ConfigError(f"evaluate.resolution must be [height, width] in pixels, got {list(self.resolution)}")
 
 
-DIGIT_PROMPTS = ("a handwritten digit zero", "the number 1 written by hand", "a drawing of the digit two",
-                 "handwritten three", "an image of the number 4", "a handwritten digit five", "handwritten six",
-                 "the number 7 written by hand", "a drawing of the digit eight", "an image of the number 9")
+DIGIT_PROMPTS = (
+    "a handwritten digit zero",
+    "the number 1 written by hand",
+    "a drawing of the digit two",
+    "handwritten three",
+    "an image of the number 4",
+    "a handwritten digit five",
+    "handwritten six",
+    "the number 7 written by hand",
+    "a drawing of the digit eight",
+    "an image of the number 9",
+)
 
 
 @dataclass(frozen=True)
@@ -427,7 +514,9 @@ class ExportConfig:
     provider: str = "auto"  # auto (TensorRT if installed -> CUDA -> CPU) | cpu | cuda | tensorrt
     prompts: tuple[str, ...] = DIGIT_PROMPTS  # inputs of the parity and latency checks (cycled)
     seed: int = 0
-    register: bool = True  # log the ONNX student to MLflow (a self-contained pyfunc model) and register it (with tracking on)
+    register: bool = (
+        True  # log the ONNX student to MLflow (a self-contained pyfunc model) and register it (with tracking on)
+    )
     model_name: str = "ladd-student-onnx"
 
     def __post_init__(self):
@@ -449,7 +538,9 @@ class ServeConfig:
     export's runtime and `ladd generate` (`ladd.serving`)."""
 
     max_prompts: int = 16  # prompts in one request
-    max_prompt_chars: int = 2000  # characters in one prompt (the tokenizers keep 77 CLIP / max_sequence_length T5 tokens)
+    max_prompt_chars: int = (
+        2000  # characters in one prompt (the tokenizers keep 77 CLIP / max_sequence_length T5 tokens)
+    )
 
     def __post_init__(self):
         _positive("serve", max_prompts=self.max_prompts, max_prompt_chars=self.max_prompt_chars)

@@ -24,7 +24,9 @@ def check_latent_size(config, size) -> tuple[int, int]:
     if h % p or w % p:
         raise ValueError(f"latent size {h}x{w} is not divisible by the transformer's patch size {p}")
     if limit is not None and max(h, w) // p > limit:
-        raise ValueError(f"latent size {h}x{w} is {h // p}x{w // p} patches; the transformer's pos_embed_max_size is {limit}")
+        raise ValueError(
+            f"latent size {h}x{w} is {h // p}x{w // p} patches; the transformer's pos_embed_max_size is {limit}"
+        )
     return h // p, w // p
 
 
@@ -40,8 +42,10 @@ def resolve_feature_layers(setting, num_layers: int) -> list[int]:
     if setting is None:
         return default_feature_layers(num_layers)
     if not setting or any(not -num_layers <= i < num_layers for i in setting):
-        raise ConfigError(f"distill.feature_layers: {list(setting)} must name blocks of the teacher's {num_layers} "
-                          f"(0 to {num_layers - 1}, or -{num_layers} to -1 from the top)")
+        raise ConfigError(
+            f"distill.feature_layers: {list(setting)} must name blocks of the teacher's {num_layers} "
+            f"(0 to {num_layers - 1}, or -{num_layers} to -1 from the top)"
+        )
     return [i % num_layers for i in setting]
 
 
@@ -53,8 +57,12 @@ class DiscriminatorHead(nn.Module):
         super().__init__()
         groups = math.gcd(32, channels)
         self.body = nn.Sequential(
-            nn.Conv2d(in_dim, channels, 1), nn.GroupNorm(groups, channels), nn.SiLU(),
-            nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels), nn.SiLU(),
+            nn.Conv2d(in_dim, channels, 1),
+            nn.GroupNorm(groups, channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.GroupNorm(groups, channels),
+            nn.SiLU(),
         )
         self.cond = nn.Linear(cond_dim, channels)
         self.out = nn.Conv2d(channels, 1, 1)
@@ -95,6 +103,7 @@ class Discriminator(nn.Module):
                 tokens = output[1]  # JointTransformerBlock returns (text tokens, image tokens), row-major over grid
                 # keyed by block: gradient checkpointing recomputes blocks (and fires hooks) again in backward
                 store[index] = tokens.transpose(1, 2).unflatten(2, grid)
+
             return hook
 
         handles = [self.teacher.transformer_blocks[i].register_forward_hook(grab(i)) for i in self.layers]
@@ -104,8 +113,14 @@ class Discriminator(nn.Module):
             for h in handles:
                 h.remove()
 
-    def features(self, x: torch.Tensor, t_hat: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
-                 condition: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def features(
+        self,
+        x: torch.Tensor,
+        t_hat: torch.Tensor,
+        embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        condition: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
         """Image-token maps [B, D, H/p, W/p] after each chosen block of the teacher at noise level t_hat, for
         latents x of any size the teacher accepts; an inpainting teacher reads x beside its `condition` (mask and
         masked-image latent), so the heads judge the sample given what it had to fill."""
@@ -115,11 +130,18 @@ class Discriminator(nn.Module):
         store: dict[int, torch.Tensor] = {}
         dtype = self.teacher.dtype  # a bf16 teacher takes bf16 inputs; the gradient flows back through the cast
         with self._hooks(store, grid):
-            self.teacher(hidden_states=x.to(dtype), encoder_hidden_states=embeds.to(dtype),
-                         pooled_projections=pooled.to(dtype), timestep=t_hat * 1000, skip_layers=self.skip)
+            self.teacher(
+                hidden_states=x.to(dtype),
+                encoder_hidden_states=embeds.to(dtype),
+                pooled_projections=pooled.to(dtype),
+                timestep=t_hat * 1000,
+                skip_layers=self.skip,
+            )
         return [store[i] for i in self.layers]
 
-    def heads_logits(self, features: list[torch.Tensor], t_hat: torch.Tensor, pooled: torch.Tensor) -> list[torch.Tensor]:
+    def heads_logits(
+        self, features: list[torch.Tensor], t_hat: torch.Tensor, pooled: torch.Tensor
+    ) -> list[torch.Tensor]:
         t_emb = get_timestep_embedding(t_hat * 1000, self.t_embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         cond = torch.cat([t_emb.to(pooled.dtype), pooled], dim=1)
         return [head(f.to(cond.dtype), cond) for head, f in zip(self.heads, features)]

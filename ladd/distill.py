@@ -24,49 +24,87 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
+from ladd import lora
 from ladd.card import write_model_card
 from ladd.checkpoint import save_checkpoint, save_sharded_checkpoint
 from ladd.config import DistillConfig
 from ladd.curve import curve_path, curve_row, read_curve, write_curve
-from ladd.errors import ConfigError, StaleInput
+from ladd.data.batches import BucketBatches, Prefetcher
+from ladd.data.synthetic import SyntheticSet
 from ladd.discriminator import Discriminator, resolve_feature_layers
-from ladd.distributed import (World, close_world, full_optimizer_state, full_state_dict, full_tensor, init_world,
-                              shard, sharded_state, unwrap, wrap_student)
-from ladd import lora
+from ladd.distributed import (
+    World,
+    close_world,
+    full_optimizer_state,
+    full_state_dict,
+    full_tensor,
+    init_world,
+    shard,
+    sharded_state,
+    unwrap,
+    wrap_student,
+)
+from ladd.errors import ConfigError, StaleInput
+from ladd.generate import record_noise
 from ladd.inpaint import has_condition
 from ladd.io import atomic_dir, fingerprint, write_json
-from ladd.generate import record_noise
 from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, gan_health, heads_loss, student_loss
 from ladd.pipeline import load_pipeline, load_transformer, max_sequence_length, read_meta, write_meta
 from ladd.plots import plot_curves
 from ladd.resume import move_aside, resume_point_on_rank0, resume_state, sharded_checkpoint_path
 from ladd.schedules import SCHEDULER_FLAGS, check_student_times, few_step_times
-from ladd.data.batches import BucketBatches, Prefetcher
-from ladd.data.synthetic import SyntheticSet
 from ladd.training import adamw, update_ema
-from ladd.variants import (REGRESSION_TARGETS, RENOISE_TIMES, SAMPLER_STEPS, STUDENT_INPUTS, backward_simulate,
-                           masked_mse, noise_to, randn)
+from ladd.variants import (
+    REGRESSION_TARGETS,
+    RENOISE_TIMES,
+    SAMPLER_STEPS,
+    STUDENT_INPUTS,
+    backward_simulate,
+    masked_mse,
+    noise_to,
+    randn,
+)
 
 log = logging.getLogger(__name__)
+
+
 def student_times(cfg: DistillConfig) -> torch.Tensor:
     """The training times, exactly as the saved student's diffusers schedule computes them."""
-    return torch.tensor(few_step_times(cfg.schedule, len(cfg.student_times), cfg.student_times[-1]), dtype=torch.float32)
+    return torch.tensor(
+        few_step_times(cfg.schedule, len(cfg.student_times), cfg.student_times[-1]), dtype=torch.float32
+    )
 
 
 def memory_plan(cfg: DistillConfig, device: torch.device) -> dict:
     """The memory settings resolved for `device`: "auto" means on for CUDA, off on the CPU."""
     cuda = device.type == "cuda"
-    return {"gradient_checkpointing": ("all" if cuda else "off") if cfg.gradient_checkpointing == "auto" else cfg.gradient_checkpointing,
-            "mixed_precision": ("bf16" if cuda else "no") if cfg.mixed_precision == "auto" else cfg.mixed_precision,
-            "teacher_dtype": ("bfloat16" if cuda else "float32") if cfg.teacher_dtype == "auto" else cfg.teacher_dtype,
-            "ema_on_cpu": cfg.ema_on_cpu,
-            "truncate_teacher": cfg.truncate_teacher}
+    return {
+        "gradient_checkpointing": ("all" if cuda else "off")
+        if cfg.gradient_checkpointing == "auto"
+        else cfg.gradient_checkpointing,
+        "mixed_precision": ("bf16" if cuda else "no") if cfg.mixed_precision == "auto" else cfg.mixed_precision,
+        "teacher_dtype": ("bfloat16" if cuda else "float32") if cfg.teacher_dtype == "auto" else cfg.teacher_dtype,
+        "ema_on_cpu": cfg.ema_on_cpu,
+        "truncate_teacher": cfg.truncate_teacher,
+    }
 
 
 def _run_fingerprint(cfg: DistillConfig, teacher_dir, synthetic_dir) -> dict:
     """What a checkpoint must match to be resumed (training length and bookkeeping may change)."""
-    skip = {"out_dir", "checkpoint", "report_dir", "steps", "checkpoint_every", "log_every", "device", "ema_on_cpu",
-            "prefetch", "gradient_checkpointing", "truncate_teacher", "parallel"}
+    skip = {
+        "out_dir",
+        "checkpoint",
+        "report_dir",
+        "steps",
+        "checkpoint_every",
+        "log_every",
+        "device",
+        "ema_on_cpu",
+        "prefetch",
+        "gradient_checkpointing",
+        "truncate_teacher",
+        "parallel",
+    }
     run = {k: v for k, v in asdict(cfg).items() if k not in skip}
     run = {**run, "teacher": fingerprint(teacher_dir), "synthetic": fingerprint(Path(synthetic_dir) / "manifest.json")}
     return json.loads(json.dumps(run))  # as stored in the checkpoint (tuples become lists)
@@ -78,9 +116,11 @@ def trajectory_columns(stored_times: list[float], times: torch.Tensor) -> list[i
     for t in times[1:].tolist():
         match = [i for i, s in enumerate(stored_times) if abs(s - t) < 1e-6]
         if not match:
-            raise ConfigError(f"distill.student_input=trajectory needs the teacher's path at t={t:.10g}, but the "
-                              f"synthetic data holds {stored_times}: set synthesize.trajectory_times to the student's "
-                              "times below 1 and rerun synthesize")
+            raise ConfigError(
+                f"distill.student_input=trajectory needs the teacher's path at t={t:.10g}, but the "
+                f"synthetic data holds {stored_times}: set synthesize.trajectory_times to the student's "
+                "times below 1 and rerun synthesize"
+            )
         columns.append(match[0])
     return columns
 
@@ -91,31 +131,48 @@ def check_synthetic(data: SyntheticSet, teacher_fingerprint: str, teacher_dir, t
     Returns whether records carry an inpainting condition."""
     wanted = has_condition(teacher_config.in_channels, teacher_config.out_channels or teacher_config.in_channels)
     if ("condition" in data.manifest["record_tensors"]) != wanted:
-        raise ConfigError(f"{data.out} was synthesized {'without' if wanted else 'with'} inpainting conditions, "
-                          f"and the teacher {'is' if wanted else 'is not'} an inpainting model: rerun `ladd synthesize` "
-                          "with this inpaint.enabled")
+        raise ConfigError(
+            f"{data.out} was synthesized {'without' if wanted else 'with'} inpainting conditions, "
+            f"and the teacher {'is' if wanted else 'is not'} an inpainting model: rerun `ladd synthesize` "
+            "with this inpaint.enabled"
+        )
     msl, text = max_sequence_length(teacher_dir), data.text
     widths = (teacher_config.joint_attention_dim, teacher_config.pooled_projection_dim)
     if text["max_sequence_length"] != msl or (text["prompt_embeds"][-1], text["pooled_prompt_embeds"][-1]) != widths:
-        raise StaleInput(f"{data.manifest_path}: its text embeddings are [{', '.join(map(str, text['prompt_embeds']))}] "
-                         f"at T5 length {text['max_sequence_length']}, the teacher's are [.., {widths[0]}] at "
-                         f"{msl} (teacher.max_sequence_length): rerun `ladd synthesize`")
+        raise StaleInput(
+            f"{data.manifest_path}: its text embeddings are [{', '.join(map(str, text['prompt_embeds']))}] "
+            f"at T5 length {text['max_sequence_length']}, the teacher's are [.., {widths[0]}] at "
+            f"{msl} (teacher.max_sequence_length): rerun `ladd synthesize`"
+        )
     if data.manifest["run"]["teacher"] != teacher_fingerprint:
-        raise StaleInput(f"{data.manifest_path} was synthesized by another teacher ({data.manifest['run']['teacher']}; "
-                         f"{teacher_dir} is {teacher_fingerprint}): rerun `ladd synthesize`")
+        raise StaleInput(
+            f"{data.manifest_path} was synthesized by another teacher ({data.manifest['run']['teacher']}; "
+            f"{teacher_dir} is {teacher_fingerprint}): rerun `ladd synthesize`"
+        )
     return wanted
 
 
-def save_student(teacher_dir, student_ema, student_raw, cfg: DistillConfig, meta: dict, summary: dict,
-                 adapter: dict | None = None, lora_suffixes=None) -> None:
+def save_student(
+    teacher_dir,
+    student_ema,
+    student_raw,
+    cfg: DistillConfig,
+    meta: dict,
+    summary: dict,
+    adapter: dict | None = None,
+    lora_suffixes=None,
+) -> None:
     """A complete diffusers pipeline: the teacher's VAE, tokenizers and text encoders (read again from its
     folder), the EMA student transformer, and a few-step scheduler that stock diffusers runs at any step
     count: `cfg.schedule`'s sigmas from 1 to the smallest training time (k = 1, 2 and n steps visit trained
     times), re-noising between steps like `ladd.sampling.sample_renoise`. A model card beside it; a LoRA
     student's EMA adapter too, which stock diffusers loads onto the teacher."""
     times = student_times(cfg).tolist()
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, stochastic_sampling=SAMPLER_STEPS[cfg.sampler].stochastic,
-                                                **{SCHEDULER_FLAGS[cfg.schedule]: len(times) > 1})
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0,
+        stochastic_sampling=SAMPLER_STEPS[cfg.sampler].stochastic,
+        **{SCHEDULER_FLAGS[cfg.schedule]: len(times) > 1},
+    )
     # read by diffusers' exponential/beta conversions (not __init__ arguments: it warns that it ignores them,
     # and uses them)
     scheduler.register_to_config(sigma_min=min(times), sigma_max=1.0)
@@ -136,8 +193,20 @@ def run_report_path(cfg: DistillConfig) -> Path:
     return Path(cfg.report_dir) / "distill.json"
 
 
-def save_run(cfg: DistillConfig, teacher_dir, trained, ema, world: World, meta: dict, summary: dict, facts: dict,
-             curve: list[dict], heads: int, tracker, lora_suffixes=None) -> None:
+def save_run(
+    cfg: DistillConfig,
+    teacher_dir,
+    trained,
+    ema,
+    world: World,
+    meta: dict,
+    summary: dict,
+    facts: dict,
+    curve: list[dict],
+    heads: int,
+    tracker,
+    lora_suffixes=None,
+) -> None:
     """Gather what trained and its EMA (collective under FSDP); then, on rank 0, the student pipeline with
     `summary` (a LoRA student fused into fp32 copies of the teacher), the run report with `facts`, the curves
     image, and MLflow's copies of them."""
@@ -149,14 +218,22 @@ def save_run(cfg: DistillConfig, teacher_dir, trained, ema, world: World, meta: 
             ema_out, adapter = lora.fused_student(teacher_dir, cfg, lora_suffixes, ema_state)
             raw_out, _ = lora.fused_student(teacher_dir, cfg, lora_suffixes, student_state)
         else:
-            ema_out, raw_out = (load_transformer(teacher_dir), load_transformer(teacher_dir)) if sharded else (ema, unwrap(trained))
+            ema_out, raw_out = (
+                (load_transformer(teacher_dir), load_transformer(teacher_dir)) if sharded else (ema, unwrap(trained))
+            )
             ema_out.load_state_dict(ema_state)
             raw_out.load_state_dict(student_state)
         save_student(teacher_dir, ema_out.to("cpu"), raw_out.to("cpu"), cfg, meta, summary, adapter, lora_suffixes)
         write_json(run_report_path(cfg), facts)
         health = summary["gan_health"]
-        curves_png = plot_curves(curve, heads, curve_path(cfg).with_suffix(".png"), health["summary"],
-                                 health.get("chance_loss"), meta["student_times"])
+        curves_png = plot_curves(
+            curve,
+            heads,
+            curve_path(cfg).with_suffix(".png"),
+            health["summary"],
+            health.get("chance_loss"),
+            meta["student_times"],
+        )
         tracker.log_metrics({f"distill/health/{k}": v for k, v in health.items() if isinstance(v, (int, float))})
         tracker.set_tags({"distill.gan_health": health["status"]})
         tracker.log_artifact(curves_png, "distill")
@@ -193,7 +270,7 @@ def build_networks(cfg: DistillConfig, teacher_dir, teacher, plan: dict, world: 
     if plan["gradient_checkpointing"] in ("student", "all"):
         student.enable_gradient_checkpointing(lora.checkpointing_func(adapter_layers) if adapter_layers else None)
     if plan["gradient_checkpointing"] == "all" and student is not teacher:  # the student's gradient flows through
-        teacher.enable_gradient_checkpointing()                              # the teacher's forward
+        teacher.enable_gradient_checkpointing()  # the teacher's forward
     student = wrap_student(student, cfg.parallel, world, plan["mixed_precision"] == "bf16")
     if cfg.student == "full":
         trained = student
@@ -240,12 +317,18 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     batches = BucketBatches([b.records for b in data.buckets], cfg.batch_size, cfg.seed)
     # the rows of each global batch this rank reads: its own, or all where it simulates the whole batch's inputs
     loaded = slice(0, cfg.batch_size) if world.size > 1 and cfg.backward_share > 0 else mine
-    student, trained, adapter_layers, ema, disc, layers, opt_g, opt_d = build_networks(cfg, teacher_dir, teacher, plan,
-                                                                                       world, lora_suffixes)
+    student, trained, adapter_layers, ema, disc, layers, opt_g, opt_d = build_networks(
+        cfg, teacher_dir, teacher, plan, world, lora_suffixes
+    )
     adversarial = ADVERSARIAL_LOSSES[cfg.loss]
     # lambda_adv per student time: the heads judge (and the teacher runs for) only rows with a weight above 0
-    adversarial_weights = cfg.adversarial_weight * torch.tensor(cfg.adversarial_time_weights or [1.0] * len(times)).to(device)
-    modules, optimizers = {"student": trained, "ema": ema, "disc": disc}, {"opt_g": (trained, opt_g), "opt_d": (disc, opt_d)}
+    adversarial_weights = cfg.adversarial_weight * torch.tensor(cfg.adversarial_time_weights or [1.0] * len(times)).to(
+        device
+    )
+    modules, optimizers = (
+        {"student": trained, "ema": ema, "disc": disc},
+        {"opt_g": (trained, opt_g), "opt_d": (disc, opt_d)},
+    )
     start = resume_state(resume, modules, optimizers, gen, world) if resume else 0
 
     def save_state(step: int) -> None:
@@ -254,10 +337,16 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
         if world.main:
             move_aside(asides)  # another run's checkpoint, kept whole, only now that this run writes its own
         if sharded:
-            save_sharded_checkpoint(sharded_checkpoint_path(cfg), step,
-                                    {"student": sharded_state(student), "ema": sharded_state(ema),
-                                     "opt_g": sharded_state(student, opt_g)},
-                                    {"disc": disc.state_dict()}, {"opt_d": opt_d.state_dict()}, {"data": gen}, run, world)
+            save_sharded_checkpoint(
+                sharded_checkpoint_path(cfg),
+                step,
+                {"student": sharded_state(student), "ema": sharded_state(ema), "opt_g": sharded_state(student, opt_g)},
+                {"disc": disc.state_dict()},
+                {"opt_d": opt_d.state_dict()},
+                {"data": gen},
+                run,
+                world,
+            )
         else:
             states = {name: full_state_dict(module) for name, module in modules.items()}
             opt_states = {name: full_optimizer_state(module, opt) for name, (module, opt) in optimizers.items()}
@@ -267,26 +356,55 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
             write_curve(curve_path(cfg), curve, len(layers), len(times))
 
     curve = read_curve(curve_path(cfg), start)
-    tracker.log_params({"distill.resolved.feature_layers": layers, "distill.resolved.student_times": times.tolist(),
-                        **{f"distill.resolved.{k}": v for k, v in plan.items()}})
+    tracker.log_params(
+        {
+            "distill.resolved.feature_layers": layers,
+            "distill.resolved.student_times": times.tolist(),
+            **{f"distill.resolved.{k}": v for k, v in plan.items()},
+        }
+    )
     n_trained = sum(p.numel() for p in trained.parameters())  # a DTensor shard counts its whole parameter
-    log.info("distill: %d records in %d resolution buckets %s, read from %s as it trains; memory: %s; %s student, "
-             "%.3g M trained parameters", len(data), len(data.buckets), synthetic_dir, [list(b.resolution) for b in data.buckets], plan, cfg.student, n_trained / 1e6)
-    log.info("distill: %s inputs, backward share %.2f, %s re-noising, regression %s x%g (t = 1: x%g)%s",
-             cfg.student_input, cfg.backward_share, cfg.renoise_times, cfg.regression_target, cfg.regression_weight,
-             cfg.regression_weight_one, f", preset {cfg.preset}" if cfg.preset else "")
+    log.info(
+        "distill: %d records in %d resolution buckets %s, read from %s as it trains; memory: %s; %s student, "
+        "%.3g M trained parameters",
+        len(data),
+        len(data.buckets),
+        synthetic_dir,
+        [list(b.resolution) for b in data.buckets],
+        plan,
+        cfg.student,
+        n_trained / 1e6,
+    )
+    log.info(
+        "distill: %s inputs, backward share %.2f, %s re-noising, regression %s x%g (t = 1: x%g)%s",
+        cfg.student_input,
+        cfg.backward_share,
+        cfg.renoise_times,
+        cfg.regression_target,
+        cfg.regression_weight,
+        cfg.regression_weight_one,
+        f", preset {cfg.preset}" if cfg.preset else "",
+    )
 
     def student_x0(x_t, t, c, p, m):
         """x0_hat = x_t - t v (rectified flow); a LoRA student's adapters are on for this pass alone."""
         with lora.adapters(adapter_layers, on=True):
-            v = student(hidden_states=torch.cat([x_t, m.to(x_t.dtype)], 1), encoder_hidden_states=c,
-                        pooled_projections=p, timestep=t * 1000).sample
+            v = student(
+                hidden_states=torch.cat([x_t, m.to(x_t.dtype)], 1),
+                encoder_hidden_states=c,
+                pooled_projections=p,
+                timestep=t * 1000,
+            ).sample
         return x_t - t.view(-1, 1, 1, 1) * v.float()
 
     @torch.no_grad()
     def teacher_x0(x_t, t, c, p, m):
-        v = teacher(hidden_states=torch.cat([x_t, m], 1).to(teacher_dtype), encoder_hidden_states=c.to(teacher_dtype),
-                    pooled_projections=p.to(teacher_dtype), timestep=t * 1000).sample
+        v = teacher(
+            hidden_states=torch.cat([x_t, m], 1).to(teacher_dtype),
+            encoder_hidden_states=c.to(teacher_dtype),
+            pooled_projections=p.to(teacher_dtype),
+            timestep=t * 1000,
+        ).sample
         return x_t - t.view(-1, 1, 1, 1) * v.float()
 
     def read_batch(position: int) -> dict:
@@ -313,14 +431,16 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
         t = times[k].to(device)
         start_noise = record_noise(batch["seed"][own].tolist(), x0.shape[1:]).to(device) if reads_path else None
         eps = noise(x0) if student_input.fresh_noise else None
-        x_t = student_input.make(x0[own], t[mine], k[mine].to(device), start_noise,
-                                 batch["trajectory"][own] if reads_path else None, eps)
+        x_t = student_input.make(
+            x0[own], t[mine], k[mine].to(device), start_noise, batch["trajectory"][own] if reads_path else None, eps
+        )
         simulated = (k > 0) & (torch.rand(cfg.batch_size, generator=gen) < cfg.backward_share)
         if simulated.any():  # `loaded` holds every simulated row (all rows wherever this runs on several ranks)
             rows = torch.nonzero(simulated).flatten().to(device) - loaded.start
             with autocast:
-                x_sim = backward_simulate(student_x0, k[simulated], times.to(device), c[rows], p[rows], x0[rows],
-                                          sampler_step, gen, m[rows])
+                x_sim = backward_simulate(
+                    student_x0, k[simulated], times.to(device), c[rows], p[rows], x0[rows], sampler_step, gen, m[rows]
+                )
             keep = (rows >= own.start) & (rows < own.stop)
             x_t[rows[keep] - own.start] = x_sim[keep]
         return x0[own], c[own], p[own], m[own], t, x_t, simulated.to(device)[mine], k.to(device)[mine]
@@ -339,8 +459,9 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
             rows = rows & has_target
             per_rank = world.mean(rows.sum().float()) if world.size > 1 else None  # on every rank, rows or not
             if weight > 0 and rows.any():
-                target = regression.target(x0[rows], x_t[rows], t[rows],
-                                           lambda x, tt: teacher_x0(x, tt, c[rows], p[rows], m[rows]))
+                target = regression.target(
+                    x0[rows], x_t[rows], t[rows], lambda x, tt, rows=rows: teacher_x0(x, tt, c[rows], p[rows], m[rows])
+                )
                 loss = loss + weight * masked_mse(x0_hat, target, rows, per_rank)
         return loss
 
@@ -351,11 +472,22 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     skipped, step_times, to_first_step = 0, [], time.perf_counter() - started
     # batches are read ahead in a thread; each step takes d_steps_per_g of them, so a resumed run reads on from the
     # position its step implies (BucketBatches is a pure function of it)
-    stream = Prefetcher(read_batch, start * cfg.d_steps_per_g,
-                        cfg.prefetch if cfg.prefetch is not None else 4 if device.type == "cuda" else 0)
+    stream = Prefetcher(
+        read_batch,
+        start * cfg.d_steps_per_g,
+        cfg.prefetch if cfg.prefetch is not None else 4 if device.type == "cuda" else 0,
+    )
     try:
-        for step in (bar := tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="distill", mininterval=2,
-                                 disable=not world.main)):
+        for step in (
+            bar := tqdm(
+                range(start, cfg.steps),
+                initial=start,
+                total=cfg.steps,
+                desc="distill",
+                mininterval=2,
+                disable=not world.main,
+            )
+        ):
             tick = time.perf_counter()
             # 1-2. A batch of teacher latents and prompts; student times from the warm-up schedule, then the
             #      biased one; the student's input at those times.
@@ -377,8 +509,12 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
                 loss_adv = x0_hat.sum() * 0
                 if judged.any():
                     fake_features = judged_features(x0_hat, t_fake, eps_fake, judged, c, p, m)
-                    loss_adv = student_loss(adversarial, disc.heads_logits(fake_features, t_fake[judged], p[judged]),
-                                            weight[judged], len(weight))
+                    loss_adv = student_loss(
+                        adversarial,
+                        disc.heads_logits(fake_features, t_fake[judged], p[judged]),
+                        weight[judged],
+                        len(weight),
+                    )
                 loss_g = loss_adv + loss_reg
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()  # DDP / FSDP average the student's gradient over the ranks here
@@ -403,8 +539,14 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
                     eps_fake = noise(x0)
                     with torch.no_grad(), autocast:
                         x0_hat = student_x0(x_t, t_all[mine], c, p, m)
-                        fake_features = judged_features(x0_hat, t_fk, eps_fake, judged, c, p, m) if judged.any() else None
-                t_real = renoise_time(t_all, cfg.renoise_mean, cfg.renoise_std, gen)[mine] if cfg.independent_renoise else t_fk
+                        fake_features = (
+                            judged_features(x0_hat, t_fk, eps_fake, judged, c, p, m) if judged.any() else None
+                        )
+                t_real = (
+                    renoise_time(t_all, cfg.renoise_mean, cfg.renoise_std, gen)[mine]
+                    if cfg.independent_renoise
+                    else t_fk
+                )
                 eps_real = noise(x0)
                 real_logits = fake_logits = []
                 if fake_features:
@@ -418,7 +560,9 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
                             with torch.no_grad():
                                 noisy = noise_to(x0, t_real, eps_real)[judged] + cfg.r1_sigma * noise(x0)[judged]
                                 feats_p = disc.features(noisy, t_real[judged], c[judged], p[judged], m[judged])
-                            loss_d = loss_d + cfg.r1_weight * approx_r1(real_logits, disc.heads_logits(feats_p, t_real[judged], p[judged]))
+                            loss_d = loss_d + cfg.r1_weight * approx_r1(
+                                real_logits, disc.heads_logits(feats_p, t_real[judged], p[judged])
+                            )
                     opt_d.zero_grad(set_to_none=True)
                     loss_d.backward()
                 else:  # no judged row on this rank: zero gradients, so the ranks' heads stay equal
@@ -432,14 +576,33 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
             # 5. Bookkeeping: curves (per head and per student time too, over every rank's rows) through the tracker,
             #    atomic checkpoint (weights, optimisers, EMA, RNG, step) from rank 0.
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                row = {"step": step, **curve_row(world, adversarial, len(layers), len(times), k[judged], real_logits,
-                                                     fake_logits, loss_g, loss_adv, loss_reg, grad_norm_g),
-                       "skipped": skipped}
+                row = {
+                    "step": step,
+                    **curve_row(
+                        world,
+                        adversarial,
+                        len(layers),
+                        len(times),
+                        k[judged],
+                        real_logits,
+                        fake_logits,
+                        loss_g,
+                        loss_adv,
+                        loss_reg,
+                        grad_norm_g,
+                    ),
+                    "skipped": skipped,
+                }
                 curve.append(row)
-                tracker.log_metrics({f"distill/{name}": v for name, v in row.items() if name != "step" and math.isfinite(v)},
-                                    step=step)
-                bar.set_postfix(d=f"{row['loss_d']:.3f}", g=f"{row['loss_adv']:.3f}", real=f"{row['logits_real']:.2f}",
-                                fake=f"{row['logits_fake']:.2f}")
+                tracker.log_metrics(
+                    {f"distill/{name}": v for name, v in row.items() if name != "step" and math.isfinite(v)}, step=step
+                )
+                bar.set_postfix(
+                    d=f"{row['loss_d']:.3f}",
+                    g=f"{row['loss_adv']:.3f}",
+                    real=f"{row['logits_real']:.2f}",
+                    fake=f"{row['logits_fake']:.2f}",
+                )
             if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
                 save_state(step + 1)
     finally:  # the reader thread and the open shards go with the loop, however it ends
@@ -451,11 +614,16 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     health = gan_health(curve, cfg.loss, len(layers), len(times))
     (log.info if health["status"] == "ok" else log.warning)("distill: GAN health %s", health["summary"])
     summary = {"steps": cfg.steps, "skipped_updates": skipped, "gan_health": health}
-    steady = step_times[min(5, len(step_times) - 1):] if step_times else []
-    facts = {"resumed_from": start, "sec_per_step": sum(steady) / len(steady) if steady else math.nan,
-             "seconds_to_first_step": to_first_step,
-             "device": device.type, "world_size": world.size, "parallel": cfg.parallel if world.size > 1 else "none",
-             "trained_parameters": n_trained}
+    steady = step_times[min(5, len(step_times) - 1) :] if step_times else []
+    facts = {
+        "resumed_from": start,
+        "sec_per_step": sum(steady) / len(steady) if steady else math.nan,
+        "seconds_to_first_step": to_first_step,
+        "device": device.type,
+        "world_size": world.size,
+        "parallel": cfg.parallel if world.size > 1 else "none",
+        "trained_parameters": n_trained,
+    }
     if device.type == "cuda":  # this rank's peak: weights, optimiser states, activations, allocator slack excluded
         facts["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     if world.size > 1:
@@ -463,16 +631,29 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
         if not sharded:
             world.check_replicas(unwrap(student))
         facts["replicas"] = f"{'student and heads' if not sharded else 'heads'} identical on {world.size} ranks"
-    meta = {"max_sequence_length": data.text["max_sequence_length"], "source": "ladd-student", "teacher": run["teacher"],
-            "base_model": read_meta(teacher_dir).get("source", str(teacher_dir)),
-            "student_times": times.tolist(), "schedule": cfg.schedule, "sampler": cfg.sampler, "default_steps": len(times),
-            "task": "inpaint" if inpainting else "text2image",
-            # what evaluate measures against and where: the teacher of the synthetic data, its resolution buckets
-            "distillation_teacher": {"guidance": data.manifest["run"]["guidance"], "steps": data.manifest["run"]["steps"]},
-            "buckets": [{"resolution": b["resolution"], "share": b["records"] / data.manifest["records"]}
-                        for b in data.manifest["buckets"]]}
+    meta = {
+        "max_sequence_length": data.text["max_sequence_length"],
+        "source": "ladd-student",
+        "teacher": run["teacher"],
+        "base_model": read_meta(teacher_dir).get("source", str(teacher_dir)),
+        "student_times": times.tolist(),
+        "schedule": cfg.schedule,
+        "sampler": cfg.sampler,
+        "default_steps": len(times),
+        "task": "inpaint" if inpainting else "text2image",
+        # what evaluate measures against and where: the teacher of the synthetic data, its resolution buckets
+        "distillation_teacher": {"guidance": data.manifest["run"]["guidance"], "steps": data.manifest["run"]["steps"]},
+        "buckets": [
+            {"resolution": b["resolution"], "share": b["records"] / data.manifest["records"]}
+            for b in data.manifest["buckets"]
+        ],
+    }
     if cfg.student == "lora":
-        meta["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank, "target_modules": lora_suffixes,
-                        "parameters": n_trained}
+        meta["lora"] = {
+            "rank": cfg.lora_rank,
+            "alpha": cfg.lora_alpha or cfg.lora_rank,
+            "target_modules": lora_suffixes,
+            "parameters": n_trained,
+        }
     save_run(cfg, teacher_dir, trained, ema, world, meta, summary, facts, curve, len(layers), tracker, lora_suffixes)
     return {**summary, **facts}

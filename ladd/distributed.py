@@ -128,8 +128,10 @@ def init_world(device_name: str) -> World:
     local_rank = int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"process {local_rank} of this node has no GPU: {torch.cuda.device_count()} visible, "
-                              "launch.nproc_per_node must not exceed them")
+            raise ConfigError(
+                f"process {local_rank} of this node has no GPU: {torch.cuda.device_count()} visible, "
+                "launch.nproc_per_node must not exceed them"
+            )
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     if not dist.is_initialized():  # a stage waits at barriers for the slowest rank's share of the work
@@ -159,7 +161,9 @@ def shard(module: torch.nn.Module, world: World, bf16: bool = False) -> torch.nn
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(world.device.type, (world.size,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    )
     for block in module.transformer_blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     return fully_shard(module, mesh=mesh, mp_policy=policy)
@@ -220,7 +224,9 @@ def load_full_optimizer_state(module: torch.nn.Module, opt: torch.optim.Optimize
     names = [n for n, _ in module.named_parameters()]
     groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd.get("param_groups", [])]
     named = {"state": {names[int(i)]: s for i, s in sd.get("state", {}).items()}, "param_groups": groups}
-    set_optimizer_state_dict(module, opt, named, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    set_optimizer_state_dict(
+        module, opt, named, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
 
 
 def sharded_state(module: torch.nn.Module, opt: torch.optim.Optimizer | None = None) -> dict:
@@ -233,7 +239,11 @@ def sharded_state(module: torch.nn.Module, opt: torch.optim.Optimizer | None = N
 
 def load_sharded_state(module: torch.nn.Module, state: dict, opt: torch.optim.Optimizer | None = None) -> None:
     """Inverse of `sharded_state` (the optimiser keeps its current hyper-parameters: the run's config)."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     if opt is None:
         set_model_state_dict(module, state)
@@ -250,11 +260,26 @@ EXIT_DIR = "LADD_EXIT_DIR"  # set by the launcher: where workers leave their exi
 def torchrun_command(argv: list[str], launch) -> list[str]:
     """The same `ladd` command, started on nproc_per_node processes of this node by torchrun (one rendezvous
     for every node)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(launch.nproc_per_node),
-           "--nnodes", str(launch.nnodes)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(launch.nproc_per_node),
+        "--nnodes",
+        str(launch.nnodes),
+    ]
     if launch.rdzv_endpoint:
-        cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", launch.rdzv_endpoint, "--rdzv_id", launch.rdzv_id,
-                "--rdzv_conf", f"join_timeout={launch.rdzv_timeout}"]
+        cmd += [
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            launch.rdzv_endpoint,
+            "--rdzv_id",
+            launch.rdzv_id,
+            "--rdzv_conf",
+            f"join_timeout={launch.rdzv_timeout}",
+        ]
     else:
         cmd += ["--standalone"]
     return cmd + ["-m", "ladd.cli", *argv]
@@ -281,8 +306,10 @@ def wait_for_rendezvous(endpoint: str, timeout: int) -> None:
             return
         except OSError:
             if time.monotonic() > deadline:
-                raise ConfigError(f"launch.rdzv_endpoint {endpoint} did not answer within {timeout} s: start the "
-                                  "first node (it hosts the rendezvous), or fix the address") from None
+                raise ConfigError(
+                    f"launch.rdzv_endpoint {endpoint} did not answer within {timeout} s: start the "
+                    "first node (it hosts the rendezvous), or fix the address"
+                ) from None
             time.sleep(1)
 
 
@@ -298,7 +325,8 @@ def _stop_with_parent() -> None:
 def peer_failed(e: RuntimeError) -> bool:
     """A collective broken because another process of a torchrun job ended (its own error says why)."""
     return int(os.environ.get("WORLD_SIZE", 1)) > 1 and (
-        isinstance(e, getattr(dist, "DistError", ())) or ("gloo" in str(e) and "peer" in str(e)))
+        isinstance(e, getattr(dist, "DistError", ())) or ("gloo" in str(e) and "peer" in str(e))
+    )
 
 
 def launch_workers(stage: str, argv: list[str], params: Params) -> int:
@@ -312,8 +340,10 @@ def launch_workers(stage: str, argv: list[str], params: Params) -> int:
     if stage == "distill" and params.distill.parallel == "none":
         raise ConfigError(f"distill.parallel is none but launch asks for {processes} processes: use ddp or fsdp")
     if stage == "distill" and params.distill.batch_size % processes:
-        raise ConfigError(f"distill.batch_size ({params.distill.batch_size}) is the global batch: it must divide evenly "
-                          f"over launch's {processes} processes")
+        raise ConfigError(
+            f"distill.batch_size ({params.distill.batch_size}) is the global batch: it must divide evenly "
+            f"over launch's {processes} processes"
+        )
     gpus = torch.cuda.device_count()
     if (device.startswith("cuda") or (device == "auto" and gpus)) and launch.nproc_per_node > gpus:
         raise ConfigError(f"launch.nproc_per_node is {launch.nproc_per_node} but this node has {gpus} GPUs")
@@ -323,8 +353,14 @@ def launch_workers(stage: str, argv: list[str], params: Params) -> int:
     log.info("%s: %d processes per node x %d nodes: %s", stage, launch.nproc_per_node, launch.nnodes, " ".join(cmd))
     report: list[str] = []  # torchrun's own failure report (a traceback and a table): shown only if no worker said why
     with tempfile.TemporaryDirectory(prefix="ladd-exit-") as codes:  # each failing worker leaves its exit code
-        proc = subprocess.Popen(cmd, preexec_fn=_stop_with_parent, env={**os.environ, EXIT_DIR: codes},
-                                stderr=subprocess.PIPE, text=True, bufsize=1)
+        proc = subprocess.Popen(
+            cmd,
+            preexec_fn=_stop_with_parent,
+            env={**os.environ, EXIT_DIR: codes},
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
         try:
             for line in proc.stderr:  # the workers' output passes through as it comes
                 if report or line.startswith("Traceback (most recent call last):"):  # workers' lines carry [rankN]
@@ -340,8 +376,10 @@ def launch_workers(stage: str, argv: list[str], params: Params) -> int:
         return worker_codes.get("rank-0", next(iter(worker_codes.values())))
     if code:  # a worker killed (SIGKILL, out of memory) before it could say why
         sys.stderr.writelines(report)
-        print(f"ladd {stage}: a process under torchrun failed (torchrun exit {code}); see its output above",
-              file=sys.stderr)
+        print(
+            f"ladd {stage}: a process under torchrun failed (torchrun exit {code}); see its output above",
+            file=sys.stderr,
+        )
     return code
 
 

@@ -31,13 +31,20 @@ import torch
 import torch.nn.functional as F
 
 from ladd.config import ExportConfig
-from ladd.schedules import student_sigmas, trained_step_counts
 from ladd.errors import ParityError
 from ladd.inpaint import condition_of, has_condition, random_masks
 from ladd.io import atomic_dir, fingerprint, write_json
-from ladd.onnx_runtime import MANIFEST, NUM_TRAIN_TIMESTEPS, RUNTIME_SETTINGS, OnnxStudent, PromptTokenizer, session_feeds
-from ladd.registry import open_registry
+from ladd.onnx_runtime import (
+    MANIFEST,
+    NUM_TRAIN_TIMESTEPS,
+    RUNTIME_SETTINGS,
+    OnnxStudent,
+    PromptTokenizer,
+    session_feeds,
+)
 from ladd.pipeline import encode_prompts, latent_shape, load_pipeline, read_meta, vae_scaling
+from ladd.registry import open_registry
+from ladd.schedules import student_sigmas, trained_step_counts
 from ladd.single_file import write_single_file_exports
 
 log = logging.getLogger(__name__)
@@ -51,8 +58,10 @@ class PromptEncoder(torch.nn.Module):
 
     def __init__(self, pipe, max_sequence_length: int, dtype=torch.float32):
         super().__init__()
-        encoders = [copy.deepcopy(e).to(dtype) if e is not None else None
-                    for e in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)]
+        encoders = [
+            copy.deepcopy(e).to(dtype) if e is not None else None
+            for e in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
+        ]
         for e in filter(None, encoders):  # the TorchScript exporter's SDPA mixes fp32 into fp16 graphs
             e.set_attn_implementation("eager")
         self.clips = torch.nn.ModuleList(encoders[:2])
@@ -76,8 +85,13 @@ class Velocity(torch.nn.Module):
         self.transformer = transformer
 
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
-        return self.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+        return self.transformer(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            return_dict=False,
+        )[0]
 
 
 class VaeDecoder(torch.nn.Module):
@@ -138,8 +152,15 @@ class InpaintCondition(torch.nn.Module):
         return condition_of(self.vae, images, masks)
 
 
-def export_graph(module, args: tuple, path: Path, inputs: list[str], outputs: list[str], opset: int,
-                 batch_axis: dict[str, int] | None = None) -> Path:
+def export_graph(
+    module,
+    args: tuple,
+    path: Path,
+    inputs: list[str],
+    outputs: list[str],
+    opset: int,
+    batch_axis: dict[str, int] | None = None,
+) -> Path:
     """torch.onnx.export (TorchScript exporter: ~10x faster than dynamo here, same graphs) with a dynamic
     batch axis on every input and output (axis 0 unless `batch_axis` says otherwise), then the full checker."""
     axes = {name: {(batch_axis or {}).get(name, 0): "batch"} for name in inputs + outputs}
@@ -147,8 +168,17 @@ def export_graph(module, args: tuple, path: Path, inputs: list[str], outputs: li
     # check_export runs every graph at a second batch size
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
-                          opset_version=opset, dynamo=False, do_constant_folding=True)
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
     onnx.checker.check_model(str(path), full_check=True)
     return path
 
@@ -169,10 +199,17 @@ def export_student(pipe, meta: dict, out: Path, cfg: ExportConfig, source: dict,
         tok = getattr(pipe, name)
         tok.save_pretrained(out / name)
         if not (out / name / "tokenizer.json").is_file():
-            raise ValueError(f"{name}: {type(tok).__name__} saved no tokenizer.json; the ONNX runtime needs a fast tokenizer")
+            raise ValueError(
+                f"{name}: {type(tok).__name__} saved no tokenizer.json; the ONNX runtime needs a fast tokenizer"
+            )
         # the pipeline pads both CLIPs to the first tokenizer's length and T5 to max_sequence_length
-        tokenizers_meta[name] = {"file": f"{name}/tokenizer.json", "input": TEXT_INPUTS[name], "max_length": msl if name == "tokenizer_3" else tok_max,
-                                 "pad_id": tok.pad_token_id, "pad_token": str(tok.pad_token)}
+        tokenizers_meta[name] = {
+            "file": f"{name}/tokenizer.json",
+            "input": TEXT_INPUTS[name],
+            "max_length": msl if name == "tokenizer_3" else tok_max,
+            "pad_id": tok.pad_token_id,
+            "pad_token": str(tok.pad_token),
+        }
     tokenizers = {n: PromptTokenizer.from_manifest(out, t) for n, t in tokenizers_meta.items()}
 
     shape = latent_shape(pipe)
@@ -193,40 +230,73 @@ def export_student(pipe, meta: dict, out: Path, cfg: ExportConfig, source: dict,
         noise = torch.randn(len(prompts), *shape, dtype=dtype)
         step_noise = torch.randn(max(cfg.steps - 1, 1), len(prompts), *shape, dtype=dtype)
         (out / precision).mkdir()
-        files = {"text_encoder": f"{precision}/text_encoder.onnx", "transformer": f"{precision}/transformer.onnx",
-                 "vae_decoder": f"{precision}/vae_decoder.onnx", "generator": f"{precision}/generator_{cfg.steps}step.onnx"}
+        files = {
+            "text_encoder": f"{precision}/text_encoder.onnx",
+            "transformer": f"{precision}/transformer.onnx",
+            "vae_decoder": f"{precision}/vae_decoder.onnx",
+            "generator": f"{precision}/generator_{cfg.steps}step.onnx",
+        }
         tick = time.perf_counter()
-        export_graph(encoder, tuple(ids.values()), out / files["text_encoder"], list(ids),
-                     ["prompt_embeds", "pooled_projections"], cfg.opset)
+        export_graph(
+            encoder,
+            tuple(ids.values()),
+            out / files["text_encoder"],
+            list(ids),
+            ["prompt_embeds", "pooled_projections"],
+            cfg.opset,
+        )
         x_in, generator, generator_inputs = noise, FewStepGenerator(tr, vae, sigmas, sampler), (noise,)
         if conditioned:
             files["inpaint_condition"] = f"{precision}/inpaint_condition.onnx"
             images, masks = example_inpaint_inputs(pipe, len(prompts), cfg.seed, dtype)
-            export_graph(InpaintCondition(vae), (images, masks), out / files["inpaint_condition"], ["images", "masks"],
-                         ["condition"], cfg.opset)
+            export_graph(
+                InpaintCondition(vae),
+                (images, masks),
+                out / files["inpaint_condition"],
+                ["images", "masks"],
+                ["condition"],
+                cfg.opset,
+            )
             with torch.no_grad():
                 condition = InpaintCondition(vae)(images, masks)
             x_in, generator = torch.cat([noise, condition], 1), InpaintGenerator(tr, vae, sigmas, sampler)
             generator_inputs = (noise, condition)
-        export_graph(Velocity(tr), (x_in, embeds, pooled, torch.full((len(prompts),), 500.0, dtype=dtype)),
-                     out / files["transformer"], ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"],
-                     ["velocity"], cfg.opset)
+        export_graph(
+            Velocity(tr),
+            (x_in, embeds, pooled, torch.full((len(prompts),), 500.0, dtype=dtype)),
+            out / files["transformer"],
+            ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"],
+            ["velocity"],
+            cfg.opset,
+        )
         export_graph(VaeDecoder(vae), (noise,), out / files["vae_decoder"], ["latents"], ["images"], cfg.opset)
         names = ["noise", *(["condition"] if conditioned else []), "prompt_embeds", "pooled_projections"]
-        export_graph(generator, (*generator_inputs, embeds, pooled, step_noise), out / files["generator"],
-                     names + (["step_noise"] if cfg.steps > 1 else []), ["latents", "images"], cfg.opset,
-                     batch_axis={"step_noise": 1})
+        export_graph(
+            generator,
+            (*generator_inputs, embeds, pooled, step_noise),
+            out / files["generator"],
+            names + (["step_noise"] if cfg.steps > 1 else []),
+            ["latents", "images"],
+            cfg.opset,
+            batch_axis={"step_noise": 1},
+        )
         log.info("exported %s graphs in %.1f s", precision, time.perf_counter() - tick)
         models[precision] = files
     manifest = {
-        "format": MANIFEST_FORMAT, "opset": cfg.opset, "steps": cfg.steps, "sampler": sampler,
+        "format": MANIFEST_FORMAT,
+        "opset": cfg.opset,
+        "steps": cfg.steps,
+        "sampler": sampler,
         "schedules": {str(k): student_sigmas(k, meta).tolist() for k in range(1, max(cfg.steps, *trained) + 1)},
-        "trained_steps": trained, "default_steps": int(meta.get("default_steps", cfg.steps)),
-        "latent_shape": list(shape), "image_channels": pipe.vae.config.out_channels,
+        "trained_steps": trained,
+        "default_steps": int(meta.get("default_steps", cfg.steps)),
+        "latent_shape": list(shape),
+        "image_channels": pipe.vae.config.out_channels,
         "image_size": [shape[1] * pipe.vae_scale_factor, shape[2] * pipe.vae_scale_factor],
         "limits": dict(limits or {}),
         "task": "inpaint" if conditioned else "text2image",
-        "tokenizers": tokenizers_meta, "models": models,
+        "tokenizers": tokenizers_meta,
+        "models": models,
         "source": source,
     }
     write_json(out / MANIFEST, manifest)
@@ -266,10 +336,17 @@ def check_export(pipe, meta: dict, onnx_dir: Path, cfg: ExportConfig) -> dict:
     pipe = pipe.to(device)
     conditioned = runtime.manifest.get("task") == "inpaint"
     generator = (InpaintGenerator if conditioned else FewStepGenerator)(
-        pipe.transformer, pipe.vae, student_sigmas(cfg.steps, meta), runtime.manifest["sampler"]).eval()
+        pipe.transformer, pipe.vae, student_sigmas(cfg.steps, meta), runtime.manifest["sampler"]
+    ).eval()
     msl = int(meta.get("max_sequence_length", 256))
-    report = {"provider": provider, "threads": threads, "steps": cfg.steps, "torch_device": device.type,
-              "parity": {}, "latency": {}}
+    report = {
+        "provider": provider,
+        "threads": threads,
+        "steps": cfg.steps,
+        "torch_device": device.type,
+        "parity": {},
+        "latency": {},
+    }
     fp16 = {}
     for batch in cfg.batch_sizes:
         prompts = [cfg.prompts[i % len(cfg.prompts)] for i in range(batch)]
@@ -282,47 +359,67 @@ def check_export(pipe, meta: dict, onnx_dir: Path, cfg: ExportConfig) -> dict:
             with torch.inference_mode():
                 cond = InpaintCondition(pipe.vae)(images_in.to(device), masks.to(device))
             condition = cond.float().cpu().numpy()
-            parity["inpaint_condition"] = _max_error(runtime.inpaint_condition(images_in.numpy(), masks.numpy()), condition)
+            parity["inpaint_condition"] = _max_error(
+                runtime.inpaint_condition(images_in.numpy(), masks.numpy()), condition
+            )
             torch_inputs = (torch_inputs[0], cond, *torch_inputs[1:])
         with torch.inference_mode():
             latents, images = (x.float().cpu().numpy() for x in generator(*torch_inputs))
         embeds_np, pooled_np = embeds.float().cpu().numpy(), pooled.float().cpu().numpy()
         ort_embeds, ort_pooled = runtime.encode(prompts)
         ort_latents, ort_images = runtime.generate_latents(embeds_np, pooled_np, noise, step_noise, condition=condition)
-        loop_latents, loop_images = runtime.generate_latents(embeds_np, pooled_np, noise, step_noise, unrolled=False,
-                                                             condition=condition)
+        loop_latents, loop_images = runtime.generate_latents(
+            embeds_np, pooled_np, noise, step_noise, unrolled=False, condition=condition
+        )
         report["parity"][str(batch)] = {
-            "prompt_embeds": _max_error(ort_embeds, embeds_np), "pooled_projections": _max_error(ort_pooled, pooled_np),
-            "latents": _max_error(ort_latents, latents), "images": _max_error(ort_images, images),
-            "transformer_loop_latents": _max_error(loop_latents, latents), "vae_decoder_images": _max_error(loop_images, images),
+            "prompt_embeds": _max_error(ort_embeds, embeds_np),
+            "pooled_projections": _max_error(ort_pooled, pooled_np),
+            "latents": _max_error(ort_latents, latents),
+            "images": _max_error(ort_images, images),
+            "transformer_loop_latents": _max_error(loop_latents, latents),
+            "vae_decoder_images": _max_error(loop_images, images),
             **parity,
         }
         session = runtime.session("generator")
-        feeds = session_feeds(session, noise=noise, prompt_embeds=embeds_np, pooled_projections=pooled_np, step_noise=step_noise,
-                              condition=condition)
+        feeds = session_feeds(
+            session,
+            noise=noise,
+            prompt_embeds=embeds_np,
+            pooled_projections=pooled_np,
+            step_noise=step_noise,
+            condition=condition,
+        )
 
-        def run_torch():
+        def run_torch(torch_inputs=torch_inputs):
             with torch.inference_mode():
                 generator(*torch_inputs)
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
         torch_ms = median_ms(run_torch, cfg.latency_repeats)
-        ort_ms = median_ms(lambda: session.run(None, feeds), cfg.latency_repeats)
+        ort_ms = median_ms(lambda session=session, feeds=feeds: session.run(None, feeds), cfg.latency_repeats)
         report["latency"][str(batch)] = {"torch_ms": torch_ms, "ort_ms": ort_ms, "ratio": ort_ms / torch_ms}
-        log.info("batch %d: parity %s; torch %.2f ms, ort %.2f ms (%.2fx)", batch, report["parity"][str(batch)],
-                 torch_ms, ort_ms, ort_ms / torch_ms)
+        log.info(
+            "batch %d: parity %s; torch %.2f ms, ort %.2f ms (%.2fx)",
+            batch,
+            report["parity"][str(batch)],
+            torch_ms,
+            ort_ms,
+            ort_ms / torch_ms,
+        )
         if cfg.fp16:
-            fp16 = _check_fp16(fp16, onnx_dir, cfg, threads, embeds_np, pooled_np, noise, step_noise, latents, images,
-                               condition)
+            fp16 = _check_fp16(
+                fp16, onnx_dir, cfg, threads, embeds_np, pooled_np, noise, step_noise, latents, images, condition
+            )
             report["fp16"] = {k: v for k, v in fp16.items() if k != "runtime"}
     report["max_abs_error"] = max(max(p.values()) for p in report["parity"].values())
     pipe.to("cpu")
     return report
 
 
-def _check_fp16(fp16: dict, onnx_dir, cfg, threads, embeds, pooled, noise, step_noise, latents, images,
-                condition=None) -> dict:
+def _check_fp16(
+    fp16: dict, onnx_dir, cfg, threads, embeds, pooled, noise, step_noise, latents, images, condition=None
+) -> dict:
     """`fp16` (what earlier batch sizes found) with this batch's: the fp16 graphs' distance to the fp32 PyTorch
     result (reported, not gated: half precision's error is ~1e-2 by design) and the generator's latency; where
     its provider cannot run them, the reason (and no further try)."""
@@ -335,13 +432,26 @@ def _check_fp16(fp16: dict, onnx_dir, cfg, threads, embeds, pooled, noise, step_
         log.warning("fp16 graphs did not run on %s: %s", cfg.provider, e)
         return {"provider": None, "error": str(e)[:500]}
     session = runtime.session("generator")
-    feeds = session_feeds(session, noise=noise, prompt_embeds=embeds, pooled_projections=pooled, step_noise=step_noise,
-                          condition=condition)
-    batch = {"latents_max_abs_error": _max_error(lat, latents), "images_max_abs_error": _max_error(img, images),
-             "ort_ms": median_ms(lambda: session.run(None, feeds), cfg.latency_repeats)}
+    feeds = session_feeds(
+        session,
+        noise=noise,
+        prompt_embeds=embeds,
+        pooled_projections=pooled,
+        step_noise=step_noise,
+        condition=condition,
+    )
+    batch = {
+        "latents_max_abs_error": _max_error(lat, latents),
+        "images_max_abs_error": _max_error(img, images),
+        "ort_ms": median_ms(lambda: session.run(None, feeds), cfg.latency_repeats),
+    }
     per_batch = {**fp16.get("per_batch", {}), str(len(noise)): batch}
-    return {"runtime": runtime, "provider": runtime.provider, "per_batch": per_batch,
-            **{k: max(b[k] for b in per_batch.values()) for k in ("latents_max_abs_error", "images_max_abs_error")}}
+    return {
+        "runtime": runtime,
+        "provider": runtime.provider,
+        "per_batch": per_batch,
+        **{k: max(b[k] for b in per_batch.values()) for k in ("latents_max_abs_error", "images_max_abs_error")},
+    }
 
 
 def export_stage(cfg: ExportConfig, student_dir: str | Path, tracker, limits: dict | None = None) -> dict:
@@ -357,17 +467,25 @@ def export_stage(cfg: ExportConfig, student_dir: str | Path, tracker, limits: di
         report = check_export(pipe, meta, tmp, cfg)
         if report["max_abs_error"] > cfg.tolerance:
             worst = {b: max(p, key=p.get) for b, p in report["parity"].items()}
-            raise ParityError(f"ONNX Runtime and PyTorch disagree: max abs error {report['max_abs_error']:.3g} > "
-                              f"export.tolerance {cfg.tolerance:g} (worst output per batch size: {worst}); "
-                              f"{cfg.out_dir} and {cfg.report} are left as they were")
+            raise ParityError(
+                f"ONNX Runtime and PyTorch disagree: max abs error {report['max_abs_error']:.3g} > "
+                f"export.tolerance {cfg.tolerance:g} (worst output per batch size: {worst}); "
+                f"{cfg.out_dir} and {cfg.report} are left as they were"
+            )
         with atomic_dir(cfg.single_file_dir) as single:  # for ComfyUI / Forge: SD3's original key layout
             report["single_file"] = write_single_file_exports(student_dir, single)
         log.info("wrote %s: %s", cfg.single_file_dir, ", ".join(report["single_file"]))
-    report["bytes"] = {f: (Path(cfg.out_dir) / f).stat().st_size for files in manifest["models"].values() for f in files.values()}
+    report["bytes"] = {
+        f: (Path(cfg.out_dir) / f).stat().st_size for files in manifest["models"].values() for f in files.values()
+    }
     report["config"] = asdict(cfg)
     write_json(cfg.report, report)
-    tracker.log_metrics({"export/max_abs_error": report["max_abs_error"],
-                         **{f"export/{k}/batch{b}": v for b, row in report["latency"].items() for k, v in row.items()}})
+    tracker.log_metrics(
+        {
+            "export/max_abs_error": report["max_abs_error"],
+            **{f"export/{k}/batch{b}": v for b, row in report["latency"].items() for k, v in row.items()},
+        }
+    )
     tracker.log_artifact(cfg.report)
     if cfg.register:
         registered = open_registry(tracker).log_onnx_student(cfg.out_dir, cfg.model_name)

@@ -13,8 +13,15 @@ import hashlib
 import json
 
 # the gated metric -> which way is better
-GATE_DIRECTIONS = {"fd": "lower", "fd_teacher": "lower", "fd_teacher_same_noise": "lower", "fd_reference": "lower",
-                   "fd_reference_same_noise": "lower", "clip_score": "higher", "accuracy": "higher"}
+GATE_DIRECTIONS = {
+    "fd": "lower",
+    "fd_teacher": "lower",
+    "fd_teacher_same_noise": "lower",
+    "fd_reference": "lower",
+    "fd_reference_same_noise": "lower",
+    "clip_score": "higher",
+    "accuracy": "higher",
+}
 
 
 def prompts_fingerprint(prompts: list[str]) -> str:
@@ -30,8 +37,10 @@ def evaluation_tags(protocol: dict, figures: dict, decision: tuple[str, str] | N
     """The model-version tags of one evaluation: the protocol, its figures and, for a candidate, the gate's
     (decision, reason): decision `promoted`, `rejected`, or `kept` (the champion's own weights)."""
     pid = protocol_id(protocol)
-    tags = {f"gate/{pid}/protocol": json.dumps(protocol, sort_keys=True),
-            **{f"gate/{pid}/{k}": repr(float(v)) for k, v in figures.items()}}
+    tags = {
+        f"gate/{pid}/protocol": json.dumps(protocol, sort_keys=True),
+        **{f"gate/{pid}/{k}": repr(float(v)) for k, v in figures.items()},
+    }
     if decision is not None:
         tags[f"gate/{pid}/decision"], tags[f"gate/{pid}/reason"] = decision
     return tags
@@ -58,8 +67,11 @@ def protocol_differences(candidate: dict, champion: dict | None) -> list[str]:
     """'key: champion's value -> candidate's' for every protocol entry that differs (all, for no protocol)."""
     if champion is None:
         return ["no recorded protocol (registered before protocols were recorded)"]
-    return [f"{k}: {champion.get(k)} -> {candidate.get(k)}" for k in sorted(set(candidate) | set(champion))
-            if candidate.get(k) != champion.get(k)]
+    return [
+        f"{k}: {champion.get(k)} -> {candidate.get(k)}"
+        for k in sorted(set(candidate) | set(champion))
+        if candidate.get(k) != champion.get(k)
+    ]
 
 
 def resolve_metric(setting: str, has_real_images: bool) -> str:
@@ -73,8 +85,9 @@ def resolve_direction(setting: str, metric: str) -> str:
     return GATE_DIRECTIONS[metric] if setting == "auto" else setting
 
 
-def gate_decision(candidate: dict, champion: dict | None, metric: str, direction: str, tolerance: float,
-                  max_accuracy_drop: float) -> tuple[bool, str]:
+def gate_decision(
+    candidate: dict, champion: dict | None, metric: str, direction: str, tolerance: float, max_accuracy_drop: float
+) -> tuple[bool, str]:
     """Promote when `metric` is no worse than the champion's (by at most `tolerance`, in the metric's units),
     and, where both have an accuracy and it is not the gated metric, it is at most `max_accuracy_drop` lower."""
     if champion is None:
@@ -84,10 +97,13 @@ def gate_decision(candidate: dict, champion: dict | None, metric: str, direction
     ours, theirs = candidate[metric], champion[metric]
     worse = ours > theirs + tolerance if direction == "lower" else ours < theirs - tolerance
     if worse:
-        return False, (f"{metric} {ours:.3f} worse than the champion's {theirs:.3f} ({direction} is better, "
-                       f"{tolerance:g} allowed)")
+        return False, (
+            f"{metric} {ours:.3f} worse than the champion's {theirs:.3f} ({direction} is better, {tolerance:g} allowed)"
+        )
     if metric != "accuracy" and "accuracy" in candidate and "accuracy" in champion:
         if candidate["accuracy"] < champion["accuracy"] - max_accuracy_drop:
-            return False, (f"accuracy {candidate['accuracy']:.3f} more than {max_accuracy_drop} below the champion's "
-                           f"{champion['accuracy']:.3f}")
+            return False, (
+                f"accuracy {candidate['accuracy']:.3f} more than {max_accuracy_drop} below the champion's "
+                f"{champion['accuracy']:.3f}"
+            )
     return True, f"{metric} {ours:.3f} vs the champion's {theirs:.3f} ({direction} is better)"

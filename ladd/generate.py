@@ -16,9 +16,22 @@ def record_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_latents(
-    transformer, embeds, pooled, noise, sigmas, guidance: float = 1.0, null_embeds=None, null_pooled=None,
-    sampler: str = "euler", batch_size: int = 128, seed: int = 0, progress: bool = False, path_times=(), share=(0, 1),
-    condition=None, step_noise=None,
+    transformer,
+    embeds,
+    pooled,
+    noise,
+    sigmas,
+    guidance: float = 1.0,
+    null_embeds=None,
+    null_pooled=None,
+    sampler: str = "euler",
+    batch_size: int = 128,
+    seed: int = 0,
+    progress: bool = False,
+    path_times=(),
+    share=(0, 1),
+    condition=None,
+    step_noise=None,
 ):
     """Sample latents for every row of (embeds, pooled, noise); `null_*` is the empty prompt ([1, ...]).
 
@@ -29,15 +42,24 @@ def generate_latents(
     param = next(transformer.parameters())
     device, dtype = param.device, param.dtype
     out, paths = [], []
-    for i in tqdm(range(share[0] * batch_size, len(noise), share[1] * batch_size), disable=not progress, desc="generate"):
+    for i in tqdm(
+        range(share[0] * batch_size, len(noise), share[1] * batch_size), disable=not progress, desc="generate"
+    ):
         n = len(noise[i : i + batch_size])
         nulls = {}
         if guidance > 1.0:
-            nulls = dict(null_embeds=null_embeds.expand(n, -1, -1).to(device, dtype),
-                         null_pooled=null_pooled.expand(n, -1).to(device, dtype))
-        model = cfg_velocity(transformer, embeds[i : i + n].to(device, dtype), pooled[i : i + n].to(device, dtype),
-                             guidance=guidance, **nulls,
-                             condition=None if condition is None else condition[i : i + n].to(device, dtype))
+            nulls = dict(
+                null_embeds=null_embeds.expand(n, -1, -1).to(device, dtype),
+                null_pooled=null_pooled.expand(n, -1).to(device, dtype),
+            )
+        model = cfg_velocity(
+            transformer,
+            embeds[i : i + n].to(device, dtype),
+            pooled[i : i + n].to(device, dtype),
+            guidance=guidance,
+            **nulls,
+            condition=None if condition is None else condition[i : i + n].to(device, dtype),
+        )
         x = noise[i : i + n].to(device, dtype)
         if sampler == "renoise" and step_noise is not None:
             x = SAMPLERS[sampler](model, x, sigmas.to(device), step_noise=step_noise[:, i : i + n])

@@ -32,14 +32,15 @@ def random_masks(seeds: list[int], height: int, width: int) -> torch.Tensor:
         else:  # strokes: a random walk of discs
             radius = max(1.0, min(height, width) * (0.06 + 0.06 * float(torch.rand((), generator=g))))
             y, x = float(torch.rand((), generator=g)) * height, float(torch.rand((), generator=g)) * width
-            yy, xx = torch.meshgrid(torch.arange(height, dtype=torch.float), torch.arange(width, dtype=torch.float),
-                                    indexing="ij")
+            yy, xx = torch.meshgrid(
+                torch.arange(height, dtype=torch.float), torch.arange(width, dtype=torch.float), indexing="ij"
+            )
             for _ in range(int(torch.randint(4, 12, (), generator=g))):
                 angle = float(torch.rand((), generator=g)) * 2 * math.pi
                 step = min(height, width) * (0.1 + 0.2 * float(torch.rand((), generator=g)))
                 for k in range(8):  # discs along the segment
                     cy, cx = y + math.sin(angle) * step * k / 7, x + math.cos(angle) * step * k / 7
-                    mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2] = 1
+                    mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = 1
                 y = min(max(y + math.sin(angle) * step, 0.0), height - 1.0)
                 x = min(max(x + math.cos(angle) * step, 0.0), width - 1.0)
         out.append(mask)
@@ -67,9 +68,11 @@ def check_task(pipe_dir, enabled: bool) -> None:
     in_channels = component_config(pipe_dir, "transformer")["in_channels"]
     if has_condition(in_channels, component_config(pipe_dir, "vae")["latent_channels"]) != enabled:
         kind = "an inpainting" if not enabled else "a text-to-image"
-        raise ConfigError(f"inpaint.enabled is {str(enabled).lower()} but {pipe_dir} holds {kind} transformer "
-                          f"({in_channels} input channels): rerun the teacher stage (and those after it) "
-                          "with this inpaint.enabled")
+        raise ConfigError(
+            f"inpaint.enabled is {str(enabled).lower()} but {pipe_dir} holds {kind} transformer "
+            f"({in_channels} input channels): rerun the teacher stage (and those after it) "
+            "with this inpaint.enabled"
+        )
 
 
 def check_mask(mask: torch.Tensor, image_hw: tuple[int, int], name: str) -> None:
@@ -78,8 +81,10 @@ def check_mask(mask: torch.Tensor, image_hw: tuple[int, int], name: str) -> None
         raise ValueError(f"{name}: mask is {tuple(mask.shape[-2:])}, the image {tuple(image_hw)}: they must match")
     covered = float((mask > 0.5).float().mean())
     if covered == 0.0 or covered == 1.0:
-        raise ValueError(f"{name}: mask is all {'zeros' if covered == 0 else 'ones'}: nothing to "
-                         f"{'inpaint' if covered == 0 else 'keep'}")
+        raise ValueError(
+            f"{name}: mask is all {'zeros' if covered == 0 else 'ones'}: nothing to "
+            f"{'inpaint' if covered == 0 else 'keep'}"
+        )
 
 
 def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
@@ -112,7 +117,9 @@ def widen_transformer(transformer):
     wide = SD3Transformer2DModel.from_config(config).to(dtype=next(transformer.parameters()).dtype)
     state = transformer.state_dict()
     conv = state["pos_embed.proj.weight"]  # [inner, C, p, p]
-    state["pos_embed.proj.weight"] = torch.cat([conv, torch.zeros(conv.shape[0], c + 1, *conv.shape[2:], dtype=conv.dtype)], 1)
+    state["pos_embed.proj.weight"] = torch.cat(
+        [conv, torch.zeros(conv.shape[0], c + 1, *conv.shape[2:], dtype=conv.dtype)], 1
+    )
     wide.load_state_dict(state)
     return wide
 
@@ -132,6 +139,15 @@ def condition_of(vae, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor
 def inpaint_condition(vae, images: torch.Tensor, masks: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """`condition_of` uint8 images, in batches on the VAE's device; float32 on the CPU."""
     param = next(vae.parameters())
-    return torch.cat([condition_of(vae, (images[i : i + batch_size].float() / 255).to(param.device, param.dtype),
-                                   masks[i : i + batch_size].to(param.device, param.dtype)).float().cpu()
-                      for i in range(0, len(images), batch_size)])
+    return torch.cat(
+        [
+            condition_of(
+                vae,
+                (images[i : i + batch_size].float() / 255).to(param.device, param.dtype),
+                masks[i : i + batch_size].to(param.device, param.dtype),
+            )
+            .float()
+            .cpu()
+            for i in range(0, len(images), batch_size)
+        ]
+    )

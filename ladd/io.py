@@ -95,8 +95,10 @@ def exclusive(path: str | Path, busy: str | None = None):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise Busy(f"{busy or f'{path} is being written by another run'} (pid {holder}, {lock}): wait for it "
-                       "to end, or stop it") from None
+            raise Busy(
+                f"{busy or f'{path} is being written by another run'} (pid {holder}, {lock}): wait for it "
+                "to end, or stop it"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
@@ -157,14 +159,21 @@ def dvc_md5s(folder: str | Path) -> dict[str, str]:
     files = {f.relative_to(folder).as_posix(): file_md5(f) for f in folder.rglob("*") if f.is_file()}
 
     def digest(prefix: str) -> str:
-        entries = [{"md5": md5, "relpath": rel[len(prefix):]} for rel, md5 in sorted(files.items()) if rel.startswith(prefix)]
+        entries = [
+            {"md5": md5, "relpath": rel[len(prefix) :]} for rel, md5 in sorted(files.items()) if rel.startswith(prefix)
+        ]
         return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
     return {"": digest(""), **{d.name: digest(d.name + "/") for d in folder.iterdir() if d.is_dir()}}
 
 
-_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
-         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # UTF-32 LE starts like UTF-16 LE
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)  # UTF-32 LE starts like UTF-16 LE
 
 
 def read_text(path: str | Path, encoding: str = "auto") -> str:
@@ -177,5 +186,7 @@ def read_text(path: str | Path, encoding: str = "auto") -> str:
         return data.decode(encoding)
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line} (byte {e.start}) is not {encoding} text: save the table as UTF-8, or "
-                        "set prepare.encoding to its encoding (latin-1, cp1252...)") from None
+        raise DataError(
+            f"{path}: line {line} (byte {e.start}) is not {encoding} text: save the table as UTF-8, or "
+            "set prepare.encoding to its encoding (latin-1, cp1252...)"
+        ) from None

@@ -16,8 +16,20 @@ from ladd.errors import ConfigError
 # Module-name suffixes of SD3 / SD3.5 MMDiT blocks, by group (an entry of distill.lora_targets is a group or a
 # suffix of its own). "attention" is what diffusers' SD3 LoRA scripts train; attn2 exists in SD3.5-medium.
 LORA_TARGET_GROUPS: dict[str, tuple[str, ...]] = {
-    "attention": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-                  "attn.add_v_proj", "attn.to_add_out", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
+    "attention": (
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "attn2.to_q",
+        "attn2.to_k",
+        "attn2.to_v",
+        "attn2.to_out.0",
+    ),
     "feed_forward": ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
     "adaln": ("norm1.linear", "norm1_context.linear"),
 }
@@ -30,10 +42,14 @@ def target_suffixes(transformer: torch.nn.Module, targets, key: str = "distill.l
     linear = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
     chosen = []
     for entry in targets:
-        hits = [s for s in LORA_TARGET_GROUPS.get(entry, (entry,)) if any(n == s or n.endswith("." + s) for n in linear)]
+        hits = [
+            s for s in LORA_TARGET_GROUPS.get(entry, (entry,)) if any(n == s or n.endswith("." + s) for n in linear)
+        ]
         if not hits:
-            raise ConfigError(f"{key}: {entry!r} matches no linear layer of the teacher's transformer "
-                              f"(a group of {sorted(LORA_TARGET_GROUPS)}, or a module-name suffix such as attn.to_q)")
+            raise ConfigError(
+                f"{key}: {entry!r} matches no linear layer of the teacher's transformer "
+                f"(a group of {sorted(LORA_TARGET_GROUPS)}, or a module-name suffix such as attn.to_q)"
+            )
         chosen += [s for s in hits if s not in chosen]
     return chosen
 
@@ -50,8 +66,13 @@ def check_targets(teacher_dir, targets, key: str = "distill.lora_targets") -> li
 def lora_config(cfg, suffixes: list[str]):
     from peft import LoraConfig
 
-    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, lora_dropout=cfg.lora_dropout,
-                      target_modules=suffixes, init_lora_weights=True)  # B = 0: the student starts as the teacher
+    return LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=suffixes,
+        init_lora_weights=True,
+    )  # B = 0: the student starts as the teacher
 
 
 def adapter_layers(model: torch.nn.Module) -> list:
@@ -81,11 +102,16 @@ def adapters(layers: list, on: bool):
 def checkpointing_func(layers: list):
     """diffusers' gradient checkpointing, recomputing each block in backward with the adapters as they were in its
     forward: the student's and the teacher's passes through the one module are recomputed as themselves."""
+
     def run(module, *args):
         on = bool(layers) and not layers[0]._disable_adapters
         return torch.utils.checkpoint.checkpoint(
-            module.__call__, *args, use_reentrant=False,
-            context_fn=lambda: (contextlib.nullcontext(), adapters(layers, on)))
+            module.__call__,
+            *args,
+            use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), adapters(layers, on)),
+        )
+
     return run
 
 
@@ -125,7 +151,10 @@ def fused_student(teacher_dir, cfg, suffixes: list[str], state: dict) -> tuple[t
     weights, layers = add_student_adapter(transformer, cfg, suffixes)
     weights.load_state_dict(state)
     set_adapters(layers, True)
-    adapter = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(transformer, adapter_name=ADAPTER).items()}
+    adapter = {
+        k: v.detach().clone().contiguous()
+        for k, v in get_peft_model_state_dict(transformer, adapter_name=ADAPTER).items()
+    }
     transformer.fuse_lora()
     transformer.unload_lora()
     return transformer.requires_grad_(False), adapter
@@ -136,12 +165,17 @@ def save_adapter(out_dir: Path, adapter: dict, cfg, suffixes: list[str]) -> None
     from diffusers import StableDiffusion3Pipeline
 
     config = lora_config(cfg, suffixes)
-    metadata = {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
-                "target_modules": sorted(config.target_modules), "init_lora_weights": True}
-    StableDiffusion3Pipeline.save_lora_weights(out_dir, transformer_lora_layers=adapter,
-                                               transformer_lora_adapter_metadata=metadata)
+    metadata = {
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": sorted(config.target_modules),
+        "init_lora_weights": True,
+    }
+    StableDiffusion3Pipeline.save_lora_weights(
+        out_dir, transformer_lora_layers=adapter, transformer_lora_adapter_metadata=metadata
+    )
 
 
 def count(weights: torch.nn.Module) -> int:
     return sum(p.numel() for p in weights.parameters())
-

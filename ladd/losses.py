@@ -8,7 +8,8 @@ sample (the student's adversarial weight per student time) and reported per stud
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -56,32 +57,55 @@ def _mean(rows: list[dict], key: str) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def gan_health(curve: list[dict], loss: str, heads: int, times: int = 0, window: float = 0.25,
-               chance_gain: float = 0.05, win_loss: float = 0.2) -> dict:
+def gan_health(
+    curve: list[dict],
+    loss: str,
+    heads: int,
+    times: int = 0,
+    window: float = 0.25,
+    chance_gain: float = 0.05,
+    win_loss: float = 0.2,
+) -> dict:
     """Whether the heads discriminated over the last `window` of the logged curve: `chance` when their loss
     is within `chance_gain` of the chance level, `d_wins` when it fell below `win_loss` x chance (the student
     gets no useful gradient either way), `partial` when some judged student time has no positive real - fake
     gap, else `ok`; `off` when they judged nothing (no adversarial weight). With the figures that decided it,
     and the heads' loss and real - fake gap at each of `times` student times (NaN where never judged)."""
-    rows = curve[-max(1, round(len(curve) * window)):]
+    rows = curve[-max(1, round(len(curve) * window)) :]
     if not rows:
         return {"status": "unknown", "summary": "no curve rows"}
     chance = CHANCE_LOSS[loss]
     loss_d = _mean(rows, "loss_d")
     if not math.isfinite(loss_d):
-        return {"status": "off", "chance_loss": chance, "gain_over_chance": math.nan,
-                "summary": "off: the heads judged no sample (adversarial weight 0 at every student time)"}
+        return {
+            "status": "off",
+            "chance_loss": chance,
+            "gain_over_chance": math.nan,
+            "summary": "off: the heads judged no sample (adversarial weight 0 at every student time)",
+        }
     gaps = [_mean(rows, f"logits_real_h{i}") - _mean(rows, f"logits_fake_h{i}") for i in range(heads)]
     gap = _mean(rows, "logits_real") - _mean(rows, "logits_fake")
     per_time = [{"loss_d": _mean(rows, f"loss_d_t{k}"), "logit_gap": _mean(rows, f"gap_t{k}")} for k in range(times)]
     gain = 1 - loss_d / chance
     no_gap = [k for k, r in enumerate(per_time) if r["logit_gap"] <= 0]  # NaN (never judged) compares False
-    status = ("chance" if gain < chance_gain else "d_wins" if loss_d < win_loss * chance else
-              "partial" if no_gap else "ok")
+    status = (
+        "chance" if gain < chance_gain else "d_wins" if loss_d < win_loss * chance else "partial" if no_gap else "ok"
+    )
     judged = [f"t{k} {r['logit_gap']:.2f}" for k, r in enumerate(per_time) if math.isfinite(r["logit_gap"])]
-    summary = (f"{status}: heads' {loss} loss {loss_d:.3f} (chance {chance:.3f}, {100 * gain:.0f}% below), "
-               f"real - fake logits {gap:.2f} (per head {', '.join(f'{g:.2f}' for g in gaps)}"
-               + (f"; per student time {', '.join(judged)}" if judged else "") + "), "
-               f"steps {int(rows[0]['step'])}-{int(rows[-1]['step'])}")
-    return {"status": status, "loss_d": loss_d, "chance_loss": chance, "gain_over_chance": gain, "logit_gap": gap,
-            "logit_gap_per_head": gaps, "per_time": per_time, "summary": summary}
+    summary = (
+        f"{status}: heads' {loss} loss {loss_d:.3f} (chance {chance:.3f}, {100 * gain:.0f}% below), "
+        f"real - fake logits {gap:.2f} (per head {', '.join(f'{g:.2f}' for g in gaps)}"
+        + (f"; per student time {', '.join(judged)}" if judged else "")
+        + "), "
+        f"steps {int(rows[0]['step'])}-{int(rows[-1]['step'])}"
+    )
+    return {
+        "status": status,
+        "loss_d": loss_d,
+        "chance_loss": chance,
+        "gain_over_chance": gain,
+        "logit_gap": gap,
+        "logit_gap_per_head": gaps,
+        "per_time": per_time,
+        "summary": summary,
+    }

@@ -32,10 +32,15 @@ def requested_providers(provider: str = "auto") -> list[str]:
     if provider not in PROVIDER_CHOICES:
         raise ValueError(f"provider must be one of {PROVIDER_CHOICES}, got {provider!r}")
     available = ort.get_available_providers()  # onnxruntime-gpu lists CUDA/TensorRT even without the libraries
-    wanted = {"cpu": [], "cuda": ["CUDAExecutionProvider"],
-              "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}.get(provider)
+    wanted = {
+        "cpu": [],
+        "cuda": ["CUDAExecutionProvider"],
+        "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
+    }.get(provider)
     if wanted is None:  # auto: TensorRT only when libnvinfer is installed, else it fails loudly at every session
-        wanted = (["TensorrtExecutionProvider"] if ctypes.util.find_library("nvinfer") else []) + ["CUDAExecutionProvider"]
+        wanted = (["TensorrtExecutionProvider"] if ctypes.util.find_library("nvinfer") else []) + [
+            "CUDAExecutionProvider"
+        ]
     wanted = [p for p in wanted if p in available and p not in _UNUSABLE]
     if wanted:
         _preload_cuda_libraries()
@@ -54,13 +59,16 @@ def _preload_cuda_libraries() -> None:
 _UNUSABLE: set[str] = set()  # providers a session of this process already fell back from: asked for once
 
 
-def open_session(path: str | Path, provider: str = "auto", threads: int = 0,
-                 optimization: str = "all") -> ort.InferenceSession:
+def open_session(
+    path: str | Path, provider: str = "auto", threads: int = 0, optimization: str = "all"
+) -> ort.InferenceSession:
     """An InferenceSession on the best provider asked for; warns when it fell back to the CPU."""
     options = ort.SessionOptions()
     options.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
     if threads:
         options.intra_op_num_threads = threads
@@ -69,8 +77,13 @@ def open_session(path: str | Path, provider: str = "auto", threads: int = 0,
     used = session.get_providers()[0]
     if used != providers[0]:
         _UNUSABLE.update(providers[: providers.index(used)])
-        log.warning("%s: %s is not usable here (onnxruntime-gpu %s needs CUDA 13 and cuDNN 9; see README); "
-                    "falling back to %s", Path(path).name, providers[0], ort.__version__, used)
+        log.warning(
+            "%s: %s is not usable here (onnxruntime-gpu %s needs CUDA 13 and cuDNN 9; see README); falling back to %s",
+            Path(path).name,
+            providers[0],
+            ort.__version__,
+            used,
+        )
     log.info("onnxruntime session %s on %s", Path(path).name, used)
     return session
 
@@ -86,8 +99,10 @@ def machine_key(provider: str = "auto") -> str:
     import platform
 
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 platform.processor() or platform.machine())
+    model = next(
+        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+        platform.processor() or platform.machine(),
+    )
     return f"{model} x{os.cpu_count()} / onnxruntime {ort.__version__} / {requested_providers(provider)[0]}"
 
 
@@ -129,7 +144,7 @@ class PromptTokenizer:
         self.tokenizer.enable_padding(length=max_length, pad_id=pad_id, pad_token=pad_token)
 
     @classmethod
-    def from_manifest(cls, root: Path, entry: dict) -> "PromptTokenizer":
+    def from_manifest(cls, root: Path, entry: dict) -> PromptTokenizer:
         return cls(root / entry["file"], entry["max_length"], entry["pad_id"], entry["pad_token"])
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
@@ -140,26 +155,38 @@ class OnnxStudent:
     """The exported student: prompts -> images. The unrolled graph runs the exported step count; other
     step counts (those in the manifest's schedules) loop the one-step transformer graph."""
 
-    def __init__(self, onnx_dir: str | Path, precision: str = "fp32", provider: str = "auto", threads: int | None = None,
-                 optimization: str | None = None, io_binding: bool | None = None):
+    def __init__(
+        self,
+        onnx_dir: str | Path,
+        precision: str = "fp32",
+        provider: str = "auto",
+        threads: int | None = None,
+        optimization: str | None = None,
+        io_binding: bool | None = None,
+    ):
         """`threads`, `optimization`, `io_binding`: None takes what benchmarks/onnx_latency.py measured fastest on
         this machine (`runtime_settings.json` in the export), else ORT's defaults (all cores, every optimisation)."""
         self.dir = Path(onnx_dir)
         manifest_path = self.dir / MANIFEST
         if not manifest_path.is_file():
-            raise FileNotFoundError(f"{self.dir} is not a ladd ONNX export: {manifest_path} is missing (run `ladd export`)")
+            raise FileNotFoundError(
+                f"{self.dir} is not a ladd ONNX export: {manifest_path} is missing (run `ladd export`)"
+            )
         self.manifest = json.loads(manifest_path.read_text())
         if precision not in self.manifest["models"]:
             raise ValueError(f"{manifest_path}: no {precision!r} models (has {', '.join(self.manifest['models'])})")
         self.files = self.manifest["models"][precision]
-        self.tokenizers = {name: PromptTokenizer.from_manifest(self.dir, t) for name, t in self.manifest["tokenizers"].items()}
+        self.tokenizers = {
+            name: PromptTokenizer.from_manifest(self.dir, t) for name, t in self.manifest["tokenizers"].items()
+        }
         asked = {"threads": threads, "optimization": optimization, "io_binding": io_binding}
         tuned = tuned_settings(self.dir, provider)
         self.settings = {k: v if v is not None else tuned.get(k, DEFAULT_SETTINGS[k]) for k, v in asked.items()}
         if tuned:
             log.info("%s: runtime settings measured on this machine: %s", self.dir / RUNTIME_SETTINGS, self.settings)
-        self._open = lambda name: open_session(self.dir / self.files[name], provider, self.settings["threads"],
-                                               self.settings["optimization"])
+        self._open = lambda name: open_session(
+            self.dir / self.files[name], provider, self.settings["threads"], self.settings["optimization"]
+        )
         self._sessions: dict[str, ort.InferenceSession] = {}
 
     def session(self, name: str) -> ort.InferenceSession:
@@ -192,14 +219,24 @@ class OnnxStudent:
         session = self.session("inpaint_condition")
         return session.run(["condition"], session_feeds(session, images=images, masks=masks))[0].astype(np.float32)
 
-    def generate_latents(self, embeds, pooled, noise, step_noise, steps: int | None = None,
-                         unrolled: bool | None = None, condition: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def generate_latents(
+        self,
+        embeds,
+        pooled,
+        noise,
+        step_noise,
+        steps: int | None = None,
+        unrolled: bool | None = None,
+        condition: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(latents, images in [0, 1]) from x_1 `noise` [N, C, H, W] and `step_noise` [steps - 1, N, C, H, W]
         (an inpainting student: beside `condition`, from `inpaint_condition`). `unrolled` (default: when `steps`
         is the exported count) picks the generator graph over the loop."""
         if (self.manifest.get("task") == "inpaint") != (condition is not None):
-            raise ValueError(f"{self.dir / MANIFEST}: a {self.manifest.get('task', 'text2image')} student "
-                             f"{'needs' if condition is None else 'takes no'} condition (images and masks)")
+            raise ValueError(
+                f"{self.dir / MANIFEST}: a {self.manifest.get('task', 'text2image')} student "
+                f"{'needs' if condition is None else 'takes no'} condition (images and masks)"
+            )
         steps = steps or self.steps
         if unrolled is None:
             unrolled = steps == self.steps
@@ -207,19 +244,32 @@ class OnnxStudent:
             if steps != self.steps:
                 raise ValueError(f"the unrolled generator runs {self.steps} steps, not {steps}")
             session = self.session("generator")
-            feeds = session_feeds(session, noise=noise, prompt_embeds=embeds, pooled_projections=pooled, step_noise=step_noise,
-                                  condition=condition)
+            feeds = session_feeds(
+                session,
+                noise=noise,
+                prompt_embeds=embeds,
+                pooled_projections=pooled,
+                step_noise=step_noise,
+                condition=condition,
+            )
             latents, images = run_session(session, ["latents", "images"], feeds, self.settings["io_binding"])
             return latents.astype(np.float32), images.astype(np.float32)
         if str(steps) not in self.manifest["schedules"]:
-            raise ValueError(f"{self.dir / MANIFEST}: no schedule for {steps} steps (have {', '.join(self.manifest['schedules'])})")
+            raise ValueError(
+                f"{self.dir / MANIFEST}: no schedule for {steps} steps (have {', '.join(self.manifest['schedules'])})"
+            )
         sigmas = self.manifest["schedules"][str(steps)]
         transformer, x = self.session("transformer"), noise
         for i in range(steps):
             t, t_next = sigmas[i], sigmas[i + 1]
             x_in = x if condition is None else np.concatenate([x, condition], 1)
-            feeds = session_feeds(transformer, hidden_states=x_in, encoder_hidden_states=embeds, pooled_projections=pooled,
-                          timestep=np.full(len(x), t * NUM_TRAIN_TIMESTEPS, dtype=np.float32))
+            feeds = session_feeds(
+                transformer,
+                hidden_states=x_in,
+                encoder_hidden_states=embeds,
+                pooled_projections=pooled,
+                timestep=np.full(len(x), t * NUM_TRAIN_TIMESTEPS, dtype=np.float32),
+            )
             v = transformer.run(["velocity"], feeds)[0].astype(np.float32)
             if self.manifest["sampler"] == "renoise":  # x0 = x_t - t v, then fresh noise to t_next (ADD/LADD)
                 x0 = x - t * v
@@ -235,27 +285,45 @@ class OnnxStudent:
         """What the request rules read: the trained step counts (an older export: every scheduled one), the
         default steps, the task and the export's request limits."""
         m = self.manifest
-        return {"trained_steps": m.get("trained_steps") or sorted(map(int, m["schedules"])),
-                "default_steps": m.get("default_steps", m["steps"]), "task": m.get("task", "text2image"),
-                **m.get("limits", {})}
+        return {
+            "trained_steps": m.get("trained_steps") or sorted(map(int, m["schedules"])),
+            "default_steps": m.get("default_steps", m["steps"]),
+            "task": m.get("task", "text2image"),
+            **m.get("limits", {}),
+        }
 
     def request(self, prompts, steps=None, seeds=None, **limits) -> Request:
-        """`ladd.serving.check_request` under this export's rules (`limits` override its max_prompts, max_prompt_chars)."""
+        """`ladd.serving.check_request` under this export's rules (`limits` override its max_prompts and
+        max_prompt_chars)."""
         meta = self.meta
         rules = {k: int(meta.get(k, v)) for k, v in LIMITS.items()} | limits
-        return check_request(prompts, steps, seeds, trained_steps=meta["trained_steps"],
-                             default_steps=int(meta["default_steps"]), **rules)
+        return check_request(
+            prompts,
+            steps,
+            seeds,
+            trained_steps=meta["trained_steps"],
+            default_steps=int(meta["default_steps"]),
+            **rules,
+        )
 
     def run(self, request: Request, images: np.ndarray | None = None, masks: np.ndarray | None = None) -> np.ndarray:
         """uint8 images [N, H, W, C] for a checked request. An inpainting student fills `images` (float
         [N, C, H, W] in [0, 1]) where `masks` ([N, 1, H, W]) are 1."""
         embeds, pooled = self.encode(request.prompts)
         noise, step_noise = self.step_noise(request.seeds, request.steps)
-        condition = None if images is None else self.inpaint_condition(images.astype(np.float32), masks.astype(np.float32))
+        condition = (
+            None if images is None else self.inpaint_condition(images.astype(np.float32), masks.astype(np.float32))
+        )
         _, out = self.generate_latents(embeds, pooled, noise, step_noise, request.steps, condition=condition)
         return (out.transpose(0, 2, 3, 1) * 255).round().clip(0, 255).astype(np.uint8)
 
-    def __call__(self, prompts: list[str], steps: int | None = None, seeds: list[int] | None = None,
-                 images: np.ndarray | None = None, masks: np.ndarray | None = None) -> np.ndarray:
+    def __call__(
+        self,
+        prompts: list[str],
+        steps: int | None = None,
+        seeds: list[int] | None = None,
+        images: np.ndarray | None = None,
+        masks: np.ndarray | None = None,
+    ) -> np.ndarray:
         """uint8 images [N, H, W, C] for `prompts` (record i: seeds[i], default a fresh seed), checked as a request."""
         return self.run(self.request(prompts, steps, seeds), images, masks)

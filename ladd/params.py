@@ -102,31 +102,47 @@ def _table_columns(path: str, encoding: str) -> list[str]:
 def _check_across_sections(p: Params, source: str) -> None:
     """Settings that contradict the data: found here, before a run spends hours on stages that cannot finish."""
     e, prep = p.evaluate, p.prepare
-    unlabelled = prep.source == "prompts" or (prep.source == "folder" and "label" not in _table_columns(prep.captions, prep.encoding))
+    unlabelled = prep.source == "prompts" or (
+        prep.source == "folder" and "label" not in _table_columns(prep.captions, prep.encoding)
+    )
     if unlabelled and e.features == "classifier":
-        raise ConfigError(f"{source}: evaluate.features: classifier needs labelled images, and {prep.captions} has none "
-                          "(prompts only, or no 'label' column): set evaluate.features to inception (with "
-                          "evaluate.inception_path) or clip (with evaluate.clip_path)")
+        raise ConfigError(
+            f"{source}: evaluate.features: classifier needs labelled images, and {prep.captions} has none "
+            "(prompts only, or no 'label' column): set evaluate.features to inception (with "
+            "evaluate.inception_path) or clip (with evaluate.clip_path)"
+        )
     try:  # auto: the classifier for labelled images, else the CLIP or Inception weights given
         resolve_features(e.features, not unlabelled, e.clip_path, e.inception_path)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err} ({prep.captions} has no labelled images)") from None
     if unlabelled and p.align.enabled and p.align.reward == "classifier":
-        raise ConfigError(f"{source}: align.reward: classifier scores the prompted digit, and {prep.captions} has no "
-                          "labels: use align.reward: clip (with align.reward_path) or a reward of ladd.align.REWARDS")
+        raise ConfigError(
+            f"{source}: align.reward: classifier scores the prompted digit, and {prep.captions} has no "
+            "labels: use align.reward: clip (with align.reward_path) or a reward of ladd.align.REWARDS"
+        )
     if p.inpaint.enabled and prep.source == "prompts":
-        raise ConfigError(f"{source}: inpaint.enabled: inpainting fills a masked image, and prepare.source is prompts "
-                          "(no images): use digits or folder (images and captions)")
+        raise ConfigError(
+            f"{source}: inpaint.enabled: inpainting fills a masked image, and prepare.source is prompts "
+            "(no images): use digits or folder (images and captions)"
+        )
     if p.inpaint.enabled and p.align.enabled:
-        raise ConfigError(f"{source}: align.enabled: the preference stage aligns text-to-image students; with "
-                          "inpaint.enabled set it to false")
+        raise ConfigError(
+            f"{source}: align.enabled: the preference stage aligns text-to-image students; with "
+            "inpaint.enabled set it to false"
+        )
     if prep.source == "prompts":
         if e.real_images == "required":
-            raise ConfigError(f"{source}: evaluate.real_images: required, but prepare.source is prompts (no real "
-                              "images): use auto or off; fd_teacher needs none")
+            raise ConfigError(
+                f"{source}: evaluate.real_images: required, but prepare.source is prompts (no real "
+                "images): use auto or off; fd_teacher needs none"
+            )
         if e.gate_metric == "fd":
-            raise ConfigError(f"{source}: evaluate.gate_metric: fd is measured against real images, and prepare.source "
-                              "is prompts: use fd_teacher (or auto)")
+            raise ConfigError(
+                f"{source}: evaluate.gate_metric: fd is measured against real images, and prepare.source "
+                "is prompts: use fd_teacher (or auto)"
+            )
         if e.gate_metric == "auto" and len(e.seeds) < 2:
-            raise ConfigError(f"{source}: evaluate.seeds: prompts-only data gates on fd_teacher, which compares with "
-                              "the teacher's samples of another seed: give two or more seeds")
+            raise ConfigError(
+                f"{source}: evaluate.seeds: prompts-only data gates on fd_teacher, which compares with "
+                "the teacher's samples of another seed: give two or more seeds"
+            )

@@ -40,25 +40,40 @@ def check_sd3_folder(src: str | Path) -> dict:
         raise TeacherError(f"{src} is not a diffusers pipeline folder: model_index.json is missing")
     spec = json.loads(index.read_text())
     if spec.get("_class_name") not in ("StableDiffusion3Pipeline", "StableDiffusion3InpaintPipeline"):
-        raise TeacherError(f"{src} holds a {spec.get('_class_name')}, not an SD3-family pipeline "
-                           "(model_index.json must name StableDiffusion3Pipeline or StableDiffusion3InpaintPipeline)")
-    missing = [name for name in SD3_COMPONENTS if spec.get(name) in (None, [None, None]) or not (Path(src) / name).is_dir()]
+        raise TeacherError(
+            f"{src} holds a {spec.get('_class_name')}, not an SD3-family pipeline "
+            "(model_index.json must name StableDiffusion3Pipeline or StableDiffusion3InpaintPipeline)"
+        )
+    missing = [
+        name for name in SD3_COMPONENTS if spec.get(name) in (None, [None, None]) or not (Path(src) / name).is_dir()
+    ]
     if missing:
-        raise TeacherError(f"{src} is not a complete SD3-family pipeline: missing {', '.join(f'{m}/' for m in missing)}")
+        raise TeacherError(
+            f"{src} is not a complete SD3-family pipeline: missing {', '.join(f'{m}/' for m in missing)}"
+        )
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         folder = Path(src) / name
         if folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
-            raise TeacherError(f"{folder} holds only pickled weights (.bin): ladd loads safetensors only (loading a "
-                               "pickle runs its code); convert them, e.g. load and save_pretrained(safe_serialization=True)")
-    transformer = json.loads((Path(src) / "transformer" / "config.json").read_text()) \
-        if (Path(src) / "transformer" / "config.json").is_file() else {}
+            raise TeacherError(
+                f"{folder} holds only pickled weights (.bin): ladd loads safetensors only (loading a "
+                "pickle runs its code); convert them, e.g. load and save_pretrained(safe_serialization=True)"
+            )
+    transformer = (
+        json.loads((Path(src) / "transformer" / "config.json").read_text())
+        if (Path(src) / "transformer" / "config.json").is_file()
+        else {}
+    )
     if transformer.get("_class_name") != "SD3Transformer2DModel":
-        raise TeacherError(f"{src}/transformer holds a {transformer.get('_class_name', 'model without config.json')}, "
-                           "not an SD3Transformer2DModel (MMDiT)")
+        raise TeacherError(
+            f"{src}/transformer holds a {transformer.get('_class_name', 'model without config.json')}, "
+            "not an SD3Transformer2DModel (MMDiT)"
+        )
     return spec
 
 
-def load_pipeline(src: str | Path, device: torch.device | str = "cpu", dtype=torch.float32, **components) -> StableDiffusion3Pipeline:
+def load_pipeline(
+    src: str | Path, device: torch.device | str = "cpu", dtype=torch.float32, **components
+) -> StableDiffusion3Pipeline:
     """`StableDiffusion3Pipeline.from_pretrained` for a local dir or hub id; components saved as null
     (a teacher without T5) are passed as None, as diffusers requires; `components` replace loaded ones."""
     kwargs = {}
@@ -70,13 +85,16 @@ def load_pipeline(src: str | Path, device: torch.device | str = "cpu", dtype=tor
     elif Path(src).exists() or Path(src).is_absolute() or str(src).startswith(".") or str(src).count("/") != 1:
         raise TeacherError(f"{src} is not a folder, nor a hub id (owner/name)")
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(str(src), dtype=dtype, use_safetensors=True,
-                                                        **{**kwargs, **components})
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            str(src), dtype=dtype, use_safetensors=True, **{**kwargs, **components}
+        )
     except (OSError, ValueError) as e:
         if Path(src).is_dir():
             raise
-        raise TeacherError(f"cannot load {src} from the Hub or its local cache (offline: download it, then give "
-                           f"its folder): {str(e).splitlines()[0]}") from e
+        raise TeacherError(
+            f"cannot load {src} from the Hub or its local cache (offline: download it, then give "
+            f"its folder): {str(e).splitlines()[0]}"
+        ) from e
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -85,8 +103,9 @@ def load_transformer(src: str | Path, device: torch.device | str = "cpu", dtype=
     """Only the MMDiT of a pipeline folder, in `dtype` (a 2-8B teacher need not pass through fp32 in memory)."""
     from diffusers import SD3Transformer2DModel
 
-    return SD3Transformer2DModel.from_pretrained(str(src), subfolder="transformer", torch_dtype=dtype,
-                                                 use_safetensors=True).to(device)
+    return SD3Transformer2DModel.from_pretrained(
+        str(src), subfolder="transformer", torch_dtype=dtype, use_safetensors=True
+    ).to(device)
 
 
 def read_meta(pipe_dir: str | Path) -> dict:
@@ -132,13 +151,19 @@ def bucket_latent_shapes(pipe_dir: str | Path, resolutions, key: str) -> list[tu
     shapes = []
     for i, (height, width) in enumerate(resolutions):
         if height % (factor * patch) or width % (factor * patch):
-            raise ConfigError(f"{key}[{i}]: {height}x{width} is not divisible by {factor * patch} (the teacher's VAE "
-                              f"factor {factor} x patch size {patch})")
+            raise ConfigError(
+                f"{key}[{i}]: {height}x{width} is not divisible by {factor * patch} (the teacher's VAE "
+                f"factor {factor} x patch size {patch})"
+            )
         if limit is not None and max(height, width) // (factor * patch) > limit:
-            raise ConfigError(f"{key}[{i}]: {height}x{width} needs {height // (factor * patch)}x{width // (factor * patch)} "
-                              f"patches; the teacher's pos_embed_max_size is {limit} "
-                              f"(at most {limit * factor * patch} pixels a side)")
-        shapes.append((transformer.get("out_channels") or transformer["in_channels"], height // factor, width // factor))
+            raise ConfigError(
+                f"{key}[{i}]: {height}x{width} needs {height // (factor * patch)}x{width // (factor * patch)} "
+                f"patches; the teacher's pos_embed_max_size is {limit} "
+                f"(at most {limit * factor * patch} pixels a side)"
+            )
+        shapes.append(
+            (transformer.get("out_channels") or transformer["in_channels"], height // factor, width // factor)
+        )
     return shapes
 
 
@@ -159,8 +184,12 @@ def encode_prompts(
     for i in range(0, len(unique), batch_size):
         chunk = unique[i : i + batch_size]
         e, _, p, _ = pipe.encode_prompt(
-            prompt=chunk, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
-            max_sequence_length=max_sequence_length, device=pipe._execution_device,
+            prompt=chunk,
+            prompt_2=None,
+            prompt_3=None,
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length,
+            device=pipe._execution_device,
         )
         embeds.append(e)
         pooled.append(p)

@@ -17,8 +17,14 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_curves(curve: list[dict], heads: int, path: str | Path, title: str = "", chance: float | None = None,
-                times: list[float] | None = None) -> Path:
+def plot_curves(
+    curve: list[dict],
+    heads: int,
+    path: str | Path,
+    title: str = "",
+    chance: float | None = None,
+    times: list[float] | None = None,
+) -> Path:
     """Distillation curves: the losses (with the heads' chance level), each head's mean real and fake logits,
     and the heads' real - fake gap at each student time, smoothed over ~5% of the run, so a glance shows
     whether (and at which student times) the adversarial part worked."""
@@ -40,9 +46,16 @@ def plot_curves(curve: list[dict], heads: int, path: str | Path, title: str = ""
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i in range(heads):
         color = colors[i % len(colors)]
-        ax_logits.plot(steps, smooth([r[f"logits_real_h{i}"] for r in curve], window), color=color, label=f"head {i} real")
-        ax_logits.plot(steps, smooth([r[f"logits_fake_h{i}"] for r in curve], window), color=color, linestyle="--",
-                       label=f"head {i} fake")
+        ax_logits.plot(
+            steps, smooth([r[f"logits_real_h{i}"] for r in curve], window), color=color, label=f"head {i} real"
+        )
+        ax_logits.plot(
+            steps,
+            smooth([r[f"logits_fake_h{i}"] for r in curve], window),
+            color=color,
+            linestyle="--",
+            label=f"head {i} fake",
+        )
     ax_logits.set(xlabel="step", ylabel="mean logit", title="discriminator heads: real (solid) vs fake (dashed)")
     ax_logits.legend(fontsize=7, ncol=2)
     judged = 0

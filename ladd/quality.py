@@ -18,14 +18,14 @@ import importlib.util
 import sys
 import tempfile
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from ladd.classifier import NOT_APPLICABLE, DigitClassifier, classify, load_classifier
-from ladd.errors import ConfigError
 from ladd.data.prepare import Split
+from ladd.errors import ConfigError
 from ladd.metrics import clip_score, conditional_accuracy, frechet_distance, precision_recall
 
 FID_FEATURES = "2048"  # Inception's pool3: the FID of Heusel et al. and every paper since
@@ -44,8 +44,9 @@ def embed(extractor, images: torch.Tensor, batch_size: int = 256) -> tuple[torch
     return torch.cat(feats), (None if logits[0] is None else torch.cat(logits))
 
 
-def score_features(feats: torch.Tensor, logits: torch.Tensor | None, labels: torch.Tensor,
-                   real: torch.Tensor | None = None) -> dict:
+def score_features(
+    feats: torch.Tensor, logits: torch.Tensor | None, labels: torch.Tensor, real: torch.Tensor | None = None
+) -> dict:
     """The figures a set of sample features supports: `fd`, precision and recall against `real`, `accuracy`
     where there are logits and labels (-1: unknown)."""
     out = {}
@@ -99,8 +100,10 @@ def _fidelity_inception_class():
     except (ImportError, RuntimeError, OSError):
         spec = importlib.util.find_spec("torch_fidelity")
         if spec is None:
-            raise ConfigError("evaluate.features: inception needs torch-fidelity (pip install --no-deps "
-                              "torch-fidelity==0.4.0; scripts/setup.sh installs it)") from None
+            raise ConfigError(
+                "evaluate.features: inception needs torch-fidelity (pip install --no-deps "
+                "torch-fidelity==0.4.0; scripts/setup.sh installs it)"
+            ) from None
         package = types.ModuleType("torch_fidelity")
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["torch_fidelity"] = package
@@ -129,7 +132,9 @@ def load_inception(path: str | Path, key: str = "evaluate.inception_path") -> In
     try:
         state = read_state_dict(path)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ConfigError(f"{key}: {path} is not a weights file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise ConfigError(
+            f"{key}: {path} is not a weights file ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
     network = _fidelity_inception_class()
     if not isinstance(state, dict) or "Mixed_7c.branch_pool.conv.weight" not in state:
         raise ConfigError(f"{key}: {path} does not hold the FID Inception-v3 network (no Mixed_7c weights)")
@@ -141,7 +146,9 @@ def load_inception(path: str | Path, key: str = "evaluate.inception_path") -> In
         try:
             net = network("inception-v3-compat", [FID_FEATURES], feature_extractor_weights_path=str(trusted))
         except RuntimeError as e:  # missing or misshapen tensors
-            raise ConfigError(f"{key}: {path} is not the FID Inception-v3 network: {str(e).splitlines()[0][:200]}") from None
+            raise ConfigError(
+                f"{key}: {path} is not the FID Inception-v3 network: {str(e).splitlines()[0][:200]}"
+            ) from None
     return InceptionFeatures(net)
 
 
@@ -163,10 +170,17 @@ class ClipFeatures(torch.nn.Module):
     def text_embeds(self, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
         out = []
         for i in range(0, len(prompts), batch_size):
-            tokens = self.processor(text=prompts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                                    max_length=self.model.config.text_config.max_position_embeddings)
-            emb = self.model.get_text_features(input_ids=tokens["input_ids"].to(self.model.device),
-                                               attention_mask=tokens["attention_mask"].to(self.model.device))
+            tokens = self.processor(
+                text=prompts[i : i + batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.model.config.text_config.max_position_embeddings,
+            )
+            emb = self.model.get_text_features(
+                input_ids=tokens["input_ids"].to(self.model.device),
+                attention_mask=tokens["attention_mask"].to(self.model.device),
+            )
             out.append(torch.nn.functional.normalize(getattr(emb, "pooler_output", emb).float(), dim=-1).cpu())
         return torch.cat(out)
 
@@ -199,8 +213,9 @@ def load_clip(path: str | Path, key: str = "evaluate.clip_path") -> ClipFeatures
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever transformers raises for a broken folder
-        raise ConfigError(f"{key}: {path} does not load as a CLIP model: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]}") from None
+        raise ConfigError(
+            f"{key}: {path} does not load as a CLIP model: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     return clip
@@ -208,8 +223,10 @@ def load_clip(path: str | Path, key: str = "evaluate.clip_path") -> ClipFeatures
 
 def load_classifier_features(path: str | Path, key: str = "evaluate.features") -> DigitClassifier:
     if (Path(path) / NOT_APPLICABLE).is_file():
-        raise ConfigError(f"{key}: classifier, but {path} holds no classifier (the data has no labelled images): set "
-                          "evaluate.features to inception (with evaluate.inception_path) or clip (with evaluate.clip_path)")
+        raise ConfigError(
+            f"{key}: classifier, but {path} holds no classifier (the data has no labelled images): set "
+            "evaluate.features to inception (with evaluate.inception_path) or clip (with evaluate.clip_path)"
+        )
     return load_classifier(path)
 
 
@@ -219,4 +236,3 @@ FEATURE_EXTRACTORS: dict[str, Callable[..., torch.nn.Module]] = {
     "inception": load_inception,
     "clip": load_clip,
 }
-

@@ -56,19 +56,23 @@ class MlflowRegistry(NullRegistry):
         try:
             version = MlflowClient().get_model_version_by_alias(name, "champion")
         except MlflowException as e:
-            if e.error_code == "RESOURCE_DOES_NOT_EXIST" or (e.error_code == "INVALID_PARAMETER_VALUE"
-                                                             and "alias champion not found" in e.message):
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+                e.error_code == "INVALID_PARAMETER_VALUE" and "alias champion not found" in e.message
+            ):
                 return None  # no such model, or no champion yet
             # anything else (a server error, no permission) must not let a candidate through without the gate
-            raise TrackingUnavailable(f"cannot read the champion of {name} from {masked_uri(tracking_uri())}: "
-                                      f"{e.message.splitlines()[0]}") from None
+            raise TrackingUnavailable(
+                f"cannot read the champion of {name} from {masked_uri(tracking_uri())}: {e.message.splitlines()[0]}"
+            ) from None
         return {"version": str(version.version), "tags": dict(version.tags)}
 
     def download_model(self, name: str, version: str, dst: str | Path) -> Path:
         """The student pipeline folder of a registered version, downloaded under `dst`."""
         import yaml
 
-        local = Path(self._mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst)))
+        local = Path(
+            self._mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst))
+        )
         flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
         if "artifacts" in flavor:  # a version logged as a pickled PythonModel (before ladd.serving)
             return local / flavor["artifacts"]["pipeline"]["path"]
@@ -85,7 +89,9 @@ class MlflowRegistry(NullRegistry):
             versions = client.search_model_versions(f"name = '{name}'")
         except MlflowException as e:
             if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise TrackingUnavailable(f"cannot list the versions of {name} in {masked_uri(tracking_uri())}: {e}") from None
+                raise TrackingUnavailable(
+                    f"cannot list the versions of {name} in {masked_uri(tracking_uri())}: {e}"
+                ) from None
             return None
         mine = [v for v in versions if all(v.tags.get(k) == _tag(x) for k, x in identity.items())]
         if not mine:
@@ -117,8 +123,12 @@ class MlflowRegistry(NullRegistry):
             code = Path(tmp) / "ladd"
             shutil.copytree(Path(__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))
             return self._mlflow.pyfunc.log_model(
-                name=artifact_name, loader_module="ladd.serving", data_path=str(folder), code_paths=[str(code)],
-                model_config=self.model_config or None, pip_requirements=served_requirements("onnx" if onnx else "torch"),
+                name=artifact_name,
+                loader_module="ladd.serving",
+                data_path=str(folder),
+                code_paths=[str(code)],
+                model_config=self.model_config or None,
+                pip_requirements=served_requirements("onnx" if onnx else "torch"),
                 # no input_example: MLflow would load and run a second copy of the student to check it, here,
                 # beside the evaluated ones (a 2-8B student twice in memory); the signature says the columns
                 signature=ModelSignature(request_schema(folder), response_schema()),
@@ -161,19 +171,27 @@ def request_schema(folder):
     from ladd.serving import inpainting
 
     extra = [ColSpec("string", "image_png"), ColSpec("string", "mask_png")] if inpainting(folder) else []
-    return Schema([ColSpec("string", "prompt"), ColSpec("long", "steps", required=False),
-                   ColSpec("long", "seed", required=False), *extra])
+    return Schema(
+        [
+            ColSpec("string", "prompt"),
+            ColSpec("long", "steps", required=False),
+            ColSpec("long", "seed", required=False),
+            *extra,
+        ]
+    )
 
 
 def response_schema():
     from mlflow.types import ColSpec, Schema
 
-    return Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("long", "steps"),
-                   ColSpec("string", "image_png")])
+    return Schema(
+        [ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("long", "steps"), ColSpec("string", "image_png")]
+    )
 
 
-def register_and_gate(cfg, candidate: dict, metric: str, protocol: dict, student_dir, registry: NullRegistry,
-                      rescore) -> dict | None:
+def register_and_gate(
+    cfg, candidate: dict, metric: str, protocol: dict, student_dir, registry: NullRegistry, rescore
+) -> dict | None:
     """The champion gate on the student's `candidate` figures (at evaluate.gate_steps; `cfg`: the EvaluateConfig). A
     registered version is one set of weights: their version (registered the first time they are evaluated) gets this
     protocol's figures and the gate's decision under it, beside those of other protocols. The champion's own weights
@@ -182,34 +200,59 @@ def register_and_gate(cfg, candidate: dict, metric: str, protocol: dict, student
     identity = {"weights": fingerprint(Path(student_dir) / "transformer", Path(student_dir) / "scheduler")}
     existing, champion = registry.registered_version(name, identity), registry.champion(name)
     is_champion = existing is not None and champion is not None and champion["version"] == existing["version"]
-    result = {"protocol_id": pid, "gate_metric": metric, "champion_rescored": None, "already_registered": False,
-              "previous_champion": champion["version"] if champion and not is_champion else None}
+    result = {
+        "protocol_id": pid,
+        "gate_metric": metric,
+        "champion_rescored": None,
+        "already_registered": False,
+        "previous_champion": champion["version"] if champion and not is_champion else None,
+    }
     recorded = evaluations(existing["tags"]).get(pid) if existing else None
     if recorded and recorded["decision"]:  # a rerun or a retry: this evaluation is on its version already
-        log.info("%s version %s holds these weights and their figures under this protocol already: kept as it is",
-                 name, existing["version"])
-        return {**result, "version": existing["version"], "promoted": recorded["decision"] == "promoted",
-                "champion": is_champion, "reason": recorded["reason"], "already_registered": True}
+        log.info(
+            "%s version %s holds these weights and their figures under this protocol already: kept as it is",
+            name,
+            existing["version"],
+        )
+        return {
+            **result,
+            "version": existing["version"],
+            "promoted": recorded["decision"] == "promoted",
+            "champion": is_champion,
+            "reason": recorded["reason"],
+            "already_registered": True,
+        }
     if is_champion:
         decision, reason = "kept", "the champion's own weights, evaluated under another protocol: its figures are added"
     else:
-        promote, reason, result["champion_rescored"] = _against_champion(cfg, candidate, metric, protocol, champion,
-                                                                         registry, rescore)
+        promote, reason, result["champion_rescored"] = _against_champion(
+            cfg, candidate, metric, protocol, champion, registry, rescore
+        )
         decision = "promoted" if promote else "rejected"
     version = existing["version"] if existing else registry.register_student(student_dir, name, identity)
     if version is None:  # no tracking store
         return None
     latest = {decision: reason} if decision != "kept" else {}  # the version's last verdict, as the UI lists tags
-    registry.tag_version(name, version, {**evaluation_tags(protocol, candidate, (decision, reason)), **latest},
-                        remove=tuple({"promoted", "rejected"} - set(latest)) if latest else ())
+    registry.tag_version(
+        name,
+        version,
+        {**evaluation_tags(protocol, candidate, (decision, reason)), **latest},
+        remove=tuple({"promoted", "rejected"} - set(latest)) if latest else (),
+    )
     if decision == "promoted":
         registry.promote(name, version)
-    return {**result, "version": version, "promoted": decision == "promoted", "champion": decision != "rejected",
-            "reason": reason}
+    return {
+        **result,
+        "version": version,
+        "promoted": decision == "promoted",
+        "champion": decision != "rejected",
+        "reason": reason,
+    }
 
 
-def _against_champion(cfg, candidate: dict, metric: str, protocol: dict, champion: dict | None, registry: NullRegistry,
-                      rescore) -> tuple[bool, str, dict | None]:
+def _against_champion(
+    cfg, candidate: dict, metric: str, protocol: dict, champion: dict | None, registry: NullRegistry, rescore
+) -> tuple[bool, str, dict | None]:
     """(promote, reason, the champion's re-scored figures or None): the candidate against the champion's figures
     under this protocol, read from its version, else measured now and kept on it (gate_rescore), else refused."""
     held = evaluations(champion["tags"]) if champion else {}
@@ -217,19 +260,37 @@ def _against_champion(cfg, candidate: dict, metric: str, protocol: dict, champio
     rescored = None
     if champion is not None and figures is None:
         if not cfg.gate_rescore:
-            nearest = min((e["protocol"] for e in held.values()), default=None,
-                          key=lambda p: len(protocol_differences(protocol, p)))
-            return False, (f"not compared: champion version {champion['version']} was evaluated under another protocol "
-                           f"({'; '.join(protocol_differences(protocol, nearest))}); evaluate.gate_rescore: true "
-                           "re-scores it"), None
-        log.info("champion %s version %s has no figures under this protocol: re-scoring it", cfg.model_name,
-                 champion["version"])
+            nearest = min(
+                (e["protocol"] for e in held.values()),
+                default=None,
+                key=lambda p: len(protocol_differences(protocol, p)),
+            )
+            return (
+                False,
+                (
+                    f"not compared: champion version {champion['version']} was evaluated under another protocol "
+                    f"({'; '.join(protocol_differences(protocol, nearest))}); evaluate.gate_rescore: true "
+                    "re-scores it"
+                ),
+                None,
+            )
+        log.info(
+            "champion %s version %s has no figures under this protocol: re-scoring it",
+            cfg.model_name,
+            champion["version"],
+        )
         with tempfile.TemporaryDirectory() as tmp:
             row = rescore(registry.download_model(cfg.model_name, champion["version"], tmp))
         figures = rescored = row
         registry.tag_version(cfg.model_name, champion["version"], evaluation_tags(protocol, figures))
-    promote, reason = gate_decision(candidate, figures, metric, resolve_direction(cfg.gate_direction, metric),
-                                    cfg.gate_tolerance, cfg.gate_max_accuracy_drop)
+    promote, reason = gate_decision(
+        candidate,
+        figures,
+        metric,
+        resolve_direction(cfg.gate_direction, metric),
+        cfg.gate_tolerance,
+        cfg.gate_max_accuracy_drop,
+    )
     if rescored is not None:
         reason += f" (champion version {champion['version']} re-scored under this protocol)"
     return promote, reason, rescored

@@ -12,8 +12,14 @@ import torch
 
 from ladd.checkpoint import load_checkpoint, load_sharded_checkpoint, read_checkpoint_meta
 from ladd.config import DistillConfig
-from ladd.distributed import (World, is_sharded, load_full_optimizer_state, load_full_state_dict, load_sharded_state,
-                              sharded_state)
+from ladd.distributed import (
+    World,
+    is_sharded,
+    load_full_optimizer_state,
+    load_full_state_dict,
+    load_sharded_state,
+    sharded_state,
+)
 from ladd.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -61,18 +67,30 @@ def resumable(path: Path, cfg: DistillConfig, run: dict) -> tuple[Path, Path] | 
         saved_step, saved_run = read_checkpoint_meta(path)
     except Exception as e:  # torn or foreign file (the writer is atomic, so not ours mid-write)
         aside = path.with_name(path.name + ".corrupt")
-        log.warning("distill: checkpoint %s is unreadable (%s): moved to %s at this run's first checkpoint, starting "
-                    "from step 0", path, e, aside)
+        log.warning(
+            "distill: checkpoint %s is unreadable (%s): moved to %s at this run's first checkpoint, starting "
+            "from step 0",
+            path,
+            e,
+            aside,
+        )
         return path, aside
     if saved_run != run:
         aside = next(p for n in itertools.count(1) if not (p := path.with_name(f"{path.name}.stale-{n}")).exists())
         changed = ", ".join(k for k in sorted(set(run) | set(saved_run)) if run.get(k) != saved_run.get(k))
-        log.warning("distill: %s was written for other settings or data (%s): moved to %s at this run's first "
-                    "checkpoint, starting from step 0", path, changed, aside)
+        log.warning(
+            "distill: %s was written for other settings or data (%s): moved to %s at this run's first "
+            "checkpoint, starting from step 0",
+            path,
+            changed,
+            aside,
+        )
         return path, aside
     if saved_step > cfg.steps:
-        raise ConfigError(f"distill.steps is {cfg.steps} but {path} is at step {saved_step}: raise distill.steps, or "
-                          "move the checkpoint away to train from step 0")
+        raise ConfigError(
+            f"distill.steps is {cfg.steps} but {path} is at step {saved_step}: raise distill.steps, or "
+            "move the checkpoint away to train from step 0"
+        )
     return None
 
 
@@ -93,8 +111,11 @@ def resume_state(path: Path, modules: dict, optimizers: dict, gen: torch.Generat
     else:
         sharded = any(is_sharded(m) for m in modules.values())
         start, states, opt_states = load_checkpoint(
-            path, list(modules) if world.main or not sharded else ["disc"],
-            list(optimizers) if world.main or not sharded else ["opt_d"], {"data": gen})
+            path,
+            list(modules) if world.main or not sharded else ["disc"],
+            list(optimizers) if world.main or not sharded else ["opt_d"],
+            {"data": gen},
+        )
         for name, module in modules.items():
             load_full_state_dict(module, states.get(name, {}))
         for name, (module, opt) in optimizers.items():

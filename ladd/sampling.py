@@ -6,7 +6,7 @@ t in [0, 1] with t = 1 pure noise. The transformer itself takes `timestep = 1000
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -59,7 +59,10 @@ def cfg_velocity(
         x_in = torch.cat([x, x]) if use_cfg else x
         timestep = (t * NUM_TRAIN_TIMESTEPS).expand(x_in.shape[0])
         v = transformer(
-            hidden_states=x_in, encoder_hidden_states=embeds, pooled_projections=pooled_all, timestep=timestep,
+            hidden_states=x_in,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled_all,
+            timestep=timestep,
             return_dict=False,
         )[0]
         if not use_cfg:
@@ -71,8 +74,9 @@ def cfg_velocity(
 
 
 @torch.no_grad()
-def sample_euler(model: Velocity, x: torch.Tensor, sigmas: torch.Tensor, disable: bool = True,
-                 callback: Callable | None = None) -> torch.Tensor:
+def sample_euler(
+    model: Velocity, x: torch.Tensor, sigmas: torch.Tensor, disable: bool = True, callback: Callable | None = None
+) -> torch.Tensor:
     """Euler integration of the flow ODE dx/dt = v from sigmas[0] to sigmas[-1].
 
     `callback(x, v, t, t_next)` sees each step (k-diffusion style), e.g. to record the path."""
@@ -107,8 +111,12 @@ class EulerPath:
 
 @torch.no_grad()
 def sample_renoise(
-    model: Velocity, x: torch.Tensor, sigmas: torch.Tensor, generator: torch.Generator | None = None,
-    disable: bool = True, step_noise: torch.Tensor | None = None,
+    model: Velocity,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    generator: torch.Generator | None = None,
+    disable: bool = True,
+    step_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Few-step sampling of ADD/LADD students: x0 = x_t - t v, then re-noise to the next t with fresh noise.
 

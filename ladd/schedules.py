@@ -50,9 +50,11 @@ def check_student_times(schedule: str, student_times) -> None:
     not at config load: the stages before distill never run this file."""
     ladder = few_step_times(schedule, len(student_times), student_times[-1])
     if any(abs(a - b) > 1e-6 for a, b in zip(student_times, ladder)):
-        raise ConfigError(f"distill.student_times must be the {schedule} schedule's times from 1 to their last value, "
-                          f"so that the saved student's diffusers scheduler visits them: use "
-                          f"[{', '.join(f'{t:.10g}' for t in ladder)}], got {list(student_times)}")
+        raise ConfigError(
+            f"distill.student_times must be the {schedule} schedule's times from 1 to their last value, "
+            f"so that the saved student's diffusers scheduler visits them: use "
+            f"[{', '.join(f'{t:.10g}' for t in ladder)}], got {list(student_times)}"
+        )
 
 
 def student_sigmas(steps: int, student_meta: dict) -> torch.Tensor:
@@ -61,8 +63,9 @@ def student_sigmas(steps: int, student_meta: dict) -> torch.Tensor:
     import torch  # here: config loading imports this module and stays free of torch
 
     times = student_meta.get("student_times", [1.0])
-    return torch.tensor([*few_step_times(student_meta.get("schedule", "exponential"), steps, min(times)), 0.0],
-                        dtype=torch.float32)
+    return torch.tensor(
+        [*few_step_times(student_meta.get("schedule", "exponential"), steps, min(times)), 0.0], dtype=torch.float32
+    )
 
 
 def trained_step_counts(student_meta: dict) -> list[int]:
@@ -72,5 +75,8 @@ def trained_step_counts(student_meta: dict) -> list[int]:
         return list(range(1, int(student_meta.get("default_steps", 4)) + 1))
     times = student_meta["student_times"]
     schedule = student_meta.get("schedule", "exponential")
-    return [k for k in range(1, len(times) + 1)
-            if all(any(abs(t - s) < 1e-4 for s in times) for t in few_step_times(schedule, k, min(times)))]
+    return [
+        k
+        for k in range(1, len(times) + 1)
+        if all(any(abs(t - s) < 1e-4 for s in times) for t in few_step_times(schedule, k, min(times)))
+    ]

@@ -46,8 +46,9 @@ def _missing(value) -> bool:  # a column a client left out of some rows arrives 
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def check_request(prompts, steps=None, seeds=None, *, trained_steps, default_steps: int, max_prompts: int,
-                  max_prompt_chars: int) -> Request:
+def check_request(
+    prompts, steps=None, seeds=None, *, trained_steps, default_steps: int, max_prompts: int, max_prompt_chars: int
+) -> Request:
     """The request, checked: `seeds` one per prompt (None or a missing entry: a fresh one)."""
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise RequestError("prompt: at least one prompt is needed")
@@ -60,9 +61,15 @@ def check_request(prompts, steps=None, seeds=None, *, trained_steps, default_ste
             raise RequestError(f"prompt[{i}]: {len(prompt)} characters; this model serves at most {max_prompt_chars}")
     if _missing(steps):
         steps = default_steps
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Real) or steps != int(steps) or int(steps) not in trained_steps:
-        raise RequestError(f"steps: {str(steps)[:40]} is not one of the student's trained step counts "
-                           f"{sorted(trained_steps)}")
+    if (
+        isinstance(steps, bool)
+        or not isinstance(steps, numbers.Real)
+        or steps != int(steps)
+        or int(steps) not in trained_steps
+    ):
+        raise RequestError(
+            f"steps: {str(steps)[:40]} is not one of the student's trained step counts {sorted(trained_steps)}"
+        )
     seeds = [None] * len(prompts) if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
         raise RequestError(f"seed: {len(seeds)} seeds for {len(prompts)} prompts")
@@ -70,7 +77,12 @@ def check_request(prompts, steps=None, seeds=None, *, trained_steps, default_ste
     for i, seed in enumerate(seeds):
         if _missing(seed):
             seed = secrets.randbelow(MAX_SEED + 1)
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Real) or seed != int(seed) or not 0 <= seed <= MAX_SEED:
+        if (
+            isinstance(seed, bool)
+            or not isinstance(seed, numbers.Real)
+            or seed != int(seed)
+            or not 0 <= seed <= MAX_SEED
+        ):
             raise RequestError(f"seed[{i}]: {str(seed)[:40]} is not an integer in [0, {MAX_SEED}]")
         checked.append(int(seed))
     return Request([str(p) for p in prompts], int(steps), checked)
@@ -78,7 +90,9 @@ def check_request(prompts, steps=None, seeds=None, *, trained_steps, default_ste
 
 def seeded_draws(seeds: list[int], steps: int, shape) -> tuple[np.ndarray, np.ndarray]:
     """x_1 [N, *shape] and the re-noising draws [steps - 1, N, *shape] of each record, from its own seed."""
-    draws = np.stack([np.random.default_rng(s).standard_normal((steps, *shape), dtype=np.float32) for s in seeds], axis=1)
+    draws = np.stack(
+        [np.random.default_rng(s).standard_normal((steps, *shape), dtype=np.float32) for s in seeds], axis=1
+    )
     return draws[0], draws[1:]
 
 
@@ -108,15 +122,18 @@ def inpaint_inputs(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     for i, row in enumerate(rows):
         for key in ("image_png", "mask_png"):
             if _missing(row.get(key)) or not row.get(key):
-                raise RequestError(f"{key}[{i}]: an inpainting student needs image_png and mask_png (base64 PNGs) "
-                                   f"beside the prompt")
+                raise RequestError(
+                    f"{key}[{i}]: an inpainting student needs image_png and mask_png (base64 PNGs) beside the prompt"
+                )
         image, mask = unpng(row["image_png"], f"image_png[{i}]"), unpng(row["mask_png"], f"mask_png[{i}]")
         if mask.shape[-2:] != image.shape[-2:]:
             raise RequestError(f"mask_png[{i}]: mask is {tuple(mask.shape[-2:])}, the image {tuple(image.shape[-2:])}")
         covered = float((mask[:1] > 127.5).mean())
         if covered in (0.0, 1.0):
-            raise RequestError(f"mask_png[{i}]: mask is all {'black' if covered == 0 else 'white'}: nothing to "
-                               f"{'inpaint' if covered == 0 else 'keep'}")
+            raise RequestError(
+                f"mask_png[{i}]: mask is all {'black' if covered == 0 else 'white'}: nothing to "
+                f"{'inpaint' if covered == 0 else 'keep'}"
+            )
         images.append(image.astype(np.float32) / 255)
         masks.append((mask[:1] > 127.5).astype(np.float32))
     try:
@@ -141,8 +158,12 @@ class ServedStudent:
 
         self.generate, self.inpaint = generate, meta.get("task") == "inpaint"
         trained = meta.get("trained_steps") or trained_step_counts(meta)  # an ONNX export lists them
-        self.rules = {"trained_steps": trained, "default_steps": int(meta.get("default_steps", 4)),
-                      **LIMITS, **{k: int(v) for k, v in (config or {}).items() if k in LIMITS}}
+        self.rules = {
+            "trained_steps": trained,
+            "default_steps": int(meta.get("default_steps", 4)),
+            **LIMITS,
+            **{k: int(v) for k, v in (config or {}).items() if k in LIMITS},
+        }
 
     def predict(self, model_input, params=None):
         import pandas as pd
@@ -150,20 +171,28 @@ class ServedStudent:
         try:
             rows = _rows(model_input)
             if len(rows) > self.rules["max_prompts"]:  # before reading any row
-                raise RequestError(f"prompt: {len(rows)} prompts in one request; this model serves at most "
-                                   f"{self.rules['max_prompts']}")
+                raise RequestError(
+                    f"prompt: {len(rows)} prompts in one request; this model serves at most {self.rules['max_prompts']}"
+                )
             steps = {r.get("steps") for r in rows if not _missing(r.get("steps"))}
             if len(steps) > 1:
                 raise RequestError(f"steps: one step count per request, got {sorted(steps)}")
-            request = check_request([r.get("prompt") for r in rows], next(iter(steps), None), [r.get("seed") for r in rows],
-                                    **self.rules)
+            request = check_request(
+                [r.get("prompt") for r in rows], next(iter(steps), None), [r.get("seed") for r in rows], **self.rules
+            )
             images = self.generate(request, inpaint_inputs(rows) if self.inpaint else None)
         except RequestError as e:
             from mlflow.exceptions import MlflowException  # served: a 400 whose message is this line
 
             raise MlflowException.invalid_parameter_value(str(e)) from None
-        return pd.DataFrame({"prompt": request.prompts, "seed": request.seeds, "steps": request.steps,
-                             "image_png": [png(image) for image in images]})
+        return pd.DataFrame(
+            {
+                "prompt": request.prompts,
+                "seed": request.seeds,
+                "steps": request.steps,
+                "image_png": [png(image) for image in images],
+            }
+        )
 
 
 def torch_generate(student_dir):
@@ -185,9 +214,16 @@ def torch_generate(student_dir):
         condition = None
         if inpaint is not None:  # inpaint_condition takes images in [0, 255]
             condition = inpaint_condition(pipe.vae, torch.from_numpy(inpaint[0] * 255), torch.from_numpy(inpaint[1]))
-        latents = generate_latents(pipe.transformer, embeds, pooled, torch.from_numpy(noise), student_sigmas(request.steps, meta),
-                                   sampler=meta.get("sampler", "euler"), step_noise=torch.from_numpy(step_noise),
-                                   condition=condition)
+        latents = generate_latents(
+            pipe.transformer,
+            embeds,
+            pooled,
+            torch.from_numpy(noise),
+            student_sigmas(request.steps, meta),
+            sampler=meta.get("sampler", "euler"),
+            step_noise=torch.from_numpy(step_noise),
+            condition=condition,
+        )
         images = (decode_latents(pipe.vae, latents) * 255).round().byte().cpu()
         return images.permute(0, 2, 3, 1).numpy()
 
@@ -246,8 +282,19 @@ def inpaint_example(folder) -> dict:
 # what each served model imports (ladd's own code travels in the model): pinned to the versions installed here, by
 # their public release (a local build such as torch's +cpu pins its release: a GPU host then gets its CUDA build)
 SERVED_PACKAGES = {
-    "torch": ("torch", "diffusers", "transformers", "tokenizers", "safetensors", "accelerate", "numpy", "scipy",
-              "pandas", "pillow", "tqdm"),
+    "torch": (
+        "torch",
+        "diffusers",
+        "transformers",
+        "tokenizers",
+        "safetensors",
+        "accelerate",
+        "numpy",
+        "scipy",
+        "pandas",
+        "pillow",
+        "tqdm",
+    ),
     "onnx": ("onnxruntime-gpu", "tokenizers", "numpy", "pandas", "pillow"),
 }
 

@@ -55,9 +55,11 @@ def row_sources(config: Mapping) -> dict[str, tuple[str, torch.Tensor]]:
         sizes = {k: v.shape[0] for k, v in SD3Transformer2DModel.from_config(dict(config)).state_dict().items()}
     # The converter finds the block count, the dual-attention (attn2) blocks and qk norm by scanning the keys it is
     # given, before it asks for any tensor: keys that say just that, from the config, stand in for a checkpoint's.
-    hints = [f"joint_blocks.{config['num_layers'] - 1}.",
-             *(f"joint_blocks.{i}.attn2." for i in config.get("dual_attention_layers") or ()),
-             *(["ln_q"] if config.get("qk_norm") else [])]
+    hints = [
+        f"joint_blocks.{config['num_layers'] - 1}.",
+        *(f"joint_blocks.{i}.attn2." for i in config.get("dual_attention_layers") or ()),
+        *(["ln_q"] if config.get("qk_norm") else []),
+    ]
     first = _Probe(hints, {})  # which original key feeds each diffusers tensor, and what share of its rows
     original_rows: dict[str, float] = {}
     for key, probe in to_diffusers(first).items():
@@ -69,8 +71,10 @@ def row_sources(config: Mapping) -> dict[str, tuple[str, torch.Tensor]]:
     sources = {}
     for key, probe in to_diffusers(second).items():
         if key not in sizes or len(probe) != sizes[key] or probe[:, 0].unique().numel() != 1:
-            raise ValueError(f"diffusers' SD3 converter made {key} ({len(probe)} rows) not from rows of one original "
-                             "tensor: its inverse cannot be read off it")
+            raise ValueError(
+                f"diffusers' SD3 converter made {key} ({len(probe)} rows) not from rows of one original "
+                "tensor: its inverse cannot be read off it"
+            )
         sources[key] = (second.asked[int(probe[0, 0])], probe[:, 1])
     if set(sources) != set(sizes):
         raise ValueError(f"diffusers' SD3 converter gives {sorted(set(sources) ^ set(sizes))[:5]} unlike the model")
@@ -95,8 +99,9 @@ def original_transformer_state(state_dict: Mapping, config: Mapping) -> dict[str
 
     sources = row_sources(config)
     if set(state_dict) != set(sources):
-        raise ValueError(f"not the state of an SD3Transformer2DModel with this config: "
-                         f"{sorted(set(state_dict) ^ set(sources))[:5]}")
+        raise ValueError(
+            f"not the state of an SD3Transformer2DModel with this config: {sorted(set(state_dict) ^ set(sources))[:5]}"
+        )
     out = {}
     for name, parts in _by_original(sources).items():
         n = sum(len(rows) for _, rows in parts)
@@ -111,8 +116,9 @@ def original_transformer_state(state_dict: Mapping, config: Mapping) -> dict[str
     return out
 
 
-def original_lora_state(diffusers_lora_state: Mapping, metadata: Mapping | None, config: Mapping
-                        ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def original_lora_state(
+    diffusers_lora_state: Mapping, metadata: Mapping | None, config: Mapping
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A diffusers-layout SD3 transformer LoRA (`transformer.<module>.lora_A/B.weight`; `metadata` its LoRA
     config as `lora_state_dict(..., return_lora_metadata=True)` gives it) -> the kohya/sd-scripts layout over SD3's
     original keys (`lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down/lora_up.weight`, `.alpha`), which ComfyUI
@@ -139,7 +145,7 @@ def original_lora_state(diffusers_lora_state: Mapping, metadata: Mapping | None,
         up = down[0].new_zeros((sizes[name], sum(len(a) for a in down)))
         start = 0
         for (module, rows), a in zip(parts, down):
-            up[rows, start:start + len(a)] = diffusers_lora_state[f"{prefix}{module}.lora_B.weight"]
+            up[rows, start : start + len(a)] = diffusers_lora_state[f"{prefix}{module}.lora_B.weight"]
             start += len(a)
         base = name.removesuffix(".weight")  # under `unet.`: diffusers' kohya renaming makes that lora_unet_
         peft[f"unet.{base}.lora_A.weight"], peft[f"unet.{base}.lora_B.weight"] = torch.cat(down), up
@@ -196,15 +202,22 @@ def sampling_settings(student_dir: str | Path) -> dict:
     stochastic = bool(scheduler.get("stochastic_sampling", sampler == "renoise"))
     return {
         "steps": steps,
-        "trained_steps": trained_step_counts(meta), "trained_times": times,  # counts visiting training times only
-        "sampler": sampler, "stochastic_sampling": stochastic,
+        "trained_steps": trained_step_counts(meta),
+        "trained_times": times,  # counts visiting training times only
+        "sampler": sampler,
+        "stochastic_sampling": stochastic,
         # ComfyUI: lcm is x0 then fresh noise to the next sigma for flow models (= re-noising)
         "comfyui_sampler": "lcm" if stochastic else "euler",
-        "sigma_schedule": meta.get("schedule", "exponential"), "sigma_min": min(times),
-        "sigmas": student_sigmas(steps, meta).tolist(), "shift": scheduler.get("shift", 1.0),
-        "guidance_scale": 0.0, "comfyui_cfg": 1.0,  # no classifier-free guidance: one pass per step
-        "max_sequence_length": max_sequence_length(student_dir), "base_model": meta.get("base_model"),
-        # what lora_sd3 goes on: an aligned student's DPO adapter on the distilled student, a LoRA student's on its teacher
+        "sigma_schedule": meta.get("schedule", "exponential"),
+        "sigma_min": min(times),
+        "sigmas": student_sigmas(steps, meta).tolist(),
+        "shift": scheduler.get("shift", 1.0),
+        "guidance_scale": 0.0,
+        "comfyui_cfg": 1.0,  # no classifier-free guidance: one pass per step
+        "max_sequence_length": max_sequence_length(student_dir),
+        "base_model": meta.get("base_model"),
+        # what lora_sd3 goes on: an aligned student's DPO adapter on the distilled student, a LoRA student's on
+        # its teacher
         "lora_base": "the distilled student it was aligned from" if "aligned" in meta else meta.get("base_model"),
         "scheduler_config": scheduler,
     }
@@ -228,8 +241,9 @@ def write_single_file_exports(student_dir: str | Path, out_dir: str | Path) -> d
     if (student_dir / ADAPTER_FILE).is_file():
         from diffusers import StableDiffusion3Pipeline
 
-        adapter, adapter_meta = StableDiffusion3Pipeline.lora_state_dict(str(student_dir), weight_name=ADAPTER_FILE,
-                                                                        return_lora_metadata=True)
+        adapter, adapter_meta = StableDiffusion3Pipeline.lora_state_dict(
+            str(student_dir), weight_name=ADAPTER_FILE, return_lora_metadata=True
+        )
         lora, lora_meta = original_lora_state(adapter, adapter_meta, config)
         with atomic_file(out_dir / LORA_FILE) as tmp:
             save_tensors(lora, tmp, lora_meta)

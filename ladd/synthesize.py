@@ -52,14 +52,23 @@ import torch
 from tqdm.auto import tqdm
 
 from ladd.config import InpaintConfig, SynthesizeConfig
-from ladd.errors import ConfigError
 from ladd.data.prepare import load_split
-from ladd.data.synthetic import (PROMPT_TENSORS, RECORD_TENSORS, STORAGE_DTYPES, ShardFile, bucket_resolutions, gather_rows,
-                                 row_checksums, shard_fingerprint, synthesis_settings)
+from ladd.data.synthetic import (
+    PROMPT_TENSORS,
+    RECORD_TENSORS,
+    STORAGE_DTYPES,
+    ShardFile,
+    bucket_resolutions,
+    gather_rows,
+    row_checksums,
+    shard_fingerprint,
+    synthesis_settings,
+)
+from ladd.distributed import close_world, init_world
+from ladd.errors import ConfigError
 from ladd.generate import generate_latents, record_noise
 from ladd.inpaint import check_task, inpaint_condition, record_masks
 from ladd.io import atomic_file, fingerprint, replace_dir, restore_interrupted_swap, save_tensors, write_json
-from ladd.distributed import close_world, init_world
 from ladd.pipeline import bucket_latent_shapes, encode_prompts, load_pipeline, max_sequence_length
 from ladd.sampling import flow_sigmas
 
@@ -88,7 +97,9 @@ def plan_shards(buckets: np.ndarray, shard_size: int) -> list[tuple[int, int, np
     shards = []
     for b in range(int(buckets.max()) + 1 if len(buckets) else 0):
         rows = np.flatnonzero(buckets == b)
-        shards += [(len(shards) + j, b, rows[s : s + shard_size]) for j, s in enumerate(range(0, len(rows), shard_size))]
+        shards += [
+            (len(shards) + j, b, rows[s : s + shard_size]) for j, s in enumerate(range(0, len(rows), shard_size))
+        ]
     return shards
 
 
@@ -115,8 +126,14 @@ def _stage_dir(out: Path, run: dict, run_fp: str) -> Path:
     return work
 
 
-def synthesize(cfg: SynthesizeConfig, data_dir: str | Path, teacher_dir: str | Path, tracker,
-               check: Callable[[Path], dict] | None = None, inpaint: InpaintConfig | None = None) -> dict:
+def synthesize(
+    cfg: SynthesizeConfig,
+    data_dir: str | Path,
+    teacher_dir: str | Path,
+    tracker,
+    check: Callable[[Path], dict] | None = None,
+    inpaint: InpaintConfig | None = None,
+) -> dict:
     """Generate (or finish) the synthetic data set; `check(dir)`, the synthetic suite, runs on the finished
     set before it replaces `cfg.out_dir`. With `inpaint.enabled`, the teacher inpaints the training images."""
     world = init_world(cfg.device)
@@ -133,8 +150,10 @@ def _inpainting_images(images, data_dir, resolutions) -> torch.Tensor:
         raise ConfigError(f"inpaint.enabled: {data_dir}/train has no images to inpaint (prompts only)")
     size = tuple(images.shape[-2:])
     if len(resolutions) != 1 or tuple(resolutions[0]) != size:
-        raise ConfigError(f"synthesize.resolutions: inpainting works at the images' own size {list(size)}, got "
-                          f"{[list(r) for r in resolutions]}: set it to [{list(size)}] (or leave it empty)")
+        raise ConfigError(
+            f"synthesize.resolutions: inpainting works at the images' own size {list(size)}, got "
+            f"{[list(r) for r in resolutions]}: set it to [{list(size)}] (or leave it empty)"
+        )
     return images
 
 
@@ -186,11 +205,18 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
     codes, prompts = pd.factorize(records["prompt"])  # distinct prompts in first-seen order
     records["prompt_index"] = codes.astype(np.int64)
     dtype = storage_dtype(cfg.storage_dtype, device)
-    run = {**synthesis_settings(cfg, resolutions), "stored_dtype": str(dtype).removeprefix("torch."),
-           "teacher": fingerprint(teacher_dir), "prompts": fingerprint(Path(data_dir) / "train" / "captions.parquet")}
+    run = {
+        **synthesis_settings(cfg, resolutions),
+        "stored_dtype": str(dtype).removeprefix("torch."),
+        "teacher": fingerprint(teacher_dir),
+        "prompts": fingerprint(Path(data_dir) / "train" / "captions.parquet"),
+    }
     if images is not None:
         records["image"] = np.repeat(np.arange(len(captions)), cfg.samples_per_prompt)
-        run["inpaint"] = {"mask_seed": inpaint.mask_seed, "images": fingerprint(Path(data_dir) / "train" / "images.safetensors")}
+        run["inpaint"] = {
+            "mask_seed": inpaint.mask_seed,
+            "images": fingerprint(Path(data_dir) / "train" / "images.safetensors"),
+        }
     run_fp = json.dumps(run, sort_keys=True)
     shards = plan_shards(records["bucket"].to_numpy(), cfg.shard_size)
     pipe = load_pipeline(teacher_dir, device)
@@ -198,34 +224,58 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
     null_e, null_p = encode_prompts(pipe, [""], msl)
     # an embedding shard is written whole: at most EMBED_SHARD_BYTES (SD3.5: 2.7 MB a prompt in bf16, 93 a shard)
     per_embed_shard = embed_shard_size(null_e, null_p, dtype, cfg.shard_size)
-    embed_shards = [(k, np.arange(s, min(s + per_embed_shard, len(prompts)))) for k, s in
-                    enumerate(range(0, len(prompts), per_embed_shard))]
+    embed_shards = [
+        (k, np.arange(s, min(s + per_embed_shard, len(prompts))))
+        for k, s in enumerate(range(0, len(prompts), per_embed_shard))
+    ]
     work = out.with_name(out.name + ".next")
     missing = None
     if world.main:  # rank 0 stages the folder and lists the missing shards, before any rank writes one
         _stage_dir(out, run, run_fp)
-        missing = [f"embeds-{k:05d}" for k, _ in embed_shards
-                   if shard_fingerprint(work / f"embeds-{k:05d}.safetensors") != run_fp]
-        missing += [f"shard-{k:05d}" for k, _, _ in shards if shard_fingerprint(work / f"shard-{k:05d}.safetensors") != run_fp]
+        missing = [
+            f"embeds-{k:05d}"
+            for k, _ in embed_shards
+            if shard_fingerprint(work / f"embeds-{k:05d}.safetensors") != run_fp
+        ]
+        missing += [
+            f"shard-{k:05d}" for k, _, _ in shards if shard_fingerprint(work / f"shard-{k:05d}.safetensors") != run_fp
+        ]
     missing = set(world.broadcast(missing))
     todo = [(k, b, rows) for k, b, rows in shards if f"shard-{k:05d}" in missing]
     embeds_todo = [(k, rows) for k, rows in embed_shards if f"embeds-{k:05d}" in missing]
 
     sigmas = flow_sigmas(cfg.steps, pipe.scheduler.config.shift)
-    log.info("synthesize: %d records of %d prompts in %d shards over %d resolution buckets %s, %d shards to generate "
-             "and %d of %d of text embeddings (%d steps, CFG %.1f, stored as %s) on %d processes", len(records),
-             len(prompts), len(shards), len(resolutions), resolutions, len(todo), len(embeds_todo), len(embed_shards),
-             cfg.steps, cfg.guidance, dtype, world.size)
+    log.info(
+        "synthesize: %d records of %d prompts in %d shards over %d resolution buckets %s, %d shards to generate "
+        "and %d of %d of text embeddings (%d steps, CFG %.1f, stored as %s) on %d processes",
+        len(records),
+        len(prompts),
+        len(shards),
+        len(resolutions),
+        resolutions,
+        len(todo),
+        len(embeds_todo),
+        len(embed_shards),
+        cfg.steps,
+        cfg.guidance,
+        dtype,
+        world.size,
+    )
     # 1. The text embeddings, once per distinct prompt; the stored rows are what the teacher samples from below
-    for k, rows in tqdm(embeds_todo[world.rank :: world.size], desc="synthesize: text", unit="shard",
-                        disable=not world.main):
+    for k, rows in tqdm(
+        embeds_todo[world.rank :: world.size], desc="synthesize: text", unit="shard", disable=not world.main
+    ):
         embeds = torch.empty(len(rows), *null_e.shape[1:], dtype=dtype)  # filled a batch at a time
         pooled = torch.empty(len(rows), *null_p.shape[1:], dtype=dtype)
         for i in range(0, len(rows), cfg.batch_size):
-            e, p = encode_prompts(pipe, list(prompts[rows[i:i + cfg.batch_size]]), msl, batch_size=cfg.batch_size)
-            embeds[i:i + len(e)], pooled[i:i + len(e)] = e.to(dtype).cpu(), p.to(dtype).cpu()
-        save_shard(work / f"embeds-{k:05d}.safetensors", {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled},
-                   dtype, run_fp)
+            e, p = encode_prompts(pipe, list(prompts[rows[i : i + cfg.batch_size]]), msl, batch_size=cfg.batch_size)
+            embeds[i : i + len(e)], pooled[i : i + len(e)] = e.to(dtype).cpu(), p.to(dtype).cpu()
+        save_shard(
+            work / f"embeds-{k:05d}.safetensors",
+            {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled},
+            dtype,
+            run_fp,
+        )
     world.barrier()  # every embedding shard written before any rank reads one
     # 2. The teacher's latents (and path states, and the inpainting condition) per shard
     mine = todo[world.rank :: world.size]
@@ -233,15 +283,25 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
         for k, b, rows in mine:
             parts = []
             for i in range(0, len(rows), cfg.batch_size):  # a batch's embeddings in memory at a time
-                chunk = records.iloc[rows[i:i + cfg.batch_size]]
+                chunk = records.iloc[rows[i : i + cfg.batch_size]]
                 embeds, pooled = read_prompt_rows(work, chunk["prompt_index"].to_numpy(), per_embed_shard)
                 part = {}
                 if images is not None:
                     masks = record_masks("synthesize", chunk["seed"], inpaint.mask_seed, *images.shape[-2:])
                     part["condition"] = inpaint_condition(pipe.vae, images[chunk["image"].to_numpy()], masks)
-                generated = generate_latents(pipe.transformer, embeds, pooled, record_noise(list(chunk["seed"]), shapes[b]),
-                                             sigmas, cfg.guidance, null_e, null_p, batch_size=cfg.batch_size,
-                                             path_times=cfg.trajectory_times, condition=part.get("condition"))
+                generated = generate_latents(
+                    pipe.transformer,
+                    embeds,
+                    pooled,
+                    record_noise(list(chunk["seed"]), shapes[b]),
+                    sigmas,
+                    cfg.guidance,
+                    null_e,
+                    null_p,
+                    batch_size=cfg.batch_size,
+                    path_times=cfg.trajectory_times,
+                    condition=part.get("condition"),
+                )
                 if cfg.trajectory_times:
                     part["latents"], part["trajectory"] = generated
                 else:
@@ -251,8 +311,13 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
             save_shard(work / f"shard-{k:05d}.safetensors", tensors, dtype, run_fp)
             bar.update(len(rows))
     world.barrier()  # every shard written
-    summary = {"records": len(records), "shards": len(shards), "generated_shards": len(todo), "buckets": len(resolutions),
-               "prompts": len(prompts)}
+    summary = {
+        "records": len(records),
+        "shards": len(shards),
+        "generated_shards": len(todo),
+        "buckets": len(resolutions),
+        "prompts": len(prompts),
+    }
     if not world.main:
         return summary
     names = [f"embeds-{k:05d}" for k, _ in embed_shards] + [f"shard-{k:05d}" for k, _, _ in shards]
@@ -263,21 +328,38 @@ def _synthesize(cfg: SynthesizeConfig, data_dir, teacher_dir, tracker, check, wo
     with atomic_file(work / "records.parquet") as tmp:
         records.to_parquet(tmp, index=False)
     counts = np.bincount(records["bucket"], minlength=len(resolutions))
-    buckets = [{"resolution": list(r), "latent_shape": list(shape), "weight": w, "records": int(n)}
-               for r, shape, w, n in zip(resolutions, shapes, weights, counts)]
+    buckets = [
+        {"resolution": list(r), "latent_shape": list(shape), "weight": w, "records": int(n)}
+        for r, shape, w, n in zip(resolutions, shapes, weights, counts)
+    ]
     shard_files = [f"shard-{k:05d}.safetensors" for k, _, _ in shards]
     embed_files = [f"embeds-{k:05d}.safetensors" for k, _ in embed_shards]
     first = ShardFile(work / embed_files[0])
-    text = {"max_sequence_length": msl, "prompt_embeds": first.specs["prompt_embeds"]["shape"][1:],
-            "pooled_prompt_embeds": first.specs["pooled_prompt_embeds"]["shape"][1:]}
+    text = {
+        "max_sequence_length": msl,
+        "prompt_embeds": first.specs["prompt_embeds"]["shape"][1:],
+        "pooled_prompt_embeds": first.specs["pooled_prompt_embeds"]["shape"][1:],
+    }
     first.close()
     # content only (no counts of this run's work): rerunning with nothing to do rewrites the same file
-    write_json(work / "manifest.json", {
-        "run": run, "buckets": buckets, "trajectory_times": list(cfg.trajectory_times), "records": len(records),
-        "record_tensors": stored, "shard_files": shard_files, "shard_buckets": [b for _, b, _ in shards],
-        "shard_bytes": [(work / f).stat().st_size for f in shard_files],
-        "embed_files": embed_files, "embed_shard_size": per_embed_shard, "prompts": len(prompts), "text": text,
-        "embed_bytes": [(work / f).stat().st_size for f in embed_files]})
+    write_json(
+        work / "manifest.json",
+        {
+            "run": run,
+            "buckets": buckets,
+            "trajectory_times": list(cfg.trajectory_times),
+            "records": len(records),
+            "record_tensors": stored,
+            "shard_files": shard_files,
+            "shard_buckets": [b for _, b, _ in shards],
+            "shard_bytes": [(work / f).stat().st_size for f in shard_files],
+            "embed_files": embed_files,
+            "embed_shard_size": per_embed_shard,
+            "prompts": len(prompts),
+            "text": text,
+            "embed_bytes": [(work / f).stat().st_size for f in embed_files],
+        },
+    )
     if check is not None:
         summary |= check(work)  # a failing suite raises here: `<out>` is untouched, the work kept for a look
     replace_dir(work, out)
@@ -293,7 +375,11 @@ def save_shard(path: Path, tensors: dict, dtype: torch.dtype, run_fp: str) -> No
     tensors = {name: (t.to(dtype) if t.is_floating_point() else t).cpu().contiguous() for name, t in tensors.items()}
     # as tensors, not header metadata: safetensors writes a header's metadata keys in no fixed order, and a rerun
     # must write the same bytes
-    sums = {f"crc_{name}": torch.tensor(row_checksums(t), dtype=torch.int64) for name, t in tensors.items() if name != "record"}
+    sums = {
+        f"crc_{name}": torch.tensor(row_checksums(t), dtype=torch.int64)
+        for name, t in tensors.items()
+        if name != "record"
+    }
     with atomic_file(path) as tmp:
         save_tensors({**tensors, **sums}, tmp, metadata={"run": run_fp})
 
@@ -317,6 +403,7 @@ def _record_checksums(work: Path, records: pd.DataFrame, shards, embed_shards) -
         shard.close()
     for name in PROMPT_TENSORS:
         records[f"crc_{name}"] = prompt_crc[name][records["prompt_index"].to_numpy()]
-    records[["shard", "row", *(f"crc_{n}" for n in stored)]] = \
-        records[["shard", "row", *(f"crc_{n}" for n in stored)]].astype("int64")
+    records[["shard", "row", *(f"crc_{n}" for n in stored)]] = records[
+        ["shard", "row", *(f"crc_{n}" for n in stored)]
+    ].astype("int64")
     return stored

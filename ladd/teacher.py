@@ -21,8 +21,15 @@ from ladd.config import TeacherConfig
 from ladd.data.prepare import load_split, prompt_vocabulary
 from ladd.inpaint import has_condition, inpaint_condition, record_masks, widen_transformer
 from ladd.io import atomic_dir
-from ladd.pipeline import (DEFAULT_MAX_SEQUENCE_LENGTH, encode_images, encode_prompts, load_pipeline, max_sequence_length, pick_device,
-                           write_meta)
+from ladd.pipeline import (
+    DEFAULT_MAX_SEQUENCE_LENGTH,
+    encode_images,
+    encode_prompts,
+    load_pipeline,
+    max_sequence_length,
+    pick_device,
+    write_meta,
+)
 from ladd.tokenizer import write_clip_tokenizer
 from ladd.training import adamw, update_ema, warmup_cosine
 
@@ -32,9 +39,16 @@ log = logging.getLogger(__name__)
 def _text_encoder(tokenizer, hidden: int, max_length: int, seed: int) -> CLIPTextModelWithProjection:
     torch.manual_seed(seed)
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=max_length, projection_dim=hidden,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=max_length,
+        projection_dim=hidden,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     return CLIPTextModelWithProjection(config).eval().requires_grad_(False)
 
@@ -50,7 +64,9 @@ def t5_slot_length(cfg: TeacherConfig) -> int:
     return max_sequence_length(cfg.pretrained) if Path(cfg.pretrained).is_dir() else DEFAULT_MAX_SEQUENCE_LENGTH
 
 
-def build_tiny_pipeline(cfg: TeacherConfig, channels: int, resolution: int, words: list[str]) -> StableDiffusion3Pipeline:
+def build_tiny_pipeline(
+    cfg: TeacherConfig, channels: int, resolution: int, words: list[str]
+) -> StableDiffusion3Pipeline:
     """Untrained tiny SD3 pipeline: two frozen random CLIP text encoders (their features are fixed
     codes the MMDiT learns to read), a VAE for `channels`x`resolution`^2 images, an MMDiT, a scheduler."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,26 +75,45 @@ def build_tiny_pipeline(cfg: TeacherConfig, channels: int, resolution: int, word
     down = len(cfg.vae_channels) - 1
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(
-        in_channels=channels, out_channels=channels, latent_channels=cfg.latent_channels,
+        in_channels=channels,
+        out_channels=channels,
+        latent_channels=cfg.latent_channels,
         down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
-        block_out_channels=cfg.vae_channels, layers_per_block=1, norm_num_groups=16, sample_size=resolution,
-        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0,
+        block_out_channels=cfg.vae_channels,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=resolution,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0,
+        scaling_factor=1.0,
     )
     inner = cfg.num_heads * cfg.head_dim
     latent_size = resolution // 2**down
     transformer = SD3Transformer2DModel(
-        sample_size=latent_size, patch_size=cfg.patch_size, in_channels=cfg.latent_channels,
+        sample_size=latent_size,
+        patch_size=cfg.patch_size,
+        in_channels=cfg.latent_channels,
         out_channels=cfg.latent_channels,
-        num_layers=cfg.num_layers, attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads,
-        joint_attention_dim=2 * h, caption_projection_dim=inner, pooled_projection_dim=2 * h,
+        num_layers=cfg.num_layers,
+        attention_head_dim=cfg.head_dim,
+        num_attention_heads=cfg.num_heads,
+        joint_attention_dim=2 * h,
+        caption_projection_dim=inner,
+        pooled_projection_dim=2 * h,
         pos_embed_max_size=latent_size // cfg.patch_size,
     )
     return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=cfg.shift), vae=vae,
-        text_encoder=_text_encoder(tokenizer, h, cfg.text_max_length, cfg.seed + 1), tokenizer=tokenizer,
-        text_encoder_2=_text_encoder(tokenizer, h, cfg.text_max_length, cfg.seed + 2), tokenizer_2=copy.deepcopy(tokenizer),
-        text_encoder_3=None, tokenizer_3=None,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=cfg.shift),
+        vae=vae,
+        text_encoder=_text_encoder(tokenizer, h, cfg.text_max_length, cfg.seed + 1),
+        tokenizer=tokenizer,
+        text_encoder_2=_text_encoder(tokenizer, h, cfg.text_max_length, cfg.seed + 2),
+        tokenizer_2=copy.deepcopy(tokenizer),
+        text_encoder_3=None,
+        tokenizer_3=None,
     )
 
 
@@ -110,8 +145,16 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg: TeacherConfig, devi
 
 
 def train_transformer(
-    transformer: SD3Transformer2DModel, latents, embeds, pooled, null_embeds, null_pooled,
-    cfg: TeacherConfig, device, tracker, condition: torch.Tensor | None = None,
+    transformer: SD3Transformer2DModel,
+    latents,
+    embeds,
+    pooled,
+    null_embeds,
+    null_pooled,
+    cfg: TeacherConfig,
+    device,
+    tracker,
+    condition: torch.Tensor | None = None,
 ) -> SD3Transformer2DModel:
     """Rectified flow (Esser et al. 2024): x_t = (1-t) x0 + t eps, regress v = eps - x0 with
     t ~ LogitNormal(m, s); captions dropped to the empty prompt with prob. p so CFG works. `condition`
@@ -166,7 +209,9 @@ def pretrain_tiny_teacher(cfg: TeacherConfig, data_dir: str | Path, device, trac
     embeds, pooled = encode_prompts(pipe, list(train.captions["prompt"]), msl)
     null_embeds, null_pooled = encode_prompts(pipe, [""], msl)
     start = time.perf_counter()
-    pipe.transformer = train_transformer(pipe.transformer, latents, embeds, pooled, null_embeds, null_pooled, cfg, device, tracker)
+    pipe.transformer = train_transformer(
+        pipe.transformer, latents, embeds, pooled, null_embeds, null_pooled, cfg, device, tracker
+    )
     timings["transformer_s"] = time.perf_counter() - start
     tracker.log_metrics({f"teacher/{k}": v for k, v in timings.items()})
     log.info("teacher pretraining: vae %.1f s, transformer %.1f s", timings["vae_s"], timings["transformer_s"])
@@ -188,9 +233,18 @@ def teacher_stage(cfg: TeacherConfig, data_dir: str | Path, device: str, tracker
         pipe.save_pretrained(tmp, safe_serialization=True)
         msl = t5_slot_length(cfg)
         write_meta(tmp, max_sequence_length=msl, source=cfg.pretrained or "tiny")
-    log.info("teacher: T5 slot of %d tokens (%s)", msl, "teacher.max_sequence_length" if cfg.max_sequence_length else
-             "the tiny teacher's" if not cfg.pretrained else "the folder's ladd.json, else diffusers' default")
-    tracker.log_params({"teacher.resolved.source": cfg.pretrained or "tiny", "teacher.resolved.max_sequence_length": msl})
+    log.info(
+        "teacher: T5 slot of %d tokens (%s)",
+        msl,
+        "teacher.max_sequence_length"
+        if cfg.max_sequence_length
+        else "the tiny teacher's"
+        if not cfg.pretrained
+        else "the folder's ladd.json, else diffusers' default",
+    )
+    tracker.log_params(
+        {"teacher.resolved.source": cfg.pretrained or "tiny", "teacher.resolved.max_sequence_length": msl}
+    )
     return Path(cfg.out_dir)
 
 
@@ -198,24 +252,38 @@ def _inpainting_teacher(pipe, cfg: TeacherConfig, inpaint, data_dir, device, tra
     from dataclasses import replace
 
     from ladd.errors import ConfigError
+
     c, latent = pipe.transformer.config.in_channels, pipe.vae.config.latent_channels
     if has_condition(c, latent):
         log.info("teacher: %s is an inpainting model already (%d input channels)", cfg.pretrained, c)
         return pipe
     if c != latent:
-        raise ConfigError(f"teacher.pretrained: {cfg.pretrained}'s transformer takes {c} input channels; an inpainting "
-                          f"teacher needs {latent} (text-to-image, widened here) or {2 * latent + 1}")
+        raise ConfigError(
+            f"teacher.pretrained: {cfg.pretrained}'s transformer takes {c} input channels; an inpainting "
+            f"teacher needs {latent} (text-to-image, widened here) or {2 * latent + 1}"
+        )
     train = load_split(Path(data_dir) / "train")
     if train.images is None:
-        raise ConfigError(f"inpaint.enabled: fine-tuning an inpainting teacher needs images, and {data_dir}/train has "
-                          "none: give a 33-channel inpainting teacher.pretrained")
+        raise ConfigError(
+            f"inpaint.enabled: fine-tuning an inpainting teacher needs images, and {data_dir}/train has "
+            "none: give a 33-channel inpainting teacher.pretrained"
+        )
     tuned = replace(cfg, steps=inpaint.teacher_steps, lr=inpaint.teacher_lr)
-    return finetune_inpaint_teacher(pipe.to(device), train.images, list(train.captions["prompt"]), tuned, device,
-                                    tracker, inpaint.masks_per_image, inpaint.mask_seed).to("cpu")
+    return finetune_inpaint_teacher(
+        pipe.to(device),
+        train.images,
+        list(train.captions["prompt"]),
+        tuned,
+        device,
+        tracker,
+        inpaint.masks_per_image,
+        inpaint.mask_seed,
+    ).to("cpu")
 
 
-def finetune_inpaint_teacher(pipe, images: torch.Tensor, prompts: list[str], cfg, device, tracker,
-                             masks_per_image: int = 2, seed: int = 0):
+def finetune_inpaint_teacher(
+    pipe, images: torch.Tensor, prompts: list[str], cfg, device, tracker, masks_per_image: int = 2, seed: int = 0
+):
     """The base teacher widened to the inpainting layout (`widen_transformer`: it starts as the base model) and
     fine-tuned with rectified flow on the data, each image under `masks_per_image` seeded random masks.
     `cfg`: the TeacherConfig (steps, batch size, lr... of this fine-tune). Returns the pipeline with the EMA."""
@@ -228,6 +296,7 @@ def finetune_inpaint_teacher(pipe, images: torch.Tensor, prompts: list[str], cfg
     embeds, pooled = encode_prompts(pipe, list(prompts) * masks_per_image, msl)
     null_embeds, null_pooled = encode_prompts(pipe, [""], msl)
     wide = widen_transformer(pipe.transformer)
-    pipe.transformer = train_transformer(wide, latents, embeds, pooled, null_embeds, null_pooled, cfg, device, tracker,
-                                         condition=cond)
+    pipe.transformer = train_transformer(
+        wide, latents, embeds, pooled, null_embeds, null_pooled, cfg, device, tracker, condition=cond
+    )
     return pipe

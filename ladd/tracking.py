@@ -83,10 +83,17 @@ class MlflowTracker(NullTracker):
         hashes = dvc_md5s(data_dir)
         for split, context in contexts.items():
             path = Path(data_dir) / split
-            dataset = MetaDataset(resolve_dataset_source(str(path.resolve())), name=f"{Path(data_dir).name}/{split}",
-                                  digest=hashes[split], schema=Schema([ColSpec("string", "prompt")]))
-            self._mlflow.log_input(dataset, context=context, tags={"dvc.md5": hashes[split], "dvc.out": str(data_dir),
-                                                                   "dvc.out.md5": hashes[""]})
+            dataset = MetaDataset(
+                resolve_dataset_source(str(path.resolve())),
+                name=f"{Path(data_dir).name}/{split}",
+                digest=hashes[split],
+                schema=Schema([ColSpec("string", "prompt")]),
+            )
+            self._mlflow.log_input(
+                dataset,
+                context=context,
+                tags={"dvc.md5": hashes[split], "dvc.out": str(data_dir), "dvc.out.md5": hashes[""]},
+            )
 
 
 def project_dir(start: str | Path | None = None) -> Path:
@@ -117,7 +124,10 @@ def provenance_tags() -> dict:
         commit = ""
     tags = {"mlflow.source.git.commit": commit} if commit else {}
     if os.environ.get("DVC_EXP_NAME"):
-        tags |= {"dvc.experiment": os.environ["DVC_EXP_NAME"], "dvc.baseline": os.environ.get("DVC_EXP_BASELINE_REV", "")}
+        tags |= {
+            "dvc.experiment": os.environ["DVC_EXP_NAME"],
+            "dvc.baseline": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+        }
     return tags
 
 
@@ -136,11 +146,14 @@ def as_tracking_unavailable(error: Exception) -> TrackingUnavailable | None:
     from requests.exceptions import ConnectionError as Unreachable
 
     lost = isinstance(error, Unreachable) or (
-        isinstance(error, MlflowException) and text.startswith("API request to") and "failed with" in text)
+        isinstance(error, MlflowException) and text.startswith("API request to") and "failed with" in text
+    )
     if not lost:
         return None
-    return TrackingUnavailable(f"the MLflow tracking server {masked_uri(uri)} stopped answering during the stage; the "
-                               "local outputs written so far are kept: restart it and run the same command again")
+    return TrackingUnavailable(
+        f"the MLflow tracking server {masked_uri(uri)} stopped answering during the stage; the "
+        "local outputs written so far are kept: restart it and run the same command again"
+    )
 
 
 def masked_uri(uri: str) -> str:
@@ -170,8 +183,10 @@ def check_tracking_server(uri: str | None = None, timeout: float = 5.0) -> None:
                 raise RuntimeError(f"status {resp.status}")
     except (urllib.error.URLError, OSError, RuntimeError, ValueError, TypeError) as e:
         reason = str(e).replace(parts.password, "***") if parts.password else str(e)
-        raise TrackingUnavailable(f"MLflow tracking server {masked_uri(uri)} is unreachable ({reason}); start it, unset "
-                                  "MLFLOW_TRACKING_URI, or pass --no-tracking") from None
+        raise TrackingUnavailable(
+            f"MLflow tracking server {masked_uri(uri)} is unreachable ({reason}); start it, unset "
+            "MLFLOW_TRACKING_URI, or pass --no-tracking"
+        ) from None
 
 
 def _drop_half_migrated_tables(db: Path) -> None:
@@ -181,7 +196,12 @@ def _drop_half_migrated_tables(db: Path) -> None:
     import sqlite3
 
     with contextlib.closing(sqlite3.connect(db, timeout=60)) as conn:
-        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table' AND name LIKE '\\_alembic\\_tmp\\_%' ESCAPE '\\'")]
+        names = [
+            r[0]
+            for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' AND name LIKE '\\_alembic\\_tmp\\_%' ESCAPE '\\'"
+            )
+        ]
         for table in names:
             conn.execute(f'DROP TABLE "{table}"')
         conn.commit()
@@ -239,8 +259,9 @@ def stage_run(stage: str, enabled: bool = True, model_config: dict | None = None
     with contextlib.ExitStack() as stack:
         if parent:
             stack.enter_context(mlflow.start_run(run_id=parent))
-        run = stack.enter_context(mlflow.start_run(run_name=stage, nested=bool(parent),
-                                                   tags={"ladd.stage": stage, **provenance_tags()}))
+        run = stack.enter_context(
+            mlflow.start_run(run_name=stage, nested=bool(parent), tags={"ladd.stage": stage, **provenance_tags()})
+        )
         yield MlflowTracker(mlflow, run, model_config)
 
 
@@ -249,7 +270,9 @@ def start_pipeline_run(params: dict, tags: dict) -> str:
     check_tracking_server()
     mlflow = _mlflow()
     flat = pd.json_normalize(params, sep=".").iloc[0].to_dict() if params else {}
-    with mlflow.start_run(run_name="pipeline", tags={"ladd.stage": "pipeline", **{k: str(v) for k, v in tags.items()}}) as run:
+    with mlflow.start_run(
+        run_name="pipeline", tags={"ladd.stage": "pipeline", **{k: str(v) for k, v in tags.items()}}
+    ) as run:
         mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
         return run.info.run_id
 

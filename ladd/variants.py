@@ -14,7 +14,8 @@ Rectified flow throughout: x_t = (1 - t) x0 + t eps, x0_hat = x_t - t v.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -31,6 +32,7 @@ def randn(shape, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
 
 
 # --- the student's input at its time t ------------------------------------------------------------
+
 
 def noised_input(x0, t, step_index, record_noise, trajectory, eps):
     """LADD: the teacher latent noised to t with fresh noise `eps` (pure noise at t = 1)."""
@@ -52,11 +54,14 @@ class StudentInput(NamedTuple):
     fresh_noise: bool  # needs `eps`, fresh noise for its rows (drawn from the run's stream only then)
 
 
-STUDENT_INPUTS: dict[str, StudentInput] = {"noised": StudentInput(noised_input, reads_path=False, fresh_noise=True),
-                                           "trajectory": StudentInput(trajectory_input, reads_path=True, fresh_noise=False)}
+STUDENT_INPUTS: dict[str, StudentInput] = {
+    "noised": StudentInput(noised_input, reads_path=False, fresh_noise=True),
+    "trajectory": StudentInput(trajectory_input, reads_path=True, fresh_noise=False),
+}
 
 
 # --- backward simulation (DMD2) -------------------------------------------------------------------
+
 
 def renoise_step(x_t, x0_hat, t, t_next, gen):
     """ADD/LADD sampler step: x0, then fresh noise to t_next."""
@@ -74,13 +79,24 @@ class SamplerStep(NamedTuple):
     stochastic: bool  # fresh noise between steps (diffusers' stochastic_sampling)
 
 
-SAMPLER_STEPS: dict[str, SamplerStep] = {"renoise": SamplerStep(renoise_step, stochastic=True),
-                                         "euler": SamplerStep(euler_step, stochastic=False)}
+SAMPLER_STEPS: dict[str, SamplerStep] = {
+    "renoise": SamplerStep(renoise_step, stochastic=True),
+    "euler": SamplerStep(euler_step, stochastic=False),
+}
 
 
 @torch.no_grad()
-def backward_simulate(student_x0: Callable, step_index: torch.Tensor, times: torch.Tensor, c, p, like: torch.Tensor,
-                      sampler_step: Callable, gen: torch.Generator, m: torch.Tensor) -> torch.Tensor:
+def backward_simulate(
+    student_x0: Callable,
+    step_index: torch.Tensor,
+    times: torch.Tensor,
+    c,
+    p,
+    like: torch.Tensor,
+    sampler_step: Callable,
+    gen: torch.Generator,
+    m: torch.Tensor,
+) -> torch.Tensor:
     """Inputs at times[step_index] made as inference makes them: fresh noise, then the current student's
     own steps (no gradient) with `sampler_step` between them (DMD2's backward simulation); `m`: the rows'
     condition (zero channels for text-to-image)."""
@@ -94,6 +110,7 @@ def backward_simulate(student_x0: Callable, step_index: torch.Tensor, times: tor
 
 
 # --- the discriminator's re-noising times t_hat -----------------------------------------------------
+
 
 def logit_normal(n: int, mean: float, std: float, gen: torch.Generator) -> torch.Tensor:
     return torch.sigmoid(mean + std * torch.randn(n, generator=gen))
@@ -115,6 +132,7 @@ RENOISE_TIMES: dict[str, Callable] = {"logit_normal": logit_normal_times, "tied"
 
 # --- the regression term's target -------------------------------------------------------------------
 
+
 def endpoint_target(x0, x_t, t, teacher_x0):
     """The teacher latent the input came from: with trajectory inputs the sharp ODE endpoint of x_t; with
     noised inputs an arbitrary pairing, whose best fit is the blurry posterior mean."""
@@ -131,12 +149,15 @@ class RegressionTarget(NamedTuple):
     needs_source: bool  # exists only for inputs made from x0, never for backward-simulated ones
 
 
-REGRESSION_TARGETS: dict[str, RegressionTarget] = {"endpoint": RegressionTarget(endpoint_target, needs_source=True),
-                                                   "teacher": RegressionTarget(teacher_target, needs_source=False)}
+REGRESSION_TARGETS: dict[str, RegressionTarget] = {
+    "endpoint": RegressionTarget(endpoint_target, needs_source=True),
+    "teacher": RegressionTarget(teacher_target, needs_source=False),
+}
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, rows: torch.Tensor,
-               rows_per_rank: torch.Tensor | None = None) -> torch.Tensor:
+def masked_mse(
+    pred: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, rows_per_rank: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean squared error over the selected rows (0 when none is selected). With several ranks,
     `rows_per_rank` (the mean over ranks of their selected counts) rescales it so that the ranks' average is
     the mean over every rank's selected rows, not the mean of per-rank means."""

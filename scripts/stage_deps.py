@@ -41,8 +41,10 @@ def _imports(root: Path, nodes) -> set[str]:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [f"{node.module}.{a.name}" if _module_file(root, f"{node.module}.{a.name}") else node.module
-                     for a in node.names]
+            names = [
+                f"{node.module}.{a.name}" if _module_file(root, f"{node.module}.{a.name}") else node.module
+                for a in node.names
+            ]
         for name in names:
             if name == "ladd" or name.startswith("ladd."):
                 parts = name.split(".")  # the packages above it run too
@@ -66,8 +68,11 @@ def stage_code(root: Path = ROOT) -> dict[str, list[str]]:
     """Stage name -> the sorted repository paths of the ladd code its command runs."""
     tree = ast.parse((root / CLI).read_text(), CLI)
     functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-    registry = next(n.value for n in tree.body if isinstance(n, ast.Assign)
-                    and any(isinstance(t, ast.Name) and t.id == "STAGES" for t in n.targets))
+    registry = next(
+        n.value
+        for n in tree.body
+        if isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "STAGES" for t in n.targets)
+    )
     top_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     shared = _imports(root, top_level + [functions[f] for f in SHARED_FUNCTIONS])
     stages = {}
@@ -81,8 +86,10 @@ def listed_code(dvc_yaml: str) -> dict[str, list[str]]:
     import yaml
 
     stages = yaml.safe_load(dvc_yaml)["stages"]
-    return {name: sorted(d for d in stage.get("deps", []) if isinstance(d, str) and d.startswith("ladd/"))
-            for name, stage in stages.items()}
+    return {
+        name: sorted(d for d in stage.get("deps", []) if isinstance(d, str) and d.startswith("ladd/"))
+        for name, stage in stages.items()
+    }
 
 
 def rewrite(dvc_yaml: str, code: dict[str, list[str]]) -> str:
@@ -109,13 +116,26 @@ def main() -> int:
     path = args.root / "dvc.yaml"
     text, code = path.read_text(), stage_code(args.root)
     listed = listed_code(text)
-    wrong = {s: (sorted(set(code[s]) - set(listed.get(s, []))), sorted(set(listed.get(s, [])) - set(code[s])))
-             for s in code if code[s] != listed.get(s, [])}
+    wrong = {
+        s: (sorted(set(code[s]) - set(listed.get(s, []))), sorted(set(listed.get(s, [])) - set(code[s])))
+        for s in code
+        if code[s] != listed.get(s, [])
+    }
     if args.check:
         for s, (missing, extra) in wrong.items():
-            print(f"{path}: stage {s}: " + "; ".join(p for p in (f"missing {', '.join(missing)}" if missing else "",
-                                                                  f"not imported {', '.join(extra)}" if extra else "") if p)
-                  + " (run python scripts/stage_deps.py)", file=sys.stderr)
+            print(
+                f"{path}: stage {s}: "
+                + "; ".join(
+                    p
+                    for p in (
+                        f"missing {', '.join(missing)}" if missing else "",
+                        f"not imported {', '.join(extra)}" if extra else "",
+                    )
+                    if p
+                )
+                + " (run python scripts/stage_deps.py)",
+                file=sys.stderr,
+            )
         return 1 if wrong else 0
     if wrong:
         path.write_text(rewrite(text, code))

@@ -1,8 +1,8 @@
 import json
 import os
-import sys
 import shutil
 import subprocess
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -84,8 +84,14 @@ def tiny_synthetic(tiny_teacher_dir, prepared_data, tmp_path_factory):
     from ladd.synthesize import synthesize
     from ladd.tracking import NullTracker
 
-    cfg = SynthesizeConfig(out_dir=str(tmp_path_factory.mktemp("syn") / "synthetic"), steps=3, samples_per_prompt=1,
-                           shard_size=512, batch_size=512, device="cpu")
+    cfg = SynthesizeConfig(
+        out_dir=str(tmp_path_factory.mktemp("syn") / "synthetic"),
+        steps=3,
+        samples_per_prompt=1,
+        shard_size=512,
+        batch_size=512,
+        device="cpu",
+    )
     synthesize(cfg, prepared_data, tiny_teacher_dir, NullTracker())
     return cfg
 
@@ -97,8 +103,15 @@ def tiny_student_dir(tiny_teacher_dir, tiny_synthetic, tmp_path_factory) -> Path
     from ladd.tracking import NullTracker
 
     out = tmp_path_factory.mktemp("student")
-    cfg = DistillConfig(out_dir=str(out / "student"), checkpoint=str(out / "ck.safetensors"), report_dir=str(out), steps=4, batch_size=4,
-                        warmup_steps=2, device="cpu")
+    cfg = DistillConfig(
+        out_dir=str(out / "student"),
+        checkpoint=str(out / "ck.safetensors"),
+        report_dir=str(out),
+        steps=4,
+        batch_size=4,
+        warmup_steps=2,
+        device="cpu",
+    )
     distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
     return out / "student"
 
@@ -111,8 +124,13 @@ def exported(tiny_student_dir, tmp_path_factory):
     from ladd.tracking import NullTracker
 
     out = tmp_path_factory.mktemp("export")
-    cfg = ExportConfig(out_dir=str(out / "onnx"), single_file_dir=str(out / "single_file"), report=str(out / "export.json"),
-                       batch_sizes=(1, 3), latency_repeats=2)
+    cfg = ExportConfig(
+        out_dir=str(out / "onnx"),
+        single_file_dir=str(out / "single_file"),
+        report=str(out / "export.json"),
+        batch_sizes=(1, 3),
+        latency_repeats=2,
+    )
     return cfg, export_stage(cfg, tiny_student_dir, NullTracker())
 
 
@@ -123,7 +141,9 @@ def tiny_classifier_dir(prepared_data, tmp_path_factory) -> Path:
     from ladd.tracking import NullTracker
 
     out = tmp_path_factory.mktemp("classifier") / "classifier"
-    classifier_stage(ClassifierConfig(steps=40, batch_size=64, out_dir=str(out), device="cpu"), prepared_data, NullTracker())
+    classifier_stage(
+        ClassifierConfig(steps=40, batch_size=64, out_dir=str(out), device="cpu"), prepared_data, NullTracker()
+    )
     return out
 
 
@@ -145,10 +165,18 @@ def finished_project(prepared_data, tiny_teacher_dir, tiny_synthetic, tmp_path_f
     shutil.copytree(prepared_data, root / "data" / "prepared")
     shutil.copytree(tiny_teacher_dir, root / "models" / "teacher")
     shutil.copytree(tiny_synthetic.out_dir, root / "data" / "synthetic")
-    cfg = DistillConfig(out_dir=str(root / "models" / "student"), checkpoint=str(root / CHECKPOINT), report_dir=str(root / "reports"), **DISTILL)
+    cfg = DistillConfig(
+        out_dir=str(root / "models" / "student"),
+        checkpoint=str(root / CHECKPOINT),
+        report_dir=str(root / "reports"),
+        **DISTILL,
+    )
     distill(cfg, root / "models" / "teacher", root / "data" / "synthetic", NullTracker())
-    params = {**SMOKE_PARAMS, "synthesize": {**asdict(replace(tiny_synthetic, out_dir="data/synthetic")), "device": "cpu"},
-              "distill": {**asdict(replace(cfg, out_dir="models/student", checkpoint=CHECKPOINT, report_dir="reports"))}}
+    params = {
+        **SMOKE_PARAMS,
+        "synthesize": {**asdict(replace(tiny_synthetic, out_dir="data/synthetic")), "device": "cpu"},
+        "distill": {**asdict(replace(cfg, out_dir="models/student", checkpoint=CHECKPOINT, report_dir="reports"))},
+    }
     params = json.loads(json.dumps(params))  # tuples as lists
     params["prepare"]["out_dir"], params["teacher"]["out_dir"] = "data/prepared", "models/teacher"
     write_params(root / "params.yaml", params)
@@ -162,6 +190,7 @@ def edit_params(project: Path, section: str, **values) -> None:
 
 
 # --- real git + DVC in a temp directory ----------------------------------------------------------------------
+
 
 def run(cmd, cwd):
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
@@ -183,6 +212,7 @@ def dvc(path, *args):
 
 # --- a real MLflow server on 127.0.0.1 -------------------------------------------------------------------------------
 
+
 def start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
     """`mlflow server` on a free port of 127.0.0.1 with its store under `root`; (process, URI) once it answers."""
     import socket
@@ -192,8 +222,18 @@ def start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")]
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120

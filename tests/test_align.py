@@ -5,16 +5,17 @@ import json
 
 import pytest
 import torch
+from sd3_family import build_tiny_clip
 
 from ladd import lora
 from ladd.align import PASS_THROUGH, REWARDS, SUMMARY, align_stage, dpo_loss, load_reward, model_dir, velocity_error
-from ladd.config import REWARDS as REWARD_NAMES, AlignConfig, DistillConfig
+from ladd.config import REWARDS as REWARD_NAMES
+from ladd.config import AlignConfig, DistillConfig
 from ladd.errors import ConfigError, ValidationFailed
 from ladd.io import fingerprint
+from ladd.pipeline import load_transformer, max_sequence_length
 from ladd.tracking import NullTracker
 from ladd.variants import noise_to
-from ladd.pipeline import load_transformer, max_sequence_length
-from sd3_family import build_tiny_clip
 
 
 def _policy(teacher_dir):
@@ -46,9 +47,14 @@ def _pair(model, n=4):
     g = torch.Generator().manual_seed(1)
     cfg = model.config
     shape = (n, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    return (torch.randn(shape, generator=g), torch.randn(shape, generator=g), torch.randn(shape, generator=g),
-            torch.rand(n, generator=g) * 0.8 + 0.1, torch.randn(n, 8, cfg.joint_attention_dim, generator=g),
-            torch.randn(n, cfg.pooled_projection_dim, generator=g))
+    return (
+        torch.randn(shape, generator=g),
+        torch.randn(shape, generator=g),
+        torch.randn(shape, generator=g),
+        torch.rand(n, generator=g) * 0.8 + 0.1,
+        torch.randn(n, 8, cfg.joint_attention_dim, generator=g),
+        torch.randn(n, cfg.pooled_projection_dim, generator=g),
+    )
 
 
 def test_dpo_gives_no_gradient_when_winner_and_loser_are_the_same_image(tiny_teacher_dir):
@@ -116,29 +122,53 @@ def test_a_batch_sampled_alone_is_that_batch_among_all_rows(tiny_student_dir):
     e, p = encode_prompts(pipe, [f"a handwritten digit {d}" for d in range(10)], meta["max_sequence_length"])
     noise, sigmas = record_noise(list(range(10)), latent_shape(pipe)), student_sigmas(2, meta)
     whole = generate_latents(pipe.transformer, e, p, noise, sigmas, sampler="renoise", batch_size=4, seed=3)
-    parts = [generate_batch(pipe.transformer, i, e[i : i + 4], p[i : i + 4], noise[i : i + 4], sigmas, 4,
-                            sampler="renoise", seed=3) for i in (0, 4, 8)]
+    parts = [
+        generate_batch(
+            pipe.transformer, i, e[i : i + 4], p[i : i + 4], noise[i : i + 4], sigmas, 4, sampler="renoise", seed=3
+        )
+        for i in (0, 4, 8)
+    ]
     assert torch.equal(torch.cat(parts), whole)
-    alone = generate_latents(pipe.transformer, e[4:8], p[4:8], noise[4:8], sigmas, sampler="renoise", batch_size=4,
-                             seed=3)
+    alone = generate_latents(
+        pipe.transformer, e[4:8], p[4:8], noise[4:8], sigmas, sampler="renoise", batch_size=4, seed=3
+    )
     assert not torch.equal(alone, parts[1])  # the batch as rows 0..3: other re-noising
 
 
 def _cfg(out, **kw):
-    return AlignConfig(**{**dict(enabled=True, out_dir=str(out), prompts=48, samples=4, steps=1, min_margin=0.0,
-                                 min_pairs=2, lora_rank=4, train_steps=3, batch_size=4, probe_prompts=8, probe_every=2,
-                                 device="cpu"), **kw})
+    return AlignConfig(
+        **{
+            **dict(
+                enabled=True,
+                out_dir=str(out),
+                prompts=48,
+                samples=4,
+                steps=1,
+                min_margin=0.0,
+                min_pairs=2,
+                lora_rank=4,
+                train_steps=3,
+                batch_size=4,
+                probe_prompts=8,
+                probe_every=2,
+                device="cpu",
+            ),
+            **kw,
+        }
+    )
 
 
-def test_the_aligned_student_is_a_fused_pipeline_its_adapter_reproduces(tiny_student_dir, tiny_classifier_dir,
-                                                                         prepared_data, tmp_path):
+def test_the_aligned_student_is_a_fused_pipeline_its_adapter_reproduces(
+    tiny_student_dir, tiny_classifier_dir, prepared_data, tmp_path
+):
     from diffusers import StableDiffusion3Pipeline
 
     out, reports = tmp_path / "aligned", tmp_path / "reports"
     summary = align_stage(_cfg(out), prepared_data, tiny_classifier_dir, tiny_student_dir, reports, NullTracker())
     assert summary["pairs"] >= 2 and summary["candidates"] == 48 * 4 and summary["lora"]["rank"] == 4
-    assert {"model_index.json", "pytorch_lora_weights.safetensors", "README.md", "align_curve.png", SUMMARY} <= \
-        {f.name for f in out.iterdir()}
+    assert {"model_index.json", "pytorch_lora_weights.safetensors", "README.md", "align_curve.png", SUMMARY} <= {
+        f.name for f in out.iterdir()
+    }
     curve = json.loads((out / SUMMARY).read_text())["curve"]
     assert [r["step"] for r in curve if "probe_reward" in r] == [0, 2, 3] and all("loss" in r for r in curve[:3])
     assert json.loads((reports / "align_pairs.json").read_text())["success"]
@@ -152,22 +182,37 @@ def test_the_aligned_student_is_a_fused_pipeline_its_adapter_reproduces(tiny_stu
         images = []
         for pipe in (fused, stock):
             torch.manual_seed(0)  # diffusers' stochastic sampling draws its re-noising noise from the global RNG
-            images.append(pipe("a handwritten digit six", num_inference_steps=steps, guidance_scale=0.0,
-                               max_sequence_length=max_sequence_length(tiny_student_dir),
-                               generator=torch.Generator().manual_seed(1), output_type="latent").images)
+            images.append(
+                pipe(
+                    "a handwritten digit six",
+                    num_inference_steps=steps,
+                    guidance_scale=0.0,
+                    max_sequence_length=max_sequence_length(tiny_student_dir),
+                    generator=torch.Generator().manual_seed(1),
+                    output_type="latent",
+                ).images
+            )
         assert (images[0] - images[1]).abs().max() <= 1e-5, steps
     # refusals: one line naming the key, before training; the previous output stays as it was
     before = fingerprint(out)
     with pytest.raises(ValidationFailed, match=r"align.min_margin \(0\) and align.min_pairs is 1000") as err:
-        align_stage(_cfg(out, min_pairs=1000), prepared_data, tiny_classifier_dir, tiny_student_dir, reports, NullTracker())
+        align_stage(
+            _cfg(out, min_pairs=1000), prepared_data, tiny_classifier_dir, tiny_student_dir, reports, NullTracker()
+        )
     assert "\n" not in str(err.value)
     wrong_kind = tmp_path / "not_clip"
     wrong_kind.mkdir()
     (wrong_kind / "config.json").write_text(json.dumps({"model_type": "t5"}))
     for path, message in ((tmp_path / "missing", "is not a CLIP model folder"), (wrong_kind, "align.reward_path")):
         with pytest.raises(ConfigError, match=message):
-            align_stage(_cfg(out, reward="clip", reward_path=str(path)), prepared_data, tiny_classifier_dir,
-                        tiny_student_dir, reports, NullTracker())
+            align_stage(
+                _cfg(out, reward="clip", reward_path=str(path)),
+                prepared_data,
+                tiny_classifier_dir,
+                tiny_student_dir,
+                reports,
+                NullTracker(),
+            )
     assert fingerprint(out) == before
 
 
@@ -188,6 +233,7 @@ def test_a_nan_reward_fails_the_pairs_suite_naming_the_record(tiny_student_dir, 
             s = torch.rand(len(images))
             s[2] = float("nan")
             return s
+
         return score
 
     from ladd.data.prepare import load_split
@@ -195,8 +241,14 @@ def test_a_nan_reward_fails_the_pairs_suite_naming_the_record(tiny_student_dir, 
     monkeypatch.setitem(align.REWARDS, "classifier", align.Reward(nan_on_third, needs_labels=False))
     third = load_split(prepared_data / "train").captions["id"][2]
     with pytest.raises(ValidationFailed, match=rf"column 'finite' failed for records \['{third}'\]"):
-        align_stage(_cfg(tmp_path / "aligned", prompts=8), prepared_data, None, tiny_student_dir, tmp_path / "reports",
-                    NullTracker())
+        align_stage(
+            _cfg(tmp_path / "aligned", prompts=8),
+            prepared_data,
+            None,
+            tiny_student_dir,
+            tmp_path / "reports",
+            NullTracker(),
+        )
     assert not (tmp_path / "aligned").exists()
 
 

@@ -14,37 +14,59 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors.torch import load_file
+from sd3_family import T5_MAX_LENGTH, VAE_SCALE, VAE_SHIFT, build_sd35_like_teacher, build_tiny_clip
 
-from ladd.errors import ConfigError, TeacherError
-from ladd.config import STUDENT_SCHEDULE_NAMES, DistillConfig, EvaluateConfig, ExportConfig, PrepareConfig, SynthesizeConfig, TeacherConfig
+from ladd.config import (
+    STUDENT_SCHEDULE_NAMES,
+    DistillConfig,
+    EvaluateConfig,
+    ExportConfig,
+    PrepareConfig,
+    SynthesizeConfig,
+    TeacherConfig,
+)
 from ladd.data.prepare import prepare
+from ladd.data.synthetic import load_synthetic
 from ladd.discriminator import Discriminator
 from ladd.distill import distill
+from ladd.errors import ConfigError, TeacherError
 from ladd.export import export_stage
 from ladd.generate import generate_latents, record_noise
 from ladd.pipeline import encode_prompts, load_pipeline, max_sequence_length, read_meta
 from ladd.sampling import flow_sigmas
 from ladd.schedules import STUDENT_SCHEDULES, check_student_times
-from ladd.data.synthetic import load_synthetic
 from ladd.synthesize import synthesize
 from ladd.teacher import teacher_stage
 from ladd.tracking import NullTracker
-from sd3_family import T5_MAX_LENGTH, VAE_SCALE, VAE_SHIFT, build_sd35_like_teacher, build_tiny_clip
 
 DISTILL = dict(steps=4, batch_size=4, warmup_steps=2, checkpoint_every=2, log_every=1, device="cpu")
 
 
 def _transformer(sample_size=16, max_size=16, layers=3):
     torch.manual_seed(0)
-    return SD3Transformer2DModel(sample_size=sample_size, patch_size=2, in_channels=4, out_channels=4, num_layers=layers,
-                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                 caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=max_size).eval()
+    return SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=16,
+        pos_embed_max_size=max_size,
+    ).eval()
 
 
 def _inputs(h, w, batch=2):
     g = torch.Generator().manual_seed(1)
-    return (torch.randn(batch, 4, h, w, generator=g), torch.rand(batch, generator=g),
-            torch.randn(batch, 5, 16, generator=g), torch.randn(batch, 16, generator=g))
+    return (
+        torch.randn(batch, 4, h, w, generator=g),
+        torch.rand(batch, generator=g),
+        torch.randn(batch, 5, 16, generator=g),
+        torch.randn(batch, 16, generator=g),
+    )
 
 
 @pytest.mark.parametrize("size,grid", [((8, 8), (4, 4)), ((8, 16), (4, 8)), ((16, 8), (8, 4))])
@@ -95,9 +117,16 @@ def test_hooks_survive_gradient_checkpointing_and_truncation():
 @pytest.fixture(scope="module")
 def bucketed_synthetic(tiny_teacher_dir, prepared_data, tmp_path_factory):
     """The embedded teacher (native 32x32 px, at most 32 px a side) on two non-square buckets, 2:1 weighted."""
-    cfg = SynthesizeConfig(out_dir=str(tmp_path_factory.mktemp("buckets") / "synthetic"), steps=2, samples_per_prompt=1,
-                           shard_size=400, batch_size=512, resolutions=((16, 32), (32, 16)), resolution_weights=(2.0, 1.0),
-                           device="cpu")
+    cfg = SynthesizeConfig(
+        out_dir=str(tmp_path_factory.mktemp("buckets") / "synthetic"),
+        steps=2,
+        samples_per_prompt=1,
+        shard_size=400,
+        batch_size=512,
+        resolutions=((16, 32), (32, 16)),
+        resolution_weights=(2.0, 1.0),
+        device="cpu",
+    )
     summary = synthesize(cfg, prepared_data, tiny_teacher_dir, NullTracker())
     return cfg, summary
 
@@ -118,7 +147,7 @@ def test_buckets_synthesize_resume_and_distill(bucketed_synthetic, tiny_teacher_
         assert tuple(shard["latents"].shape[2:]) == tuple(manifest["buckets"][b]["latent_shape"][1:])
         assert (data.records["bucket"].to_numpy()[shard["record"].numpy()] == b).all()
     with pytest.raises(ValueError, match="2 resolution buckets"):
-        data.latents
+        _ = data.latents
     # resume: a lost shard is the only one generated again, bit-identical
     before = {p.name: load_file(p) for p in out.glob("shard-*.safetensors")}
     manifest_bytes = (out / "manifest.json").read_bytes()
@@ -129,22 +158,40 @@ def test_buckets_synthesize_resume_and_distill(bucketed_synthetic, tiny_teacher_
     for name, tensors in before.items():
         assert all(torch.equal(tensors[k], v) for k, v in load_file(out / name).items())
     # distill draws each batch from one bucket; the student pipeline samples non-square sizes
-    dcfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck.safetensors"), report_dir=str(tmp_path), **DISTILL)
+    dcfg = DistillConfig(
+        out_dir=str(tmp_path / "student"),
+        checkpoint=str(tmp_path / "ck.safetensors"),
+        report_dir=str(tmp_path),
+        **DISTILL,
+    )
     result = distill(dcfg, tiny_teacher_dir, out, NullTracker())
     assert result["steps"] == 4 and result["skipped_updates"] == 0
     student = StableDiffusion3Pipeline.from_pretrained(tmp_path / "student", text_encoder_3=None, tokenizer_3=None)
-    image = student("handwritten six", height=16, width=32, num_inference_steps=1, guidance_scale=0.0,
-                    max_sequence_length=max_sequence_length(tmp_path / "student"), output_type="np").images
+    image = student(
+        "handwritten six",
+        height=16,
+        width=32,
+        num_inference_steps=1,
+        guidance_scale=0.0,
+        max_sequence_length=max_sequence_length(tmp_path / "student"),
+        output_type="np",
+    ).images
     assert image.shape == (1, 16, 32, 1) and (image >= 0).all()
 
 
 def test_buckets_that_do_not_fit_the_teacher_fail_before_any_work(tiny_teacher_dir, prepared_data, tmp_path):
     out = tmp_path / "synthetic"
-    for sizes, match in ((((32, 32), (20, 32)), r"synthesize.resolutions\[1\]: 20x32 is not divisible by 8"),
-                         (((64, 32),), r"synthesize.resolutions\[0\]: 64x32 needs 8x4 patches; .*pos_embed_max_size is 4")):
+    for sizes, match in (
+        (((32, 32), (20, 32)), r"synthesize.resolutions\[1\]: 20x32 is not divisible by 8"),
+        (((64, 32),), r"synthesize.resolutions\[0\]: 64x32 needs 8x4 patches; .*pos_embed_max_size is 4"),
+    ):
         with pytest.raises(ConfigError, match=match):
-            synthesize(SynthesizeConfig(out_dir=str(out), resolutions=sizes, device="cpu"), prepared_data, tiny_teacher_dir,
-                       NullTracker())
+            synthesize(
+                SynthesizeConfig(out_dir=str(out), resolutions=sizes, device="cpu"),
+                prepared_data,
+                tiny_teacher_dir,
+                NullTracker(),
+            )
         assert not out.exists()
     with pytest.raises(ConfigError, match=r"synthesize.resolutions\[0\] must be \[height, width\]"):
         SynthesizeConfig(resolutions=((32,),))
@@ -160,11 +207,15 @@ def test_folders_that_are_not_sd3_pipelines_fail_with_one_line(tiny_teacher_dir,
     no_transformer = tmp_path / "no_transformer"
     shutil.copytree(tiny_teacher_dir, no_transformer)
     shutil.rmtree(no_transformer / "transformer")
-    for folder, match in ((unet, "holds a StableDiffusionPipeline, not an SD3-family pipeline"),
-                          (no_transformer, "missing transformer/"), (tmp_path, "model_index.json is missing")):
+    for folder, match in (
+        (unet, "holds a StableDiffusionPipeline, not an SD3-family pipeline"),
+        (no_transformer, "missing transformer/"),
+        (tmp_path, "model_index.json is missing"),
+    ):
         with pytest.raises(TeacherError, match=match) as err:
-            teacher_stage(TeacherConfig(pretrained=str(folder), out_dir=str(tmp_path / "teacher")), tmp_path, "cpu",
-                          NullTracker())
+            teacher_stage(
+                TeacherConfig(pretrained=str(folder), out_dir=str(tmp_path / "teacher")), tmp_path, "cpu", NullTracker()
+            )
         assert str(folder) in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "teacher").exists()
 
@@ -176,17 +227,39 @@ def sd35_chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd35")
     source = build_sd35_like_teacher(root / "hub_copy")
     prompts = root / "prompts.csv"
-    pd.DataFrame({"prompt": [f"a drawing of the digit {w}" for w in ("zero", "one", "two", "three")] * 10}).to_csv(prompts)
+    pd.DataFrame({"prompt": [f"a drawing of the digit {w}" for w in ("zero", "one", "two", "three")] * 10}).to_csv(
+        prompts
+    )
     data = root / "data"
     prepare(PrepareConfig(source="prompts", captions=str(prompts), out_dir=str(data)))
-    teacher = teacher_stage(TeacherConfig(pretrained=str(source), out_dir=str(root / "teacher"),
-                                          max_sequence_length=T5_MAX_LENGTH), data, "cpu", NullTracker())
-    syn = SynthesizeConfig(out_dir=str(root / "synthetic"), steps=3, samples_per_prompt=1, guidance=2.0,
-                           resolutions=((64, 128), (128, 64)), trajectory_times=(0.5, 0.25), device="cpu")
+    teacher = teacher_stage(
+        TeacherConfig(pretrained=str(source), out_dir=str(root / "teacher"), max_sequence_length=T5_MAX_LENGTH),
+        data,
+        "cpu",
+        NullTracker(),
+    )
+    syn = SynthesizeConfig(
+        out_dir=str(root / "synthetic"),
+        steps=3,
+        samples_per_prompt=1,
+        guidance=2.0,
+        resolutions=((64, 128), (128, 64)),
+        trajectory_times=(0.5, 0.25),
+        device="cpu",
+    )
     synthesize(syn, data, teacher, NullTracker())
-    cfg = DistillConfig(out_dir=str(root / "student"), checkpoint=str(root / "ck.safetensors"), report_dir=str(root), **DISTILL,
-                        student_times=(1.0, 0.5, 0.25), schedule="exponential", probs=(0.5, 0.25, 0.25), warmup_probs=(0.0, 0.5, 0.5),
-                        gradient_checkpointing="all", ema_on_cpu=True)
+    cfg = DistillConfig(
+        out_dir=str(root / "student"),
+        checkpoint=str(root / "ck.safetensors"),
+        report_dir=str(root),
+        **DISTILL,
+        student_times=(1.0, 0.5, 0.25),
+        schedule="exponential",
+        probs=(0.5, 0.25, 0.25),
+        warmup_probs=(0.0, 0.5, 0.5),
+        gradient_checkpointing="all",
+        ema_on_cpu=True,
+    )
     summary = distill(cfg, teacher, syn.out_dir, NullTracker())
     return root, teacher, syn, summary
 
@@ -203,8 +276,16 @@ def test_sd35_shaped_teacher_settings_come_from_its_folder(sd35_chain):
     i = int(bucket.records[0])
     e, p = encode_prompts(pipe, [data.records["prompt"][i]], T5_MAX_LENGTH)
     ne, np_ = encode_prompts(pipe, [""], T5_MAX_LENGTH)
-    x = generate_latents(pipe.transformer, e, p, record_noise([int(data.records["seed"][i])], (16, 8, 16)),
-                         flow_sigmas(syn.steps, 3.0), syn.guidance, ne, np_)
+    x = generate_latents(
+        pipe.transformer,
+        e,
+        p,
+        record_noise([int(data.records["seed"][i])], (16, 8, 16)),
+        flow_sigmas(syn.steps, 3.0),
+        syn.guidance,
+        ne,
+        np_,
+    )
     torch.testing.assert_close(x[0], bucket.latents[0], rtol=0, atol=1e-5)
     assert summary["skipped_updates"] == 0
 
@@ -223,8 +304,15 @@ def test_a_two_bucket_student_is_evaluated_at_each_bucket(sd35_chain):
     shares = [b["share"] for b in meta["buckets"]]
     assert sum(shares) == pytest.approx(1.0)
     clip = build_tiny_clip(root / "clip", words=["a", "drawing", "of", "the", "digit", "zero", "one", "two", "three"])
-    cfg = EvaluateConfig(out_dir=str(root / "eval"), clip_path=str(clip), few_steps=(1,), seeds=(1, 2), grid_size=2,
-                         device="cpu", register=False)
+    cfg = EvaluateConfig(
+        out_dir=str(root / "eval"),
+        clip_path=str(clip),
+        few_steps=(1,),
+        seeds=(1, 2),
+        grid_size=2,
+        device="cpu",
+        register=False,
+    )
     m = evaluate(cfg, root / "data", None, teacher, root / "student", NullTracker())
     assert m["features"] == "clip" and m["protocol"]["resolutions"] == [[64, 128], [128, 64]]
     assert m["protocol"]["resolution_shares"] == shares and "resolution" not in m["protocol"]
@@ -245,13 +333,34 @@ def test_sd35_shaped_student_runs_in_stock_diffusers_and_exports(sd35_chain):
     assert student.scheduler.timesteps.tolist() == pytest.approx([1000.0, 500.0, 250.0], abs=1e-3)
     assert student.transformer.dtype == torch.float32
     for steps in (1, 2, 3):
-        images = student("a drawing of the digit two", height=64, width=128, num_inference_steps=steps,
-                         guidance_scale=0.0, max_sequence_length=T5_MAX_LENGTH, output_type="np").images
+        images = student(
+            "a drawing of the digit two",
+            height=64,
+            width=128,
+            num_inference_steps=steps,
+            guidance_scale=0.0,
+            max_sequence_length=T5_MAX_LENGTH,
+            output_type="np",
+        ).images
         assert images.shape == (1, 64, 128, 3) and torch.isfinite(torch.from_numpy(images)).all()
-    result = export_stage(ExportConfig(out_dir=str(root / "onnx"), single_file_dir=str(root / "single_file"), report=str(root / "export.json"), steps=3, fp16=False,
-                                       batch_sizes=(1, 2), latency_repeats=1, register=False), root / "student", NullTracker())
+    result = export_stage(
+        ExportConfig(
+            out_dir=str(root / "onnx"),
+            single_file_dir=str(root / "single_file"),
+            report=str(root / "export.json"),
+            steps=3,
+            fp16=False,
+            batch_sizes=(1, 2),
+            latency_repeats=1,
+            register=False,
+        ),
+        root / "student",
+        NullTracker(),
+    )
     assert result["max_abs_error"] < 1e-3
-    assert "input_ids_3" in json.loads((root / "onnx" / "manifest.json").read_text())["tokenizers"]["tokenizer_3"]["input"]
+    assert (
+        "input_ids_3" in json.loads((root / "onnx" / "manifest.json").read_text())["tokenizers"]["tokenizer_3"]["input"]
+    )
 
 
 def test_sd35_shaped_lora_student_loads_onto_its_teacher(sd35_chain, tmp_path):
@@ -260,10 +369,22 @@ def test_sd35_shaped_lora_student_loads_onto_its_teacher(sd35_chain, tmp_path):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     root, teacher, syn, _ = sd35_chain
-    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck.safetensors"), report_dir=str(tmp_path), **DISTILL,
-                        student_times=(1.0, 0.5, 0.25), schedule="exponential", probs=(0.5, 0.25, 0.25),
-                        warmup_probs=(0.0, 0.5, 0.5), gradient_checkpointing="all", student="lora", lora_rank=4,
-                        lora_targets=("attention", "feed_forward", "adaln"), lr_g=1e-3, ema_decay=0.5)
+    cfg = DistillConfig(
+        out_dir=str(tmp_path / "student"),
+        checkpoint=str(tmp_path / "ck.safetensors"),
+        report_dir=str(tmp_path),
+        **DISTILL,
+        student_times=(1.0, 0.5, 0.25),
+        schedule="exponential",
+        probs=(0.5, 0.25, 0.25),
+        warmup_probs=(0.0, 0.5, 0.5),
+        gradient_checkpointing="all",
+        student="lora",
+        lora_rank=4,
+        lora_targets=("attention", "feed_forward", "adaln"),
+        lr_g=1e-3,
+        ema_decay=0.5,
+    )
     summary = distill(cfg, teacher, syn.out_dir, NullTracker())
     lora = read_meta(tmp_path / "student")["lora"]
     assert {"attn2.to_q", "ff.net.2", "norm1.linear"} <= set(lora["target_modules"])
@@ -272,27 +393,55 @@ def test_sd35_shaped_lora_student_loads_onto_its_teacher(sd35_chain, tmp_path):
     stock = StableDiffusion3Pipeline.from_pretrained(teacher)
     stock.load_lora_weights(tmp_path / "student")
     stock.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tmp_path / "student", subfolder="scheduler")
+
     def latents(pipe, steps):
         torch.manual_seed(0)  # the re-noising sampler draws from the global RNG
-        return pipe("a drawing of the digit two", height=64, width=128, num_inference_steps=steps, guidance_scale=0.0,
-                    max_sequence_length=T5_MAX_LENGTH, generator=torch.Generator().manual_seed(0),
-                    output_type="latent").images
+        return pipe(
+            "a drawing of the digit two",
+            height=64,
+            width=128,
+            num_inference_steps=steps,
+            guidance_scale=0.0,
+            max_sequence_length=T5_MAX_LENGTH,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+        ).images
 
     for steps in (1, 3):
         assert (latents(fused, steps) - latents(stock, steps)).abs().max() <= 1e-5, steps
 
 
-@pytest.mark.parametrize("setting", [dict(gradient_checkpointing="all"), dict(truncate_teacher=False),
-                                     dict(prefetch=1), dict(ema_on_cpu=True),
-                                     dict(teacher_dtype="bfloat16"), dict(mixed_precision="bf16")])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        dict(gradient_checkpointing="all"),
+        dict(truncate_teacher=False),
+        dict(prefetch=1),
+        dict(ema_on_cpu=True),
+        dict(teacher_dtype="bfloat16"),
+        dict(mixed_precision="bf16"),
+    ],
+)
 def test_memory_settings_leave_the_tiny_run_unchanged(setting, tiny_teacher_dir, tiny_synthetic, tmp_path):
     """Each memory setting against the all-off fp32 run: equal weights, or (bf16) equal up to bf16 rounding;
     the student always keeps fp32 weights."""
-    base = DistillConfig(out_dir="", checkpoint="", **DISTILL, gradient_checkpointing="off", mixed_precision="no",
-                         teacher_dtype="float32", truncate_teacher=True)
+    base = DistillConfig(
+        out_dir="",
+        checkpoint="",
+        **DISTILL,
+        gradient_checkpointing="off",
+        mixed_precision="no",
+        teacher_dtype="float32",
+        truncate_teacher=True,
+    )
 
     def run(cfg, name):
-        cfg = replace(cfg, out_dir=str(tmp_path / name), checkpoint=str(tmp_path / f"{name}.safetensors"), report_dir=str(tmp_path / f"{name}_reports"))
+        cfg = replace(
+            cfg,
+            out_dir=str(tmp_path / name),
+            checkpoint=str(tmp_path / f"{name}.safetensors"),
+            report_dir=str(tmp_path / f"{name}_reports"),
+        )
         distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
         raw = SD3Transformer2DModel.from_pretrained(tmp_path / name / "ladd_raw_transformer")
         return dict(raw.named_parameters()), pd.read_csv(tmp_path / f"{name}_reports" / "distill_curve.csv")

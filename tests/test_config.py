@@ -2,10 +2,10 @@ import subprocess
 import sys
 
 import pytest
-
-from ladd.params import load_params
-from ladd.errors import ConfigError
 from conftest import ROOT, write_params
+
+from ladd.errors import ConfigError
+from ladd.params import load_params
 
 
 def test_project_params_load():
@@ -21,7 +21,10 @@ def test_project_params_load():
         ({"teacher": {"steps": "abc"}}, "teacher.steps: expected int, got str 'abc'"),
         ({"teacher": {"lr": True}}, "teacher.lr: expected float"),
         ({"teacher": {"vae_channels": [16, "x"]}}, "teacher.vae_channels[1]: expected int"),
-        ({"prepare": {"source": "folder", "images_dir": "/nope", "captions": "/nope.csv"}}, "prepare.images_dir: path does not exist: /nope"),
+        (
+            {"prepare": {"source": "folder", "images_dir": "/nope", "captions": "/nope.csv"}},
+            "prepare.images_dir: path does not exist: /nope",
+        ),
         ({"prepare": {"source": "pictures"}}, "prepare.source must be one of"),
         ({"teachr": {}}, "unknown section 'teachr'"),
     ],
@@ -47,7 +50,9 @@ def test_cli_config_error_before_any_work(tmp_path):
     params = write_params(tmp_path / "params.yaml", {"prepare": {"out_dir": str(out)}, "teacher": {"stepz": 3}})
     proc = subprocess.run(
         [sys.executable, "-m", "ladd.cli", "prepare", "--params", str(params), "--no-tracking"],
-        capture_output=True, text=True, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert proc.returncode == 2
     assert "unknown key teacher.stepz" in proc.stderr and str(params) in proc.stderr

@@ -109,8 +109,9 @@ def test_stored_rows_read_back_as_synthesized(many_shards, tiny_synthetic, tiny_
     data.close()
 
 
-def test_distill_start_reads_no_shard_and_a_step_reads_only_its_rows(many_shards, tiny_teacher_dir, tmp_path,
-                                                                      monkeypatch):
+def test_distill_start_reads_no_shard_and_a_step_reads_only_its_rows(
+    many_shards, tiny_teacher_dir, tmp_path, monkeypatch
+):
     opened = []
 
     class Counting(synthetic_module.ShardFile):
@@ -123,8 +124,16 @@ def test_distill_start_reads_no_shard_and_a_step_reads_only_its_rows(many_shards
     assert opened == []  # manifest, records columns and a stat per file: no shard opened
     from ladd.distill import distill
 
-    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck.safetensors"), report_dir=str(tmp_path), steps=2,
-                        batch_size=4, warmup_steps=1, prefetch=1, device="cpu")
+    cfg = DistillConfig(
+        out_dir=str(tmp_path / "student"),
+        checkpoint=str(tmp_path / "ck.safetensors"),
+        report_dir=str(tmp_path),
+        steps=2,
+        batch_size=4,
+        warmup_steps=1,
+        prefetch=1,
+        device="cpu",
+    )
     distill(cfg, tiny_teacher_dir, many_shards, NullTracker())
     manifest = json.loads((many_shards / "manifest.json").read_text())
     # 2 steps of 4 records, read ahead by one queued batch and one waiting to be queued: 16 records' shards at
@@ -148,9 +157,12 @@ def test_a_changed_or_vanished_shard_is_named_when_read(many_shards, tmp_path):
     blob[start + row * row_bytes] ^= 0xFF  # one flipped bit pattern in record 100's latent, same size
     path.write_bytes(bytes(blob))
     data.read(np.array([101 if data.columns.iloc[101]["shard"] != shard else 0]))  # other rows still read
-    with pytest.raises(ValidationFailed, match=rf"the content of shard-{shard:05d}.safetensors no longer matches its "
-                                               rf"checksums in .*records.parquet .*"
-                                               rf"records .*#0 \(shard-{shard:05d}\)"):
+    with pytest.raises(
+        ValidationFailed,
+        match=rf"the content of shard-{shard:05d}.safetensors no longer matches its "
+        rf"checksums in .*records.parquet .*"
+        rf"records .*#0 \(shard-{shard:05d}\)",
+    ):
         data.read(np.array([5, 100]))
     (copy / "embeds-00001.safetensors").unlink()  # gone after distill started: named when first needed
     prompt = int(np.flatnonzero(data.columns["prompt_index"].to_numpy() // 32 == 1)[0])
@@ -168,9 +180,18 @@ def test_embeddings_of_another_t5_length_are_refused_before_training(many_shards
     shutil.copytree(tiny_teacher_dir, teacher)
     meta = json.loads((teacher / "ladd.json").read_text())
     (teacher / "ladd.json").write_text(json.dumps({**meta, "max_sequence_length": 4}))
-    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck.safetensors"), report_dir=str(tmp_path), steps=2,
-                        batch_size=4, device="cpu")
-    with pytest.raises(StaleInput, match=r"manifest.json: its text embeddings are \[17, 64\] at T5 length 1, the "
-                                         r"teacher's are \[.., 64\] at 4 \(teacher.max_sequence_length\)"):
+    cfg = DistillConfig(
+        out_dir=str(tmp_path / "student"),
+        checkpoint=str(tmp_path / "ck.safetensors"),
+        report_dir=str(tmp_path),
+        steps=2,
+        batch_size=4,
+        device="cpu",
+    )
+    with pytest.raises(
+        StaleInput,
+        match=r"manifest.json: its text embeddings are \[17, 64\] at T5 length 1, the "
+        r"teacher's are \[.., 64\] at 4 \(teacher.max_sequence_length\)",
+    ):
         distill(cfg, teacher, many_shards, NullTracker())
     assert not (tmp_path / "ck.safetensors").exists()

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from ladd.config import DISTILL_PRESETS, DistillConfig
-from ladd.errors import ConfigError
+from ladd.data.synthetic import load_synthetic
 from ladd.discriminator import Discriminator, default_feature_layers, resolve_feature_layers
 from ladd.distill import distill
-from ladd.schedules import student_sigmas
+from ladd.errors import ConfigError
 from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, heads_loss, per_row
 from ladd.pipeline import encode_prompts, latent_shape, load_pipeline, max_sequence_length, read_meta
 from ladd.sampling import cfg_velocity, sample_renoise
-from ladd.data.synthetic import load_synthetic
+from ladd.schedules import student_sigmas
 from ladd.synthesize import synthesize
 from ladd.tracking import NullTracker
 from ladd.variants import noise_to
@@ -30,7 +30,9 @@ def test_hinge_and_nonsaturating_losses():
     assert heads_loss(hinge, real, fake).item() == pytest.approx((0 + 0.5) / 2 + (0 + 1) / 2)
     assert per_row(hinge.student, fake).mean().item() == pytest.approx(1.0)
     sp = torch.nn.functional.softplus
-    assert heads_loss(nonsaturating, real, fake).item() == pytest.approx((sp(-real[0]).mean() + sp(fake[0]).mean()).item())
+    assert heads_loss(nonsaturating, real, fake).item() == pytest.approx(
+        (sp(-real[0]).mean() + sp(fake[0]).mean()).item()
+    )
     assert per_row(nonsaturating.student, fake).mean().item() == pytest.approx(sp(-fake[0]).mean().item())
     assert approx_r1(real, real).item() == 0.0
 
@@ -123,8 +125,12 @@ SMOKE_DISTILL = dict(steps=24, batch_size=4, warmup_steps=4, checkpoint_every=4,
 
 
 def test_distilled_student_is_a_diffusers_pipeline(tiny_teacher_dir, tiny_synthetic, tmp_path):
-    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck.safetensors"), report_dir=str(tmp_path),
-                        **{**SMOKE_DISTILL, "steps": 8})
+    cfg = DistillConfig(
+        out_dir=str(tmp_path / "student"),
+        checkpoint=str(tmp_path / "ck.safetensors"),
+        report_dir=str(tmp_path),
+        **{**SMOKE_DISTILL, "steps": 8},
+    )
     summary = distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
     assert summary["steps"] == 8 and summary["skipped_updates"] == 0
     student_dir = tmp_path / "student"
@@ -133,7 +139,9 @@ def test_distilled_student_is_a_diffusers_pipeline(tiny_teacher_dir, tiny_synthe
     for name in ("vae", "text_encoder", "text_encoder_2"):
         a, b = getattr(teacher, name).state_dict(), getattr(student, name).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
-    assert any(not torch.equal(a, b) for a, b in zip(teacher.transformer.parameters(), student.transformer.parameters()))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(teacher.transformer.parameters(), student.transformer.parameters())
+    )
     meta = read_meta(student_dir)
     times = meta["student_times"]
     assert times == pytest.approx([1.0, 0.79344, 0.45656, 0.25], abs=1e-5) and meta["sampler"] == "renoise"
@@ -145,15 +153,24 @@ def test_distilled_student_is_a_diffusers_pipeline(tiny_teacher_dir, tiny_synthe
         student.scheduler.set_timesteps(steps)
         assert student.scheduler.timesteps.tolist() == pytest.approx([1000 * t for t in visited], abs=1e-3)
         torch.manual_seed(0)
-        ref = student("handwritten six", num_inference_steps=steps, guidance_scale=0.0, max_sequence_length=msl,
-                      generator=torch.Generator().manual_seed(1), output_type="latent").images
+        ref = student(
+            "handwritten six",
+            num_inference_steps=steps,
+            guidance_scale=0.0,
+            max_sequence_length=msl,
+            generator=torch.Generator().manual_seed(1),
+            output_type="latent",
+        ).images
         torch.manual_seed(0)
         x = torch.randn((1, *latent_shape(student)), generator=torch.Generator().manual_seed(1))
         ours = sample_renoise(cfg_velocity(student.transformer, e, p), x, student_sigmas(steps, meta))
         assert torch.isfinite(ref).all() and (ours - ref).abs().max() <= 1e-5, steps
     # the model card: diffusers metadata header, how to load, and (before evaluate) no table yet
     card = (Path(student_dir) / "README.md").read_text()
-    assert card.startswith("---\nbase_model: ladd-tiny-sd3-digits\nlibrary_name: diffusers") and "num_inference_steps=4" in card
+    assert (
+        card.startswith("---\nbase_model: ladd-tiny-sd3-digits\nlibrary_name: diffusers")
+        and "num_inference_steps=4" in card
+    )
     assert "Not evaluated yet" in card
 
 
@@ -167,19 +184,31 @@ def test_mse_to_teacher_keeps_the_student_near_the_teacher_below_t1(tiny_teacher
 
     def drift(**overrides):
         out = tmp_path / str(len(list(tmp_path.iterdir())))
-        cfg = DistillConfig(out_dir=str(out / "student"), checkpoint=str(out / "ck.safetensors"), report_dir=str(out),
-                            **{**SMOKE_DISTILL, **DISTILL_PRESETS["ladd"], "steps": 6, "lr_g": 1e-3, "ema_decay": 0.0,
-                               "warmup_probs": [0.0, 0.0, 0.5, 0.5], "probs": [0.0, 0.0, 0.5, 0.5], **overrides})
+        cfg = DistillConfig(
+            out_dir=str(out / "student"),
+            checkpoint=str(out / "ck.safetensors"),
+            report_dir=str(out),
+            **{
+                **SMOKE_DISTILL,
+                **DISTILL_PRESETS["ladd"],
+                "steps": 6,
+                "lr_g": 1e-3,
+                "ema_decay": 0.0,
+                "warmup_probs": [0.0, 0.0, 0.5, 0.5],
+                "probs": [0.0, 0.0, 0.5, 0.5],
+                **overrides,
+            },
+        )
         distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
         student = load_pipeline(out / "student").transformer
         with torch.no_grad():
-            v_s, v_t = (m(hidden_states=x, encoder_hidden_states=e, pooled_projections=p, timestep=t * 1000).sample
-                        for m in (student, pipe.transformer))
+            v_s, v_t = (
+                m(hidden_states=x, encoder_hidden_states=e, pooled_projections=p, timestep=t * 1000).sample
+                for m in (student, pipe.transformer)
+            )
         return (v_s - v_t).abs().mean().item()
 
     free, anchored = drift(), drift(regression_weight=100.0, regression_target="teacher")
     assert 0 < anchored < 0.5 * free, (anchored, free)
     with pytest.raises(ConfigError, match="distill.regression_target"):
         DistillConfig(regression_target="data")
-
-

@@ -16,10 +16,10 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import edit_params
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
 from ladd.checkpoint import read_checkpoint_meta
-from conftest import edit_params
 
 pytestmark = pytest.mark.slow  # every test starts torchrun and 2 worker processes
 STEPS = 6
@@ -30,21 +30,27 @@ def _project(finished_project: Path, tmp_path: Path, name: str, nproc: int, para
     root = tmp_path / name
     shutil.copytree(finished_project, root)
     shutil.rmtree(root / "models" / "student")
-    edit_params(root, "distill", **{"steps": STEPS, "checkpoint": "models/checkpoints/run.safetensors",
-                                    "parallel": parallel, **distill})
+    edit_params(
+        root,
+        "distill",
+        **{"steps": STEPS, "checkpoint": "models/checkpoints/run.safetensors", "parallel": parallel, **distill},
+    )
     edit_params(root, "launch", nproc_per_node=nproc)
     return root
 
 
 def _ladd(root: Path, stage: str = "distill", **popen) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ladd.cli", stage, "--no-tracking"], cwd=root, capture_output=True,
-                          text=True, **popen)
+    return subprocess.run(
+        [sys.executable, "-m", "ladd.cli", stage, "--no-tracking"], cwd=root, capture_output=True, text=True, **popen
+    )
 
 
 def _summary(root: Path) -> dict:
     """The student's training summary with the run report beside the checkpoint (processes, resume, timings)."""
-    return {**json.loads((root / "models" / "student" / "ladd_train_summary.json").read_text()),
-            **json.loads((root / "reports" / "distill.json").read_text())}
+    return {
+        **json.loads((root / "models" / "student" / "ladd_train_summary.json").read_text()),
+        **json.loads((root / "reports" / "distill.json").read_text()),
+    }
 
 
 def _transformer(root: Path, sub: str = WEIGHTS) -> dict:
@@ -91,8 +97,13 @@ def test_two_processes_compute_the_one_process_update(parallel, one_process, fin
         return
     # the student gathered from the FSDP shards is a stock diffusers pipeline
     pipe = StableDiffusion3Pipeline.from_pretrained(root / "models" / "student", text_encoder_3=None, tokenizer_3=None)
-    image = pipe("handwritten seven", num_inference_steps=1, guidance_scale=1.0, output_type="pt",
-                 generator=torch.Generator().manual_seed(0)).images
+    image = pipe(
+        "handwritten seven",
+        num_inference_steps=1,
+        guidance_scale=1.0,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert torch.isfinite(image).all()
 
 
@@ -114,8 +125,13 @@ def test_lora_on_two_processes_computes_the_one_process_update(finished_project,
 
 
 def _workers(launcher: psutil.Process) -> list[psutil.Process]:
-    return [p for p in launcher.children(recursive=True) if "ladd.cli" in " ".join(p.cmdline()) and p.pid != launcher.pid
-            and "torch.distributed.run" not in " ".join(p.cmdline())]
+    return [
+        p
+        for p in launcher.children(recursive=True)
+        if "ladd.cli" in " ".join(p.cmdline())
+        and p.pid != launcher.pid
+        and "torch.distributed.run" not in " ".join(p.cmdline())
+    ]
 
 
 @pytest.mark.parametrize("victim, parallel", [("rank", "fsdp"), ("launcher", "ddp")])
@@ -125,8 +141,9 @@ def test_killed_mid_run_then_the_same_command_resumes(victim, parallel, finished
     whole, and the same command resumes from it."""
     root = _project(finished_project, tmp_path, "killed", 2, parallel, steps=40, checkpoint_every=1)
     ckpt = root / "models" / "checkpoints" / ("run.dcp" if parallel == "fsdp" else "run.safetensors")  # FSDP: sharded
-    launcher = subprocess.Popen([sys.executable, "-m", "ladd.cli", "distill", "--no-tracking"], cwd=root,
-                                stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "ladd.cli", "distill", "--no-tracking"], cwd=root, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 180
     while time.time() < deadline and launcher.poll() is None:
         if ckpt.exists() and read_checkpoint_meta(ckpt)[0] >= 2:
@@ -166,7 +183,9 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(one_process, finish
     assert _update_error(runs["two"], runs["one"], _transformer(one_process)) < 1e-3
 
 
-def test_a_sharded_checkpoint_is_written_by_every_rank_and_resumes_on_one_process(one_process, finished_project, tmp_path):
+def test_a_sharded_checkpoint_is_written_by_every_rank_and_resumes_on_one_process(
+    one_process, finished_project, tmp_path
+):
     """FSDP writes no gathered state: each rank its own safetensors shards (torch.distributed.checkpoint), rank 0 the
     replicated heads, RNG and step. The folder resumes on 1 process and continues the same run as 1 process does."""
     root = _project(finished_project, tmp_path, "sharded", 2, "fsdp", steps=STEPS // 2, checkpoint_every=STEPS // 2)
@@ -176,8 +195,11 @@ def test_a_sharded_checkpoint_is_written_by_every_rank_and_resumes_on_one_proces
     assert not (checkpoints / "run.safetensors").exists()
     files = sorted(p.name for p in (checkpoints / "run.dcp").iterdir())
     shards = [f for f in files if f.startswith("shard-")]
-    assert len(shards) == 2 and "replicated.safetensors" in files and all(f.endswith(".safetensors") for f in files
-                                                                          if not f.startswith("."))
+    assert (
+        len(shards) == 2
+        and "replicated.safetensors" in files
+        and all(f.endswith(".safetensors") for f in files if not f.startswith("."))
+    )
     assert read_checkpoint_meta(checkpoints / "run.dcp")[0] == STEPS // 2
     edit_params(root, "distill", steps=STEPS, parallel="none")
     edit_params(root, "launch", nproc_per_node=1)

@@ -21,11 +21,20 @@ def _keys(tree, prefix=""):
     return {prefix}
 
 
-def test_seeds_change_the_samples_not_the_schema(prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir,
-                                                tmp_path):
+def test_seeds_change_the_samples_not_the_schema(
+    prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, tmp_path
+):
     def run(seeds, name):
-        cfg = EvaluateConfig(out_dir=str(tmp_path / name), teacher_steps=3, few_steps=(1, 2), num_samples=16,
-                             grid_size=8, device="cpu", seeds=seeds, register=False)
+        cfg = EvaluateConfig(
+            out_dir=str(tmp_path / name),
+            teacher_steps=3,
+            few_steps=(1, 2),
+            num_samples=16,
+            grid_size=8,
+            device="cpu",
+            seeds=seeds,
+            register=False,
+        )
         return evaluate(cfg, prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, NullTracker())
 
     a, b = run((1, 2, 3), "a"), run((4, 5, 6), "b")
@@ -68,7 +77,8 @@ def test_seeds_must_be_distinct():
 
 
 def test_memory_is_a_batchs_prompts_at_a_time_and_the_figures_do_not_depend_on_it(
-        prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, tmp_path, monkeypatch):
+    prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, tmp_path, monkeypatch
+):
     """Memory grows with evaluate.batch_size, not with the number of prompts: no more than a batch of prompts is
     encoded at once (nor its noise drawn); batches of 4 score what one batch of 12 scores (the text encoder's sums
     aside: its batches differ), the renoise student and a grid spanning batches included."""
@@ -89,16 +99,28 @@ def test_memory_is_a_batchs_prompts_at_a_time_and_the_figures_do_not_depend_on_i
     monkeypatch.setattr(ev, "record_noise", record_noise)
 
     def run(batch_size):
-        cfg = EvaluateConfig(out_dir=str(tmp_path / str(batch_size)), teacher_steps=2, few_steps=(1,), num_samples=12,
-                             batch_size=batch_size, grid_size=6, device="cpu", seeds=(1, 2), register=False)
+        cfg = EvaluateConfig(
+            out_dir=str(tmp_path / str(batch_size)),
+            teacher_steps=2,
+            few_steps=(1,),
+            num_samples=12,
+            batch_size=batch_size,
+            grid_size=6,
+            device="cpu",
+            seeds=(1, 2),
+            register=False,
+        )
         return evaluate(cfg, prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, NullTracker())
 
     batched = run(4)
     assert max(sizes["encode"]) == max(sizes["noise"]) == 4
     assert len(sizes["noise"]) == 3 * 2 * 3  # batches x seeds x rows (teacher, naive teacher, student)
     whole = run(12)
-    for a, b in ((batched["teacher"], whole["teacher"]), (batched["student"]["1"], whole["student"]["1"]),
-                 (batched["teacher_naive"]["1"], whole["teacher_naive"]["1"])):
+    for a, b in (
+        (batched["teacher"], whole["teacher"]),
+        (batched["student"]["1"], whole["student"]["1"]),
+        (batched["teacher_naive"]["1"], whole["teacher_naive"]["1"]),
+    ):
         assert a["accuracy"] == b["accuracy"]
         for key in ("fd", "fd_teacher", "precision", "recall"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
@@ -119,14 +141,23 @@ def _teacher_features(pipe_dir, classifier_dir, prompts, seed, steps, guidance):
     embeds, pooled = encode_prompts(pipe, prompts, msl)
     null_e, null_p = encode_prompts(pipe, [""], msl)
     noise = record_noise([seed * 1_000_003 + i for i in range(len(prompts))], latent_shape(pipe))
-    lat = generate_latents(pipe.transformer, embeds, pooled, noise, flow_sigmas(steps, pipe.scheduler.config.shift),
-                           guidance, null_e, null_p)
+    lat = generate_latents(
+        pipe.transformer,
+        embeds,
+        pooled,
+        noise,
+        flow_sigmas(steps, pipe.scheduler.config.shift),
+        guidance,
+        null_e,
+        null_p,
+    )
     extractor = FEATURE_EXTRACTORS["classifier"](classifier_dir, "evaluate.features")
     return embed(extractor, decode_latents(pipe.vae, lat))[0].numpy()
 
 
 def test_fid_t_is_against_the_teacher_distilled_from_and_the_reference_is_its_own_figure(
-        prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, tmp_path):
+    prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, tmp_path
+):
     """On the val split: fd_teacher is FD against the samples of the teacher the student learnt from (the tiny
     synthetic data's CFG 2, 3 steps, read from the student), recomputed here; with reference_guidance set, the
     teacher at that CFG is its own row and fd_reference its own figure; the model card names both."""
@@ -137,8 +168,17 @@ def test_fid_t_is_against_the_teacher_distilled_from_and_the_reference_is_its_ow
     from ladd.pipeline import read_meta
 
     assert read_meta(tiny_student_dir)["distillation_teacher"] == {"guidance": 2.0, "steps": 3}
-    cfg = EvaluateConfig(out_dir=str(tmp_path / "val"), split="val", reference_guidance=1.5, few_steps=(1,),
-                         num_samples=12, grid_size=4, device="cpu", seeds=(1, 2), register=False)
+    cfg = EvaluateConfig(
+        out_dir=str(tmp_path / "val"),
+        split="val",
+        reference_guidance=1.5,
+        few_steps=(1,),
+        num_samples=12,
+        grid_size=4,
+        device="cpu",
+        seeds=(1, 2),
+        register=False,
+    )
     m = evaluate(cfg, prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, NullTracker())
     val = list(load_split(prepared_data / "val").captions["prompt"][:12])
     assert m["split"] == "val" and m["protocol"]["split"] == "val"

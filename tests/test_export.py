@@ -13,22 +13,27 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
-from PIL import Image
 import torch
+from conftest import ROOT
+from PIL import Image
 
 from ladd.config import ExportConfig
-from ladd.schedules import student_sigmas
 from ladd.errors import ParityError
 from ladd.export import export_stage
 from ladd.onnx_runtime import OnnxStudent, open_session
 from ladd.pipeline import encode_prompts, load_pipeline, read_meta
 from ladd.sampling import cfg_velocity, sample_renoise
-from ladd.tracking import NullTracker, stage_run
-from conftest import ROOT
+from ladd.schedules import student_sigmas
+from ladd.tracking import stage_run
 
 pytestmark = pytest.mark.slow
-PROMPTS = ["a handwritten digit seven", "handwritten three", "an image of the number 4", "a drawing of the digit two",
-           "the number 1 written by hand and a very long tail that the CLIP tokenizer has to truncate away"]
+PROMPTS = [
+    "a handwritten digit seven",
+    "handwritten three",
+    "an image of the number 4",
+    "a drawing of the digit two",
+    "the number 1 written by hand and a very long tail that the CLIP tokenizer has to truncate away",
+]
 
 
 def test_report_and_graphs(exported):
@@ -62,9 +67,15 @@ def test_onnx_matches_the_library_sampler_at_another_batch_size(exported, tiny_s
         noise = torch.randn(len(PROMPTS), 4, 8, 8, generator=torch.Generator().manual_seed(1))
         draws = torch.Generator().manual_seed(2)  # sample_renoise draws one noise per step, in order
         step_noise = torch.stack([torch.randn(noise.shape, generator=draws) for _ in range(steps)])[: steps - 1]
-        expected = sample_renoise(cfg_velocity(pipe.transformer, embeds, pooled), noise, student_sigmas(steps, meta),
-                                  generator=torch.Generator().manual_seed(2))
-        latents, images = runtime.generate_latents(embeds.numpy(), pooled.numpy(), noise.numpy(), step_noise.numpy(), steps)
+        expected = sample_renoise(
+            cfg_velocity(pipe.transformer, embeds, pooled),
+            noise,
+            student_sigmas(steps, meta),
+            generator=torch.Generator().manual_seed(2),
+        )
+        latents, images = runtime.generate_latents(
+            embeds.numpy(), pooled.numpy(), noise.numpy(), step_noise.numpy(), steps
+        )
         assert np.abs(latents - expected.numpy()).max() < 1e-4, steps
         assert images.shape == (len(PROMPTS), 1, 32, 32) and 0 <= images.min() and images.max() <= 1
 
@@ -83,8 +94,10 @@ def test_generate_without_torch(exported, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     # a prompt's `/` and `..` make no folders: every file lands in --out
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")) == \
-        ["000_handwritten_three.png", "001_handwritten_six_x.png"]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")) == [
+        "000_handwritten_three.png",
+        "001_handwritten_six_x.png",
+    ]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without CUDA")
@@ -114,7 +127,14 @@ def test_failed_parity_keeps_previous_export_and_registers_nothing(exported, tin
     before = sorted(p.name for p in out_dir.rglob("*"))
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    cfg = ExportConfig(out_dir=str(out_dir), single_file_dir=str(tmp_path / "single_file"), report=str(report), fp16=False, batch_sizes=(2,), latency_repeats=1)
+    cfg = ExportConfig(
+        out_dir=str(out_dir),
+        single_file_dir=str(tmp_path / "single_file"),
+        report=str(report),
+        fp16=False,
+        batch_sizes=(2,),
+        latency_repeats=1,
+    )
     with pytest.raises(ParityError, match="export.tolerance"), stage_run("export") as tracker:
         export_stage(ExportConfig(**{**cfg.__dict__, "tolerance": 1e-9}), tiny_student_dir, tracker)
     assert sorted(p.name for p in out_dir.rglob("*")) == before and report.read_text() == "{}"
@@ -129,7 +149,9 @@ def test_failed_parity_keeps_previous_export_and_registers_nothing(exported, tin
     info = mlflow.models.get_model_info(f"models:/ladd-student-onnx/{version.version}")
     assert info.flavors["python_function"]["loader_module"] == "ladd.serving"
     model = mlflow.pyfunc.load_model(f"models:/ladd-student-onnx/{version.version}")
-    out = model.predict(pd.DataFrame({"prompt": ["handwritten three", "handwritten six"], "seed": [0, 1], "steps": [2, 2]}))
+    out = model.predict(
+        pd.DataFrame({"prompt": ["handwritten three", "handwritten six"], "seed": [0, 1], "steps": [2, 2]})
+    )
     runtime = OnnxStudent(out_dir, provider="cpu")
     expected = runtime(["handwritten three", "handwritten six"], 2, [0, 1])
     for b64, image in zip(out["image_png"], expected):
@@ -148,10 +170,30 @@ def test_runtime_settings_measured_on_this_machine_are_used(exported, tiny_stude
 
     cfg, _ = exported
     onnx_dir = shutil.copytree(cfg.out_dir, tmp_path / "onnx")
-    out = subprocess.run([sys.executable, "benchmarks/onnx_latency.py", "--onnx", str(onnx_dir), "--student",
-                          str(tiny_student_dir), "--batch-sizes", "1", "--repeats", "1", "--threads", "1",
-                          "--optimizations", "basic", "all", "--no-fp16"],
-                         capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/onnx_latency.py",
+            "--onnx",
+            str(onnx_dir),
+            "--student",
+            str(tiny_student_dir),
+            "--batch-sizes",
+            "1",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--optimizations",
+            "basic",
+            "all",
+            "--no-fp16",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
     assert "chosen for" in out.stdout and "ORT / eager" in out.stdout
     held = json.loads((onnx_dir / RUNTIME_SETTINGS).read_text())["machines"]
     assert set(held[machine_key("cpu")]["measured"]) == {"1"}
@@ -161,9 +203,14 @@ def test_runtime_settings_measured_on_this_machine_are_used(exported, tiny_stude
     tuned, plain = OnnxStudent(onnx_dir, provider="cpu"), OnnxStudent(cfg.out_dir, provider="cpu")
     assert tuned.settings == {"threads": 1, "optimization": "basic", "io_binding": True}
     options = tuned.session("generator").get_session_options()
-    assert options.intra_op_num_threads == 1 and options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    assert (
+        options.intra_op_num_threads == 1
+        and options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    )
     assert plain.settings == {"threads": 0, "optimization": "all", "io_binding": False}
-    np.testing.assert_allclose(tuned(["handwritten six"], 4, [3]).astype(int), plain(["handwritten six"], 4, [3]).astype(int), atol=1)
+    np.testing.assert_allclose(
+        tuned(["handwritten six"], 4, [3]).astype(int), plain(["handwritten six"], 4, [3]).astype(int), atol=1
+    )
 
 
 def test_the_runtime_holds_requests_to_the_served_rules(exported, tiny_student_dir):

@@ -17,25 +17,26 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import CHECKPOINT, DISTILL, ROOT, RUN_REPORT, edit_params
 from PIL import Image
 from safetensors.torch import load_file, save_file
-
-from ladd.checkpoint import read_checkpoint_meta
-from flows.pipeline import _pipeline
-from ladd.config import PrepareConfig
-from ladd.errors import ConfigError
-from ladd.data.prepare import load_split, prepare
-from ladd.io import atomic_dir, atomic_file
-from conftest import CHECKPOINT, DISTILL, ROOT, RUN_REPORT, edit_params
 from sd3_family import build_tiny_clip
+
+from flows.pipeline import _pipeline
+from ladd.checkpoint import read_checkpoint_meta
+from ladd.config import PrepareConfig
+from ladd.data.prepare import load_split, prepare
+from ladd.errors import ConfigError
+from ladd.io import atomic_dir, atomic_file
+
 
 @pytest.fixture
 def project(finished_project, tmp_path) -> Path:
@@ -49,8 +50,11 @@ def outputs(project: Path) -> dict:
     of an unfinished synthesize, kept there by design so the same command resumes) and the `.lock` files that
     a run holds while it writes an output (they hold its pid)."""
     files = [p for top in ("data", "models") for p in sorted((project / top).rglob("*")) if p.is_file()]
-    return {p.relative_to(project).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files
-            if p.suffix != ".lock" and not any(part.endswith(".next") for part in p.relative_to(project).parts)}
+    return {
+        p.relative_to(project).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in files
+        if p.suffix != ".lock" and not any(part.endswith(".next") for part in p.relative_to(project).parts)
+    }
 
 
 def ladd_cmd(stage: str, *extra: str) -> list[str]:
@@ -72,6 +76,7 @@ def _free_port() -> int:
 
 # --- planting functions: each changes the project (or returns the environment of the run) -------------------------
 
+
 def _images_folder(project: Path, last: str, content: np.ndarray | bytes | None, column: str = "file") -> None:
     """An image folder and captions table of 10 rows: nine grey 32x32 PNGs, then `last` holding `content`
     (None: no such file)."""
@@ -84,14 +89,18 @@ def _images_folder(project: Path, last: str, content: np.ndarray | bytes | None,
     elif content is not None:
         Image.fromarray(content).save(images / last)
     pd.DataFrame({column: [f"{i}.png" for i in range(9)] + [last], "caption": ["grey"] * 10, "label": [0] * 10}).to_csv(
-        project / "captions.csv", index=False)  # labelled: the digit classifier still applies
+        project / "captions.csv", index=False
+    )  # labelled: the digit classifier still applies
     edit_params(project, "prepare", source="folder", images_dir="incoming", captions="captions.csv")
 
 
 def _prompts_without_prompt_column(project: Path) -> None:
     pd.DataFrame({"text": ["a handwritten seven"]}).to_csv(project / "prompts.csv", index=False)
-    _edit(project, prepare={"source": "prompts", "captions": "prompts.csv"},
-          evaluate={"features": "clip", "clip_path": _clip_folder(project)})  # prompts only: no classifier
+    _edit(
+        project,
+        prepare={"source": "prompts", "captions": "prompts.csv"},
+        evaluate={"features": "clip", "clip_path": _clip_folder(project)},
+    )  # prompts only: no classifier
 
 
 def _offline_hub_id(project: Path) -> dict:
@@ -118,6 +127,7 @@ def _set_prompts(rows: dict[int, str]):
         for i, prompt in rows.items():
             frame.loc[i, "prompt"] = prompt
         return frame
+
     return edit
 
 
@@ -150,8 +160,9 @@ def _next_read(project: Path, position: int = DISTILL["steps"]) -> tuple[int, in
     return int(shard), int(row)
 
 
-def _faulty_shard(project: Path, change: Callable[[dict, int], None], run: str | None = None,
-                  keep_manifest: bool = False) -> None:
+def _faulty_shard(
+    project: Path, change: Callable[[dict, int], None], run: str | None = None, keep_manifest: bool = False
+) -> None:
     """Rewrite the shard distill reads next (`change(tensors, row)`), and give it steps to train. Written as
     synthesize would write it (the manifest's and the records' sums of the new file), it is a new data set: the
     checkpoint is another data set's, and the run starts at batch 0; else it resumes at batch 4."""
@@ -167,7 +178,9 @@ def _faulty_shard(project: Path, change: Callable[[dict, int], None], run: str |
     tensors = load_file(path)
     change(tensors, row)
     save_file(tensors, path, metadata={"run": run or metadata["run"]})
-    if not keep_manifest:  # as a synthesize run would have written it: the manifest's and the records' sums are the new file's
+    if (
+        not keep_manifest
+    ):  # as a synthesize run would have written it: the manifest's and the records' sums are the new file's
         synthetic = project / "data" / "synthetic"
         manifest = json.loads((synthetic / "manifest.json").read_text())
         manifest["shard_bytes"][k] = path.stat().st_size
@@ -186,7 +199,11 @@ def _nan_at(tensors, row):
 
 def _nan_record(project: Path) -> str:
     k, row = _next_read(project, 0)
-    record = pd.read_parquet(project / "data" / "synthetic" / "records.parquet").query(f"shard == {k} and row == {row}").iloc[0]
+    record = (
+        pd.read_parquet(project / "data" / "synthetic" / "records.parquet")
+        .query(f"shard == {k} and row == {row}")
+        .iloc[0]
+    )
     return f"{record['id']}#0 \\(shard-{k:05d}\\)"
 
 
@@ -251,14 +268,20 @@ def _tear(path: Path) -> None:
 
 # --- recoveries: what a fault that is handled by going on must have done --------------------------------------------
 
+
 def _restarted_after_moving_the_torn_checkpoint(project: Path, before: dict, log: str) -> None:
-    assert hashlib.sha256((project / f"{CHECKPOINT}.corrupt").read_bytes()).hexdigest() == before[CHECKPOINT]  # kept for a look, not deleted
+    assert (
+        hashlib.sha256((project / f"{CHECKPOINT}.corrupt").read_bytes()).hexdigest() == before[CHECKPOINT]
+    )  # kept for a look, not deleted
     assert read_checkpoint_meta(project / CHECKPOINT)[0] == DISTILL["steps"]
     assert json.loads((project / RUN_REPORT).read_text())["resumed_from"] == 0
 
 
 def _started_over_for_new_settings(project: Path, before: dict, log: str) -> None:
-    assert json.loads((project / RUN_REPORT).read_text())["resumed_from"] == 0 and read_checkpoint_meta(project / CHECKPOINT)[0] == DISTILL["steps"]
+    assert (
+        json.loads((project / RUN_REPORT).read_text())["resumed_from"] == 0
+        and read_checkpoint_meta(project / CHECKPOINT)[0] == DISTILL["steps"]
+    )
     stale = project / f"{CHECKPOINT}.stale-1"  # the other run's checkpoint, moved aside whole, never overwritten
     assert hashlib.sha256(stale.read_bytes()).hexdigest() == before[CHECKPOINT]
 
@@ -299,8 +322,11 @@ def _table(rows: list[str]) -> str:
 
 def _parquet_prompts(project: Path, prompts: list) -> None:
     pd.DataFrame({"prompt": prompts}).to_parquet(project / "prompts.parquet")
-    _edit(project, prepare={"source": "prompts", "captions": "prompts.parquet"},
-          evaluate={"features": "clip", "clip_path": _clip_folder(project)})
+    _edit(
+        project,
+        prepare={"source": "prompts", "captions": "prompts.parquet"},
+        evaluate={"features": "clip", "clip_path": _clip_folder(project)},
+    )
 
 
 def _outside_images(project: Path, name: str) -> None:
@@ -342,172 +368,393 @@ class Fault:
 
 FAULTS = {
     # config: exit 2, before anything is read
-    "config/unknown_key": Fault("distill", lambda p: edit_params(p, "distill", stepz=5), 2,
-                                r"params.yaml: unknown key distill.stepz \(known: out_dir"),
-    "config/unknown_section": Fault("distill", lambda p: edit_params(p, "distil"), 2,
-                                    r"params.yaml: unknown section 'distil'"),
-    "config/wrong_type": Fault("distill", lambda p: edit_params(p, "distill", steps="many"), 2,
-                               r"distill.steps: expected int, got str 'many'"),
-    "config/probs": Fault("distill", lambda p: edit_params(p, "distill", probs=[0.5] * 4), 2,
-                          r"distill.probs must be 4 non-negative numbers summing to 1"),
-    "config/times_off_schedule": Fault("distill", lambda p: edit_params(p, "distill", student_times=[1.0, 0.6, 0.3, 0.25]), 2,
-                                       r"distill.student_times must be the beta schedule's times .*got \[1.0, 0.6, 0.3, 0.25\]"),
-    "config/not_yaml": Fault("prepare", lambda p: _write(p / "params.yaml", "prepare: [unclosed\n"), 2,
-                             r"params.yaml: not valid YAML"),
-    "config/missing_file": Fault("prepare", lambda p: None, 2, r"params file not found: nope.yaml",
-                                 extra=("--params", "nope.yaml")),
-    "config/unknown_encoding": Fault("prepare", lambda p: edit_params(p, "prepare", encoding="latin-42"), 2,
-                                     r"prepare.encoding: 'latin-42' is not a text encoding"),
-    "config/cuda_without_a_gpu": Fault("distill", _cuda_on_no_gpu, 2,
-                                       r"device 'cuda' was asked for but CUDA is not available", child=True),
-    "launch/more_processes_than_gpus": Fault("distill", lambda p: _cuda_on_no_gpu(p, launch={"nproc_per_node": 2}), 2,
-                                             r"launch.nproc_per_node is 2 but this node has 0 GPUs", child=True),
+    "config/unknown_key": Fault(
+        "distill",
+        lambda p: edit_params(p, "distill", stepz=5),
+        2,
+        r"params.yaml: unknown key distill.stepz \(known: out_dir",
+    ),
+    "config/unknown_section": Fault(
+        "distill", lambda p: edit_params(p, "distil"), 2, r"params.yaml: unknown section 'distil'"
+    ),
+    "config/wrong_type": Fault(
+        "distill", lambda p: edit_params(p, "distill", steps="many"), 2, r"distill.steps: expected int, got str 'many'"
+    ),
+    "config/probs": Fault(
+        "distill",
+        lambda p: edit_params(p, "distill", probs=[0.5] * 4),
+        2,
+        r"distill.probs must be 4 non-negative numbers summing to 1",
+    ),
+    "config/times_off_schedule": Fault(
+        "distill",
+        lambda p: edit_params(p, "distill", student_times=[1.0, 0.6, 0.3, 0.25]),
+        2,
+        r"distill.student_times must be the beta schedule's times .*got \[1.0, 0.6, 0.3, 0.25\]",
+    ),
+    "config/not_yaml": Fault(
+        "prepare", lambda p: _write(p / "params.yaml", "prepare: [unclosed\n"), 2, r"params.yaml: not valid YAML"
+    ),
+    "config/missing_file": Fault(
+        "prepare", lambda p: None, 2, r"params file not found: nope.yaml", extra=("--params", "nope.yaml")
+    ),
+    "config/unknown_encoding": Fault(
+        "prepare",
+        lambda p: edit_params(p, "prepare", encoding="latin-42"),
+        2,
+        r"prepare.encoding: 'latin-42' is not a text encoding",
+    ),
+    "config/cuda_without_a_gpu": Fault(
+        "distill", _cuda_on_no_gpu, 2, r"device 'cuda' was asked for but CUDA is not available", child=True
+    ),
+    "launch/more_processes_than_gpus": Fault(
+        "distill",
+        lambda p: _cuda_on_no_gpu(p, launch={"nproc_per_node": 2}),
+        2,
+        r"launch.nproc_per_node is 2 but this node has 0 GPUs",
+        child=True,
+    ),
     "launch/parallel_none_on_two_processes": Fault(
-        "distill", lambda p: _edit(p, distill={"parallel": "none"}, launch={"nproc_per_node": 2}),
-        2, r"distill.parallel is none but launch asks for 2 processes"),
-    "launch/batch_not_divisible": Fault("distill", lambda p: edit_params(p, "launch", nproc_per_node=3), 2,
-                                        r"distill.batch_size \(4\) is the global batch: it must divide evenly over "
-                                        r"launch's 3 processes"),
-    "launch/nodes_without_rendezvous": Fault("distill", lambda p: edit_params(p, "launch", nnodes=2), 2,
-                                             r"launch.nnodes > 1 needs launch.rdzv_endpoint"),
-    "launch/endpoint_not_host_port": Fault("distill", lambda p: edit_params(p, "launch", rdzv_endpoint="node0"), 2,
-                                           r"launch.rdzv_endpoint must be host:port, got 'node0'"),
+        "distill",
+        lambda p: _edit(p, distill={"parallel": "none"}, launch={"nproc_per_node": 2}),
+        2,
+        r"distill.parallel is none but launch asks for 2 processes",
+    ),
+    "launch/batch_not_divisible": Fault(
+        "distill",
+        lambda p: edit_params(p, "launch", nproc_per_node=3),
+        2,
+        r"distill.batch_size \(4\) is the global batch: it must divide evenly over "
+        r"launch's 3 processes",
+    ),
+    "launch/nodes_without_rendezvous": Fault(
+        "distill", lambda p: edit_params(p, "launch", nnodes=2), 2, r"launch.nnodes > 1 needs launch.rdzv_endpoint"
+    ),
+    "launch/endpoint_not_host_port": Fault(
+        "distill",
+        lambda p: edit_params(p, "launch", rdzv_endpoint="node0"),
+        2,
+        r"launch.rdzv_endpoint must be host:port, got 'node0'",
+    ),
     "launch/rendezvous_unreachable": Fault(
-        "distill", lambda p: edit_params(p, "launch", nnodes=2, rdzv_endpoint="192.0.2.1:29400", rdzv_timeout=2), 2,
-        r"launch.rdzv_endpoint 192.0.2.1:29400 did not answer within 2 s: start the first node"),
+        "distill",
+        lambda p: edit_params(p, "launch", nnodes=2, rdzv_endpoint="192.0.2.1:29400", rdzv_timeout=2),
+        2,
+        r"launch.rdzv_endpoint 192.0.2.1:29400 did not answer within 2 s: start the first node",
+    ),
     # prompts: exit 3 naming the records
-    "prompts/empty_and_too_long": Fault("validate", lambda p: _edit_captions(p, _set_prompts({5: "", 7: "x" * 400})), 3,
-                                        r"prompts_train.*'prompt' failed for records \['digits-\d+', 'digits-\d+'\]"),
-    "prompts/captions_and_images_disagree": Fault("validate", lambda p: _edit_captions(p, lambda f: f.iloc[:-3]), 3,
-                                                  r"data/prepared/train: \d+ records in captions.parquet but \d+ images"),
+    "prompts/empty_and_too_long": Fault(
+        "validate",
+        lambda p: _edit_captions(p, _set_prompts({5: "", 7: "x" * 400})),
+        3,
+        r"prompts_train.*'prompt' failed for records \['digits-\d+', 'digits-\d+'\]",
+    ),
+    "prompts/captions_and_images_disagree": Fault(
+        "validate",
+        lambda p: _edit_captions(p, lambda f: f.iloc[:-3]),
+        3,
+        r"data/prepared/train: \d+ records in captions.parquet but \d+ images",
+    ),
     "prompts/table_without_prompts": Fault(
-        "prepare", _prompts_without_prompt_column, 3,
-        r"prompts.csv: needs a 'prompt' or 'caption' column"),
+        "prepare", _prompts_without_prompt_column, 3, r"prompts.csv: needs a 'prompt' or 'caption' column"
+    ),
     # images: exit 3 naming row, id and file
-    "images/1x1": Fault("prepare", lambda p: _images_folder(p, "9.png", np.zeros((1, 1), np.uint8)), 3,
-                        r"captions.csv row 9 \(id .*\): cannot read image .*9.png: it is 1x1, under a quarter"),
-    "images/not_an_image": Fault("prepare", lambda p: _images_folder(p, "x.png", b"not a png"), 3,
-                                 r"captions.csv row 9 .*: cannot read image .*x.png: cannot identify image file"),
-    "images/missing_file": Fault("prepare", lambda p: _images_folder(p, "x.png", None), 3,
-                                 r"captions.csv row 9 .*: cannot read image .*x.png: .*No such file"),
-    "images/no_file_column": Fault("prepare", lambda p: _images_folder(p, "9.png", np.zeros((32, 32), np.uint8), "path"), 3,
-                                   r"captions.csv: needs a 'file' column"),
-    "images/outside_the_folder": Fault("prepare", lambda p: _outside_images(p, "../secret.png"), 3,
-                                       r"captions.csv row 9 .*: file '../secret.png' lies outside prepare.images_dir"),
-    "images/absolute_path": Fault("prepare", lambda p: _outside_images(p, "absolute"), 3,
-                                  r"captions.csv row 9 .*: file '/.*secret.png' lies outside prepare.images_dir"),
-    "images/link_leading_out": Fault("prepare", lambda p: _outside_images(p, "link.png"), 3,
-                                     r"captions.csv row 9 .*: file 'link.png' lies outside prepare.images_dir"),
-    "images/decompression_bomb": Fault("prepare", _bomb, 3,
-                                       r"captions.csv row 9 .*: cannot read image .*9.png: Image size \(200000000 pixels\)"),
+    "images/1x1": Fault(
+        "prepare",
+        lambda p: _images_folder(p, "9.png", np.zeros((1, 1), np.uint8)),
+        3,
+        r"captions.csv row 9 \(id .*\): cannot read image .*9.png: it is 1x1, under a quarter",
+    ),
+    "images/not_an_image": Fault(
+        "prepare",
+        lambda p: _images_folder(p, "x.png", b"not a png"),
+        3,
+        r"captions.csv row 9 .*: cannot read image .*x.png: cannot identify image file",
+    ),
+    "images/missing_file": Fault(
+        "prepare",
+        lambda p: _images_folder(p, "x.png", None),
+        3,
+        r"captions.csv row 9 .*: cannot read image .*x.png: .*No such file",
+    ),
+    "images/no_file_column": Fault(
+        "prepare",
+        lambda p: _images_folder(p, "9.png", np.zeros((32, 32), np.uint8), "path"),
+        3,
+        r"captions.csv: needs a 'file' column",
+    ),
+    "images/outside_the_folder": Fault(
+        "prepare",
+        lambda p: _outside_images(p, "../secret.png"),
+        3,
+        r"captions.csv row 9 .*: file '../secret.png' lies outside prepare.images_dir",
+    ),
+    "images/absolute_path": Fault(
+        "prepare",
+        lambda p: _outside_images(p, "absolute"),
+        3,
+        r"captions.csv row 9 .*: file '/.*secret.png' lies outside prepare.images_dir",
+    ),
+    "images/link_leading_out": Fault(
+        "prepare",
+        lambda p: _outside_images(p, "link.png"),
+        3,
+        r"captions.csv row 9 .*: file 'link.png' lies outside prepare.images_dir",
+    ),
+    "images/decompression_bomb": Fault(
+        "prepare", _bomb, 3, r"captions.csv row 9 .*: cannot read image .*9.png: Image size \(200000000 pixels\)"
+    ),
     "images/over_the_pixel_cap": Fault(
-        "prepare", lambda p: _captions_table(p, _table([]), max_image_pixels=1000), 3,
-        r"captions.csv row 0 .*: it is 32x32, over prepare.max_image_pixels \(1,000\)"),
+        "prepare",
+        lambda p: _captions_table(p, _table([]), max_image_pixels=1000),
+        3,
+        r"captions.csv row 0 .*: it is 32x32, over prepare.max_image_pixels \(1,000\)",
+    ),
     # tables: exit 3 naming the file, line or rows
-    "tables/latin1": Fault("prepare", lambda p: _captions_table(p, _table(["9.png,café,0"]).encode("latin-1")), 3,
-                           r"captions.csv: line 11 \(byte \d+\) is not utf-8 text: .*set prepare.encoding"),
-    "tables/empty_label": Fault("prepare", lambda p: _captions_table(p, _table(["9.png,grey,"])), 3,
-                                r"captions.csv: row 9 \(id captions-000009\): label is not an integer"),
-    "tables/null_prompt_in_parquet": Fault("prepare", lambda p: _parquet_prompts(p, ["a seven", None, "a one"]), 3,
-                                           r"prompts.parquet: row 1 \(id prompts-000001\) has no prompt"),
-    "tables/control_characters": Fault("prepare", lambda p: _parquet_prompts(p, ["a seven", "a\x00one"]), 3,
-                                       r"prompts.parquet: row 1 .*: the prompt holds control characters"),
-    "tables/not_a_table": Fault("prepare", lambda p: _captions_table(p, b"PAR1\x00garbage", name="captions.parquet"), 3,
-                                r"captions.parquet: cannot be read as a parquet table"),
+    "tables/latin1": Fault(
+        "prepare",
+        lambda p: _captions_table(p, _table(["9.png,café,0"]).encode("latin-1")),
+        3,
+        r"captions.csv: line 11 \(byte \d+\) is not utf-8 text: .*set prepare.encoding",
+    ),
+    "tables/empty_label": Fault(
+        "prepare",
+        lambda p: _captions_table(p, _table(["9.png,grey,"])),
+        3,
+        r"captions.csv: row 9 \(id captions-000009\): label is not an integer",
+    ),
+    "tables/null_prompt_in_parquet": Fault(
+        "prepare",
+        lambda p: _parquet_prompts(p, ["a seven", None, "a one"]),
+        3,
+        r"prompts.parquet: row 1 \(id prompts-000001\) has no prompt",
+    ),
+    "tables/control_characters": Fault(
+        "prepare",
+        lambda p: _parquet_prompts(p, ["a seven", "a\x00one"]),
+        3,
+        r"prompts.parquet: row 1 .*: the prompt holds control characters",
+    ),
+    "tables/not_a_table": Fault(
+        "prepare",
+        lambda p: _captions_table(p, b"PAR1\x00garbage", name="captions.parquet"),
+        3,
+        r"captions.parquet: cannot be read as a parquet table",
+    ),
     # teacher folder: exit 5 naming the folder or id, models/teacher untouched
-    "teacher/other_pipeline": Fault("teacher", lambda p: _teacher_variant(p, lambda f: _pipeline_class(f, "StableDiffusionPipeline")), 5,
-                                    r"elsewhere/sd3 holds a StableDiffusionPipeline, not an SD3-family pipeline"),
-    "teacher/no_transformer": Fault("teacher", lambda p: _teacher_variant(p, lambda f: shutil.rmtree(f / "transformer")), 5,
-                                    r"elsewhere/sd3 is not a complete SD3-family pipeline: missing transformer/"),
-    "teacher/no_such_folder": Fault("teacher", lambda p: edit_params(p, "teacher", pretrained="/nonexistent/sd3"), 5,
-                                    r"/nonexistent/sd3 is not a folder, nor a hub id"),
-    "teacher/pickled_weights_only": Fault("teacher", lambda p: _teacher_variant(p, _pickled_teacher), 5,
-                                          r"elsewhere/sd3/transformer holds only pickled weights \(.bin\)"),
-    "teacher/hub_unreachable": Fault("teacher", _offline_hub_id, 5,
-                                     r"cannot load someone/no-such-model from the Hub or its local cache", child=True),
+    "teacher/other_pipeline": Fault(
+        "teacher",
+        lambda p: _teacher_variant(p, lambda f: _pipeline_class(f, "StableDiffusionPipeline")),
+        5,
+        r"elsewhere/sd3 holds a StableDiffusionPipeline, not an SD3-family pipeline",
+    ),
+    "teacher/no_transformer": Fault(
+        "teacher",
+        lambda p: _teacher_variant(p, lambda f: shutil.rmtree(f / "transformer")),
+        5,
+        r"elsewhere/sd3 is not a complete SD3-family pipeline: missing transformer/",
+    ),
+    "teacher/no_such_folder": Fault(
+        "teacher",
+        lambda p: edit_params(p, "teacher", pretrained="/nonexistent/sd3"),
+        5,
+        r"/nonexistent/sd3 is not a folder, nor a hub id",
+    ),
+    "teacher/pickled_weights_only": Fault(
+        "teacher",
+        lambda p: _teacher_variant(p, _pickled_teacher),
+        5,
+        r"elsewhere/sd3/transformer holds only pickled weights \(.bin\)",
+    ),
+    "teacher/hub_unreachable": Fault(
+        "teacher", _offline_hub_id, 5, r"cannot load someone/no-such-model from the Hub or its local cache", child=True
+    ),
     # synthetic data: distill refuses it (exit 3 or 4) naming the file and records; the change of bytes is found by the
     # file's size at start when that changed, else by the records' CRC-32 when read
-    "synthetic/nan_latent": Fault("distill", lambda p: _faulty_shard(p, _nan_at), 3,
-                                  lambda p: rf"1 synthetic latents are not finite, e.g. records {_nan_record(p)}"),
-    "synthetic/foreign_shard": Fault("distill", lambda p: _faulty_shard(p, lambda t, r: None, run="another run"), 3,
-                                     lambda p: rf"shard-{_next_read(p, 0)[0]:05d}.safetensors was not written by the run "
-                                               r".*manifest.json describes"),
-    "synthetic/bytes_changed": Fault("distill", lambda p: _faulty_shard(p, _nan_at, keep_manifest=True), 3,
-                                     lambda p: rf"the content of shard-{_next_read(p)[0]:05d}.safetensors no longer "
-                                               r"matches (what .*manifest.json lists|its checksums in .*records.parquet)"),
-    "synthetic/made_with_other_settings": Fault("distill", lambda p: edit_params(p, "synthesize", guidance=3.5), 4,
-                                                r"data/synthetic was made with other synthesize settings than "
-                                                r"params.yaml's \(guidance: [\d.]+ -> 3.5\): run `ladd synthesize` first"),
-    "synthetic/missing_shard": Fault("distill", lambda p: _shard(p, 1).unlink(), 4,
-                                     r"data/synthetic/shard-00001.safetensors is missing \(listed in .*manifest.json\)"),
-    "synthetic/missing_records": Fault("distill", lambda p: (p / "data/synthetic/records.parquet").unlink(), 4,
-                                       r"data/synthetic/records.parquet is missing"),
+    "synthetic/nan_latent": Fault(
+        "distill",
+        lambda p: _faulty_shard(p, _nan_at),
+        3,
+        lambda p: rf"1 synthetic latents are not finite, e.g. records {_nan_record(p)}",
+    ),
+    "synthetic/foreign_shard": Fault(
+        "distill",
+        lambda p: _faulty_shard(p, lambda t, r: None, run="another run"),
+        3,
+        lambda p: (
+            rf"shard-{_next_read(p, 0)[0]:05d}.safetensors was not written by the run "
+            r".*manifest.json describes"
+        ),
+    ),
+    "synthetic/bytes_changed": Fault(
+        "distill",
+        lambda p: _faulty_shard(p, _nan_at, keep_manifest=True),
+        3,
+        lambda p: (
+            rf"the content of shard-{_next_read(p)[0]:05d}.safetensors no longer "
+            r"matches (what .*manifest.json lists|its checksums in .*records.parquet)"
+        ),
+    ),
+    "synthetic/made_with_other_settings": Fault(
+        "distill",
+        lambda p: edit_params(p, "synthesize", guidance=3.5),
+        4,
+        r"data/synthetic was made with other synthesize settings than "
+        r"params.yaml's \(guidance: [\d.]+ -> 3.5\): run `ladd synthesize` first",
+    ),
+    "synthetic/missing_shard": Fault(
+        "distill",
+        lambda p: _shard(p, 1).unlink(),
+        4,
+        r"data/synthetic/shard-00001.safetensors is missing \(listed in .*manifest.json\)",
+    ),
+    "synthetic/missing_records": Fault(
+        "distill",
+        lambda p: (p / "data/synthetic/records.parquet").unlink(),
+        4,
+        r"data/synthetic/records.parquet is missing",
+    ),
     "synthetic/suite_fails_on_new_data": Fault(
-        "synthesize", _new_settings_failing_their_suite, 3,
-        r"suite 'synthetic' failed"),
-    "synthetic/disk_full": Fault("synthesize", lambda p: _shard(p, 1).unlink(), 8, r"File too large",
-                                 limit_file_size=200_000, child=True),
+        "synthesize", _new_settings_failing_their_suite, 3, r"suite 'synthetic' failed"
+    ),
+    "synthetic/disk_full": Fault(
+        "synthesize", lambda p: _shard(p, 1).unlink(), 8, r"File too large", limit_file_size=200_000, child=True
+    ),
     # checkpoint
-    "checkpoint/steps_below_it": Fault("distill", lambda p: edit_params(p, "distill", steps=2), 2,
-                                       rf"distill.steps is 2 but {CHECKPOINT} is at step 4"),
-    "checkpoint/torn": Fault("distill", lambda p: _tear(p / CHECKPOINT), 0,
-                             rf"checkpoint {CHECKPOINT} is unreadable .*moved to {CHECKPOINT}.corrupt at this run's first "
-                             r"checkpoint, starting from step 0",
-                             recovered=_restarted_after_moving_the_torn_checkpoint, child=True),
-    "checkpoint/other_settings": Fault("distill", lambda p: edit_params(p, "distill", lr_g=2e-5), 0,
-                                       rf"{CHECKPOINT} was written for other settings or data \(lr_g\): moved to "
-                                       rf"{CHECKPOINT}.stale-1 at this run's first checkpoint, starting from step 0",
-                                       recovered=_started_over_for_new_settings, child=True),
-    "checkpoint/another_run_is_writing_it": Fault("distill", lambda p: _another_run_holds(p / CHECKPOINT), 8,
-                                                  rf"{CHECKPOINT} is being written by another run \(pid 4242,"),
-    "synthetic/another_run_is_writing_it": Fault("synthesize", lambda p: _another_run_holds(p / "data" / "synthetic"), 8,
-                                                 r"data/synthetic is being written by another run \(pid 4242,"),
-    "prepare/another_run_is_writing_it": Fault("prepare", lambda p: _another_run_holds(p / "data" / "prepared"), 8,
-                                               r"data/prepared is being written by another run \(pid 4242,"),
-    "validate/another_run_is_writing_it": Fault("validate", lambda p: _another_run_holds(p / "reports" / "validation" / "data"),
-                                                8, r"reports/validation/data is being written by another run \(pid 4242,"),
-    "classifier/another_run_is_writing_it": Fault("classifier", lambda p: _another_run_holds(p / "models" / "classifier"),
-                                                  8, r"models/classifier is being written by another run \(pid 4242,"),
-    "teacher/another_run_is_writing_it": Fault("teacher", lambda p: _another_run_holds(p / "models" / "teacher"), 8,
-                                               r"models/teacher is being written by another run \(pid 4242,"),
-    "evaluate/another_run_is_writing_it": Fault("evaluate", lambda p: _another_run_holds(p / "reports" / ".evaluate"), 8,
-                                                r"reports/.evaluate is being written by another run \(pid 4242,"),
-    "export/another_run_is_writing_it": Fault("export", lambda p: _another_run_holds(p / "models" / "onnx"), 8,
-                                              r"models/onnx is being written by another run \(pid 4242,"),
+    "checkpoint/steps_below_it": Fault(
+        "distill", lambda p: edit_params(p, "distill", steps=2), 2, rf"distill.steps is 2 but {CHECKPOINT} is at step 4"
+    ),
+    "checkpoint/torn": Fault(
+        "distill",
+        lambda p: _tear(p / CHECKPOINT),
+        0,
+        rf"checkpoint {CHECKPOINT} is unreadable .*moved to {CHECKPOINT}.corrupt at this run's first "
+        r"checkpoint, starting from step 0",
+        recovered=_restarted_after_moving_the_torn_checkpoint,
+        child=True,
+    ),
+    "checkpoint/other_settings": Fault(
+        "distill",
+        lambda p: edit_params(p, "distill", lr_g=2e-5),
+        0,
+        rf"{CHECKPOINT} was written for other settings or data \(lr_g\): moved to "
+        rf"{CHECKPOINT}.stale-1 at this run's first checkpoint, starting from step 0",
+        recovered=_started_over_for_new_settings,
+        child=True,
+    ),
+    "checkpoint/another_run_is_writing_it": Fault(
+        "distill",
+        lambda p: _another_run_holds(p / CHECKPOINT),
+        8,
+        rf"{CHECKPOINT} is being written by another run \(pid 4242,",
+    ),
+    "synthetic/another_run_is_writing_it": Fault(
+        "synthesize",
+        lambda p: _another_run_holds(p / "data" / "synthetic"),
+        8,
+        r"data/synthetic is being written by another run \(pid 4242,",
+    ),
+    "prepare/another_run_is_writing_it": Fault(
+        "prepare",
+        lambda p: _another_run_holds(p / "data" / "prepared"),
+        8,
+        r"data/prepared is being written by another run \(pid 4242,",
+    ),
+    "validate/another_run_is_writing_it": Fault(
+        "validate",
+        lambda p: _another_run_holds(p / "reports" / "validation" / "data"),
+        8,
+        r"reports/validation/data is being written by another run \(pid 4242,",
+    ),
+    "classifier/another_run_is_writing_it": Fault(
+        "classifier",
+        lambda p: _another_run_holds(p / "models" / "classifier"),
+        8,
+        r"models/classifier is being written by another run \(pid 4242,",
+    ),
+    "teacher/another_run_is_writing_it": Fault(
+        "teacher",
+        lambda p: _another_run_holds(p / "models" / "teacher"),
+        8,
+        r"models/teacher is being written by another run \(pid 4242,",
+    ),
+    "evaluate/another_run_is_writing_it": Fault(
+        "evaluate",
+        lambda p: _another_run_holds(p / "reports" / ".evaluate"),
+        8,
+        r"reports/.evaluate is being written by another run \(pid 4242,",
+    ),
+    "export/another_run_is_writing_it": Fault(
+        "export",
+        lambda p: _another_run_holds(p / "models" / "onnx"),
+        8,
+        r"models/onnx is being written by another run \(pid 4242,",
+    ),
     "export/killed_between_two_renames": Fault("export", _killed_export, 0, r"", recovered=_leftovers_cleared),
     "launch/a_worker_keeps_its_exit_code": Fault(
-        "distill", _held_under_torchrun, 8,
-        rf"{CHECKPOINT} is being written by another run \(pid 4242,"),
+        "distill", _held_under_torchrun, 8, rf"{CHECKPOINT} is being written by another run \(pid 4242,"
+    ),
     # evaluation extractors from local weights: a missing or wrong one fails before any sampling (exit 2)
     "evaluate/inception_path_missing": Fault(
-        "evaluate", lambda p: edit_params(p, "evaluate", features="inception", inception_path="/nonexistent/inception.pth"), 2,
-        r"evaluate.inception_path: path does not exist: /nonexistent/inception.pth"),
+        "evaluate",
+        lambda p: edit_params(p, "evaluate", features="inception", inception_path="/nonexistent/inception.pth"),
+        2,
+        r"evaluate.inception_path: path does not exist: /nonexistent/inception.pth",
+    ),
     "evaluate/inception_is_another_network": Fault(
-        "evaluate", lambda p: edit_params(p, "evaluate", features="inception",
-                                          inception_path="models/student/transformer/diffusion_pytorch_model.safetensors"), 2,
-        r"evaluate.inception_path: models/student/transformer/diffusion_pytorch_model.safetensors does not hold the FID "
-        r"Inception-v3 network"),
+        "evaluate",
+        lambda p: edit_params(
+            p,
+            "evaluate",
+            features="inception",
+            inception_path="models/student/transformer/diffusion_pytorch_model.safetensors",
+        ),
+        2,
+        r"evaluate.inception_path: models/student/transformer/diffusion_pytorch_model.safetensors does not hold "
+        r"the FID "
+        r"Inception-v3 network",
+    ),
     "evaluate/clip_is_not_a_clip_model": Fault(
-        "evaluate", lambda p: edit_params(p, "evaluate", features="clip", clip_path="models/teacher/text_encoder"), 2,
-        r"evaluate.clip_path: models/teacher/text_encoder holds a 'clip_text_model' model, not a CLIP model"),
+        "evaluate",
+        lambda p: edit_params(p, "evaluate", features="clip", clip_path="models/teacher/text_encoder"),
+        2,
+        r"evaluate.clip_path: models/teacher/text_encoder holds a 'clip_text_model' model, not a CLIP model",
+    ),
     "evaluate/clip_of_the_wrong_image_size": Fault(
-        "evaluate", lambda p: edit_params(p, "evaluate", features="clip", clip_path=_clip_folder(p, crop_size=48)), 2,
-        r"evaluate.clip_path: .*clip does not load as a CLIP model: .*Input image size \(48\*48\)"),
+        "evaluate",
+        lambda p: edit_params(p, "evaluate", features="clip", clip_path=_clip_folder(p, crop_size=48)),
+        2,
+        r"evaluate.clip_path: .*clip does not load as a CLIP model: .*Input image size \(48\*48\)",
+    ),
     "evaluate/classifier_on_prompts_only": Fault(
-        "evaluate", lambda p: _prompts_only(p, features="classifier"), 2,
-        r"evaluate.features: classifier needs labelled images, and .*prompts.csv"),
+        "evaluate",
+        lambda p: _prompts_only(p, features="classifier"),
+        2,
+        r"evaluate.features: classifier needs labelled images, and .*prompts.csv",
+    ),
     "evaluate/no_extractor_for_prompts_only": Fault(
-        "evaluate", lambda p: _prompts_only(p), 2,
-        r"evaluate.features: auto finds no extractor .*evaluate.clip_path .*evaluate.inception_path"),
+        "evaluate",
+        lambda p: _prompts_only(p),
+        2,
+        r"evaluate.features: auto finds no extractor .*evaluate.clip_path .*evaluate.inception_path",
+    ),
     "evaluate/real_image_fid_on_prompts_only": Fault(
-        "evaluate", lambda p: _prompts_only(p, features="clip", clip_path=_clip_folder(p), real_images="required"), 2,
-        r"evaluate.real_images: required, but prepare.source is prompts"),
+        "evaluate",
+        lambda p: _prompts_only(p, features="clip", clip_path=_clip_folder(p), real_images="required"),
+        2,
+        r"evaluate.real_images: required, but prepare.source is prompts",
+    ),
     # tracking server: exit 7 before any work
-    "tracking/server_down": Fault("prepare", _unreachable_tracking, 7,
-                                  r"MLflow tracking server http://127.0.0.1:\d+ is unreachable"),
-    "tracking/credentials_in_the_uri": Fault("prepare", _credentials_in_uri, 7,
-                                             r"MLflow tracking server http://alice:\*\*\*@127.0.0.1:\d+ is unreachable "
-                                             r"\((?!.*s3cr3t)"),
+    "tracking/server_down": Fault(
+        "prepare", _unreachable_tracking, 7, r"MLflow tracking server http://127.0.0.1:\d+ is unreachable"
+    ),
+    "tracking/credentials_in_the_uri": Fault(
+        "prepare",
+        _credentials_in_uri,
+        7,
+        r"MLflow tracking server http://alice:\*\*\*@127.0.0.1:\d+ is unreachable "
+        r"\((?!.*s3cr3t)",
+    ),
 }
 
 
@@ -519,9 +766,14 @@ def test_planted_fault(name, project, monkeypatch, capfd):
     before = outputs(project)
     args = [fault.stage, *(() if "LADD_TRACKING" in env else ("--no-tracking",)), *fault.extra]
     if fault.child:
-        proc = subprocess.run([sys.executable, "-m", "ladd.cli", *args, "--threads", "1"], cwd=project,
-                              capture_output=True, text=True, env={**os.environ, **env},
-                              preexec_fn=_limit_file_size(fault.limit_file_size) if fault.limit_file_size else None)
+        proc = subprocess.run(
+            [sys.executable, "-m", "ladd.cli", *args, "--threads", "1"],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            preexec_fn=_limit_file_size(fault.limit_file_size) if fault.limit_file_size else None,
+        )
         code, stderr = proc.returncode, proc.stderr
     else:
         from ladd.cli import main
@@ -555,6 +807,7 @@ def test_debug_gives_the_traceback(project, monkeypatch):
 def test_out_of_gpu_memory_is_one_line_with_advice(project, monkeypatch, capfd):
     """CUDA's out-of-memory error, raised where a stage raises it (no GPU here to fill): one line, exit 9."""
     import torch
+
     from ladd import cli
 
     def out_of_memory(params, tracker):
@@ -600,12 +853,14 @@ def test_a_second_flow_run_in_the_workspace_is_refused(project):
     (project / ".dvc" / "tmp").mkdir(parents=True)
     _another_run_holds(project / ".dvc" / "tmp" / "ladd-pipeline")
     params = (project / "params.yaml").read_bytes()
-    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", str(project), "other.yaml"], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.pipeline", str(project), "other.yaml"], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == 8, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"ladd pipeline: another ladd pipeline is running in {project} "
-                                                   "(pid 4242,"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(
+        f"ladd pipeline: another ladd pipeline is running in {project} (pid 4242,"
+    ), proc.stderr
     assert (project / "params.yaml").read_bytes() == params  # nothing copied over it
 
 
@@ -614,8 +869,9 @@ def test_the_flow_checks_every_setting_before_its_first_stage(smoke_project):
     before Prefect starts, so a bad edit never costs a teacher run."""
     project = smoke_project
     edit_params(project, "distill", student_times=[1.0, 0.6, 0.3, 0.25])
-    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", str(project)], cwd=ROOT, capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.pipeline", str(project)], cwd=ROOT, capture_output=True, text=True
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].startswith("ladd pipeline: distill.student_times must be the beta schedule's times"), lines
@@ -625,6 +881,7 @@ def test_the_flow_checks_every_setting_before_its_first_stage(smoke_project):
 
 
 # --- interruptions at a random point -------------------------------------------------------------------------------
+
 
 def _make_work(stage: str, project: Path) -> Path:
     """Give `stage` work that takes a while; returns the output whose final bytes are compared."""
@@ -646,12 +903,15 @@ def uninterrupted(finished_project, tmp_path_factory):
             root = tmp_path_factory.mktemp(f"whole_{stage}") / "project"
             shutil.copytree(finished_project, root)
             out = _make_work(stage, root)
-            proc = subprocess.Popen(ladd_cmd(stage), cwd=root, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+            proc = subprocess.Popen(
+                ladd_cmd(stage), cwd=root, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint
+            )
             started = _wait_for_start(proc, stage)
             assert proc.wait(timeout=300) == 0
             proc.reader.join(timeout=30)
             cache[stage] = proc.done_at - started, outputs(root), out.relative_to(root)
         return cache[stage]
+
     return run
 
 
@@ -676,6 +936,7 @@ def _wait_for_start(proc, stage: str) -> float:
             proc.tail.append(line)
             if f"ladd INFO {stage} done:" in line:
                 proc.done_at = time.time()
+
     proc.reader = threading.Thread(target=read, daemon=True)
     proc.reader.start()
     return time.time()
@@ -705,7 +966,9 @@ def test_interrupted_at_a_random_point_then_the_same_command_finishes_the_same(s
     else:
         assert code == -signal.SIGKILL
     # the output is the previous one or the finished new one (replaced whole at the end), never a torn mix
-    assert _comparable(_under(outputs(project), out)) in (_comparable(before), _comparable(_under(reference, out))), replay
+    assert _comparable(_under(outputs(project), out)) in (_comparable(before), _comparable(_under(reference, out))), (
+        replay
+    )
     rerun = subprocess.run(ladd_cmd(stage), cwd=project, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert _comparable(_under(outputs(project), out)) == _comparable(_under(reference, out)), replay
@@ -721,6 +984,7 @@ def _comparable(hashes: dict) -> dict:
 
 
 # --- faults handled below the CLI -----------------------------------------------------------------------------------
+
 
 def test_a_synthesize_rerun_with_nothing_to_do_keeps_the_checkpoint(project, monkeypatch):
     """What identifies the data is its content: rerunning a finished synthesize leaves every byte, so distill
@@ -742,10 +1006,19 @@ def test_16_bit_greyscale_pngs_keep_their_values(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     Image.fromarray(np.round(ramp * 65535).astype(np.uint16)).save(images / "deep.png")
-    pd.DataFrame({"file": ["deep.png"] * 10, "caption": [f"a ramp {i}" for i in range(10)]}).to_csv(tmp_path / "captions.csv")
+    pd.DataFrame({"file": ["deep.png"] * 10, "caption": [f"a ramp {i}" for i in range(10)]}).to_csv(
+        tmp_path / "captions.csv"
+    )
     out = tmp_path / "prepared"
-    prepare(PrepareConfig(source="folder", images_dir=str(images), captions=str(tmp_path / "captions.csv"),
-                          resolution=32, out_dir=str(out)))
+    prepare(
+        PrepareConfig(
+            source="folder",
+            images_dir=str(images),
+            captions=str(tmp_path / "captions.csv"),
+            resolution=32,
+            out_dir=str(out),
+        )
+    )
     x = load_split(out / "train").images[0].float()  # [C, 32, 32] uint8 values
     assert (x - torch.from_numpy(np.round(ramp * 255))).abs().max() <= 1
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sd3_family import LATENT_CHANNELS, T5_MAX_LENGTH, build_sd35_like_teacher
 
 from ladd.inpaint import check_mask, condition, latent_mask, masked_images, random_masks, widen_transformer
 from ladd.pipeline import load_pipeline, max_sequence_length
-from sd3_family import LATENT_CHANNELS, T5_MAX_LENGTH, build_sd35_like_teacher
 
 
 def test_masks_are_boxes_or_strokes_from_their_seed():
@@ -46,7 +46,9 @@ def test_the_widened_teacher_is_the_base_model_whatever_the_condition(tmp_path):
     t = torch.tensor([900.0, 300.0])
     with torch.no_grad():
         want = base(hidden_states=x, encoder_hidden_states=c, pooled_projections=p, timestep=t).sample
-        got = wide(hidden_states=torch.cat([x, cond], 1), encoder_hidden_states=c, pooled_projections=p, timestep=t).sample
+        got = wide(
+            hidden_states=torch.cat([x, cond], 1), encoder_hidden_states=c, pooled_projections=p, timestep=t
+        ).sample
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     # stock diffusers runs it as an inpainting model (33 channels: the condition goes in, nothing is blended)
     from diffusers import StableDiffusion3InpaintPipeline
@@ -54,9 +56,18 @@ def test_the_widened_teacher_is_the_base_model_whatever_the_condition(tmp_path):
     inpaint = StableDiffusion3InpaintPipeline(**{**pipe.components, "transformer": wide})
     image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
     mask_image = Image.fromarray((random_masks([3], 64, 64)[0, 0].numpy() * 255).astype(np.uint8))
-    out = inpaint("a drawing of the digit two", image=image, mask_image=mask_image, num_inference_steps=2,
-                  guidance_scale=0.0, strength=1.0, height=64, width=64, max_sequence_length=T5_MAX_LENGTH,
-                  output_type="np").images
+    out = inpaint(
+        "a drawing of the digit two",
+        image=image,
+        mask_image=mask_image,
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        strength=1.0,
+        height=64,
+        width=64,
+        max_sequence_length=T5_MAX_LENGTH,
+        output_type="np",
+    ).images
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
 
 
@@ -69,8 +80,8 @@ def test_the_fine_tuned_inpainting_teacher_uses_its_condition(tiny_teacher_dir, 
     from ladd.config import TeacherConfig
     from ladd.data.prepare import load_split
     from ladd.inpaint import inpaint_condition
-    from ladd.teacher import finetune_inpaint_teacher
     from ladd.pipeline import encode_images, encode_prompts
+    from ladd.teacher import finetune_inpaint_teacher
     from ladd.tracking import NullTracker
 
     train = load_split(prepared_data / "train")
@@ -88,8 +99,9 @@ def test_the_fine_tuned_inpainting_teacher_uses_its_condition(tiny_teacher_dir, 
 
     def loss(c):
         with torch.no_grad():
-            v = pipe.transformer(hidden_states=torch.cat([x_t, c], 1), encoder_hidden_states=e, pooled_projections=p,
-                                 timestep=t * 1000).sample
+            v = pipe.transformer(
+                hidden_states=torch.cat([x_t, c], 1), encoder_hidden_states=e, pooled_projections=p, timestep=t * 1000
+            ).sample
         return F.mse_loss(v, eps - x0).item()
 
     assert loss(cond) < 0.9 * loss(cond.roll(1, 0))
@@ -110,22 +122,43 @@ def test_ladds_sampler_with_the_condition_is_stock_inpaint_pipeline(tmp_path, st
     pipe.transformer = widen_transformer(pipe.transformer)
     with torch.no_grad():  # as if fine-tuned: the condition's weights matter
         pipe.transformer.pos_embed.proj.weight[:, LATENT_CHANNELS:] = 0.05 * torch.randn_like(
-            pipe.transformer.pos_embed.proj.weight[:, LATENT_CHANNELS:])
+            pipe.transformer.pos_embed.proj.weight[:, LATENT_CHANNELS:]
+        )
     inpaint = StableDiffusion3InpaintPipeline(**pipe.components)
     rng = np.random.default_rng(0)
     pixels = torch.from_numpy(rng.random((1, 3, 64, 64))).float() * 2 - 1
     mask = random_masks([4], 64, 64)
     raw = pipe.vae.encode(masked_images(pixels, mask)).latent_dist.mean  # passed as masked_image_latents (unscaled)
     prompt = "a drawing of the digit two"
-    stock = inpaint(prompt, image=(pixels + 1) / 2, mask_image=mask, masked_image_latents=raw, strength=1.0,
-                    num_inference_steps=steps, guidance_scale=guidance, height=64, width=64,
-                    max_sequence_length=T5_MAX_LENGTH, generator=torch.Generator().manual_seed(9), output_type="latent").images
+    stock = inpaint(
+        prompt,
+        image=(pixels + 1) / 2,
+        mask_image=mask,
+        masked_image_latents=raw,
+        strength=1.0,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=64,
+        width=64,
+        max_sequence_length=T5_MAX_LENGTH,
+        generator=torch.Generator().manual_seed(9),
+        output_type="latent",
+    ).images
     shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
     cond = condition(latent_mask(mask, (8, 8)), (raw - shift) * scale)
     e, p = encode_prompts(pipe, [prompt], T5_MAX_LENGTH)
     ne, np_ = encode_prompts(pipe, [""], T5_MAX_LENGTH)
-    ours = generate_latents(pipe.transformer, e, p, record_noise([9], (LATENT_CHANNELS, 8, 8)),
-                            flow_sigmas(steps, pipe.scheduler.config.shift), guidance, ne, np_, condition=cond)
+    ours = generate_latents(
+        pipe.transformer,
+        e,
+        p,
+        record_noise([9], (LATENT_CHANNELS, 8, 8)),
+        flow_sigmas(steps, pipe.scheduler.config.shift),
+        guidance,
+        ne,
+        np_,
+        condition=cond,
+    )
     assert (ours - stock).abs().max() <= 1e-5
 
 
@@ -143,12 +176,22 @@ def inpaint_chain(prepared_data, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("inpaint")
     on = InpaintConfig(enabled=True, teacher_steps=10)
-    teacher = teacher_stage(TeacherConfig(out_dir=str(root / "teacher"), latent_channels=16, vae_steps=10, steps=10,
-                                          batch_size=16, device="cpu"), prepared_data, "cpu", NullTracker(), on)
-    syn = SynthesizeConfig(out_dir=str(root / "synthetic"), steps=2, samples_per_prompt=1, shard_size=512, batch_size=512,
-                           device="cpu")
+    teacher = teacher_stage(
+        TeacherConfig(
+            out_dir=str(root / "teacher"), latent_channels=16, vae_steps=10, steps=10, batch_size=16, device="cpu"
+        ),
+        prepared_data,
+        "cpu",
+        NullTracker(),
+        on,
+    )
+    syn = SynthesizeConfig(
+        out_dir=str(root / "synthetic"), steps=2, samples_per_prompt=1, shard_size=512, batch_size=512, device="cpu"
+    )
     synthesize(syn, prepared_data, teacher, NullTracker(), inpaint=on)
-    cfg = DistillConfig(out_dir=str(root / "student"), checkpoint=str(root / "ck.safetensors"), report_dir=str(root), **DISTILL)
+    cfg = DistillConfig(
+        out_dir=str(root / "student"), checkpoint=str(root / "ck.safetensors"), report_dir=str(root), **DISTILL
+    )
     summary = distill(cfg, teacher, syn.out_dir, NullTracker())
     return root, teacher, syn, on, summary
 
@@ -186,9 +229,11 @@ def test_stock_inpaint_pipeline_runs_the_student_as_ladds_sampler(inpaint_chain,
     from ladd.schedules import student_sigmas
 
     root = inpaint_chain[0]
-    # the tiny teacher has no T5 and no image encoder: diffusers wants those passed as None (an SD3.5 folder needs nothing)
-    stock = StableDiffusion3InpaintPipeline.from_pretrained(root / "student", text_encoder_3=None, tokenizer_3=None,
-                                                            image_encoder=None, feature_extractor=None)
+    # the tiny teacher has no T5 and no image encoder: diffusers wants those passed as None (an SD3.5 folder needs
+    # nothing)
+    stock = StableDiffusion3InpaintPipeline.from_pretrained(
+        root / "student", text_encoder_3=None, tokenizer_3=None, image_encoder=None, feature_extractor=None
+    )
     meta = read_meta(root / "student")
     test = load_split(prepared_data / "test")
     image, mask = test.images[:1], random_masks([11], 32, 32)
@@ -200,18 +245,33 @@ def test_stock_inpaint_pipeline_runs_the_student_as_ladds_sampler(inpaint_chain,
         stock.scheduler.set_timesteps(steps)
         assert stock.scheduler.timesteps.tolist() == pytest.approx([1000 * t for t in visited], abs=1e-3)
         torch.manual_seed(0)  # diffusers' re-noising draws from the global RNG
-        ref = stock(prompt, image=image.float() / 255, mask_image=mask, masked_image_latents=raw, strength=1.0,
-                    num_inference_steps=steps, guidance_scale=0.0, max_sequence_length=meta["max_sequence_length"], height=32, width=32,
-                    generator=torch.Generator().manual_seed(3), output_type="latent").images
+        ref = stock(
+            prompt,
+            image=image.float() / 255,
+            mask_image=mask,
+            masked_image_latents=raw,
+            strength=1.0,
+            num_inference_steps=steps,
+            guidance_scale=0.0,
+            max_sequence_length=meta["max_sequence_length"],
+            height=32,
+            width=32,
+            generator=torch.Generator().manual_seed(3),
+            output_type="latent",
+        ).images
         torch.manual_seed(0)
-        ours = sample_renoise(cfg_velocity(stock.transformer, e, p, condition=cond), record_noise([3], (16, 8, 8)),
-                              student_sigmas(steps, meta))
+        ours = sample_renoise(
+            cfg_velocity(stock.transformer, e, p, condition=cond),
+            record_noise([3], (16, 8, 8)),
+            student_sigmas(steps, meta),
+        )
         assert (ours - ref).abs().max() <= 1e-5, steps
 
 
 @pytest.mark.slow
-def test_the_chain_evaluates_registers_and_exports(inpaint_chain, prepared_data, tiny_classifier_dir, tiny_teacher_dir,
-                                                   tiny_student_dir, monkeypatch):
+def test_the_chain_evaluates_registers_and_exports(
+    inpaint_chain, prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, monkeypatch
+):
     """evaluate scores the inpainted images (FD, accuracy, error outside the mask) of the teacher and the student at
     1/2/4 steps, with a grid whose first row is the masked input, and registers the student in a real MLflow store
     as a model that inpaints (prompt, image, mask); the ONNX export (condition graph and generator) agrees with
@@ -232,8 +292,16 @@ def test_the_chain_evaluates_registers_and_exports(inpaint_chain, prepared_data,
 
     root, teacher, syn, on, _ = inpaint_chain
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    cfg = EvaluateConfig(out_dir=str(root / "reports"), teacher_steps=4, few_steps=(1, 2, 4), num_samples=24,
-                         seeds=(0, 1), grid_size=10, device="cpu", model_name="ladd-inpaint")
+    cfg = EvaluateConfig(
+        out_dir=str(root / "reports"),
+        teacher_steps=4,
+        few_steps=(1, 2, 4),
+        num_samples=24,
+        seeds=(0, 1),
+        grid_size=10,
+        device="cpu",
+        model_name="ladd-inpaint",
+    )
     with stage_run("evaluate") as tracker:
         metrics = evaluate(cfg, prepared_data, tiny_classifier_dir, teacher, root / "student", tracker, inpaint=on)
     for row in (metrics["teacher"], *metrics["student"].values()):
@@ -245,14 +313,24 @@ def test_the_chain_evaluates_registers_and_exports(inpaint_chain, prepared_data,
 
     with pytest.raises(ConfigError, match="ladd-inpaint's champion is an inpainting student and this one is not"):
         with stage_run("evaluate") as tracker:
-            evaluate(replace(cfg, out_dir=str(root / "t2i"), few_steps=(4,), num_samples=8, teacher_steps=2), prepared_data,
-                     tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, tracker)
+            evaluate(
+                replace(cfg, out_dir=str(root / "t2i"), few_steps=(4,), num_samples=8, teacher_steps=2),
+                prepared_data,
+                tiny_classifier_dir,
+                tiny_teacher_dir,
+                tiny_student_dir,
+                tracker,
+            )
     model = mlflow.pyfunc.load_model("models:/ladd-inpaint@champion")
     example = inpaint_example(root / "student")
     out = model.predict(pd.DataFrame({"prompt": ["handwritten six"], "steps": [2], "seed": [0], **example}))
     assert Image.open(io.BytesIO(base64.b64decode(out["image_png"][0]))).size == (32, 32)
     with pytest.raises(Exception, match=r"image_png\[0\]: an inpainting student needs image_png and mask_png"):
-        model.predict(pd.DataFrame({"prompt": ["handwritten six"], "steps": [2], "seed": [0], "image_png": [""], "mask_png": [""]}))
+        model.predict(
+            pd.DataFrame(
+                {"prompt": ["handwritten six"], "steps": [2], "seed": [0], "image_png": [""], "mask_png": [""]}
+            )
+        )
     small = inpaint_example(root / "student")  # a mask of another size than the image fails, naming the row
     mask = Image.open(io.BytesIO(base64.b64decode(example["mask_png"][0]))).resize((16, 16))
     buf = io.BytesIO()
@@ -260,8 +338,20 @@ def test_the_chain_evaluates_registers_and_exports(inpaint_chain, prepared_data,
     small["mask_png"] = [base64.b64encode(buf.getvalue()).decode()]
     with pytest.raises(Exception, match=r"mask_png\[0\]: mask is \(16, 16\), the image \(32, 32\)"):
         model.predict(pd.DataFrame({"prompt": ["handwritten six"], "steps": [2], "seed": [0], **small}))
-    result = export_stage(ExportConfig(out_dir=str(root / "onnx"), single_file_dir=str(root / "single_file"), report=str(root / "export.json"), steps=2, fp16=False,
-                                       batch_sizes=(1, 3), latency_repeats=1, register=False), root / "student", NullTracker())
+    result = export_stage(
+        ExportConfig(
+            out_dir=str(root / "onnx"),
+            single_file_dir=str(root / "single_file"),
+            report=str(root / "export.json"),
+            steps=2,
+            fp16=False,
+            batch_sizes=(1, 3),
+            latency_repeats=1,
+            register=False,
+        ),
+        root / "student",
+        NullTracker(),
+    )
     report = __import__("json").loads((root / "export.json").read_text())
     assert result["max_abs_error"] < 1e-3 and "inpaint_condition" in report["parity"]["3"]
     runtime = OnnxStudent(root / "onnx", provider="cpu")
@@ -274,7 +364,9 @@ def test_the_chain_evaluates_registers_and_exports(inpaint_chain, prepared_data,
 
 
 @pytest.mark.slow
-def test_the_wrong_kind_of_teacher_or_data_fails_naming_the_key(inpaint_chain, prepared_data, tiny_teacher_dir, tmp_path):
+def test_the_wrong_kind_of_teacher_or_data_fails_naming_the_key(
+    inpaint_chain, prepared_data, tiny_teacher_dir, tmp_path
+):
     from ladd.config import DistillConfig, SynthesizeConfig
     from ladd.distill import distill
     from ladd.errors import ConfigError
@@ -285,22 +377,46 @@ def test_the_wrong_kind_of_teacher_or_data_fails_naming_the_key(inpaint_chain, p
     root, teacher, syn, on, _ = inpaint_chain
     out = tmp_path / "synthetic"
     with pytest.raises(ConfigError, match="inpaint.enabled is true but .* holds a text-to-image transformer"):
-        synthesize(SynthesizeConfig(out_dir=str(out), steps=1, device="cpu"), prepared_data, tiny_teacher_dir,
-                   NullTracker(), inpaint=on)
+        synthesize(
+            SynthesizeConfig(out_dir=str(out), steps=1, device="cpu"),
+            prepared_data,
+            tiny_teacher_dir,
+            NullTracker(),
+            inpaint=on,
+        )
     with pytest.raises(ConfigError, match="inpaint.enabled is false but .* holds an inpainting transformer"):
         synthesize(SynthesizeConfig(out_dir=str(out), steps=1, device="cpu"), prepared_data, teacher, NullTracker())
     with pytest.raises(ConfigError, match="synthesize.resolutions: inpainting works at the images' own size"):
-        synthesize(SynthesizeConfig(out_dir=str(out), steps=1, resolutions=((32, 32), (16, 32)), device="cpu"),
-                   prepared_data, teacher, NullTracker(), inpaint=on)
+        synthesize(
+            SynthesizeConfig(out_dir=str(out), steps=1, resolutions=((32, 32), (16, 32)), device="cpu"),
+            prepared_data,
+            teacher,
+            NullTracker(),
+            inpaint=on,
+        )
     assert not out.exists()
     with pytest.raises(ConfigError, match="synthesized with inpainting conditions, and the teacher is not"):
-        distill(DistillConfig(out_dir=str(tmp_path / "s"), checkpoint=str(tmp_path / "ck.safetensors"), report_dir=str(tmp_path), steps=1,
-                              device="cpu"), tiny_teacher_dir, syn.out_dir, NullTracker())
+        distill(
+            DistillConfig(
+                out_dir=str(tmp_path / "s"),
+                checkpoint=str(tmp_path / "ck.safetensors"),
+                report_dir=str(tmp_path),
+                steps=1,
+                device="cpu",
+            ),
+            tiny_teacher_dir,
+            syn.out_dir,
+            NullTracker(),
+        )
     params = tmp_path / "params.yaml"
     (tmp_path / "p.csv").write_text("prompt\nhandwritten six\n")
-    params.write_text(f"prepare: {{source: prompts, captions: {tmp_path / 'p.csv'}}}\ninpaint: {{enabled: true}}\n"
-                      f"evaluate: {{features: clip, clip_path: {tmp_path}}}\n")
-    with pytest.raises(ConfigError, match="inpaint.enabled: inpainting fills a masked image, and prepare.source is prompts"):
+    params.write_text(
+        f"prepare: {{source: prompts, captions: {tmp_path / 'p.csv'}}}\ninpaint: {{enabled: true}}\n"
+        f"evaluate: {{features: clip, clip_path: {tmp_path}}}\n"
+    )
+    with pytest.raises(
+        ConfigError, match="inpaint.enabled: inpainting fills a masked image, and prepare.source is prompts"
+    ):
         load_params(params)
 
 
@@ -315,16 +431,25 @@ def test_the_teacher_stage_refuses_odd_widths(inpaint_chain, prepared_data, tmp_
 
     _, teacher, _, on, _ = inpaint_chain
     # a 33-channel folder is taken as it is; a transformer of another width is refused, naming the key
-    again = teacher_stage(TeacherConfig(pretrained=str(teacher), out_dir=str(tmp_path / "again")), prepared_data, "cpu",
-                          NullTracker(), on)
+    again = teacher_stage(
+        TeacherConfig(pretrained=str(teacher), out_dir=str(tmp_path / "again")), prepared_data, "cpu", NullTracker(), on
+    )
     assert load_pipeline(again).transformer.config.in_channels == 33
     odd = load_pipeline(teacher)
     odd.transformer = SD3Transformer2DModel.from_config({**dict(odd.transformer.config), "in_channels": 20})
     odd.save_pretrained(tmp_path / "odd")
-    with pytest.raises(ConfigError, match=r"teacher.pretrained: .* takes 20 input channels; an inpainting teacher needs "
-                                          r"16 \(text-to-image, widened here\) or 33"):
-        teacher_stage(TeacherConfig(pretrained=str(tmp_path / "odd"), out_dir=str(tmp_path / "refused")), prepared_data,
-                      "cpu", NullTracker(), on)
+    with pytest.raises(
+        ConfigError,
+        match=r"teacher.pretrained: .* takes 20 input channels; an inpainting teacher needs "
+        r"16 \(text-to-image, widened here\) or 33",
+    ):
+        teacher_stage(
+            TeacherConfig(pretrained=str(tmp_path / "odd"), out_dir=str(tmp_path / "refused")),
+            prepared_data,
+            "cpu",
+            NullTracker(),
+            on,
+        )
     assert not (tmp_path / "refused").exists()
 
 
@@ -345,46 +470,102 @@ def test_a_users_sd35_inpainting_folder_and_unlabelled_images(tmp_path):
     from ladd.tracking import NullTracker
 
     pipe = load_pipeline(build_sd35_like_teacher(tmp_path / "base"))
-    StableDiffusion3InpaintPipeline(**{**pipe.components, "transformer": widen_transformer(pipe.transformer)}) \
-        .save_pretrained(tmp_path / "users_inpainting_model")
+    StableDiffusion3InpaintPipeline(
+        **{**pipe.components, "transformer": widen_transformer(pipe.transformer)}
+    ).save_pretrained(tmp_path / "users_inpainting_model")
     rng = np.random.default_rng(0)
     (tmp_path / "images").mkdir()
     for i in range(40):
         Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / "images" / f"{i}.png")
     words = ["zero", "one", "two", "three"]
-    (tmp_path / "captions.csv").write_text("file,prompt\n" + "".join(f"{i}.png,a drawing of the digit {words[i % 4]}\n"
-                                                                     for i in range(40)))
+    (tmp_path / "captions.csv").write_text(
+        "file,prompt\n" + "".join(f"{i}.png,a drawing of the digit {words[i % 4]}\n" for i in range(40))
+    )
     data = tmp_path / "data"
-    prepare(PrepareConfig(source="folder", images_dir=str(tmp_path / "images"), captions=str(tmp_path / "captions.csv"),
-                          resolution=64, out_dir=str(data)))
+    prepare(
+        PrepareConfig(
+            source="folder",
+            images_dir=str(tmp_path / "images"),
+            captions=str(tmp_path / "captions.csv"),
+            resolution=64,
+            out_dir=str(data),
+        )
+    )
     on = InpaintConfig(enabled=True)
-    teacher = teacher_stage(TeacherConfig(pretrained=str(tmp_path / "users_inpainting_model"),
-                                          out_dir=str(tmp_path / "teacher")), data, "cpu", NullTracker(), on)
+    teacher = teacher_stage(
+        TeacherConfig(pretrained=str(tmp_path / "users_inpainting_model"), out_dir=str(tmp_path / "teacher")),
+        data,
+        "cpu",
+        NullTracker(),
+        on,
+    )
     syn = SynthesizeConfig(out_dir=str(tmp_path / "synthetic"), steps=2, samples_per_prompt=2, device="cpu")
     synthesize(syn, data, teacher, NullTracker(), inpaint=on)
-    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck.safetensors"), report_dir=str(tmp_path), **DISTILL,
-                        gradient_checkpointing="all")
+    cfg = DistillConfig(
+        out_dir=str(tmp_path / "student"),
+        checkpoint=str(tmp_path / "ck.safetensors"),
+        report_dir=str(tmp_path),
+        **DISTILL,
+        gradient_checkpointing="all",
+    )
     assert distill(cfg, teacher, syn.out_dir, NullTracker())["skipped_updates"] == 0
     stock = StableDiffusion3InpaintPipeline.from_pretrained(tmp_path / "student")
     image = Image.open(tmp_path / "images" / "0.png")
     mask = Image.fromarray((random_masks([5], 64, 64)[0, 0].numpy() * 255).astype(np.uint8))
-    out = stock("a drawing of the digit zero", image=image, mask_image=mask, num_inference_steps=2, guidance_scale=0.0,
-                strength=1.0, height=64, width=64, max_sequence_length=T5_MAX_LENGTH, output_type="np").images
+    out = stock(
+        "a drawing of the digit zero",
+        image=image,
+        mask_image=mask,
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        strength=1.0,
+        height=64,
+        width=64,
+        max_sequence_length=T5_MAX_LENGTH,
+        output_type="np",
+    ).images
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+    from sd3_family import build_tiny_clip
+
     from ladd.config import EvaluateConfig, ExportConfig
     from ladd.evaluate import evaluate
     from ladd.export import export_stage
-    from sd3_family import build_tiny_clip
 
     clip = build_tiny_clip(tmp_path / "clip", image_size=64)
-    metrics = evaluate(EvaluateConfig(out_dir=str(tmp_path / "reports"), features="clip", clip_path=str(clip),
-                                      teacher_steps=2, few_steps=(1, 2), seeds=(0, 1), register=False, device="cpu"),
-                       data, None, teacher, tmp_path / "student", NullTracker(), inpaint=on)
+    metrics = evaluate(
+        EvaluateConfig(
+            out_dir=str(tmp_path / "reports"),
+            features="clip",
+            clip_path=str(clip),
+            teacher_steps=2,
+            few_steps=(1, 2),
+            seeds=(0, 1),
+            register=False,
+            device="cpu",
+        ),
+        data,
+        None,
+        teacher,
+        tmp_path / "student",
+        NullTracker(),
+        inpaint=on,
+    )
     assert {"fd", "fd_teacher", "clip_score", "outside_mse"} <= set(metrics["student"]["1"])
     assert "accuracy" not in metrics["student"]["1"]
-    result = export_stage(ExportConfig(out_dir=str(tmp_path / "onnx"), single_file_dir=str(tmp_path / "single_file"), report=str(tmp_path / "export.json"), steps=2,
-                                       fp16=False, batch_sizes=(2,), latency_repeats=1, register=False),
-                          tmp_path / "student", NullTracker())
+    result = export_stage(
+        ExportConfig(
+            out_dir=str(tmp_path / "onnx"),
+            single_file_dir=str(tmp_path / "single_file"),
+            report=str(tmp_path / "export.json"),
+            steps=2,
+            fp16=False,
+            batch_sizes=(2,),
+            latency_repeats=1,
+            register=False,
+        ),
+        tmp_path / "student",
+        NullTracker(),
+    )
     assert result["max_abs_error"] < 1e-3
 
 
@@ -398,7 +579,16 @@ def test_the_shipped_inpainting_params_are_params_yaml_with_the_task_switched():
     root = Path(__file__).resolve().parents[1]
     base, inpaint = load_params(root / "params.yaml"), load_params(root / "params.inpaint.yaml")
     assert inpaint.inpaint.enabled and inpaint.teacher.latent_channels == 16
-    same = replace(inpaint, inpaint=replace(inpaint.inpaint, enabled=False), teacher=replace(inpaint.teacher, latent_channels=4),
-                   distill=replace(inpaint.distill, steps=base.distill.steps, renoise_mean=base.distill.renoise_mean,
-                                   feature_layers=base.distill.feature_layers, head_channels=base.distill.head_channels))
+    same = replace(
+        inpaint,
+        inpaint=replace(inpaint.inpaint, enabled=False),
+        teacher=replace(inpaint.teacher, latent_channels=4),
+        distill=replace(
+            inpaint.distill,
+            steps=base.distill.steps,
+            renoise_mean=base.distill.renoise_mean,
+            feature_layers=base.distill.feature_layers,
+            head_channels=base.distill.head_channels,
+        ),
+    )
     assert asdict(same) == asdict(base)

@@ -31,8 +31,12 @@ def _inputs(teacher, n=2):
     g = torch.Generator().manual_seed(3)
     c = teacher.config
     side = c.sample_size
-    return (torch.randn(n, c.in_channels, side, side, generator=g), torch.rand(n, generator=g) * 0.9 + 0.05,
-            torch.randn(n, 8, c.joint_attention_dim, generator=g), torch.randn(n, c.pooled_projection_dim, generator=g))
+    return (
+        torch.randn(n, c.in_channels, side, side, generator=g),
+        torch.rand(n, generator=g) * 0.9 + 0.05,
+        torch.randn(n, 8, c.joint_attention_dim, generator=g),
+        torch.randn(n, c.pooled_projection_dim, generator=g),
+    )
 
 
 def test_lora_settings_are_checked_before_any_model_loads(tiny_teacher_dir, tiny_synthetic, tmp_path):
@@ -46,8 +50,14 @@ def test_lora_settings_are_checked_before_any_model_loads(tiny_teacher_dir, tiny
     assert (preset.student, preset.lr_g, preset.lora_targets) == ("lora", 1e-3, ("attention", "feed_forward", "adaln"))
     with pytest.raises(ConfigError, match="distill.lora_dropout"):
         DistillConfig(student="lora", lora_dropout=1.0)
-    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck" / "distill.safetensors"), report_dir=str(tmp_path / "ck"),
-                        lora_targets=("attention", "attn.to_nothing"), **LORA, **SMOKE)
+    cfg = DistillConfig(
+        out_dir=str(tmp_path / "student"),
+        checkpoint=str(tmp_path / "ck" / "distill.safetensors"),
+        report_dir=str(tmp_path / "ck"),
+        lora_targets=("attention", "attn.to_nothing"),
+        **LORA,
+        **SMOKE,
+    )
     with pytest.raises(ConfigError, match="distill.lora_targets: 'attn.to_nothing' matches no linear layer"):
         distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
     assert not any(tmp_path.iterdir())
@@ -118,13 +128,21 @@ def test_gradient_checkpointing_recomputes_each_pass_with_its_own_adapters(tiny_
 
 def _latents(pipe, steps: int, msl: int) -> torch.Tensor:
     torch.manual_seed(0)  # the re-noising sampler draws from the global RNG
-    return pipe("handwritten six", num_inference_steps=steps, guidance_scale=0.0, max_sequence_length=msl,
-                generator=torch.Generator().manual_seed(1), output_type="latent").images
+    return pipe(
+        "handwritten six",
+        num_inference_steps=steps,
+        guidance_scale=0.0,
+        max_sequence_length=msl,
+        generator=torch.Generator().manual_seed(1),
+        output_type="latent",
+    ).images
 
 
 def test_lora_student_is_fused_and_its_adapter_loads_in_stock_diffusers(tiny_teacher_dir, tiny_synthetic, tmp_path):
     ck = tmp_path / "ck.safetensors"
-    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(ck), report_dir=str(tmp_path), ema_decay=0.5, **LORA, **SMOKE)
+    cfg = DistillConfig(
+        out_dir=str(tmp_path / "student"), checkpoint=str(ck), report_dir=str(tmp_path), ema_decay=0.5, **LORA, **SMOKE
+    )
     summary = distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
     student_dir = tmp_path / "student"
     meta = read_meta(student_dir)
@@ -151,8 +169,13 @@ def test_lora_student_is_fused_and_its_adapter_loads_in_stock_diffusers(tiny_tea
 
 def test_lora_checkpoint_resumes_to_the_same_adapter(tiny_teacher_dir, tiny_synthetic, tmp_path):
     def run(name, steps, checkpoint):
-        cfg = DistillConfig(out_dir=str(tmp_path / name), checkpoint=str(tmp_path / checkpoint), report_dir=str(tmp_path / f"{checkpoint}_reports"),
-                            **LORA, **{**SMOKE, "steps": steps, "checkpoint_every": 3})
+        cfg = DistillConfig(
+            out_dir=str(tmp_path / name),
+            checkpoint=str(tmp_path / checkpoint),
+            report_dir=str(tmp_path / f"{checkpoint}_reports"),
+            **LORA,
+            **{**SMOKE, "steps": steps, "checkpoint_every": 3},
+        )
         return distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
 
     run("straight", 6, "a.safetensors")
@@ -171,9 +194,16 @@ def test_lora_checkpoint_resumes_to_the_same_adapter(tiny_teacher_dir, tiny_synt
 def test_lora_on_a_bf16_base_with_checkpointing_tracks_the_fp32_run(tiny_teacher_dir, tiny_synthetic, tmp_path):
     """The memory habits of a large teacher: a bf16 base (the teacher's own dtype), bf16 autocast and gradient
     checkpointing of the shared module. The adapters stay fp32 and move as in the fp32 run, up to bf16 rounding."""
+
     def run(name, **memory):
-        cfg = DistillConfig(out_dir=str(tmp_path / name), checkpoint=str(tmp_path / f"{name}.safetensors"), report_dir=str(tmp_path / f"{name}_reports"),
-                            **LORA, **SMOKE, **memory)
+        cfg = DistillConfig(
+            out_dir=str(tmp_path / name),
+            checkpoint=str(tmp_path / f"{name}.safetensors"),
+            report_dir=str(tmp_path / f"{name}_reports"),
+            **LORA,
+            **SMOKE,
+            **memory,
+        )
         distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
         with safe_open(str(tmp_path / f"{name}.safetensors"), "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys() if k.startswith("student.")}

@@ -29,22 +29,36 @@ def test_memory_benchmark(tmp_path, capsys):
     recommended = {name: m["settings"]["bf16-teacher"] for name, m in models.items()}
     assert recommended["SD3.5-large"]["total_gpu"] > 80 and not recommended["SD3.5-large"]["fits"]
     assert recommended["SD3.5-medium"]["total_gpu"] < 80 and recommended["SD3.5-medium"]["fits"]
-    assert json.loads((tmp_path / "memory.json").read_text())["models"]["SD3.5-large"]["params"] == models["SD3.5-large"]["params"]
+    assert (
+        json.loads((tmp_path / "memory.json").read_text())["models"]["SD3.5-large"]["params"]
+        == models["SD3.5-large"]["params"]
+    )
     assert "| SD3.5-large | fp32 student+EMA, bf16 teacher |" in capsys.readouterr().out
 
 
 def test_lora_rows_count_what_peft_adds_and_fit_sd35_large_in_24_gb(tmp_path):
     import types
 
-    import torch
     from diffusers import SD3Transformer2DModel
 
     from ladd.lora import add_student_adapter, count, target_suffixes
 
     bench = load()
-    tiny = dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=16,
-                num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=48,
-                pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0, 1))
+    tiny = dict(
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=3,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=48,
+        pos_embed_max_size=16,
+        qk_norm="rms_norm",
+        dual_attention_layers=(0, 1),
+    )
     cfg = types.SimpleNamespace(lora_rank=8, lora_alpha=None, lora_dropout=0.0)
     for targets in bench.LORA_TARGETS.values():
         model = SD3Transformer2DModel(**tiny)
@@ -57,8 +71,13 @@ def test_lora_rows_count_what_peft_adds_and_fit_sd35_large_in_24_gb(tmp_path):
     assert large["all/r256"]["total_gpu"] > 24 and not large["all/r256"]["fits_24"]
     assert large["attention/r64"]["total_gpu"] < large["attention/r256"]["total_gpu"] < large["all/r256"]["total_gpu"]
     # one bf16 base copy: far below the full student's static memory in its recommended setting
-    assert large["all/r64"]["base"] == pytest.approx((out["SD3.5-large"]["params"] + out["SD3.5-large"]["buffers"]) * 2 / 1e9)
-    assert out["SD3.5-medium"]["lora"]["all/r64"]["total_gpu"] < out["SD3.5-medium"]["settings"]["bf16-teacher"]["total_gpu"] / 4
+    assert large["all/r64"]["base"] == pytest.approx(
+        (out["SD3.5-large"]["params"] + out["SD3.5-large"]["buffers"]) * 2 / 1e9
+    )
+    assert (
+        out["SD3.5-medium"]["lora"]["all/r64"]["total_gpu"]
+        < out["SD3.5-medium"]["settings"]["bf16-teacher"]["total_gpu"] / 4
+    )
 
 
 def test_the_plan_counts_the_data_and_a_lora_sd35_large_still_fits_24_gb(tmp_path, capsys):

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import yaml
+from conftest import dvc, init_repo, run
 
 from ladd.pipeline import load_pipeline, max_sequence_length
-from conftest import dvc, init_repo, run
 
 pytestmark = pytest.mark.slow
 ALL_STAGES = {"prepare", "validate", "classifier", "teacher", "synthesize", "distill", "align", "evaluate", "export"}
@@ -30,7 +30,14 @@ def test_prefect_flow_then_dvc(smoke_project, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     order = stage_order(smoke_project)
     assert order[0] == "prepare" and set(order) == ALL_STAGES
-    assert order.index("validate") < order.index("teacher") < order.index("synthesize") < order.index("distill") < order.index("align") < order.index("evaluate")
+    assert (
+        order.index("validate")
+        < order.index("teacher")
+        < order.index("synthesize")
+        < order.index("distill")
+        < order.index("align")
+        < order.index("evaluate")
+    )
     with prefect_test_harness(server_startup_timeout=120):
         assert pipeline(str(smoke_project)) == dict.fromkeys(order, True)
         lock = (smoke_project / "dvc.lock").read_text()
@@ -44,7 +51,9 @@ def test_prefect_flow_then_dvc(smoke_project, monkeypatch):
 
     client = MlflowClient(store)
     runs = client.search_runs([client.get_experiment_by_name("ladd").experiment_id])
-    first, noop = sorted((r for r in runs if r.data.tags.get("ladd.stage") == "pipeline"), key=lambda r: r.info.start_time)
+    first, noop = sorted(
+        (r for r in runs if r.data.tags.get("ladd.stage") == "pipeline"), key=lambda r: r.info.start_time
+    )
     assert first.info.status == noop.info.status == "FINISHED" and first.data.tags["data_fingerprint.prepare"]
     assert first.data.params["distill.steps"] == "4"
 
@@ -54,9 +63,15 @@ def test_prefect_flow_then_dvc(smoke_project, monkeypatch):
     assert stages_under(first) == ALL_STAGES and stages_under(noop) == set()
     # the Datasets panel: what distill trained on and evaluate scored, each with the hash DVC locked for it
     prepared = next(o for o in yaml.safe_load(lock)["stages"]["prepare"]["outs"] if o["path"] == "data/prepared")
-    for stage, expected in (("distill", {"prepared/train": "training"}),
-                            ("evaluate", {"prepared/train": "training", "prepared/test": "evaluation"})):
-        (ran,) = [r for r in runs if r.data.tags.get("ladd.stage") == stage and r.data.tags.get("mlflow.parentRunId") == first.info.run_id]
+    for stage, expected in (
+        ("distill", {"prepared/train": "training"}),
+        ("evaluate", {"prepared/train": "training", "prepared/test": "evaluation"}),
+    ):
+        (ran,) = [
+            r
+            for r in runs
+            if r.data.tags.get("ladd.stage") == stage and r.data.tags.get("mlflow.parentRunId") == first.info.run_id
+        ]
         inputs = client.get_run(ran.info.run_id).inputs.dataset_inputs
         assert {i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"] for i in inputs} == expected
         assert {t.value for i in inputs for t in i.tags if t.key == "dvc.out.md5"} == {prepared["md5"]}
@@ -64,8 +79,12 @@ def test_prefect_flow_then_dvc(smoke_project, monkeypatch):
     assert [str(v.version) for v in client.search_model_versions("name='ladd-student-onnx'")] == ["1"]
     assert json.loads((smoke_project / "reports" / "export.json").read_text())["max_abs_error"] <= 1e-3
     teacher = smoke_project / "models" / "teacher"
-    image = load_pipeline(teacher)("a handwritten digit five", num_inference_steps=2, guidance_scale=2.0,
-                                   max_sequence_length=max_sequence_length(teacher)).images[0]
+    image = load_pipeline(teacher)(
+        "a handwritten digit five",
+        num_inference_steps=2,
+        guidance_scale=2.0,
+        max_sequence_length=max_sequence_length(teacher),
+    ).images[0]
     assert image.size == (32, 32)
     # experiments: commit the run, then change one stage's parameter
     run(["git", "add", "-A"], smoke_project)

@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from ladd.config import PrepareConfig
-from ladd.errors import DataError
 from ladd.data.prepare import DIGIT_WORDS, _prompt_table, load_split, prepare, read_table
+from ladd.errors import DataError
 
 
 def test_digits_splits(prepared_data):
@@ -41,8 +41,14 @@ def _image_folder(tmp_path, n=6):
 def test_folder_source_with_csv(tmp_path):
     images, rows = _image_folder(tmp_path)
     pd.DataFrame(rows).to_csv(tmp_path / "captions.csv", index=False)
-    cfg = PrepareConfig(source="folder", images_dir=str(images), captions=str(tmp_path / "captions.csv"),
-                        resolution=16, test_fraction=0.34, out_dir=str(tmp_path / "out"))
+    cfg = PrepareConfig(
+        source="folder",
+        images_dir=str(images),
+        captions=str(tmp_path / "captions.csv"),
+        resolution=16,
+        test_fraction=0.34,
+        out_dir=str(tmp_path / "out"),
+    )
     summary = prepare(cfg)
     assert summary["train"] + summary["val"] + summary["test"] == 6
     train = load_split(tmp_path / "out" / "train")
@@ -57,7 +63,9 @@ def test_folder_bad_image_names_record_and_keeps_previous_output(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "previous.txt").write_text("keep me")
-    cfg = PrepareConfig(source="folder", images_dir=str(images), captions=str(tmp_path / "captions.parquet"), out_dir=str(out))
+    cfg = PrepareConfig(
+        source="folder", images_dir=str(images), captions=str(tmp_path / "captions.parquet"), out_dir=str(out)
+    )
     with pytest.raises(ValueError, match=r"captions.parquet row 3 .*3\.png"):
         prepare(cfg)
     assert [p.name for p in out.iterdir()] == ["previous.txt"]
@@ -77,12 +85,15 @@ def test_table_without_text_column(tmp_path):
         prepare(PrepareConfig(source="prompts", captions=str(tmp_path / "p.csv"), out_dir=str(tmp_path / "out")))
 
 
-@pytest.mark.parametrize("name, encoding, data", [
-    ("p.csv", "auto", "\ufeffprompt\nun caf\u00e9\n".encode("utf-8")),  # UTF-8 with a byte-order mark
-    ("p.csv", "auto", "prompt\nun caf\u00e9\n".encode("utf-16")),  # UTF-16 starts with its byte-order mark
-    ("P.CSV", "auto", "prompt\nun caf\u00e9\n".encode("utf-8")),  # the suffix in capitals
-    ("p.csv", "latin-1", "prompt\nun caf\u00e9\n".encode("latin-1")),  # named in prepare.encoding
-])
+@pytest.mark.parametrize(
+    "name, encoding, data",
+    [
+        ("p.csv", "auto", "\ufeffprompt\nun caf\u00e9\n".encode("utf-8")),  # UTF-8 with a byte-order mark
+        ("p.csv", "auto", "prompt\nun caf\u00e9\n".encode("utf-16")),  # UTF-16 starts with its byte-order mark
+        ("P.CSV", "auto", "prompt\nun caf\u00e9\n".encode("utf-8")),  # the suffix in capitals
+        ("p.csv", "latin-1", "prompt\nun caf\u00e9\n".encode("latin-1")),  # named in prepare.encoding
+    ],
+)
 def test_tables_in_other_encodings_and_suffixes(tmp_path, name, encoding, data):
     (tmp_path / name).write_bytes(data)
     table = read_table(tmp_path / name, encoding)
@@ -108,8 +119,11 @@ def test_a_prompt_never_sits_in_two_splits(tmp_path):
     assert summary["train"] + summary["val"] + summary["test"] == 300
     assert not (splits["train"] & splits["val"] or splits["train"] & splits["test"] or splits["val"] & splits["test"])
     assert (len(splits["test"]), len(splits["val"])) == (8, 6)  # 0.2 and 0.15 of the 40 distinct prompts
-    prepare(PrepareConfig(source="prompts", captions=str(tmp_path / "prompts.csv"), out_dir=str(tmp_path / "no_val"),
-                          val_fraction=0.0))
+    prepare(
+        PrepareConfig(
+            source="prompts", captions=str(tmp_path / "prompts.csv"), out_dir=str(tmp_path / "no_val"), val_fraction=0.0
+        )
+    )
     assert not (tmp_path / "no_val" / "val").exists()
     assert set(load_split(tmp_path / "no_val" / "test").captions["prompt"]) == splits["test"]
 

@@ -18,5 +18,7 @@ def test_pluggable_feature_extractor(prepared_data, monkeypatch):
     real = real_features(extractor, test)
     same = score_images(extractor, test.images.float() / 255, test.labels, real)
     assert abs(same["fd"]) < 1e-6 and "accuracy" not in same and same["precision"] == 1.0  # no logits: no accuracy
-    noisy = score_images(extractor, (test.images.float() / 255 + 0.3 * torch.rand(test.images.shape)).clamp(0, 1), test.labels, real)
+    noisy = score_images(
+        extractor, (test.images.float() / 255 + 0.3 * torch.rand(test.images.shape)).clamp(0, 1), test.labels, real
+    )
     assert noisy["fd"] > 1.0

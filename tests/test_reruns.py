@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import edit_params, start_mlflow_server
 
 pytestmark = pytest.mark.slow  # child processes, each with its own imports and MLflow
@@ -26,16 +25,32 @@ def _tracked(finished_project: Path, tiny_classifier_dir: Path, root: Path) -> t
     project = root / "project"
     shutil.copytree(finished_project, project)
     shutil.copytree(tiny_classifier_dir, project / "models" / "classifier")
-    edit_params(project, "evaluate", num_samples=16, few_steps=[1, 4], gate_steps=4, teacher_steps=3, seeds=[1, 2],
-                grid_size=4, batch_size=8)
+    edit_params(
+        project,
+        "evaluate",
+        num_samples=16,
+        few_steps=[1, 4],
+        gate_steps=4,
+        teacher_steps=3,
+        seeds=[1, 2],
+        grid_size=4,
+        batch_size=8,
+    )
     edit_params(project, "export", batch_sizes=[1], latency_repeats=2, fp16=False)  # fp16 graphs: test_export.py
     env = {**os.environ, "LADD_TRACKING": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
     return project, env
 
 
 def _ladd(project: Path, stage: str, env: dict, **popen):
-    return subprocess.Popen([sys.executable, "-m", "ladd.cli", stage, "--threads", "1"], cwd=project, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ladd.cli", stage, "--threads", "1"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 MODELS = {"evaluate": "ladd-student", "export": "ladd-student-onnx"}
@@ -70,14 +85,18 @@ def test_killed_anywhere_then_rerun_registers_once(stage, finished_project, tiny
         assert rerun.wait(timeout=600) == 0, f"{rerun.stderr.read()[-3000:]}; {replay}"
     versions = _versions(project, MODELS[stage])
     assert len(versions) == 1, f"{[(v.version, v.tags) for v in versions]}; {replay}"
-    leftovers = [p for top in ("models", "reports") for p in (project / top).rglob(".*") if p.name.endswith((".tmp", ".old"))]
+    leftovers = [
+        p for top in ("models", "reports") for p in (project / top).rglob(".*") if p.name.endswith((".tmp", ".old"))
+    ]
     assert not leftovers, f"{leftovers}; {replay}"
     if stage == "evaluate":
         registered = json.loads((project / "reports" / "metrics.json").read_text())["registered"]
         assert registered["version"] == str(versions[0].version) and registered["promoted"], replay
         from mlflow.tracking import MlflowClient
 
-        champion = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_model_version_by_alias(MODELS[stage], "champion")
+        champion = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_model_version_by_alias(
+            MODELS[stage], "champion"
+        )
         assert champion.version == versions[0].version and "promoted" in versions[0].tags, replay
     else:
         manifest = json.loads((project / "models" / "onnx" / "manifest.json").read_text())
@@ -89,7 +108,12 @@ def test_a_server_lost_mid_evaluate_costs_no_figure(finished_project, tiny_class
     holds every figure; with the server back the same command registers the student."""
     project, env = _tracked(finished_project, tiny_classifier_dir, tmp_path)
     server, uri = start_mlflow_server(tmp_path / "store")
-    env = {**env, "MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    env = {
+        **env,
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    }
     try:
         proc = _ladd(project, "evaluate", env)
         lines = []

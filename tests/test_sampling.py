@@ -39,8 +39,12 @@ def test_euler_cfg_matches_diffusers_pipeline(tiny_teacher_dir, guidance):
     msl = max_sequence_length(tiny_teacher_dir)
     prompts = ["a handwritten digit seven", "the number 3 written by hand"]
     ref = pipe(
-        prompts, num_inference_steps=6, guidance_scale=guidance, generator=torch.Generator().manual_seed(11),
-        output_type="latent", max_sequence_length=msl,
+        prompts,
+        num_inference_steps=6,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(11),
+        output_type="latent",
+        max_sequence_length=msl,
     ).images
     ours = _ours(pipe, prompts, 6, guidance, 11, msl)
     assert (ours - ref).abs().max().item() <= 1e-5
@@ -54,10 +58,22 @@ def test_renoise_matches_stochastic_scheduler(tiny_teacher_dir):
     msl = max_sequence_length(tiny_teacher_dir)
     torch.manual_seed(5)
     ref = pipe(
-        ["handwritten four"], num_inference_steps=4, guidance_scale=0.0, generator=torch.Generator().manual_seed(2),
-        output_type="latent", max_sequence_length=msl,
+        ["handwritten four"],
+        num_inference_steps=4,
+        guidance_scale=0.0,
+        generator=torch.Generator().manual_seed(2),
+        output_type="latent",
+        max_sequence_length=msl,
     ).images
     torch.manual_seed(5)
-    ours = _ours(pipe, ["handwritten four"], 4, 0.0, 2, msl, "renoise",
-                 torch.tensor([*few_step_times("exponential", 4, 0.25), 0.0]))
+    ours = _ours(
+        pipe,
+        ["handwritten four"],
+        4,
+        0.0,
+        2,
+        msl,
+        "renoise",
+        torch.tensor([*few_step_times("exponential", 4, 0.25), 0.0]),
+    )
     assert (ours - ref).abs().max().item() <= 1e-5

@@ -31,19 +31,22 @@ def test_a_prompt_alone_gets_the_default_steps_and_a_fresh_seed():
     assert check_request(["a", "b"], 2, [5, float("nan")], **RULES).seeds[0] == 5  # a missing seed: fresh
 
 
-@pytest.mark.parametrize("prompts, steps, seeds, field", [
-    ([], None, None, r"^prompt: at least one"),
-    (["a"] * 5, None, None, r"^prompt: 5 prompts in one request; this model serves at most 4"),
-    (["a", 7], None, None, r"^prompt\[1\]: must be a string, got int"),
-    (["a" * 51], None, None, r"^prompt\[0\]: 51 characters; this model serves at most 50"),
-    (["a"], 3, None, r"^steps: 3 is not one of the student's trained step counts \[1, 2, 4\]"),
-    (["a"], 1_000_000, None, r"^steps: 1000000 is not one"),
-    (["a"], 2.5, None, r"^steps: 2.5 is not one"),
-    (["a"], True, None, r"^steps: True is not one"),
-    (["a"], None, [-1], r"^seed\[0\]: -1 is not an integer in \[0, 4294967295\]"),
-    (["a"], None, [2**40], r"^seed\[0\]: 1099511627776 is not an integer"),
-    (["a", "b"], None, [1], r"^seed: 1 seeds for 2 prompts"),
-])
+@pytest.mark.parametrize(
+    "prompts, steps, seeds, field",
+    [
+        ([], None, None, r"^prompt: at least one"),
+        (["a"] * 5, None, None, r"^prompt: 5 prompts in one request; this model serves at most 4"),
+        (["a", 7], None, None, r"^prompt\[1\]: must be a string, got int"),
+        (["a" * 51], None, None, r"^prompt\[0\]: 51 characters; this model serves at most 50"),
+        (["a"], 3, None, r"^steps: 3 is not one of the student's trained step counts \[1, 2, 4\]"),
+        (["a"], 1_000_000, None, r"^steps: 1000000 is not one"),
+        (["a"], 2.5, None, r"^steps: 2.5 is not one"),
+        (["a"], True, None, r"^steps: True is not one"),
+        (["a"], None, [-1], r"^seed\[0\]: -1 is not an integer in \[0, 4294967295\]"),
+        (["a"], None, [2**40], r"^seed\[0\]: 1099511627776 is not an integer"),
+        (["a", "b"], None, [1], r"^seed: 1 seeds for 2 prompts"),
+    ],
+)
 def test_bad_requests_are_refused_naming_the_field(prompts, steps, seeds, field):
     with pytest.raises(RequestError, match=field):
         check_request(prompts, steps, seeds, **RULES)
@@ -64,6 +67,7 @@ def test_the_card_snippet_gives_the_same_images_twice(tiny_student_dir):
 
 
 # --- the registered model, served -------------------------------------------------------------------------------------
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -107,11 +111,29 @@ def served(tiny_student_dir, tmp_path_factory):
     assert "ladd" not in requirements.replace("mlflow", "") and "torch==" in requirements
     port = _free_port()
     # a shell of its own: no project on the path, no MLflow run or store of this process
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("MLFLOW_")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("MLFLOW_")
+    }
     log = open(root / "serve.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", str(copy),
-                             "--env-manager", "virtualenv", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=copy.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            str(copy),
+            "--env-manager",
+            "virtualenv",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=copy.parent,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 900  # the first run builds the environment (pip, from the package index)
     while True:
@@ -154,7 +176,9 @@ def test_the_served_model_answers_prompts_and_refuses_bad_requests(served):
         status, answer, seconds = _post(url, body)
         assert 400 <= status < 500 and field in answer["message"] and seconds < 1.0, (field, status, answer, seconds)
 
-    status, body, _ = _post(url, {"dataframe_split": {"columns": ["prompt", "steps", "seed"], "data": [["a seven", 2, 11]]}})
+    status, body, _ = _post(
+        url, {"dataframe_split": {"columns": ["prompt", "steps", "seed"], "data": [["a seven", 2, 11]]}}
+    )
     assert status == 200 and body["predictions"][0]["seed"] == 11  # still serving
 
 
@@ -166,16 +190,40 @@ def test_the_served_image_equals_ladd_generates(served, exported, tmp_path):
     onnx_dir = exported[0].out_dir
     ladd = Path(sys.executable).parent / "ladd"
     for steps in (1, 2, 4):
-        out = subprocess.run([str(ladd), "generate", "--onnx", onnx_dir, "--prompt", "handwritten three", "--seed", "7",
-                              "--steps", str(steps), "--provider", "cpu", "--out", str(tmp_path / f"s{steps}")],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                str(ladd),
+                "generate",
+                "--onnx",
+                onnx_dir,
+                "--prompt",
+                "handwritten three",
+                "--seed",
+                "7",
+                "--steps",
+                str(steps),
+                "--provider",
+                "cpu",
+                "--out",
+                str(tmp_path / f"s{steps}"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         path, seed, _ = out.stdout.strip().split("\t")
         assert seed == "seed 7"
-        status, body, _ = _post(url, {"dataframe_records": [{"prompt": "handwritten three", "steps": steps, "seed": 7}]})
+        status, body, _ = _post(
+            url, {"dataframe_records": [{"prompt": "handwritten three", "steps": steps, "seed": 7}]}
+        )
         served_image = _image(body["predictions"][0]["image_png"]).astype(int)
         generated = np.asarray(Image.open(path)).astype(int)
         assert np.abs(served_image - generated).max() <= 1, steps
 
-    refused = subprocess.run([str(ladd), "generate", "--onnx", onnx_dir, "--prompt", "x", "--steps", "3"],
-                             capture_output=True, text=True)
-    assert refused.returncode == 2 and "steps: 3 is not one of the student's trained step counts [1, 2, 4]" in refused.stderr
+    refused = subprocess.run(
+        [str(ladd), "generate", "--onnx", onnx_dir, "--prompt", "x", "--steps", "3"], capture_output=True, text=True
+    )
+    assert (
+        refused.returncode == 2
+        and "steps: 3 is not one of the student's trained step counts [1, 2, 4]" in refused.stderr
+    )

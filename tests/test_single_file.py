@@ -12,13 +12,19 @@ from diffusers.loaders.single_file_utils import LDM_UNET_KEY
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers as to_diffusers
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
+from sd3_family import build_sd35_like_teacher
 
 from ladd import lora
 from ladd.config import DistillConfig
 from ladd.pipeline import load_pipeline, load_transformer, max_sequence_length, read_meta, write_meta
 from ladd.schedules import student_sigmas
-from ladd.single_file import LORA_FILE, SCHEDULER_FILE, TRANSFORMER_FILE, original_transformer_state, write_single_file_exports
-from sd3_family import build_sd35_like_teacher
+from ladd.single_file import (
+    LORA_FILE,
+    SCHEDULER_FILE,
+    TRANSFORMER_FILE,
+    original_transformer_state,
+    write_single_file_exports,
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,20 +48,32 @@ def sd35_lora_student(tmp_path_factory):
     with torch.no_grad():
         for p in weights.parameters():
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
-    adapter = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(transformer, adapter_name=lora.ADAPTER).items()}
+    adapter = {
+        k: v.detach().clone().contiguous()
+        for k, v in get_peft_model_state_dict(transformer, adapter_name=lora.ADAPTER).items()
+    }
     lora.save_adapter(student, adapter, cfg, suffixes)
-    write_meta(student, max_sequence_length=12, student_times=[1.0, 0.6, 0.35, 0.2], schedule="beta", sampler="euler",
-               default_steps=2, base_model=str(teacher))
+    write_meta(
+        student,
+        max_sequence_length=12,
+        student_times=[1.0, 0.6, 0.35, 0.2],
+        schedule="beta",
+        sampler="euler",
+        default_steps=2,
+        base_model=str(teacher),
+    )
     return teacher, student
 
 
 def _inputs(config, n=2):
     g = torch.Generator().manual_seed(3)
     side = config.sample_size
-    return dict(hidden_states=torch.randn(n, config.in_channels, side, side, generator=g),
-                encoder_hidden_states=torch.randn(n, 5, config.joint_attention_dim, generator=g),
-                pooled_projections=torch.randn(n, config.pooled_projection_dim, generator=g),
-                timestep=torch.tensor([900.0, 350.0][:n]))
+    return dict(
+        hidden_states=torch.randn(n, config.in_channels, side, side, generator=g),
+        encoder_hidden_states=torch.randn(n, 5, config.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(n, config.pooled_projection_dim, generator=g),
+        timestep=torch.tensor([900.0, 350.0][:n]),
+    )
 
 
 @torch.no_grad()
@@ -72,8 +90,9 @@ def test_diffusers_converter_reads_the_original_layout_back_exactly(tiny_student
         back = to_diffusers(dict(original))  # it pops from what it is given
         assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state), folder
     # the SD3.5 shape has what the converter must be told about: attn2 blocks, qk norm, a context_pre_only block
-    assert {"joint_blocks.0.x_block.attn2.qkv.weight", "joint_blocks.2.x_block.attn.ln_q.weight"} \
-        <= {k.removeprefix(LDM_UNET_KEY) for k in original}
+    assert {"joint_blocks.0.x_block.attn2.qkv.weight", "joint_blocks.2.x_block.attn.ln_q.weight"} <= {
+        k.removeprefix(LDM_UNET_KEY) for k in original
+    }
     assert not any(k.startswith(f"{LDM_UNET_KEY}joint_blocks.2.context_block.mlp") for k in original)
 
 
@@ -84,8 +103,9 @@ def test_single_file_loads_offline_and_samples_as_the_folder(tiny_student_dir, t
     stored = load_file(str(tiny_student_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
     exported = load_file(str(out / TRANSFORMER_FILE))
     assert len(exported) <= len(stored) and {v.dtype for v in exported.values()} == {v.dtype for v in stored.values()}
-    single = SD3Transformer2DModel.from_single_file(str(out / TRANSFORMER_FILE), config=str(tiny_student_dir),
-                                                    subfolder="transformer", local_files_only=True)
+    single = SD3Transformer2DModel.from_single_file(
+        str(out / TRANSFORMER_FILE), config=str(tiny_student_dir), subfolder="transformer", local_files_only=True
+    )
     assert (_forward(single, folder.config) - _forward(folder, folder.config)).abs().max() < 1e-6
     # a few-step sample with the student's own scheduler, the single-file transformer in its place
     meta = read_meta(tiny_student_dir)
@@ -93,9 +113,16 @@ def test_single_file_loads_offline_and_samples_as_the_folder(tiny_student_dir, t
     for transformer in (None, single):
         pipe = load_pipeline(tiny_student_dir, **({"transformer": transformer} if transformer else {}))
         torch.manual_seed(0)  # the re-noising sampler draws from the global RNG
-        latents.append(pipe("handwritten six", num_inference_steps=meta["default_steps"], guidance_scale=0.0,
-                            max_sequence_length=max_sequence_length(tiny_student_dir), output_type="latent",
-                            generator=torch.Generator().manual_seed(1)).images)
+        latents.append(
+            pipe(
+                "handwritten six",
+                num_inference_steps=meta["default_steps"],
+                guidance_scale=0.0,
+                max_sequence_length=max_sequence_length(tiny_student_dir),
+                output_type="latent",
+                generator=torch.Generator().manual_seed(1),
+            ).images
+        )
     assert (latents[0] - latents[1]).abs().max() < 1e-6
 
 
@@ -106,7 +133,9 @@ def test_scheduler_json_holds_what_samples_like_the_student(tiny_student_dir, ti
     assert settings["steps"] == steps and settings["trained_times"] == meta["student_times"]
     assert settings["sampler"] == meta["sampler"] and settings["stochastic_sampling"] == (meta["sampler"] == "renoise")
     assert settings["sigma_schedule"] == meta["schedule"] and settings["sigma_min"] == min(meta["student_times"])
-    assert settings["guidance_scale"] == 0.0 and settings["max_sequence_length"] == max_sequence_length(tiny_student_dir)
+    assert settings["guidance_scale"] == 0.0 and settings["max_sequence_length"] == max_sequence_length(
+        tiny_student_dir
+    )
     assert settings["shift"] == 1.0 and settings["sigmas"] == student_sigmas(steps, meta).tolist()
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(settings["scheduler_config"])
     for k in settings["trained_steps"]:  # each visits training times only

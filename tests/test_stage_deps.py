@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import CHECKPOINT, ROOT, RUN_REPORT, dvc, init_repo
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -32,7 +31,12 @@ def test_dvc_yaml_lists_each_stages_import_closure(tmp_path):
     assert "ladd/classifier.py" in code["evaluate"] and "ladd/data/synthetic.py" in code["distill"]
     assert all("ladd/cli.py" in files and "ladd/config.py" in files for files in code.values())
     # the student's schedule is distill's and after: a change to it never retrains the teacher
-    assert {s for s, files in code.items() if "ladd/schedules.py" in files} == {"distill", "align", "evaluate", "export"}
+    assert {s for s, files in code.items() if "ladd/schedules.py" in files} == {
+        "distill",
+        "align",
+        "evaluate",
+        "export",
+    }
     assert "ladd/synthesize.py" not in code["distill"] and "ladd/evaluate.py" not in code["export"]
     # and the check can fail: one line gone from a copy, named with its stage
     shutil.copytree(ROOT / "ladd", tmp_path / "ladd", ignore=shutil.ignore_patterns("__pycache__"))
@@ -53,6 +57,7 @@ def _outputs(project: Path) -> list[str]:
             for key in m.group(1).split("."):
                 node = node[key]
             return str(node)
+
         return re.sub(r"\$\{([^}]+)\}", value, path)
 
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]

@@ -21,8 +21,13 @@ def test_tiny_teacher_folder_is_a_diffusers_pipeline(tiny_teacher_dir):
     assert read_meta(tiny_teacher_dir) == {"max_sequence_length": 1, "source": "tiny"}
     # the documented plain diffusers call
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_teacher_dir, text_encoder_3=None, tokenizer_3=None)
-    out = pipe("a handwritten digit two", num_inference_steps=3, guidance_scale=3.0, max_sequence_length=1,
-               generator=torch.Generator().manual_seed(0))
+    out = pipe(
+        "a handwritten digit two",
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        max_sequence_length=1,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.images[0].size == (32, 32)
 
 
@@ -82,8 +87,14 @@ def test_pretrained_teacher_with_t5_takes_the_same_path(t5_pipeline_dir, tmp_pat
     null_e, null_p = encode_prompts(pipe, [""], msl)
     x = initial_noise(1, latent_shape(pipe), torch.Generator().manual_seed(4))
     ours = sample_euler(cfg_velocity(pipe.transformer, embeds, pooled, null_e, null_p, 3.0), x, flow_sigmas(3))
-    ref = pipe("a handwritten digit seven", num_inference_steps=3, guidance_scale=3.0, max_sequence_length=msl,
-               generator=torch.Generator().manual_seed(4), output_type="latent").images
+    ref = pipe(
+        "a handwritten digit seven",
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        max_sequence_length=msl,
+        generator=torch.Generator().manual_seed(4),
+        output_type="latent",
+    ).images
     assert (ours - ref).abs().max() <= 1e-5
     assert decode_latents(pipe.vae, ours).shape == (1, 3, 16, 16)
 
@@ -102,7 +113,8 @@ def test_a_folder_without_ladd_json_gets_diffusers_t5_length(t5_pipeline_dir, tm
     assert t5_slot_length(TeacherConfig(pretrained=str(t5_pipeline_dir), max_sequence_length=77)) == 77
     assert t5_slot_length(TeacherConfig()) == 1  # the tiny teacher: no T5
     with caplog.at_level(logging.INFO, logger="ladd.teacher"):
-        out = teacher_stage(TeacherConfig(pretrained=str(t5_pipeline_dir), out_dir=str(tmp_path / "t")), tmp_path, "cpu",
-                            NullTracker())
+        out = teacher_stage(
+            TeacherConfig(pretrained=str(t5_pipeline_dir), out_dir=str(tmp_path / "t")), tmp_path, "cpu", NullTracker()
+        )
     assert read_meta(out)["max_sequence_length"] == 256 == max_sequence_length(out)
     assert "T5 slot of 256 tokens" in caplog.text

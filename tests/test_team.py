@@ -16,13 +16,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, SMOKE_PARAMS, init_repo, write_params
 
 pytestmark = pytest.mark.slow
 BIN = os.path.dirname(sys.executable)
-HEADLINE = {"student.1.fd", "student.4.fd", "student.4.fd_teacher", "teacher.fd", "teacher.accuracy",
-            "student.4.accuracy"}
+HEADLINE = {
+    "student.1.fd",
+    "student.4.fd",
+    "student.4.fd_teacher",
+    "teacher.fd",
+    "teacher.accuracy",
+    "student.4.accuracy",
+}
 
 
 def sh(cmd: list[str], cwd, check: bool = True, **env) -> tuple[int, str] | str:
@@ -85,7 +90,7 @@ def pushed(tmp_path_factory):
     dvc(project, "push")
     yield base, project
     for pid in filter(str.isdigit, os.listdir("/proc")):  # DVC's queue workers run detached and may idle on after
-        try:                                               # the queue is done: none outlives these tests
+        try:  # the queue is done: none outlives these tests
             if Path(os.readlink(f"/proc/{pid}/cwd")).is_relative_to(base):
                 os.kill(int(pid), signal.SIGKILL)
         except OSError:
@@ -102,7 +107,9 @@ def test_a_clone_and_pull_finds_nothing_to_run(pushed):
     assert "Data and pipelines are up to date" in dvc(bob, "status")
     out = dvc(bob, "repro")
     assert ran_stages(out) == set() and "Data and pipelines are up to date" in out
-    assert json.loads((bob / "reports" / "metrics.json").read_text()) == json.loads((alice / "reports" / "metrics.json").read_text())
+    assert json.loads((bob / "reports" / "metrics.json").read_text()) == json.loads(
+        (alice / "reports" / "metrics.json").read_text()
+    )
 
 
 def test_experiments_rerun_only_what_they_change_and_log_to_the_project_store(pushed):
@@ -116,7 +123,9 @@ def test_experiments_rerun_only_what_they_change_and_log_to_the_project_store(pu
     _, project = pushed
     before = len(store_runs(project))
     assert ran_stages(dvc(project, "exp", "run", "-n", "ws-seeds", "-S", "evaluate.seeds=[11,12]")) == {"evaluate"}
-    assert ran_stages(dvc(project, "exp", "run", "--temp", "-n", "temp-seeds", "-S", "evaluate.seeds=[13,14]")) == {"evaluate"}
+    assert ran_stages(dvc(project, "exp", "run", "--temp", "-n", "temp-seeds", "-S", "evaluate.seeds=[13,14]")) == {
+        "evaluate"
+    }
     for name, seeds in (("queued-a", "[15,16]"), ("queued-b", "[17,18]")):
         dvc(project, "exp", "run", "--queue", "-n", name, "-S", f"evaluate.seeds={seeds}")
     dvc(project, "exp", "run", "--run-all", "-j", "2")  # two experiments writing to one SQLite store at once

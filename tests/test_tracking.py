@@ -10,14 +10,14 @@ from dataclasses import replace
 
 import pandas as pd
 import pytest
+from conftest import start_mlflow_server
 from PIL import Image
 
 from ladd.config import EvaluateConfig
 from ladd.evaluate import evaluate
-from ladd.registry import open_registry, register_and_gate
 from ladd.gate import evaluations, gate_decision, protocol_id
+from ladd.registry import open_registry, register_and_gate
 from ladd.tracking import check_tracking_server, stage_run
-from conftest import start_mlflow_server
 
 
 def test_gate_decision():
@@ -36,7 +36,10 @@ def test_gate_decision():
     # higher is better for CLIP score; a champion without the gated metric is not compared
     assert decide({"clip_score": 31.0}, {"clip_score": 30.0}, "clip_score", "higher")[0]
     assert not decide({"clip_score": 29.0}, {"clip_score": 30.0}, "clip_score", "higher")[0]
-    assert decide({"fd_teacher": 5.0}, {"fd": 100.0}, "fd_teacher") == (False, "the champion has no fd_teacher to compare with")
+    assert decide({"fd_teacher": 5.0}, {"fd": 100.0}, "fd_teacher") == (
+        False,
+        "the champion has no fd_teacher to compare with",
+    )
 
 
 def test_unreachable_server_is_reported_before_work():
@@ -56,22 +59,38 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_evaluate_against_real_server(mlflow_server, monkeypatch, prepared_data, tiny_classifier_dir,
-                                      tiny_teacher_dir, tiny_student_dir, tmp_path):
+def test_evaluate_against_real_server(
+    mlflow_server, monkeypatch, prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, tmp_path
+):
     import mlflow
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "ladd-test")
-    cfg = EvaluateConfig(out_dir=str(tmp_path / "reports"), teacher_steps=3, few_steps=(1, 4), num_samples=16,
-                         grid_size=8, device="cpu", model_name="ladd-student-test")
+    cfg = EvaluateConfig(
+        out_dir=str(tmp_path / "reports"),
+        teacher_steps=3,
+        few_steps=(1, 4),
+        num_samples=16,
+        grid_size=8,
+        device="cpu",
+        model_name="ladd-student-test",
+    )
     with stage_run("evaluate") as tracker:
         metrics = evaluate(cfg, prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, tracker)
         run_id = tracker.run.info.run_id
     pid = protocol_id(metrics["protocol"])
-    assert metrics["registered"] == {"version": "1", "promoted": True, "champion": True, "reason": "no champion yet",
-                                     "previous_champion": None, "gate_metric": "fd", "champion_rescored": None,
-                                     "already_registered": False, "protocol_id": pid}
+    assert metrics["registered"] == {
+        "version": "1",
+        "promoted": True,
+        "champion": True,
+        "reason": "no champion yet",
+        "previous_champion": None,
+        "gate_metric": "fd",
+        "champion_rescored": None,
+        "already_registered": False,
+        "protocol_id": pid,
+    }
 
     client = MlflowClient(mlflow_server)
     run = client.get_run(run_id)
@@ -108,7 +127,8 @@ def test_evaluate_against_real_server(mlflow_server, monkeypatch, prepared_data,
     assert [v.version for v in client.search_model_versions("name = 'ladd-student-test'")] == ["1"]
     held = evaluations(client.get_model_version("ladd-student-test", "1").tags)
     assert {k: e["metrics"]["fd"] for k, e in held.items()} == pytest.approx(
-        {pid: metrics["student"]["4"]["fd"], protocol_id(moved["protocol"]): moved["student"]["4"]["fd"]})
+        {pid: metrics["student"]["4"]["fd"], protocol_id(moved["protocol"]): moved["student"]["4"]["fd"]}
+    )
     assert held[pid]["decision"] == "promoted" and held[protocol_id(moved["protocol"])]["decision"] == "kept"
 
     # the gate: a worse candidate (other weights) is tagged with the reason and the alias stays; a better one takes
@@ -123,10 +143,24 @@ def test_evaluate_against_real_server(mlflow_server, monkeypatch, prepared_data,
 
     with stage_run("evaluate") as tracker:
         registry = open_registry(tracker)
-        rejected = register_and_gate(cfg, {"fd": champion_fd + 50, "accuracy": 1.0}, "fd", metrics["protocol"],
-                                     candidate("worse"), registry, rescore=None)
-        promoted = register_and_gate(cfg, {"fd": champion_fd - 1, "accuracy": 1.0}, "fd", metrics["protocol"],
-                                     candidate("better"), registry, rescore=None)
+        rejected = register_and_gate(
+            cfg,
+            {"fd": champion_fd + 50, "accuracy": 1.0},
+            "fd",
+            metrics["protocol"],
+            candidate("worse"),
+            registry,
+            rescore=None,
+        )
+        promoted = register_and_gate(
+            cfg,
+            {"fd": champion_fd - 1, "accuracy": 1.0},
+            "fd",
+            metrics["protocol"],
+            candidate("better"),
+            registry,
+            rescore=None,
+        )
     assert rejected["version"] == "2" and not rejected["promoted"] and rejected["previous_champion"] == "1"
     assert "worse than the champion's" in client.get_model_version("ladd-student-test", "2").tags["rejected"]
     assert promoted["version"] == "3" and promoted["promoted"]
@@ -137,9 +171,8 @@ def test_datasets_carry_the_hash_dvc_gives_them(prepared_data, tmp_path, monkeyp
     """A run's MLflow datasets are the splits it used, each with the hash real DVC gives that folder (`dvc add` in a
     git repo), tagged with the hash of the whole prepared folder."""
     import yaml
-    from mlflow.tracking import MlflowClient
-
     from conftest import dvc, init_repo
+    from mlflow.tracking import MlflowClient
 
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -182,6 +215,14 @@ def test_a_kill_while_the_store_is_created_leaves_no_half_made_store(tmp_path, d
     proc.wait()
     assert proc.returncode == -signal.SIGKILL or delay > 0  # at 0 s the kill lands inside the creation
     assert not db.exists() or db.stat().st_size > 0
-    done = subprocess.run([sys.executable, "-c", "from ladd.tracking import stage_run\nwith stage_run('prepare') as t:\n"
-                           "    t.log_metrics({'x': 1})"], env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from ladd.tracking import stage_run\nwith stage_run('prepare') as t:\n    t.log_metrics({'x': 1})",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]

@@ -17,18 +17,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from PIL import Image
-
 from conftest import ROOT, SMOKE_PARAMS, write_params
+from PIL import Image
+from sd3_family import T5_MAX_LENGTH, build_random_inception, build_sd35_like_teacher, build_tiny_clip
+
 from ladd.config import FEATURES, EvaluateConfig
-from ladd.params import load_params
-from ladd.errors import ConfigError
 from ladd.data.prepare import Split, load_split, write_split
+from ladd.errors import ConfigError
 from ladd.evaluate import evaluate
 from ladd.io import fingerprint
+from ladd.params import load_params
 from ladd.quality import FEATURE_EXTRACTORS
 from ladd.tracking import EXPERIMENT_KIND, MODEL_TRAINING, NullTracker, stage_run
-from sd3_family import T5_MAX_LENGTH, build_random_inception, build_sd35_like_teacher, build_tiny_clip
 
 STAGES = {"prepare", "validate", "classifier", "teacher", "synthesize", "distill", "align", "evaluate", "export"}
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -65,14 +65,21 @@ def test_settings_a_prompts_only_project_cannot_serve_fail_at_load(tmp_path):
         load(features="clip", clip_path=str(clip), seeds=[7])
     assert load(features="clip", clip_path=str(clip), seeds=[7], gate_metric="fd_teacher_same_noise")
     assert load(features="clip", clip_path=str(clip)).evaluate.gate_metric == "auto"
-    params = {"prepare": {"source": "prompts", "captions": str(prompts)}, "evaluate": {"features": "clip", "clip_path": str(clip)}}
+    params = {
+        "prepare": {"source": "prompts", "captions": str(prompts)},
+        "evaluate": {"features": "clip", "clip_path": str(clip)},
+    }
     with pytest.raises(ConfigError, match="align.reward: classifier scores the prompted digit, and .* has no labels"):
         load_params(write_params(tmp_path / "params.yaml", {**params, "align": {"enabled": True}}))
     with pytest.raises(ConfigError, match="align.reward: clip needs align.reward_path"):
         load_params(write_params(tmp_path / "params.yaml", {**params, "align": {"enabled": True, "reward": "clip"}}))
     with pytest.raises(ConfigError, match="align.reward_path: path does not exist"):
-        load_params(write_params(tmp_path / "params.yaml", {**params, "align": {"enabled": True, "reward": "clip",
-                                                                                "reward_path": "missing"}}))
+        load_params(
+            write_params(
+                tmp_path / "params.yaml",
+                {**params, "align": {"enabled": True, "reward": "clip", "reward_path": "missing"}},
+            )
+        )
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +95,17 @@ def few_digits(prepared_data, tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_fid_with_the_libraries_inception_from_a_local_file(few_digits, tiny_teacher_dir, tiny_student_dir, tmp_path):
     weights = build_random_inception(tmp_path / "inception.safetensors")
-    cfg = EvaluateConfig(out_dir=str(tmp_path / "reports"), teacher_steps=2, few_steps=(1,), seeds=(1, 2), grid_size=8,
-                         device="cpu", features="inception", inception_path=str(weights), register=False)
+    cfg = EvaluateConfig(
+        out_dir=str(tmp_path / "reports"),
+        teacher_steps=2,
+        few_steps=(1,),
+        seeds=(1, 2),
+        grid_size=8,
+        device="cpu",
+        features="inception",
+        inception_path=str(weights),
+        register=False,
+    )
     metrics = evaluate(cfg, few_digits, "no-classifier-needed", tiny_teacher_dir, tiny_student_dir, NullTracker())
     for row in (metrics["student"]["1"], metrics["teacher_naive"]["1"]):
         assert {"fd", "fd_std", "fd_teacher", "fd_teacher_std", "precision", "recall"} <= set(row)
@@ -99,8 +115,9 @@ def test_fid_with_the_libraries_inception_from_a_local_file(few_digits, tiny_tea
 
 
 @pytest.mark.slow
-def test_the_gate_never_compares_figures_from_different_protocols(prepared_data, tiny_classifier_dir, tiny_teacher_dir,
-                                                                   tiny_student_dir, tmp_path, monkeypatch):
+def test_the_gate_never_compares_figures_from_different_protocols(
+    prepared_data, tiny_classifier_dir, tiny_teacher_dir, tiny_student_dir, tmp_path, monkeypatch
+):
     """A champion evaluated with 2 seeds; a candidate (other weights' fingerprint) with 1 other seed: the champion
     is re-scored under the candidate's protocol (its own figure on that seed, not its stored 2-seed mean), and
     those figures stay on its version; with gate_rescore off, a candidate under a third protocol is refused with
@@ -120,8 +137,17 @@ def test_the_gate_never_compares_figures_from_different_protocols(prepared_data,
         return folder
 
     def run(seeds, student=tiny_student_dir, **kw):
-        cfg = EvaluateConfig(out_dir=str(tmp_path / f"reports{seeds}"), teacher_steps=2, few_steps=(4,), num_samples=8,
-                             grid_size=4, device="cpu", seeds=seeds, model_name="gate-test", **kw)
+        cfg = EvaluateConfig(
+            out_dir=str(tmp_path / f"reports{seeds}"),
+            teacher_steps=2,
+            few_steps=(4,),
+            num_samples=8,
+            grid_size=4,
+            device="cpu",
+            seeds=seeds,
+            model_name="gate-test",
+            **kw,
+        )
         with stage_run("evaluate") as tracker:
             return evaluate(cfg, prepared_data, tiny_classifier_dir, tiny_teacher_dir, student, tracker)
 
@@ -159,17 +185,46 @@ def _prompts_only_project(root: Path) -> Path:
     params["validate"].update(classes=0)
     params["teacher"].update(pretrained="external/sd35", max_sequence_length=T5_MAX_LENGTH)
     params["synthesize"].update(resolutions=[[64, 128], [128, 64]], trajectory_times=[0.5, 0.25], steps=3)
-    params["distill"].update(student_times=[1.0, 0.5, 0.25], schedule="exponential", probs=[0.5, 0.25, 0.25],
-                             warmup_probs=[0.0, 0.5, 0.5], adversarial_time_weights=[1.0, 0.0, 0.0])
-    params["evaluate"].update(features="clip", clip_path="external/clip", resolution=[64, 128], teacher_steps=3,
-                              few_steps=[1, 3], num_samples=0, seeds=[1, 2], gate_steps=3, grid_size=8)
+    params["distill"].update(
+        student_times=[1.0, 0.5, 0.25],
+        schedule="exponential",
+        probs=[0.5, 0.25, 0.25],
+        warmup_probs=[0.0, 0.5, 0.5],
+        adversarial_time_weights=[1.0, 0.0, 0.0],
+    )
+    params["evaluate"].update(
+        features="clip",
+        clip_path="external/clip",
+        resolution=[64, 128],
+        teacher_steps=3,
+        few_steps=[1, 3],
+        num_samples=0,
+        seeds=[1, 2],
+        gate_steps=3,
+        grid_size=8,
+    )
     params["export"].update(steps=3, fp16=False, batch_sizes=[1, 2], latency_repeats=1)
     # the preference stage on, with the user's CLIP as its reward
-    params["align"].update(enabled=True, reward="clip", reward_path="external/clip", samples=2, steps=3, min_margin=0.0,
-                           min_pairs=2, lora_rank=4, train_steps=2, batch_size=2, probe_prompts=4, probe_every=1)
+    params["align"].update(
+        enabled=True,
+        reward="clip",
+        reward_path="external/clip",
+        samples=2,
+        steps=3,
+        min_margin=0.0,
+        min_pairs=2,
+        lora_rank=4,
+        train_steps=2,
+        batch_size=2,
+        probe_prompts=4,
+        probe_every=1,
+    )
     write_params(root / "params.yaml", params)
-    for cmd in (["git", "init", "-q"], ["git", "-c", "user.email=ci@ladd", "-c", "user.name=ci", "commit", "-q",
-                                        "--allow-empty", "-m", "init"], [_bin("dvc"), "init", "-q"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "-c", "user.email=ci@ladd", "-c", "user.name=ci", "commit", "-q", "--allow-empty", "-m", "init"],
+        [_bin("dvc"), "init", "-q"],
+    ):
         subprocess.run(cmd, cwd=root, check=True, capture_output=True)
     return root
 
@@ -211,7 +266,9 @@ def test_a_prompts_only_project_with_its_own_teacher_runs_every_stage(tmp_path, 
     assert (root / "models/aligned/pytorch_lora_weights.safetensors").is_file()
     assert json.loads((root / "reports/validation/align/align_pairs.json").read_text())["success"]
     registered = MlflowClient(store).get_model_version("ladd-student", metrics["registered"]["version"])
-    assert registered.tags["weights"] == fingerprint(root / "models/aligned/transformer", root / "models/aligned/scheduler")
+    assert registered.tags["weights"] == fingerprint(
+        root / "models/aligned/transformer", root / "models/aligned/scheduler"
+    )
     pid = metrics["registered"]["protocol_id"]
     assert float(registered.tags[f"gate/{pid}/fd_teacher"]) == metrics["aligned"]["3"]["fd_teacher"]
     plot_rows = json.loads((root / "reports/quality_vs_nfe.json").read_text())["rows"]
@@ -239,9 +296,14 @@ def test_a_prompts_only_project_with_its_own_teacher_runs_every_stage(tmp_path, 
     assert {i.dataset.name for i in inputs} == {"prepared/train", "prepared/test"}
     import mlflow
 
-    answer = mlflow.pyfunc.load_model("models:/ladd-student@champion").predict(pd.DataFrame({"prompt": ["a red circle"]}))
+    answer = mlflow.pyfunc.load_model("models:/ladd-student@champion").predict(
+        pd.DataFrame({"prompt": ["a red circle"]})
+    )
     default_steps = json.loads((root / "models/aligned/ladd.json").read_text())["default_steps"]
-    assert answer["steps"][0] == default_steps and Image.open(io.BytesIO(base64.b64decode(answer["image_png"][0]))).width > 0
+    assert (
+        answer["steps"][0] == default_steps
+        and Image.open(io.BytesIO(base64.b64decode(answer["image_png"][0]))).width > 0
+    )
     # the single files: the aligned student's transformer and its DPO adapter, with what the adapter goes on
     settings = json.loads((root / "models/single_file/scheduler.json").read_text())
     assert (root / "models/single_file/lora_sd3.safetensors").is_file() and "aligned from" in settings["lora_base"]

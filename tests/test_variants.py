@@ -9,25 +9,36 @@ import pytest
 import torch
 
 from ladd.config import DISTILL_PRESETS, DistillConfig
-from ladd.errors import ConfigError
-from ladd.distill import distill, student_times, trajectory_columns
+from ladd.data.synthetic import load_synthetic
 from ladd.discriminator import resolve_feature_layers
+from ladd.distill import distill, student_times, trajectory_columns
+from ladd.errors import ConfigError
 from ladd.generate import record_noise
 from ladd.losses import ADVERSARIAL_LOSSES, gan_health, per_row, student_loss
 from ladd.pipeline import encode_prompts, latent_shape, load_pipeline, max_sequence_length
 from ladd.sampling import EulerPath, cfg_velocity, flow_sigmas, sample_euler
-from ladd.data.synthetic import load_synthetic
 from ladd.tracking import NullTracker
-from ladd.variants import (REGRESSION_TARGETS, RENOISE_TIMES, SAMPLER_STEPS, STUDENT_INPUTS, backward_simulate,
-                           tied_times, trajectory_input)
+from ladd.variants import (
+    REGRESSION_TARGETS,
+    RENOISE_TIMES,
+    SAMPLER_STEPS,
+    STUDENT_INPUTS,
+    backward_simulate,
+    tied_times,
+    trajectory_input,
+)
 
 SMOKE = dict(steps=6, batch_size=8, warmup_steps=2, checkpoint_every=100, log_every=1, device="cpu")
 
 
 def test_config_choices_are_the_registries():
     fields = DistillConfig.__dataclass_fields__
-    for key, registry in (("student_input", STUDENT_INPUTS), ("renoise_times", RENOISE_TIMES),
-                          ("regression_target", REGRESSION_TARGETS), ("sampler", SAMPLER_STEPS)):
+    for key, registry in (
+        ("student_input", STUDENT_INPUTS),
+        ("renoise_times", RENOISE_TIMES),
+        ("regression_target", REGRESSION_TARGETS),
+        ("sampler", SAMPLER_STEPS),
+    ):
         for name in registry:
             DistillConfig(**{key: name, "regression_weight_one": 0.0})
         with pytest.raises(ConfigError, match=f"distill.{key}"):
@@ -36,10 +47,24 @@ def test_config_choices_are_the_registries():
 
 
 def test_pure_ladd_preset_replaces_every_regression_setting():
-    cfg = DistillConfig(preset="ladd", regression_weight=5.0, student_input="trajectory", renoise_times="tied",
-                        backward_share=0.5, adversarial_weight=0.3, adversarial_time_weights=(1.0, 0.0, 0.0, 0.0))
-    assert (cfg.regression_weight, cfg.regression_weight_one, cfg.student_input, cfg.renoise_times,
-            cfg.backward_share, cfg.renoise_mean, cfg.renoise_std) == (0.0, 0.0, "noised", "logit_normal", 0.0, 1.0, 1.0)
+    cfg = DistillConfig(
+        preset="ladd",
+        regression_weight=5.0,
+        student_input="trajectory",
+        renoise_times="tied",
+        backward_share=0.5,
+        adversarial_weight=0.3,
+        adversarial_time_weights=(1.0, 0.0, 0.0, 0.0),
+    )
+    assert (
+        cfg.regression_weight,
+        cfg.regression_weight_one,
+        cfg.student_input,
+        cfg.renoise_times,
+        cfg.backward_share,
+        cfg.renoise_mean,
+        cfg.renoise_std,
+    ) == (0.0, 0.0, "noised", "logit_normal", 0.0, 1.0, 1.0)
     assert (cfg.adversarial_weight, cfg.adversarial_time_weights) == (1.0, None)  # the paper: 1 at every time
     assert DistillConfig(preset="no_adversarial", regression_weight=3.0).adversarial_weight == 0.0
     with pytest.raises(ConfigError, match="adversarial_time_weights must be 4 non-negative"):
@@ -72,7 +97,10 @@ def test_synthesize_stores_the_teacher_path_that_ends_at_each_latent(tiny_synthe
     """The stored trajectory of a record is the teacher's own CFG Euler path from the record's noise: re-solving
     one record reproduces both its latent and its states."""
     data = load_synthetic(tiny_synthetic.out_dir)
-    assert data.trajectory_times == [0.7934400439, 0.4565599561, 0.25] and data.trajectory.shape[:2] == (len(data.latents), 3)
+    assert data.trajectory_times == [0.7934400439, 0.4565599561, 0.25] and data.trajectory.shape[:2] == (
+        len(data.latents),
+        3,
+    )
     pipe = load_pipeline(tiny_teacher_dir)
     msl = max_sequence_length(tiny_teacher_dir)
     i = 7
@@ -80,9 +108,12 @@ def test_synthesize_stores_the_teacher_path_that_ends_at_each_latent(tiny_synthe
     e, p = encode_prompts(pipe, [record["prompt"]], msl)
     ne, np_ = encode_prompts(pipe, [""], msl)
     path = EulerPath(data.trajectory_times)
-    x = sample_euler(cfg_velocity(pipe.transformer, e, p, ne, np_, tiny_synthetic.guidance),
-                     record_noise([int(record["seed"])], latent_shape(pipe)),
-                     flow_sigmas(tiny_synthetic.steps, pipe.scheduler.config.shift), callback=path)
+    x = sample_euler(
+        cfg_velocity(pipe.transformer, e, p, ne, np_, tiny_synthetic.guidance),
+        record_noise([int(record["seed"])], latent_shape(pipe)),
+        flow_sigmas(tiny_synthetic.steps, pipe.scheduler.config.shift),
+        callback=path,
+    )
     torch.testing.assert_close(x[0], data.latents[i], rtol=0, atol=1e-5)
     torch.testing.assert_close(path.stacked()[0], data.trajectory[i], rtol=0, atol=1e-5)
     # the student's times must be stored; a mismatch is one clear error naming the settings
@@ -112,11 +143,15 @@ def test_backward_simulation_runs_the_student_without_gradient_and_with_fresh_no
 
     k = torch.tensor([1, 3, 2, 1])
     c, p, like, m = torch.zeros(4, 1), torch.zeros(4, 1), torch.zeros(4, 2, 8, 8), torch.zeros(4, 0, 8, 8)
-    a = backward_simulate(student_x0, k, times, c, p, like, SAMPLER_STEPS["renoise"].step, torch.Generator().manual_seed(0), m)
+    a = backward_simulate(
+        student_x0, k, times, c, p, like, SAMPLER_STEPS["renoise"].step, torch.Generator().manual_seed(0), m
+    )
     assert not a.requires_grad
     # the student ran once per step level, on the rows that still needed it, at the sampler's times
     assert calls == [(4, [1.0] * 4), (2, [0.75] * 2), (1, [0.5])]
-    b = backward_simulate(student_x0, k, times, c, p, like, SAMPLER_STEPS["renoise"].step, torch.Generator().manual_seed(1), m)
+    b = backward_simulate(
+        student_x0, k, times, c, p, like, SAMPLER_STEPS["renoise"].step, torch.Generator().manual_seed(1), m
+    )
     assert not torch.allclose(a, b)  # fresh noise for every draw
     # re-noising: the row at 0.75 is 0.25 x0_hat + 0.75 eps, so its spread comes mostly from fresh noise
     assert 0.6 < a[0].std() < 1.0
@@ -132,22 +167,30 @@ def _curve(out: Path) -> list[dict]:
     return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(out.open())]
 
 
-@pytest.mark.parametrize("variant, extra, regression", [
-    (None, {}, True),  # the default: trajectory inputs, regression at every step, heads on the two deepest blocks
-    ("ladd", {}, False),
-    ("ladd_tuned", {}, False),  # the paper's recipe at its val-chosen settings: heads on the two shallowest blocks
-    ("trajectory", {"regression_weight_one": 1.0}, True),
-    ("backward", {"backward_share": 1.0}, False),
-    ("tied_times", {}, False),
-    ("teacher_anchor", {}, True),
-])
+@pytest.mark.parametrize(
+    "variant, extra, regression",
+    [
+        (None, {}, True),  # the default: trajectory inputs, regression at every step, heads on the two deepest blocks
+        ("ladd", {}, False),
+        ("ladd_tuned", {}, False),  # the paper's recipe at its val-chosen settings: heads on the two shallowest blocks
+        ("trajectory", {"regression_weight_one": 1.0}, True),
+        ("backward", {"backward_share": 1.0}, False),
+        ("tied_times", {}, False),
+        ("teacher_anchor", {}, True),
+    ],
+)
 def test_each_variant_trains(variant, extra, regression, tiny_teacher_dir, tiny_synthetic, tmp_path):
     """Every recipe runs and moves the student; the pure preset has no regression term at all; the regression
     variants report theirs; per-head logits and GAN health are recorded."""
     from dataclasses import replace
 
-    cfg = DistillConfig(out_dir=str(tmp_path / "student"), checkpoint=str(tmp_path / "ck.safetensors"), report_dir=str(tmp_path), **SMOKE,
-                        preset=variant)
+    cfg = DistillConfig(
+        out_dir=str(tmp_path / "student"),
+        checkpoint=str(tmp_path / "ck.safetensors"),
+        report_dir=str(tmp_path),
+        **SMOKE,
+        preset=variant,
+    )
     if extra:
         cfg = replace(cfg, preset=None, **{**DISTILL_PRESETS[variant], **extra})
     summary = distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
@@ -168,14 +211,23 @@ def test_each_variant_trains(variant, extra, regression, tiny_teacher_dir, tiny_
     assert any(not torch.equal(a, b) for a, b in zip(teacher.parameters(), student.parameters()))
 
 
-def test_adversarial_weight_zero_gives_the_student_the_regression_gradient_alone(tiny_teacher_dir, tiny_synthetic, tmp_path):
+def test_adversarial_weight_zero_gives_the_student_the_regression_gradient_alone(
+    tiny_teacher_dir, tiny_synthetic, tmp_path
+):
     """With adversarial_weight 0 no gradient reaches the student from the heads: heads of another width, depth and
     learning rate leave the trained student bit for bit the same (with weight 1 they change it), the logged
     adversarial loss is 0, and GAN health says the heads were off."""
+
     def run(name, weight, **heads):
         out = tmp_path / name
-        cfg = DistillConfig(out_dir=str(out / "student"), checkpoint=str(out / "ck.safetensors"), report_dir=str(out), **SMOKE,
-                            adversarial_weight=weight, **heads)
+        cfg = DistillConfig(
+            out_dir=str(out / "student"),
+            checkpoint=str(out / "ck.safetensors"),
+            report_dir=str(out),
+            **SMOKE,
+            adversarial_weight=weight,
+            **heads,
+        )
         summary = distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
         return summary, _curve(out / "distill_curve.csv"), list(load_pipeline(out / "student").transformer.parameters())
 
@@ -192,9 +244,15 @@ def test_adversarial_weight_zero_gives_the_student_the_regression_gradient_alone
 def test_adversarial_time_weights_judge_only_the_times_they_weigh(tiny_teacher_dir, tiny_synthetic, tmp_path):
     """Weights (0, 0, 1, 0): the heads judge (and the curve and GAN health report) student time 2 alone."""
     out = tmp_path / "t2"
-    cfg = DistillConfig(out_dir=str(out / "student"), checkpoint=str(out / "ck.safetensors"), report_dir=str(out),
-                        **{**SMOKE, "steps": 8, "batch_size": 16}, adversarial_time_weights=(0.0, 0.0, 1.0, 0.0),
-                        warmup_probs=(0.25, 0.25, 0.25, 0.25), probs=(0.25, 0.25, 0.25, 0.25))
+    cfg = DistillConfig(
+        out_dir=str(out / "student"),
+        checkpoint=str(out / "ck.safetensors"),
+        report_dir=str(out),
+        **{**SMOKE, "steps": 8, "batch_size": 16},
+        adversarial_time_weights=(0.0, 0.0, 1.0, 0.0),
+        warmup_probs=(0.25, 0.25, 0.25, 0.25),
+        probs=(0.25, 0.25, 0.25, 0.25),
+    )
     summary = distill(cfg, tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
     curve = _curve(out / "distill_curve.csv")
     assert all(math.isnan(r[f"gap_t{k}"]) and math.isnan(r[f"loss_d_t{k}"]) for r in curve for k in (0, 1, 3))
@@ -211,7 +269,8 @@ def test_student_adversarial_loss_weights_each_row():
     assert per_sample.tolist() == pytest.approx([-1.5, 0.5, -3.0])  # -D(fake), mean over positions, then heads
     rows = torch.tensor([True, False, True])
     assert student_loss(hinge, [f[rows] for f in fake], torch.tensor([2.0, 0.5]), 3).item() == pytest.approx(
-        (2.0 * -1.5 + 0.5 * -3.0) / 3)
+        (2.0 * -1.5 + 0.5 * -3.0) / 3
+    )
     assert student_loss(hinge, fake, torch.ones(3), 3).item() == pytest.approx(per_sample.mean().item())
 
 
@@ -229,13 +288,33 @@ def test_trajectory_regression_pulls_t_below_1_onto_the_teacher_endpoints(tiny_t
 
     def endpoint_error(weight):
         out = tmp_path / str(weight)
-        cfg = DistillConfig(out_dir=str(out / "student"), checkpoint=str(out / "ck.safetensors"), report_dir=str(out),
-                            **{**SMOKE, "steps": 20, "batch_size": 16}, preset="trajectory")
-        distill(replace(cfg, preset=None, regression_weight=weight, lr_g=1e-3, ema_decay=0.0, probs=(0.0, 0.0, 1.0, 0.0),
-                        warmup_probs=(0.0, 0.0, 1.0, 0.0)), tiny_teacher_dir, tiny_synthetic.out_dir, NullTracker())
+        cfg = DistillConfig(
+            out_dir=str(out / "student"),
+            checkpoint=str(out / "ck.safetensors"),
+            report_dir=str(out),
+            **{**SMOKE, "steps": 20, "batch_size": 16},
+            preset="trajectory",
+        )
+        distill(
+            replace(
+                cfg,
+                preset=None,
+                regression_weight=weight,
+                lr_g=1e-3,
+                ema_decay=0.0,
+                probs=(0.0, 0.0, 1.0, 0.0),
+                warmup_probs=(0.0, 0.0, 1.0, 0.0),
+            ),
+            tiny_teacher_dir,
+            tiny_synthetic.out_dir,
+            NullTracker(),
+        )
         with torch.no_grad():
-            v = load_pipeline(out / "student").transformer(hidden_states=x_t, encoder_hidden_states=e,
-                                                           pooled_projections=p, timestep=t * 1000).sample
+            v = (
+                load_pipeline(out / "student")
+                .transformer(hidden_states=x_t, encoder_hidden_states=e, pooled_projections=p, timestep=t * 1000)
+                .sample
+            )
         return (x_t - t.view(-1, 1, 1, 1) * v - data.latents[rows]).pow(2).mean().item()
 
     free, regressed = endpoint_error(0.0), endpoint_error(100.0)
@@ -244,10 +323,21 @@ def test_trajectory_regression_pulls_t_below_1_onto_the_teacher_endpoints(tiny_t
 
 def test_gan_health_flags_chance_and_a_winning_discriminator():
     def rows(loss_d, real, fake):
-        return [{"step": i, "loss_d": loss_d, "logits_real": real, "logits_fake": fake, "logits_real_h0": real,
-                 "logits_fake_h0": fake} for i in range(40)]
+        return [
+            {
+                "step": i,
+                "loss_d": loss_d,
+                "logits_real": real,
+                "logits_fake": fake,
+                "logits_real_h0": real,
+                "logits_fake_h0": fake,
+            }
+            for i in range(40)
+        ]
 
     assert gan_health(rows(1.97, 0.02, -0.03), "hinge", 1)["status"] == "chance"
     assert gan_health(rows(1.2, 0.5, -0.4), "hinge", 1)["status"] == "ok"
     winning = gan_health(rows(0.05, 3.0, -3.0), "hinge", 1)
-    assert winning["status"] == "d_wins" and "0.050" in winning["summary"] and winning["logit_gap"] == pytest.approx(6.0)
+    assert (
+        winning["status"] == "d_wins" and "0.050" in winning["summary"] and winning["logit_gap"] == pytest.approx(6.0)
+    )

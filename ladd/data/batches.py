@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -50,7 +50,7 @@ class BucketBatches:
         if epoch != self._epoch:
             self._prepare(epoch)
         b, chunk = int(self._plan[0][j]), int(self._plan[1][j])
-        return b, self._orders[b][chunk * self.batch_size:(chunk + 1) * self.batch_size]
+        return b, self._orders[b][chunk * self.batch_size : (chunk + 1) * self.batch_size]
 
 
 class Prefetcher:

@@ -107,8 +107,10 @@ def _rows(mask: pd.Series, ids: pd.Series) -> str:
     """'rows 3, 7 (ids a, b)' for the first few rows where `mask` holds."""
     rows = np.flatnonzero(mask.to_numpy())
     more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
-    return (f"row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows[:5]))}{more} "
-            f"(id {', '.join(map(str, ids.iloc[rows[:5]]))})")
+    return (
+        f"row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows[:5]))}{more} "
+        f"(id {', '.join(map(str, ids.iloc[rows[:5]]))})"
+    )
 
 
 def _prompt_table(table: pd.DataFrame, path: str) -> pd.DataFrame:
@@ -117,7 +119,11 @@ def _prompt_table(table: pd.DataFrame, path: str) -> pd.DataFrame:
     text = "prompt" if "prompt" in table else "caption" if "caption" in table else None
     if text is None:
         raise DataError(f"{path}: needs a 'prompt' or 'caption' column, has {list(table.columns)}")
-    ids = table["id"].astype(str) if "id" in table else pd.Series([f"{Path(path).stem}-{i:06d}" for i in range(len(table))])
+    ids = (
+        table["id"].astype(str)
+        if "id" in table
+        else pd.Series([f"{Path(path).stem}-{i:06d}" for i in range(len(table))])
+    )
     prompts = table[text]
     empty = prompts.isna() | (prompts.astype(str).str.strip() == "")  # parquet nulls would become "None"/"nan"
     if empty.any():
@@ -131,8 +137,10 @@ def _prompt_table(table: pd.DataFrame, path: str) -> pd.DataFrame:
         numbers = pd.to_numeric(table["label"], errors="coerce")
         bad = ~np.isfinite(numbers.astype(float)) | (numbers.round() != numbers)
         if bad.any():
-            raise DataError(f"{path}: {_rows(bad, ids)}: label is not an integer (give every row a label, or "
-                            "drop the column for unlabelled data)")
+            raise DataError(
+                f"{path}: {_rows(bad, ids)}: label is not an integer (give every row a label, or "
+                "drop the column for unlabelled data)"
+            )
         labels = numbers.to_numpy().astype(np.int64)
     return pd.DataFrame({"id": ids.to_numpy(), "prompt": prompts.to_numpy(), "label": labels})
 
@@ -154,8 +162,9 @@ def _inside(root: Path, name: str) -> Path | None:
     return path if not Path(name).is_absolute() and path.is_relative_to(root.resolve()) else None
 
 
-def load_folder(images_dir: str, captions_path: str, resolution: int, encoding: str = "auto",
-                max_pixels: int = 40_000_000) -> tuple[pd.DataFrame, torch.Tensor]:
+def load_folder(
+    images_dir: str, captions_path: str, resolution: int, encoding: str = "auto", max_pixels: int = 40_000_000
+) -> tuple[pd.DataFrame, torch.Tensor]:
     table = read_table(captions_path, encoding)
     if "file" not in table:
         raise DataError(f"{captions_path}: needs a 'file' column naming images in {images_dir}")
@@ -174,7 +183,9 @@ def load_folder(images_dir: str, captions_path: str, resolution: int, encoding: 
                 if im.width * im.height > max_pixels:
                     raise ValueError(f"it is {im.width}x{im.height}, over prepare.max_image_pixels ({max_pixels:,})")
                 if min(im.size) < max(1, resolution // 4):  # more than 4x upscaling invents the image
-                    raise ValueError(f"it is {im.width}x{im.height}, under a quarter of prepare.resolution ({resolution})")
+                    raise ValueError(
+                        f"it is {im.width}x{im.height}, under a quarter of prepare.resolution ({resolution})"
+                    )
                 arr = _rgb(im)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(f"{where}: cannot read image {Path(images_dir) / name}: {e}") from None
@@ -182,8 +193,9 @@ def load_folder(images_dir: str, captions_path: str, resolution: int, encoding: 
     return captions, torch.stack(images)
 
 
-def split_indices(n: int, test_fraction: float, val_fraction: float, seed: int,
-                  groups: pd.Series | None = None) -> dict[str, np.ndarray]:
+def split_indices(
+    n: int, test_fraction: float, val_fraction: float, seed: int, groups: pd.Series | None = None
+) -> dict[str, np.ndarray]:
     """Record indices of each split, drawn by seed. With `groups` (a prompt per record) whole groups are drawn,
     `test_fraction` and `val_fraction` of the distinct ones, so that no prompt is in two splits; without, records
     are. The test split is drawn first, so adding a val split leaves it as it was."""
@@ -194,10 +206,15 @@ def split_indices(n: int, test_fraction: float, val_fraction: float, seed: int,
     n_val = max(1, int(round(len(units) * val_fraction))) if val_fraction > 0 else 0
     what = "records" if groups is None else "distinct prompts"
     if n_test + n_val >= len(units):
-        raise DataError(f"prepare: {len(units)} {what} cannot fill train, val ({val_fraction:g}) and test "
-                        f"({test_fraction:g}): give more data or lower prepare.test_fraction / prepare.val_fraction")
-    chosen = {"test": units[perm[:n_test]], "val": units[perm[n_test:n_test + n_val]],
-              "train": units[perm[n_test + n_val:]]}
+        raise DataError(
+            f"prepare: {len(units)} {what} cannot fill train, val ({val_fraction:g}) and test "
+            f"({test_fraction:g}): give more data or lower prepare.test_fraction / prepare.val_fraction"
+        )
+    chosen = {
+        "test": units[perm[:n_test]],
+        "val": units[perm[n_test : n_test + n_val]],
+        "train": units[perm[n_test + n_val :]],
+    }
     if not n_val:  # prepare.val_fraction: 0, no val split written
         del chosen["val"]
     return {name: np.flatnonzero(np.isin(keys, unit_keys)) for name, unit_keys in chosen.items()}
@@ -219,8 +236,10 @@ def load_split(split_dir: str | Path) -> Split:
     captions = pd.read_parquet(captions_path)
     images = load_file(images_path)["images"] if images_path.is_file() else None
     if images is not None and len(images) != len(captions):
-        raise DataError(f"{split_dir}: {len(captions)} records in captions.parquet but {len(images)} images in "
-                        "images.safetensors (files from different runs): rerun `ladd prepare`")
+        raise DataError(
+            f"{split_dir}: {len(captions)} records in captions.parquet but {len(images)} images in "
+            "images.safetensors (files from different runs): rerun `ladd prepare`"
+        )
     return Split(captions, images)
 
 

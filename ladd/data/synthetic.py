@@ -29,8 +29,16 @@ from ladd.pipeline import native_resolution
 RECORD_TENSORS = ("latents", "trajectory", "condition")
 PROMPT_TENSORS = ("prompt_embeds", "pooled_prompt_embeds")
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                       "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 READ_COLUMNS = ["bucket", "shard", "row", "seed", "prompt_index", *(f"crc_{n}" for n in PROMPT_TENSORS)]
 
 
@@ -55,8 +63,10 @@ def check_settings(out_dir: str | Path, settings: dict) -> None:
     made = json.loads(manifest_path.read_text())["run"]
     changed = [f"{k}: {made.get(k)} -> {v}" for k, v in settings.items() if made.get(k) != v]
     if changed:
-        raise StaleInput(f"{out_dir} was made with other synthesize settings than params.yaml's ({'; '.join(changed)}): "
-                         "run `ladd synthesize` first")
+        raise StaleInput(
+            f"{out_dir} was made with other synthesize settings than params.yaml's ({'; '.join(changed)}): "
+            "run `ladd synthesize` first"
+        )
 
 
 def row_checksums(tensor: torch.Tensor) -> list[int]:
@@ -76,8 +86,9 @@ class ShardFile:
             header = json.loads(os.pread(self.fd, size, 8))
         except (struct.error, ValueError, OSError):
             os.close(self.fd)
-            raise ValidationFailed(f"{path} is not a readable safetensors file (torn or foreign): rerun "
-                                   "`ladd synthesize`") from None
+            raise ValidationFailed(
+                f"{path} is not a readable safetensors file (torn or foreign): rerun `ladd synthesize`"
+            ) from None
         self.metadata = header.pop("__metadata__", None) or {}
         self.base, self.specs = 8 + size, header
 
@@ -92,11 +103,13 @@ class ShardFile:
         row_bytes = (end - start) // shape[0]
         buf = bytearray(len(rows) * row_bytes)
         view = memoryview(buf)
-        parts = [view[i * row_bytes:(i + 1) * row_bytes] for i in range(len(rows))]
+        parts = [view[i * row_bytes : (i + 1) * row_bytes] for i in range(len(rows))]
         for part, r in zip(parts, rows.tolist()):
             if os.preadv(self.fd, [part], self.base + start + r * row_bytes) != row_bytes:
-                raise ValidationFailed(f"{self.path} ends before row {r} of {name}: it was truncated after synthesize "
-                                       "wrote it; rerun `ladd synthesize`")
+                raise ValidationFailed(
+                    f"{self.path} ends before row {r} of {name}: it was truncated after synthesize "
+                    "wrote it; rerun `ladd synthesize`"
+                )
         tensor = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
         return tensor.view(len(rows), *shape[1:]), parts
 
@@ -145,31 +158,45 @@ class SyntheticSet:
             raise FileNotFoundError(f"{self.manifest_path} is missing: run (or finish) `ladd synthesize` first")
         self.manifest = manifest = json.loads(self.manifest_path.read_text())
         if "embed_files" not in manifest:
-            raise StaleInput(f"{self.out} was written by an older ladd (no stored text embeddings): rerun "
-                             "`ladd synthesize`")
-        listed = [("records.parquet", None), *zip(manifest["shard_files"], manifest["shard_bytes"]),
-                  *zip(manifest["embed_files"], manifest["embed_bytes"])]
+            raise StaleInput(
+                f"{self.out} was written by an older ladd (no stored text embeddings): rerun `ladd synthesize`"
+            )
+        listed = [
+            ("records.parquet", None),
+            *zip(manifest["shard_files"], manifest["shard_bytes"]),
+            *zip(manifest["embed_files"], manifest["embed_bytes"]),
+        ]
         for name, size in listed:  # a stat per file: nothing is read
             path = self.out / name
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing (listed in {self.manifest_path}): rerun `ladd synthesize`")
             if size is not None and path.stat().st_size != size:
-                raise ValidationFailed(f"{self.out}: the content of {name} no longer matches what {self.manifest_path} "
-                                       f"lists ({path.stat().st_size} bytes, written as {size}: changed after "
-                                       "synthesize wrote it): delete it and rerun `ladd synthesize`")
+                raise ValidationFailed(
+                    f"{self.out}: the content of {name} no longer matches what {self.manifest_path} "
+                    f"lists ({path.stat().st_size} bytes, written as {size}: changed after "
+                    "synthesize wrote it): delete it and rerun `ladd synthesize`"
+                )
         self.run_fp = json.dumps(manifest["run"], sort_keys=True)
         stored = [f"crc_{n}" for n in RECORD_TENSORS if n in manifest["record_tensors"]]
         columns = pd.read_parquet(self.out / "records.parquet", columns=READ_COLUMNS + stored)
         # 4 bytes where 4 hold them (CRC-32s, shard and row numbers): the one table held whole, 36 B a record
-        self.columns = columns.astype({**{c: "int32" for c in ("bucket", "shard", "row", "prompt_index")},
-                                       **{c: "uint32" for c in columns if c.startswith("crc_")}})
+        self.columns = columns.astype(
+            {
+                **{c: "int32" for c in ("bucket", "shard", "row", "prompt_index")},
+                **{c: "uint32" for c in columns if c.startswith("crc_")},
+            }
+        )
         if len(self.columns) != manifest["records"]:
-            raise ValidationFailed(f"{self.out}: {self.out / 'records.parquet'} holds {len(self.columns)} records, "
-                                   f"{self.manifest_path} says {manifest['records']}")
+            raise ValidationFailed(
+                f"{self.out}: {self.out / 'records.parquet'} holds {len(self.columns)} records, "
+                f"{self.manifest_path} says {manifest['records']}"
+            )
         self.arrays = {name: self.columns[name].to_numpy() for name in self.columns}  # what a batch indexes
         bucket = self.arrays["bucket"]
-        self.buckets = [BucketSpec(tuple(b["resolution"]), tuple(b["latent_shape"]), np.flatnonzero(bucket == i))
-                        for i, b in enumerate(manifest["buckets"])]
+        self.buckets = [
+            BucketSpec(tuple(b["resolution"]), tuple(b["latent_shape"]), np.flatnonzero(bucket == i))
+            for i, b in enumerate(manifest["buckets"])
+        ]
         self.trajectory_times: list[float] = manifest.get("trajectory_times", [])
         self.text = manifest["text"]
         self._open: OrderedDict[str, ShardFile] = OrderedDict()
@@ -185,13 +212,17 @@ class SyntheticSet:
             return self._open[name]
         path = self.out / name
         if not path.is_file():
-            raise FileNotFoundError(f"{path} disappeared after distill started (listed in {self.manifest_path}): "
-                                    "restore it (`dvc checkout`) or rerun `ladd synthesize`; the checkpoint is kept")
+            raise FileNotFoundError(
+                f"{path} disappeared after distill started (listed in {self.manifest_path}): "
+                "restore it (`dvc checkout`) or rerun `ladd synthesize`; the checkpoint is kept"
+            )
         shard = ShardFile(path)
         if shard.metadata.get("run") != self.run_fp:
             shard.close()
-            raise ValidationFailed(f"{self.out}: {name} was not written by the run {self.manifest_path} describes "
-                                   "(other settings, or not readable): rerun `ladd synthesize`")
+            raise ValidationFailed(
+                f"{self.out}: {name} was not written by the run {self.manifest_path} describes "
+                "(other settings, or not readable): rerun `ladd synthesize`"
+            )
         self._open[name] = shard
         if len(self._open) > self.max_open:
             self._open.popitem(last=False)[1].close()
@@ -205,36 +236,48 @@ class SyntheticSet:
     def _read(self, files: np.ndarray, rows: np.ndarray, sums: dict, what: str, who) -> dict:
         """`gather_rows` from this set's open shards, each row checked against `sums` (tensor name -> CRC-32 per
         row); `who(positions)` gives the records to name on a mismatch."""
+
         def check(name, tensor, picked, parts):
             bad = picked[np.array([zlib.crc32(p) for p in parts], dtype=np.int64) != sums[tensor][picked]]
             if len(bad):
-                raise ValidationFailed(f"{self.out}: the content of {name} no longer matches its checksums in "
-                                       f"{self.out / 'records.parquet'} (changed after synthesize wrote it; e.g. "
-                                       f"records {self.describe(who(bad))}): delete it and rerun `ladd synthesize`")
+                raise ValidationFailed(
+                    f"{self.out}: the content of {name} no longer matches its checksums in "
+                    f"{self.out / 'records.parquet'} (changed after synthesize wrote it; e.g. "
+                    f"records {self.describe(who(bad))}): delete it and rerun `ladd synthesize`"
+                )
 
         return gather_rows(lambda f: self._file(self.manifest[f"{what}_files"][f]), files, rows, list(sums), check)
 
     def read(self, records: np.ndarray, trajectory: bool = True) -> dict:
-        """The records' tensors in their stored dtype (a GPU run moves bf16 and casts there), from their shards: `latents` [n, C, h, w], `trajectory` [n, K, C, h, w]
+        """The records' tensors in their stored dtype (a GPU run moves bf16 and casts there), from their shards:
+        `latents` [n, C, h, w], `trajectory` [n, K, C, h, w]
         (with `trajectory`, where stored), `condition` [n, 1 + C, h, w] (inpainting), `prompt_embeds` [n, L, D],
         `pooled_prompt_embeds` [n, P] (each distinct prompt read once), `seed` [n]. ValidationFailed naming the
         records whose bytes changed or whose latents are not finite."""
         records = np.asarray(records)
         cols = {name: values[records] for name, values in self.arrays.items()}
         names = [n for n in RECORD_TENSORS if f"crc_{n}" in cols and (trajectory or n != "trajectory")]
-        batch = self._read(cols["shard"], cols["row"], {n: cols[f"crc_{n}"] for n in names}, "shard",
-                           lambda bad: records[bad])
+        batch = self._read(
+            cols["shard"], cols["row"], {n: cols[f"crc_{n}"] for n in names}, "shard", lambda bad: records[bad]
+        )
         finite = torch.isfinite(batch["latents"].float().flatten(1)).all(1)
         if "trajectory" in batch:
             finite &= torch.isfinite(batch["trajectory"].float().flatten(1)).all(1)
         if not finite.all():
             bad = records[(~finite).numpy()]
-            raise ValidationFailed(f"{self.out}: {len(bad)} synthetic latents are not finite, e.g. records "
-                                   f"{self.describe(bad)}: rerun `ladd synthesize` (delete those shards)")
+            raise ValidationFailed(
+                f"{self.out}: {len(bad)} synthetic latents are not finite, e.g. records "
+                f"{self.describe(bad)}: rerun `ladd synthesize` (delete those shards)"
+            )
         prompts, first, inverse = np.unique(cols["prompt_index"], return_index=True, return_inverse=True)
         per = self.manifest["embed_shard_size"]
-        text = self._read(prompts // per, prompts % per, {n: cols[f"crc_{n}"][first] for n in PROMPT_TENSORS}, "embed",
-                          lambda bad: records[first[bad]])
+        text = self._read(
+            prompts // per,
+            prompts % per,
+            {n: cols[f"crc_{n}"][first] for n in PROMPT_TENSORS},
+            "embed",
+            lambda bad: records[first[bad]],
+        )
         batch.update({k: v[torch.from_numpy(inverse)] for k, v in text.items()})
         batch["seed"] = torch.from_numpy(cols["seed"])
         return batch
@@ -301,8 +344,13 @@ def load_synthetic(out_dir: str | Path) -> Synthetic:
     buckets = []
     for b, spec in enumerate(data.buckets):
         mine = [s for sb, s in shards if sb == b]
-        buckets.append(Bucket(spec.resolution, torch.cat([s["record"] for s in mine]),
-                              torch.cat([s["latents"].float() for s in mine]),
-                              torch.cat([s["trajectory"].float() for s in mine]) if data.trajectory_times else None,
-                              torch.cat([s["condition"].float() for s in mine]) if "condition" in mine[0] else None))
+        buckets.append(
+            Bucket(
+                spec.resolution,
+                torch.cat([s["record"] for s in mine]),
+                torch.cat([s["latents"].float() for s in mine]),
+                torch.cat([s["trajectory"].float() for s in mine]) if data.trajectory_times else None,
+                torch.cat([s["condition"].float() for s in mine]) if "condition" in mine[0] else None,
+            )
+        )
     return Synthetic(records, buckets, data.trajectory_times)

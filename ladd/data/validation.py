@@ -36,7 +36,10 @@ def prompt_checks(max_length: int, max_duplicate_share: float) -> list[Check]:
         Check("ExpectColumnValuesToMatchRegex", {"column": "prompt", "regex": r"\S"}),
         Check("ExpectColumnValuesToNotBeNull", {"column": "id"}),
         Check("ExpectColumnValuesToBeUnique", {"column": "id"}),
-        Check("ExpectColumnProportionOfUniqueValuesToBeBetween", {"column": "prompt", "min_value": 1 - max_duplicate_share}),
+        Check(
+            "ExpectColumnProportionOfUniqueValuesToBeBetween",
+            {"column": "prompt", "min_value": 1 - max_duplicate_share},
+        ),
     ]
 
 
@@ -44,13 +47,19 @@ def image_frame(images: torch.Tensor, captions: pd.DataFrame) -> pd.DataFrame:
     """One row per image: id, label, shape, dtype, value range, NaN count."""
     x = images.float()
     n = len(images)
-    return pd.DataFrame({
-        "id": captions["id"].to_numpy(), "label": captions["label"].to_numpy(),
-        "channels": [images.shape[1]] * n, "height": [images.shape[2]] * n, "width": [images.shape[3]] * n,
-        "dtype": [str(images.dtype).removeprefix("torch.")] * n,
-        "min": x.amin((1, 2, 3)).numpy(), "max": x.amax((1, 2, 3)).numpy(),
-        "nan_count": torch.isnan(x).sum((1, 2, 3)).numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "id": captions["id"].to_numpy(),
+            "label": captions["label"].to_numpy(),
+            "channels": [images.shape[1]] * n,
+            "height": [images.shape[2]] * n,
+            "width": [images.shape[3]] * n,
+            "dtype": [str(images.dtype).removeprefix("torch.")] * n,
+            "min": x.amin((1, 2, 3)).numpy(),
+            "max": x.amax((1, 2, 3)).numpy(),
+            "nan_count": torch.isnan(x).sum((1, 2, 3)).numpy(),
+        }
+    )
 
 
 def image_checks(resolution: int, classes: list[int] | None) -> list[Check]:
@@ -68,15 +77,19 @@ def image_checks(resolution: int, classes: list[int] | None) -> list[Check]:
     return checks
 
 
-def latent_frame(latents: torch.Tensor, records: pd.DataFrame, expected_shape: tuple[int, ...] | None = None) -> pd.DataFrame:
+def latent_frame(
+    latents: torch.Tensor, records: pd.DataFrame, expected_shape: tuple[int, ...] | None = None
+) -> pd.DataFrame:
     """One row per latent: id, finiteness, shape (and the shape its resolution bucket should have), per-channel
     mean and std."""
     x = latents.float()
     shape = "x".join(map(str, latents.shape[1:]))
-    frame = {"id": (records["id"].astype(str) + "#" + records["sample"].astype(str)).to_numpy(),
-             "finite": torch.isfinite(x).flatten(1).all(1).numpy(),
-             "shape": [shape] * len(latents),
-             "expected_shape": ["x".join(map(str, expected_shape or latents.shape[1:]))] * len(latents)}
+    frame = {
+        "id": (records["id"].astype(str) + "#" + records["sample"].astype(str)).to_numpy(),
+        "finite": torch.isfinite(x).flatten(1).all(1).numpy(),
+        "shape": [shape] * len(latents),
+        "expected_shape": ["x".join(map(str, expected_shape or latents.shape[1:]))] * len(latents),
+    }
     finite = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     for c in range(latents.shape[1]):
         frame[f"mean_c{c}"] = finite[:, c].mean((1, 2)).numpy()
@@ -93,8 +106,18 @@ def latent_checks(count: int, channel_mean: list[float], channel_std: list[float
         Check("ExpectColumnPairValuesToBeEqual", {"column_A": "shape", "column_B": "expected_shape"}),
     ]
     for c, (mu, sd) in enumerate(zip(channel_mean, channel_std)):
-        checks.append(Check("ExpectColumnMeanToBeBetween", {"column": f"mean_c{c}", "min_value": mu - tolerance, "max_value": mu + tolerance}))
-        checks.append(Check("ExpectColumnMeanToBeBetween", {"column": f"std_c{c}", "min_value": sd * (1 - tolerance), "max_value": sd * (1 + tolerance)}))
+        checks.append(
+            Check(
+                "ExpectColumnMeanToBeBetween",
+                {"column": f"mean_c{c}", "min_value": mu - tolerance, "max_value": mu + tolerance},
+            )
+        )
+        checks.append(
+            Check(
+                "ExpectColumnMeanToBeBetween",
+                {"column": f"std_c{c}", "min_value": sd * (1 - tolerance), "max_value": sd * (1 + tolerance)},
+            )
+        )
     return checks
 
 
@@ -103,11 +126,20 @@ def _describe(result, frame: pd.DataFrame) -> dict:
     kwargs = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id",)}
     details = result.result or {}
     rows = details.get("unexpected_index_list") or []
-    ids = [str(frame["id"].iloc[i]) for i in rows[:20]] if "id" in frame and rows and isinstance(rows[0], (int, np.integer)) else []
+    ids = (
+        [str(frame["id"].iloc[i]) for i in rows[:20]]
+        if "id" in frame and rows and isinstance(rows[0], (int, np.integer))
+        else []
+    )
     return {
-        "expectation": cfg.type, "column": kwargs.get("column"), "kwargs": kwargs, "success": bool(result.success),
-        "observed": details.get("observed_value"), "unexpected_count": details.get("unexpected_count"),
-        "unexpected_values": [str(v) for v in (details.get("partial_unexpected_list") or [])[:10]], "records": ids,
+        "expectation": cfg.type,
+        "column": kwargs.get("column"),
+        "kwargs": kwargs,
+        "success": bool(result.success),
+        "observed": details.get("observed_value"),
+        "unexpected_count": details.get("unexpected_count"),
+        "unexpected_values": [str(v) for v in (details.get("partial_unexpected_list") or [])[:10]],
+        "records": ids,
     }
 
 
@@ -116,7 +148,11 @@ def run_suite(name: str, frame: pd.DataFrame, checks: list[Check], report_dir: s
     import great_expectations as gx
 
     context = gx.get_context(mode="ephemeral")
-    batch = context.data_sources.add_pandas(f"ladd_{name}").add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
+    batch = (
+        context.data_sources.add_pandas(f"ladd_{name}")
+        .add_dataframe_asset(name)
+        .add_batch_definition_whole_dataframe("all")
+    )
     suite = context.suites.add(gx.ExpectationSuite(name=name))
     for check in checks:
         suite.add_expectation(getattr(gx.expectations, check.expectation)(**check.kwargs))
@@ -126,25 +162,43 @@ def run_suite(name: str, frame: pd.DataFrame, checks: list[Check], report_dir: s
     report = {"suite": name, "success": bool(result.success), "rows": len(frame), "results": outcomes}
     report_dir = Path(report_dir)
     write_json(report_dir / f"{name}.json", report)
-    lines = [f"# Validation: {name} — {'passed' if report['success'] else 'FAILED'} ({len(frame)} rows)", "",
-             "| expectation | column | result | unexpected | records |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Validation: {name} — {'passed' if report['success'] else 'FAILED'} ({len(frame)} rows)",
+        "",
+        "| expectation | column | result | unexpected | records |",
+        "|---|---|---|---|---|",
+    ]
     for o in outcomes:
-        lines.append(f"| {o['expectation']} | {o['column'] or ''} | {'ok' if o['success'] else 'FAILED'} | "
-                     f"{o['unexpected_count'] if o['unexpected_count'] is not None else o['observed']} | {', '.join(o['records'][:5])} |")
+        lines.append(
+            f"| {o['expectation']} | {o['column'] or ''} | {'ok' if o['success'] else 'FAILED'} | "
+            f"{o['unexpected_count'] if o['unexpected_count'] is not None else o['observed']} | "
+            f"{', '.join(o['records'][:5])} |"
+        )
     with atomic_file(report_dir / f"{name}.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     failed = [o for o in outcomes if not o["success"]]
     if failed:
         msg = "; ".join(
-            f"{o['expectation']} on column {o['column']!r}" + (f" failed for records {o['records'][:5]}" if o["records"] else
-                                                               f" failed (observed {json.dumps(o['observed'], default=str)})")
-            for o in failed)
+            f"{o['expectation']} on column {o['column']!r}"
+            + (
+                f" failed for records {o['records'][:5]}"
+                if o["records"]
+                else f" failed (observed {json.dumps(o['observed'], default=str)})"
+            )
+            for o in failed
+        )
         raise ValidationFailed(f"suite {name!r} failed: {msg} (report: {report_dir / (name + '.md')})")
     return report
 
 
-def validate_data(data_dir: str | Path, resolution: int, classes: int, max_prompt_length: int,
-                  max_duplicate_share: float, report_dir: str | Path) -> dict:
+def validate_data(
+    data_dir: str | Path,
+    resolution: int,
+    classes: int,
+    max_prompt_length: int,
+    max_duplicate_share: float,
+    report_dir: str | Path,
+) -> dict:
     """Prompt suite on every split's captions; image suite where a split has images."""
 
     reports, failures = {}, []
@@ -188,14 +242,26 @@ def real_latent_stats(teacher_dir: str | Path, data_dir: str | Path) -> tuple[li
     return z.mean((2, 3)).mean(0).tolist(), z.std((2, 3)).mean(0).tolist()
 
 
-def validate_synthetic(synthetic_dir: str | Path, teacher_dir: str | Path, data_dir: str | Path,
-                       expected_count: int, tolerance: float, report_dir: str | Path) -> dict:
+def validate_synthetic(
+    synthetic_dir: str | Path,
+    teacher_dir: str | Path,
+    data_dir: str | Path,
+    expected_count: int,
+    tolerance: float,
+    report_dir: str | Path,
+) -> dict:
 
     mean, std = real_latent_stats(teacher_dir, data_dir)
     manifest = json.loads((Path(synthetic_dir) / "manifest.json").read_text())
     records = pd.read_parquet(Path(synthetic_dir) / "records.parquet", columns=["id", "sample"])
-    frame = pd.concat([latent_frame(shard["latents"], records.iloc[shard["record"].numpy()],
-                                    tuple(manifest["buckets"][b]["latent_shape"]))
-                       for b, shard in iter_shards(synthetic_dir)], ignore_index=True)  # a shard in memory at a time
+    frame = pd.concat(
+        [
+            latent_frame(
+                shard["latents"], records.iloc[shard["record"].numpy()], tuple(manifest["buckets"][b]["latent_shape"])
+            )
+            for b, shard in iter_shards(synthetic_dir)
+        ],
+        ignore_index=True,
+    )  # a shard in memory at a time
     checks = latent_checks(expected_count, mean, std, tolerance)
     return {"synthetic": run_suite("synthetic", frame, checks, report_dir)["success"]}
