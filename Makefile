@@ -1,10 +1,11 @@
 # `make run`: set up .venv and run the whole pipeline (Prefect flow over dvc.yaml's stages).
 # `make test`: set up .venv and run the test suite.
+# `make lint`: what CI checks before the tests (ruff lint and format, mypy on ladd/, dvc.yaml's code deps).
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 VENV := .venv/bin
 
-.PHONY: setup run test
+.PHONY: setup run test lint
 setup:
 	@bash scripts/setup.sh
 
@@ -13,3 +14,10 @@ run: setup
 
 test: setup
 	PATH="$(CURDIR)/$(VENV):$$PATH" $(VENV)/python -m pytest
+
+lint: setup
+	$(VENV)/ruff check .
+	$(VENV)/ruff format --check .
+	$(VENV)/mypy
+	$(VENV)/python scripts/stage_deps.py --check
+	$(VENV)/pre-commit validate-config
