@@ -52,12 +52,12 @@ from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, gan_health, heads_loss, s
 from ladd.pipeline import load_pipeline, load_transformer, max_sequence_length, read_meta, write_meta
 from ladd.plots import plot_curves
 from ladd.resume import move_aside, resume_point_on_rank0, resume_state, sharded_checkpoint_path
+from ladd.sampling import STOCHASTIC
 from ladd.schedules import SCHEDULER_FLAGS, check_student_times, few_step_times
 from ladd.training import adamw, update_ema
 from ladd.variants import (
     REGRESSION_TARGETS,
     RENOISE_TIMES,
-    SAMPLER_STEPS,
     STUDENT_INPUTS,
     backward_simulate,
     masked_mse,
@@ -170,7 +170,7 @@ def save_student(
     times = student_times(cfg).tolist()
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=1.0,
-        stochastic_sampling=SAMPLER_STEPS[cfg.sampler].stochastic,
+        stochastic_sampling=STOCHASTIC[cfg.sampler],
         **{SCHEDULER_FLAGS[cfg.schedule]: len(times) > 1},
     )
     # read by diffusers' exponential/beta conversions (not __init__ arguments: it warns that it ignores them,
@@ -297,7 +297,7 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)  # on CPU, the same on every rank: same draws on any device and world
     student_input, renoise_time = STUDENT_INPUTS[cfg.student_input], RENOISE_TIMES[cfg.renoise_times]
-    regression, sampler_step = REGRESSION_TARGETS[cfg.regression_target], SAMPLER_STEPS[cfg.sampler].step
+    regression, stochastic = REGRESSION_TARGETS[cfg.regression_target], STOCHASTIC[cfg.sampler]
 
     # 0. Data and networks: teacher latents by bucket (and its path states where the input reads them), the
     #    prompts encoded once, the frozen teacher (may be bf16), student, EMA, heads; resumed where this run's.
@@ -386,8 +386,8 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
         f", preset {cfg.preset}" if cfg.preset else "",
     )
 
-    def student_x0(x_t, t, c, p, m):
-        """x0_hat = x_t - t v (rectified flow); a LoRA student's adapters are on for this pass alone."""
+    def student_velocity(x_t, t, c, p, m):
+        """The student's v at (x_t, t), in float32; a LoRA student's adapters are on for this pass alone."""
         with lora.adapters(adapter_layers, on=True):
             v = student(
                 hidden_states=torch.cat([x_t, m.to(x_t.dtype)], 1),
@@ -395,7 +395,11 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
                 pooled_projections=p,
                 timestep=t * 1000,
             ).sample
-        return x_t - t.view(-1, 1, 1, 1) * v.float()
+        return v.float()
+
+    def student_x0(x_t, t, c, p, m):
+        """x0_hat = x_t - t v (rectified flow)."""
+        return x_t - t.view(-1, 1, 1, 1) * student_velocity(x_t, t, c, p, m)
 
     @torch.no_grad()
     def teacher_x0(x_t, t, c, p, m):
@@ -439,7 +443,15 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
             rows = torch.nonzero(simulated).flatten().to(device) - loaded.start
             with autocast:
                 x_sim = backward_simulate(
-                    student_x0, k[simulated], times.to(device), c[rows], p[rows], x0[rows], sampler_step, gen, m[rows]
+                    student_velocity,
+                    k[simulated],
+                    times.to(device),
+                    c[rows],
+                    p[rows],
+                    x0[rows],
+                    stochastic,
+                    gen,
+                    m[rows],
                 )
             keep = (rows >= own.start) & (rows < own.stop)
             x_t[rows[keep] - own.start] = x_sim[keep]

@@ -44,6 +44,7 @@ from ladd.onnx_runtime import (
 )
 from ladd.pipeline import encode_prompts, latent_shape, load_pipeline, read_meta, vae_scaling
 from ladd.registry import open_registry
+from ladd.sampling import STOCHASTIC, step
 from ladd.schedules import student_sigmas, trained_step_counts
 from ladd.single_file import write_single_file_exports
 
@@ -107,8 +108,8 @@ class VaeDecoder(torch.nn.Module):
 
 
 class FewStepGenerator(torch.nn.Module):
-    """The student's k-step sampler with its times baked in: `ladd.sampling.sample_renoise` (x0 = x_t - t v,
-    re-noised to the next t with `step_noise[i]`) or `sample_euler`, then the VAE decoder."""
+    """The student's k-step sampler with its times baked in (`ladd.sampling.step`, re-noised to the next t with
+    `step_noise[i]` or Euler), then the VAE decoder."""
 
     def __init__(self, transformer, vae, sigmas: torch.Tensor, sampler: str):
         super().__init__()
@@ -125,11 +126,7 @@ class FewStepGenerator(torch.nn.Module):
             timestep = torch.full_like(x[:, 0, 0, 0], t * NUM_TRAIN_TIMESTEPS)
             x_in = x if condition is None else torch.cat([x, condition], 1)
             v = self.velocity(x_in, prompt_embeds, pooled_projections, timestep)
-            if self.sampler == "renoise":
-                x0 = x - t * v
-                x = (1 - t_next) * x0 + t_next * step_noise[i] if i < steps - 1 else x0
-            else:
-                x = x + (t_next - t) * v
+            x = step(x, v, t, t_next, step_noise[i] if STOCHASTIC[self.sampler] and i < steps - 1 else None)
         return x, self.decoder(x)
 
 

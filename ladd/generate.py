@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ladd.sampling import SAMPLERS, EulerPath, cfg_velocity
+from ladd.sampling import STOCHASTIC, EulerPath, cfg_velocity, renoise_draws, sample
 
 
 def record_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -39,6 +39,8 @@ def generate_latents(
     [steps - 1, N, ...] gives each record's draws (`ladd.serving.seeded_draws`). With `path_times`
     (euler only) returns (latents, the Euler path at those times [N, len(path_times), ...]). `share=(r, w)`:
     only every w-th batch from the r-th (rank r of w), each exactly as a single process computes it."""
+    if path_times and STOCHASTIC[sampler]:
+        raise ValueError(f"path_times record an Euler path: sampler {sampler!r} re-noises between steps")
     param = next(transformer.parameters())
     device, dtype = param.device, param.dtype
     out, paths = [], []
@@ -61,17 +63,14 @@ def generate_latents(
             condition=None if condition is None else condition[i : i + n].to(device, dtype),
         )
         x = noise[i : i + n].to(device, dtype)
-        if sampler == "renoise" and step_noise is not None:
-            x = SAMPLERS[sampler](model, x, sigmas.to(device), step_noise=step_noise[:, i : i + n])
-        elif sampler == "renoise":
+        draws = None
+        if STOCHASTIC[sampler]:  # each record's own draws, else the batch's stream (per batch, in order)
             gen = torch.Generator(device).manual_seed(seed * 1_000_003 + i)
-            x = SAMPLERS[sampler](model, x, sigmas.to(device), generator=gen)
-        elif path_times:
-            path = EulerPath(path_times)
-            x = SAMPLERS[sampler](model, x, sigmas.to(device), callback=path)
+            draws = renoise_draws(x, gen, None if step_noise is None else step_noise[:, i : i + n])
+        path = EulerPath(path_times) if path_times else None
+        x = sample(model, x, sigmas.to(device), draws, callback=path)
+        if path is not None:
             paths.append(path.stacked().float().cpu())
-        else:
-            x = SAMPLERS[sampler](model, x, sigmas.to(device))
         out.append(x.float().cpu())
     if not out:  # a rank with no batch
         out = [noise[:0].float()]

@@ -271,6 +271,8 @@ class OnnxStudent:
                 timestep=np.full(len(x), t * NUM_TRAIN_TIMESTEPS, dtype=np.float32),
             )
             v = transformer.run(["velocity"], feeds)[0].astype(np.float32)
+            # a numpy copy of ladd.sampling.step (this module runs without PyTorch); test_export's parity tests
+            # hold it to the exported graph and to the PyTorch student
             if self.manifest["sampler"] == "renoise":  # x0 = x_t - t v, then fresh noise to t_next (ADD/LADD)
                 x0 = x - t * v
                 x = (1 - t_next) * x0 + t_next * step_noise[i] if i < steps - 1 else x0

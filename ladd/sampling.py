@@ -73,19 +73,66 @@ def cfg_velocity(
     return velocity
 
 
-@torch.no_grad()
-def sample_euler(
-    model: Velocity, x: torch.Tensor, sigmas: torch.Tensor, disable: bool = True, callback: Callable | None = None
-) -> torch.Tensor:
-    """Euler integration of the flow ODE dx/dt = v from sigmas[0] to sigmas[-1].
+def step(x, v, t, t_next, noise=None):
+    """One sampler step x_t -> x_{t_next}, given v = eps - x0 predicted at (x, t): the one update every sampler
+    of ladd runs (`sample`, distill's backward simulation, the exported ONNX graph; `ladd.onnx_runtime` keeps a
+    numpy copy).
 
-    `callback(x, v, t, t_next)` sees each step (k-diffusion style), e.g. to record the path."""
-    for i in trange(len(sigmas) - 1, disable=disable, desc="euler"):
-        v = model(x, sigmas[i])
+    noise None: Euler on the flow ODE, x + (t_next - t) v (diffusers' FlowMatchEulerDiscreteScheduler);
+    noise given: ADD/LADD's re-noise step, x0 = x - t v, then (1 - t_next) x0 + t_next noise (the same scheduler
+    with stochastic_sampling=True). Both end on x0 = x - t v at t_next = 0 (Euler's x + (0 - t) v is the same
+    float), which needs no draw. Tensors or floats for t and t_next; the arithmetic is in x's dtype."""
+    if float(t_next) == 0:
+        return x - t * v
+    if noise is None:
+        return x + (t_next - t) * v
+    return (1 - t_next) * (x - t * v) + t_next * noise
+
+
+Draws = Callable[[int], torch.Tensor]  # step index -> the re-noising draw of that step
+
+
+def renoise_draws(like: torch.Tensor, generator: torch.Generator | None = None, step_noise=None) -> Draws:
+    """The re-noise sampler's draws: `step_noise[i]` ([len(sigmas) - 2, *x.shape]: the last step, to t = 0,
+    needs none), else fresh noise from `generator` on x's device, one per step in order."""
+    if step_noise is not None:
+        return lambda i: step_noise[i].to(like.device, like.dtype) if i < len(step_noise) else torch.zeros_like(like)
+    return lambda i: torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+@torch.no_grad()
+def sample(
+    model: Velocity,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    draws: Draws | None = None,
+    callback: Callable | None = None,
+    disable: bool = True,
+) -> torch.Tensor:
+    """`step` from sigmas[0] to sigmas[-1]: Euler without `draws`, the re-noise sampler with them. The state is
+    carried in x's dtype and each step computed in float32. `callback(x, v, t, t_next)` sees each step
+    (k-diffusion style), e.g. to record the path."""
+    for i in trange(len(sigmas) - 1, disable=disable, desc="sample"):
+        t, t_next = sigmas[i], sigmas[i + 1]
+        v = model(x, t)
         if callback is not None:
-            callback(x, v, sigmas[i], sigmas[i + 1])
-        x = (x.to(torch.float32) + (sigmas[i + 1] - sigmas[i]) * v).to(x.dtype)
+            callback(x, v, t, t_next)
+        x = step(x.to(torch.float32), v, t, t_next, None if draws is None else draws(i)).to(x.dtype)
     return x
+
+
+def sample_euler(model: Velocity, x: torch.Tensor, sigmas: torch.Tensor, disable: bool = True, callback=None):
+    """Euler integration of the flow ODE dx/dt = v from sigmas[0] to sigmas[-1] (the teacher's sampler)."""
+    return sample(model, x, sigmas, callback=callback, disable=disable)
+
+
+def sample_renoise(
+    model: Velocity, x: torch.Tensor, sigmas: torch.Tensor, generator=None, disable=True, step_noise=None
+):
+    """Few-step sampling of ADD/LADD students: x0 = x_t - t v, then re-noise to the next t with fresh noise: the
+    distribution the student trains on at t < 1 (clean latent + independent noise). `step_noise` gives the draws
+    instead of `generator` (`renoise_draws`)."""
+    return sample(model, x, sigmas, renoise_draws(x, generator, step_noise), disable=disable)
 
 
 class EulerPath:
@@ -109,33 +156,8 @@ class EulerPath:
         return torch.stack([self.states[k] for k in range(len(self.times))], dim=1)
 
 
-@torch.no_grad()
-def sample_renoise(
-    model: Velocity,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    generator: torch.Generator | None = None,
-    disable: bool = True,
-    step_noise: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Few-step sampling of ADD/LADD students: x0 = x_t - t v, then re-noise to the next t with fresh noise.
-
-    This is the distribution the student trains on at t < 1 (clean latent + independent noise), and the
-    same update as diffusers' FlowMatchEulerDiscreteScheduler(stochastic_sampling=True). `step_noise`
-    [len(sigmas) - 2, *x.shape] gives the draws instead of `generator` (the last step, to t = 0, needs none).
-    """
-    for i in trange(len(sigmas) - 1, disable=disable, desc="renoise"):
-        t, t_next = sigmas[i], sigmas[i + 1]
-        x0 = x.to(torch.float32) - t * model(x, t)
-        if step_noise is None:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        else:
-            noise = step_noise[i].to(x.device, x.dtype) if i < len(step_noise) else torch.zeros_like(x)
-        x = ((1 - t_next) * x0 + t_next * noise).to(x.dtype)
-    return x
-
-
-SAMPLERS = {"euler": sample_euler, "renoise": sample_renoise}
+# the samplers by name (distill.sampler, an export's manifest): whether they draw fresh noise between steps
+STOCHASTIC = {"euler": False, "renoise": True}
 
 
 def initial_noise(n: int, shape: tuple[int, ...], generator: torch.Generator, device="cpu", dtype=torch.float32):

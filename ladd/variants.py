@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import torch
 
+from ladd.sampling import step
+
 
 def noise_to(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """x_t = (1 - t) x0 + t eps (rectified flow forward process); t per row."""
@@ -63,49 +65,28 @@ STUDENT_INPUTS: dict[str, StudentInput] = {
 # --- backward simulation (DMD2) -------------------------------------------------------------------
 
 
-def renoise_step(x_t, x0_hat, t, t_next, gen):
-    """ADD/LADD sampler step: x0, then fresh noise to t_next."""
-    return noise_to(x0_hat, t_next, randn(x0_hat.shape, gen, x0_hat))
-
-
-def euler_step(x_t, x0_hat, t, t_next, gen):
-    """Deterministic (DDIM/Euler) step along the predicted line: x_t + (t_next - t) v."""
-    r = (t_next / t).view(-1, *([1] * (x_t.ndim - 1)))
-    return r * x_t + (1 - r) * x0_hat
-
-
-class SamplerStep(NamedTuple):
-    step: Callable  # (x_t, x0_hat, t, t_next, gen) -> x_{t_next}
-    stochastic: bool  # fresh noise between steps (diffusers' stochastic_sampling)
-
-
-SAMPLER_STEPS: dict[str, SamplerStep] = {
-    "renoise": SamplerStep(renoise_step, stochastic=True),
-    "euler": SamplerStep(euler_step, stochastic=False),
-}
-
-
 @torch.no_grad()
 def backward_simulate(
-    student_x0: Callable,
+    student_velocity: Callable,
     step_index: torch.Tensor,
     times: torch.Tensor,
     c,
     p,
     like: torch.Tensor,
-    sampler_step: Callable,
+    stochastic: bool,
     gen: torch.Generator,
     m: torch.Tensor,
 ) -> torch.Tensor:
     """Inputs at times[step_index] made as inference makes them: fresh noise, then the current student's
-    own steps (no gradient) with `sampler_step` between them (DMD2's backward simulation); `m`: the rows'
-    condition (zero channels for text-to-image)."""
+    own steps (no gradient; `ladd.sampling.step`, re-noised between them when `stochastic`: DMD2's backward
+    simulation); `m`: the rows' condition (zero channels for text-to-image)."""
     x = randn(like.shape, gen, like)
     for k in range(int(step_index.max()) if len(step_index) else 0):
         rows = step_index > k
-        t, t_next = times[k].expand(int(rows.sum())), times[k + 1].expand(int(rows.sum()))
-        x0_hat = student_x0(x[rows], t, c[rows], p[rows], m[rows])
-        x[rows] = sampler_step(x[rows], x0_hat, t, t_next, gen).to(x.dtype)
+        t, t_next = times[k], times[k + 1]
+        v = student_velocity(x[rows], t.expand(int(rows.sum())), c[rows], p[rows], m[rows])
+        noise = randn(v.shape, gen, v) if stochastic else None
+        x[rows] = step(x[rows].float(), v, t, t_next, noise).to(x.dtype)
     return x
 
 

@@ -5,7 +5,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ladd.pipeline import encode_prompts, latent_shape, load_pipeline, max_sequence_length
-from ladd.sampling import cfg_velocity, flow_sigmas, initial_noise, sample_euler, sample_renoise, time_shift
+from ladd.sampling import cfg_velocity, flow_sigmas, initial_noise, sample_euler, sample_renoise, step, time_shift
 from ladd.schedules import few_step_times
 
 
@@ -77,3 +77,16 @@ def test_renoise_matches_stochastic_scheduler(tiny_teacher_dir):
         torch.tensor([*few_step_times("exponential", 4, 0.25), 0.0]),
     )
     assert (ours - ref).abs().max().item() <= 1e-5
+
+
+def test_one_step_for_every_sampler():
+    """Euler is the re-noise step whose noise is the step's own eps estimate x + (1 - t) v; both end on x0 at t = 0,
+    on tensors and on the floats the exported graph bakes in."""
+    x, v = torch.randn(3, 4, 2, 2, dtype=torch.float64), torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    for t, t_next in ((1.0, 0.6), (torch.tensor(0.6), torch.tensor(0.25))):
+        eps_hat = x + (1 - t) * v
+        torch.testing.assert_close(step(x, v, t, t_next), step(x, v, t, t_next, eps_hat))
+        torch.testing.assert_close(step(x, v, t, 0.0), x - t * v, rtol=0, atol=0)
+        torch.testing.assert_close(step(x, v, t, 0.0, torch.randn_like(x)), x - t * v, rtol=0, atol=0)
+    noise = torch.randn_like(x)  # re-noise: x0 = x - t v, then (1 - t_next) x0 + t_next noise
+    torch.testing.assert_close(step(x, v, 0.75, 0.5, noise), 0.5 * (x - 0.75 * v) + 0.5 * noise)

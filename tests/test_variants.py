@@ -16,12 +16,11 @@ from ladd.errors import ConfigError
 from ladd.generate import record_noise
 from ladd.losses import ADVERSARIAL_LOSSES, gan_health, per_row, student_loss
 from ladd.pipeline import encode_prompts, latent_shape, load_pipeline, max_sequence_length
-from ladd.sampling import EulerPath, cfg_velocity, flow_sigmas, sample_euler
+from ladd.sampling import STOCHASTIC, EulerPath, cfg_velocity, flow_sigmas, sample_euler
 from ladd.tracking import NullTracker
 from ladd.variants import (
     REGRESSION_TARGETS,
     RENOISE_TIMES,
-    SAMPLER_STEPS,
     STUDENT_INPUTS,
     backward_simulate,
     tied_times,
@@ -37,7 +36,7 @@ def test_config_choices_are_the_registries():
         ("student_input", STUDENT_INPUTS),
         ("renoise_times", RENOISE_TIMES),
         ("regression_target", REGRESSION_TARGETS),
-        ("sampler", SAMPLER_STEPS),
+        ("sampler", STOCHASTIC),
     ):
         for name in registry:
             DistillConfig(**{key: name, "regression_weight_one": 0.0})
@@ -137,20 +136,20 @@ def test_backward_simulation_runs_the_student_without_gradient_and_with_fresh_no
     weight = torch.nn.Parameter(torch.tensor(0.5))
     calls = []
 
-    def student_x0(x, t, c, p, m):
+    def student_velocity(x, t, c, p, m):
         calls.append((len(x), t.tolist()))
         return weight * x  # a "student" with a parameter that would receive gradients
 
     k = torch.tensor([1, 3, 2, 1])
     c, p, like, m = torch.zeros(4, 1), torch.zeros(4, 1), torch.zeros(4, 2, 8, 8), torch.zeros(4, 0, 8, 8)
     a = backward_simulate(
-        student_x0, k, times, c, p, like, SAMPLER_STEPS["renoise"].step, torch.Generator().manual_seed(0), m
+        student_velocity, k, times, c, p, like, STOCHASTIC["renoise"], torch.Generator().manual_seed(0), m
     )
     assert not a.requires_grad
     # the student ran once per step level, on the rows that still needed it, at the sampler's times
     assert calls == [(4, [1.0] * 4), (2, [0.75] * 2), (1, [0.5])]
     b = backward_simulate(
-        student_x0, k, times, c, p, like, SAMPLER_STEPS["renoise"].step, torch.Generator().manual_seed(1), m
+        student_velocity, k, times, c, p, like, STOCHASTIC["renoise"], torch.Generator().manual_seed(1), m
     )
     assert not torch.allclose(a, b)  # fresh noise for every draw
     # re-noising: the row at 0.75 is 0.25 x0_hat + 0.75 eps, so its spread comes mostly from fresh noise
