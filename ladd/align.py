@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -317,7 +316,10 @@ def align_stage(cfg, data_dir, classifier_dir, student_dir, report_dir, tracker)
         return {"enabled": False}
     start = time.perf_counter()
     score = load_reward(cfg.reward, cfg.reward_path, classifier_dir)  # a bad reward fails before any sampling
-    suffixes = lora.check_targets(student_dir, cfg.lora_targets, "align.lora_targets")
+    # the DPO adapter (no dropout: align has no such setting); a target matching no layer fails here
+    spec = lora.LoraSpec.resolve(
+        student_dir, cfg.lora_rank, cfg.lora_alpha, 0.0, cfg.lora_targets, "align.lora_targets"
+    )
     time_weights = student_time_weights(cfg, student_dir)
     train = load_split(Path(data_dir) / "train")
     n = min(cfg.prompts or len(train.captions), len(train.captions))
@@ -377,12 +379,11 @@ def align_stage(cfg, data_dir, classifier_dir, student_dir, report_dir, tracker)
             else ""
         )
         raise ValidationFailed(f"align: {few}{e}") from None
-    lora_cfg = types.SimpleNamespace(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0)
     if bf16:  # the frozen base in bf16 (an 8B student: 16 GB, not 32); the adapters stay fp32
         pipe.transformer.to(torch.bfloat16)
     with torch.random.fork_rng(devices=[]):  # peft draws A from the global RNG: seeded here, and left as it was
         torch.manual_seed(cfg.seed)
-        weights, layers = lora.add_student_adapter(pipe.transformer, lora_cfg, suffixes)
+        weights, layers = lora.add_student_adapter(pipe.transformer, spec)
     if cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and device.type == "cuda"):
         pipe.transformer.enable_gradient_checkpointing(lora.checkpointing_func(layers))
     probe_seed = 7_777_777 + cfg.seed  # fresh noise: none of the candidates' seeds
@@ -408,7 +409,7 @@ def align_stage(cfg, data_dir, classifier_dir, student_dir, report_dir, tracker)
     )
     state = {k: v.detach().cpu() for k, v in weights.state_dict().items()}
     pipe = weights = layers = latents = None  # dropped before a second copy of the student loads
-    fused, adapter = lora.fused_student(student_dir, lora_cfg, suffixes, state)
+    fused, adapter = lora.fused_student(student_dir, spec, state)
     trained = [r for r in curve if "loss" in r]
     probes = [r["probe_reward"] for r in curve if "probe_reward" in r]
     summary = {
@@ -419,9 +420,9 @@ def align_stage(cfg, data_dir, classifier_dir, student_dir, report_dir, tracker)
         "pairs": len(keep),
         "mean_pair_margin": float((rewards[keep, winner] - rewards[keep, loser]).mean()),
         "lora": {
-            "rank": cfg.lora_rank,
-            "alpha": cfg.lora_alpha or cfg.lora_rank,
-            "target_modules": suffixes,
+            "rank": spec.rank,
+            "alpha": spec.alpha,
+            "target_modules": list(spec.targets),
             "parameters": sum(v.numel() for v in state.values()),
         },
         "time_weights": time_weights,
@@ -441,7 +442,7 @@ def align_stage(cfg, data_dir, classifier_dir, student_dir, report_dir, tracker)
     }
     with atomic_dir(out) as tmp:
         aligned.save_pretrained(tmp, safe_serialization=True)
-        lora.save_adapter(tmp, adapter, lora_cfg, suffixes)
+        lora.save_adapter(tmp, adapter, spec)
         write_meta(tmp, **aligned_meta)
         write_json(tmp / SUMMARY, {**summary, "curve": curve, "config": dataclasses.asdict(cfg)})
         plot_align_curve(

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from ladd.config import DistillConfig
 from ladd.distributed import World
 from ladd.io import atomic_file
 from ladd.losses import per_row
@@ -93,9 +92,10 @@ def curve_row(
     return row
 
 
-def curve_path(cfg: DistillConfig) -> Path:
-    """reports/distill_curve.csv (its image beside it, .png): DVC plots it; kept in git with the run report."""
-    return Path(cfg.report_dir) / "distill_curve.csv"
+def curve_path(report_dir: str | Path) -> Path:
+    """<distill.report_dir>/distill_curve.csv (its image beside it, .png): DVC plots it; kept in git with the run
+    report."""
+    return Path(report_dir) / "distill_curve.csv"
 
 
 def read_curve(path: Path, before_step: int) -> list[dict]:

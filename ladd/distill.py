@@ -160,7 +160,7 @@ def save_student(
     meta: dict,
     summary: dict,
     adapter: dict | None = None,
-    lora_suffixes=None,
+    lora_spec: lora.LoraSpec | None = None,
 ) -> None:
     """A complete diffusers pipeline: the teacher's VAE, tokenizers and text encoders (read again from its
     folder), the EMA student transformer, and a few-step scheduler that stock diffusers runs at any step
@@ -180,8 +180,8 @@ def save_student(
     with atomic_dir(cfg.out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         student_raw.save_pretrained(tmp / "ladd_raw_transformer", safe_serialization=True)
-        if adapter is not None:
-            lora.save_adapter(tmp, adapter, cfg, lora_suffixes)
+        if adapter is not None and lora_spec is not None:
+            lora.save_adapter(tmp, adapter, lora_spec)
         write_meta(tmp, **meta)
         write_json(tmp / "ladd_train_summary.json", {**summary, "config": json.loads(json.dumps(asdict(cfg)))})
         write_model_card(tmp, meta, summary)
@@ -205,7 +205,7 @@ def save_run(
     curve: list[dict],
     heads: int,
     tracker,
-    lora_suffixes=None,
+    lora_spec: lora.LoraSpec | None = None,
 ) -> None:
     """Gather what trained and its EMA (collective under FSDP); then, on rank 0, the student pipeline with
     `summary` (a LoRA student fused into fp32 copies of the teacher), the run report with `facts`, the curves
@@ -214,22 +214,22 @@ def save_run(
     ema_state, student_state = full_state_dict(ema), full_state_dict(trained)
     if world.main:
         adapter = None
-        if cfg.student == "lora":
-            ema_out, adapter = lora.fused_student(teacher_dir, cfg, lora_suffixes, ema_state)
-            raw_out, _ = lora.fused_student(teacher_dir, cfg, lora_suffixes, student_state)
+        if lora_spec is not None:
+            ema_out, adapter = lora.fused_student(teacher_dir, lora_spec, ema_state)
+            raw_out, _ = lora.fused_student(teacher_dir, lora_spec, student_state)
         else:
             ema_out, raw_out = (
                 (load_transformer(teacher_dir), load_transformer(teacher_dir)) if sharded else (ema, unwrap(trained))
             )
             ema_out.load_state_dict(ema_state)
             raw_out.load_state_dict(student_state)
-        save_student(teacher_dir, ema_out.to("cpu"), raw_out.to("cpu"), cfg, meta, summary, adapter, lora_suffixes)
+        save_student(teacher_dir, ema_out.to("cpu"), raw_out.to("cpu"), cfg, meta, summary, adapter, lora_spec)
         write_json(run_report_path(cfg), facts)
         health = summary["gan_health"]
         curves_png = plot_curves(
             curve,
             heads,
-            curve_path(cfg).with_suffix(".png"),
+            curve_path(cfg.report_dir).with_suffix(".png"),
             health["summary"],
             health.get("chance_loss"),
             meta["student_times"],
@@ -251,7 +251,7 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
         close_world(world)
 
 
-def build_networks(cfg: DistillConfig, teacher_dir, teacher, plan: dict, world: World, lora_suffixes) -> tuple:
+def build_networks(cfg: DistillConfig, teacher_dir, teacher, plan: dict, world: World, lora_spec) -> tuple:
     """The student, wrapped for DDP or FSDP, and what of it trains: a copy of the teacher with fp32 master weights
     (all of them train), or with `student: lora` the teacher's own module with adapters (only they train; their
     layers are returned to switch them on for the student's passes). Then the EMA of what trains, the
@@ -259,7 +259,7 @@ def build_networks(cfg: DistillConfig, teacher_dir, teacher, plan: dict, world: 
     and EMA stay in CPU memory: fully_shard moves each block's shard to the device."""
     device, sharded = world.device, cfg.parallel == "fsdp" and world.size > 1
     if cfg.student == "lora":
-        trained, adapter_layers = lora.add_student_adapter(teacher, cfg, lora_suffixes)
+        trained, adapter_layers = lora.add_student_adapter(teacher, lora_spec)
         # one copy of the base weights (so checkpointing it covers the teacher's passes too); train mode only
         # switches lora_dropout, which the teacher's passes (adapters off) never run
         student = teacher.train()
@@ -303,7 +303,11 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     #    prompts encoded once, the frozen teacher (may be bf16), student, EMA, heads; resumed where this run's.
     times = student_times(cfg)
     # a LoRA target that matches no layer fails here, on the teacher's config alone
-    lora_suffixes = lora.check_targets(teacher_dir, cfg.lora_targets) if cfg.student == "lora" else None
+    lora_spec = None
+    if cfg.student == "lora":
+        lora_spec = lora.LoraSpec.resolve(
+            teacher_dir, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, "distill.lora_targets"
+        )
     run = _run_fingerprint(cfg, teacher_dir, synthetic_dir)
     data = SyntheticSet(synthetic_dir)  # the manifest and a few records columns; every shard stat-ed, none read
     reads_path = student_input.reads_path
@@ -313,12 +317,12 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
     inpainting = check_synthetic(data, run["teacher"], teacher_dir, teacher.config)
     # before training: a checkpoint past distill.steps is an error; one of other settings moves aside when this
     # run writes its first checkpoint (a run failing before that changes no file)
-    resume, asides = resume_point_on_rank0(cfg, run, world)
+    resume, asides = resume_point_on_rank0(cfg.checkpoint, cfg.steps, run, world)
     batches = BucketBatches([b.records for b in data.buckets], cfg.batch_size, cfg.seed)
     # the rows of each global batch this rank reads: its own, or all where it simulates the whole batch's inputs
     loaded = slice(0, cfg.batch_size) if world.size > 1 and cfg.backward_share > 0 else mine
     student, trained, adapter_layers, ema, disc, layers, opt_g, opt_d = build_networks(
-        cfg, teacher_dir, teacher, plan, world, lora_suffixes
+        cfg, teacher_dir, teacher, plan, world, lora_spec
     )
     adversarial = ADVERSARIAL_LOSSES[cfg.loss]
     # lambda_adv per student time: the heads judge (and the teacher runs for) only rows with a weight above 0
@@ -338,7 +342,7 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
             move_aside(asides)  # another run's checkpoint, kept whole, only now that this run writes its own
         if sharded:
             save_sharded_checkpoint(
-                sharded_checkpoint_path(cfg),
+                sharded_checkpoint_path(cfg.checkpoint),
                 step,
                 {"student": sharded_state(student), "ema": sharded_state(ema), "opt_g": sharded_state(student, opt_g)},
                 {"disc": disc.state_dict()},
@@ -353,9 +357,9 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
             if world.main:
                 save_checkpoint(cfg.checkpoint, step, states, opt_states, {"data": gen}, meta=run)
         if world.main:
-            write_curve(curve_path(cfg), curve, len(layers), len(times))
+            write_curve(curve_path(cfg.report_dir), curve, len(layers), len(times))
 
-    curve = read_curve(curve_path(cfg), start)
+    curve = read_curve(curve_path(cfg.report_dir), start)
     tracker.log_params(
         {
             "distill.resolved.feature_layers": layers,
@@ -660,12 +664,12 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
             for b in data.manifest["buckets"]
         ],
     }
-    if cfg.student == "lora":
+    if lora_spec is not None:
         meta["lora"] = {
-            "rank": cfg.lora_rank,
-            "alpha": cfg.lora_alpha or cfg.lora_rank,
-            "target_modules": lora_suffixes,
+            "rank": lora_spec.rank,
+            "alpha": lora_spec.alpha,
+            "target_modules": list(lora_spec.targets),
             "parameters": n_trained,
         }
-    save_run(cfg, teacher_dir, trained, ema, world, meta, summary, facts, curve, len(layers), tracker, lora_suffixes)
+    save_run(cfg, teacher_dir, trained, ema, world, meta, summary, facts, curve, len(layers), tracker, lora_spec)
     return {**summary, **facts}

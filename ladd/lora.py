@@ -7,6 +7,7 @@ into a complete transformer, so every later stage sees a plain student."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,16 +64,32 @@ def check_targets(teacher_dir, targets, key: str = "distill.lora_targets") -> li
         return target_suffixes(SD3Transformer2DModel.from_config(config), targets, key)
 
 
-def lora_config(cfg, suffixes: list[str]):
-    from peft import LoraConfig
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA, as a run resolves it once (`resolve`) and passes it down: rank r, alpha (the update is scaled by
+    alpha / r), dropout, and the module-name suffixes it goes on (peft's target_modules)."""
 
-    return LoraConfig(
-        r=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha or cfg.lora_rank,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=suffixes,
-        init_lora_weights=True,
-    )  # B = 0: the student starts as the teacher
+    rank: int
+    alpha: float
+    dropout: float
+    targets: tuple[str, ...]
+
+    @classmethod
+    def resolve(cls, teacher_dir, rank: int, alpha: float | None, dropout: float, targets, key: str) -> LoraSpec:
+        """The spec of a params section's lora_* keys (`key`: its lora_targets, for errors): alpha None is the rank;
+        a target that matches no linear layer of the teacher's transformer fails here, on its config alone."""
+        return cls(rank, alpha or rank, dropout, tuple(check_targets(teacher_dir, targets, key)))
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.targets),
+            init_lora_weights=True,
+        )  # B = 0: the student starts as the teacher
 
 
 def adapter_layers(model: torch.nn.Module) -> list:
@@ -126,11 +143,11 @@ class AdapterWeights(torch.nn.Module):
                 self.register_parameter(name.replace(".", "__"), param)
 
 
-def add_student_adapter(transformer: torch.nn.Module, cfg, suffixes: list[str]) -> tuple[AdapterWeights, list]:
+def add_student_adapter(transformer: torch.nn.Module, spec: LoraSpec) -> tuple[AdapterWeights, list]:
     """Adapters on `transformer` (base frozen, adapters fp32 whatever the base's dtype: they are the master
     weights), resting off. Returns their weights and layers."""
     transformer.requires_grad_(False)
-    transformer.add_adapter(lora_config(cfg, suffixes), ADAPTER)
+    transformer.add_adapter(spec.peft_config(), ADAPTER)
     weights = AdapterWeights(transformer)
     for param in weights.parameters():
         param.data = param.data.float()
@@ -140,7 +157,7 @@ def add_student_adapter(transformer: torch.nn.Module, cfg, suffixes: list[str]) 
     return weights, layers
 
 
-def fused_student(teacher_dir, cfg, suffixes: list[str], state: dict) -> tuple[torch.nn.Module, dict]:
+def fused_student(teacher_dir, spec: LoraSpec, state: dict) -> tuple[torch.nn.Module, dict]:
     """An fp32 copy of the teacher's transformer with the adapter `state` (an AdapterWeights state dict) fused
     in, and that adapter in diffusers' naming (what `save_lora_weights` writes)."""
     from peft.utils import get_peft_model_state_dict
@@ -148,7 +165,7 @@ def fused_student(teacher_dir, cfg, suffixes: list[str], state: dict) -> tuple[t
     from ladd.pipeline import load_transformer
 
     transformer = load_transformer(teacher_dir)
-    weights, layers = add_student_adapter(transformer, cfg, suffixes)
+    weights, layers = add_student_adapter(transformer, spec)
     weights.load_state_dict(state)
     set_adapters(layers, True)
     adapter = {
@@ -160,16 +177,15 @@ def fused_student(teacher_dir, cfg, suffixes: list[str], state: dict) -> tuple[t
     return transformer.requires_grad_(False), adapter
 
 
-def save_adapter(out_dir: Path, adapter: dict, cfg, suffixes: list[str]) -> None:
+def save_adapter(out_dir: Path, adapter: dict, spec: LoraSpec) -> None:
     """`pytorch_lora_weights.safetensors`, with its LoRA config as metadata (so alpha survives loading)."""
     from diffusers import StableDiffusion3Pipeline
 
-    config = lora_config(cfg, suffixes)
     metadata = {
-        "r": config.r,
-        "lora_alpha": config.lora_alpha,
-        "lora_dropout": config.lora_dropout,
-        "target_modules": sorted(config.target_modules),
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "target_modules": sorted(spec.targets),
         "init_lora_weights": True,
     }
     StableDiffusion3Pipeline.save_lora_weights(

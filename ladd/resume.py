@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 from ladd.checkpoint import load_checkpoint, load_sharded_checkpoint, read_checkpoint_meta
-from ladd.config import DistillConfig
 from ladd.distributed import (
     World,
     is_sharded,
@@ -25,12 +24,14 @@ from ladd.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def sharded_checkpoint_path(cfg: DistillConfig) -> Path:
+def sharded_checkpoint_path(checkpoint: str | Path) -> Path:
     """Where FSDP runs write their sharded checkpoint: a folder beside `distill.checkpoint`."""
-    return Path(cfg.checkpoint).with_suffix(".dcp")
+    return Path(checkpoint).with_suffix(".dcp")
 
 
-def resume_point_on_rank0(cfg: DistillConfig, run: dict, world: World) -> tuple[Path | None, list[tuple[Path, Path]]]:
+def resume_point_on_rank0(
+    checkpoint: str | Path, steps: int, run: dict, world: World
+) -> tuple[Path | None, list[tuple[Path, Path]]]:
     """The checkpoint to resume (`resumable`), decided by rank 0 alone and told to every rank: the newer of
     `distill.checkpoint` and the sharded folder, so a run may change strategy and world size. Also the moves
     aside (source, target) of checkpoints that are not this run's: `move_aside` makes them when the run writes
@@ -38,9 +39,9 @@ def resume_point_on_rank0(cfg: DistillConfig, run: dict, world: World) -> tuple[
     verdict = None
     if world.main:
         try:
-            found = [p for p in (Path(cfg.checkpoint), sharded_checkpoint_path(cfg)) if p.exists()]
+            found = [p for p in (Path(checkpoint), sharded_checkpoint_path(checkpoint)) if p.exists()]
             newest = max(found, key=lambda p: p.stat().st_mtime, default=None)
-            aside = resumable(newest, cfg, run) if newest is not None else None
+            aside = resumable(newest, steps, run) if newest is not None else None
             verdict = (newest if newest is not None and aside is None else None, [aside] if aside else [])
         except ConfigError as e:
             verdict = e
@@ -58,7 +59,7 @@ def move_aside(moves: list[tuple[Path, Path]]) -> None:
             os.replace(source, target)
 
 
-def resumable(path: Path, cfg: DistillConfig, run: dict) -> tuple[Path, Path] | None:
+def resumable(path: Path, steps: int, run: dict) -> tuple[Path, Path] | None:
     """None when the checkpoint at `path` is this run's to resume; else where it moves aside. One written for other
     settings or data is not (training starts over; it is kept as `<name>.stale-N`, never overwritten: it may be the
     only copy of a long run); an unreadable one goes to `<name>.corrupt`; one past `distill.steps` is an error
@@ -86,9 +87,9 @@ def resumable(path: Path, cfg: DistillConfig, run: dict) -> tuple[Path, Path] | 
             aside,
         )
         return path, aside
-    if saved_step > cfg.steps:
+    if saved_step > steps:
         raise ConfigError(
-            f"distill.steps is {cfg.steps} but {path} is at step {saved_step}: raise distill.steps, or "
+            f"distill.steps is {steps} but {path} is at step {saved_step}: raise distill.steps, or "
             "move the checkpoint away to train from step 0"
         )
     return None

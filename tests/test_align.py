@@ -22,7 +22,8 @@ def _policy(teacher_dir):
     """A LoRA policy on the tiny teacher (adapters nudged off zero) and its layers; adapters off is the reference."""
     model = load_transformer(teacher_dir)
     cfg = DistillConfig(student="lora", lora_rank=4)
-    weights, layers = lora.add_student_adapter(model, cfg, lora.target_suffixes(model, cfg.lora_targets))
+    spec = lora.LoraSpec(cfg.lora_rank, cfg.lora_rank, 0.0, tuple(lora.target_suffixes(model, cfg.lora_targets)))
+    weights, layers = lora.add_student_adapter(model, spec)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in weights.parameters():

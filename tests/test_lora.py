@@ -22,9 +22,11 @@ def _networks(teacher_dir, checkpointing="off", teacher=None):
     cfg = DistillConfig(**LORA, device="cpu", gradient_checkpointing=checkpointing)
     world = init_world("cpu")
     teacher = load_transformer(teacher_dir).eval().requires_grad_(False) if teacher is None else teacher
-    suffixes = lora.check_targets(teacher_dir, cfg.lora_targets)
+    spec = lora.LoraSpec.resolve(
+        teacher_dir, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, "distill.lora_targets"
+    )
     torch.manual_seed(0)
-    return teacher, build_networks(cfg, teacher_dir, teacher, memory_plan(cfg, world.device), world, suffixes)
+    return teacher, build_networks(cfg, teacher_dir, teacher, memory_plan(cfg, world.device), world, spec)
 
 
 def _inputs(teacher, n=2):

@@ -37,11 +37,10 @@ def test_memory_benchmark(tmp_path, capsys):
 
 
 def test_lora_rows_count_what_peft_adds_and_fit_sd35_large_in_24_gb(tmp_path):
-    import types
 
     from diffusers import SD3Transformer2DModel
 
-    from ladd.lora import add_student_adapter, count, target_suffixes
+    from ladd.lora import LoraSpec, add_student_adapter, count, target_suffixes
 
     bench = load()
     tiny = dict(
@@ -59,10 +58,9 @@ def test_lora_rows_count_what_peft_adds_and_fit_sd35_large_in_24_gb(tmp_path):
         qk_norm="rms_norm",
         dual_attention_layers=(0, 1),
     )
-    cfg = types.SimpleNamespace(lora_rank=8, lora_alpha=None, lora_dropout=0.0)
     for targets in bench.LORA_TARGETS.values():
         model = SD3Transformer2DModel(**tiny)
-        weights, _ = add_student_adapter(model, cfg, target_suffixes(model, targets))
+        weights, _ = add_student_adapter(model, LoraSpec(8, 8, 0.0, tuple(target_suffixes(model, targets))))
         assert count(weights) == bench.lora_params(tiny, 8, targets) > 0  # the benchmark's count is peft's
     out = bench.main(["--json", str(tmp_path / "memory.json")])["models"]
     large = out["SD3.5-large"]["lora"]

@@ -42,9 +42,12 @@ def sd35_lora_student(tmp_path_factory):
     teacher = build_sd35_like_teacher(root / "teacher", words=["handwritten", "six"])
     student = shutil.copytree(teacher, root / "student")
     cfg = DistillConfig(student="lora", lora_rank=2, lora_alpha=6.0)
-    suffixes = lora.check_targets(teacher, ("attention", "feed_forward", "adaln"))
+    targets = ("attention", "feed_forward", "adaln")
+    spec = lora.LoraSpec.resolve(
+        teacher, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets, "distill.lora_targets"
+    )
     transformer = load_transformer(teacher)
-    weights, _ = lora.add_student_adapter(transformer, cfg, suffixes)
+    weights, _ = lora.add_student_adapter(transformer, spec)
     with torch.no_grad():
         for p in weights.parameters():
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
@@ -52,7 +55,7 @@ def sd35_lora_student(tmp_path_factory):
         k: v.detach().clone().contiguous()
         for k, v in get_peft_model_state_dict(transformer, adapter_name=lora.ADAPTER).items()
     }
-    lora.save_adapter(student, adapter, cfg, suffixes)
+    lora.save_adapter(student, adapter, spec)
     write_meta(
         student,
         max_sequence_length=12,
