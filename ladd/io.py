@@ -117,7 +117,28 @@ def save_tensors(tensors: dict, path: str | Path, metadata: dict | None = None) 
         if "I/O error" not in str(e):
             raise
         raise OSError(f"cannot write {path}: {e}") from None
+    canonicalize_safetensors(path)
     os.chmod(path, 0o666 & ~_umask())  # a large file is written anew (0600): the modes the user's umask gives
+
+
+def canonicalize_safetensors(path: str | Path) -> None:
+    """Rewrite a safetensors file's header with its `__metadata__` in sorted key order. safetensors writes the
+    metadata from a hash map whose order changes from process to process, so with two or more metadata keys the
+    same tensors hash differently run to run (and DVC sees a new output). The header keeps its length (the same
+    entries, reordered), so only its bytes are rewritten, in place: no second copy of a large file."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        metadata = header.pop("__metadata__", None)
+        if not metadata or len(metadata) < 2:
+            return
+        text = json.dumps(
+            {"__metadata__": dict(sorted(metadata.items())), **header}, separators=(",", ":"), ensure_ascii=False
+        ).encode()
+        if len(text) > size:  # never seen: serde_json and json write these strings alike
+            raise ValueError(f"{path}: its safetensors header cannot be rewritten in place")
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))  # safetensors pads headers with spaces
 
 
 def _builtin(value):

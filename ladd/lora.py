@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ladd.errors import ConfigError
+from ladd.io import canonicalize_safetensors
 
 # Module-name suffixes of SD3 / SD3.5 MMDiT blocks, by group (an entry of distill.lora_targets is a group or a
 # suffix of its own). "attention" is what diffusers' SD3 LoRA scripts train; attn2 exists in SD3.5-medium.
@@ -191,6 +192,7 @@ def save_adapter(out_dir: Path, adapter: dict, spec: LoraSpec) -> None:
     StableDiffusion3Pipeline.save_lora_weights(
         out_dir, transformer_lora_layers=adapter, transformer_lora_adapter_metadata=metadata
     )
+    canonicalize_safetensors(Path(out_dir) / "pytorch_lora_weights.safetensors")  # the same adapter, the same bytes
 
 
 def count(weights: torch.nn.Module) -> int:

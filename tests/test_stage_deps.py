@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import CHECKPOINT, ROOT, RUN_REPORT, dvc, init_repo
 
@@ -115,3 +116,22 @@ def test_a_retrain_with_identical_weights_keeps_the_students_hash(finished_proje
     assert all(r["resumed_from"] == 0 and r["sec_per_step"] > 0 for r in reports)
     summary = json.loads((project / params["distill"]["out_dir"] / "ladd_train_summary.json").read_text())
     assert not {"sec_per_step", "device", "world_size", "resumed_from"} & set(summary)
+
+
+def test_safetensors_with_metadata_are_the_same_bytes_in_every_process(tmp_path):
+    """safetensors writes `__metadata__` in a per-process hash order: ladd's writes (single-file exports, LoRA
+    adapters) sort it, so an export rerun keeps its DVC hash. Five processes, one file each, one set of bytes."""
+    script = (
+        "import sys, torch; from ladd.io import save_tensors; "
+        "save_tensors({'b': torch.ones(3), 'a': torch.zeros(2)}, sys.argv[1], "
+        "{'format': 'pt', 'ladd': '{\"x\": 1}', 'ladd_lora_config': 'é', 'z': 'y'})"
+    )
+    files = [tmp_path / f"{i}.safetensors" for i in range(5)]
+    for path in files:
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True)
+    assert len({path.read_bytes() for path in files}) == 1
+    from safetensors import safe_open
+
+    with safe_open(files[0], "pt") as f:  # still a valid file, every entry as written
+        assert f.metadata() == {"format": "pt", "ladd": '{"x": 1}', "ladd_lora_config": "é", "z": "y"}
+        assert torch.equal(f.get_tensor("b"), torch.ones(3)) and torch.equal(f.get_tensor("a"), torch.zeros(2))
