@@ -17,8 +17,10 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -48,7 +50,7 @@ from ladd.errors import ConfigError, StaleInput
 from ladd.generate import record_noise
 from ladd.inpaint import has_condition
 from ladd.io import atomic_dir, fingerprint, write_json
-from ladd.losses import ADVERSARIAL_LOSSES, approx_r1, gan_health, heads_loss, student_loss
+from ladd.losses import ADVERSARIAL_LOSSES, AdversarialLoss, approx_r1, gan_health, heads_loss, student_loss
 from ladd.pipeline import load_pipeline, load_transformer, max_sequence_length, read_meta, write_meta
 from ladd.plots import plot_curves
 from ladd.resume import move_aside, resume_point_on_rank0, resume_state, sharded_checkpoint_path
@@ -59,6 +61,8 @@ from ladd.variants import (
     REGRESSION_TARGETS,
     RENOISE_TIMES,
     STUDENT_INPUTS,
+    RegressionTarget,
+    StudentInput,
     backward_simulate,
     masked_mse,
     noise_to,
@@ -196,14 +200,12 @@ def run_report_path(cfg: DistillConfig) -> Path:
 def save_run(
     cfg: DistillConfig,
     teacher_dir,
-    trained,
-    ema,
+    nets: Networks,
     world: World,
     meta: dict,
     summary: dict,
     facts: dict,
     curve: list[dict],
-    heads: int,
     tracker,
     lora_spec: lora.LoraSpec | None = None,
 ) -> None:
@@ -211,7 +213,7 @@ def save_run(
     `summary` (a LoRA student fused into fp32 copies of the teacher), the run report with `facts`, the curves
     image, and MLflow's copies of them."""
     sharded = cfg.parallel == "fsdp" and world.size > 1
-    ema_state, student_state = full_state_dict(ema), full_state_dict(trained)
+    ema_state, student_state = full_state_dict(nets.ema), full_state_dict(nets.trained)
     if world.main:
         adapter = None
         if lora_spec is not None:
@@ -219,7 +221,9 @@ def save_run(
             raw_out, _ = lora.fused_student(teacher_dir, lora_spec, student_state)
         else:
             ema_out, raw_out = (
-                (load_transformer(teacher_dir), load_transformer(teacher_dir)) if sharded else (ema, unwrap(trained))
+                (load_transformer(teacher_dir), load_transformer(teacher_dir))
+                if sharded
+                else (nets.ema, unwrap(nets.trained))
             )
             ema_out.load_state_dict(ema_state)
             raw_out.load_state_dict(student_state)
@@ -228,7 +232,7 @@ def save_run(
         health = summary["gan_health"]
         curves_png = plot_curves(
             curve,
-            heads,
+            len(nets.layers),
             curve_path(cfg.report_dir).with_suffix(".png"),
             health["summary"],
             health.get("chance_loss"),
@@ -251,12 +255,127 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
         close_world(world)
 
 
-def build_networks(cfg: DistillConfig, teacher_dir, teacher, plan: dict, world: World, lora_spec) -> tuple:
+# --- the named parts of a run: its recipe, its networks, its batches ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The variants `cfg` names (`ladd.variants`' dicts), with their settings: how the student's inputs are made,
+    the discriminator's re-noising times t_hat, the regression target, the sampler between simulated steps, the
+    adversarial loss and lambda_adv per student time."""
+
+    student_input: StudentInput
+    renoise_time: Callable
+    renoise_mean: float
+    renoise_std: float
+    regression: RegressionTarget
+    regression_weight: float
+    regression_weight_one: float
+    stochastic: bool
+    adversarial: AdversarialLoss
+    adversarial_weights: torch.Tensor  # the heads judge (and the teacher runs for) only rows with a weight above 0
+
+    @classmethod
+    def of(cls, cfg: DistillConfig, n_times: int, device: torch.device) -> Recipe:
+        weights = cfg.adversarial_weight * torch.tensor(cfg.adversarial_time_weights or [1.0] * n_times)
+        return cls(
+            STUDENT_INPUTS[cfg.student_input],
+            RENOISE_TIMES[cfg.renoise_times],
+            cfg.renoise_mean,
+            cfg.renoise_std,
+            REGRESSION_TARGETS[cfg.regression_target],
+            cfg.regression_weight,
+            cfg.regression_weight_one,
+            STOCHASTIC[cfg.sampler],
+            ADVERSARIAL_LOSSES[cfg.loss],
+            weights.to(device),
+        )
+
+    def t_hat(self, t_all: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The re-noising times of the global batch (drawn whole on every rank, so the stream stays shared)."""
+        return self.renoise_time(t_all, self.renoise_mean, self.renoise_std, gen)
+
+    def regression_loss(self, nets: Networks, world: World, x0_hat, x0, x_t, t, c, p, m, simulated):
+        """Optional MSE of x0_hat to the regression target, weighted separately below t = 1 and at t = 1. An
+        endpoint exists only for inputs made from x0 (never for simulated ones; at t = 1 only on a trajectory).
+        Each MSE is over the selected rows of the global batch, whichever rank holds them."""
+        has_target = ~simulated if self.regression.needs_source else torch.ones_like(simulated)
+        loss = x0_hat.sum() * 0
+        for weight, rows in ((self.regression_weight, t < 1), (self.regression_weight_one, t == 1)):
+            rows = rows & has_target
+            per_rank = world.mean(rows.sum().float()) if world.size > 1 else None  # on every rank, rows or not
+            if weight > 0 and rows.any():
+                target = self.regression.target(
+                    x0[rows],
+                    x_t[rows],
+                    t[rows],
+                    lambda x, tt, rows=rows: nets.teacher_x0(x, tt, c[rows], p[rows], m[rows]),
+                )
+                loss = loss + weight * masked_mse(x0_hat, target, rows, per_rank)
+        return loss
+
+
+@dataclass
+class Networks:
+    """What a run trains and judges with: the frozen teacher (may be bf16), the student (wrapped for DDP or FSDP)
+    and what of it trains (all of it, or a LoRA student's adapters, whose `adapter_layers` switch them on for the
+    student's passes), their EMA, the discriminator heads on the teacher's features of blocks `layers`, and the two
+    optimisers."""
+
+    teacher: torch.nn.Module
+    teacher_dtype: torch.dtype
+    student: torch.nn.Module
+    trained: torch.nn.Module
+    adapter_layers: list
+    ema: torch.nn.Module
+    disc: Discriminator
+    layers: list[int]
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+
+    def checkpointed(self) -> tuple[dict, dict]:
+        """The modules and (module, optimiser) pairs a checkpoint holds, by name."""
+        return (
+            {"student": self.trained, "ema": self.ema, "disc": self.disc},
+            {"opt_g": (self.trained, self.opt_g), "opt_d": (self.disc, self.opt_d)},
+        )
+
+    def student_velocity(self, x_t, t, c, p, m):
+        """The student's v at (x_t, t), in float32; a LoRA student's adapters are on for this pass alone."""
+        with lora.adapters(self.adapter_layers, on=True):
+            v = self.student(
+                hidden_states=torch.cat([x_t, m.to(x_t.dtype)], 1),
+                encoder_hidden_states=c,
+                pooled_projections=p,
+                timestep=t * 1000,
+            ).sample
+        return v.float()
+
+    def student_x0(self, x_t, t, c, p, m):
+        """x0_hat = x_t - t v (rectified flow)."""
+        return x_t - t.view(-1, 1, 1, 1) * self.student_velocity(x_t, t, c, p, m)
+
+    @torch.no_grad()
+    def teacher_x0(self, x_t, t, c, p, m):
+        dtype = self.teacher_dtype
+        v = self.teacher(
+            hidden_states=torch.cat([x_t, m], 1).to(dtype),
+            encoder_hidden_states=c.to(dtype),
+            pooled_projections=p.to(dtype),
+            timestep=t * 1000,
+        ).sample
+        return x_t - t.view(-1, 1, 1, 1) * v.float()
+
+    def judged_features(self, x, t_hat, eps, rows, c, p, m):
+        """The frozen teacher's features of the selected rows of x re-noised to t_hat (beside their condition)."""
+        return self.disc.features(noise_to(x[rows], t_hat[rows], eps[rows]), t_hat[rows], c[rows], p[rows], m[rows])
+
+
+def build_networks(cfg: DistillConfig, teacher_dir, teacher, plan: dict, world: World, lora_spec) -> Networks:
     """The student, wrapped for DDP or FSDP, and what of it trains: a copy of the teacher with fp32 master weights
-    (all of them train), or with `student: lora` the teacher's own module with adapters (only they train; their
-    layers are returned to switch them on for the student's passes). Then the EMA of what trains, the
-    discriminator heads on the frozen teacher's features, and the two optimisers. Under FSDP the full student
-    and EMA stay in CPU memory: fully_shard moves each block's shard to the device."""
+    (all of them train), or with `student: lora` the teacher's own module with adapters (only they train). Then the
+    EMA of what trains, the discriminator heads on the frozen teacher's features, and the two optimisers. Under
+    FSDP the full student and EMA stay in CPU memory: fully_shard moves each block's shard to the device."""
     device, sharded = world.device, cfg.parallel == "fsdp" and world.size > 1
     if cfg.student == "lora":
         trained, adapter_layers = lora.add_student_adapter(teacher, lora_spec)
@@ -281,93 +400,361 @@ def build_networks(cfg: DistillConfig, teacher_dir, teacher, plan: dict, world: 
     world.copy_from_rank0(disc)  # the replicated heads start equal (their init is seeded the same on every rank)
     opt_g = adamw(trained.parameters(), lr=cfg.lr_g, betas=cfg.betas, weight_decay=cfg.weight_decay)
     opt_d = adamw(disc.parameters(), lr=cfg.lr_d, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    return student, trained, adapter_layers, ema, disc, layers, opt_g, opt_d
+    teacher_dtype = getattr(torch, plan["teacher_dtype"])
+    return Networks(teacher, teacher_dtype, student, trained, adapter_layers, ema, disc, layers, opt_g, opt_d)
+
+
+class StudentBatch(NamedTuple):
+    """This rank's rows of one global batch: teacher latents x0 with their prompts' embeddings (c, p) and
+    condition m, the global batch's student times t_all, the student's inputs x_t at this rank's times, which rows
+    are simulated, and their step indices k."""
+
+    x0: torch.Tensor
+    c: torch.Tensor
+    p: torch.Tensor
+    m: torch.Tensor
+    t_all: torch.Tensor
+    x_t: torch.Tensor
+    simulated: torch.Tensor
+    k: torch.Tensor
+
+
+class BatchSource:
+    """Every batch and draw of a run: the synthetic set's shards, read ahead in a thread in `BucketBatches`' order
+    (a pure function of the position, so a resumed run reads on from where its step left off), and the run's one
+    CPU generator for every draw (the same on every rank: same draws on any device and world). Each rank keeps its
+    own rows of every global batch."""
+
+    def __init__(
+        self,
+        cfg,
+        data: SyntheticSet,
+        times,
+        columns,
+        inpainting: bool,
+        world: World,
+        gen,
+        recipe: Recipe,
+        nets: Networks,
+        autocast,
+        start_step: int,
+    ):
+        self.cfg, self.data, self.times, self.columns, self.inpainting = cfg, data, times, columns, inpainting
+        self.world, self.device, self.gen, self.recipe, self.nets, self.autocast = (
+            world,
+            world.device,
+            gen,
+            recipe,
+            nets,
+            autocast,
+        )
+        self.mine = world.rows(cfg.batch_size)  # this rank's rows of every global batch (all of them in one process)
+        # the rows read: this rank's own, or all where it simulates the whole batch's inputs
+        self.loaded = slice(0, cfg.batch_size) if world.size > 1 and cfg.backward_share > 0 else self.mine
+        self.batches = BucketBatches([b.records for b in data.buckets], cfg.batch_size, cfg.seed)
+        # each step takes d_steps_per_g batches: a resumed run reads on from the position its step implies
+        depth = cfg.prefetch if cfg.prefetch is not None else 4 if self.device.type == "cuda" else 0
+        self.stream = Prefetcher(self._read, start_step * cfg.d_steps_per_g, depth)
+
+    def _read(self, position: int) -> dict:
+        """The global batch at `position`, this rank's `loaded` rows of it, read from the shards (in the prefetch
+        thread)."""
+        _, records = self.batches[position]
+        reads_path = self.recipe.student_input.reads_path
+        batch = self.data.read(records[self.loaded], trajectory=reads_path)
+        if reads_path:
+            batch["trajectory"] = batch["trajectory"][:, self.columns]
+        return {k: v.pin_memory() for k, v in batch.items()} if self.device.type == "cuda" else batch
+
+    def noise(self, like: torch.Tensor) -> torch.Tensor:
+        """Noise for the global batch from the shared stream; this rank's rows of it."""
+        return randn((self.cfg.batch_size, *like.shape[1:]), self.gen, like)[self.mine]
+
+    def next(self, probs: torch.Tensor) -> StudentBatch:
+        """Phases 1-2 for the global batch, then this rank's rows of it: teacher latents x0 of one resolution
+        bucket with their prompts' stored embeddings (LADD's "real" data), student step indices k from the
+        (warm-up) probabilities, t = times[k], and the student's input x_t there (`student_input`); a
+        `backward_share` of the t < 1 rows instead get the current student's own earlier steps (simulated for the
+        global batch on every rank, so every rank runs the student equally often)."""
+        cfg, gen, device, mine, loaded = self.cfg, self.gen, self.device, self.mine, self.loaded
+        student_input, reads_path = self.recipe.student_input, self.recipe.student_input.reads_path
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(self.stream).items()}  # as stored (bf16 on GPU)
+        batch = {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}
+        x0, c, p = batch["latents"], batch["prompt_embeds"], batch["pooled_prompt_embeds"]
+        m = batch["condition"] if self.inpainting else x0.new_zeros(len(x0), 0, *x0.shape[2:])
+        own = slice(mine.start - loaded.start, mine.stop - loaded.start)  # this rank's rows among those read
+        k = torch.multinomial(probs, cfg.batch_size, replacement=True, generator=gen)
+        t = self.times[k].to(device)
+        start_noise = record_noise(batch["seed"][own].tolist(), x0.shape[1:]).to(device) if reads_path else None
+        eps = self.noise(x0) if student_input.fresh_noise else None
+        x_t = student_input.make(
+            x0[own], t[mine], k[mine].to(device), start_noise, batch["trajectory"][own] if reads_path else None, eps
+        )
+        simulated = (k > 0) & (torch.rand(cfg.batch_size, generator=gen) < cfg.backward_share)
+        if simulated.any():  # `loaded` holds every simulated row (all rows wherever this runs on several ranks)
+            rows = torch.nonzero(simulated).flatten().to(device) - loaded.start
+            with self.autocast:
+                x_sim = backward_simulate(
+                    self.nets.student_velocity,
+                    k[simulated],
+                    self.times.to(device),
+                    c[rows],
+                    p[rows],
+                    x0[rows],
+                    self.recipe.stochastic,
+                    gen,
+                    m[rows],
+                )
+            keep = (rows >= own.start) & (rows < own.stop)
+            x_t[rows[keep] - own.start] = x_sim[keep]
+        return StudentBatch(x0[own], c[own], p[own], m[own], t, x_t, simulated.to(device)[mine], k.to(device)[mine])
+
+    def close(self) -> None:
+        """The reader thread and the open shards go with the loop, however it ends."""
+        self.stream.close()
+        self.data.close()
+
+
+# --- the loop's phases 3 and 4 --------------------------------------------------------------------------------
+
+
+class StudentStep(NamedTuple):
+    loss_g: torch.Tensor
+    loss_adv: torch.Tensor
+    loss_reg: torch.Tensor
+    grad_norm: torch.Tensor
+    skipped: int  # 1 when the gradient was not finite and the update was skipped
+    fake_features: list | None  # the judged rows' teacher features of x0_hat (the first D step reuses them)
+    t_fake: torch.Tensor
+    judged: torch.Tensor
+
+
+def student_update(cfg, recipe: Recipe, nets: Networks, source: BatchSource, batch: StudentBatch, autocast):
+    """Phase 3: x0_hat = x_t - t v, re-noised to t_hat and judged by the heads on the frozen teacher's features (the
+    rows whose time has an adversarial weight); the gradient flows through the teacher's forward pass into x0_hat.
+    Plus the optional regression term. One optimiser step and the EMA update (skipped on a non-finite gradient)."""
+    x0, c, p, m, t_all, x_t, simulated, k = batch
+    t = t_all[source.mine]
+    nets.disc.requires_grad_(False)
+    t_fake = recipe.t_hat(t_all, source.gen)[source.mine]
+    eps_fake = source.noise(x0)
+    weight = recipe.adversarial_weights[k]
+    judged = weight > 0
+    fake_features = None
+    with autocast:
+        x0_hat = nets.student_x0(x_t, t, c, p, m)
+        loss_reg = recipe.regression_loss(nets, source.world, x0_hat, x0, x_t, t, c, p, m, simulated)
+        loss_adv = x0_hat.sum() * 0
+        if judged.any():
+            fake_features = nets.judged_features(x0_hat, t_fake, eps_fake, judged, c, p, m)
+            logits = nets.disc.heads_logits(fake_features, t_fake[judged], p[judged])
+            loss_adv = student_loss(recipe.adversarial, logits, weight[judged], len(weight))
+        loss_g = loss_adv + loss_reg
+    nets.opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()  # DDP / FSDP average the student's gradient over the ranks here
+    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(nets.trained.parameters(), cfg.grad_clip))
+    finite = bool(torch.isfinite(grad_norm))
+    if finite:
+        nets.opt_g.step()
+        update_ema(nets.ema, unwrap(nets.trained), cfg.ema_decay)
+    return StudentStep(loss_g, loss_adv, loss_reg, grad_norm, int(not finite), fake_features, t_fake, judged)
+
+
+class HeadsStep(NamedTuple):
+    real_logits: list
+    fake_logits: list
+    judged_k: torch.Tensor  # the step indices of the rows the last D step judged
+    skipped: int
+
+
+def heads_update(
+    cfg, recipe: Recipe, nets: Networks, source: BatchSource, batch: StudentBatch, g: StudentStep, probs, autocast
+) -> HeadsStep:
+    """Phase 4, `d_steps_per_g` discriminator updates: real = teacher latents, fake = x0_hat, both re-noised (same
+    t_hat unless independent_renoise); teacher features need no graph, only the heads train. The first D step
+    reuses the G step's fake features, detached: the same x0_hat and t_hat it would draw, one teacher forward fewer
+    per step. Extra D steps see a fresh batch and fresh student samples."""
+    x0, c, p, m, t_all, x_t, _, k = batch
+    mine, disc, skipped, judged = source.mine, nets.disc, 0, g.judged
+    real_logits: list = []
+    fake_logits: list = []
+    disc.requires_grad_(True)
+    for d_step in range(cfg.d_steps_per_g):
+        if d_step == 0:
+            fake_features, t_fk = g.fake_features and [f.detach() for f in g.fake_features], g.t_fake
+        else:
+            x0, c, p, m, t_all, x_t, _, k = source.next(probs)
+            judged = recipe.adversarial_weights[k] > 0
+            t_fk = recipe.t_hat(t_all, source.gen)[mine]
+            eps_fake = source.noise(x0)
+            with torch.no_grad(), autocast:
+                x0_hat = nets.student_x0(x_t, t_all[mine], c, p, m)
+                fake_features = nets.judged_features(x0_hat, t_fk, eps_fake, judged, c, p, m) if judged.any() else None
+        t_real = recipe.t_hat(t_all, source.gen)[mine] if cfg.independent_renoise else t_fk
+        eps_real = source.noise(x0)
+        real_logits = fake_logits = []
+        if fake_features:
+            with autocast:
+                with torch.no_grad():
+                    real_features = nets.judged_features(x0, t_real, eps_real, judged, c, p, m)
+                real_logits = disc.heads_logits(real_features, t_real[judged], p[judged])
+                fake_logits = disc.heads_logits(fake_features, t_fk[judged], p[judged])
+                loss_d = heads_loss(recipe.adversarial, real_logits, fake_logits)
+                if cfg.r1_weight > 0:
+                    with torch.no_grad():
+                        noisy = noise_to(x0, t_real, eps_real)[judged] + cfg.r1_sigma * source.noise(x0)[judged]
+                        feats_p = disc.features(noisy, t_real[judged], c[judged], p[judged], m[judged])
+                    loss_d = loss_d + cfg.r1_weight * approx_r1(
+                        real_logits, disc.heads_logits(feats_p, t_real[judged], p[judged])
+                    )
+            nets.opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+        else:  # no judged row on this rank: zero gradients, so the ranks' heads stay equal
+            nets.opt_d.zero_grad(set_to_none=True)
+        source.world.average_gradients(disc.parameters())  # the heads are replicated on every rank
+        if torch.isfinite(torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)):
+            nets.opt_d.step()
+        else:
+            skipped += 1
+    return HeadsStep(real_logits, fake_logits, k[judged], skipped)
+
+
+# --- the run ------------------------------------------------------------------------------------------------
 
 
 def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: World) -> dict:
     started, device = time.perf_counter(), world.device
     if world.size > 1 and cfg.parallel == "none":
         raise ConfigError(f"distill.parallel is none but torchrun started {world.size} processes: use ddp or fsdp")
-    mine = world.rows(cfg.batch_size)  # this rank's rows of every global batch (all of them in one process)
-    sharded = cfg.parallel == "fsdp" and world.size > 1
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     plan = memory_plan(cfg, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=plan["mixed_precision"] == "bf16")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)  # on CPU, the same on every rank: same draws on any device and world
-    student_input, renoise_time = STUDENT_INPUTS[cfg.student_input], RENOISE_TIMES[cfg.renoise_times]
-    regression, stochastic = REGRESSION_TARGETS[cfg.regression_target], STOCHASTIC[cfg.sampler]
 
     # 0. Data and networks: teacher latents by bucket (and its path states where the input reads them), the
-    #    prompts encoded once, the frozen teacher (may be bf16), student, EMA, heads; resumed where this run's.
+    #    prompts' stored embeddings, the frozen teacher (may be bf16), student, EMA, heads; resumed where this run's.
     times = student_times(cfg)
-    # a LoRA target that matches no layer fails here, on the teacher's config alone
-    lora_spec = None
+    recipe = Recipe.of(cfg, len(times), device)
+    lora_spec = None  # a LoRA target that matches no layer fails here, on the teacher's config alone
     if cfg.student == "lora":
         lora_spec = lora.LoraSpec.resolve(
             teacher_dir, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, "distill.lora_targets"
         )
     run = _run_fingerprint(cfg, teacher_dir, synthetic_dir)
     data = SyntheticSet(synthetic_dir)  # the manifest and a few records columns; every shard stat-ed, none read
-    reads_path = student_input.reads_path
-    columns = trajectory_columns(data.trajectory_times, times) if reads_path else None
-    teacher_dtype = getattr(torch, plan["teacher_dtype"])
-    teacher = load_transformer(teacher_dir, device, teacher_dtype).eval().requires_grad_(False)
+    columns = trajectory_columns(data.trajectory_times, times) if recipe.student_input.reads_path else None
+    teacher = load_transformer(teacher_dir, device, getattr(torch, plan["teacher_dtype"]))
+    teacher = teacher.eval().requires_grad_(False)
     inpainting = check_synthetic(data, run["teacher"], teacher_dir, teacher.config)
     # before training: a checkpoint past distill.steps is an error; one of other settings moves aside when this
     # run writes its first checkpoint (a run failing before that changes no file)
     resume, asides = resume_point_on_rank0(cfg.checkpoint, cfg.steps, run, world)
-    batches = BucketBatches([b.records for b in data.buckets], cfg.batch_size, cfg.seed)
-    # the rows of each global batch this rank reads: its own, or all where it simulates the whole batch's inputs
-    loaded = slice(0, cfg.batch_size) if world.size > 1 and cfg.backward_share > 0 else mine
-    student, trained, adapter_layers, ema, disc, layers, opt_g, opt_d = build_networks(
-        cfg, teacher_dir, teacher, plan, world, lora_spec
-    )
-    adversarial = ADVERSARIAL_LOSSES[cfg.loss]
-    # lambda_adv per student time: the heads judge (and the teacher runs for) only rows with a weight above 0
-    adversarial_weights = cfg.adversarial_weight * torch.tensor(cfg.adversarial_time_weights or [1.0] * len(times)).to(
-        device
-    )
-    modules, optimizers = (
-        {"student": trained, "ema": ema, "disc": disc},
-        {"opt_g": (trained, opt_g), "opt_d": (disc, opt_d)},
-    )
-    start = resume_state(resume, modules, optimizers, gen, world) if resume else 0
-
-    def save_state(step: int) -> None:
-        """Under FSDP, a sharded checkpoint (every rank writes its shards, collective); else gathered and written
-        from rank 0 as one file."""
-        if world.main:
-            move_aside(asides)  # another run's checkpoint, kept whole, only now that this run writes its own
-        if sharded:
-            save_sharded_checkpoint(
-                sharded_checkpoint_path(cfg.checkpoint),
-                step,
-                {"student": sharded_state(student), "ema": sharded_state(ema), "opt_g": sharded_state(student, opt_g)},
-                {"disc": disc.state_dict()},
-                {"opt_d": opt_d.state_dict()},
-                {"data": gen},
-                run,
-                world,
-            )
-        else:
-            states = {name: full_state_dict(module) for name, module in modules.items()}
-            opt_states = {name: full_optimizer_state(module, opt) for name, (module, opt) in optimizers.items()}
-            if world.main:
-                save_checkpoint(cfg.checkpoint, step, states, opt_states, {"data": gen}, meta=run)
-        if world.main:
-            write_curve(curve_path(cfg.report_dir), curve, len(layers), len(times))
-
+    nets = build_networks(cfg, teacher_dir, teacher, plan, world, lora_spec)
+    start = resume_state(resume, *nets.checkpointed(), gen, world) if resume else 0
     curve = read_curve(curve_path(cfg.report_dir), start)
+    n_trained = _log_start(cfg, plan, nets, data, synthetic_dir, times, tracker)
+    skipped, step_times, to_first_step = 0, [], time.perf_counter() - started
+    source = BatchSource(cfg, data, times, columns, inpainting, world, gen, recipe, nets, autocast, start)
+    try:
+        steps = range(start, cfg.steps)
+        for step in (
+            bar := tqdm(steps, initial=start, total=cfg.steps, desc="distill", mininterval=2, disable=not world.main)
+        ):
+            tick = time.perf_counter()
+            # 1-2. A batch of teacher latents and prompts; student times from the warm-up schedule, then the
+            #      biased one; the student's input at those times.
+            probs = torch.tensor(cfg.warmup_probs if step < cfg.warmup_steps else cfg.probs)
+            batch = source.next(probs)
+            # 3. Student update: x0_hat re-noised to t_hat and judged by the heads (+ the regression term).
+            g = student_update(cfg, recipe, nets, source, batch, autocast)
+            # 4. Discriminator update(s) on real and fake re-noised alike.
+            d = heads_update(cfg, recipe, nets, source, batch, g, probs, autocast)
+            skipped += g.skipped + d.skipped
+            step_times.append(time.perf_counter() - tick)
+            # 5. Bookkeeping: curves (per head and per student time too, over every rank's rows) through the
+            #    tracker, atomic checkpoint (weights, optimisers, EMA, RNG, step).
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                row = curve_row(
+                    world,
+                    recipe.adversarial,
+                    len(nets.layers),
+                    len(times),
+                    d.judged_k,
+                    d.real_logits,
+                    d.fake_logits,
+                    g.loss_g,
+                    g.loss_adv,
+                    g.loss_reg,
+                    g.grad_norm,
+                )
+                curve.append(row := {"step": step, **row, "skipped": skipped})
+                tracker.log_metrics(
+                    {f"distill/{k}": v for k, v in row.items() if k != "step" and math.isfinite(v)}, step=step
+                )
+                bar.set_postfix(
+                    d=f"{row['loss_d']:.3f}",
+                    g=f"{row['loss_adv']:.3f}",
+                    real=f"{row['logits_real']:.2f}",
+                    fake=f"{row['logits_fake']:.2f}",
+                )
+            if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
+                save_state(cfg, step + 1, nets, gen, run, world, asides, curve, len(times))
+    finally:
+        source.close()
+
+    # 6. GAN health over the last quarter of training; what the weights are (versioned with the student) apart
+    #    from how this run went (timings, device, resume: a cache-free report beside the checkpoint).
+    health = gan_health(curve, cfg.loss, len(nets.layers), len(times))
+    (log.info if health["status"] == "ok" else log.warning)("distill: GAN health %s", health["summary"])
+    summary = {"steps": cfg.steps, "skipped_updates": skipped, "gan_health": health}
+    facts = _run_facts(cfg, world, nets, start, step_times, to_first_step, n_trained)
+    meta = _student_meta(cfg, teacher_dir, data, run, times, inpainting, lora_spec, n_trained)
+    save_run(cfg, teacher_dir, nets, world, meta, summary, facts, curve, tracker, lora_spec)
+    return {**summary, **facts}
+
+
+def save_state(cfg: DistillConfig, step: int, nets: Networks, gen, run: dict, world: World, asides, curve, n_times):
+    """The resume point at `step`: under FSDP a sharded checkpoint (every rank writes its shards, collective); else
+    gathered and written from rank 0 as one file. Then the curve so far."""
+    if world.main:
+        move_aside(asides)  # another run's checkpoint, kept whole, only now that this run writes its own
+    modules, optimizers = nets.checkpointed()
+    if cfg.parallel == "fsdp" and world.size > 1:
+        save_sharded_checkpoint(
+            sharded_checkpoint_path(cfg.checkpoint),
+            step,
+            {
+                "student": sharded_state(nets.student),
+                "ema": sharded_state(nets.ema),
+                "opt_g": sharded_state(nets.student, nets.opt_g),
+            },
+            {"disc": nets.disc.state_dict()},
+            {"opt_d": nets.opt_d.state_dict()},
+            {"data": gen},
+            run,
+            world,
+        )
+    else:
+        states = {name: full_state_dict(module) for name, module in modules.items()}
+        opt_states = {name: full_optimizer_state(module, opt) for name, (module, opt) in optimizers.items()}
+        if world.main:
+            save_checkpoint(cfg.checkpoint, step, states, opt_states, {"data": gen}, meta=run)
+    if world.main:
+        write_curve(curve_path(cfg.report_dir), curve, len(nets.layers), n_times)
+
+
+def _log_start(cfg: DistillConfig, plan: dict, nets: Networks, data, synthetic_dir, times, tracker) -> int:
+    """What this run resolved, to the tracker and the log; returns the trained parameter count."""
     tracker.log_params(
         {
-            "distill.resolved.feature_layers": layers,
+            "distill.resolved.feature_layers": nets.layers,
             "distill.resolved.student_times": times.tolist(),
             **{f"distill.resolved.{k}": v for k, v in plan.items()},
         }
     )
-    n_trained = sum(p.numel() for p in trained.parameters())  # a DTensor shard counts its whole parameter
+    n_trained = sum(p.numel() for p in nets.trained.parameters())  # a DTensor shard counts its whole parameter
     log.info(
         "distill: %d records in %d resolution buckets %s, read from %s as it trains; memory: %s; %s student, "
         "%.3g M trained parameters",
@@ -389,264 +776,35 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
         cfg.regression_weight_one,
         f", preset {cfg.preset}" if cfg.preset else "",
     )
+    return n_trained
 
-    def student_velocity(x_t, t, c, p, m):
-        """The student's v at (x_t, t), in float32; a LoRA student's adapters are on for this pass alone."""
-        with lora.adapters(adapter_layers, on=True):
-            v = student(
-                hidden_states=torch.cat([x_t, m.to(x_t.dtype)], 1),
-                encoder_hidden_states=c,
-                pooled_projections=p,
-                timestep=t * 1000,
-            ).sample
-        return v.float()
 
-    def student_x0(x_t, t, c, p, m):
-        """x0_hat = x_t - t v (rectified flow)."""
-        return x_t - t.view(-1, 1, 1, 1) * student_velocity(x_t, t, c, p, m)
-
-    @torch.no_grad()
-    def teacher_x0(x_t, t, c, p, m):
-        v = teacher(
-            hidden_states=torch.cat([x_t, m], 1).to(teacher_dtype),
-            encoder_hidden_states=c.to(teacher_dtype),
-            pooled_projections=p.to(teacher_dtype),
-            timestep=t * 1000,
-        ).sample
-        return x_t - t.view(-1, 1, 1, 1) * v.float()
-
-    def read_batch(position: int) -> dict:
-        """The global batch at `position` (BucketBatches), this rank's `loaded` rows of it, read from the shards
-        (in the prefetch thread)."""
-        _, records = batches[position]
-        batch = data.read(records[loaded], trajectory=reads_path)
-        if reads_path:
-            batch["trajectory"] = batch["trajectory"][:, columns]
-        return {k: v.pin_memory() for k, v in batch.items()} if device.type == "cuda" else batch
-
-    def student_batch(probs):
-        """Phases 1-2 for the global batch, then this rank's rows of it: teacher latents x0 of one resolution
-        bucket with their prompts' stored embeddings (LADD's "real" data), student step indices k from the
-        (warm-up) probabilities, t = times[k], and the student's input x_t there (`student_input`); a
-        `backward_share` of the t < 1 rows instead get the current student's own earlier steps (simulated for the
-        global batch on every rank, so every rank runs the student equally often)."""
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}  # as stored (bf16 on a GPU)
-        batch = {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}
-        x0, c, p = batch["latents"], batch["prompt_embeds"], batch["pooled_prompt_embeds"]
-        m = batch["condition"] if inpainting else x0.new_zeros(len(x0), 0, *x0.shape[2:])
-        own = slice(mine.start - loaded.start, mine.stop - loaded.start)  # this rank's rows among those read
-        k = torch.multinomial(probs, cfg.batch_size, replacement=True, generator=gen)
-        t = times[k].to(device)
-        start_noise = record_noise(batch["seed"][own].tolist(), x0.shape[1:]).to(device) if reads_path else None
-        eps = noise(x0) if student_input.fresh_noise else None
-        x_t = student_input.make(
-            x0[own], t[mine], k[mine].to(device), start_noise, batch["trajectory"][own] if reads_path else None, eps
-        )
-        simulated = (k > 0) & (torch.rand(cfg.batch_size, generator=gen) < cfg.backward_share)
-        if simulated.any():  # `loaded` holds every simulated row (all rows wherever this runs on several ranks)
-            rows = torch.nonzero(simulated).flatten().to(device) - loaded.start
-            with autocast:
-                x_sim = backward_simulate(
-                    student_velocity,
-                    k[simulated],
-                    times.to(device),
-                    c[rows],
-                    p[rows],
-                    x0[rows],
-                    stochastic,
-                    gen,
-                    m[rows],
-                )
-            keep = (rows >= own.start) & (rows < own.stop)
-            x_t[rows[keep] - own.start] = x_sim[keep]
-        return x0[own], c[own], p[own], m[own], t, x_t, simulated.to(device)[mine], k.to(device)[mine]
-
-    def noise(like):
-        """Noise for the global batch from the shared stream; this rank's rows of it."""
-        return randn((cfg.batch_size, *like.shape[1:]), gen, like)[mine]
-
-    def regression_loss(x0_hat, x0, x_t, t, c, p, m, simulated):
-        """Optional MSE of x0_hat to `regression_target`, weighted separately below t = 1 and at t = 1. An
-        endpoint exists only for inputs made from x0 (never for simulated ones; at t = 1 only on a trajectory).
-        Each MSE is over the selected rows of the global batch, whichever rank holds them."""
-        has_target = ~simulated if regression.needs_source else torch.ones_like(simulated)
-        loss = x0_hat.sum() * 0
-        for weight, rows in ((cfg.regression_weight, t < 1), (cfg.regression_weight_one, t == 1)):
-            rows = rows & has_target
-            per_rank = world.mean(rows.sum().float()) if world.size > 1 else None  # on every rank, rows or not
-            if weight > 0 and rows.any():
-                target = regression.target(
-                    x0[rows], x_t[rows], t[rows], lambda x, tt, rows=rows: teacher_x0(x, tt, c[rows], p[rows], m[rows])
-                )
-                loss = loss + weight * masked_mse(x0_hat, target, rows, per_rank)
-        return loss
-
-    def judged_features(x, t_hat, eps, rows, c, p, m):
-        """The frozen teacher's features of the selected rows of x re-noised to t_hat (beside their condition)."""
-        return disc.features(noise_to(x[rows], t_hat[rows], eps[rows]), t_hat[rows], c[rows], p[rows], m[rows])
-
-    skipped, step_times, to_first_step = 0, [], time.perf_counter() - started
-    # batches are read ahead in a thread; each step takes d_steps_per_g of them, so a resumed run reads on from the
-    # position its step implies (BucketBatches is a pure function of it)
-    stream = Prefetcher(
-        read_batch,
-        start * cfg.d_steps_per_g,
-        cfg.prefetch if cfg.prefetch is not None else 4 if device.type == "cuda" else 0,
-    )
-    try:
-        for step in (
-            bar := tqdm(
-                range(start, cfg.steps),
-                initial=start,
-                total=cfg.steps,
-                desc="distill",
-                mininterval=2,
-                disable=not world.main,
-            )
-        ):
-            tick = time.perf_counter()
-            # 1-2. A batch of teacher latents and prompts; student times from the warm-up schedule, then the
-            #      biased one; the student's input at those times.
-            probs = torch.tensor(cfg.warmup_probs if step < cfg.warmup_steps else cfg.probs)
-            x0, c, p, m, t_all, x_t, simulated, k = student_batch(probs)
-            t = t_all[mine]
-            # 3. Student update: x0_hat = x_t - t v, re-noised to t_hat and judged by the heads on the frozen
-            #    teacher's features (the rows whose time has an adversarial weight); the gradient flows through the
-            #    teacher's forward pass into x0_hat. Plus the optional regression term.
-            disc.requires_grad_(False)
-            t_fake = renoise_time(t_all, cfg.renoise_mean, cfg.renoise_std, gen)[mine]
-            eps_fake = noise(x0)
-            weight = adversarial_weights[k]
-            judged = weight > 0
-            fake_features = None
-            with autocast:
-                x0_hat = student_x0(x_t, t, c, p, m)
-                loss_reg = regression_loss(x0_hat, x0, x_t, t, c, p, m, simulated)
-                loss_adv = x0_hat.sum() * 0
-                if judged.any():
-                    fake_features = judged_features(x0_hat, t_fake, eps_fake, judged, c, p, m)
-                    loss_adv = student_loss(
-                        adversarial,
-                        disc.heads_logits(fake_features, t_fake[judged], p[judged]),
-                        weight[judged],
-                        len(weight),
-                    )
-                loss_g = loss_adv + loss_reg
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()  # DDP / FSDP average the student's gradient over the ranks here
-            grad_norm_g = full_tensor(torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip))
-            if torch.isfinite(grad_norm_g):
-                opt_g.step()
-                update_ema(ema, unwrap(trained), cfg.ema_decay)
-            else:
-                skipped += 1
-            # 4. Discriminator update(s): real = teacher latents, fake = x0_hat, both re-noised (same t_hat
-            #    unless independent_renoise); teacher features need no graph, only the heads train. The first
-            #    D step reuses the G step's fake features, detached: the same x0_hat and t_hat it would draw,
-            #    one teacher forward fewer per step.
-            disc.requires_grad_(True)
-            for d_step in range(cfg.d_steps_per_g):
-                if d_step == 0:
-                    fake_features, t_fk = fake_features and [f.detach() for f in fake_features], t_fake
-                else:  # extra D steps see a fresh batch and fresh student samples
-                    x0, c, p, m, t_all, x_t, _, k = student_batch(probs)
-                    judged = adversarial_weights[k] > 0
-                    t_fk = renoise_time(t_all, cfg.renoise_mean, cfg.renoise_std, gen)[mine]
-                    eps_fake = noise(x0)
-                    with torch.no_grad(), autocast:
-                        x0_hat = student_x0(x_t, t_all[mine], c, p, m)
-                        fake_features = (
-                            judged_features(x0_hat, t_fk, eps_fake, judged, c, p, m) if judged.any() else None
-                        )
-                t_real = (
-                    renoise_time(t_all, cfg.renoise_mean, cfg.renoise_std, gen)[mine]
-                    if cfg.independent_renoise
-                    else t_fk
-                )
-                eps_real = noise(x0)
-                real_logits = fake_logits = []
-                if fake_features:
-                    with autocast:
-                        with torch.no_grad():
-                            real_features = judged_features(x0, t_real, eps_real, judged, c, p, m)
-                        real_logits = disc.heads_logits(real_features, t_real[judged], p[judged])
-                        fake_logits = disc.heads_logits(fake_features, t_fk[judged], p[judged])
-                        loss_d = heads_loss(adversarial, real_logits, fake_logits)
-                        if cfg.r1_weight > 0:
-                            with torch.no_grad():
-                                noisy = noise_to(x0, t_real, eps_real)[judged] + cfg.r1_sigma * noise(x0)[judged]
-                                feats_p = disc.features(noisy, t_real[judged], c[judged], p[judged], m[judged])
-                            loss_d = loss_d + cfg.r1_weight * approx_r1(
-                                real_logits, disc.heads_logits(feats_p, t_real[judged], p[judged])
-                            )
-                    opt_d.zero_grad(set_to_none=True)
-                    loss_d.backward()
-                else:  # no judged row on this rank: zero gradients, so the ranks' heads stay equal
-                    opt_d.zero_grad(set_to_none=True)
-                world.average_gradients(disc.parameters())  # the heads are replicated on every rank
-                if torch.isfinite(torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)):
-                    opt_d.step()
-                else:
-                    skipped += 1
-            step_times.append(time.perf_counter() - tick)
-            # 5. Bookkeeping: curves (per head and per student time too, over every rank's rows) through the tracker,
-            #    atomic checkpoint (weights, optimisers, EMA, RNG, step) from rank 0.
-            if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                row = {
-                    "step": step,
-                    **curve_row(
-                        world,
-                        adversarial,
-                        len(layers),
-                        len(times),
-                        k[judged],
-                        real_logits,
-                        fake_logits,
-                        loss_g,
-                        loss_adv,
-                        loss_reg,
-                        grad_norm_g,
-                    ),
-                    "skipped": skipped,
-                }
-                curve.append(row)
-                tracker.log_metrics(
-                    {f"distill/{name}": v for name, v in row.items() if name != "step" and math.isfinite(v)}, step=step
-                )
-                bar.set_postfix(
-                    d=f"{row['loss_d']:.3f}",
-                    g=f"{row['loss_adv']:.3f}",
-                    real=f"{row['logits_real']:.2f}",
-                    fake=f"{row['logits_fake']:.2f}",
-                )
-            if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
-                save_state(step + 1)
-    finally:  # the reader thread and the open shards go with the loop, however it ends
-        stream.close()
-        data.close()
-
-    # 6. GAN health over the last quarter of training; what the weights are (versioned with the student) apart
-    #    from how this run went (timings, device, resume: a cache-free report beside the checkpoint).
-    health = gan_health(curve, cfg.loss, len(layers), len(times))
-    (log.info if health["status"] == "ok" else log.warning)("distill: GAN health %s", health["summary"])
-    summary = {"steps": cfg.steps, "skipped_updates": skipped, "gan_health": health}
+def _run_facts(cfg, world: World, nets: Networks, start: int, step_times, to_first_step, n_trained) -> dict:
+    """How this run went (the run report, outside the student's hash): resume point, speed, device, processes."""
     steady = step_times[min(5, len(step_times) - 1) :] if step_times else []
     facts = {
         "resumed_from": start,
         "sec_per_step": sum(steady) / len(steady) if steady else math.nan,
         "seconds_to_first_step": to_first_step,
-        "device": device.type,
+        "device": world.device.type,
         "world_size": world.size,
         "parallel": cfg.parallel if world.size > 1 else "none",
         "trained_parameters": n_trained,
     }
-    if device.type == "cuda":  # this rank's peak: weights, optimiser states, activations, allocator slack excluded
-        facts["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    if world.device.type == "cuda":  # this rank's peak: weights, optimiser states, activations; allocator slack not
+        facts["peak_memory_gb"] = torch.cuda.max_memory_allocated(world.device) / 1e9
     if world.size > 1:
-        world.check_replicas(disc)
+        sharded = cfg.parallel == "fsdp"
+        world.check_replicas(nets.disc)
         if not sharded:
-            world.check_replicas(unwrap(student))
+            world.check_replicas(unwrap(nets.student))
         facts["replicas"] = f"{'student and heads' if not sharded else 'heads'} identical on {world.size} ranks"
+    return facts
+
+
+def _student_meta(cfg, teacher_dir, data, run: dict, times, inpainting: bool, lora_spec, n_trained: int) -> dict:
+    """What the student is (ladd.json beside it): its times, schedule and sampler, its task, its teacher and the
+    teacher settings and resolution buckets evaluate measures it against."""
     meta = {
         "max_sequence_length": data.text["max_sequence_length"],
         "source": "ladd-student",
@@ -657,7 +815,6 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
         "sampler": cfg.sampler,
         "default_steps": len(times),
         "task": "inpaint" if inpainting else "text2image",
-        # what evaluate measures against and where: the teacher of the synthetic data, its resolution buckets
         "distillation_teacher": {"guidance": data.manifest["run"]["guidance"], "steps": data.manifest["run"]["steps"]},
         "buckets": [
             {"resolution": b["resolution"], "share": b["records"] / data.manifest["records"]}
@@ -671,5 +828,4 @@ def _distill(cfg: DistillConfig, teacher_dir, synthetic_dir, tracker, world: Wor
             "target_modules": list(lora_spec.targets),
             "parameters": n_trained,
         }
-    save_run(cfg, teacher_dir, trained, ema, world, meta, summary, facts, curve, len(layers), tracker, lora_spec)
-    return {**summary, **facts}
+    return meta

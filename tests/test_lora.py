@@ -68,7 +68,15 @@ def test_lora_settings_are_checked_before_any_model_loads(tiny_teacher_dir, tiny
 def test_one_copy_of_the_base_weights_serves_student_and_teacher(tiny_teacher_dir):
     teacher = load_transformer(tiny_teacher_dir).eval().requires_grad_(False)
     storage = sorted(p.data_ptr() for p in teacher.parameters())
-    teacher, (student, trained, layers, ema, disc, _, opt_g, _) = _networks(tiny_teacher_dir, teacher=teacher)
+    teacher, nets = _networks(tiny_teacher_dir, teacher=teacher)
+    student, trained, layers, ema, disc, opt_g = (
+        nets.student,
+        nets.trained,
+        nets.adapter_layers,
+        nets.ema,
+        nets.disc,
+        nets.opt_g,
+    )
     assert student is teacher and len(layers) > 0
     # the base weights are still the teacher's own tensors (same storage, nothing copied), frozen
     base = [p for n, p in teacher.named_parameters() if ".lora_" not in n]
@@ -101,7 +109,8 @@ def test_one_copy_of_the_base_weights_serves_student_and_teacher(tiny_teacher_di
 
 def _adversarial_grads(teacher_dir, checkpointing: str, stock_checkpointing=False) -> list[torch.Tensor]:
     """The adapters' gradient of one student pass judged through the teacher's features (both on one module)."""
-    teacher, (student, trained, layers, _, disc, _, _, _) = _networks(teacher_dir, checkpointing)
+    teacher, nets = _networks(teacher_dir, checkpointing)
+    student, trained, layers, disc = nets.student, nets.trained, nets.adapter_layers, nets.disc
     if stock_checkpointing:
         student.enable_gradient_checkpointing()  # diffusers' own: recomputes with whatever adapters are on in backward
     with torch.no_grad():  # adapters that change the output, so a pass recomputed without them would differ
