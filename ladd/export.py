@@ -126,7 +126,8 @@ class FewStepGenerator(torch.nn.Module):
             timestep = torch.full_like(x[:, 0, 0, 0], t * NUM_TRAIN_TIMESTEPS)
             x_in = x if condition is None else torch.cat([x, condition], 1)
             v = self.velocity(x_in, prompt_embeds, pooled_projections, timestep)
-            x = step(x, v, t, t_next, step_noise[i] if STOCHASTIC[self.sampler] and i < steps - 1 else None)
+            draw = (lambda i=i: step_noise[i]) if STOCHASTIC[self.sampler] and i < steps - 1 else None
+            x = step(x, v, t, t_next, draw)
         return x, self.decoder(x)
 
 

@@ -81,12 +81,15 @@ def step(x, v, t, t_next, noise=None):
     noise None: Euler on the flow ODE, x + (t_next - t) v (diffusers' FlowMatchEulerDiscreteScheduler);
     noise given: ADD/LADD's re-noise step, x0 = x - t v, then (1 - t_next) x0 + t_next noise (the same scheduler
     with stochastic_sampling=True). Both end on x0 = x - t v at t_next = 0 (Euler's x + (0 - t) v is the same
-    float), which needs no draw. Tensors or floats for t and t_next; the arithmetic is in x's dtype."""
+    float), which needs no draw. Tensors or floats for t and t_next; the arithmetic is in x's dtype. `noise` may be
+    a function giving the draw, called only where it is used: the exported graph reads its step_noise input there,
+    after x0, so the graph's nodes stay in the order the ops run."""
     if float(t_next) == 0:
         return x - t * v
     if noise is None:
         return x + (t_next - t) * v
-    return (1 - t_next) * (x - t * v) + t_next * noise
+    x0 = x - t * v
+    return (1 - t_next) * x0 + t_next * (noise() if callable(noise) else noise)
 
 
 Draws = Callable[[int], torch.Tensor]  # step index -> the re-noising draw of that step
