@@ -21,10 +21,10 @@ import torch
 from machine import describe
 
 from ladd.data.prepare import load_split
-from ladd.evaluate import summarize_seeds
 from ladd.params import load_params
 from ladd.pipeline import load_pipeline, max_sequence_length
 from ladd.quality import embed, load_classifier_features, score_features
+from ladd.scoring import summarize_seeds
 
 
 def edit(pipe, images, prompts, strength, steps, guidance, seed, msl, batch=128):

@@ -27,54 +27,36 @@ from __future__ import annotations
 import json
 import logging
 import textwrap
-import time
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ladd.align import REWARDS, generate_batch, load_reward, model_dir
+from ladd.align import REWARDS, load_reward, model_dir
 from ladd.card import write_model_card
 from ladd.config import EvaluateConfig, resolve_features
 from ladd.data.prepare import load_split
 from ladd.distributed import World, close_world, init_world
 from ladd.errors import ConfigError
 from ladd.gate import prompts_fingerprint, resolve_metric
-from ladd.generate import record_noise
-from ladd.inpaint import check_task, inpaint_condition, masked_images, record_masks
+from ladd.inpaint import check_task, masked_images, record_masks
 from ladd.io import atomic_file, fingerprint, write_json
-from ladd.metrics import frechet_distance
 from ladd.pipeline import (
     bucket_latent_shapes,
-    decode_latents,
-    encode_prompts,
-    load_pipeline,
     load_transformer,
-    max_sequence_length,
     native_resolution,
     read_meta,
 )
-from ladd.quality import FEATURE_EXTRACTORS, embed, load_clip, real_floor, score_features
-from ladd.registry import open_registry, register_and_gate
+from ladd.quality import FEATURE_EXTRACTORS, embed, load_clip, real_floor
+from ladd.registry import champion_rescorer, open_registry, register_and_gate
 from ladd.sampling import flow_sigmas
 from ladd.schedules import student_sigmas
+from ladd.scoring import HEADLINE, Model, ScoringTable, summarize_seeds
 
 log = logging.getLogger(__name__)
 
-HEADLINE = (
-    "fd",
-    "fd_teacher",
-    "fd_teacher_same_noise",
-    "fd_reference",
-    "fd_reference_same_noise",
-    "clip_score",
-    "accuracy",
-    "reward",
-    "outside_mse",
-)  # the figures rows are named by, where they exist
-FIGURES = ("feats", "logits", "clip_score", "reward", "outside_mse", "grid")  # what evaluate keeps of a batch
 ROW_KEYS = ("nfe", *(k for m in HEADLINE for k in (m, f"{m}_std")))  # quality_vs_nfe.json's columns
 EXTRACTOR_PATH_KEYS = {
     "classifier": "evaluate.features",
@@ -125,53 +107,6 @@ def save_grid(
     with atomic_file(path) as tmp:
         grid.save(tmp, format="PNG")
     return path
-
-
-def summarize_seeds(rows: list[dict]) -> dict:
-    """Per-seed figures -> their mean under the plain name, the spread (std over seeds, ddof 1) as
-    `<name>_std`, and the per-seed values under `per_seed`."""
-    out: dict = {}
-    for key in rows[0]:
-        values = np.array([r[key] for r in rows], dtype=float)
-        out[key] = float(values.mean())
-        out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-    out["per_seed"] = rows
-    return out
-
-
-class _Model:
-    """One model to evaluate: a transformer (the pipeline's, unless given) with the VAE and text encoders of `pipe`."""
-
-    def __init__(self, pipe, msl: int, transformer=None):
-        self.pipe, self.msl = pipe, msl
-        self.transformer = pipe.transformer if transformer is None else transformer
-        self.null_e, self.null_p = encode_prompts(pipe, [""], msl)
-
-    def encode(self, prompts: list[str]):
-        return encode_prompts(self.pipe, prompts, self.msl)
-
-    def sample(self, start, embeds, pooled, noise, sigmas, guidance, sampler, batch_size, seed, condition=None):
-        """Images (on the CPU) of the batch of rows [start, start + len(noise)), as when sampled among all rows."""
-        lat = generate_batch(
-            self.transformer,
-            start,
-            embeds,
-            pooled,
-            noise,
-            sigmas,
-            batch_size,
-            condition,
-            guidance=guidance,
-            null_embeds=self.null_e,
-            null_pooled=self.null_p,
-            sampler=sampler,
-            seed=seed,
-        )
-        return decode_latents(self.pipe.vae, lat, batch_size).cpu()
-
-
-def _load(pipe_dir, device) -> _Model:
-    return _Model(load_pipeline(pipe_dir, device), max_sequence_length(pipe_dir))
 
 
 def evaluate(
@@ -234,18 +169,27 @@ def _distillation_teacher(cfg: EvaluateConfig, student_meta: dict) -> tuple[floa
     return float(guidance), int(steps)
 
 
-def _evaluate(
-    cfg: EvaluateConfig,
-    data_dir,
-    classifier_dir,
-    teacher_dir,
-    student_dir,
-    tracker,
-    world: World,
-    align=None,
-    inpaint=None,
-) -> dict:
-    out, device = Path(cfg.out_dir), world.device
+@dataclass
+class _Inputs:
+    """An evaluation's inputs, every setting checked against the data and the models before any sampling."""
+
+    split_dir: Path
+    train: object
+    test: object
+    features: str
+    extractor_path: object
+    use_real: bool
+    gate_metric: str
+    inpainting: bool
+    aligned_dir: Path | None
+    student_meta: dict
+    guidance: float
+    teacher_steps: int
+    reference_guidance: float | None
+    table: ScoringTable
+
+
+def _inputs(cfg: EvaluateConfig, data_dir, classifier_dir, teacher_dir, student_dir, world: World, align, inpaint):
     split_dir = Path(data_dir) / cfg.split
     if not split_dir.is_dir():
         raise ConfigError(
@@ -291,250 +235,119 @@ def _evaluate(
     guidance, teacher_steps = _distillation_teacher(cfg, student_meta)
     buckets = _buckets(cfg, student_meta, teacher_dir, test, inpainting)
     shapes = bucket_latent_shapes(teacher_dir, [r for r, _ in buckets], "evaluate.resolution")
-    teacher = _load(teacher_dir, device)
-    student = _load(student_dir, device)
+    table = ScoringTable(
+        world,
+        prompts,
+        labels,
+        test.images,
+        tuple(cfg.seeds),
+        cfg.batch_size,
+        min(cfg.grid_size, n),
+        buckets,
+        shapes,
+        extractor,
+        clip,
+        reward,
+        labels.tolist() if reward is not None and REWARDS[align.reward].needs_labels else None,
+        None,  # the real images' features: embedded once the models are loaded
+        inpaint.mask_seed if inpainting else None,
+    )
+    reference_guidance = None if cfg.reference_guidance in (None, guidance) else cfg.reference_guidance
+    return _Inputs(
+        split_dir,
+        train,
+        test,
+        features,
+        extractor_path,
+        use_real,
+        gate_metric,
+        inpainting,
+        aligned_dir,
+        student_meta,
+        guidance,
+        teacher_steps,
+        reference_guidance,
+        table,
+    )
+
+
+def _protocol(cfg: EvaluateConfig, inputs: _Inputs, teacher_dir, inpaint) -> dict:
+    """What the figures were measured under (their gate compares like with like): prompts, seeds, resolutions, the
+    teacher rows' settings, the feature weights and the real images, by fingerprint (every weight file read)."""
+    table, buckets = inputs.table, inputs.table.buckets
+    return {
+        "prompts": prompts_fingerprint(table.prompts),
+        "num_samples": len(table.prompts),
+        "seeds": list(cfg.seeds),
+        **(
+            {"resolution": list(buckets[0][0])}
+            if len(buckets) == 1
+            else {"resolutions": [list(r) for r, _ in buckets], "resolution_shares": [s for _, s in buckets]}
+        ),
+        "gate_steps": cfg.gate_steps,
+        "teacher_steps": inputs.teacher_steps,
+        "guidance": inputs.guidance,
+        **({"reference_guidance": inputs.reference_guidance} if inputs.reference_guidance is not None else {}),
+        **({"split": cfg.split} if cfg.split != "test" else {}),  # test protocols read as before
+        "features": inputs.features,
+        "features_weights": fingerprint(inputs.extractor_path),
+        "clip_weights": fingerprint(cfg.clip_path) if cfg.clip_path else None,
+        "real_images": fingerprint(inputs.split_dir / "images.safetensors") if inputs.use_real else None,
+        "teacher": fingerprint(Path(teacher_dir) / "transformer"),
+        **({"inpaint_mask_seed": inpaint.mask_seed} if inputs.inpainting else {}),  # text-to-image protocols unchanged
+    }
+
+
+def _evaluate(
+    cfg: EvaluateConfig,
+    data_dir,
+    classifier_dir,
+    teacher_dir,
+    student_dir,
+    tracker,
+    world: World,
+    align=None,
+    inpaint=None,
+) -> dict:
+    out, device = Path(cfg.out_dir), world.device
+    inputs = _inputs(cfg, data_dir, classifier_dir, teacher_dir, student_dir, world, align, inpaint)
+    table, test, student_meta, aligned_dir = inputs.table, inputs.test, inputs.student_meta, inputs.aligned_dir
+    teacher, student = Model.load(teacher_dir, device), Model.load(student_dir, device)
     if cfg.raw_student:
         from diffusers import SD3Transformer2DModel
 
-        student.transformer = SD3Transformer2DModel.from_pretrained(Path(student_dir) / "ladd_raw_transformer").to(
-            device
-        )
+        raw = SD3Transformer2DModel.from_pretrained(Path(student_dir) / "ladd_raw_transformer")
+        student.transformer = raw.to(device)
+    aligned = None
     if aligned_dir is not None:  # its own transformer; text encoders and VAE are the student's
-        aligned = _Model(student.pipe, student.msl, load_transformer(aligned_dir, device))
+        aligned = Model(student.pipe, student.msl, load_transformer(aligned_dir, device))
     for k in cfg.few_steps:
+        trained = student_meta.get("student_times", [1.0])
         untrained = [
-            t
-            for t in student_sigmas(k, student_meta)[:-1].tolist()
-            if min(abs(t - s) for s in student_meta.get("student_times", [1.0])) > 1e-6
+            t for t in student_sigmas(k, student_meta)[:-1].tolist() if min(abs(t - s) for s in trained) > 1e-6
         ]
         if untrained:
             log.warning("the student's %d-step schedule visits times it was not trained at: %s", k, untrained)
-    shift = teacher.pipe.scheduler.config.shift
-    grid_n = min(cfg.grid_size, n)
-    real = embed(extractor, test.images.float() / 255)[0] if use_real and world.main else None
-    reward_labels = labels.tolist() if reward is not None and REWARDS[align.reward].needs_labels else None
-    # the many-step teachers' sample features, {role: {(bucket, seed): features}}: fd_teacher's reference (the teacher
-    # the student learnt from) and, when evaluate.reference_guidance differs from its CFG, fd_reference's
-    references: dict[str, dict] = {}
-    reference_guidance = None if cfg.reference_guidance in (None, guidance) else cfg.reference_guidance
-    protocol = (
-        None
-        if not world.main
-        else {  # fingerprints read every weight file: rank 0 alone uses them
-            "prompts": prompts_fingerprint(prompts),
-            "num_samples": n,
-            "seeds": list(cfg.seeds),
-            **(
-                {"resolution": list(buckets[0][0])}
-                if len(buckets) == 1
-                else {"resolutions": [list(r) for r, _ in buckets], "resolution_shares": [s for _, s in buckets]}
-            ),
-            "gate_steps": cfg.gate_steps,
-            "teacher_steps": teacher_steps,
-            "guidance": guidance,
-            **({"reference_guidance": reference_guidance} if reference_guidance is not None else {}),
-            **({"split": cfg.split} if cfg.split != "test" else {}),  # test protocols read as before
-            "features": features,
-            "features_weights": fingerprint(extractor_path),
-            "clip_weights": fingerprint(cfg.clip_path) if cfg.clip_path else None,
-            "real_images": fingerprint(split_dir / "images.safetensors") if use_real else None,
-            "teacher": fingerprint(Path(teacher_dir) / "transformer"),
-            **({"inpaint_mask_seed": inpaint.mask_seed} if inpainting else {}),  # text-to-image protocols unchanged
-        }
-    )
+    if inputs.use_real and world.main:
+        table.real = embed(table.extractor, test.images.float() / 255)[0]
+    protocol = _protocol(cfg, inputs, teacher_dir, inpaint) if world.main else None  # rank 0 alone uses it
     metrics: dict = {
         "split": cfg.split,
-        "num_samples": n,
+        "num_samples": len(table.prompts),
         "seeds": list(cfg.seeds),
-        "features": features,
-        "resolutions": [{"resolution": list(r), "share": s} for r, s in buckets],
+        "features": inputs.features,
+        "resolutions": [{"resolution": list(r), "share": s} for r, s in table.buckets],
         "protocol": protocol,
     }
-    if use_real and world.main:
+    if inputs.use_real and world.main:
+        n = len(table.prompts)
         metrics["real_floor"] = summarize_seeds(
-            [real_floor(extractor, train, test, n, seed, real) for seed in cfg.seeds]
+            [real_floor(table.extractor, inputs.train, test, n, seed, table.real) for seed in cfg.seeds]
         )
-
-    def bucket_rows(model, b, sigmas, guidance, sampler, role, on):
-        """Every seed of one configuration sampled at bucket `b` and scored: (per-seed figures, the first seed's
-        grid images); ([], None) on ranks other than the main one."""
-        shape = shapes[b]
-        kept = {seed: {} for seed in cfg.seeds}  # seed -> figure -> this rank's per-batch tensors, in batch order
-        seconds, sampled = dict.fromkeys(cfg.seeds, 0.0), 0
-        for start in range(on.rank * cfg.batch_size, n, on.size * cfg.batch_size):
-            rows = range(start, min(start + cfg.batch_size, n))
-            batch = prompts[start : rows.stop]
-            embeds, pooled = model.encode(batch)  # once for every seed; not timed (ms_per_image is the sampler's)
-            text = clip.text_embeds(batch) if clip is not None else None
-            condition = None
-            if inpainting:
-                masks = record_masks("evaluate", rows, inpaint.mask_seed, *test.images.shape[-2:])
-                condition = inpaint_condition(model.pipe.vae, test.images[start : rows.stop], masks)
-                outside, original = (masks < 0.5).float(), test.images[start : rows.stop].float() / 255
-            for seed in cfg.seeds:
-                # record i of seed s starts from seed s * 1_000_003 + i: the seeds' noises never overlap
-                noise = record_noise([seed * 1_000_003 + i for i in rows], shape)
-                tick = time.perf_counter()
-                images = model.sample(
-                    start, embeds, pooled, noise, sigmas, guidance, sampler, cfg.batch_size, seed, condition
-                )
-                seconds[seed] += time.perf_counter() - tick
-                got = dict(zip(("feats", "logits"), embed(extractor, images)))
-                if clip is not None:  # per image; clip_score is their mean
-                    got["clip_score"] = (100 * (clip.image_embeds(images) * text).sum(-1)).clamp(min=0)
-                if reward is not None:
-                    got["reward"] = reward(
-                        images, batch, None if reward_labels is None else reward_labels[start : rows.stop]
-                    )
-                if inpainting:  # what had to stay: the real image outside the mask
-                    error = (images.float() - original).pow(2) * outside
-                    got["outside_mse"] = error.sum((1, 2, 3)) / (outside.sum((1, 2, 3)) * images.shape[1])
-                if seed == cfg.seeds[0] and (start == 0 or start < grid_n):  # rank 0 always has one (grid_n may be 0)
-                    got["grid"] = images[: grid_n - start]
-                for k, v in got.items():
-                    if v is not None:
-                        kept[seed].setdefault(k, []).append(v.float())
-            sampled += len(rows)
-        per_seed, first, seed_feats = [], None, {}
-        for seed in cfg.seeds:
-            # every rank joins each gather, even one with no batch (rank 0 has batch 0: it holds every figure there is)
-            got = {
-                k: on.gather_batches(
-                    torch.cat(kept[seed][k]) if k in kept[seed] else torch.empty(0),
-                    grid_n if k == "grid" else n,
-                    cfg.batch_size,
-                )
-                for k in FIGURES
-            }
-            if not on.main:
-                continue
-            got = {k: v for k, v in got.items() if k in kept[seed]}
-            seed_feats[seed] = got["feats"]
-            row = {
-                "ms_per_image": seconds[seed] * 1000 / max(sampled, 1),
-                **score_features(got["feats"], got.get("logits"), labels, real),
-            }
-            row.update({k: float(got[k].mean()) for k in ("clip_score", "reward", "outside_mse") if k in got})
-            per_seed.append(row)
-            first = got["grid"] if first is None else first
-        if not on.main:
-            return [], None
-        if role is not None:
-            references[role].update({(b, seed): f for seed, f in seed_feats.items()})
-        seeds = list(cfg.seeds)
-        for name, feats_of in references.items():
-            for i, (seed, r) in enumerate(zip(seeds, per_seed)):
-                if name != role:  # against the same noise: also rewards following that teacher's ODE path
-                    r[f"fd_{name}_same_noise"] = frechet_distance(feats_of[(b, seed)].numpy(), seed_feats[seed].numpy())
-                if (
-                    len(seeds) > 1
-                ):  # against the next seed's samples (other noise, same prompts); its own row: the floor
-                    other = feats_of[(b, seeds[(i + 1) % len(seeds)])]
-                    r[f"fd_{name}"] = frechet_distance(other.numpy(), seed_feats[seed].numpy())
-        return per_seed, first
-
-    def measure(model, steps, sigmas, guidance, sampler, name, role=None, solo=False):
-        """The row of one sampler configuration: every seed at every bucket sampled and scored, and its first seed's
-        images at the first bucket (saved as grids/<name>.png unless `solo`); `role`: teacher or reference, whose
-        features fd_<role> measures against. With several buckets, each figure is the share-weighted mean over
-        them, seed by seed, and the row keeps each bucket's own under `buckets`."""
-        on = replace(world, rank=0, size=1) if solo else world
-        if role is not None:
-            references[role] = {}
-        per_bucket, first = [], None
-        for b in range(len(buckets)):
-            per_seed, grid = bucket_rows(model, b, sigmas, guidance, sampler, role, on)
-            per_bucket.append(per_seed)
-            first = grid if first is None else first
-        if not on.main:
-            return {}, None
-        shares = np.array([s for _, s in buckets]) / sum(s for _, s in buckets)
-        mixed = [
-            {k: float(sum(w * rows[i][k] for w, rows in zip(shares, per_bucket))) for k in per_bucket[0][i]}
-            for i in range(len(cfg.seeds))
-        ]
-        row = {
-            "steps": steps,
-            "guidance": guidance,
-            "nfe": steps * (2 if guidance > 1 else 1),
-            **summarize_seeds(mixed),
-        }
-        if len(buckets) > 1:
-            row["buckets"] = {f"{h}x{w}": summarize_seeds(rows) for ((h, w), _), rows in zip(buckets, per_bucket)}
-        if not solo:
-            save_grid(first, out / "grids" / f"{name}.png")
-        log.info(
-            "%s: %s (%d seeds)",
-            name,
-            ", ".join(f"{k} {row[k]:.3f} ± {row[f'{k}_std']:.3f}" for k in HEADLINE if k in row),
-            len(cfg.seeds),
-        )
-        return row, first
-
-    many_steps = flow_sigmas(teacher_steps, shift)
-    if reference_guidance is not None:  # fd_reference's teacher: the same one at another CFG; its own row first
-        metrics["reference"], _ = measure(
-            teacher,
-            teacher_steps,
-            many_steps,
-            reference_guidance,
-            "euler",
-            f"reference_{teacher_steps}",
-            role="reference",
-        )
-    metrics["teacher"], teacher_imgs = measure(
-        teacher, teacher_steps, many_steps, guidance, "euler", f"teacher_{teacher_steps}", role="teacher"
-    )
-    metrics["teacher_naive"], metrics["student"] = {}, {}
-    if aligned_dir is not None:
-        metrics["aligned"] = {}
-    side_by_side, labels_by_row = (
-        [teacher_imgs],
-        [_label(f"teacher, {teacher_steps} steps, CFG {guidance:g}", metrics["teacher"])],
-    )
-    for k in cfg.few_steps:
-        metrics["teacher_naive"][str(k)], _ = measure(
-            teacher, k, flow_sigmas(k, shift), guidance, "euler", f"teacher_naive_{k}"
-        )
-        metrics["student"][str(k)], imgs = measure(
-            student, k, student_sigmas(k, student_meta), 0.0, student_meta.get("sampler", "euler"), f"student_{k}"
-        )
-        side_by_side.append(imgs)
-        labels_by_row.append(_label(f"student, {k} step{'s' if k > 1 else ''}", metrics["student"][str(k)]))
-        if aligned_dir is not None:
-            metrics["aligned"][str(k)], imgs = measure(
-                aligned, k, student_sigmas(k, student_meta), 0.0, student_meta.get("sampler", "euler"), f"aligned_{k}"
-            )
-            side_by_side.append(imgs)
-            labels_by_row.append(_label(f"aligned, {k} step{'s' if k > 1 else ''}", metrics["aligned"][str(k)]))
+    grids = _score_rows(cfg, inputs, metrics, teacher, student, aligned)
     if not world.main:
         return {}
-    # teacher (top row) vs the student at each step count, same prompts and seeds, one column per prompt
-    ncol = min(grid_n, 10)
-    if inpainting:  # the input: the test image with its hole in grey
-        masks = record_masks("evaluate", range(ncol), inpaint.mask_seed, *test.images.shape[-2:])
-        holes = masked_images(test.images[:ncol].float() / 127.5 - 1, masks) / 2 + 0.5
-        side_by_side, labels_by_row = [holes, *side_by_side], ["masked input", *labels_by_row]
-    save_grid(
-        torch.cat([g[:ncol] for g in side_by_side]),
-        out / "grids" / "teacher_vs_student.png",
-        ncol=ncol,
-        row_labels=labels_by_row,
-        col_labels=prompts[:ncol],
-    )
-    write_json(out / "quality_vs_nfe.json", {"rows": _plot_rows(metrics)})
-    write_json(
-        out / "metrics.json", metrics
-    )  # first without the registration: a tracking server lost below loses no figure
-    write_json(out / "align.json", align_report(metrics, align) if aligned_dir else {"enabled": False})
-    summary_path = Path(student_dir) / "ladd_train_summary.json"
-    train_summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    write_model_card(student_dir, student_meta, train_summary, metrics)  # before registering: the model carries it
-    if aligned_dir is not None:
-        write_model_card(aligned_dir, read_meta(aligned_dir), train_summary, metrics)
-    tracker.log_summary(flatten_metrics({k: v for k, v in metrics.items() if k != "protocol"}))
-    tracker.set_tags({"evaluate.protocol": json.dumps(protocol, sort_keys=True)})
-    final_dir = aligned_dir or Path(student_dir)  # what the gate judges and registers
+    _write_reports(cfg, inputs, metrics, grids, out, student_dir, align, inpaint, tracker)
     gate = metrics["aligned" if aligned_dir else "student"].get(str(cfg.gate_steps))
     if cfg.register and gate is None:
         log.warning(
@@ -544,28 +357,22 @@ def _evaluate(
         )
     if cfg.register and gate is not None:
 
-        def rescore(pipe_dir):  # the champion's student under this evaluation's protocol (rank 0 alone)
-            meta = read_meta(pipe_dir)
-            if (meta.get("task") == "inpaint") != inpainting:  # inpainting and text-to-image never compare
-                kind = "an inpainting" if not inpainting else "a text-to-image"
-                raise ConfigError(
-                    f"evaluate.model_name: {cfg.model_name}'s champion is {kind} student and this one is "
-                    "not: register it under another evaluate.model_name"
-                )
-            row, _ = measure(
-                _load(pipe_dir, device),
-                cfg.gate_steps,
-                student_sigmas(cfg.gate_steps, meta),
-                0.0,
-                meta.get("sampler", "euler"),
-                "champion_rescored",
-                solo=True,
-            )
-            return {k: row[k] for k in HEADLINE if k in row}
+        def rescore(pipe_dir, meta):  # the champion's student under this evaluation's protocol (rank 0 alone)
+            sigmas = student_sigmas(cfg.gate_steps, meta)
+            model = Model.load(pipe_dir, device)
+            return table.row(
+                model, cfg.gate_steps, sigmas, 0.0, meta.get("sampler", "euler"), "champion_rescored", solo=True
+            )[0]
 
         candidate = {k: gate[k] for k in HEADLINE if k in gate}
         registered = register_and_gate(
-            cfg, candidate, gate_metric, protocol, final_dir, open_registry(tracker), rescore
+            cfg,
+            candidate,
+            inputs.gate_metric,
+            protocol,
+            aligned_dir or Path(student_dir),  # what the gate judges and registers
+            open_registry(tracker),
+            champion_rescorer(rescore, cfg.model_name, inputs.inpainting, HEADLINE),
         )
         if registered:
             log.info(
@@ -582,6 +389,71 @@ def _evaluate(
     tracker.log_artifact(out / "align.json")
     tracker.log_artifact(out / "grids", "grids")
     return metrics
+
+
+def _score_rows(cfg: EvaluateConfig, inputs: _Inputs, metrics: dict, teacher, student, aligned) -> dict:
+    """The table's rows into `metrics`: the reference teacher (another CFG, when set), the teacher the student learnt
+    from, that teacher sampled naively at few steps, the student (and the aligned student) at each of `few_steps`.
+    Returns each row's first images by grid name, and the side-by-side rows with their labels."""
+    table, meta, guidance, teacher_steps = inputs.table, inputs.student_meta, inputs.guidance, inputs.teacher_steps
+    shift = teacher.pipe.scheduler.config.shift
+    many_steps, grids = flow_sigmas(teacher_steps, shift), {}
+    if inputs.reference_guidance is not None:  # fd_reference's teacher: the same one at another CFG; its own row first
+        name = f"reference_{teacher_steps}"
+        row, grids[name] = table.row(
+            teacher, teacher_steps, many_steps, inputs.reference_guidance, "euler", name, role="reference"
+        )
+        metrics["reference"] = row
+    name = f"teacher_{teacher_steps}"
+    metrics["teacher"], grids[name] = table.row(teacher, teacher_steps, many_steps, guidance, "euler", name, "teacher")
+    side_by_side = [(grids[name], _label(f"teacher, {teacher_steps} steps, CFG {guidance:g}", metrics["teacher"]))]
+    students = [("student", student)] + ([("aligned", aligned)] if aligned is not None else [])
+    metrics["teacher_naive"] = {}
+    metrics.update({kind: {} for kind, _ in students})
+    for k in cfg.few_steps:
+        name = f"teacher_naive_{k}"
+        metrics["teacher_naive"][str(k)], grids[name] = table.row(
+            teacher, k, flow_sigmas(k, shift), guidance, "euler", name
+        )
+        for kind, model in students:
+            name = f"{kind}_{k}"
+            row, grids[name] = table.row(model, k, student_sigmas(k, meta), 0.0, meta.get("sampler", "euler"), name)
+            metrics[kind][str(k)] = row
+            side_by_side.append((grids[name], _label(f"{kind}, {k} step{'s' if k > 1 else ''}", row)))
+    return {"rows": grids, "side_by_side": side_by_side}
+
+
+def _write_reports(cfg, inputs: _Inputs, metrics: dict, grids: dict, out: Path, student_dir, align, inpaint, tracker):
+    """Rank 0: each row's grid, the teacher-vs-student grid, quality_vs_nfe.json, metrics.json (first without the
+    registration: a tracking server lost later loses no figure), align.json, the model cards, the tracker's copy."""
+    table, test = inputs.table, inputs.test
+    for name, images in grids["rows"].items():
+        save_grid(images, out / "grids" / f"{name}.png")
+    # teacher (top row) vs the student at each step count, same prompts and seeds, one column per prompt
+    ncol = min(table.grid_n, 10)
+    side_by_side = grids["side_by_side"]
+    if inputs.inpainting:  # the input: the test image with its hole in grey
+        masks = record_masks("evaluate", range(ncol), inpaint.mask_seed, *test.images.shape[-2:])
+        holes = masked_images(test.images[:ncol].float() / 127.5 - 1, masks) / 2 + 0.5
+        side_by_side = [(holes, "masked input"), *side_by_side]
+    save_grid(
+        torch.cat([images[:ncol] for images, _ in side_by_side]),
+        out / "grids" / "teacher_vs_student.png",
+        ncol=ncol,
+        row_labels=[label for _, label in side_by_side],
+        col_labels=table.prompts[:ncol],
+    )
+    write_json(out / "quality_vs_nfe.json", {"rows": _plot_rows(metrics)})
+    write_json(out / "metrics.json", metrics)
+    aligned_dir = inputs.aligned_dir
+    write_json(out / "align.json", align_report(metrics, align) if aligned_dir else {"enabled": False})
+    summary_path = Path(student_dir) / "ladd_train_summary.json"
+    train_summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    write_model_card(student_dir, inputs.student_meta, train_summary, metrics)  # before registering: the model has it
+    if aligned_dir is not None:
+        write_model_card(aligned_dir, read_meta(aligned_dir), train_summary, metrics)
+    tracker.log_summary(flatten_metrics({k: v for k, v in metrics.items() if k != "protocol"}))
+    tracker.set_tags({"evaluate.protocol": json.dumps(metrics["protocol"], sort_keys=True)})
 
 
 def _label(name: str, row: dict) -> str:

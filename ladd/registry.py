@@ -9,9 +9,10 @@ import logging
 import tempfile
 from pathlib import Path
 
-from ladd.errors import TrackingUnavailable
+from ladd.errors import ConfigError, TrackingUnavailable
 from ladd.gate import evaluation_tags, evaluations, gate_decision, protocol_differences, protocol_id, resolve_direction
 from ladd.io import fingerprint
+from ladd.pipeline import read_meta
 from ladd.tracking import MlflowTracker, masked_uri, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -294,6 +295,25 @@ def _against_champion(
     if rescored is not None:
         reason += f" (champion version {champion['version']} re-scored under this protocol)"
     return promote, reason, rescored
+
+
+def champion_rescorer(score, model_name: str, inpainting: bool, figures: tuple[str, ...]):
+    """`rescore(pipe_dir)` for the gate: the champion's student (downloaded to `pipe_dir`) scored under this
+    evaluation's protocol by `score(pipe_dir, its ladd.json)`, its `figures`. An inpainting student and a
+    text-to-image one never compare."""
+
+    def rescore(pipe_dir) -> dict:
+        meta = read_meta(pipe_dir)
+        if (meta.get("task") == "inpaint") != inpainting:
+            kind = "an inpainting" if not inpainting else "a text-to-image"
+            raise ConfigError(
+                f"evaluate.model_name: {model_name}'s champion is {kind} student and this one is not: register it "
+                "under another evaluate.model_name"
+            )
+        row = score(pipe_dir, meta)
+        return {k: row[k] for k in figures if k in row}
+
+    return rescore
 
 
 def open_registry(tracker) -> NullRegistry:

@@ -82,7 +82,7 @@ def test_memory_is_a_batchs_prompts_at_a_time_and_the_figures_do_not_depend_on_i
     """Memory grows with evaluate.batch_size, not with the number of prompts: no more than a batch of prompts is
     encoded at once (nor its noise drawn); batches of 4 score what one batch of 12 scores (the text encoder's sums
     aside: its batches differ), the renoise student and a grid spanning batches included."""
-    import ladd.evaluate as ev
+    import ladd.scoring as ev  # where the table encodes and draws
 
     sizes = {"encode": [], "noise": []}
     real_encode, real_noise = ev.encode_prompts, ev.record_noise
