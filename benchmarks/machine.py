@@ -1,5 +1,5 @@
 """The machine a benchmark's figures came from, printed above every table: timings move ~4x between CPUs of
-the same size (AVX2 only vs AVX-512), quality figures a few percent (README: Reproducibility)."""
+the same size (AVX2 only vs AVX-512), quality figures a few percent (docs/results/index.md: Reproducibility)."""
 
 from __future__ import annotations
 

@@ -293,7 +293,7 @@ if __name__ == "__main__":
         with one_run(repo):
             pass
         check_settings(repo, repo / (sys.argv[2] if len(sys.argv) > 2 else "params.yaml"))
-    except (Busy, ConfigError, DataError) as e:  # exit codes as `ladd`'s (README: When something goes wrong)
+    except (Busy, ConfigError, DataError) as e:  # exit codes as `ladd`'s (docs/guide/troubleshooting.md)
         print(f"ladd pipeline: {e}", file=sys.stderr)
         sys.exit(next(code for kind, code in {Busy: 8, ConfigError: 2, DataError: 3}.items() if isinstance(e, kind)))
     pipeline(*sys.argv[1:])

@@ -1,4 +1,4 @@
-"""Run the pipeline on a schedule (needs a Prefect server, see README).
+"""Run the pipeline on a schedule (needs a Prefect server, see docs/guide/orchestration.md).
 
     python -m flows.serve [--cron "0 3 * * *"] [--params params.yaml]            # served by this process
     python -m flows.serve --pool gpu [--cron ...] [--params ...]                 # deployed to a work pool

@@ -233,7 +233,7 @@ def _main(argv: list[str] | None = None) -> int:
         return 130
     import torch  # here, not at the top: `ladd generate` runs without PyTorch
 
-    # expected failures: one line on stderr and an exit code per kind (README: When something goes wrong);
+    # expected failures: one line on stderr and an exit code per kind (docs/guide/troubleshooting.md);
     # anything else is a bug and keeps its traceback (exit 1)
     exit_codes = {
         ConfigError: 2,
@@ -273,7 +273,7 @@ def _main(argv: list[str] | None = None) -> int:
             print(
                 f"ladd {args.stage}: out of GPU memory ({str(e).splitlines()[0][:160]}): lower the stage's batch_size; "
                 "for distill also gradient_checkpointing: all, mixed_precision: bf16, ema_on_cpu: true, or more "
-                "processes with parallel: fsdp (README: Memory settings)",
+                "processes with parallel: fsdp (docs/guide/teachers.md: Memory settings)",
                 file=sys.stderr,
             )
             return 9

@@ -215,7 +215,7 @@ class DistillConfig:
     lora_alpha: float | None = None  # None: the rank (scale 1)
     lora_dropout: float = 0.0
     # groups of ladd/lora.py or module-name suffixes; attention alone left FD@4 1.22x full's here
-    # (README: LoRA students)
+    # (docs/results/students.md)
     lora_targets: tuple[str, ...] = ("attention", "feed_forward", "adaln")
     seed: int = 0
     device: str = "auto"

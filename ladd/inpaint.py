@@ -1,4 +1,4 @@
-"""Inpainting (issue #23): the masks, the condition channels, and the widening of a text-to-image MMDiT into
+"""Inpainting: the masks, the condition channels, and the widening of a text-to-image MMDiT into
 the 33-channel layout `StableDiffusion3InpaintPipeline` runs.
 
 Layout (diffusers' SD3 inpaint pipeline): the transformer's input is [noisy latent (C), mask (1), masked-image

@@ -78,7 +78,8 @@ def open_session(
     if used != providers[0]:
         _UNUSABLE.update(providers[: providers.index(used)])
         log.warning(
-            "%s: %s is not usable here (onnxruntime-gpu %s needs CUDA 13 and cuDNN 9; see README); falling back to %s",
+            "%s: %s is not usable here (onnxruntime-gpu %s needs CUDA 13 and cuDNN 9; see docs/guide/onnx.md); "
+            "falling back to %s",
             Path(path).name,
             providers[0],
             ort.__version__,

@@ -1,4 +1,4 @@
-"""Inpainting (issue #23): masks, the condition, the widened teacher, and a tiny inpainting chain (teacher ->
+"""Inpainting: masks, the condition, the widened teacher, and a tiny inpainting chain (teacher ->
 synthesize -> distill -> evaluate -> export) that stock `StableDiffusion3InpaintPipeline` runs."""
 
 from pathlib import Path
