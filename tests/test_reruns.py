@@ -119,7 +119,7 @@ def test_a_server_lost_mid_evaluate_costs_no_figure(finished_project, tiny_class
         lines = []
         for line in proc.stderr:  # sampling started: the stage's run is open on the server
             lines.append(line)
-            if "ladd.evaluate INFO teacher_3:" in line:
+            if "ladd.scoring INFO teacher_3:" in line:  # the teacher row scored
                 break
         server.terminate()
         server.wait(timeout=30)
