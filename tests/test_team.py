@@ -1,7 +1,8 @@
-"""A team shares one project, with real git, DVC (a local remote) and the project's default MLflow store: what one
-person pushes another pulls and finds up to date; DVC experiments (in the workspace, `--temp`, and queued, two at
-once) rerun only the stages their change touches, list their metrics in `dvc exp show`, and log to the project's
-own store, tagged with their names; the same student evaluated under several protocols is one registered version."""
+"""A team shares one project, with real git, DVC (a local remote) and the project's default MLflow store. One person
+runs the Prefect flow over every stage (it leaves what `dvc repro` would) and pushes; another pulls and finds it up
+to date; DVC experiments (in the workspace, `--temp`, and queued, two at once) rerun only the stages their change
+touches, list their metrics in `dvc exp show`, and log to the project's own store, tagged with their names; the
+same student evaluated under several protocols is one registered version."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from conftest import ROOT, SMOKE_PARAMS, init_repo, write_params
 
 pytestmark = pytest.mark.slow
 BIN = os.path.dirname(sys.executable)
+ALL_STAGES = {"prepare", "validate", "classifier", "teacher", "synthesize", "distill", "align", "evaluate", "export"}
 HEADLINE = {
     "student.1.fd",
     "student.4.fd",
@@ -71,9 +73,17 @@ def flat(metrics: dict, prefix: str = "") -> dict:
     return out
 
 
+FLOW: dict = {}  # what the Prefect flow returned and left, for the flow's own test
+
+
 @pytest.fixture(scope="module")
 def pushed(tmp_path_factory):
-    """One person's finished smoke project: `dvc repro`, then commit and `dvc push` to the project's remote."""
+    """One person's finished smoke project: the Prefect flow over every stage (tracked in the project's own store),
+    a second flow run that finds nothing to do, then commit and `dvc push` to the project's remote."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline
+
     base = tmp_path_factory.mktemp("team")
     project = base / "alice"
     project.mkdir()
@@ -83,8 +93,12 @@ def pushed(tmp_path_factory):
     write_params(project / "params.yaml", SMOKE_PARAMS)
     init_repo(project)
     dvc(project, "remote", "add", "-d", "shared", str(base / "remote"))
-    ran = ran_stages(dvc(project, "repro"))
-    assert ran == set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    with pytest.MonkeyPatch.context() as env, prefect_test_harness(server_startup_timeout=120):
+        env.setenv("LADD_TRACKING", "1")  # the real tracking path, every stage, into the project's default store
+        env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+        FLOW["first"] = pipeline(str(project))
+        FLOW["lock"] = (project / "dvc.lock").read_text()
+        FLOW["second"] = pipeline(str(project))
     git(project, "add", "-A")
     git(project, "commit", "-q", "-m", "a finished run")
     dvc(project, "push")
@@ -95,6 +109,72 @@ def pushed(tmp_path_factory):
                 os.kill(int(pid), signal.SIGKILL)
         except OSError:
             pass
+
+
+def test_the_flow_runs_every_stage_once_as_dvc_would(pushed):
+    """One pipeline execution through the Prefect flow: it leaves dvc.lock exactly as `dvc repro` would (repro
+    finds nothing to do), a second flow run skips every stage, one MLflow run holds each stage's nested run with
+    the data sets DVC locked, and the student is registered as champion, its ONNX export beside it."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import stage_order
+    from ladd.pipeline import load_pipeline, max_sequence_length
+
+    _, project = pushed
+    order = stage_order(project)
+    assert order[0] == "prepare" and set(order) == ALL_STAGES
+    assert (
+        order.index("validate")
+        < order.index("teacher")
+        < order.index("synthesize")
+        < order.index("distill")
+        < order.index("align")
+        < order.index("evaluate")
+    )
+    assert FLOW["first"] == dict.fromkeys(order, True) and FLOW["second"] == dict.fromkeys(order, False)
+    out = dvc(project, "repro")
+    assert ran_stages(out) == set() and "Data and pipelines are up to date" in out
+    assert (project / "dvc.lock").read_text() == FLOW["lock"]
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    assert metrics["student"]["1"]["nfe"] == 1 and metrics["teacher"]["nfe"] == 8
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = store_runs(project)
+    first, noop = sorted(
+        (r for r in runs if r.data.tags.get("ladd.stage") == "pipeline"), key=lambda r: r.info.start_time
+    )
+    assert first.info.status == noop.info.status == "FINISHED" and first.data.tags["data_fingerprint.prepare"]
+    assert first.data.params["distill.steps"] == "4"
+
+    def stages_under(run):
+        return {r.data.tags["ladd.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id}
+
+    assert stages_under(first) == ALL_STAGES and stages_under(noop) == set()
+    # the Datasets panel: what distill trained on and evaluate scored, each with the hash DVC locked for it
+    lock = yaml.safe_load(FLOW["lock"])["stages"]
+    prepared = next(o for o in lock["prepare"]["outs"] if o["path"] == "data/prepared")
+    for stage, expected in (
+        ("distill", {"prepared/train": "training"}),
+        ("evaluate", {"prepared/train": "training", "prepared/test": "evaluation"}),
+    ):
+        (ran,) = [
+            r
+            for r in runs
+            if r.data.tags.get("ladd.stage") == stage and r.data.tags.get("mlflow.parentRunId") == first.info.run_id
+        ]
+        inputs = client.get_run(ran.info.run_id).inputs.dataset_inputs
+        assert {i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"] for i in inputs} == expected
+        assert {t.value for i in inputs for t in i.tags if t.key == "dvc.out.md5"} == {prepared["md5"]}
+    assert str(client.get_model_version_by_alias("ladd-student", "champion").version) == "1"
+    assert [str(v.version) for v in client.search_model_versions("name='ladd-student-onnx'")] == ["1"]
+    assert json.loads((project / "reports" / "export.json").read_text())["max_abs_error"] <= 1e-3
+    teacher = project / "models" / "teacher"
+    image = load_pipeline(teacher)(
+        "a handwritten digit five",
+        num_inference_steps=2,
+        guidance_scale=2.0,
+        max_sequence_length=max_sequence_length(teacher),
+    ).images[0]
+    assert image.size == (32, 32)
 
 
 def test_a_clone_and_pull_finds_nothing_to_run(pushed):
