@@ -886,7 +886,7 @@ def test_the_flow_checks_every_setting_before_its_first_stage(smoke_project):
 def _make_work(stage: str, project: Path) -> Path:
     """Give `stage` work that takes a while; returns the output whose final bytes are compared."""
     if stage == "synthesize":
-        edit_params(project, "synthesize", seed=1, shard_size=128)  # a new data set of 12 shards
+        edit_params(project, "synthesize", seed=1, shard_size=128, steps=2)  # a new data set of 12 shards
         return project / "data" / "synthetic"
     edit_params(project, "distill", steps=16, checkpoint_every=1)  # resumes from step 4
     return project / "models" / "student"
