@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import StableDiffusion3Pipeline
 
 from ladd.errors import ConfigError, TeacherError
+
+if TYPE_CHECKING:  # diffusers and transformers take ~3 s to import: only the stages that load a pipeline pay it
+    from diffusers import StableDiffusion3Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,8 @@ def load_pipeline(
                 kwargs[name] = None
     elif Path(src).exists() or Path(src).is_absolute() or str(src).startswith(".") or str(src).count("/") != 1:
         raise TeacherError(f"{src} is not a folder, nor a hub id (owner/name)")
+    from diffusers import StableDiffusion3Pipeline
+
     try:
         pipe = StableDiffusion3Pipeline.from_pretrained(
             str(src), dtype=dtype, use_safetensors=True, **{**kwargs, **components}
