@@ -958,8 +958,11 @@ def test_interrupted_at_a_random_point_then_the_same_command_finishes_the_same(s
     assert proc.poll() is None, f"the run ended before the signal; {replay}"
     proc.send_signal(sig)
     code = proc.wait(timeout=120)
+    proc.reader.join(timeout=30)
     time.sleep(0.2)
-    if sig == signal.SIGINT:
+    if sig == signal.SIGINT and code == 0 and proc.done_at is not None:
+        pass  # this run outpaced the reference: the stage had logged `done` and was exiting when SIGINT landed
+    elif sig == signal.SIGINT:
         assert code == 130, f"{''.join(proc.tail)[-2000:]}; {replay}"
         assert any(f"ladd {stage}: interrupted" in line for line in proc.tail), replay
         assert not any("Traceback" in line for line in proc.tail), replay
