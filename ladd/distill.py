@@ -12,13 +12,11 @@ rows of the global batch (`ladd.distributed` holds the plumbing).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,9 +29,8 @@ from ladd.card import write_model_card
 from ladd.checkpoint import save_checkpoint, save_sharded_checkpoint
 from ladd.config import DistillConfig
 from ladd.curve import curve_path, curve_row, read_curve, write_curve
-from ladd.data.batches import BucketBatches, Prefetcher
+from ladd.data.batches import BatchSource, StudentBatch
 from ladd.data.synthetic import SyntheticSet
-from ladd.discriminator import Discriminator, resolve_feature_layers
 from ladd.distributed import (
     World,
     close_world,
@@ -41,33 +38,22 @@ from ladd.distributed import (
     full_state_dict,
     full_tensor,
     init_world,
-    shard,
     sharded_state,
     unwrap,
-    wrap_student,
 )
 from ladd.errors import ConfigError, StaleInput
-from ladd.generate import record_noise
 from ladd.inpaint import has_condition
 from ladd.io import atomic_dir, fingerprint, write_json
-from ladd.losses import ADVERSARIAL_LOSSES, AdversarialLoss, approx_r1, gan_health, heads_loss, student_loss
+from ladd.losses import approx_r1, gan_health, heads_loss, student_loss
+from ladd.networks import Networks, build_networks
 from ladd.pipeline import load_pipeline, load_transformer, max_sequence_length, read_meta, write_meta
 from ladd.plots import plot_curves
+from ladd.recipe import Recipe
 from ladd.resume import move_aside, resume_point_on_rank0, resume_state, sharded_checkpoint_path
 from ladd.sampling import STOCHASTIC
 from ladd.schedules import SCHEDULER_FLAGS, check_student_times, few_step_times
-from ladd.training import adamw, update_ema
-from ladd.variants import (
-    REGRESSION_TARGETS,
-    RENOISE_TIMES,
-    STUDENT_INPUTS,
-    RegressionTarget,
-    StudentInput,
-    backward_simulate,
-    masked_mse,
-    noise_to,
-    randn,
-)
+from ladd.training import update_ema
+from ladd.variants import noise_to
 
 log = logging.getLogger(__name__)
 
@@ -253,266 +239,6 @@ def distill(cfg: DistillConfig, teacher_dir: str | Path, synthetic_dir: str | Pa
         return _distill(cfg, teacher_dir, synthetic_dir, tracker, world)
     finally:
         close_world(world)
-
-
-# --- the named parts of a run: its recipe, its networks, its batches ------------------------------------------
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """The variants `cfg` names (`ladd.variants`' dicts), with their settings: how the student's inputs are made,
-    the discriminator's re-noising times t_hat, the regression target, the sampler between simulated steps, the
-    adversarial loss and lambda_adv per student time."""
-
-    student_input: StudentInput
-    renoise_time: Callable
-    renoise_mean: float
-    renoise_std: float
-    regression: RegressionTarget
-    regression_weight: float
-    regression_weight_one: float
-    stochastic: bool
-    adversarial: AdversarialLoss
-    adversarial_weights: torch.Tensor  # the heads judge (and the teacher runs for) only rows with a weight above 0
-
-    @classmethod
-    def of(cls, cfg: DistillConfig, n_times: int, device: torch.device) -> Recipe:
-        weights = cfg.adversarial_weight * torch.tensor(cfg.adversarial_time_weights or [1.0] * n_times)
-        return cls(
-            STUDENT_INPUTS[cfg.student_input],
-            RENOISE_TIMES[cfg.renoise_times],
-            cfg.renoise_mean,
-            cfg.renoise_std,
-            REGRESSION_TARGETS[cfg.regression_target],
-            cfg.regression_weight,
-            cfg.regression_weight_one,
-            STOCHASTIC[cfg.sampler],
-            ADVERSARIAL_LOSSES[cfg.loss],
-            weights.to(device),
-        )
-
-    def t_hat(self, t_all: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """The re-noising times of the global batch (drawn whole on every rank, so the stream stays shared)."""
-        return self.renoise_time(t_all, self.renoise_mean, self.renoise_std, gen)
-
-    def regression_loss(self, nets: Networks, world: World, x0_hat, x0, x_t, t, c, p, m, simulated):
-        """Optional MSE of x0_hat to the regression target, weighted separately below t = 1 and at t = 1. An
-        endpoint exists only for inputs made from x0 (never for simulated ones; at t = 1 only on a trajectory).
-        Each MSE is over the selected rows of the global batch, whichever rank holds them."""
-        has_target = ~simulated if self.regression.needs_source else torch.ones_like(simulated)
-        loss = x0_hat.sum() * 0
-        for weight, rows in ((self.regression_weight, t < 1), (self.regression_weight_one, t == 1)):
-            rows = rows & has_target
-            per_rank = world.mean(rows.sum().float()) if world.size > 1 else None  # on every rank, rows or not
-            if weight > 0 and rows.any():
-                target = self.regression.target(
-                    x0[rows],
-                    x_t[rows],
-                    t[rows],
-                    lambda x, tt, rows=rows: nets.teacher_x0(x, tt, c[rows], p[rows], m[rows]),
-                )
-                loss = loss + weight * masked_mse(x0_hat, target, rows, per_rank)
-        return loss
-
-
-@dataclass
-class Networks:
-    """What a run trains and judges with: the frozen teacher (may be bf16), the student (wrapped for DDP or FSDP)
-    and what of it trains (all of it, or a LoRA student's adapters, whose `adapter_layers` switch them on for the
-    student's passes), their EMA, the discriminator heads on the teacher's features of blocks `layers`, and the two
-    optimisers."""
-
-    teacher: torch.nn.Module
-    teacher_dtype: torch.dtype
-    student: torch.nn.Module
-    trained: torch.nn.Module
-    adapter_layers: list
-    ema: torch.nn.Module
-    disc: Discriminator
-    layers: list[int]
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
-
-    def checkpointed(self) -> tuple[dict, dict]:
-        """The modules and (module, optimiser) pairs a checkpoint holds, by name."""
-        return (
-            {"student": self.trained, "ema": self.ema, "disc": self.disc},
-            {"opt_g": (self.trained, self.opt_g), "opt_d": (self.disc, self.opt_d)},
-        )
-
-    def student_velocity(self, x_t, t, c, p, m):
-        """The student's v at (x_t, t), in float32; a LoRA student's adapters are on for this pass alone."""
-        with lora.adapters(self.adapter_layers, on=True):
-            v = self.student(
-                hidden_states=torch.cat([x_t, m.to(x_t.dtype)], 1),
-                encoder_hidden_states=c,
-                pooled_projections=p,
-                timestep=t * 1000,
-            ).sample
-        return v.float()
-
-    def student_x0(self, x_t, t, c, p, m):
-        """x0_hat = x_t - t v (rectified flow)."""
-        return x_t - t.view(-1, 1, 1, 1) * self.student_velocity(x_t, t, c, p, m)
-
-    @torch.no_grad()
-    def teacher_x0(self, x_t, t, c, p, m):
-        dtype = self.teacher_dtype
-        v = self.teacher(
-            hidden_states=torch.cat([x_t, m], 1).to(dtype),
-            encoder_hidden_states=c.to(dtype),
-            pooled_projections=p.to(dtype),
-            timestep=t * 1000,
-        ).sample
-        return x_t - t.view(-1, 1, 1, 1) * v.float()
-
-    def judged_features(self, x, t_hat, eps, rows, c, p, m):
-        """The frozen teacher's features of the selected rows of x re-noised to t_hat (beside their condition)."""
-        return self.disc.features(noise_to(x[rows], t_hat[rows], eps[rows]), t_hat[rows], c[rows], p[rows], m[rows])
-
-
-def build_networks(cfg: DistillConfig, teacher_dir, teacher, plan: dict, world: World, lora_spec) -> Networks:
-    """The student, wrapped for DDP or FSDP, and what of it trains: a copy of the teacher with fp32 master weights
-    (all of them train), or with `student: lora` the teacher's own module with adapters (only they train). Then the
-    EMA of what trains, the discriminator heads on the frozen teacher's features, and the two optimisers. Under
-    FSDP the full student and EMA stay in CPU memory: fully_shard moves each block's shard to the device."""
-    device, sharded = world.device, cfg.parallel == "fsdp" and world.size > 1
-    if cfg.student == "lora":
-        trained, adapter_layers = lora.add_student_adapter(teacher, lora_spec)
-        # one copy of the base weights (so checkpointing it covers the teacher's passes too); train mode only
-        # switches lora_dropout, which the teacher's passes (adapters off) never run
-        student = teacher.train()
-    else:
-        trained = student = load_transformer(teacher_dir, "cpu" if sharded else device).train().requires_grad_(True)
-        adapter_layers = []
-    ema = copy.deepcopy(trained).requires_grad_(False).to("cpu" if plan["ema_on_cpu"] or sharded else device)
-    if plan["gradient_checkpointing"] in ("student", "all"):
-        student.enable_gradient_checkpointing(lora.checkpointing_func(adapter_layers) if adapter_layers else None)
-    if plan["gradient_checkpointing"] == "all" and student is not teacher:  # the student's gradient flows through
-        teacher.enable_gradient_checkpointing()  # the teacher's forward
-    student = wrap_student(student, cfg.parallel, world, plan["mixed_precision"] == "bf16")
-    if cfg.student == "full":
-        trained = student
-    if sharded:
-        ema = shard(ema, world)  # the EMA keeps the student's shards: its update stays local
-    layers = resolve_feature_layers(cfg.feature_layers, teacher.config.num_layers)
-    disc = Discriminator(teacher, layers, cfg.head_channels, truncate=plan["truncate_teacher"]).to(device)
-    world.copy_from_rank0(disc)  # the replicated heads start equal (their init is seeded the same on every rank)
-    opt_g = adamw(trained.parameters(), lr=cfg.lr_g, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    opt_d = adamw(disc.parameters(), lr=cfg.lr_d, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    teacher_dtype = getattr(torch, plan["teacher_dtype"])
-    return Networks(teacher, teacher_dtype, student, trained, adapter_layers, ema, disc, layers, opt_g, opt_d)
-
-
-class StudentBatch(NamedTuple):
-    """This rank's rows of one global batch: teacher latents x0 with their prompts' embeddings (c, p) and
-    condition m, the global batch's student times t_all, the student's inputs x_t at this rank's times, which rows
-    are simulated, and their step indices k."""
-
-    x0: torch.Tensor
-    c: torch.Tensor
-    p: torch.Tensor
-    m: torch.Tensor
-    t_all: torch.Tensor
-    x_t: torch.Tensor
-    simulated: torch.Tensor
-    k: torch.Tensor
-
-
-class BatchSource:
-    """Every batch and draw of a run: the synthetic set's shards, read ahead in a thread in `BucketBatches`' order
-    (a pure function of the position, so a resumed run reads on from where its step left off), and the run's one
-    CPU generator for every draw (the same on every rank: same draws on any device and world). Each rank keeps its
-    own rows of every global batch."""
-
-    def __init__(
-        self,
-        cfg,
-        data: SyntheticSet,
-        times,
-        columns,
-        inpainting: bool,
-        world: World,
-        gen,
-        recipe: Recipe,
-        nets: Networks,
-        autocast,
-        start_step: int,
-    ):
-        self.cfg, self.data, self.times, self.columns, self.inpainting = cfg, data, times, columns, inpainting
-        self.world, self.device, self.gen, self.recipe, self.nets, self.autocast = (
-            world,
-            world.device,
-            gen,
-            recipe,
-            nets,
-            autocast,
-        )
-        self.mine = world.rows(cfg.batch_size)  # this rank's rows of every global batch (all of them in one process)
-        # the rows read: this rank's own, or all where it simulates the whole batch's inputs
-        self.loaded = slice(0, cfg.batch_size) if world.size > 1 and cfg.backward_share > 0 else self.mine
-        self.batches = BucketBatches([b.records for b in data.buckets], cfg.batch_size, cfg.seed)
-        # each step takes d_steps_per_g batches: a resumed run reads on from the position its step implies
-        depth = cfg.prefetch if cfg.prefetch is not None else 4 if self.device.type == "cuda" else 0
-        self.stream = Prefetcher(self._read, start_step * cfg.d_steps_per_g, depth)
-
-    def _read(self, position: int) -> dict:
-        """The global batch at `position`, this rank's `loaded` rows of it, read from the shards (in the prefetch
-        thread)."""
-        _, records = self.batches[position]
-        reads_path = self.recipe.student_input.reads_path
-        batch = self.data.read(records[self.loaded], trajectory=reads_path)
-        if reads_path:
-            batch["trajectory"] = batch["trajectory"][:, self.columns]
-        return {k: v.pin_memory() for k, v in batch.items()} if self.device.type == "cuda" else batch
-
-    def noise(self, like: torch.Tensor) -> torch.Tensor:
-        """Noise for the global batch from the shared stream; this rank's rows of it."""
-        return randn((self.cfg.batch_size, *like.shape[1:]), self.gen, like)[self.mine]
-
-    def next(self, probs: torch.Tensor) -> StudentBatch:
-        """Phases 1-2 for the global batch, then this rank's rows of it: teacher latents x0 of one resolution
-        bucket with their prompts' stored embeddings (LADD's "real" data), student step indices k from the
-        (warm-up) probabilities, t = times[k], and the student's input x_t there (`student_input`); a
-        `backward_share` of the t < 1 rows instead get the current student's own earlier steps (simulated for the
-        global batch on every rank, so every rank runs the student equally often)."""
-        cfg, gen, device, mine, loaded = self.cfg, self.gen, self.device, self.mine, self.loaded
-        student_input, reads_path = self.recipe.student_input, self.recipe.student_input.reads_path
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(self.stream).items()}  # as stored (bf16 on GPU)
-        batch = {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}
-        x0, c, p = batch["latents"], batch["prompt_embeds"], batch["pooled_prompt_embeds"]
-        m = batch["condition"] if self.inpainting else x0.new_zeros(len(x0), 0, *x0.shape[2:])
-        own = slice(mine.start - loaded.start, mine.stop - loaded.start)  # this rank's rows among those read
-        k = torch.multinomial(probs, cfg.batch_size, replacement=True, generator=gen)
-        t = self.times[k].to(device)
-        start_noise = record_noise(batch["seed"][own].tolist(), x0.shape[1:]).to(device) if reads_path else None
-        eps = self.noise(x0) if student_input.fresh_noise else None
-        x_t = student_input.make(
-            x0[own], t[mine], k[mine].to(device), start_noise, batch["trajectory"][own] if reads_path else None, eps
-        )
-        simulated = (k > 0) & (torch.rand(cfg.batch_size, generator=gen) < cfg.backward_share)
-        if simulated.any():  # `loaded` holds every simulated row (all rows wherever this runs on several ranks)
-            rows = torch.nonzero(simulated).flatten().to(device) - loaded.start
-            with self.autocast:
-                x_sim = backward_simulate(
-                    self.nets.student_velocity,
-                    k[simulated],
-                    self.times.to(device),
-                    c[rows],
-                    p[rows],
-                    x0[rows],
-                    self.recipe.stochastic,
-                    gen,
-                    m[rows],
-                )
-            keep = (rows >= own.start) & (rows < own.stop)
-            x_t[rows[keep] - own.start] = x_sim[keep]
-        return StudentBatch(x0[own], c[own], p[own], m[own], t, x_t, simulated.to(device)[mine], k.to(device)[mine])
-
-    def close(self) -> None:
-        """The reader thread and the open shards go with the loop, however it ends."""
-        self.stream.close()
-        self.data.close()
 
 
 # --- the loop's phases 3 and 4 --------------------------------------------------------------------------------

@@ -32,11 +32,23 @@ def _module_file(root: Path, name: str) -> str | None:
     return None
 
 
+def _annotations_only(nodes) -> set[int]:
+    """The ids of the nodes under `if TYPE_CHECKING:`: imports for type annotations, which never run."""
+    skip = set()
+    for node in (n for top in nodes for n in ast.walk(top)):
+        test = getattr(node, "test", None)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in (getattr(test, "id", None), getattr(test, "attr", None)):
+            skip |= {id(n) for statement in node.body for n in ast.walk(statement)}
+    return skip
+
+
 def _imports(root: Path, nodes) -> set[str]:
     """The ladd module files imported anywhere under `nodes` (`from ladd.x import y` counts ladd/x/y.py when
-    y is a module, else ladd/x.py)."""
-    found = set()
+    y is a module, else ladd/x.py), but for type annotations alone."""
+    found, skip = set(), _annotations_only(nodes)
     for node in (n for top in nodes for n in ast.walk(top)):
+        if id(node) in skip:
+            continue
         names = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]

@@ -8,9 +8,10 @@ from safetensors import safe_open
 
 from ladd import lora
 from ladd.config import DistillConfig
-from ladd.distill import build_networks, distill, memory_plan
+from ladd.distill import distill, memory_plan
 from ladd.distributed import init_world
 from ladd.errors import ConfigError
+from ladd.networks import build_networks
 from ladd.pipeline import load_transformer, max_sequence_length, read_meta
 from ladd.tracking import NullTracker
 

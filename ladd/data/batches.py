@@ -19,8 +19,19 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+import torch
+
+from ladd.data.synthetic import SyntheticSet
+from ladd.distributed import World
+from ladd.generate import record_noise
+from ladd.recipe import Recipe
+from ladd.variants import backward_simulate, randn
+
+if TYPE_CHECKING:
+    from ladd.networks import Networks
 
 
 class BucketBatches:
@@ -94,3 +105,114 @@ class Prefetcher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+
+
+class StudentBatch(NamedTuple):
+    """This rank's rows of one global batch: teacher latents x0 with their prompts' embeddings (c, p) and
+    condition m, the global batch's student times t_all, the student's inputs x_t at this rank's times, which rows
+    are simulated, and their step indices k."""
+
+    x0: torch.Tensor
+    c: torch.Tensor
+    p: torch.Tensor
+    m: torch.Tensor
+    t_all: torch.Tensor
+    x_t: torch.Tensor
+    simulated: torch.Tensor
+    k: torch.Tensor
+
+
+class BatchSource:
+    """Every batch and draw of a run: the synthetic set's shards, read ahead in a thread in `BucketBatches`' order
+    (a pure function of the position, so a resumed run reads on from where its step left off), and the run's one
+    CPU generator for every draw (the same on every rank: same draws on any device and world). Each rank keeps its
+    own rows of every global batch."""
+
+    def __init__(
+        self,
+        cfg,
+        data: SyntheticSet,
+        times,
+        columns,
+        inpainting: bool,
+        world: World,
+        gen,
+        recipe: Recipe,
+        nets: Networks,
+        autocast,
+        start_step: int,
+    ):
+        self.cfg, self.data, self.times, self.columns, self.inpainting = cfg, data, times, columns, inpainting
+        self.world, self.device, self.gen, self.recipe, self.nets, self.autocast = (
+            world,
+            world.device,
+            gen,
+            recipe,
+            nets,
+            autocast,
+        )
+        self.mine = world.rows(cfg.batch_size)  # this rank's rows of every global batch (all of them in one process)
+        # the rows read: this rank's own, or all where it simulates the whole batch's inputs
+        self.loaded = slice(0, cfg.batch_size) if world.size > 1 and cfg.backward_share > 0 else self.mine
+        self.batches = BucketBatches([b.records for b in data.buckets], cfg.batch_size, cfg.seed)
+        # each step takes d_steps_per_g batches: a resumed run reads on from the position its step implies
+        depth = cfg.prefetch if cfg.prefetch is not None else 4 if self.device.type == "cuda" else 0
+        self.stream = Prefetcher(self._read, start_step * cfg.d_steps_per_g, depth)
+
+    def _read(self, position: int) -> dict:
+        """The global batch at `position`, this rank's `loaded` rows of it, read from the shards (in the prefetch
+        thread)."""
+        _, records = self.batches[position]
+        reads_path = self.recipe.student_input.reads_path
+        batch = self.data.read(records[self.loaded], trajectory=reads_path)
+        if reads_path:
+            batch["trajectory"] = batch["trajectory"][:, self.columns]
+        return {k: v.pin_memory() for k, v in batch.items()} if self.device.type == "cuda" else batch
+
+    def noise(self, like: torch.Tensor) -> torch.Tensor:
+        """Noise for the global batch from the shared stream; this rank's rows of it."""
+        return randn((self.cfg.batch_size, *like.shape[1:]), self.gen, like)[self.mine]
+
+    def next(self, probs: torch.Tensor) -> StudentBatch:
+        """Phases 1-2 for the global batch, then this rank's rows of it: teacher latents x0 of one resolution
+        bucket with their prompts' stored embeddings (LADD's "real" data), student step indices k from the
+        (warm-up) probabilities, t = times[k], and the student's input x_t there (`student_input`); a
+        `backward_share` of the t < 1 rows instead get the current student's own earlier steps (simulated for the
+        global batch on every rank, so every rank runs the student equally often)."""
+        cfg, gen, device, mine, loaded = self.cfg, self.gen, self.device, self.mine, self.loaded
+        student_input, reads_path = self.recipe.student_input, self.recipe.student_input.reads_path
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(self.stream).items()}  # as stored (bf16 on GPU)
+        batch = {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}
+        x0, c, p = batch["latents"], batch["prompt_embeds"], batch["pooled_prompt_embeds"]
+        m = batch["condition"] if self.inpainting else x0.new_zeros(len(x0), 0, *x0.shape[2:])
+        own = slice(mine.start - loaded.start, mine.stop - loaded.start)  # this rank's rows among those read
+        k = torch.multinomial(probs, cfg.batch_size, replacement=True, generator=gen)
+        t = self.times[k].to(device)
+        start_noise = record_noise(batch["seed"][own].tolist(), x0.shape[1:]).to(device) if reads_path else None
+        eps = self.noise(x0) if student_input.fresh_noise else None
+        x_t = student_input.make(
+            x0[own], t[mine], k[mine].to(device), start_noise, batch["trajectory"][own] if reads_path else None, eps
+        )
+        simulated = (k > 0) & (torch.rand(cfg.batch_size, generator=gen) < cfg.backward_share)
+        if simulated.any():  # `loaded` holds every simulated row (all rows wherever this runs on several ranks)
+            rows = torch.nonzero(simulated).flatten().to(device) - loaded.start
+            with self.autocast:
+                x_sim = backward_simulate(
+                    self.nets.student_velocity,
+                    k[simulated],
+                    self.times.to(device),
+                    c[rows],
+                    p[rows],
+                    x0[rows],
+                    self.recipe.stochastic,
+                    gen,
+                    m[rows],
+                )
+            keep = (rows >= own.start) & (rows < own.stop)
+            x_t[rows[keep] - own.start] = x_sim[keep]
+        return StudentBatch(x0[own], c[own], p[own], m[own], t, x_t, simulated.to(device)[mine], k.to(device)[mine])
+
+    def close(self) -> None:
+        """The reader thread and the open shards go with the loop, however it ends."""
+        self.stream.close()
+        self.data.close()
