@@ -1,9 +1,13 @@
-"""Labelled images of results people look at: training curves. Matplotlib without a display."""
+"""Labelled images of results people look at: training curves (matplotlib without a display) and sample grids."""
 
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from ladd.io import atomic_file
 
@@ -106,3 +110,47 @@ def plot_align_curve(curve: list[dict], path: str | Path, title: str = "") -> Pa
         fig.savefig(tmp, format="png", dpi=90, metadata={"Software": None})
     plt.close(fig)
     return Path(path)
+
+
+def save_grid(
+    images: torch.Tensor,
+    path: Path,
+    ncol: int = 10,
+    row_labels: list[str] | None = None,
+    col_labels: list[str] | None = None,
+    scale: int = 3,
+) -> Path:
+    """float [N, C, H, W] in [0, 1] -> one PNG, `ncol` images a row, upscaled `scale`x; with `row_labels`, each
+    row is named in a margin on its left; with `col_labels` (the prompts), each column's text sits under it."""
+    n, c, h, w = images.shape
+    rows = -(-n // ncol)
+    canvas = torch.ones(c, rows * (h + 2), ncol * (w + 2))
+    for i, img in enumerate(images):
+        r, k = divmod(i, ncol)
+        canvas[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, k * (w + 2) + 1 : k * (w + 2) + 1 + w] = img
+    arr = (canvas.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    grid = Image.fromarray(arr[..., 0] if c == 1 else arr).convert("RGB")
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    font = ImageFont.load_default(size=13)
+    if col_labels:
+        cell = (w + 2) * scale
+        wrapped = [textwrap.wrap(label, max(4, cell // 7))[:4] for label in col_labels[:ncol]]
+        lines = max(len(t) for t in wrapped)
+        captioned = Image.new("RGB", (grid.width, grid.height + 6 + 15 * lines), "white")
+        captioned.paste(grid, (0, 0))
+        draw = ImageDraw.Draw(captioned)
+        for k, text in enumerate(wrapped):
+            for j, line in enumerate(text):
+                draw.text((k * cell + cell // 2, grid.height + 4 + 15 * j), line, fill="black", font=font, anchor="ma")
+        grid = captioned
+    if row_labels:
+        margin = 8 + max(int(ImageDraw.Draw(grid).textlength(label, font=font)) for label in row_labels)
+        labelled = Image.new("RGB", (grid.width + margin, grid.height), "white")
+        labelled.paste(grid, (margin, 0))
+        draw = ImageDraw.Draw(labelled)
+        for r, label in enumerate(row_labels[:rows]):
+            draw.text((4, (r * (h + 2) + 1 + h // 2) * scale), label, fill="black", font=font, anchor="lm")
+        grid = labelled
+    with atomic_file(path) as tmp:
+        grid.save(tmp, format="PNG")
+    return path
